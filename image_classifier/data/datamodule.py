@@ -1,0 +1,252 @@
+"""The LightningDataModule: one class for packaged (Fashion-MNIST) and users' folder datasets.
+
+Batches are uint8 NCHW tensors in 0..255; the model normalises them itself, so what a loader
+yields for evaluation is exactly what `infer` and `serve` feed the exported model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data._utils.collate import default_collate
+
+from image_classifier.data.images import ImageError, Preprocessing, load_array
+from image_classifier.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class ArrayDataset(Dataset):
+    """In-memory uint8 images; `__getitems__` makes a whole batch one indexing operation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx]
+
+
+class FileDataset(Dataset):
+    def __init__(self, items: list[tuple[str, int]], pre: Preprocessing):
+        self.items, self.pre = items, pre
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            arr = load_array(path, self.pre)
+        except ImageError as e:  # it decoded when the data was scanned: changed since?
+            raise UserError(f"Image became unreadable during training: {e}") from None
+        return torch.from_numpy(arr), label
+
+
+def collate(batch):
+    """Batches from `ArrayDataset.__getitems__` are ready; lists of samples are stacked."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
+
+
+@dataclass
+class DataInfo:
+    """What the model file records about its data."""
+
+    name: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    class_counts: list[int]
+    split_sizes: dict[str, int]
+    data_hash: str
+    layout: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+def _stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    val = []
+    frac = n_val / len(labels)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(len(idx) * frac)])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def content_hash(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg, batch_size: int = 128, num_workers: int = 0,
+                 balanced_sampler: bool = False, project_root: str | Path = ".",
+                 preprocessing: Preprocessing | None = None):  # fmt: skip
+        """`preprocessing`: a model's own (for test/predict); None derives it from the config."""
+        super().__init__()
+        self.fixed_preprocessing = preprocessing
+        self.cfg = data_cfg
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.balanced_sampler = balanced_sampler
+        self.project_root = Path(project_root)
+        self.datasets: dict[str, Dataset] = {}
+        self.info: DataInfo | None = None
+
+    # -- building ---------------------------------------------------------------------------
+    def prepare(self) -> DataInfo:
+        """Load or scan the data once (idempotent); Lightning's setup() calls this too."""
+        if self.info is None:
+            self.info = self._prepare_idx() if self.cfg.kind == "idx" else self._prepare_folder()
+        return self.info
+
+    def setup(self, stage: str | None = None):
+        self.prepare()
+
+    def _preprocessing(self, channels: int) -> Preprocessing:
+        if self.fixed_preprocessing is not None:
+            return self.fixed_preprocessing
+        c = self.cfg
+        mean = list(c.mean) if c.get("mean") is not None else [0.5] * channels
+        std = list(c.std) if c.get("std") is not None else [0.5] * channels
+        if len(mean) == 1 and channels == 3:
+            mean, std = mean * 3, std * 3
+        return Preprocessing(size=tuple(c.size), channels=channels, mean=tuple(mean),
+                             std=tuple(std), resize=c.resize)  # fmt: skip
+
+    def _prepare_idx(self) -> DataInfo:
+        from image_classifier.data.idx import read_idx
+        from image_classifier.data.sources import download, verify
+
+        c = self.cfg
+        d = Path(c.dir)
+        source = "local"
+        if verify(d, dict(c.files)) is not None:
+            source = download(c, self.project_root).source
+        x_train = read_idx(d / c.train_images)
+        y_train = read_idx(d / c.train_labels).astype(np.int64)
+        x_test = read_idx(d / c.test_images)
+        y_test = read_idx(d / c.test_labels).astype(np.int64)
+        tr, va = _stratified_indices(y_train, int(c.val_size), int(c.seed))
+
+        def ds(x, y):
+            return ArrayDataset(torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y)))
+
+        self.datasets = {"train": ds(x_train[tr], y_train[tr]), "val": ds(x_train[va], y_train[va]),
+                         "test": ds(x_test, y_test)}  # fmt: skip
+        classes = list(c.classes)
+        if int(y_train.max()) >= len(classes):
+            raise UserError(f"data.classes lists {len(classes)} names but labels reach {y_train.max()}.")
+        return DataInfo(
+            name=c.name, classes=classes, preprocessing=self._preprocessing(int(c.channels)),
+            class_counts=np.bincount(y_train[tr], minlength=len(classes)).tolist(),
+            split_sizes={k: len(v) for k, v in self.datasets.items()},
+            data_hash=content_hash(sorted(f"{k}:{v}" for k, v in c.files.items())),
+            layout="IDX files", source=source,
+        )  # fmt: skip
+
+    def _prepare_folder(self) -> DataInfo:
+        from image_classifier.data.layouts import discover
+
+        c = self.cfg
+        if not c.get("root"):
+            raise UserError("data=folder needs data.root=PATH (a folder of class subfolders, "
+                            "train/val/test folders, or a CSV manifest).")  # fmt: skip
+        samples = discover(
+            c.root, split=tuple(c.split), seed=int(c.seed), strict=bool(c.strict),
+            csv_file_column=c.get("csv_file_column"), csv_label_column=c.get("csv_label_column"),
+        )  # fmt: skip
+        channels = c.channels
+        if self.fixed_preprocessing is not None:
+            channels = self.fixed_preprocessing.channels
+        elif channels == "auto":
+            channels = _detect_channels([p for p, _ in samples.splits["train"]])
+        pre = self._preprocessing(int(channels))
+        self.datasets = {s: FileDataset(items, pre) for s, items in samples.splits.items()}
+        root = Path(c.root)
+        parts = sorted(
+            f"{s}:{_relative(p, root)}:{samples.classes[y]}:{_file_sha(p)}"
+            for s, items in samples.splits.items() for p, y in items
+        )  # fmt: skip
+        return DataInfo(
+            name=c.name, classes=samples.classes, preprocessing=pre,
+            class_counts=samples.counts("train"),
+            split_sizes={k: len(v) for k, v in samples.splits.items()},
+            data_hash=content_hash(parts), layout=samples.layout, skipped=samples.skipped,
+        )  # fmt: skip
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.prepare()
+        ds = self.datasets[split]
+        sampler = None
+        if shuffle and self.balanced_sampler:
+            labels = _labels_of(ds)
+            weights = 1.0 / np.bincount(labels)[labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))
+            shuffle = False
+        workers = self.num_workers if isinstance(ds, FileDataset) else 0
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
+            num_workers=workers, persistent_workers=workers > 0, drop_last=False,
+        )  # fmt: skip
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+
+def _labels_of(ds) -> np.ndarray:
+    if isinstance(ds, ArrayDataset):
+        return ds.labels.numpy()
+    return np.array([y for _, y in ds.items])
+
+
+def _relative(p: str, root: Path) -> str:
+    try:
+        return str(Path(p).relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def _detect_channels(paths: list[str], sample: int = 200) -> int:
+    """1 when every sampled image is grey, else 3."""
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    for p in paths[::step]:
+        with Image.open(p) as im:
+            if im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                return 3
+    return 1

@@ -1,0 +1,249 @@
+"""Users' own data: class folders, pre-split folders or a CSV manifest, detected automatically.
+
+Every layout ends as the same `Samples`: sorted class names and, per split, (path, class index)
+pairs. Files that are not readable images are skipped and counted (or refused with strict=True).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.data.images import ImageError, is_image_name, open_image
+from image_classifier.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}  # fmt: skip
+FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
+LABEL_COLUMNS = ("label", "class", "class_name", "category", "target", "y")
+
+
+@dataclass
+class Samples:
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    layout: str
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+    def counts(self, split: str) -> list[int]:
+        c = Counter(label for _, label in self.splits[split])
+        return [c.get(i, 0) for i in range(len(self.classes))]
+
+
+def discover(
+    root: str | Path,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 42,
+    strict: bool = False,
+    csv_file_column: str | None = None,
+    csv_label_column: str | None = None,
+    check_images: bool = True,
+) -> Samples:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(
+            f"Data folder {str(root)!r} does not exist. Point data.root at a folder of class "
+            "subfolders, of train/val/test folders, or with a CSV manifest."
+        )
+    if not root.is_dir():
+        raise UserError(f"data.root={str(root)!r} is a file, not a folder.")
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise UserError(f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it.")
+
+    dirs = {p.name.lower(): p for p in entries if p.is_dir()}
+    csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
+    presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
+
+    skipped: dict[str, str] = {}
+    if csvs:
+        if len(csvs) > 1:
+            raise UserError(
+                f"Found several CSV manifests in {str(root)!r}: {[p.name for p in csvs]}; keep one."
+            )
+        layout = f"csv manifest {csvs[0].name}"
+        labelled, given_splits = _read_manifest(csvs[0], csv_file_column, csv_label_column)
+    elif "train" in presplit and len(presplit) >= 2:
+        layout = "pre-split folders (" + ", ".join(sorted(presplit)) + ")"
+        labelled, given_splits = [], []
+        for name, folder in sorted(presplit.items()):
+            items = _scan_class_folders(folder, skipped)
+            labelled += items
+            given_splits += [name] * len(items)
+    else:
+        layout = "class folders"
+        labelled, given_splits = _scan_class_folders(root, skipped), None
+        for p in entries:
+            if p.is_file():
+                skipped[str(p)] = "stray file beside the class folders"
+
+    if check_images:
+        keep = _check_images([p for p, _ in labelled], skipped)
+        keep_idx = [i for i, ok in enumerate(keep) if ok]
+        labelled = [labelled[i] for i in keep_idx]
+        if given_splits is not None:
+            given_splits = [given_splits[i] for i in keep_idx]
+
+    if skipped:
+        examples = "; ".join(f"{Path(p).name}: {why}" for p, why in list(skipped.items())[:5])
+        if strict:
+            raise UserError(
+                f"{len(skipped)} file(s) under {str(root)!r} are not usable images "
+                f"(data.strict=true): {examples}. Remove them or set data.strict=false to skip them."
+            )
+        log.warning("Skipping %d unusable file(s) under %s: %s", len(skipped), root, examples)
+
+    classes = sorted({label for _, label in labelled})
+    if not classes:
+        raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
+    if len(classes) < 2:
+        raise UserError(
+            f"Only one class ({classes[0]!r}) found under {str(root)!r}: a classifier needs at "
+            "least two class folders (or two labels in the manifest)."
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    pairs = [(p, index[label]) for p, label in labelled]
+
+    if given_splits is not None and "train" in given_splits:
+        splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
+        missing = [s for s in ("val", "test") if not splits[s]]
+        if missing:  # carve the missing split(s) out of train, stratified
+            ratios = {"val": split[1], "test": split[2]}
+            carved = _stratified_split(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+            splits["train"] = carved[0]
+            for s, part in zip(missing, carved[1:], strict=True):
+                splits[s] = part
+    else:
+        train, val, test = _stratified_split(pairs, split, seed)
+        splits = {"train": train, "val": val, "test": test}
+    for s in ("train", "val"):
+        if not splits[s]:
+            raise UserError(
+                f"The {s} split is empty ({layout} under {str(root)!r}); add images or change data.split."
+            )
+    return Samples(classes=classes, splits=splits, layout=layout, skipped=skipped)
+
+
+def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
+    out = []
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(
+            f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image files>."
+        )
+    for d in class_dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file())
+        images = []
+        for p in files:
+            if p.name.startswith(".") or not is_image_name(p):
+                skipped[str(p)] = "not an image file name"
+            else:
+                images.append(p)
+        if not images:
+            raise UserError(
+                f"Class folder {str(d)!r} has no images ({len(files)} other file(s)). Add images "
+                "to it or remove the folder."
+            )
+        out += [(str(p), d.name) for p in images]
+    return out
+
+
+def _read_manifest(
+    path: Path, file_col: str | None, label_col: str | None
+) -> tuple[list[tuple[str, str]], list[str] | None]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"CSV manifest {str(path)!r} has no rows.")
+    columns = list(rows[0].keys())
+    lower = {c.lower().strip(): c for c in columns}
+
+    def pick(given, candidates, what, key):
+        if given:
+            if given not in columns:
+                raise UserError(f"{key}={given!r} is not a column of {path.name}; columns: {columns}.")
+            return given
+        for c in candidates:
+            if c in lower:
+                return lower[c]
+        raise UserError(
+            f"Cannot tell which column of {path.name} holds the {what}: columns are {columns}. "
+            f"Set data.{key}=<column>."
+        )
+
+    fcol = pick(file_col, FILE_COLUMNS, "image file", "csv_file_column")
+    lcol = pick(label_col, LABEL_COLUMNS, "label", "csv_label_column")
+    scol = lower.get("split")
+    labelled, splits = [], []
+    for row in rows:
+        label = (row[lcol] or "").strip()
+        file = (row[fcol] or "").strip()
+        if not file or not label:
+            continue
+        p = Path(file) if Path(file).is_absolute() else path.parent / file
+        labelled.append((str(p), label))
+        if scol:
+            splits.append(SPLIT_ALIASES.get((row[scol] or "").strip().lower(), "train"))
+    return labelled, (splits if scol else None)
+
+
+def _check_one(path: str) -> str | None:
+    try:
+        open_image(path)
+        return None
+    except ImageError as e:
+        return str(e).split(": ", 1)[-1]
+
+
+def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:
+    """Decode every image once (threads: PIL releases the GIL) so bad files are found up front."""
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(
+            tqdm(pool.map(_check_one, paths, chunksize=64), total=len(paths), desc="checking images",
+                 disable=len(paths) < 2000, leave=False)
+        )  # fmt: skip
+    for p, why in zip(paths, results, strict=True):
+        if why is not None:
+            skipped[p] = why
+    return [why is None for why in results]
+
+
+def _stratified_split(
+    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
+) -> list[list[tuple[str, int]]]:
+    """Per class: shuffle with `seed`, then cut by ratios; every split gets >= 1 image when it can."""
+    ratios = np.asarray(ratios, dtype=float)
+    if (ratios < 0).any() or ratios.sum() <= 0:
+        raise UserError(f"data.split={list(ratios)} must be non-negative ratios with a positive sum.")
+    ratios = ratios / ratios.sum()
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for pr in sorted(pairs):
+        by_class.setdefault(pr[1], []).append(pr)
+    parts: list[list[tuple[str, int]]] = [[] for _ in ratios]
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n = len(items)
+        cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
+        # a split with a positive ratio takes one image from train when rounding left it none
+        sizes = np.diff(np.concatenate([[0], cuts]))
+        for k in range(1, len(sizes)):
+            if ratios[k] > 0 and sizes[k] == 0 and sizes[0] > 1:
+                sizes[k], sizes[0] = 1, sizes[0] - 1
+        start = 0
+        for k, size in enumerate(sizes):
+            parts[k] += [items[i] for i in order[start : start + size]]
+            start += size
+    return parts

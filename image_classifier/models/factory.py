@@ -1,0 +1,89 @@
+"""`create_model(name, *, num_classes, in_chans, ...)`: our own nets and any timm architecture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from image_classifier.errors import UserError, did_you_mean
+
+OWN_MODELS = ("cnn", "baseline")
+
+
+class SimpleCNN(nn.Module):
+    """Stages of (conv-BN-ReLU) x convs_per_stage + max-pool, then global average pool and a head."""
+
+    def __init__(self, in_chans: int, num_classes: int, channels=(32, 64, 128),
+                 convs_per_stage: int = 2, dropout: float = 0.2):  # fmt: skip
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for i, c_out in enumerate(channels):
+            for _ in range(convs_per_stage):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]  # fmt: skip
+                c_in = c_out
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+
+class MostFrequentClass(nn.Module):
+    """Baseline: always the class most frequent in the training data (its logits are log-priors)."""
+
+    def __init__(self, in_chans: int, num_classes: int, class_counts=None):
+        super().__init__()
+        counts = torch.as_tensor(class_counts if class_counts is not None else [1] * num_classes,
+                                 dtype=torch.float32)  # fmt: skip
+        self.register_buffer("logits", torch.log(counts.clamp_min(1) / counts.sum()))
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1)
+
+
+class Normalized(nn.Module):
+    """The deployed network: takes float pixels in 0..255 and applies the data's mean/std itself."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+
+    def forward(self, x):
+        return self.net(x.float() * self.scale + self.shift)
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool = False,
+                 class_counts=None, **kwargs) -> nn.Module:  # fmt: skip
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name == "cnn":
+        return SimpleCNN(in_chans, num_classes, **kwargs)
+    if name == "baseline":
+        return MostFrequentClass(in_chans, num_classes, class_counts=class_counts)
+    import timm
+
+    if not timm.is_model(name):
+        options = list(OWN_MODELS) + timm.list_models()
+        raise UserError(
+            f"Unknown model {name!r}.{did_you_mean(name, options)} model.name takes "
+            f"{', '.join(OWN_MODELS)} or any timm architecture (`uv run python -c \"import timm; "
+            "print(timm.list_models('*resnet*'))\"` lists them)."
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                 in_chans=in_chans, **kwargs)  # fmt: skip
+    except (OSError, RuntimeError) as e:
+        if pretrained:
+            raise UserError(
+                f"Could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). "
+                "Without internet access to the model hub use model.pretrained=false."
+            ) from None
+        raise

@@ -1,0 +1,141 @@
+"""The LightningModule. Its hyperparameters are everything needed to rebuild it from the
+checkpoint alone: model spec, class names, preprocessing, optimisation and the resolved config."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from image_classifier.data.augment import augment_batch
+from image_classifier.errors import UserError
+from image_classifier.models.factory import Normalized, create_model
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "plateau", "step", "cosine", "onecycle")
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, model: dict, classes: list[str], preprocessing: dict, optim: dict,
+                 augment: dict | None = None, data: dict | None = None, config: dict | None = None):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        spec = dict(model)
+        name = spec.pop("name")
+        self.net = Normalized(
+            create_model(name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec),
+            preprocessing["mean"], preprocessing["std"],
+        )  # fmt: skip
+        self.classes = list(classes)
+        n = len(classes)
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+        })  # fmt: skip
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = MetricCollection({
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+            "precision": MulticlassPrecision(n, average="none"),
+            "recall": MulticlassRecall(n, average="none"),
+            "confusion": MulticlassConfusionMatrix(n),
+        }, prefix="test/")  # fmt: skip
+        self.channels_last = bool(optim.get("channels_last", False))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _step(self, batch):
+        x, y = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self(x)
+        return logits, y
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.hparams.augment:
+            x = augment_batch(x, **self.hparams.augment)
+        logits, y = self._step((x, y))
+        loss = F.cross_entropy(logits, y, label_smoothing=float(self.hparams.optim.get("label_smoothing", 0.0)))
+        self.train_metrics.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if not loss.requires_grad:  # the baseline has nothing to learn
+            return None
+        return loss
+
+    def on_train_epoch_end(self):
+        self.log_dict(self.train_metrics.compute(), prog_bar=False)
+        self.train_metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        logits, y = self._step(batch)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.val_metrics.update(logits, y)
+
+    def on_validation_epoch_end(self):
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        logits, y = self._step(batch)
+        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        self.test_metrics.update(logits, y)
+
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return torch.softmax(self(x), dim=1)
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return None
+        name = o["optimizer"].lower()
+        if name == "adam":
+            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
+                                  weight_decay=o["weight_decay"], nesterov=True)  # fmt: skip
+        else:
+            raise UserError(f"Unknown optimizer {o['optimizer']!r}; train.optimizer takes {', '.join(OPTIMIZERS)}.")
+        sched = o.get("scheduler", "none").lower()
+        if sched == "none":
+            return opt
+        if sched == "plateau":
+            s = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.get("gamma", 0.5),
+                                                           patience=o.get("patience", 2))  # fmt: skip
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "monitor": "val/acc"}}
+        if sched == "step":
+            s = torch.optim.lr_scheduler.StepLR(opt, step_size=o.get("step_size", 2), gamma=o.get("gamma", 0.8))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+        steps = int(self.trainer.estimated_stepping_batches)
+        if sched == "cosine":
+            s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+        elif sched == "onecycle":
+            s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(2, steps),
+                                                    pct_start=o.get("warmup", 0.25))  # fmt: skip
+        else:
+            raise UserError(f"Unknown scheduler {sched!r}; train.scheduler takes {', '.join(SCHEDULERS)}.")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        # a plain-dict summary, readable with torch.load alone (no Lightning needed)
+        checkpoint["image_classifier"] = {
+            "classes": self.classes,
+            "preprocessing": self.hparams.preprocessing,
+            "model": self.hparams.model,
+            "data": self.hparams.data,
+            "mlflow_run_id": getattr(self, "mlflow_run_id", None),
+        }

@@ -1,0 +1,63 @@
+"""Training curves and the confusion matrix as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CURVES = (("loss", "train/loss_epoch", "val/loss"), ("accuracy", "train/acc", "val/acc"),
+          ("macro F1", "train/f1_macro", "val/f1_macro"))  # fmt: skip
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path | None:
+    """One panel per metric, train and val against epoch; None when there is no history."""
+    if not history:
+        return None
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    for ax, (title, train_key, val_key) in zip(axes, CURVES, strict=True):
+        for key, label in ((train_key, "train"), (val_key, "val")):
+            pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path) -> Path:
+    """Row-normalised colours (recall per class), raw counts in the cells."""
+    cm = np.asarray(cm)
+    n = len(classes)
+    size = max(5.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.2%})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,122 @@
+"""Fixtures: tiny images and IDX files made on the fly, configs composed for CPU and one epoch."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A learnable pattern per class: bright left half / bright top half / bright diagonal."""
+    img = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    if label == 0:
+        img[:, : size // 2] += 150
+    elif label == 1:
+        img[: size // 2, :] += 150
+    else:
+        np.fill_diagonal(img, 250)
+        np.fill_diagonal(img[1:], 250)
+    return img
+
+
+def make_class_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10,
+                       size: int = 16, mode: str = "L") -> Path:  # fmt: skip
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(class_image(label % 3, rng, size)).convert(mode).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder_data(tmp_path) -> Path:
+    return make_class_folders(tmp_path / "images")
+
+
+def write_idx_gz(path: Path, arr: np.ndarray) -> None:
+    from image_classifier.data.idx import write_idx
+
+    raw = path.with_suffix("")
+    write_idx(raw, arr)
+    path.write_bytes(gzip.compress(raw.read_bytes()))
+    raw.unlink()
+
+
+@pytest.fixture
+def idx_source(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A tiny Fashion-MNIST look-alike laid out like the Debian package; returns (dir, checksums)."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "system" / "fashion-mnist"
+    src.mkdir(parents=True)
+    arrays = {}
+    for prefix, n in (("train", 200), ("t10k", 60)):
+        labels = np.arange(n) % 10
+        images = np.stack([np.kron(class_image(int(y) % 3, rng, 14), np.ones((2, 2), np.uint8))
+                           + (int(y) * 5) for y in labels]).astype(np.uint8)  # fmt: skip
+        arrays[f"{prefix}-images-idx3-ubyte"] = images
+        arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
+    sums = {}
+    from image_classifier.data.idx import write_idx
+
+    for name, arr in arrays.items():
+        write_idx_gz(src / f"{name}.gz", arr)
+        write_idx(tmp_path / "tmp.idx", arr)
+        sums[name] = hashlib.sha256((tmp_path / "tmp.idx").read_bytes()).hexdigest()
+    (tmp_path / "tmp.idx").unlink()
+    return src, sums
+
+
+def compose_cfg(root: Path, *overrides: str):
+    base = [
+        f"paths.root={root}",
+        f"paths.output_dir={root}/out",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def idx_overrides(src: Path, sums: dict[str, str]) -> list[str]:
+    """Fashion-MNIST config pointed at the fixture: system source only, its checksums."""
+    return [
+        f"data.download.system_dir={src}",
+        "data.download.sources=[local,system]",
+        "data.val_size=40",
+        *[f"data.files.{k}={v}" for k, v in sums.items()],
+    ]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str):
+        return compose_cfg(tmp_path, *overrides)
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "commands.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -1,0 +1,104 @@
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_classifier.data.images import ImageError, Preprocessing, load_array, open_image
+
+GREY = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
+RGB = Preprocessing(size=(8, 8), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _save(tmp_path, im, name):
+    p = tmp_path / name
+    im.save(p)
+    return p
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "1", "LA"])
+@pytest.mark.parametrize("pre", [GREY, RGB], ids=["grey", "rgb"])
+def test_every_mode_becomes_model_input(tmp_path, mode, pre):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), "RGB")
+    im = base.convert(mode) if mode != "I;16" else Image.fromarray(
+        np.asarray(base.convert("L"), dtype=np.uint16) * 257)  # fmt: skip
+    ext = "tiff" if mode in ("CMYK", "I;16") else "png"
+    arr = load_array(_save(tmp_path, im, f"x.{ext}"), pre)
+    assert arr.dtype == np.uint8
+    assert arr.shape == (pre.channels, 8, 8)
+
+
+def test_sixteen_bit_scales_to_eight_bit(tmp_path):
+    values = np.full((4, 4), 65535, dtype=np.uint16)
+    values[0, 0] = 0
+    p = _save(tmp_path, Image.fromarray(values), "deep.png")
+    arr = load_array(p, Preprocessing(size=(4, 4), channels=1, mean=(0.5,), std=(0.5,)))
+    assert arr[0, 0, 0] == 0 and arr[0, 3, 3] == 255
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    arr = load_array(_save(tmp_path, im, "a.png"), Preprocessing(size=(4, 4), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert (arr == 255).all()
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    # a 2x1 landscape image whose EXIF says "rotate 90": it must come out 1 wide and 2 tall
+    im = Image.new("L", (20, 10), 0)
+    im.paste(255, (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    p = tmp_path / "rot.jpg"
+    im.save(p, exif=exif, quality=100)
+    opened = open_image(p)
+    assert opened.size == (10, 20)
+    arr = np.asarray(opened)
+    assert arr[:10].mean() > 200 and arr[10:].mean() < 50  # white half now on top
+
+
+def test_resize_modes(tmp_path):
+    p = _save(tmp_path, Image.new("L", (40, 10), 200), "wide.png")
+    for mode in ("stretch", "crop", "pad"):
+        pre = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), resize=mode)
+        arr = load_array(p, pre)
+        assert arr.shape == (1, 8, 8)
+    padded = load_array(p, Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), resize="pad"))
+    assert padded[0, 0, 0] == 0 and padded[0, 4, 4] == 200
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "notes.png"
+    p.write_text("hello, I am text")
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(p)
+
+
+def test_truncated_image(tmp_path):
+    p = _save(tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "t.jpg")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        open_image(p)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_without_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header_only(100_000, 100_000))  # 10 gigapixels in a few bytes
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(p)
+
+
+def test_bomb_limit_is_configurable(tmp_path):
+    p = _save(tmp_path, Image.new("L", (100, 100)), "big.png")
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        open_image(p, max_pixels=5000)

@@ -1,0 +1,93 @@
+import shutil
+
+import pytest
+from conftest import make_class_folders
+
+from image_classifier.data.layouts import discover
+from image_classifier.errors import UserError
+
+
+def test_class_folders_split_is_stratified_and_deterministic(folder_data):
+    a = discover(folder_data, split=(0.6, 0.2, 0.2), seed=3)
+    b = discover(folder_data, split=(0.6, 0.2, 0.2), seed=3)
+    c = discover(folder_data, split=(0.6, 0.2, 0.2), seed=4)
+    assert a.classes == ["cat", "dog", "fox"]
+    assert a.layout == "class folders"
+    assert a.splits == b.splits
+    assert a.splits != c.splits
+    assert a.counts("train") == [6, 6, 6] and a.counts("val") == [2, 2, 2] and a.counts("test") == [2, 2, 2]
+    everything = [p for s in a.splits.values() for p, _ in s]
+    assert len(everything) == len(set(everything)) == 30
+
+
+def test_presplit_folders(tmp_path):
+    for split in ("train", "validation", "test"):
+        make_class_folders(tmp_path / "d" / split, per_class=3)
+    s = discover(tmp_path / "d")
+    assert s.layout.startswith("pre-split")
+    assert {k: len(v) for k, v in s.splits.items()} == {"train": 9, "val": 9, "test": 9}
+    assert all("/validation/" in p for p, _ in s.splits["val"])
+
+
+def test_presplit_without_val_carves_it_from_train(tmp_path):
+    make_class_folders(tmp_path / "d" / "train", per_class=10)
+    make_class_folders(tmp_path / "d" / "test", per_class=2)
+    s = discover(tmp_path / "d", split=(0.8, 0.2, 0.0))
+    assert len(s.splits["test"]) == 6 and len(s.splits["val"]) == 6 and len(s.splits["train"]) == 24
+
+
+def test_csv_manifest(tmp_path):
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["filename,category"] + [
+        f"imgs/{c}/{i:03d}.png,{c}" for c in ("cat", "dog", "fox") for i in range(4)
+    ] + ["imgs/missing.png,cat"]  # fmt: skip
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert s.layout == "csv manifest labels.csv"
+    assert s.classes == ["cat", "dog", "fox"]
+    assert sum(len(v) for v in s.splits.values()) == 12
+    assert any("missing.png" in p for p in s.skipped)
+
+
+def test_csv_manifest_with_unknown_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("a,b\nx.png,cat\n")
+    with pytest.raises(UserError, match=r"Cannot tell which column .* Set data.csv_file_column"):
+        discover(tmp_path)
+
+
+def test_stray_and_broken_files_are_skipped_and_counted(folder_data):
+    (folder_data / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder_data / "dog" / "notes.txt").write_text("to do")
+    (folder_data / "fox" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    data = (folder_data / "cat" / "000.png").read_bytes()
+    (folder_data / "cat" / "half.png").write_bytes(data[: len(data) // 2])
+    (folder_data / "README.md").write_text("my dataset")
+    s = discover(folder_data)
+    assert len(s.skipped) == 5
+    assert sum(len(v) for v in s.splits.values()) == 30
+    with pytest.raises(UserError, match=r"5 file\(s\) .*data.strict=true"):
+        discover(folder_data, strict=True)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(UserError, match="is empty"):
+        discover(tmp_path)
+
+
+def test_class_folder_without_images(folder_data):
+    (folder_data / "empty_class").mkdir()
+    (folder_data / "empty_class" / "readme.txt").write_text("x")
+    with pytest.raises(UserError, match=r"Class folder .*empty_class.* has no images"):
+        discover(folder_data)
+
+
+def test_single_class(folder_data):
+    shutil.rmtree(folder_data / "dog")
+    shutil.rmtree(folder_data / "fox")
+    with pytest.raises(UserError, match="Only one class"):
+        discover(folder_data)

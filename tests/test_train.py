@@ -1,0 +1,133 @@
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import idx_overrides, make_class_folders
+
+from image_classifier.data.idx import read_idx
+from image_classifier.errors import UserError
+from image_classifier.training.checkpoints import load_module, newest_best
+from image_classifier.training.evaluate import run_test
+from image_classifier.training.train import run_train
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                  "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+
+
+def _mlflow_runs(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image_classifier")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
+    src, sums = idx_source
+    cfg = make_cfg(*idx_overrides(src, sums), "train.epochs=2")
+    r = run_train(cfg)  # the data is absent: train downloads it first
+    assert r["data_source"] == "system"
+    ckpt = Path(r["checkpoint"])
+    assert ckpt.name == "best.ckpt" and ckpt.exists() and Path(r["last_checkpoint"]).exists()
+    assert newest_best(tmp_path, ["out"]) == ckpt
+
+    # test finds the checkpoint and the data with no help beyond the project root
+    t = run_test(make_cfg(*idx_overrides(src, sums), f"paths.output_dir={tmp_path}/test_out",
+                          "paths.search=[out]"))  # fmt: skip
+    report = json.loads(Path(t["report"]).read_text())
+    assert report["classes"] == FMNIST_CLASSES
+    assert sum(map(sum, report["confusion_matrix"])) == 60
+    assert set(report["per_class"]["Bag"]) == {"precision", "recall", "support"}
+    assert 0.0 <= report["f1_macro"] <= 1.0
+    for name in ("confusion_matrix.png", "curves.png", "test_report.json"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
+        assert any(Path(p).name == name for p in t["plots"]) or name == "test_report.json"
+
+    # the checkpoint alone rebuilds the model: classes, preprocessing, weights
+    module = load_module(ckpt).eval()
+    assert module.classes == FMNIST_CLASSES
+    assert module.hparams.preprocessing["size"] == [28, 28] and module.hparams.preprocessing["channels"] == 1
+    x = read_idx(tmp_path / "data" / "fashion_mnist" / "t10k-images-idx3-ubyte")
+    y = read_idx(tmp_path / "data" / "fashion_mnist" / "t10k-labels-idx1-ubyte")
+    with torch.no_grad():
+        pred = module(torch.from_numpy(x[:, None].copy())).argmax(1).numpy()
+    assert np.isclose((pred == y).mean(), report["accuracy"])
+
+    # MLflow: one train run and one test run, with config, metrics per epoch, artifacts, lineage
+    client, runs = _mlflow_runs(tmp_path)
+    train_run, test_run = runs
+    assert train_run.data.params["config/train/lr"] == "0.003"
+    assert len(client.get_metric_history(train_run.info.run_id, "val/acc")) == 2
+    assert {"git_commit", "data_hash", "version.torch"} <= set(train_run.data.tags)
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"best.ckpt", "curves.png", "train_summary.json"} <= artifacts
+    assert test_run.data.metrics["test/acc"] == pytest.approx(report["accuracy"])
+    assert test_run.data.tags["train_run_id"] == train_run.info.run_id
+    assert "test_report.json" in {a.path for a in client.list_artifacts(test_run.info.run_id)}
+
+
+def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
+    root = make_class_folders(tmp_path / "rgb", classes=("a", "b", "c"), per_class=12, size=20, mode="RGB")
+    for i in range(8):  # make "a" the most frequent class
+        (root / "a" / f"extra{i}.png").write_bytes((root / "a" / "000.png").read_bytes())
+    common = ["data=folder", f"data.root={root}", "data.size=[16,16]", "logger.enabled=false"]
+    r = run_train(make_cfg(*common))
+    module = load_module(r["checkpoint"])
+    assert module.hparams.preprocessing["channels"] == 3  # detected from the colour images
+    assert module.classes == ["a", "b", "c"]
+
+    b = run_train(make_cfg(*common, "model=baseline", f"paths.output_dir={tmp_path}/base"))
+    t = run_test(make_cfg(*common, f"test.checkpoint={b['checkpoint']}", f"paths.output_dir={tmp_path}/bt"),
+                 use_checkpoint_data=True)  # fmt: skip
+    report = json.loads(Path(t["report"]).read_text())
+    assert report["per_class"]["a"]["recall"] == 1.0 and report["per_class"]["b"]["recall"] == 0.0
+
+
+def test_timm_architecture_by_name(make_cfg, folder_data):
+    r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "model=timm", "model.name=resnet18",
+                           "logger.enabled=false", "data.size=[32,32]"))  # fmt: skip
+    module = load_module(r["checkpoint"])
+    assert type(module.net.net).__name__ == "ResNet"
+    assert module.net.net.conv1.in_channels == 1 and module.net.net.fc.out_features == 3
+
+
+def test_unknown_timm_model_suggests_close_names():
+    from image_classifier.models.factory import create_model
+
+    with pytest.raises(UserError, match=r"Unknown model 'resnt18'. Did you mean 'resnet18'"):
+        create_model("resnt18", num_classes=3, in_chans=1)
+
+
+def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, tmp_path):
+    r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
+    other = make_class_folders(tmp_path / "other", classes=("cat", "dog", "wolf"), per_class=6)
+    cfg = make_cfg("data=folder", f"data.root={other}", f"test.checkpoint={r['checkpoint']}", "logger.enabled=false")
+    with pytest.raises(UserError, match=r"classes do not match.*only in the data: \['wolf'\]"):
+        run_test(cfg, use_checkpoint_data=False)
+
+
+def test_test_without_any_checkpoint(make_cfg):
+    with pytest.raises(UserError, match="No trained checkpoint found"):
+        run_test(make_cfg("logger.enabled=false"))
+
+
+def test_checkpoint_that_is_not_one(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_module(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_module(tmp_path / "missing.ckpt")
+
+
+def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
+    with socket.socket() as s:  # a free port on loopback with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_cfg("data=folder", f"data.root={folder_data}", f"logger.tracking_uri=http://127.0.0.1:{port}",
+                   "logger.connect_timeout=2")  # fmt: skip
+    with pytest.raises(UserError, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
+        run_train(cfg)
