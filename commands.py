@@ -46,7 +46,9 @@ def _run(cfg: DictConfig):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     if name == "test":
         overrides = HydraConfig.get().overrides.task
-        return fn(cfg, use_checkpoint_data=not any(o.lstrip("+~").startswith("data") for o in overrides))
+        return fn(
+            cfg, use_checkpoint_data=not any(o.lstrip("+~").startswith("data") for o in overrides)
+        )
     return fn(cfg)
 
 
@@ -94,8 +96,24 @@ def _check_overrides(args: list[str]) -> None:
     for o in parsed:
         if o.is_hydra_override():
             continue
-        value = next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
-        simple.append(f"{o.get_key_element()}={value}")
+        values = (
+            list(o.sweep_string_iterator())
+            if o.is_sweep_override()
+            else [o.get_value_element_as_str()]
+        )
+        key = o.key_or_group
+        if (CONFIG_DIR / key).is_dir():  # a config group: each value must name one of its files
+            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+            for v in values:
+                if v not in options:
+                    extra = (
+                        " (or any timm architecture: model=timm model.name=NAME)"
+                        if key == "model"
+                        else ""
+                    )
+                    _fail(f"Unknown {key} option {v!r}.{did_you_mean(v, options)} "
+                          f"Available: {', '.join(options)}{extra}.")  # fmt: skip
+        simple.append(f"{o.get_key_element()}={values[0]}")
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             compose(config_name="config", overrides=simple)
@@ -109,7 +127,11 @@ def _check_overrides(args: list[str]) -> None:
             key = m.group(1) or m.group(2)
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 base = compose(config_name="config")
-            keys = _flat_keys(OmegaConf.to_container(base))
+            keys = [
+                k
+                for k in _flat_keys(OmegaConf.to_container(base))
+                if k.count(".") == key.count(".")
+            ]
             hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
         elif "Could not find" in str(e):
             hint = " " + " ".join(str(e).split())
@@ -129,6 +151,9 @@ def _flat_keys(d, prefix=""):
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *_rewrite_model(sys.argv[1:])]
-    if not any(a in ("--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg") for a in sys.argv[1:]):
+    if not any(
+        a in ("--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg")
+        for a in sys.argv[1:]
+    ):
         _check_overrides(sys.argv[1:])
     main()

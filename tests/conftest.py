@@ -40,7 +40,9 @@ def make_class_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(class_image(label % 3, rng, size)).convert(mode).save(d / f"{i:03d}.png")
+            Image.fromarray(class_image(label % 3, rng, size)).convert(mode).save(
+                d / f"{i:03d}.png"
+            )
     return root
 
 

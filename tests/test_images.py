@@ -40,7 +40,10 @@ def test_sixteen_bit_scales_to_eight_bit(tmp_path):
 
 def test_transparent_pixels_become_white(tmp_path):
     im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    arr = load_array(_save(tmp_path, im, "a.png"), Preprocessing(size=(4, 4), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3))
+    arr = load_array(
+        _save(tmp_path, im, "a.png"),
+        Preprocessing(size=(4, 4), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3),
+    )
     assert (arr == 255).all()
 
 
@@ -64,7 +67,9 @@ def test_resize_modes(tmp_path):
         pre = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), resize=mode)
         arr = load_array(p, pre)
         assert arr.shape == (1, 8, 8)
-    padded = load_array(p, Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), resize="pad"))
+    padded = load_array(
+        p, Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), resize="pad")
+    )
     assert padded[0, 0, 0] == 0 and padded[0, 4, 4] == 200
 
 
@@ -76,7 +81,11 @@ def test_not_an_image(tmp_path):
 
 
 def test_truncated_image(tmp_path):
-    p = _save(tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "t.jpg")
+    p = _save(
+        tmp_path,
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+        "t.jpg",
+    )
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="truncated"):
@@ -85,10 +94,20 @@ def test_truncated_image(tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_without_decoding(tmp_path):

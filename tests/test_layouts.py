@@ -15,7 +15,11 @@ def test_class_folders_split_is_stratified_and_deterministic(folder_data):
     assert a.layout == "class folders"
     assert a.splits == b.splits
     assert a.splits != c.splits
-    assert a.counts("train") == [6, 6, 6] and a.counts("val") == [2, 2, 2] and a.counts("test") == [2, 2, 2]
+    assert (
+        a.counts("train") == [6, 6, 6]
+        and a.counts("val") == [2, 2, 2]
+        and a.counts("test") == [2, 2, 2]
+    )
     everything = [p for s in a.splits.values() for p, _ in s]
     assert len(everything) == len(set(everything)) == 30
 

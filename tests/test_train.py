@@ -49,7 +49,10 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     # the checkpoint alone rebuilds the model: classes, preprocessing, weights
     module = load_module(ckpt).eval()
     assert module.classes == FMNIST_CLASSES
-    assert module.hparams.preprocessing["size"] == [28, 28] and module.hparams.preprocessing["channels"] == 1
+    assert (
+        module.hparams.preprocessing["size"] == [28, 28]
+        and module.hparams.preprocessing["channels"] == 1
+    )
     x = read_idx(tmp_path / "data" / "fashion_mnist" / "t10k-images-idx3-ubyte")
     y = read_idx(tmp_path / "data" / "fashion_mnist" / "t10k-labels-idx1-ubyte")
     with torch.no_grad():
@@ -70,7 +73,9 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
 
 
 def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
-    root = make_class_folders(tmp_path / "rgb", classes=("a", "b", "c"), per_class=12, size=20, mode="RGB")
+    root = make_class_folders(
+        tmp_path / "rgb", classes=("a", "b", "c"), per_class=12, size=20, mode="RGB"
+    )
     for i in range(8):  # make "a" the most frequent class
         (root / "a" / f"extra{i}.png").write_bytes((root / "a" / "000.png").read_bytes())
     common = ["data=folder", f"data.root={root}", "data.size=[16,16]", "logger.enabled=false"]
@@ -104,7 +109,12 @@ def test_unknown_timm_model_suggests_close_names():
 def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, tmp_path):
     r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
     other = make_class_folders(tmp_path / "other", classes=("cat", "dog", "wolf"), per_class=6)
-    cfg = make_cfg("data=folder", f"data.root={other}", f"test.checkpoint={r['checkpoint']}", "logger.enabled=false")
+    cfg = make_cfg(
+        "data=folder",
+        f"data.root={other}",
+        f"test.checkpoint={r['checkpoint']}",
+        "logger.enabled=false",
+    )
     with pytest.raises(UserError, match=r"classes do not match.*only in the data: \['wolf'\]"):
         run_test(cfg, use_checkpoint_data=False)
 
@@ -129,5 +139,7 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
         port = s.getsockname()[1]
     cfg = make_cfg("data=folder", f"data.root={folder_data}", f"logger.tracking_uri=http://127.0.0.1:{port}",
                    "logger.connect_timeout=2")  # fmt: skip
-    with pytest.raises(UserError, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"):
+    with pytest.raises(
+        UserError, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"
+    ):
         run_train(cfg)

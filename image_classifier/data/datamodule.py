@@ -156,13 +156,17 @@ class ImageDataModule(L.LightningDataModule):
         tr, va = _stratified_indices(y_train, int(c.val_size), int(c.seed))
 
         def ds(x, y):
-            return ArrayDataset(torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y)))
+            return ArrayDataset(
+                torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y))
+            )
 
         self.datasets = {"train": ds(x_train[tr], y_train[tr]), "val": ds(x_train[va], y_train[va]),
                          "test": ds(x_test, y_test)}  # fmt: skip
         classes = list(c.classes)
         if int(y_train.max()) >= len(classes):
-            raise UserError(f"data.classes lists {len(classes)} names but labels reach {y_train.max()}.")
+            raise UserError(
+                f"data.classes lists {len(classes)} names but labels reach {y_train.max()}."
+            )
         return DataInfo(
             name=c.name, classes=classes, preprocessing=self._preprocessing(int(c.channels)),
             class_counts=np.bincount(y_train[tr], minlength=len(classes)).tolist(),

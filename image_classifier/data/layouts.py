@@ -58,7 +58,9 @@ def discover(
         raise UserError(f"data.root={str(root)!r} is a file, not a folder.")
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if not entries:
-        raise UserError(f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it.")
+        raise UserError(
+            f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it."
+        )
 
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
@@ -114,11 +116,15 @@ def discover(
     pairs = [(p, index[label]) for p, label in labelled]
 
     if given_splits is not None and "train" in given_splits:
-        splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
+        splits = {
+            s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS
+        }
         missing = [s for s in ("val", "test") if not splits[s]]
         if missing:  # carve the missing split(s) out of train, stratified
             ratios = {"val": split[1], "test": split[2]}
-            carved = _stratified_split(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+            carved = _stratified_split(
+                splits["train"], (split[0], *[ratios[s] for s in missing]), seed
+            )
             splits["train"] = carved[0]
             for s, part in zip(missing, carved[1:], strict=True):
                 splits[s] = part
@@ -170,7 +176,9 @@ def _read_manifest(
     def pick(given, candidates, what, key):
         if given:
             if given not in columns:
-                raise UserError(f"{key}={given!r} is not a column of {path.name}; columns: {columns}.")
+                raise UserError(
+                    f"{key}={given!r} is not a column of {path.name}; columns: {columns}."
+                )
             return given
         for c in candidates:
             if c in lower:
@@ -225,7 +233,9 @@ def _stratified_split(
     """Per class: shuffle with `seed`, then cut by ratios; every split gets >= 1 image when it can."""
     ratios = np.asarray(ratios, dtype=float)
     if (ratios < 0).any() or ratios.sum() <= 0:
-        raise UserError(f"data.split={list(ratios)} must be non-negative ratios with a positive sum.")
+        raise UserError(
+            f"data.split={list(ratios)} must be non-negative ratios with a positive sum."
+        )
     ratios = ratios / ratios.sum()
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[tuple[str, int]]] = {}

@@ -56,7 +56,9 @@ def verify(directory: Path, files: dict[str, str]) -> str | None:
 
 def _install_from(src_dir: Path, dest: Path, files: dict[str, str]) -> str | None:
     """Copy (gunzipping `name.gz` when only that exists) into a temp folder, verify, then move."""
-    missing = [n for n in files if not (src_dir / n).exists() and not (src_dir / f"{n}.gz").exists()]
+    missing = [
+        n for n in files if not (src_dir / n).exists() and not (src_dir / f"{n}.gz").exists()
+    ]
     if missing:
         return f"{src_dir} lacks {', '.join(missing)}"
     dest.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,10 @@ def _install_from(src_dir: Path, dest: Path, files: dict[str, str]) -> str | Non
                 shutil.copyfile(src_dir / name, tmp / name)
             else:
                 try:
-                    with gzip.open(src_dir / f"{name}.gz", "rb") as fi, open(tmp / name, "wb") as fo:
+                    with (
+                        gzip.open(src_dir / f"{name}.gz", "rb") as fi,
+                        open(tmp / name, "wb") as fo,
+                    ):
                         shutil.copyfileobj(fi, fo, 1 << 20)
                 except (OSError, EOFError) as e:
                     return f"{src_dir / name}.gz is not a valid gzip file ({e})"
@@ -105,7 +110,11 @@ def _try_apt(package: str, dest: Path, files: dict[str, str], system_dir: str) -
 
         def download():
             return subprocess.run(
-                ["apt-get", "download", package], cwd=tmp, capture_output=True, text=True, timeout=300
+                ["apt-get", "download", package],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
 
         try:
@@ -123,7 +132,9 @@ def _try_apt(package: str, dest: Path, files: dict[str, str], system_dir: str) -
         if not debs:
             return f"`apt-get download {package}` produced no .deb file"
         unpacked = Path(tmp) / "root"
-        proc = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
+        proc = subprocess.run(
+            ["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             return f"`dpkg-deb -x` failed: {proc.stderr.strip()}"
         return _install_from(unpacked / system_dir.lstrip("/"), dest, files)
@@ -138,7 +149,10 @@ def _try_upstream(urls: list[str], dest: Path, files: dict[str, str], timeout: f
             try:
                 for name in files:
                     url = f"{base.rstrip('/')}/{name}.gz"
-                    with urllib.request.urlopen(url, timeout=timeout) as r, open(Path(tmp) / f"{name}.gz", "wb") as f:
+                    with (
+                        urllib.request.urlopen(url, timeout=timeout) as r,
+                        open(Path(tmp) / f"{name}.gz", "wb") as f,
+                    ):
                         shutil.copyfileobj(r, f, 1 << 20)
             except OSError as e:
                 errors.append(f"{base}: {getattr(e, 'reason', e)}")

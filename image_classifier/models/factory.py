@@ -74,7 +74,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool
         options = list(OWN_MODELS) + timm.list_models()
         raise UserError(
             f"Unknown model {name!r}.{did_you_mean(name, options)} model.name takes "
-            f"{', '.join(OWN_MODELS)} or any timm architecture (`uv run python -c \"import timm; "
+            f'{", ".join(OWN_MODELS)} or any timm architecture (`uv run python -c "import timm; '
             "print(timm.list_models('*resnet*'))\"` lists them)."
         )
     try:

@@ -66,7 +66,9 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.augment:
             x = augment_batch(x, **self.hparams.augment)
         logits, y = self._step((x, y))
-        loss = F.cross_entropy(logits, y, label_smoothing=float(self.hparams.optim.get("label_smoothing", 0.0)))
+        loss = F.cross_entropy(
+            logits, y, label_smoothing=float(self.hparams.optim.get("label_smoothing", 0.0))
+        )
         self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         if not loss.requires_grad:  # the baseline has nothing to learn
@@ -79,7 +81,9 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         logits, y = self._step(batch)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(
+            "val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y)
+        )
         self.val_metrics.update(logits, y)
 
     def on_validation_epoch_end(self):
@@ -109,7 +113,9 @@ class ClassifierModule(L.LightningModule):
             opt = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
                                   weight_decay=o["weight_decay"], nesterov=True)  # fmt: skip
         else:
-            raise UserError(f"Unknown optimizer {o['optimizer']!r}; train.optimizer takes {', '.join(OPTIMIZERS)}.")
+            raise UserError(
+                f"Unknown optimizer {o['optimizer']!r}; train.optimizer takes {', '.join(OPTIMIZERS)}."
+            )
         sched = o.get("scheduler", "none").lower()
         if sched == "none":
             return opt
@@ -118,7 +124,9 @@ class ClassifierModule(L.LightningModule):
                                                            patience=o.get("patience", 2))  # fmt: skip
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "monitor": "val/acc"}}
         if sched == "step":
-            s = torch.optim.lr_scheduler.StepLR(opt, step_size=o.get("step_size", 2), gamma=o.get("gamma", 0.8))
+            s = torch.optim.lr_scheduler.StepLR(
+                opt, step_size=o.get("step_size", 2), gamma=o.get("gamma", 0.8)
+            )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
         steps = int(self.trainer.estimated_stepping_batches)
         if sched == "cosine":
@@ -127,7 +135,9 @@ class ClassifierModule(L.LightningModule):
             s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(2, steps),
                                                     pct_start=o.get("warmup", 0.25))  # fmt: skip
         else:
-            raise UserError(f"Unknown scheduler {sched!r}; train.scheduler takes {', '.join(SCHEDULERS)}.")
+            raise UserError(
+                f"Unknown scheduler {sched!r}; train.scheduler takes {', '.join(SCHEDULERS)}."
+            )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint):

@@ -37,4 +37,6 @@ def load_module(path: str | Path, map_location: str = "cpu"):
             f"{str(path)!r} is a checkpoint, but not one written by image_classifier ({e})."
         ) from None
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
-        raise UserError(f"{str(path)!r} is not a readable checkpoint file ({type(e).__name__}: {e}).") from None
+        raise UserError(
+            f"{str(path)!r} is not a readable checkpoint file ({type(e).__name__}: {e})."
+        ) from None

@@ -34,14 +34,20 @@ def _extras(path: Path) -> tuple[list[dict], str | None]:
 def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     """Evaluate; the data config stored in the checkpoint is used unless the caller set its own."""
     started = time.perf_counter()
-    path = Path(cfg.test.checkpoint) if cfg.test.get("checkpoint") else newest_best(cfg.paths.root, cfg.paths.search)
+    path = (
+        Path(cfg.test.checkpoint)
+        if cfg.test.get("checkpoint")
+        else newest_best(cfg.paths.root, cfg.paths.search)
+    )
     module = load_module(path)
     hp = module.hparams
     pre = Preprocessing.from_dict(hp.preprocessing)
     data_cfg = cfg.data
     if use_checkpoint_data and hp.get("config") and "data" in hp.config:
         data_cfg = OmegaConf.create(hp.config["data"])
-    cfg = OmegaConf.merge(cfg, {"data": data_cfg, "train": {"batch_size": int(cfg.test.batch_size)}})
+    cfg = OmegaConf.merge(
+        cfg, {"data": data_cfg, "train": {"batch_size": int(cfg.test.batch_size)}}
+    )
     out = output_dir(cfg)
 
     dm = build_datamodule(cfg, preprocessing=pre)
@@ -78,13 +84,22 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     support = cm.sum(axis=1)
     report = {
         "checkpoint": str(path),
-        "data": {"name": info.name, "hash": info.data_hash, "test_images": int(support.sum()),
-                 "trained_on_hash": trained_hash, "warning": hash_note or None},  # fmt: skip
+        "data": {
+            "name": info.name,
+            "hash": info.data_hash,
+            "test_images": int(support.sum()),
+            "trained_on_hash": trained_hash,
+            "warning": hash_note or None,
+        },  # fmt: skip
         "accuracy": float(m["acc"]),
         "f1_macro": float(m["f1_macro"]),
         "loss": float(trainer.callback_metrics.get("test/loss", float("nan"))),
         "per_class": {
-            c: {"precision": float(m["precision"][i]), "recall": float(m["recall"][i]), "support": int(support[i])}
+            c: {
+                "precision": float(m["precision"][i]),
+                "recall": float(m["recall"][i]),
+                "support": int(support[i]),
+            }
             for i, c in enumerate(module.classes)
         },
         "classes": module.classes,

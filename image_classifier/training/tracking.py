@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -76,10 +77,8 @@ def dvc_hash(root: str | Path) -> str:
 def package_versions() -> dict[str, str]:
     out = {}
     for name in KEY_PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[f"version.{name}"] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def output_dir(cfg) -> Path:
-    out = Path(cfg.paths.output_dir or Path(cfg.paths.root) / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    out = Path(
+        cfg.paths.output_dir
+        or Path(cfg.paths.root) / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S")
+    )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -41,10 +44,13 @@ def build_datamodule(cfg, preprocessing=None) -> ImageDataModule:
 
 def trainer_kwargs(cfg) -> dict:
     """cfg.trainer as Lightning takes it; unset (null) options are left to Lightning's defaults."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    return {
+        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None
+    }
 
 
-def run_train(cfg) -> dict:
+def run_train(cfg, callbacks: list | None = None) -> dict:
+    """`callbacks`: extra Lightning callbacks (benchmarks and tests hook in here)."""
     started = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.train.get("threads"):
@@ -77,11 +83,13 @@ def run_train(cfg) -> dict:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=t.monitor, mode="max",
                                  save_last=True, auto_insert_metric_name=False)  # fmt: skip
     history = History()
-    callbacks = [checkpoint, history]
+    callbacks = [checkpoint, history, *(callbacks or [])]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if int(t.early_stopping) > 0:
-        callbacks.append(EarlyStopping(monitor=t.monitor, mode="max", patience=int(t.early_stopping)))
+        callbacks.append(
+            EarlyStopping(monitor=t.monitor, mode="max", patience=int(t.early_stopping))
+        )
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
 
@@ -89,13 +97,17 @@ def run_train(cfg) -> dict:
                         default_root_dir=out, **trainer_kwargs(cfg))  # fmt: skip
     trainer.fit(module, datamodule=dm)
 
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "last.ckpt"
+    best = (
+        Path(checkpoint.best_model_path) if checkpoint.best_model_path else ckpt_dir / "last.ckpt"
+    )
     curves = plot_curves(history.epochs, out / "plots" / "curves.png")
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
     result = {
         "checkpoint": str(best),
         "last_checkpoint": str(ckpt_dir / "last.ckpt"),
-        "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_score": float(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
+        else None,
         "monitor": t.monitor,
         "metrics": final,
         "epochs": trainer.current_epoch,
@@ -121,9 +133,18 @@ def _print_summary(r: dict, info) -> None:
     lines = [
         f"Trained {r['epochs']} epoch(s) in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
         f"{len(info.classes)} classes, {info.split_sizes['train']} train images"
-        + (f", {r['skipped_files']} unusable files skipped" if r["skipped_files"] else "") + ")",
+        + (f", {r['skipped_files']} unusable files skipped" if r["skipped_files"] else "")
+        + (
+            f", data fetched from {r['data_source']}"
+            if r["data_source"] not in ("", "local")
+            else ""
+        )
+        + ")",
         f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
-        "  val: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("val/")),
+        "  val: "
+        + ", ".join(
+            f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("val/")
+        ),
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
         f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",

@@ -1,0 +1,55 @@
+"""The command line itself: exit codes, messages without tracebacks, sweeps."""
+
+from conftest import idx_overrides, run_cli
+
+
+def test_unknown_command_lists_the_valid_ones(tmp_path):
+    p = run_cli("command=trian", f"paths.root={tmp_path}")
+    assert p.returncode == 2
+    assert "Unknown command 'trian'. Did you mean 'train'?" in p.stderr
+    assert "download, train, test" in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+
+
+def test_unknown_override_key_suggests_the_closest(tmp_path):
+    p = run_cli("train.lrr=0.1", f"paths.root={tmp_path}")
+    assert p.returncode == 2
+    assert "train.lrr" in p.stderr and "Did you mean 'train.lr'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_unknown_config_group_option(tmp_path):
+    p = run_cli("data=fashion", f"paths.root={tmp_path}")
+    assert p.returncode == 2
+    assert "fashion_mnist" in p.stderr  # Hydra's list of the available options
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_data_folder_exits_2_without_traceback(tmp_path):
+    p = run_cli(
+        "data=folder",
+        f"data.root={tmp_path}/nope",
+        f"paths.root={tmp_path}",
+        "logger.enabled=false",
+    )
+    assert p.returncode == 2, p.stderr
+    assert "does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_source):
+    from mlflow.tracking import MlflowClient
+
+    src, sums = idx_source
+    p = run_cli(
+        "-m", "train.lr=1e-3,3e-3", f"paths.root={tmp_path}", "train.epochs=1", "train.batch_size=32",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", *idx_overrides(src, sums),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpts = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/best.ckpt"))
+    assert [c.parts[-3] for c in ckpts] == ["0", "1"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image_classifier")
+    lrs = sorted(r.data.params["config/train/lr"] for r in client.search_runs([exp.experiment_id]))
+    assert lrs == ["0.001", "0.003"]
