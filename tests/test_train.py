@@ -46,6 +46,18 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
         assert (tmp_path / "plots" / name).stat().st_size > 0
         assert any(Path(p).name == name for p in t["plots"]) or name == "test_report.json"
 
+    # the checkpoint carries its per-epoch history, train and val side by side, for the curves
+    history = next(
+        v
+        for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items()
+        if k.startswith("History")
+    )
+    assert [row["epoch"] for row in history["epochs"]] == [0, 1]
+    assert all(
+        {"train/acc", "train/loss_epoch", "val/acc", "val/loss"} <= set(row)
+        for row in history["epochs"]
+    )
+
     # the checkpoint alone rebuilds the model: classes, preprocessing, weights
     module = load_module(ckpt).eval()
     assert module.classes == FMNIST_CLASSES

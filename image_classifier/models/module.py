@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -41,6 +41,7 @@ class ClassifierModule(L.LightningModule):
             "f1_macro": MulticlassF1Score(n, average="macro"),
         })  # fmt: skip
         self.train_metrics = metrics.clone(prefix="train/")
+        self.train_loss = MeanMetric()
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = MetricCollection({
             "acc": MulticlassAccuracy(n, average="micro"),
@@ -70,14 +71,22 @@ class ClassifierModule(L.LightningModule):
             logits, y, label_smoothing=float(self.hparams.optim.get("label_smoothing", 0.0))
         )
         self.train_metrics.update(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.train_loss.update(loss.detach(), len(y))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
         if not loss.requires_grad:  # the baseline has nothing to learn
             return None
         return loss
 
+    def epoch_train_metrics(self) -> dict:
+        """Train metrics over the epoch so far (History reads them at validation end)."""
+        if self.train_loss.update_count == 0:
+            return {}
+        return {"train/loss_epoch": self.train_loss.compute(), **self.train_metrics.compute()}
+
     def on_train_epoch_end(self):
-        self.log_dict(self.train_metrics.compute(), prog_bar=False)
+        self.log_dict(self.epoch_train_metrics())
         self.train_metrics.reset()
+        self.train_loss.reset()
 
     def validation_step(self, batch, batch_idx):
         logits, y = self._step(batch)

@@ -16,7 +16,12 @@ from image_classifier.errors import UserError
 from image_classifier.training import tracking
 from image_classifier.training.checkpoints import load_module, newest_best
 from image_classifier.training.plots import plot_confusion, plot_curves
-from image_classifier.training.train import build_datamodule, output_dir, trainer_kwargs
+from image_classifier.training.train import (
+    build_datamodule,
+    output_dir,
+    progress_bar,
+    trainer_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,9 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         tags={**tracking.lineage_tags(cfg.paths.root, info.data_hash), "checkpoint": str(path)},
     )  # fmt: skip
     kwargs = {**trainer_kwargs(cfg), "devices": 1, "num_nodes": 1, "strategy": "auto"}
-    trainer = L.Trainer(logger=logger or False, default_root_dir=out, **kwargs)
+    trainer = L.Trainer(
+        logger=logger or False, default_root_dir=out, callbacks=progress_bar(cfg), **kwargs
+    )
     trainer.test(module, datamodule=dm, verbose=False)
 
     m = {k.removeprefix("test/"): v.cpu() for k, v in module.test_metrics.compute().items()}

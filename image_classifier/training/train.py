@@ -23,6 +23,11 @@ from image_classifier.training.callbacks import History
 from image_classifier.training.plots import plot_curves
 
 log = logging.getLogger(__name__)
+for _name in (
+    "lightning.pytorch",
+    "lightning.fabric",
+):  # keep tips and device banners out of the output
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def output_dir(cfg) -> Path:
@@ -40,6 +45,10 @@ def build_datamodule(cfg, preprocessing=None) -> ImageDataModule:
         balanced_sampler=bool(cfg.train.balanced_sampler), project_root=cfg.paths.root,
         preprocessing=preprocessing,
     )  # fmt: skip
+
+
+def progress_bar(cfg) -> list:
+    return [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.enable_progress_bar else []
 
 
 def trainer_kwargs(cfg) -> dict:
@@ -83,9 +92,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=t.monitor, mode="max",
                                  save_last=True, auto_insert_metric_name=False)  # fmt: skip
     history = History()
-    callbacks = [checkpoint, history, *(callbacks or [])]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    callbacks = [history, checkpoint, *(callbacks or []), *progress_bar(cfg)]
     if int(t.early_stopping) > 0:
         callbacks.append(
             EarlyStopping(monitor=t.monitor, mode="max", patience=int(t.early_stopping))
