@@ -15,13 +15,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from image_classifier.errors import UserError
+from image_classifier.errors import ExportError, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMMANDS = {
     "download": "image_classifier.data.sources:run_download",
     "train": "image_classifier.training.train:run_train",
     "test": "image_classifier.training.evaluate:run_test",
+    "export-onnx": "image_classifier.export.onnx:run_export_onnx",
+    "export-trt": "image_classifier.export.tensorrt:run_export_trt",
+    "infer": "image_classifier.inference.infer:run_infer",
 }
 
 
@@ -57,10 +60,10 @@ def main(cfg: DictConfig):
     logging.getLogger("lightning").setLevel(logging.WARNING)
     try:
         return _run(cfg)
-    except UserError as e:
+    except (UserError, ExportError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _fail(str(e))
+        _fail(str(e), 2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
         _fail("interrupted; `train.resume` is not available yet, so rerun the command.", 130)
 
@@ -149,8 +152,20 @@ def _flat_keys(d, prefix=""):
     return keys
 
 
+# infer answers on stdout and should start fast: no run folder, no log files, Hydra's logging off
+QUIET = (
+    "hydra.output_subdir=null",
+    "hydra.run.dir=.",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+)
+
+
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *_rewrite_model(sys.argv[1:])]
+    if "command=infer" in sys.argv and "-m" not in sys.argv:
+        given = {a.split("=", 1)[0] for a in sys.argv[1:]}
+        sys.argv += [q for q in QUIET if q.split("=", 1)[0] not in given]
     if not any(
         a in ("--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg")
         for a in sys.argv[1:]

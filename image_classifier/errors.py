@@ -14,3 +14,7 @@ def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+class ExportError(RuntimeError):
+    """An export ran but its result is wrong (parity, checker): nothing was written; exit code 1."""

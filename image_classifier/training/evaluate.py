@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from image_classifier.data.images import Preprocessing
 from image_classifier.errors import UserError
@@ -50,9 +50,10 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     data_cfg = cfg.data
     if use_checkpoint_data and hp.get("config") and "data" in hp.config:
         data_cfg = OmegaConf.create(hp.config["data"])
-    cfg = OmegaConf.merge(
-        cfg, {"data": data_cfg, "train": {"batch_size": int(cfg.test.batch_size)}}
-    )
+    cfg = cfg.copy()
+    with open_dict(cfg):  # the checkpoint's data config replaces (not merges into) the current one
+        cfg.data = data_cfg
+        cfg.train.batch_size = int(cfg.test.batch_size)
     out = output_dir(cfg)
 
     dm = build_datamodule(cfg, preprocessing=pre)

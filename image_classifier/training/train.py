@@ -89,11 +89,16 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
                                     tags=tracking.lineage_tags(cfg.paths.root, info.data_hash))  # fmt: skip
     module.mlflow_run_id = logger.run_id if logger is not None else None
     ckpt_dir = out / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=t.monitor, mode="max",
-                                 save_last=True, auto_insert_metric_name=False)  # fmt: skip
+    validating = (
+        cfg.trainer.get("limit_val_batches") != 0
+    )  # without validation: no "best", only "last"
+    monitor = t.monitor if validating else None
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best" if validating else "last",
+                                 monitor=monitor, mode="max", save_last=validating,
+                                 auto_insert_metric_name=False)  # fmt: skip
     history = History()
     callbacks = [history, checkpoint, *(callbacks or []), *progress_bar(cfg)]
-    if int(t.early_stopping) > 0:
+    if int(t.early_stopping) > 0 and validating:
         callbacks.append(
             EarlyStopping(monitor=t.monitor, mode="max", patience=int(t.early_stopping))
         )

@@ -1,0 +1,174 @@
+"""`command=export-onnx`: checkpoint -> .onnx with its own metadata, checked and parity-tested.
+
+The graph takes float32 NCHW pixels in 0..255 (normalisation is inside) with a dynamic batch axis
+and outputs class probabilities. The file is written under a temporary name and moved into place
+only after `onnx.checker` and the parity check pass, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from image_classifier.errors import ExportError, UserError
+from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
+from image_classifier.training import tracking
+from image_classifier.training.checkpoints import load_module, newest_best
+
+log = logging.getLogger(__name__)
+
+
+class _Probabilities(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image):
+        return torch.softmax(self.net(image), dim=1)
+
+
+def model_metadata(module, checkpoint: Path) -> dict:
+    hp = module.hparams
+    return {
+        "format": 1,
+        "classes": module.classes,
+        "preprocessing": dict(hp.preprocessing),
+        "model": dict(hp.model),
+        "source_checkpoint": str(checkpoint),
+        "data_hash": (hp.get("data") or {}).get("hash"),
+        "input": "image: float32 [batch, channels, height, width], pixel values 0..255",
+        "output": "probabilities: float32 [batch, classes], in the order of `classes`",
+    }
+
+
+def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """8 random inputs, and up to n_real real test images read through the model's preprocessing."""
+    from omegaconf import OmegaConf, open_dict
+
+    from image_classifier.data.images import Preprocessing
+    from image_classifier.training.train import build_datamodule
+
+    pre = Preprocessing.from_dict(module.hparams.preprocessing)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 256, (8, pre.channels, *pre.size)).astype(np.float32)
+    real = None
+    stored = (module.hparams.get("config") or {}).get("data")
+    if stored and n_real > 0:
+        c = cfg.copy()
+        with open_dict(c):
+            c.data = OmegaConf.create(stored)
+        try:
+            dm = build_datamodule(c, preprocessing=pre)
+            dm.prepare()
+            ds = dm.datasets["test"]
+            idx = np.linspace(0, len(ds) - 1, min(n_real, len(ds))).astype(int)
+            real = np.stack([np.asarray(ds[int(i)][0]) for i in idx]).astype(np.float32)
+        except (UserError, OSError) as e:
+            log.warning(
+                "Parity check on real images skipped: the training data is not readable here (%s)",
+                e,
+            )
+    return random, real
+
+
+def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
+    net = _Probabilities(module.net.eval()).eval()
+    pre = module.hparams.preprocessing
+    dummy = torch.zeros(2, pre["channels"], *pre["size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (dummy,), str(output), input_names=["image"], output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )  # fmt: skip
+    import onnx
+
+    model = onnx.load(str(output))
+    meta = model_metadata(module, checkpoint)
+    for key, value in {
+        METADATA_KEY: json.dumps(meta),
+        "classes": json.dumps(meta["classes"]),
+    }.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.doc_string = (
+        f"image_classifier model: {len(meta['classes'])} classes, from {checkpoint.name}"
+    )
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(output))
+
+
+def run_export_onnx(cfg) -> dict:
+    started = time.perf_counter()
+    e = cfg.export
+    checkpoint = (
+        Path(e.checkpoint) if e.get("checkpoint") else newest_best(cfg.paths.root, cfg.paths.search)
+    )
+    output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
+    if output.suffix != ".onnx":
+        raise UserError(f"export.output={str(output)!r} must end in .onnx.")
+    module = load_module(checkpoint)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    try:
+        export_onnx(module, checkpoint, tmp, int(e.opset))
+        random, real = parity_inputs(module, cfg, int(e.parity_images))
+        ort = OnnxPredictor(tmp, device="cpu")
+        diffs = {}
+        for name, x in (("random", random), ("real", real)):
+            if x is None:
+                continue
+            with torch.inference_mode():
+                ref = torch.softmax(module.net(torch.from_numpy(x)), dim=1).numpy()
+            diffs[name] = float(np.abs(ort.predict(x) - ref).max())
+        worst = max(diffs.values())
+        if worst > float(e.tolerance):
+            raise ExportError(
+                f"ONNX Runtime and PyTorch disagree: max |difference| of probabilities {worst:.2e} "
+                f"> export.tolerance={e.tolerance} ({diffs}); {output} was not written."
+            )
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    run_id = _log_to_mlflow(cfg, checkpoint, output)
+    size_mb = output.stat().st_size / 1e6
+    parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
+    n_real = 0 if real is None else len(real)
+    print("\n".join([
+        f"Exported {checkpoint} -> {output} ({size_mb:.1f} MB, opset {e.opset}, dynamic batch) "
+        f"in {time.perf_counter() - started:.0f}s",
+        f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} ({8} random, {n_real} real; tolerance {e.tolerance})",
+        f"  metadata: {len(module.classes)} classes, preprocessing {dict(module.hparams.preprocessing)}",
+        f"  mlflow: {'artifact of run ' + run_id if run_id else 'not logged (no training run recorded)'}",
+        f"  next: uv run python commands.py command=infer infer.model={output} infer.input=PATH",
+    ]))  # fmt: skip
+    return {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
+
+
+def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> str | None:
+    """Attach the export to the checkpoint's training run, when there is one."""
+    if not cfg.logger.enabled:
+        return None
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
+    if not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri, _ = tracking.resolve_uri(cfg.logger, cfg.paths.root)
+    tracking.check_reachable(uri, float(cfg.logger.connect_timeout))
+    try:
+        MlflowClient(tracking_uri=uri).log_artifact(run_id, str(output), artifact_path="export")
+    except Exception as err:  # the export itself succeeded; tracking is best effort here
+        log.warning("Could not log %s to MLflow run %s: %s", output, run_id, err)
+        return None
+    return run_id

@@ -1,0 +1,192 @@
+"""`command=infer`: predict classes for files, folders, globs or path lists, in batches.
+
+With an .onnx model this path imports numpy, PIL and onnxruntime only (no torch), so one image is
+answered about as fast as the interpreter starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.data.images import ImageError, Preprocessing, load_array
+from image_classifier.errors import UserError
+from image_classifier.inference.predictor import load_predictor
+
+SORT_MODES = ("copy", "symlink", "hardlink")
+
+
+def collect_inputs(spec: str) -> list[Path]:
+    """A file, a folder (recursive), a glob, or a .txt file with one path per line."""
+    if not spec:
+        raise UserError(
+            "infer.input is not set: give a file, a folder, a glob or a .txt list of paths."
+        )
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+        )
+    elif p.is_file() and p.suffix.lower() == ".txt":
+        base = p.parent
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        files = [
+            Path(ln) if Path(ln).is_absolute() else base / ln
+            for ln in lines
+            if ln and not ln.startswith("#")
+        ]
+    elif p.is_file():
+        files = [p]
+    elif glob.has_magic(spec):
+        files = sorted(
+            Path(f)
+            for f in glob.glob(os.path.expanduser(spec), recursive=True)
+            if Path(f).is_file()
+        )
+    else:
+        files = []
+    if not files:
+        raise UserError(
+            f"infer.input={spec!r} matches no files (give a file, a folder, a glob or a .txt list)."
+        )
+    return files
+
+
+def _load(path: Path, pre: Preprocessing):
+    try:
+        return load_array(path, pre), None
+    except ImageError as e:
+        return None, str(e).split(": ", 1)[-1]
+
+
+def predict_paths(
+    predictor, paths: list[Path], batch_size: int = 32, top_k: int | None = None
+) -> list[dict]:
+    pre = predictor.meta.preprocessing
+    classes = predictor.meta.classes
+    k = len(classes) if not top_k else max(1, min(int(top_k), len(classes)))
+    rows: list[dict] = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            loaded = list(pool.map(lambda p: _load(p, pre), chunk))
+            good = [i for i, (arr, _) in enumerate(loaded) if arr is not None]
+            probs = predictor.predict(np.stack([loaded[i][0] for i in good])) if good else None
+            by_index = dict(zip(good, probs if probs is not None else [], strict=False))
+            for i, path in enumerate(chunk):
+                if i not in by_index:
+                    rows.append({"path": str(path), "predicted_class": None, "confidence": None,
+                                 "all_predictions": {}, "error": loaded[i][1]})  # fmt: skip
+                    continue
+                p = by_index[i]
+                order = np.argsort(-p)[:k]
+                rows.append({
+                    "path": str(path),
+                    "predicted_class": classes[int(order[0])],
+                    "confidence": round(float(p[order[0]]), 6),
+                    "all_predictions": {classes[int(j)]: round(float(p[j]), 6) for j in order},
+                })  # fmt: skip
+    return rows
+
+
+def _safe_dir_name(name: str) -> str:
+    return "".join(c if c not in '/\\:*?"<>|' else "_" for c in name).strip(". ") or "_"
+
+
+def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
+    """Copy (or link) each predicted image into folder/<predicted class>/; returns how many."""
+    if mode not in SORT_MODES:
+        raise UserError(f"infer.sort_mode={mode!r} is not one of {', '.join(SORT_MODES)}.")
+    n = 0
+    for row in rows:
+        if row.get("error"):
+            continue
+        src = Path(row["path"]).resolve()
+        dest_dir = folder / _safe_dir_name(row["predicted_class"])
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / src.name
+        i = 1
+        while dest.exists() or dest.is_symlink():
+            dest = dest_dir / f"{src.stem}_{i}{src.suffix}"
+            i += 1
+        if mode == "copy":
+            shutil.copy2(src, dest)
+        elif mode == "symlink":
+            dest.symlink_to(src)
+        else:
+            os.link(src, dest)
+        n += 1
+    return n
+
+
+def write_rows(rows: list[dict], output: str | None) -> str:
+    """JSON (one object for one image, else a list) or CSV; stdout when output is None."""
+    if output and Path(output).suffix.lower() == ".csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        with_errors = any(r.get("error") for r in rows)
+        w.writerow(["path", "predicted_class", "confidence", *(["error"] if with_errors else [])])
+        for r in rows:
+            w.writerow([r["path"], r["predicted_class"] or "", "" if r["confidence"] is None else r["confidence"],
+                        *([r.get("error") or ""] if with_errors else [])])  # fmt: skip
+        text = buf.getvalue()
+    elif output and Path(output).suffix.lower() != ".json":
+        raise UserError(
+            f"infer.output={output!r}: use a .json or .csv file name (or leave it unset for stdout)."
+        )
+    else:
+        text = json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, ensure_ascii=False) + "\n"
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    else:
+        sys.stdout.write(text)
+    return text
+
+
+def default_model(cfg) -> Path:
+    from image_classifier.training.checkpoints import newest_best
+
+    onnx = newest_best(cfg.paths.root, cfg.paths.search).with_suffix(".onnx")
+    if not onnx.exists():
+        raise UserError(
+            f"infer.model is not set and {onnx} does not exist: export it first "
+            "(`uv run python commands.py command=export-onnx`) or pass infer.model=PATH."
+        )
+    return onnx
+
+
+def run_infer(cfg) -> dict:
+    started = time.perf_counter()
+    c = cfg.infer
+    paths = collect_inputs(c.input)  # bad input fails before any model is loaded
+    model = Path(c.model) if c.get("model") else default_model(cfg)
+    predictor = load_predictor(model, device=c.device)
+    rows = predict_paths(predictor, paths, batch_size=int(c.batch_size), top_k=c.get("top_k"))
+    write_rows(rows, c.get("output"))
+    sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
+    errors = sum(1 for r in rows if r.get("error"))
+    seconds = time.perf_counter() - started
+    print(
+        f"Predicted {len(rows) - errors} of {len(rows)} image(s) with {predictor.backend} ({model.name}) "
+        f"in {seconds:.2f}s" + (f"; {errors} unreadable (see their 'error' field)" if errors else "")
+        + (f"; written to {c.output}" if c.get("output") else "")
+        + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
+        file=sys.stderr,
+    )  # fmt: skip
+    return {"rows": rows, "errors": errors, "seconds": seconds}

@@ -1,0 +1,139 @@
+"""One predictor interface over three backends, chosen by the model file's extension:
+.onnx (ONNX Runtime, the default), .ckpt (PyTorch), .engine/.plan (TensorRT).
+
+Every model file carries its metadata (classes, preprocessing, source), so a predictor needs
+nothing else. This module imports neither torch nor lightning at the top: the ONNX path stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.data.images import Preprocessing
+from image_classifier.errors import UserError
+
+METADATA_KEY = "image_classifier"
+BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
+@dataclass
+class ModelMeta:
+    classes: list[str]
+    preprocessing: Preprocessing
+    extra: dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelMeta:
+        return cls(
+            classes=list(d["classes"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            extra=d,
+        )
+
+
+def has_nvidia_gpu() -> bool:
+    """Without importing torch: is an NVIDIA driver with a device present?"""
+    return os.path.exists("/proc/driver/nvidia/version") and any(
+        os.path.exists(f"/dev/nvidia{i}") for i in range(16)
+    )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class OnnxPredictor:
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        ort.set_default_logger_severity(3)
+        providers = ["CPUExecutionProvider"]
+        cuda_ok = "CUDAExecutionProvider" in ort.get_available_providers() and has_nvidia_gpu()
+        if device in ("auto", "cuda") and cuda_ok:
+            if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN libraries from the nvidia-* wheels
+                ort.preload_dlls()
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise UserError(
+                "infer.device=cuda, but there is no NVIDIA GPU or no CUDA build of ONNX Runtime here."
+            )
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise UserError(
+                f"{str(path)!r} is not a loadable ONNX model ({type(e).__name__}: {e})."
+            ) from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise UserError(
+                f"{str(path)!r} is an ONNX model without image_classifier metadata (class names, "
+                "preprocessing). Export it with `uv run python commands.py command=export-onnx`."
+            )
+        self.meta = ModelMeta.from_dict(json.loads(raw))
+        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.session.get_providers()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 or float NCHW pixels (0..255) -> class probabilities (N, K)."""
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+
+
+class TorchPredictor:
+    backend = "pytorch"
+
+    def __init__(self, path: Path, device: str = "auto"):
+        import torch
+
+        from image_classifier.training.checkpoints import load_module
+
+        self.torch = torch
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        module = load_module(path, map_location=self.device)
+        self.net = module.net.eval()
+        hp = module.hparams
+        self.meta = ModelMeta.from_dict(
+            {
+                "classes": module.classes,
+                "preprocessing": hp.preprocessing,
+                "model": hp.model,
+                "source": str(path),
+            }
+        )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            return torch.softmax(self.net(x), dim=1).float().cpu().numpy()
+
+
+def load_predictor(path: str | Path, device: str = "auto"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Model file {str(path)!r} does not exist.")
+    backend = BACKENDS.get(path.suffix.lower())
+    if backend is None:
+        raise UserError(
+            f"Cannot tell the backend of {path.name!r} from its extension; use .onnx (ONNX Runtime), "
+            ".ckpt (PyTorch checkpoint) or .engine (TensorRT)."
+        )
+    if backend == "onnxruntime":
+        return OnnxPredictor(path, device)
+    if backend == "pytorch":
+        return TorchPredictor(path, device)
+    from image_classifier.export.tensorrt import TensorRTPredictor
+
+    return TensorRTPredictor(path)

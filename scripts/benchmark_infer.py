@@ -1,0 +1,121 @@
+"""Inference benchmark: cold-start `infer` on one image, and ONNX Runtime vs PyTorch eager.
+
+    uv run python scripts/benchmark_infer.py          # about 3 minutes on 2 cores
+
+1. Wall time of `python commands.py command=infer` on one image with an .onnx model, from a cold
+   process (median of 5), beside `python -c "import lightning"` measured the same way.
+2. Throughput (images/s) of ONNX Runtime vs PyTorch eager (inference_mode) at batch 1 and 32, for
+   the default model (cnn, 28x28 grey) and a timm resnet18 (224x224 RGB), same thread count, both
+   fed the same float32 pixels; weights are random (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(name: str, size: int, channels: int, classes: int = 10):
+    from image_classifier.models.module import ClassifierModule
+
+    spec = {"name": name}
+    if name == "cnn":
+        from omegaconf import OmegaConf
+
+        spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "cnn.yaml"))
+    pre = {"size": [size, size], "channels": channels, "mean": [0.5] * channels, "std": [0.5] * channels,
+           "resize": "stretch", "input_range": "0-255", "extra": {}}  # fmt: skip
+    optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}
+    return ClassifierModule(
+        model=spec, classes=[f"c{i}" for i in range(classes)], preprocessing=pre, optim=optim
+    ).eval()
+
+
+def rate(fn, batch: np.ndarray, seconds: float = 4.0, min_iters: int = 5) -> float:
+    fn(batch)  # warm-up
+    fn(batch)
+    n, t0 = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - t0 < seconds:
+        fn(batch)
+        n += 1
+    return n * len(batch) / (time.perf_counter() - t0)
+
+
+def cold(cmd: list[str], runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    return statistics.median(times)
+
+
+def main():
+    import torch
+
+    from image_classifier.export.onnx import export_onnx
+    from image_classifier.inference.predictor import OnnxPredictor
+
+    threads = torch.get_num_threads()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    rows = []
+    models = {}
+    for name, size, channels in (("cnn", 28, 1), ("resnet18", 224, 3)):
+        module = build(name, size, channels)
+        path = tmp / f"{name}.onnx"
+        export_onnx(module, Path(f"<random {name}>"), path, 17)
+        models[name] = (module, path, size, channels)
+        ort = OnnxPredictor(path, device="cpu", threads=threads)
+        net = module.net
+
+        def eager(x, net=net):
+            with torch.inference_mode():
+                return torch.softmax(net(torch.from_numpy(x)), dim=1).numpy()
+
+        for bs in (1, 32):
+            x = (
+                np.random.default_rng(0)
+                .integers(0, 256, (bs, channels, size, size))
+                .astype(np.float32)
+            )
+            r_ort, r_pt = rate(ort.predict, x), rate(eager, x)
+            rows.append((name, bs, r_ort, r_pt))
+            print(
+                f"  {name} batch {bs}: onnxruntime {r_ort:.0f} img/s, pytorch {r_pt:.0f} img/s, ratio {r_ort / r_pt:.2f}"
+            )
+
+    from PIL import Image
+
+    img = tmp / "one.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(img)
+    infer_cmd = [sys.executable, "commands.py", "command=infer", f"infer.model={models['cnn'][1]}",
+                 f"infer.input={img}", f"paths.root={tmp}"]  # fmt: skip
+    t_infer = cold(infer_cmd)
+    t_lightning = cold([sys.executable, "-c", "import lightning"], runs=3)
+    t_python = cold([sys.executable, "-c", "pass"])
+
+    print()
+    print(f"Cold-start `infer` on one image (cnn .onnx): {t_infer:.2f} s median of 5 (target <= 1.5 s); "
+          f"`import lightning` alone: {t_lightning:.1f} s; bare interpreter: {t_python:.2f} s")  # fmt: skip
+    print(
+        f"Throughput, {threads} threads (ONNX Runtime / PyTorch eager; target >= 1.3 at batch 1):"
+    )
+    print("| model | batch | ONNX Runtime img/s | PyTorch eager img/s | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, bs, a, b in rows:
+        print(f"| {name} | {bs} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

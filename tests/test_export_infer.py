@@ -1,0 +1,301 @@
+"""export-onnx, export-trt and infer on a model trained once on tiny generated images."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, compose_cfg, make_class_folders
+from PIL import Image
+
+from image_classifier.data.datamodule import FileDataset
+from image_classifier.data.images import Preprocessing, load_array
+from image_classifier.errors import ExportError, UserError
+from image_classifier.inference.infer import collect_inputs, run_infer
+from image_classifier.inference.predictor import load_predictor
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(project root, checkpoint, images folder): one tiny model for the whole module."""
+    from image_classifier.training.train import run_train
+
+    root = tmp_path_factory.mktemp("proj")
+    images = make_class_folders(root / "images", per_class=8)
+    r = run_train(compose_cfg(root, "data=folder", f"data.root={images}", "data.size=[16,16]"))
+    return root, Path(r["checkpoint"]), images
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    from image_classifier.export.onnx import run_export_onnx
+
+    root, ckpt, _ = trained
+    r = run_export_onnx(compose_cfg(root, f"export.checkpoint={ckpt}"))
+    return Path(r["output"]), r
+
+
+def _infer(root, *overrides):
+    return run_infer(compose_cfg(root, *overrides))
+
+
+def test_export_onnx_metadata_checker_parity_and_mlflow(trained, exported):
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    root, ckpt, _ = trained
+    path, result = exported
+    assert path == ckpt.with_suffix(".onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["image_classifier"])
+    assert meta["classes"] == ["cat", "dog", "fox"]
+    assert meta["preprocessing"]["size"] == [16, 16] and meta["preprocessing"]["channels"] == 1
+    assert meta["source_checkpoint"] == str(ckpt) and meta["data_hash"]
+    assert set(result["parity"]) == {"random", "real"} and max(result["parity"].values()) <= 1e-4
+    # dynamic batch axis
+    pred = load_predictor(path)
+    for n in (1, 5):
+        assert pred.predict(np.zeros((n, 1, 16, 16), np.float32)).shape == (n, 3)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(result["mlflow_run_id"], "export")] == [
+        "export/best.onnx"
+    ]
+
+
+def test_failed_parity_leaves_no_file(trained, tmp_path):
+    from image_classifier.export.onnx import run_export_onnx
+
+    root, ckpt, _ = trained
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="disagree"):
+        run_export_onnx(
+            compose_cfg(
+                root, f"export.checkpoint={ckpt}", f"export.output={out}", "export.tolerance=-1"
+            )
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
+    root, _, images = trained
+    onnx_path, _ = exported
+    one = images / "dog" / "001.png"
+    r = _infer(root, f"infer.model={onnx_path}", f"infer.input={one}")
+    single = json.loads(capsys.readouterr().out)
+    assert set(single) == {"path", "predicted_class", "confidence", "all_predictions"}
+    assert list(single["all_predictions"])[0] == single["predicted_class"]
+    assert abs(sum(single["all_predictions"].values()) - 1) < 1e-4
+    assert r["rows"][0] == single
+
+    out = tmp_path / "preds.csv"
+    _infer(root, f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={out}",
+           f"infer.sort_into={tmp_path / 'sorted'}", "infer.top_k=2")  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence"]
+    sorted_files = list((tmp_path / "sorted").rglob("*.png"))
+    assert len(sorted_files) == 24
+    assert {p.parent.name for p in sorted_files} <= {"cat", "dog", "fox"}
+
+    js = tmp_path / "preds.json"
+    r = _infer(
+        root,
+        f"infer.model={onnx_path}",
+        f"infer.input='{images}/*/00[01].png'",
+        f"infer.output={js}",
+        "infer.top_k=1",
+    )
+    listed = json.loads(js.read_text())
+    assert len(listed) == 6 and all(len(x["all_predictions"]) == 1 for x in listed)
+
+
+def test_onnx_and_checkpoint_backends_agree(trained, exported):
+    root, ckpt, images = trained
+    onnx_path, _ = exported
+    a = _infer(
+        root, f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={root / 'a.json'}"
+    )["rows"]
+    b = _infer(
+        root, f"infer.model={ckpt}", f"infer.input={images}", f"infer.output={root / 'b.json'}"
+    )["rows"]
+    assert [x["predicted_class"] for x in a] == [x["predicted_class"] for x in b]
+    assert max(abs(x["confidence"] - y["confidence"]) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+def test_unreadable_files_become_error_rows(trained, exported, tmp_path):
+    root, _, images = trained
+    onnx_path, _ = exported
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "good.png").write_bytes((images / "cat" / "000.png").read_bytes())
+    (d / "notes.txt").write_text("not an image")
+    data = (images / "cat" / "001.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    from test_images import _png_header_only
+
+    (d / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        "\n".join(
+            [
+                "mixed/good.png",
+                "mixed/notes.txt",
+                "mixed/truncated.png",
+                "mixed/bomb.png",
+                "mixed/gone.png",
+            ]
+        )
+    )
+    rows = {Path(r["path"]).name: r for r in _infer(root, f"infer.model={onnx_path}", f"infer.input={listing}",
+                                                    f"infer.output={tmp_path / 'o.json'}")["rows"]}  # fmt: skip
+    assert (
+        rows["good.png"]["predicted_class"] in {"cat", "dog", "fox"}
+        and "error" not in rows["good.png"]
+    )
+    assert "not an image" in rows["notes.txt"]["error"]
+    assert "truncated" in rows["truncated.png"]["error"]
+    assert "decompression bomb" in rows["bomb.png"]["error"]
+    assert "no such file" in rows["gone.png"]["error"]
+
+
+def test_bad_model_and_input_paths(trained, exported, tmp_path):
+    root, _, images = trained
+    onnx_path, _ = exported
+    fake = tmp_path / "model.onnx"
+    fake.write_text("I am not a model")
+    cases = [
+        (f"infer.model={tmp_path / 'missing.onnx'}", f"infer.input={images}", "does not exist"),
+        (f"infer.model={fake}", f"infer.input={images}", "not a loadable ONNX model"),
+        (f"infer.model={tmp_path / 'model.pkl'}", f"infer.input={images}", "does not exist"),
+        (f"infer.model={onnx_path}", f"infer.input={tmp_path}/nothing-*.jpg", "matches no files"),
+    ]
+    (tmp_path / "model.txt").write_text("x")
+    cases.append(
+        (
+            f"infer.model={tmp_path / 'model.txt'}",
+            f"infer.input={images}",
+            "Cannot tell the backend",
+        )
+    )
+    fake_ckpt = tmp_path / "model.ckpt"
+    fake_ckpt.write_text("nope")
+    cases.append((f"infer.model={fake_ckpt}", f"infer.input={images}", "not a readable checkpoint"))
+    for model, inp, message in cases:
+        with pytest.raises(UserError, match=message):
+            _infer(root, model, inp)
+
+
+def test_one_preprocessing_for_every_image_mode(trained, exported, tmp_path):
+    """Training's eval path, and infer reading the ONNX metadata, give identical tensors."""
+    _, ckpt, _ = trained
+    onnx_path, _ = exported
+    pred = load_predictor(onnx_path)
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (21, 37, 3), dtype=np.uint8), "RGB")
+    images = {
+        "grey.png": base.convert("L"), "rgb.png": base, "rgba.png": base.convert("RGBA"),
+        "palette.png": base.convert("P"), "cmyk.jpg": base.convert("CMYK"),
+        "deep.png": Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257),
+    }  # fmt: skip
+    paths = []
+    for name, im in images.items():
+        im.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(tmp_path / "rotated.jpg", exif=exif)
+    paths.append(tmp_path / "rotated.jpg")
+
+    import torch
+
+    module_pre = Preprocessing.from_dict(
+        torch.load(ckpt, weights_only=True)["image_classifier"]["preprocessing"]
+    )
+    for pre in (
+        module_pre,
+        Preprocessing(size=(16, 16), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3),
+    ):
+        train_eval = FileDataset([(str(p), 0) for p in paths], pre)
+        for i, p in enumerate(paths):
+            a = train_eval[i][0].numpy()
+            b = load_array(p, pred.meta.preprocessing if pre is module_pre else pre)
+            assert a.dtype == b.dtype == np.uint8 and np.array_equal(a, b), p.name
+    assert pred.meta.preprocessing == module_pre
+
+
+def test_collect_inputs_forms(tmp_path):
+    make_class_folders(tmp_path / "d", per_class=2)
+    assert len(collect_inputs(str(tmp_path / "d"))) == 6
+    assert len(collect_inputs(str(tmp_path / "d" / "*" / "000.png"))) == 3
+    assert len(collect_inputs(str(tmp_path / "d" / "**" / "*.png"))) == 6
+    with pytest.raises(UserError, match="not set"):
+        collect_inputs("")
+
+
+def test_infer_on_onnx_does_not_import_torch(trained, exported):
+    root, _, images = trained
+    onnx_path, _ = exported
+    code = (
+        "import runpy, sys, json\n"
+        f"sys.argv = ['commands.py', 'command=infer', 'infer.model={onnx_path}', 'infer.input={images / 'cat' / '000.png'}',"
+        f" 'paths.root={root}']\n"
+        "runpy.run_path('commands.py', run_name='__main__')\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'lightning', 'timm', 'mlflow') if m in sys.modules]\n"
+        "print('HEAVY=' + json.dumps(heavy), file=sys.stderr)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["predicted_class"] in {"cat", "dog", "fox"}
+    assert "HEAVY=[]" in p.stderr
+
+
+@pytest.mark.skipif(
+    HAS_TRT, reason="TensorRT is installed here; this checks the message when it is not"
+)
+def test_export_trt_without_tensorrt_exits_2_with_install_line(trained, exported):
+    from conftest import run_cli
+
+    root, _, _ = trained
+    onnx_path, _ = exported
+    p = run_cli("command=export-trt", f"export.trt.onnx={onnx_path}", f"paths.root={root}")
+    assert p.returncode == 2
+    assert "need" in p.stderr and "uv pip install tensorrt" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(
+    not HAS_TRT, reason="TensorRT is not installable from the registries these machines reach"
+)
+@pytest.mark.skipif(HAS_TRT and not _cuda(), reason="TensorRT needs a CUDA GPU")
+def test_export_trt_engine_parity_and_infer(trained, exported, tmp_path):
+    from image_classifier.export.tensorrt import run_export_trt
+
+    root, _, images = trained
+    onnx_path, _ = exported
+    r = run_export_trt(
+        compose_cfg(
+            root, f"export.trt.onnx={onnx_path}", f"export.trt.output={tmp_path / 'm.engine'}"
+        )
+    )
+    assert r["parity"] <= 1e-2
+    rows = _infer(
+        root,
+        f"infer.model={tmp_path / 'm.engine'}",
+        f"infer.input={images}",
+        f"infer.output={tmp_path / 'x.json'}",
+    )["rows"]
+    assert len(rows) == 24
