@@ -135,7 +135,7 @@ def write_rows(rows: list[dict], output: str | None) -> str:
     """JSON (one object for one image, else a list) or CSV; stdout when output is None."""
     if output and Path(output).suffix.lower() == ".csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         with_errors = any(r.get("error") for r in rows)
         w.writerow(["path", "predicted_class", "confidence", *(["error"] if with_errors else [])])
         for r in rows:
