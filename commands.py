@@ -59,13 +59,19 @@ def _run(cfg: DictConfig):
 def main(cfg: DictConfig):
     logging.getLogger("lightning").setLevel(logging.WARNING)
     try:
-        return _run(cfg)
+        result = _run(cfg)
+        # sweepers (Optuna) optimise the value the task returns
+        return result.get("objective") if isinstance(result, dict) else result
     except (UserError, ExportError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _fail(str(e), 2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
-        _fail("interrupted; `train.resume` is not available yet, so rerun the command.", 130)
+        _fail(
+            "interrupted. A training run continues from its last finished epoch with "
+            "`uv run python commands.py command=train train.resume=last`.",
+            130,
+        )
 
 
 def _rewrite_model(args: list[str]) -> list[str]:

@@ -18,3 +18,30 @@ def augment_batch(x: torch.Tensor, hflip: bool = False, shift: int = 0, **_) -> 
         batch = torch.arange(n, device=x.device).view(n, 1, 1)
         x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
     return x
+
+
+PRESETS = ("none", "light", "standard", "randaugment", "trivialaugment")
+
+
+def sample_augment(preset: str, channels: int):
+    """Per-image torchvision v2 transforms on uint8 CHW tensors for the train split, or None."""
+    if preset in (None, "none"):
+        return None
+    from torchvision.transforms import v2
+
+    if preset == "light":
+        ops = [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
+    elif preset == "standard":
+        jitter = v2.ColorJitter(0.2, 0.2, 0.2, 0.02) if channels == 3 else v2.ColorJitter(0.2, 0.2)
+        ops = [v2.RandomHorizontalFlip(), v2.RandomRotation(15),
+               v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.9, 1.1)), jitter]  # fmt: skip
+    elif preset == "randaugment":
+        ops = [v2.RandomHorizontalFlip(), v2.RandAugment()]
+    elif preset == "trivialaugment":
+        ops = [v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()]
+    else:
+        from image_classifier.errors import UserError, did_you_mean
+
+        raise UserError(f"Unknown augmentation preset {preset!r}.{did_you_mean(preset, PRESETS)} "
+                        f"train.augment.preset takes {', '.join(PRESETS)}.")  # fmt: skip
+    return v2.Compose(ops)

@@ -24,20 +24,60 @@ log = logging.getLogger(__name__)
 
 
 class ArrayDataset(Dataset):
-    """In-memory uint8 images; `__getitems__` makes a whole batch one indexing operation."""
+    """In-memory uint8 images; `__getitems__` makes a whole batch one indexing operation.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    When the model wants another size or channel count than the arrays have, each image goes
+    through the same PIL preprocessing as a decoded file (`images.to_array`), so what training
+    sees is what `infer` computes from the image saved as PNG.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, pre: Preprocessing | None = None
+    ):
         self.images, self.labels = images, labels
+        native = (images.shape[1], tuple(images.shape[2:]))
+        self.pre = pre if pre is not None and (pre.channels, tuple(pre.size)) != native else None
 
     def __len__(self):
         return len(self.labels)
 
+    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        from image_classifier.data.images import to_array
+
+        return torch.from_numpy(to_array(Image.fromarray(x[0].numpy()), self.pre))
+
     def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+        x = self.images[i]
+        return (self._convert(x) if self.pre else x), self.labels[i]
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices)
-        return self.images[idx], self.labels[idx]
+        x = self.images[idx]
+        if self.pre:
+            x = torch.stack([self._convert(img) for img in x])
+        return x, self.labels[idx]
+
+
+class AugmentedDataset(Dataset):
+    """The train split with per-image augmentation (torchvision v2 on uint8 tensors)."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.transform(x), y
+
+    def __getitems__(self, indices):
+        if hasattr(self.base, "__getitems__"):
+            x, y = self.base.__getitems__(indices)
+            return torch.stack([self.transform(img) for img in x]), y
+        return [self[i] for i in indices]
 
 
 class FileDataset(Dataset):
@@ -107,10 +147,11 @@ def _file_sha(path: str) -> str:
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, batch_size: int = 128, num_workers: int = 0,
                  balanced_sampler: bool = False, project_root: str | Path = ".",
-                 preprocessing: Preprocessing | None = None):  # fmt: skip
+                 preprocessing: Preprocessing | None = None, augment_preset: str = "none"):  # fmt: skip
         """`preprocessing`: a model's own (for test/predict); None derives it from the config."""
         super().__init__()
         self.fixed_preprocessing = preprocessing
+        self.augment_preset = augment_preset
         self.cfg = data_cfg
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -124,6 +165,11 @@ class ImageDataModule(L.LightningDataModule):
         """Load or scan the data once (idempotent); Lightning's setup() calls this too."""
         if self.info is None:
             self.info = self._prepare_idx() if self.cfg.kind == "idx" else self._prepare_folder()
+            from image_classifier.data.augment import sample_augment
+
+            transform = sample_augment(self.augment_preset, self.info.preprocessing.channels)
+            if transform is not None:
+                self.datasets["train"] = AugmentedDataset(self.datasets["train"], transform)
         return self.info
 
     def setup(self, stage: str | None = None):
@@ -137,6 +183,8 @@ class ImageDataModule(L.LightningDataModule):
         std = list(c.std) if c.get("std") is not None else [0.5] * channels
         if len(mean) == 1 and channels == 3:
             mean, std = mean * 3, std * 3
+        elif len(mean) == 3 and channels == 1:  # RGB statistics (e.g. ImageNet) for grey images
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
         return Preprocessing(size=tuple(c.size), channels=channels, mean=tuple(mean),
                              std=tuple(std), resize=c.resize)  # fmt: skip
 
@@ -155,9 +203,11 @@ class ImageDataModule(L.LightningDataModule):
         y_test = read_idx(d / c.test_labels).astype(np.int64)
         tr, va = _stratified_indices(y_train, int(c.val_size), int(c.seed))
 
+        pre = self._preprocessing(int(c.channels))
+
         def ds(x, y):
             return ArrayDataset(
-                torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y))
+                torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y)), pre
             )
 
         self.datasets = {"train": ds(x_train[tr], y_train[tr]), "val": ds(x_train[va], y_train[va]),
@@ -168,7 +218,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.classes lists {len(classes)} names but labels reach {y_train.max()}."
             )
         return DataInfo(
-            name=c.name, classes=classes, preprocessing=self._preprocessing(int(c.channels)),
+            name=c.name, classes=classes, preprocessing=pre,
             class_counts=np.bincount(y_train[tr], minlength=len(classes)).tolist(),
             split_sizes={k: len(v) for k, v in self.datasets.items()},
             data_hash=content_hash(sorted(f"{k}:{v}" for k, v in c.files.items())),
@@ -232,6 +282,8 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def _labels_of(ds) -> np.ndarray:
+    if isinstance(ds, AugmentedDataset):
+        ds = ds.base
     if isinstance(ds, ArrayDataset):
         return ds.labels.numpy()
     return np.array([y for _, y in ds.items])

