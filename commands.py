@@ -22,6 +22,7 @@ COMMANDS = {
     "download": "image_classifier.data.sources:run_download",
     "train": "image_classifier.training.train:run_train",
     "test": "image_classifier.training.evaluate:run_test",
+    "cache-features": "image_classifier.data.features:run_cache_features",
     "export-onnx": "image_classifier.export.onnx:run_export_onnx",
     "export-trt": "image_classifier.export.tensorrt:run_export_trt",
     "infer": "image_classifier.inference.infer:run_infer",

@@ -20,7 +20,7 @@ from image_classifier.training.train import run_train
 MODEL_CONFIGS = {
     "cnn": (28, 4), "cnn4": (32, 4), "baseline": (16, 4), "timm": (32, 2), "resnet18_transfer": (32, 2),
     "rexnet_150": (64, 2), "swin_224": (224, 2), "swin_large_384": (384, 1), "efficientnetv2": (64, 2),
-    "efficientnet_lite0": (64, 2),
+    "efficientnet_lite0": (64, 2), "head": (32, 2),
 }  # fmt: skip
 
 
@@ -34,6 +34,11 @@ def test_model_config_builds_and_trains_a_step(name):
     spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
     if name == "resnet18_transfer":
         spec["pretrained"] = False  # hub weights need internet; the freezing is what is tested here
+    if name == "head":  # train puts the feature backbone into the spec
+        import timm
+
+        spec.update(backbone="test_efficientnet", pretrained=False,
+                    dim=timm.create_model("test_efficientnet", num_classes=0).num_features)  # fmt: skip
     channels = 3
     mean = spec.get("mean", [0.5] * channels)
     pre = {"size": [size, size], "channels": channels, "mean": mean, "std": spec.get("std", [0.5] * channels),

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data._utils.collate import default_collate
 
 from image_classifier.data.images import ImageError, Preprocessing, load_array
+from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,6 @@ def content_hash(parts: list[str]) -> str:
     return h.hexdigest()[:32]
 
 
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, batch_size: int = 128, num_workers: int = 0,
                  balanced_sampler: bool = False, project_root: str | Path = ".",
@@ -245,7 +238,7 @@ class ImageDataModule(L.LightningDataModule):
         self.datasets = {s: FileDataset(items, pre) for s, items in samples.splits.items()}
         root = Path(c.root)
         parts = sorted(
-            f"{s}:{_relative(p, root)}:{samples.classes[y]}:{_file_sha(p)}"
+            f"{s}:{_relative(p, root)}:{samples.classes[y]}:{sha256_file(p)}"
             for s, items in samples.splits.items() for p, y in items
         )  # fmt: skip
         return DataInfo(

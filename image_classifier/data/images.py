@@ -66,17 +66,9 @@ class Preprocessing:
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and orient an image; raise ImageError naming the file and the cause."""
     path = Path(path)
-    try:
-        im = Image.open(path)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, ValueError) as e:
-        raise ImageError(f"{path}: cannot open ({e})") from None
-    return _decode(im, str(path), max_pixels)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    return _decode(_open(path, str(path)), str(path), max_pixels)
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -84,15 +76,21 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXEL
 
     if not data:
         raise ImageError(f"{name}: empty")
+    return _decode(_open(io.BytesIO(data), name), name, max_pixels)
+
+
+def _open(source, name: str) -> Image.Image:
+    """Image.open (header only) with every failure turned into an ImageError."""
     try:
-        im = Image.open(io.BytesIO(data))
+        return Image.open(source)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except (OSError, ValueError) as e:
         raise ImageError(f"{name}: cannot open ({e})") from None
-    return _decode(im, name, max_pixels)
 
 
 def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:

@@ -7,7 +7,7 @@ from torch import nn
 
 from image_classifier.errors import UserError, did_you_mean
 
-OWN_MODELS = ("cnn", "baseline")
+OWN_MODELS = ("cnn", "baseline", "head")
 
 
 class SimpleCNN(nn.Module):
@@ -56,6 +56,28 @@ class MostFrequentClass(nn.Module):
         return self.logits.expand(x.shape[0], -1)
 
 
+class FeatureClassifier(nn.Module):
+    """A pretrained backbone (pooled features) and a small head: trained on cached features,
+    deployed whole, so one model file goes from pixels to classes."""
+
+    def __init__(
+        self, backbone: nn.Module, dim: int, num_classes: int, hidden=(), dropout: float = 0.0
+    ):
+        super().__init__()
+        self.backbone = backbone
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(dim, h), nn.GELU(), nn.Dropout(dropout)]
+            dim = h
+        self.head = nn.Sequential(*layers, nn.Dropout(dropout), nn.Linear(dim, num_classes))
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
 class Normalized(nn.Module):
     """The deployed network: takes float pixels in 0..255 and applies the data's mean/std itself."""
 
@@ -91,6 +113,11 @@ def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool
         return SimpleCNN(in_chans, num_classes, **kwargs)
     if name == "baseline":
         return MostFrequentClass(in_chans, num_classes, class_counts=class_counts)
+    if name == "head":  # backbone + head; the backbone's own pretrained weights come first
+        backbone = create_model(
+            kwargs.pop("backbone"), num_classes=0, in_chans=in_chans, pretrained=pretrained
+        )
+        return FeatureClassifier(backbone, int(kwargs.pop("dim")), num_classes, **kwargs)
     import timm
 
     if not timm.is_model(name):

@@ -53,7 +53,10 @@ class ClassifierModule(L.LightningModule):
             "recall": MulticlassRecall(n, average="none"),
             "confusion": MulticlassConfusionMatrix(n),
         }, prefix="test/")  # fmt: skip
-        self.channels_last = bool(optim.get("channels_last", False))
+        self.feature_input = name == "head"  # trained on cached features, deployed on images
+        if self.feature_input:
+            self.net.net.backbone.requires_grad_(False)
+        self.channels_last = bool(optim.get("channels_last", False)) and not self.feature_input
         weights = optim.get("class_weights")
         self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None,
                              persistent=False)  # fmt: skip
@@ -67,6 +70,8 @@ class ClassifierModule(L.LightningModule):
 
     def _step(self, batch):
         x, y = batch
+        if self.feature_input:  # batches of cached backbone features: only the head runs
+            return self.net.net.head(x.float()), y
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self(x)
@@ -79,6 +84,16 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         o = self.hparams.optim
+        if self.feature_input:
+            logits, _ = self._step(batch)
+            loss = F.cross_entropy(logits, y, weight=self.class_weights,
+                                   label_smoothing=float(o.get("label_smoothing", 0.0)))  # fmt: skip
+            self.train_metrics.update(logits.detach(), y)
+            self.train_loss.update(loss.detach(), len(y))
+            self.log(
+                "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y)
+            )
+            return loss
         if self.hparams.augment:
             x = augment_batch(x, **self.hparams.augment)
         target = y

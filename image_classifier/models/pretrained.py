@@ -39,11 +39,14 @@ def load_state(
         for k in m.state_dict()
     }
     if by_position:
-        if len(state) != len(target):
+        values = list(state.values())
+        if len(values) > len(target) and not head:  # a model without classifier (num_classes=0)
+            values = values[: len(target)]
+        if len(values) != len(target):
             raise UserError(
                 f"{source} holds {len(state)} tensors, the model has {len(target)}: not the same architecture."
             )
-        state = dict(zip(target, state.values(), strict=True))
+        state = dict(zip(target, values, strict=True))
     mapped = {}
     for key, value in state.items():
         if key not in target:

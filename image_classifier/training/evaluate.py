@@ -56,7 +56,15 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         cfg.train.batch_size = int(cfg.test.batch_size)
     out = output_dir(cfg)
 
-    dm = build_datamodule(cfg, preprocessing=pre)
+    if hp.model["name"] == "head":  # evaluate the head on the cached test features
+        from image_classifier.data.features import FeatureDataModule, build_cache
+
+        if use_checkpoint_data and "features" in (hp.get("config") or {}):
+            with open_dict(cfg):
+                cfg.features = OmegaConf.create(hp.config["features"])
+        dm = FeatureDataModule(build_cache(cfg)["dir"], int(cfg.test.batch_size))
+    else:
+        dm = build_datamodule(cfg, preprocessing=pre)
     info = dm.prepare()
     if info.classes != module.classes:
         extra = sorted(set(info.classes) - set(module.classes))

