@@ -118,7 +118,9 @@ def build_cache(cfg, quiet: bool = False) -> dict:
                 n = len(dm.datasets[split])
                 feats = labels = None
                 i = 0
-                for x, y in tqdm(loader, desc=f"features {split}", leave=False, disable=quiet):
+                for x, y in tqdm(
+                    loader, desc=f"features {split}", leave=False, disable=True if quiet else None
+                ):
                     f = backbone(x).float().numpy()
                     if feats is None:
                         dim = f.shape[1]

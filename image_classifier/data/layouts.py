@@ -219,7 +219,7 @@ def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(
             tqdm(pool.map(_check_one, paths, chunksize=64), total=len(paths), desc="checking images",
-                 disable=len(paths) < 2000, leave=False)
+                 disable=True if len(paths) < 2000 else None, leave=False)
         )  # fmt: skip
     for p, why in zip(paths, results, strict=True):
         if why is not None:
