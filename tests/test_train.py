@@ -156,3 +156,13 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
         UserError, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"
     ):
         run_train(cfg)
+
+
+def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, tmp_path, capsys):
+    r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
+    (folder_data / "cat" / "000.png").write_bytes((folder_data / "dog" / "000.png").read_bytes())
+    t = run_test(make_cfg("logger.enabled=false", f"test.checkpoint={r['checkpoint']}",
+                          f"paths.output_dir={tmp_path}/t"))  # fmt: skip
+    report = json.loads(Path(t["report"]).read_text())
+    assert "differs from the data this model was trained on" in report["data"]["warning"]
+    assert "WARNING: the test data" in capsys.readouterr().out
