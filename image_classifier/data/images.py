@@ -71,14 +71,6 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return _decode(_open(path, str(path)), str(path), max_pixels)
 
 
-def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    import io
-
-    if not data:
-        raise ImageError(f"{name}: empty")
-    return _decode(_open(io.BytesIO(data), name), name, max_pixels)
-
-
 def _open(source, name: str) -> Image.Image:
     """Image.open (header only) with every failure turned into an ImageError."""
     try:

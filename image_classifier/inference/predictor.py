@@ -43,12 +43,6 @@ def has_nvidia_gpu() -> bool:
     )
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class OnnxPredictor:
     backend = "onnxruntime"
 
