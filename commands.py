@@ -6,7 +6,6 @@ Thin on purpose: pick the command, let Hydra compose the config, map errors to e
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -58,7 +57,6 @@ def _run(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig):
-    logging.getLogger("lightning").setLevel(logging.WARNING)
     try:
         result = _run(cfg)
         # sweepers (Optuna) optimise the value the task returns

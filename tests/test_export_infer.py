@@ -299,3 +299,24 @@ def test_export_trt_engine_parity_and_infer(trained, exported, tmp_path):
         f"infer.output={tmp_path / 'x.json'}",
     )["rows"]
     assert len(rows) == 24
+
+
+def test_bad_export_and_infer_settings(trained, exported, tmp_path):
+    from image_classifier.export.onnx import run_export_onnx
+
+    root, ckpt, images = trained
+    onnx_path, _ = exported
+    with pytest.raises(UserError, match="must end in .onnx"):
+        run_export_onnx(
+            compose_cfg(root, f"export.checkpoint={ckpt}", f"export.output={tmp_path}/m.pt")
+        )
+    with pytest.raises(UserError, match="use a .json or .csv file name"):
+        _infer(
+            root,
+            f"infer.model={onnx_path}",
+            f"infer.input={images}",
+            f"infer.output={tmp_path}/o.txt",
+        )
+    with pytest.raises(UserError, match="infer.sort_mode='move' is not one of"):
+        _infer(root, f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={tmp_path}/o.json",
+               f"infer.sort_into={tmp_path}/s", "infer.sort_mode=move")  # fmt: skip

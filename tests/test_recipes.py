@@ -251,3 +251,22 @@ def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
     assert len(client.search_runs([exp.experiment_id])) == 2
     results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
     assert results and "best_params" in results[0].read_text()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["train.augment.preset=randaug"], r"Unknown augmentation preset 'randaug'. Did you mean 'randaugment'"),
+        (["train.optimizer=adagrad"], r"Unknown optimizer 'adagrad'; train.optimizer takes adam, adamw, sgd"),
+        (["train.scheduler=linear"], r"Unknown scheduler 'linear'"),
+        (["train.resume=/nowhere/last.ckpt"], r"train.resume='/nowhere/last.ckpt': no such checkpoint"),
+        (["model=timm", "model.pretrained=/nowhere/w.pth"], r"model.pretrained='/nowhere/w.pth': no such weights file"),
+    ],
+)  # fmt: skip
+def test_bad_training_settings_are_clear_errors(make_cfg, folder_data, options, message):
+    from image_classifier.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        run_train(
+            make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false", *options)
+        )

@@ -174,6 +174,8 @@ def default_model(cfg) -> Path:
 def run_infer(cfg) -> dict:
     started = time.perf_counter()
     c = cfg.infer
+    if c.get("sort_into") and c.sort_mode not in SORT_MODES:
+        raise UserError(f"infer.sort_mode={c.sort_mode!r} is not one of {', '.join(SORT_MODES)}.")
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
     model = Path(c.model) if c.get("model") else default_model(cfg)
     predictor = load_predictor(model, device=c.device)
