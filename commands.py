@@ -24,7 +24,9 @@ COMMANDS = {
     "cache-features": "image_classifier.data.features:run_cache_features",
     "export-onnx": "image_classifier.export.onnx:run_export_onnx",
     "export-trt": "image_classifier.export.tensorrt:run_export_trt",
+    "export-triton": "image_classifier.export.triton:run_export_triton",
     "infer": "image_classifier.inference.infer:run_infer",
+    "serve": "image_classifier.serving.app:run_serve",
 }
 
 

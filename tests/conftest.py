@@ -122,3 +122,23 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Comp
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / "commands.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(project root, checkpoint, images folder): one tiny model for the whole session."""
+    from image_classifier.training.train import run_train
+
+    root = tmp_path_factory.mktemp("proj")
+    images = make_class_folders(root / "images", per_class=8)
+    r = run_train(compose_cfg(root, "data=folder", f"data.root={images}", "data.size=[16,16]"))
+    return root, Path(r["checkpoint"]), images
+
+
+@pytest.fixture(scope="session")
+def exported(trained):
+    from image_classifier.export.onnx import run_export_onnx
+
+    root, ckpt, _ = trained
+    r = run_export_onnx(compose_cfg(root, f"export.checkpoint={ckpt}"))
+    return Path(r["output"]), r

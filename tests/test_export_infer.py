@@ -27,26 +27,6 @@ def _cuda():
     return torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(project root, checkpoint, images folder): one tiny model for the whole module."""
-    from image_classifier.training.train import run_train
-
-    root = tmp_path_factory.mktemp("proj")
-    images = make_class_folders(root / "images", per_class=8)
-    r = run_train(compose_cfg(root, "data=folder", f"data.root={images}", "data.size=[16,16]"))
-    return root, Path(r["checkpoint"]), images
-
-
-@pytest.fixture(scope="module")
-def exported(trained):
-    from image_classifier.export.onnx import run_export_onnx
-
-    root, ckpt, _ = trained
-    r = run_export_onnx(compose_cfg(root, f"export.checkpoint={ckpt}"))
-    return Path(r["output"]), r
-
-
 def _infer(root, *overrides):
     return run_infer(compose_cfg(root, *overrides))
 

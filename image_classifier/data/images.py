@@ -7,6 +7,7 @@ model, so the only client-side steps are: decode, orient, convert to the model's
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,6 +163,15 @@ def to_array(im: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 def load_array(path: str | Path, pre: Preprocessing) -> np.ndarray:
     return to_array(open_image(path), pre)
+
+
+def decode_bytes(
+    data: bytes, pre: Preprocessing, name: str = "image", max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Encoded image bytes (an upload, a base64 payload) to the model's uint8 CHW array."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    return to_array(_decode(_open(io.BytesIO(data), name), name, max_pixels), pre)
 
 
 def is_image_name(path: str | Path) -> bool:

@@ -168,6 +168,16 @@ def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> str | None:
     tracking.check_reachable(uri, float(cfg.logger.connect_timeout))
     try:
         MlflowClient(tracking_uri=uri).log_artifact(run_id, str(output), artifact_path="export")
+        if cfg.export.get("mlflow_model", True):
+            import mlflow
+
+            from image_classifier.serving.mlflow_model import log_mlflow_model
+
+            mlflow.set_tracking_uri(uri)
+            with mlflow.start_run(run_id=run_id):
+                model_uri = log_mlflow_model(output)
+            print(f"  mlflow model (takes image bytes): {model_uri}; serve it with "
+                  f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`")  # fmt: skip
     except Exception as err:  # the export itself succeeded; tracking is best effort here
         log.warning("Could not log %s to MLflow run %s: %s", output, run_id, err)
         return None

@@ -76,7 +76,6 @@ def predict_paths(
 ) -> list[dict]:
     pre = predictor.meta.preprocessing
     classes = predictor.meta.classes
-    k = len(classes) if not top_k else max(1, min(int(top_k), len(classes)))
     rows: list[dict] = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(paths), batch_size):
@@ -90,15 +89,20 @@ def predict_paths(
                     rows.append({"path": str(path), "predicted_class": None, "confidence": None,
                                  "all_predictions": {}, "error": loaded[i][1]})  # fmt: skip
                     continue
-                p = by_index[i]
-                order = np.argsort(-p)[:k]
-                rows.append({
-                    "path": str(path),
-                    "predicted_class": classes[int(order[0])],
-                    "confidence": round(float(p[order[0]]), 6),
-                    "all_predictions": {classes[int(j)]: round(float(p[j]), 6) for j in order},
-                })  # fmt: skip
+                rows.append(prediction_row(str(path), by_index[i], classes, top_k))
     return rows
+
+
+def prediction_row(path: str, probs: np.ndarray, classes: list[str], k: int | None = None) -> dict:
+    """One image's answer in the shape of ../shared/CLI.md (infer, serve and the MLflow model)."""
+    k = len(classes) if not k else max(1, min(int(k), len(classes)))
+    order = np.argsort(-probs)[:k]
+    return {
+        "path": path,
+        "predicted_class": classes[int(order[0])],
+        "confidence": round(float(probs[order[0]]), 6),
+        "all_predictions": {classes[int(j)]: round(float(probs[j]), 6) for j in order},
+    }
 
 
 def _safe_dir_name(name: str) -> str:

@@ -1,0 +1,347 @@
+"""`command=serve`: an HTTP prediction service (FastAPI on uvicorn) over an exported model.
+
+  POST /predict   multipart upload(s), JSON with base64 image(s), or a raw image body
+                  -> the infer JSON of ../shared/CLI.md (one object for one image, a list for many)
+  GET  /health    liveness and a few counters
+  GET  /metadata  classes, preprocessing, model file hash and source
+  GET  /          a page where a person drops an image and sees the top classes
+
+Concurrency: handlers are async; decoding runs in the thread pool, inference in one micro-batching
+worker (image_classifier/serving/batcher.py). Every bad request is answered with a 4xx and a JSON
+`{"error": ..., "status": ...}`; nothing a client sends can stop the service.
+"""
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.data.images import ImageError, decode_bytes
+from image_classifier.errors import UserError
+from image_classifier.inference.infer import prediction_row
+
+PAGE = Path(__file__).with_name("page.html")
+
+
+@dataclass
+class Limits:
+    max_body_mb: float = 20.0
+    max_images: int = 64
+    max_pixels: int = 40_000_000
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, before the app parses them."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send, int(declared))
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.limit:
+                return await self._too_large(send, total)
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send, size: int):
+        payload = json.dumps({
+            "error": f"Request body of {size:,} bytes exceeds the limit of {self.limit:,} bytes "
+                     "(serve.max_body_mb); send fewer or smaller images per request.",
+            "status": 413,
+        }).encode()  # fmt: skip
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _b64(text, name: str) -> bytes:
+    if not isinstance(text, str):
+        raise RequestError(400, f"{name}: expected a base64 string, got {type(text).__name__}.")
+    if text.startswith("data:") and "," in text:  # a data URL from a browser
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{name}: malformed base64 ({e}).") from None
+
+
+def _json_images(payload) -> list[tuple[str, bytes]]:
+    """{"image": b64} or {"images": [b64 | {"name": .., "data": b64}, ...]}."""
+    if not isinstance(payload, dict) or not ({"image", "images"} & payload.keys()):
+        raise RequestError(
+            400,
+            'JSON body must be an object with "image" (one base64 string) or "images" (a list of '
+            'base64 strings or {"name", "data"} objects).',
+        )
+    items = payload.get("images", [payload.get("image")])
+    if not isinstance(items, list):
+        raise RequestError(400, '"images" must be a list.')
+    out = []
+    for i, item in enumerate(items):
+        name = f"image[{i}]"
+        if isinstance(item, dict):
+            name = str(item.get("name") or name)
+            item = item.get("data")
+        out.append((name, _b64(item, name)))
+    return out
+
+
+def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
+               max_wait_ms: float = 2.0, model_path: Path | None = None):  # fmt: skip
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    from image_classifier.serving.batcher import MicroBatcher
+
+    limits = limits or Limits()
+    meta = predictor.meta
+    pre = meta.preprocessing
+    batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    model_info = {
+        "path": str(model_path) if model_path else None,
+        "sha256": sha256_file(model_path) if model_path else None,
+        "backend": predictor.backend,
+        "providers": getattr(predictor, "providers", None),
+        "source": {k: v for k, v in meta.extra.items() if k not in ("classes", "preprocessing")},
+    }
+    stats = {"started": time.time(), "requests": 0, "images": 0, "errors_4xx": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="image_classifier", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        if 400 <= status < 500:
+            stats["errors_4xx"] += 1
+        return JSONResponse({"error": message, "status": status}, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        return error(
+            422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # logged, answered, and the service goes on
+        print(f"serve: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return error(500, f"internal error ({type(exc).__name__}); the service is still up.")
+
+    async def read_images(request: Request) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=limits.max_images, max_fields=100)
+            except Exception as e:  # starlette raises MultiPartException / HTTPException
+                raise RequestError(
+                    400, f"Malformed multipart body: {getattr(e, 'detail', e)}."
+                ) from None
+            files = [
+                v for _, v in form.multi_items() if hasattr(v, "read") and hasattr(v, "filename")
+            ]
+            if not files:
+                raise RequestError(400, "No file in the multipart form: attach an image, e.g. "
+                                        "`curl -F file=@image.png http://HOST:PORT/predict`.")  # fmt: skip
+            return [(f.filename or f"image[{i}]", await f.read()) for i, f in enumerate(files)]
+        body = await request.body()
+        if not body:
+            raise RequestError(400, "Empty request body: send an image (multipart field `file`, "
+                                    "JSON with base64 `image`, or the raw image bytes).")  # fmt: skip
+        if ctype == "application/json":
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"Malformed JSON body ({e}).") from None
+            return _json_images(payload)
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            return [("image", body)]
+        raise RequestError(
+            415,
+            f"Unsupported Content-Type {ctype or '(none)'!r}: use multipart/form-data (field `file`), "
+            'application/json ({"image": base64}) or image/* with the raw bytes.',
+        )
+
+    def decode_all(items: list[tuple[str, bytes]]) -> np.ndarray:
+        arrays = []
+        for name, data in items:
+            try:
+                arrays.append(decode_bytes(data, pre, name=name, max_pixels=limits.max_pixels))
+            except ImageError as e:
+                status = (
+                    413 if "pixels exceeds" in str(e) or "decompression bomb" in str(e) else 422
+                )
+                raise RequestError(status, f"Cannot use {e}.") from None
+        return np.stack(arrays)
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int | None = None):
+        stats["requests"] += 1
+        items = await read_images(request)
+        if len(items) > limits.max_images:
+            raise RequestError(413, f"{len(items)} images in one request; the limit is "
+                                    f"{limits.max_images} (serve.max_images).")  # fmt: skip
+        if top_k is not None and top_k < 1:
+            raise RequestError(422, f"top_k={top_k} must be at least 1.")
+        batch = await run_in_threadpool(decode_all, items)
+        probs = await asyncio.wrap_future(batcher.submit(batch))
+        stats["images"] += len(items)
+        rows = [
+            prediction_row(name, p, meta.classes, top_k)
+            for (name, _), p in zip(items, probs, strict=True)
+        ]
+        return rows[0] if len(rows) == 1 else rows
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "backend": predictor.backend, "model": model_info["path"],
+                "uptime_s": round(time.time() - stats["started"], 1), "queued": batcher.pending(),
+                "requests": stats["requests"], "images": stats["images"],
+                "batches": batcher.batches, "errors_4xx": stats["errors_4xx"]}  # fmt: skip
+
+    @app.get("/metadata")
+    async def metadata():
+        return {"classes": meta.classes, "preprocessing": pre.to_dict(), "model": model_info,
+                "limits": {"max_body_mb": limits.max_body_mb, "max_images": limits.max_images,
+                           "max_pixels": limits.max_pixels}}  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8")
+
+    return BodyLimit(app, int(limits.max_body_mb * 1024 * 1024))
+
+
+def run_serve(cfg) -> dict:
+    import uvicorn
+
+    from image_classifier.inference.infer import default_model
+    from image_classifier.inference.predictor import load_predictor
+
+    s = cfg.serve
+    model = Path(s.model) if s.get("model") else default_model(cfg)
+    if not 0 <= int(s.port) <= 65535:
+        raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
+    predictor = load_predictor(model, device=s.device)
+    limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels))
+    app = create_app(predictor, limits, int(s.max_batch), float(s.max_wait_ms), model_path=model)
+    config = uvicorn.Config(app, host=str(s.host), port=int(s.port), log_level=str(s.log_level),
+                            timeout_graceful_shutdown=float(s.shutdown_timeout_s))  # fmt: skip
+    _check_port(str(s.host), int(s.port))
+    server = _server_class()(config)
+    print(f"Serving {model} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
+          f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata; "
+          "Ctrl+C stops)", file=sys.stderr, flush=True)  # fmt: skip
+    server.run()
+    how = f"on {signal.Signals(server.stop_signal).name}" if server.stop_signal else ""
+    print(f"Stopped cleanly {how}: in-flight requests finished.".replace("  ", " "),
+          file=sys.stderr, flush=True)  # fmt: skip
+    return {"model": str(model), "stop_signal": server.stop_signal}
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's Server, but SIGINT/SIGTERM end with a clean exit 0 instead of re-raising."""
+
+        stop_signal: int | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def _on_signal(self, sig, frame):
+            self.stop_signal = self.stop_signal or sig
+            self.handle_exit(sig, frame)
+
+    return Server
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use or a host that is not ours: one clear message before anything starts."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(
+            f"Cannot listen on serve.host={host} serve.port={port} ({e.strerror or e}). "
+            "Pick a free port (serve.port=8001) or stop the process that holds it."
+        ) from None
