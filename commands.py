@@ -27,6 +27,7 @@ COMMANDS = {
     "export-triton": "image_classifier.export.triton:run_export_triton",
     "infer": "image_classifier.inference.infer:run_infer",
     "serve": "image_classifier.serving.app:run_serve",
+    "audit": "image_classifier.audit:run_audit",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -230,9 +231,19 @@ def run_download(cfg) -> dict:
         )
     root = Path(cfg.paths.root)
     result = download(cfg.data, root)
-    dvc = track_with_dvc(root) if Path(cfg.data.dir).resolve().is_relative_to((root / "data").resolve()) else (
-        "outside data/: not tracked by DVC"
-    )  # fmt: skip
+    d = cfg.data.download
+    if not d.get("track", True):
+        dvc = "not re-tracked (data.download.track=false; data.dvc stays as it is)"
+    elif Path(cfg.data.dir).resolve().is_relative_to((root / "data").resolve()):
+        dvc = track_with_dvc(root)
+    else:
+        dvc = "outside data/: not tracked by DVC"
+    if d.get("record"):  # a small, deterministic stand-in for the data in a dvc.yaml pipeline
+        record = Path(d.record)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps({"name": cfg.data.name, "files": dict(cfg.data.files)}, indent=2) + "\n"
+        )
     print("\n".join([
         f"{cfg.data.name}: {len(cfg.data.files)} files verified in {result.directory} "
         f"(source: {result.source})",

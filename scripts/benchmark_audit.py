@@ -1,0 +1,192 @@
+"""Audit benchmark: time on all 70,000 Fashion-MNIST images, and recall/precision on planted problems.
+
+    uv run python scripts/benchmark_audit.py              # pixels features only (about 3 minutes)
+    uv run python scripts/benchmark_audit.py --cache      # also with cache-features (+ about 5 minutes)
+
+1. `audit` on data/fashion_mnist as it is (timed; what it flags there is the dataset's own).
+2. A planted copy (written to a temp folder, same IDX format): 50 exact duplicates (a training image
+   copied over another training image), 50 near-duplicates across train/test (a training image,
+   brightness-shifted, noised and JPEG re-encoded, copied over a test image) and 100 flipped
+   labels (training images given another random class). The audit of the copy is scored:
+   recall = planted problems found; precision = flagged items that are planted. Near-duplicate
+   precision counts leak pairs only (train vs test). With --cache the copy's features come from
+   `cache-features` (tf_efficientnet_lite0), built first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cfg_for(root: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"paths.root={ROOT}", *overrides])
+
+
+def perturb(img: np.ndarray, rng) -> np.ndarray:
+    from PIL import Image
+
+    x = img.astype(np.float32) + rng.uniform(-15, 15) + rng.normal(0, 4, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return np.asarray(Image.open(buf).convert("L"))
+
+
+def plant(src: Path, dest: Path, seed: int = 0):
+    from image_classifier.data.idx import read_idx, write_idx
+
+    rng = np.random.default_rng(seed)
+    xtr, ytr = (
+        read_idx(src / "train-images-idx3-ubyte").copy(),
+        read_idx(src / "train-labels-idx1-ubyte").copy(),
+    )
+    xte, yte = (
+        read_idx(src / "t10k-images-idx3-ubyte").copy(),
+        read_idx(src / "t10k-labels-idx1-ubyte").copy(),
+    )
+    pick = rng.permutation(len(xtr))
+    exact_src, exact_dst = pick[:50], pick[50:100]
+    near_src, flips = pick[100:150], pick[150:250]
+    near_dst = rng.permutation(len(xte))[:50]
+    xtr[exact_dst], ytr[exact_dst] = xtr[exact_src], ytr[exact_src]
+    for s, t in zip(near_src, near_dst, strict=True):
+        xte[t], yte[t] = perturb(xtr[s], rng), ytr[s]
+    for i in flips:
+        ytr[i] = (ytr[i] + rng.integers(1, 10)) % 10
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, arr in (("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", ytr),
+                      ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", yte)):  # fmt: skip
+        write_idx(dest / name, arr)
+        files[name] = hashlib.sha256((dest / name).read_bytes()).hexdigest()
+    planted = {"exact": list(zip(exact_src, exact_dst, strict=True)),
+               "near": list(zip(near_src, near_dst, strict=True)), "flips": list(flips)}  # fmt: skip
+    return files, planted, ytr
+
+
+def positions(ytr: np.ndarray, val_size: int, seed: int, n_test: int) -> list[tuple[str, int]]:
+    """Audit index -> (file, row): the audit lists train, then val (both from the train file), then test."""
+    from image_classifier.data.datamodule import _stratified_indices
+
+    tr, va = _stratified_indices(ytr.astype(np.int64), val_size, seed)
+    return (
+        [("train", int(i)) for i in tr]
+        + [("train", int(i)) for i in va]
+        + [("test", i) for i in range(n_test)]
+    )
+
+
+def score(result: dict, planted: dict, where: list[tuple[str, int]]) -> dict:
+    report = result["report"]
+    # names in the report are "<split>[i]"; rebuild the audit index from them
+    split_offsets = {"train": 0}
+    counts = {
+        s: sum(report["class_counts"]["per_split"].get(s, {}).values())
+        for s in ("train", "val", "test")
+    }
+    split_offsets["val"] = counts["train"]
+    split_offsets["test"] = counts["train"] + counts["val"]
+
+    def pos(item: dict) -> tuple[str, int]:
+        split, i = item["name"].rstrip("]").split("[")
+        return where[split_offsets[split] + int(i)]
+
+    exact_flagged = set()
+    for g in report["exact_duplicates"]["items"]:
+        members = [pos(x) for x in g["images"]]
+        for a in members:
+            for b in members:
+                if a < b:
+                    exact_flagged.add((a, b))
+    exact_planted = {
+        tuple(sorted([("train", int(s)), ("train", int(t))])) for s, t in planted["exact"]
+    }
+    near_flagged = {
+        tuple(sorted([pos(e["a"]), pos(e["b"])]))
+        for e in report["near_duplicates"]["items"]
+        if e["leak"]
+    }
+    near_planted = {
+        tuple(sorted([("train", int(s)), ("test", int(t))])) for s, t in planted["near"]
+    }
+    # a perturbed copy that happens to be byte-identical counts as found by either check
+    near_found = len(near_planted & (near_flagged | exact_flagged))
+    label_flagged = {pos(e) for e in report["label_errors"]["items"]}
+    label_planted = {("train", int(i)) for i in planted["flips"]}
+
+    def pr(found, flagged, planted_n):
+        return {"found": found, "planted": planted_n, "recall": found / planted_n,
+                "flagged": flagged, "precision": found / flagged if flagged else 0.0}  # fmt: skip
+
+    return {
+        "exact": pr(len(exact_planted & exact_flagged), len(exact_flagged), len(exact_planted)),
+        "near": pr(near_found, len(near_flagged), len(near_planted)),
+        "labels": pr(len(label_planted & label_flagged), len(label_flagged), len(label_planted)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", action="store_true", help="also score with cache-features features")
+    args = ap.parse_args()
+    from image_classifier.audit import run_audit
+
+    src = ROOT / "data" / "fashion_mnist"
+    if not (src / "train-images-idx3-ubyte").exists():
+        sys.exit("Fashion-MNIST is not in data/: run `uv run python commands.py command=download`.")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        r = run_audit(
+            cfg_for(
+                tmp, f"paths.output_dir={tmp}/orig", "audit.features=pixels", "logger.enabled=false"
+            )
+        )
+        print(f"\n70,000 images, pixels features: {time.perf_counter() - t0:.1f}s wall "
+              f"(stages: {r['report']['seconds']})\n")  # fmt: skip
+
+        files, planted, ytr = plant(src, tmp / "planted")
+        base = [f"data.dir={tmp / 'planted'}", "data.download.sources=[local]", "logger.enabled=false",
+                *[f"data.files.{k}={v}" for k, v in files.items()]]  # fmt: skip
+        c = cfg_for(tmp, *base)
+        where = positions(ytr, int(c.data.val_size), int(c.data.seed), 10000)
+        runs = [("pixels", ["audit.features=pixels"])]
+        if args.cache:
+            runs.append(
+                ("cache-features", ["audit.features=cache", f"features.dir={tmp}/features"])
+            )
+        for name, extra in runs:
+            if name == "cache-features":
+                from image_classifier.data.features import build_cache
+
+                t0 = time.perf_counter()
+                build_cache(cfg_for(tmp, *base, *extra, "train.num_workers=0"), quiet=True)
+                print(f"cache-features on the planted copy: {time.perf_counter() - t0:.0f}s")
+            t0 = time.perf_counter()
+            r = run_audit(cfg_for(tmp, *base, *extra, f"paths.output_dir={tmp}/{name}"))
+            wall = time.perf_counter() - t0
+            s = score(r, planted, where)
+            print(f"\nplanted copy, {name} features: audit {wall:.1f}s")
+            print("| problem | planted | found | recall | flagged | precision |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for k, v in s.items():
+                print(
+                    f"| {k} | {v['planted']} | {v['found']} | {v['recall']:.0%} | {v['flagged']} | {v['precision']:.1%} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
