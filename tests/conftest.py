@@ -34,8 +34,8 @@ def class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndar
 
 
 def make_class_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10,
-                       size: int = 16, mode: str = "L") -> Path:  # fmt: skip
-    rng = np.random.default_rng(0)
+                       size: int = 16, mode: str = "L", seed: int = 0) -> Path:  # fmt: skip
+    rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
