@@ -40,6 +40,17 @@ def s3_endpoint():
     server.stop()
 
 
+def s3_project(root: Path, url: str, endpoint: str) -> Path:
+    """What README tells a team to run: the endpoint in .dvc/config, the keys only in config.local."""
+    root.mkdir()
+    dvc("init", "--no-scm", cwd=root)
+    dvc("remote", "add", "-d", "storage", url, cwd=root)
+    dvc("remote", "modify", "storage", "endpointurl", endpoint, cwd=root)
+    dvc("remote", "modify", "--local", "storage", "access_key_id", "testing", cwd=root)
+    dvc("remote", "modify", "--local", "storage", "secret_access_key", "testing", cwd=root)
+    return root
+
+
 def files_of(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
@@ -52,14 +63,7 @@ def test_s3_remote_push_delete_pull_is_bit_exact_and_download_pulls_first(
     import boto3
 
     src, sums = idx_source
-    root = tmp_path / "project"
-    root.mkdir()
-    dvc("init", "--no-scm", cwd=root)
-    # what README tells a team to run: the endpoint in .dvc/config, the keys only in config.local
-    dvc("remote", "add", "-d", "storage", "s3://datasets/fashion-mnist", cwd=root)
-    dvc("remote", "modify", "storage", "endpointurl", s3_endpoint, cwd=root)
-    dvc("remote", "modify", "--local", "storage", "access_key_id", "testing", cwd=root)
-    dvc("remote", "modify", "--local", "storage", "secret_access_key", "testing", cwd=root)
+    root = s3_project(tmp_path / "project", "s3://datasets/fashion-mnist", s3_endpoint)
     assert "testing" not in (root / ".dvc" / "config").read_text()
     assert "access_key_id" in (root / ".dvc" / "config.local").read_text()
     assert "/config.local" in (ROOT / ".dvc" / ".gitignore").read_text()  # never committed here
@@ -93,13 +97,7 @@ def test_pull_with_wrong_credentials_fails_and_download_falls_back(
     s3_endpoint, idx_source, tmp_path
 ):
     src, sums = idx_source
-    root = tmp_path / "project"
-    root.mkdir()
-    dvc("init", "--no-scm", cwd=root)
-    dvc("remote", "add", "-d", "storage", "s3://no-such-bucket/x", cwd=root)
-    dvc("remote", "modify", "storage", "endpointurl", s3_endpoint, cwd=root)
-    dvc("remote", "modify", "--local", "storage", "access_key_id", "testing", cwd=root)
-    dvc("remote", "modify", "--local", "storage", "secret_access_key", "testing", cwd=root)
+    root = s3_project(tmp_path / "project", "s3://no-such-bucket/x", s3_endpoint)
     run_download(compose_cfg(root, *idx_overrides(src, sums)))
     shutil.rmtree(root / "data")
     shutil.rmtree(root / ".dvc" / "cache")

@@ -14,7 +14,6 @@ worker (image_classifier/serving/batcher.py). Every bad request is answered with
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import signal
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data.images import ImageError, decode_bytes
+from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 from image_classifier.inference.infer import prediction_row
 
@@ -44,14 +44,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BodyLimit:
