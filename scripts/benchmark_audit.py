@@ -150,25 +150,28 @@ def main():
         sys.exit("Fashion-MNIST is not in data/: run `uv run python commands.py command=download`.")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        r = run_audit(
-            cfg_for(
-                tmp, f"paths.output_dir={tmp}/orig", "audit.features=pixels", "logger.enabled=false"
-            )
-        )
-        print(f"\n70,000 images, pixels features: {time.perf_counter() - t0:.1f}s wall "
-              f"(stages: {r['report']['seconds']})\n")  # fmt: skip
+        if not args.cache_only:
+            t0 = time.perf_counter()
+            orig = [f"paths.output_dir={tmp}/orig", "audit.features=pixels", "logger.enabled=false"]
+            r = run_audit(cfg_for(tmp, *orig))
+            print(f"\n70,000 images, pixels features: {time.perf_counter() - t0:.1f}s wall "
+                  f"(stages: {r['report']['seconds']})\n")  # fmt: skip
 
         files, planted, ytr = plant(src, tmp / "planted")
         base = [f"data.dir={tmp / 'planted'}", "data.download.sources=[local]", "logger.enabled=false",
                 *[f"data.files.{k}={v}" for k, v in files.items()]]  # fmt: skip
         c = cfg_for(tmp, *base)
         where = positions(ytr, int(c.data.val_size), int(c.data.seed), 10000)
-        runs = [("pixels", ["audit.features=pixels"])]
-        if args.cache:
-            runs.append(
-                ("cache-features", ["audit.features=cache", f"features.dir={tmp}/features"])
-            )
+        runs = [] if args.cache_only else [("pixels", ["audit.features=pixels"])]
+        if (
+            args.cache or args.cache_only
+        ):  # the packaged EfficientNet-Lite0 at 64 px, as in benchmark_features.py
+            feats = [
+                "audit.features=cache",
+                f"features.dir={tmp}/features",
+                "features.size=[64,64]",
+            ]
+            runs.append(("cache-features", feats))
         for name, extra in runs:
             if name == "cache-features":
                 from image_classifier.data.features import build_cache
