@@ -143,7 +143,7 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(idx_source, tmp_path
     src, sums = idx_source
     proj = tmp_path / "proj"
     proj.mkdir()
-    for name in ("commands.py", "dvc.yaml"):
+    for name in ("commands.py", "dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, proj / name)
     for name in ("configs", "image_classifier"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
