@@ -224,6 +224,28 @@ def test_collect_inputs_forms(tmp_path):
         collect_inputs("")
 
 
+def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, caplog):
+    """ONNX Runtime drops to the CPU quietly when its CUDA provider cannot load: we say so."""
+    import onnxruntime as ort
+
+    from image_classifier.inference import predictor
+
+    if predictor.has_nvidia_gpu():
+        pytest.skip("a GPU is here, so the CUDA provider starts (tests/test_gpu.py checks it)")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider (onnxruntime-gpu is x86-64 Linux)")
+    monkeypatch.setattr(predictor, "has_nvidia_gpu", lambda: True)  # a driver that is not there
+    onnx_path, _ = exported
+    with caplog.at_level("WARNING"):
+        p = load_predictor(onnx_path, "auto")
+    assert p.providers == ["CPUExecutionProvider"]
+    assert (
+        "could not start its CUDA provider" in caplog.text and "running on the CPU" in caplog.text
+    )
+    with pytest.raises(UserError, match=r"infer.device=cuda: .*Use infer.device=cpu"):
+        load_predictor(onnx_path, "cuda")
+
+
 def test_infer_on_onnx_does_not_import_torch(trained, exported):
     root, _, images = trained
     onnx_path, _ = exported

@@ -8,6 +8,7 @@ nothing else. This module imports neither torch nor lightning at the top: the ON
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from image_classifier.data.images import Preprocessing
 from image_classifier.errors import UserError
 
 METADATA_KEY = "image_classifier"
+log = logging.getLogger(__name__)
 BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 
@@ -79,6 +81,15 @@ class OnnxPredictor:
         self.meta = ModelMeta.from_dict(json.loads(raw))
         self.input_name = self.session.get_inputs()[0].name
         self.providers = self.session.get_providers()
+        if providers[0] != self.providers[0]:  # ONNX Runtime falls back to the CPU quietly
+            msg = (
+                "ONNX Runtime could not start its CUDA provider (CUDA or cuDNN libraries missing, "
+                f"or not the CUDA {getattr(ort, 'cuda_version', '?')} "
+                "that this onnxruntime-gpu build needs)"
+            )
+            if device == "cuda":
+                raise UserError(f"infer.device=cuda: {msg}. Use infer.device=cpu or auto.")
+            log.warning("%s; running on the CPU.", msg)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 or float NCHW pixels (0..255) -> class probabilities (N, K)."""
