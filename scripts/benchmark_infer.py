@@ -1,12 +1,16 @@
 """Inference benchmark: cold-start `infer` on one image, and ONNX Runtime vs PyTorch eager.
 
-    uv run python scripts/benchmark_infer.py          # about 3 minutes on 2 cores
+    uv run python scripts/benchmark_infer.py                # about 3 minutes on 2 cores
+    uv run python scripts/benchmark_infer.py --device cuda  # ONNX Runtime's CUDA provider vs
+                                                            # PyTorch eager on the GPU
 
 1. Wall time of `python commands.py command=infer` on one image with an .onnx model, from a cold
    process (median of 5), beside `python -c "import lightning"` measured the same way.
 2. Throughput (images/s) of ONNX Runtime vs PyTorch eager (inference_mode) at batch 1 and 32, for
    the default model (cnn, 28x28 grey) and a timm resnet18 (224x224 RGB), same thread count, both
-   fed the same float32 pixels; weights are random (speed does not depend on them).
+   fed the same float32 pixels; weights are random (speed does not depend on them). On `--device
+   cuda` both take the pixels from host memory and return probabilities to it (what `infer` and
+   `serve` do), at batch 1, 32 and 256; `--skip-cold` leaves out part 1.
 """
 
 from __future__ import annotations
@@ -62,7 +66,17 @@ def cold(cmd: list[str], runs: int = 5) -> float:
 
 
 def main():
+    import argparse
+
     import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--skip-cold", action="store_true", help="only the throughput table")
+    args = ap.parse_args()
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU here.")
 
     from image_classifier.export.onnx import export_onnx
     from image_classifier.inference.predictor import OnnxPredictor
@@ -76,14 +90,16 @@ def main():
         path = tmp / f"{name}.onnx"
         export_onnx(module, Path(f"<random {name}>"), path, 17)
         models[name] = (module, path, size, channels)
-        ort = OnnxPredictor(path, device="cpu", threads=threads)
-        net = module.net
+        ort = OnnxPredictor(path, device=dev, threads=threads)
+        if dev == "cuda" and ort.providers[0] != "CUDAExecutionProvider":
+            sys.exit(f"ONNX Runtime did not start its CUDA provider (providers: {ort.providers}).")
+        net = module.net.to(dev)
 
         def eager(x, net=net):
             with torch.inference_mode():
-                return torch.softmax(net(torch.from_numpy(x)), dim=1).numpy()
+                return torch.softmax(net(torch.from_numpy(x).to(dev)), dim=1).cpu().numpy()
 
-        for bs in (1, 32):
+        for bs in (1, 32) if dev == "cpu" else (1, 32, 256):
             x = (
                 np.random.default_rng(0)
                 .integers(0, 256, (bs, channels, size, size))
@@ -95,6 +111,9 @@ def main():
                 f"  {name} batch {bs}: onnxruntime {r_ort:.0f} img/s, pytorch {r_pt:.0f} img/s, ratio {r_ort / r_pt:.2f}"
             )
 
+    if args.skip_cold:
+        table(rows, f"{dev}, {threads} CPU threads")
+        return
     from PIL import Image
 
     img = tmp / "one.png"
@@ -108,9 +127,11 @@ def main():
     print()
     print(f"Cold-start `infer` on one image (cnn .onnx): {t_infer:.2f} s median of 5 (target <= 1.5 s); "
           f"`import lightning` alone: {t_lightning:.1f} s; bare interpreter: {t_python:.2f} s")  # fmt: skip
-    print(
-        f"Throughput, {threads} threads (ONNX Runtime / PyTorch eager; target >= 1.3 at batch 1):"
-    )
+    table(rows, f"{dev}, {threads} threads")
+
+
+def table(rows, where: str):
+    print(f"Throughput on {where} (ONNX Runtime / PyTorch eager; target >= 1.3 at batch 1 on CPU):")
     print("| model | batch | ONNX Runtime img/s | PyTorch eager img/s | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for name, bs, a, b in rows:
