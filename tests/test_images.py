@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_classifier.data.images import ImageError, Preprocessing, load_array, open_image
+from image_classifier.data.images import (
+    ImageError,
+    ImageTooLarge,
+    Preprocessing,
+    load_array,
+    open_image,
+)
 
 GREY = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
 RGB = Preprocessing(size=(8, 8), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -113,11 +119,11 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     p = tmp_path / "bomb.png"
     p.write_bytes(_png_header_only(100_000, 100_000))  # 10 gigapixels in a few bytes
-    with pytest.raises(ImageError, match="decompression bomb"):
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
         open_image(p)
 
 
 def test_bomb_limit_is_configurable(tmp_path):
     p = _save(tmp_path, Image.new("L", (100, 100)), "big.png")
-    with pytest.raises(ImageError, match="exceeds the limit"):
+    with pytest.raises(ImageTooLarge, match="exceeds the limit"):
         open_image(p, max_pixels=5000)

@@ -28,6 +28,10 @@ class ImageError(ValueError):
     """A file that is not a readable image; the message names the file and the reason."""
 
 
+class ImageTooLarge(ImageError):
+    """More pixels than allowed: refused as a possible decompression bomb, before decoding."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Everything a model file needs to turn an image into its input tensor."""
@@ -81,7 +85,7 @@ def _open(source, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
     except (OSError, ValueError) as e:
         raise ImageError(f"{name}: cannot open ({e})") from None
 
@@ -89,7 +93,7 @@ def _open(source, name: str) -> Image.Image:
 def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
             "(possible decompression bomb); refused without decoding"
         )
@@ -98,7 +102,9 @@ def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
         im = ImageOps.exif_transpose(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombWarning as e:
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated ({e})") from None
     return im
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import ImageError, decode_bytes
+from image_classifier.data.images import ImageError, ImageTooLarge, decode_bytes
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 from image_classifier.inference.infer import prediction_row
@@ -224,10 +224,8 @@ def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
             try:
                 arrays.append(decode_bytes(data, pre, name=name, max_pixels=limits.max_pixels))
             except ImageError as e:
-                status = (
-                    413 if "pixels exceeds" in str(e) or "decompression bomb" in str(e) else 422
-                )
-                raise RequestError(status, f"Cannot use {e}.") from None
+                raise RequestError(413 if isinstance(e, ImageTooLarge) else 422,
+                                   f"Cannot use {e}.") from None  # fmt: skip
         return np.stack(arrays)
 
     @app.post("/predict")
