@@ -37,12 +37,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def default_model() -> Path:
-    """The newest exported .onnx under outputs/ and multirun/."""
-    found = [p for d in ("outputs", "multirun") for p in (ROOT / d).glob("**/*.onnx")]
-    if not found:
-        sys.exit("No exported model under outputs/ or multirun/: run `uv run python commands.py "
-                 "command=train` and `command=export-onnx` first, or pass --model PATH.onnx.")  # fmt: skip
-    return max(found, key=lambda p: p.stat().st_mtime)
+    """What `command=serve` serves without serve.model: the .onnx beside the newest best checkpoint."""
+    from hydra import compose, initialize_config_dir
+
+    from image_classifier.errors import UserError
+    from image_classifier.inference.infer import default_model as newest_onnx
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.root={ROOT}"])
+    try:
+        return newest_onnx(cfg, "--model")
+    except UserError as e:
+        sys.exit(str(e))
 
 
 def resnet18_model(folder: Path) -> Path:
@@ -90,7 +96,7 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, str(ROOT / "commands.py"), "command=serve", f"serve.model={model}",
-           f"serve.port={port}", "serve.host=127.0.0.1", "hydra.run.dir=.", "hydra.output_subdir=null"]  # fmt: skip
+           f"serve.port={port}", "serve.host=127.0.0.1", f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}", "hydra.output_subdir=null"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:

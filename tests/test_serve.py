@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,8 @@ def start_server(model: Path, *overrides: str, port: int | None = None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "commands.py"), "command=serve", f"serve.model={model}",
-         f"serve.port={port}", "hydra.run.dir=.", "hydra.output_subdir=null", *overrides],
+         f"serve.port={port}", f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
+         "hydra.output_subdir=null", *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -69,10 +71,6 @@ def server(exported):
         stop(proc)
 
 
-def png_bytes(path: Path) -> bytes:
-    return Path(path).read_bytes()
-
-
 def bomb_png(width=30000, height=30000) -> bytes:
     """A valid PNG header claiming 900 megapixels, with a tiny body: refused before decoding."""
 
@@ -96,7 +94,7 @@ def test_predict_multipart_json_and_raw_match_infer(server, trained):
     want = expected_rows(model, images)
 
     r = httpx.post(
-        f"{url}/predict", files={"file": (images[0].name, png_bytes(images[0]), "image/png")}
+        f"{url}/predict", files={"file": (images[0].name, images[0].read_bytes(), "image/png")}
     )
     assert r.status_code == 200, r.text
     got = r.json()
@@ -105,13 +103,13 @@ def test_predict_multipart_json_and_raw_match_infer(server, trained):
     assert got["predicted_class"] == want[0]["predicted_class"]
     assert got["all_predictions"] == pytest.approx(want[0]["all_predictions"], abs=1e-5)
 
-    files = [("file", (p.name, png_bytes(p), "image/png")) for p in images]
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p in images]
     r = httpx.post(f"{url}/predict", files=files, params={"top_k": 2})
     assert r.status_code == 200 and isinstance(r.json(), list) and len(r.json()) == 3
     for g, w in zip(r.json(), want, strict=True):
         assert g["predicted_class"] == w["predicted_class"] and len(g["all_predictions"]) == 2
 
-    b64 = [base64.b64encode(png_bytes(p)).decode() for p in images]
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
     r = httpx.post(f"{url}/predict", json={"images": [b64[0], {"name": "x.png", "data": b64[1]},
                                                        "data:image/png;base64," + b64[2]]})  # fmt: skip
     assert r.status_code == 200, r.text
@@ -119,7 +117,7 @@ def test_predict_multipart_json_and_raw_match_infer(server, trained):
     assert [g["predicted_class"] for g in r.json()] == [w["predicted_class"] for w in want]
 
     r = httpx.post(
-        f"{url}/predict", content=png_bytes(images[1]), headers={"content-type": "image/png"}
+        f"{url}/predict", content=images[1].read_bytes(), headers={"content-type": "image/png"}
     )
     assert r.status_code == 200 and r.json()["confidence"] == pytest.approx(
         want[1]["confidence"], abs=1e-5
@@ -168,7 +166,7 @@ def _bad_requests(good: bytes):
 def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
     url, _ = server
     good_path = sorted((trained[2] / "cat").glob("*.png"))[0]
-    good = png_bytes(good_path)
+    good = good_path.read_bytes()
     kwargs = _bad_requests(good)[case]
     r = httpx.post(f"{url}/predict", timeout=30, **kwargs)
     assert 400 <= r.status_code < 500, (case, r.status_code, r.text)
@@ -184,7 +182,7 @@ def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
 
 def test_error_messages_name_the_problem(server, trained):
     url, _ = server
-    good = png_bytes(sorted((trained[2] / "cat").glob("*.png"))[0])
+    good = sorted((trained[2] / "cat").glob("*.png"))[0].read_bytes()
     cases = _bad_requests(good)
     checks = {
         "multipart without files": "No file",
@@ -205,7 +203,7 @@ def test_error_messages_name_the_problem(server, trained):
 def test_concurrent_clients_all_succeed(server, trained):
     url, _ = server
     images = sorted(trained[2].rglob("*.png"))
-    payloads = [png_bytes(p) for p in images]
+    payloads = [p.read_bytes() for p in images]
 
     def client(i):
         with httpx.Client(timeout=60) as c:
@@ -269,7 +267,8 @@ def test_clean_shutdown_on_signal(exported, trained, sig):
     proc, url = start_server(model)
     image = sorted((trained[2] / "cat").glob("*.png"))[0]
     assert (
-        httpx.post(f"{url}/predict", files={"file": ("a.png", png_bytes(image))}).status_code == 200
+        httpx.post(f"{url}/predict", files={"file": ("a.png", image.read_bytes())}).status_code
+        == 200
     )
     code, err = stop(proc, sig)
     assert code == 0, err
@@ -290,6 +289,9 @@ def test_port_in_use_and_missing_model_exit_2(exported, tmp_path):
         "command=serve", f"serve.model={tmp_path}/none.onnx", "hydra.run.dir=" + str(tmp_path)
     )
     assert r.returncode == 2 and "does not exist" in r.stderr
+    # no serve.model and nothing exported in this project: the message names serve's own option
+    r = run_cli("command=serve", f"paths.root={tmp_path}", "hydra.run.dir=" + str(tmp_path))
+    assert r.returncode == 2 and "name one with serve.model=PATH" in r.stderr, r.stderr
 
 
 def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, tmp_path):
@@ -308,7 +310,7 @@ def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, 
     model = mlflow.pyfunc.load_model(model_uri)
     paths = sorted((images / "fox").glob("*.png"))[:2]
     want = expected_rows(exported[0], paths)
-    rows = model.predict(pd.DataFrame({"image": [png_bytes(p) for p in paths] + [b"junk"]}))
+    rows = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths] + [b"junk"]}))
     assert [r["predicted_class"] for r in rows[:2]] == [w["predicted_class"] for w in want]
     assert rows[0]["all_predictions"] == pytest.approx(want[0]["all_predictions"], abs=1e-5)
     assert rows[2]["predicted_class"] is None and "not an image" in rows[2]["error"]
@@ -331,7 +333,7 @@ def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, 
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 time.sleep(0.5)
         # exactly what README's curl sends
-        b64 = base64.b64encode(png_bytes(paths[0])).decode()
+        b64 = base64.b64encode(paths[0].read_bytes()).decode()
         curl = shutil.which("curl")
         body = json.dumps({"inputs": {"image": [b64]}})
         if curl:

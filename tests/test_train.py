@@ -32,7 +32,7 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert r["data_source"] == "system"
     ckpt = Path(r["checkpoint"])
     assert ckpt.name == "best.ckpt" and ckpt.exists() and Path(r["last_checkpoint"]).exists()
-    assert newest_best(tmp_path, ["out"]) == ckpt
+    assert newest_best(tmp_path, ["out"], "test.checkpoint") == ckpt
 
     # test finds the checkpoint and the data with no help beyond the project root
     t = run_test(make_cfg(*idx_overrides(src, sums), f"paths.output_dir={tmp_path}/test_out",
@@ -133,7 +133,7 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
 
 
 def test_test_without_any_checkpoint(make_cfg):
-    with pytest.raises(UserError, match="No trained checkpoint found"):
+    with pytest.raises(UserError, match="No trained checkpoint found.*test.checkpoint=PATH"):
         run_test(make_cfg("logger.enabled=false"))
 
 

@@ -110,7 +110,9 @@ def run_export_onnx(cfg) -> dict:
     started = time.perf_counter()
     e = cfg.export
     checkpoint = (
-        Path(e.checkpoint) if e.get("checkpoint") else newest_best(cfg.paths.root, cfg.paths.search)
+        Path(e.checkpoint)
+        if e.get("checkpoint")
+        else newest_best(cfg.paths.root, cfg.paths.search, "export.checkpoint")
     )
     output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
     if output.suffix != ".onnx":

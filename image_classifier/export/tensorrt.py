@@ -146,7 +146,9 @@ def run_export_trt(cfg) -> dict:
     else:
         from image_classifier.training.checkpoints import newest_best
 
-        onnx_path = newest_best(cfg.paths.root, cfg.paths.search).with_suffix(".onnx")
+        onnx_path = newest_best(cfg.paths.root, cfg.paths.search, "export.trt.onnx").with_suffix(
+            ".onnx"
+        )
     if not onnx_path.is_file():
         raise UserError(
             f"ONNX model {str(onnx_path)!r} does not exist: run command=export-onnx first, or set export.trt.onnx=PATH."

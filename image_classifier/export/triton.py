@@ -127,7 +127,7 @@ def run_export_triton(cfg) -> dict:
     from image_classifier.inference.infer import default_model
 
     t = cfg.export.triton
-    onnx_path = Path(t.onnx) if t.get("onnx") else default_model(cfg)
+    onnx_path = Path(t.onnx) if t.get("onnx") else default_model(cfg, "export.triton.onnx")
     if not onnx_path.is_file() or onnx_path.suffix != ".onnx":
         raise UserError(f"export.triton.onnx={str(onnx_path)!r} is not an .onnx file; export one "
                         "with `uv run python commands.py command=export-onnx`.")  # fmt: skip

@@ -163,14 +163,15 @@ def write_rows(rows: list[dict], output: str | None) -> str:
     return text
 
 
-def default_model(cfg) -> Path:
+def default_model(cfg, setting: str = "infer.model") -> Path:
+    """The .onnx beside the newest best checkpoint; `setting` is the option that would name one."""
     from image_classifier.training.checkpoints import newest_best
 
-    onnx = newest_best(cfg.paths.root, cfg.paths.search).with_suffix(".onnx")
+    onnx = newest_best(cfg.paths.root, cfg.paths.search, setting).with_suffix(".onnx")
     if not onnx.exists():
         raise UserError(
-            f"infer.model is not set and {onnx} does not exist: export it first "
-            "(`uv run python commands.py command=export-onnx`) or pass infer.model=PATH."
+            f"{setting} is not set and {onnx} does not exist: export it first "
+            f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
         )
     return onnx
 

@@ -273,7 +273,7 @@ def run_serve(cfg) -> dict:
     from image_classifier.inference.predictor import load_predictor
 
     s = cfg.serve
-    model = Path(s.model) if s.get("model") else default_model(cfg)
+    model = Path(s.model) if s.get("model") else default_model(cfg, "serve.model")
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)

@@ -7,19 +7,20 @@ from pathlib import Path
 from image_classifier.errors import UserError
 
 
-def newest_best(root: str | Path, search: list[str]) -> Path:
-    """The most recently written best checkpoint under <root>/<each of search>."""
-    return newest(root, search, "best*.ckpt")
+def newest_best(root: str | Path, search: list[str], setting: str) -> Path:
+    """The most recently written best checkpoint under <root>/<each of search>; `setting` is the
+    option that would have named a file instead (the error message tells the user to set it)."""
+    return newest(root, search, "best*.ckpt", setting)
 
 
-def newest(root: str | Path, search: list[str], pattern: str) -> Path:
+def newest(root: str | Path, search: list[str], pattern: str, setting: str) -> Path:
     root = Path(root)
     found = [p for d in search for p in (root / d).glob(f"**/checkpoints/{pattern}")]
     if not found:
         where = ", ".join(f"{root / d}/" for d in search)
         raise UserError(
             f"No trained checkpoint found under {where}. Train one first "
-            "(`uv run python commands.py command=train`) or name one with test.checkpoint=PATH."
+            f"(`uv run python commands.py command=train`) or name one with {setting}=PATH."
         )
     return max(found, key=lambda p: p.stat().st_mtime)
 

@@ -42,7 +42,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     path = (
         Path(cfg.test.checkpoint)
         if cfg.test.get("checkpoint")
-        else newest_best(cfg.paths.root, cfg.paths.search)
+        else newest_best(cfg.paths.root, cfg.paths.search, "test.checkpoint")
     )
     module = load_module(path)
     hp = module.hparams

@@ -74,7 +74,11 @@ def resume_point(cfg):
     r = cfg.train.get("resume")
     if not r:
         return None, None
-    ckpt = newest(cfg.paths.root, cfg.paths.search, "last.ckpt") if r == "last" else Path(r)
+    ckpt = (
+        newest(cfg.paths.root, cfg.paths.search, "last.ckpt", "train.resume")
+        if r == "last"
+        else Path(r)
+    )
     if not ckpt.is_file():
         raise UserError(f"train.resume={r!r}: no such checkpoint.")
     stored = (
