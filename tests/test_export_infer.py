@@ -234,15 +234,20 @@ def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, capl
         pytest.skip("a GPU is here, so the CUDA provider starts (tests/test_gpu.py checks it)")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime build has no CUDA provider (onnxruntime-gpu is x86-64 Linux)")
-    monkeypatch.setattr(predictor, "has_nvidia_gpu", lambda: True)  # a driver that is not there
     onnx_path, _ = exported
+    with pytest.raises(UserError, match="device=cuda was asked for, but there is no NVIDIA GPU"):
+        load_predictor(onnx_path, "cuda")
+    monkeypatch.setattr(predictor, "has_nvidia_gpu", lambda: True)  # a driver that is not there
     with caplog.at_level("WARNING"):
         p = load_predictor(onnx_path, "auto")
     assert p.providers == ["CPUExecutionProvider"]
     assert (
         "could not start its CUDA provider" in caplog.text and "running on the CPU" in caplog.text
     )
-    with pytest.raises(UserError, match=r"infer.device=cuda: .*Use infer.device=cpu"):
+    with pytest.raises(
+        UserError,
+        match=r"device=cuda was asked for, but ONNX Runtime could not start its CUDA provider.*Use device=cpu",
+    ):
         load_predictor(onnx_path, "cuda")
 
 

@@ -55,7 +55,7 @@ def model_signature(onnx_path: Path) -> dict:
     }
 
 
-def _tensor_block(kind: str, t: dict, label_file: str | None = None) -> str:
+def _tensor_block(t: dict, label_file: str | None = None) -> str:
     dims = ", ".join(str(d) for d in t["dims"][1:])  # Triton's dims exclude the batch axis
     extra = f'\n    label_filename: "{label_file}"' if label_file else ""
     return (f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n'
@@ -68,10 +68,9 @@ def triton_config(name: str, sig: dict, max_batch_size: int, max_queue_delay_us:
         if not t["dims"] or t["dims"][0] != -1:
             raise UserError(f"Tensor {t['name']!r} has no dynamic batch axis (dims {t['dims']}); "
                             "re-export with the current export-onnx.")  # fmt: skip
-    inputs = ",\n".join(_tensor_block("input", t) for t in sig["inputs"])
+    inputs = ",\n".join(_tensor_block(t) for t in sig["inputs"])
     outputs = ",\n".join(
-        _tensor_block("output", t, "labels.txt" if i == 0 else None)
-        for i, t in enumerate(sig["outputs"])
+        _tensor_block(t, "labels.txt" if i == 0 else None) for i, t in enumerate(sig["outputs"])
     )
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'

@@ -86,8 +86,7 @@ def predict_paths(
             by_index = dict(zip(good, probs if probs is not None else [], strict=False))
             for i, path in enumerate(chunk):
                 if i not in by_index:
-                    rows.append({"path": str(path), "predicted_class": None, "confidence": None,
-                                 "all_predictions": {}, "error": loaded[i][1]})  # fmt: skip
+                    rows.append(error_row(str(path), loaded[i][1]))
                     continue
                 rows.append(prediction_row(str(path), by_index[i], classes, top_k))
     return rows
@@ -103,6 +102,12 @@ def prediction_row(path: str, probs: np.ndarray, classes: list[str], k: int | No
         "confidence": round(float(probs[order[0]]), 6),
         "all_predictions": {classes[int(j)]: round(float(probs[j]), 6) for j in order},
     }
+
+
+def error_row(path: str, message: str) -> dict:
+    """An image that could not be used, in the same shape, with the reason."""
+    return {"path": path, "predicted_class": None, "confidence": None, "all_predictions": {},
+            "error": message}  # fmt: skip
 
 
 def _safe_dir_name(name: str) -> str:

@@ -64,7 +64,8 @@ class OnnxPredictor:
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "cuda":
             raise UserError(
-                "infer.device=cuda, but there is no NVIDIA GPU or no CUDA build of ONNX Runtime here."
+                "device=cuda was asked for, but there is no NVIDIA GPU or no CUDA build of ONNX Runtime "
+                "here. Use device=cpu or auto."
             )
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -88,7 +89,7 @@ class OnnxPredictor:
                 "that this onnxruntime-gpu build needs)"
             )
             if device == "cuda":
-                raise UserError(f"infer.device=cuda: {msg}. Use infer.device=cpu or auto.")
+                raise UserError(f"device=cuda was asked for, but {msg}. Use device=cpu or auto.")
             log.warning("%s; running on the CPU.", msg)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

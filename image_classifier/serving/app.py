@@ -151,7 +151,7 @@ def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
         "providers": getattr(predictor, "providers", None),
         "source": {k: v for k, v in meta.extra.items() if k not in ("classes", "preprocessing")},
     }
-    stats = {"started": time.time(), "requests": 0, "images": 0, "errors_4xx": 0}
+    stats = {"started": time.time(), "requests": 0, "errors_4xx": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -239,7 +239,6 @@ def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
             raise RequestError(422, f"top_k={top_k} must be at least 1.")
         batch = await run_in_threadpool(decode_all, items)
         probs = await asyncio.wrap_future(batcher.submit(batch))
-        stats["images"] += len(items)
         rows = [
             prediction_row(name, p, meta.classes, top_k)
             for (name, _), p in zip(items, probs, strict=True)
@@ -250,7 +249,7 @@ def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
     async def health():
         return {"status": "ok", "backend": predictor.backend, "model": model_info["path"],
                 "uptime_s": round(time.time() - stats["started"], 1), "queued": batcher.pending(),
-                "requests": stats["requests"], "images": stats["images"],
+                "requests": stats["requests"], "images": batcher.images,
                 "batches": batcher.batches, "errors_4xx": stats["errors_4xx"]}  # fmt: skip
 
     @app.get("/metadata")

@@ -36,7 +36,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from image_classifier.data.images import ImageError, decode_bytes
-        from image_classifier.inference.infer import prediction_row
+        from image_classifier.inference.infer import error_row, prediction_row
 
         meta = self.predictor.meta
         top_k = (params or {}).get("top_k")
@@ -48,8 +48,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
                 slots.append(i)
                 rows.append(None)
             except ImageError as e:
-                rows.append({"path": name, "predicted_class": None, "confidence": None,
-                             "all_predictions": {}, "error": str(e).split(": ", 1)[-1]})  # fmt: skip
+                rows.append(error_row(name, str(e).split(": ", 1)[-1]))
         if arrays:
             import numpy as np
 
@@ -109,10 +108,8 @@ def log_mlflow_model(onnx_path: Path, name: str = ARTIFACT_NAME) -> str:
         inputs=Schema([ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("top_k", "long", None)]),
     )
-    requirements = [
-        f"{pkg}=={importlib.metadata.version(pkg)}" for pkg in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu")
-        if _installed(pkg)
-    ]  # fmt: skip
+    requirements = [f"{pkg}=={v}" for pkg in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu")
+                    if (v := _version(pkg))]  # fmt: skip
     with warnings.catch_warnings():  # advice about type hints and input examples, not problems
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -126,9 +123,8 @@ def log_mlflow_model(onnx_path: Path, name: str = ARTIFACT_NAME) -> str:
     return info.model_uri
 
 
-def _installed(pkg: str) -> bool:
+def _version(pkg: str) -> str | None:
     try:
-        importlib.metadata.version(pkg)
-        return True
+        return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
-        return False
+        return None
