@@ -67,15 +67,20 @@ def _thumbs_from_arrays(images: torch.Tensor) -> np.ndarray:
 
 
 def _file_entry(path: str):
+    """(content hash, grey thumbnail, None) or (None, None, why): each file is read once."""
     from PIL import Image
 
-    from image_classifier.data.images import ImageError, open_image, to_model_mode
+    from image_classifier.data.images import ImageError, open_bytes, to_model_mode
 
-    data = Path(path).read_bytes()
     try:
-        im = to_model_mode(open_image(path), 1).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+        data = Path(path).read_bytes()
+        im = to_model_mode(open_bytes(data, path), 1).resize(
+            (THUMB, THUMB), Image.Resampling.BILINEAR
+        )
+    except OSError as e:  # gone or unreadable since the scan
+        return None, None, f"{path}: cannot read ({e.strerror or e})"
     except ImageError as e:  # changed since the scan
-        return _digest(data), None, str(e)
+        return None, None, str(e)
     return _digest(data), np.asarray(im, dtype=np.float32), None
 
 
@@ -420,25 +425,13 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
-    if not cfg.logger.enabled:
-        return None
-    from mlflow.tracking import MlflowClient
-
     from image_classifier.training import tracking
 
-    uri, artifacts = tracking.resolve_uri(cfg.logger, cfg.paths.root)
-    tracking.check_reachable(uri, float(cfg.logger.connect_timeout))
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.logger.experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(cfg.logger.experiment, artifact_location=artifacts)
-    )
-    tags = {**tracking.lineage_tags(cfg.paths.root, data_hash), "mlflow.runName": f"audit-{cfg.data.name}",
-            "command": "audit"}  # fmt: skip
-    run = client.create_run(exp_id, tags=tags)
-    rid = run.info.run_id
+    tags = {**tracking.lineage_tags(cfg.paths.root, data_hash), "command": "audit"}
+    logger = tracking.create_logger(cfg, run_name=f"audit-{cfg.data.name}", tags=tags)
+    if logger is None:  # logger.enabled=false
+        return None
+    client, rid = logger.experiment, logger.run_id
     metrics = {
         "images": report["data"]["images"], "unusable_files": len(report["unusable_files"]),
         "exact_duplicate_groups": report["exact_duplicates"]["groups"],

@@ -130,3 +130,22 @@ def test_label_errors_from_cached_backbone_features(planted, tmp_path):
 def test_bad_audit_setting(planted, tmp_path):
     with pytest.raises(UserError, match="auto, cache, pixels"):
         audit(planted, tmp_path, "logger.enabled=false", "audit.features=clip")
+
+
+def test_files_that_change_after_the_scan_are_reported_not_raised(tmp_path):
+    """The scan saw readable images; by the time the audit reads them one is gone, one is cut."""
+    from image_classifier.audit import _file_entry
+
+    good = make_class_folders(tmp_path / "imgs", per_class=1) / "cat" / "000.png"
+    digest, thumb, why = _file_entry(str(good))
+    assert why is None and thumb.shape == (32, 32) and len(digest) == 32
+    gone = tmp_path / "gone.png"
+    assert _file_entry(str(gone)) == (
+        None,
+        None,
+        f"{gone}: cannot read (No such file or directory)",
+    )
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:40])
+    digest, thumb, why = _file_entry(str(cut))
+    assert digest is None and thumb is None and why.startswith(f"{cut}: ")

@@ -171,13 +171,18 @@ def load_array(path: str | Path, pre: Preprocessing) -> np.ndarray:
     return to_array(open_image(path), pre)
 
 
+def open_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """open_image for encoded bytes already in memory (an upload, a file read once)."""
+    if not data:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    return _decode(_open(io.BytesIO(data), name), name, max_pixels)
+
+
 def decode_bytes(
     data: bytes, pre: Preprocessing, name: str = "image", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
     """Encoded image bytes (an upload, a base64 payload) to the model's uint8 CHW array."""
-    if not data:
-        raise ImageError(f"{name}: empty (0 bytes)")
-    return to_array(_decode(_open(io.BytesIO(data), name), name, max_pixels), pre)
+    return to_array(open_bytes(data, name, max_pixels), pre)
 
 
 def is_image_name(path: str | Path) -> bool:
