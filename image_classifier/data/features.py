@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from image_classifier.data.datamodule import ArrayDataset, DataInfo, collate
 from image_classifier.data.images import Preprocessing
+from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 
 FORMAT_VERSION = 1
@@ -103,7 +104,8 @@ def build_cache(cfg, quiet: bool = False) -> dict:
         if not quiet:
             print(f"Feature cache {folder} is up to date (key {key}: same data, backbone, weights and "
                   "preprocessing); nothing to do.")  # fmt: skip
-        return {"dir": str(folder), "manifest": manifest, "built": False, "seconds": 0.0}
+        return {"dir": str(folder), "manifest": manifest, "built": False, "seconds": 0.0,
+                "skipped": info.skipped}  # fmt: skip
 
     L.seed_everything(int(cfg.seed), verbose=False)
     backbone = create_backbone(fcfg)
@@ -154,11 +156,17 @@ def build_cache(cfg, quiet: bool = False) -> dict:
         print(f"Cached {fcfg.backbone} features ({dim} dims, float16) for "
               + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f" images in {seconds:.0f}s -> {folder}")  # fmt: skip
-    return {"dir": str(folder), "manifest": manifest, "built": True, "seconds": seconds}
+
+    return {"dir": str(folder), "manifest": manifest, "built": True, "seconds": seconds,
+            "skipped": info.skipped}  # fmt: skip
 
 
 def run_cache_features(cfg) -> dict:
-    return build_cache(cfg)
+    result = build_cache(cfg)
+    if skipped := result["skipped"]:
+        listed = write_unusable(skipped, cfg.paths.output_dir or result["dir"])
+        print(f"  unusable: {len(skipped)} file(s) skipped, each with its reason in {listed}")
+    return result
 
 
 class FeatureDataModule(L.LightningDataModule):

@@ -8,7 +8,7 @@ model, so the only client-side steps are: decode, orient, convert to the model's
 from __future__ import annotations
 
 import io
-import warnings
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,9 +19,13 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
 )  # fmt: skip
 RESIZE_MODES = ("stretch", "crop", "pad")
-# Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image).
+# Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
+# check is ours, made on the header's size right after Image.open, and names the size it refused.
 MAX_PIXELS = 16384 * 16384
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own check then agrees with ours
+# PIL's own guard stays on for all code in the process, but above our limit, so that for the
+# images we refuse it does not warn first (its warning is process-wide `warnings` business and
+# turns into an exception wherever a filter says "error"); it still catches anything absurd.
+Image.MAX_IMAGE_PIXELS = 4 * MAX_PIXELS
 
 
 class ImageError(ValueError):
@@ -71,42 +75,83 @@ class Preprocessing:
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and orient an image; raise ImageError naming the file and the cause."""
     path = Path(path)
+    name = display_name(path)
     if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    return _decode(_open(path, str(path)), str(path), max_pixels)
+        raise ImageError(f"{name}: {'broken symlink or symlink loop' if path.is_symlink() else 'no such file'}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageError(f"{name}: empty (0 bytes)")
+    return _decode(_open(path, name, max_pixels), name)
 
 
-def _open(source, name: str) -> Image.Image:
-    """Image.open (header only) with every failure turned into an ImageError."""
+def display_name(path: str | Path) -> str:
+    """A path that can always be printed: bytes that are not UTF-8 are shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refused(name: str, size: tuple[int, int], max_pixels: int) -> ImageTooLarge:
+    w, h = size
+    return ImageTooLarge(
+        f"{name}: refused: {w}x{h} exceeds the pixel limit ({w * h:,} > {max_pixels:,} pixels; "
+        "a possible decompression bomb, not decoded)"
+    )
+
+
+def _bomb(name: str, e: Exception) -> ImageTooLarge:
+    """PIL's own guard fired (its error above twice its limit, or its warning made an error by a
+    warnings filter somewhere in the process): the same refusal, with PIL's pixel count."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    pixels = f"{int(found.group(1)):,} pixels " if found else ""
+    return ImageTooLarge(
+        f"{name}: refused: {pixels}exceeds the pixel limit (a possible decompression bomb, not "
+        "decoded)"
+    )
+
+
+# PIL's bomb guard (Image._decompression_bomb_check) raises DecompressionBombError, or *warns* with
+# DecompressionBombWarning, which any warnings filter in the process can turn into an exception.
+# Every PIL call below catches both; none of this module touches the warnings filters (a filter is
+# process-wide state and the callers decode in threads).
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _open(source, name: str, max_pixels: int) -> Image.Image:
+    """Image.open (header only) with every failure turned into an ImageError; the size is checked
+    from the header, so nothing larger than `max_pixels` is ever decoded."""
     try:
-        return Image.open(source)
+        im = Image.open(source)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, ValueError) as e:
+    except _BOMB as e:
+        raise _bomb(name, e) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{name}: cannot open ({e})") from None
-
-
-def _decode(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageTooLarge(
-            f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-            "(possible decompression bomb); refused without decoding"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-        im = ImageOps.exif_transpose(im)
-    except Image.DecompressionBombWarning as e:
-        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt or truncated ({e})") from None
+        im.close()
+        raise _refused(name, (w, h), max_pixels)
     return im
+
+
+def _decode(im: Image.Image, name: str) -> Image.Image:
+    """Decode the pixels (the first frame of an animation) and apply the EXIF orientation."""
+    try:
+        im.load()
+        return ImageOps.exif_transpose(im)
+    except _BOMB as e:
+        raise _bomb(name, e) from None
+    except Exception as e:  # any decoder failure is this file's problem, whatever PIL raised
+        raise ImageError(f"{name}: corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def header(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (width, height)) from the header alone; ImageError as open_image would raise."""
+    name = display_name(path)
+    with _open(Path(path), name, max_pixels) as im:
+        return im.mode, im.size
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -168,21 +213,46 @@ def to_array(im: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 
 def load_array(path: str | Path, pre: Preprocessing) -> np.ndarray:
-    return to_array(open_image(path), pre)
+    return _converted(open_image(path), pre, display_name(path))
+
+
+def _converted(im: Image.Image, pre: Preprocessing, name: str) -> np.ndarray:
+    """to_array, with a failure of PIL's conversions (an exotic mode) as an ImageError."""
+    try:
+        return to_array(im, pre)
+    except _BOMB as e:
+        raise _bomb(name, e) from None
+    except Exception as e:  # PIL's conversions of an exotic mode: this file's problem
+        raise ImageError(f"{name}: cannot convert {im.mode} pixels ({type(e).__name__}: {e})") from None
 
 
 def open_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """open_image for encoded bytes already in memory (an upload, a file read once)."""
+    name = display_name(name)
     if not data:
         raise ImageError(f"{name}: empty (0 bytes)")
-    return _decode(_open(io.BytesIO(data), name), name, max_pixels)
+    return _decode(_open(io.BytesIO(data), name, max_pixels), name)
 
 
 def decode_bytes(
     data: bytes, pre: Preprocessing, name: str = "image", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
     """Encoded image bytes (an upload, a base64 payload) to the model's uint8 CHW array."""
-    return to_array(open_bytes(data, name, max_pixels), pre)
+    return _converted(open_bytes(data, name, max_pixels), pre, display_name(name))
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why a listed path cannot be used as an image file before it is even opened, or None:
+    a name that is not UTF-8 (it could not be written to a JSON, CSV or MLflow record), a broken
+    symlink or symlink loop, or something that is not a regular file."""
+    path = Path(path)
+    if display_name(path) != str(path):
+        return "file name is not valid UTF-8 (rename the file)"
+    if path.is_symlink() and not path.exists():
+        return "broken symlink or symlink loop"
+    if path.exists() and not path.is_file():
+        return "not a regular file"
+    return None
 
 
 def is_image_name(path: str | Path) -> bool:

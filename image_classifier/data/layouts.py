@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import ImageError, is_image_name, open_image
+from image_classifier.data.images import (
+    ImageError,
+    display_name,
+    is_image_name,
+    open_image,
+    path_problem,
+)
 from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,8 +91,8 @@ def discover(
         layout = "class folders"
         labelled, given_splits = _scan_class_folders(root, skipped), None
         for p in entries:
-            if p.is_file():
-                skipped[str(p)] = "stray file beside the class folders"
+            if not p.is_dir():
+                skipped[display_name(p)] = "stray file beside the class folders"
 
     if check_images:
         keep = _check_images([p for p, _ in labelled], skipped)
@@ -102,7 +108,8 @@ def discover(
                 f"{len(skipped)} file(s) under {str(root)!r} are not usable images "
                 f"(data.strict=true): {examples}. Remove them or set data.strict=false to skip them."
             )
-        log.warning("Skipping %d unusable file(s) under %s: %s", len(skipped), root, examples)
+        log.warning("Skipping %d unusable file(s) under %s:\n%s", len(skipped), root,
+                    unusable_lines(skipped))
 
     classes = sorted({label for _, label in labelled})
     if not classes:
@@ -139,6 +146,27 @@ def discover(
     return Samples(classes=classes, splits=splits, layout=layout, skipped=skipped)
 
 
+def unusable_lines(skipped: dict[str, str], limit: int = 20) -> str:
+    """One indented 'path: reason' line per skipped file (the first `limit`, then a count)."""
+    lines = [f"  {p}: {why}" for p, why in list(skipped.items())[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (all in unusable_files.csv)")
+    return "\n".join(lines)
+
+
+def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
+    """`unusable_files.csv` (path, reason) in `folder`, or None when nothing was skipped."""
+    if not skipped:
+        return None
+    path = Path(folder) / "unusable_files.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(sorted(skipped.items()))
+    return path
+
+
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
     out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -147,10 +175,12 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image files>."
         )
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file())
+        files = sorted(p for p in d.rglob("*") if not p.is_dir())
         images = []
         for p in files:
-            if p.name.startswith(".") or not is_image_name(p):
+            if problem := path_problem(p):
+                skipped[display_name(p)] = problem
+            elif p.name.startswith(".") or not is_image_name(p):
                 skipped[str(p)] = "not an image file name"
             else:
                 images.append(p)

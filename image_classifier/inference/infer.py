@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import ImageError, Preprocessing, load_array
+from image_classifier.data.images import (
+    ImageError,
+    Preprocessing,
+    display_name,
+    load_array,
+    path_problem,
+)
 from image_classifier.errors import UserError
 from image_classifier.inference.predictor import load_predictor
 
@@ -37,7 +43,7 @@ def collect_inputs(spec: str) -> list[Path]:
         files = sorted(
             f
             for f in p.rglob("*")
-            if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
+            if not f.is_dir() and not any(s.startswith(".") for s in f.relative_to(p).parts)
         )
     elif p.is_file() and p.suffix.lower() == ".txt":
         base = p.parent
@@ -53,7 +59,7 @@ def collect_inputs(spec: str) -> list[Path]:
         files = sorted(
             Path(f)
             for f in glob.glob(os.path.expanduser(spec), recursive=True)
-            if Path(f).is_file()
+            if not Path(f).is_dir()
         )
     else:
         files = []
@@ -65,6 +71,8 @@ def collect_inputs(spec: str) -> list[Path]:
 
 
 def _load(path: Path, pre: Preprocessing):
+    if problem := path_problem(path):
+        return None, problem
     try:
         return load_array(path, pre), None
     except ImageError as e:
@@ -86,9 +94,9 @@ def predict_paths(
             by_index = dict(zip(good, probs if probs is not None else [], strict=False))
             for i, path in enumerate(chunk):
                 if i not in by_index:
-                    rows.append(error_row(str(path), loaded[i][1]))
+                    rows.append(error_row(display_name(path), loaded[i][1]))
                     continue
-                rows.append(prediction_row(str(path), by_index[i], classes, top_k))
+                rows.append(prediction_row(display_name(path), by_index[i], classes, top_k))
     return rows
 
 
@@ -201,4 +209,6 @@ def run_infer(cfg) -> dict:
         + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
         file=sys.stderr,
     )  # fmt: skip
+    for r in [r for r in rows if r.get("error")][:20]:
+        print(f"  {r['path']}: {r['error']}", file=sys.stderr)
     return {"rows": rows, "errors": errors, "seconds": seconds}

@@ -12,6 +12,7 @@ import lightning as L
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier.data.images import Preprocessing
+from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.training import tracking
 from image_classifier.training.checkpoints import load_module, newest_best
@@ -133,7 +134,8 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
 
     result = {"report": str(report_path), "plots": [str(p) for p in plots], "shared_plots": str(shared),
               "accuracy": report["accuracy"], "f1_macro": report["f1_macro"], "checkpoint": str(path),
-              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+              "seconds": round(time.perf_counter() - started, 1), "skipped_files": len(info.skipped),
+              "unusable_files": str(write_unusable(info.skipped, out) or "")}  # fmt: skip
     if logger is not None:
         run = logger.experiment
         run.log_metric(logger.run_id, "test/acc", report["accuracy"])
@@ -155,6 +157,8 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}",
         "  lowest recall: " + ", ".join(f"{c} {v['recall']:.3f}" for c, v in worst),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
+        *([f"  unusable: {len(info.skipped)} file(s) skipped, each with its reason in "
+           f"{result['unusable_files']}"] if info.skipped else []),
         f"  report: {report_path}",
         f"  plots:  {', '.join(str(p) for p in plots)} (copies in {shared}/)",
         f"  mlflow run: {result.get('mlflow_run_id', 'disabled')}",

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import (
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier.data.datamodule import ImageDataModule
+from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models.module import ClassifierModule
 from image_classifier.training import tracking
@@ -201,6 +202,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         "output_dir": str(out),
         "plots": [str(curves)] if curves else [],
         "skipped_files": len(info.skipped),
+        "unusable_files": str(write_unusable(info.skipped, out) or ""),
         "data_source": info.source,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -234,6 +236,10 @@ def _print_summary(r: dict, info) -> None:
         ),
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
+        f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
+        f"{r['unusable_files']}"
+        if r["skipped_files"]
+        else "",
         f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",
         "  next: uv run python commands.py command=test",
     ]
