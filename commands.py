@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from image_classifier.errors import ExportError, UserError
 
@@ -21,7 +21,7 @@ COMMANDS = {
     "download": "image_classifier.data.sources:run_download",
     "train": "image_classifier.training.train:run_train",
     "test": "image_classifier.training.evaluate:run_test",
-    "cache-features": "image_classifier.data.features:run_cache_features",
+    "cache-features": "image_classifier.training.features:run_cache_features",
     "export-onnx": "image_classifier.export.onnx:run_export_onnx",
     "export-trt": "image_classifier.export.tensorrt:run_export_trt",
     "export-triton": "image_classifier.export.triton:run_export_triton",
@@ -41,8 +41,10 @@ def _run(cfg: DictConfig):
     if name not in COMMANDS:
         from image_classifier.errors import did_you_mean
 
-        raise UserError(f"Unknown command {name!r}.{did_you_mean(name, COMMANDS)} "
-                        f"Valid commands: {', '.join(COMMANDS)}.")  # fmt: skip
+        raise UserError(
+            f"Unknown command {name!r}.{did_you_mean(name, COMMANDS)} "
+            f"Valid commands: {', '.join(COMMANDS)}."
+        )
     import importlib
 
     module, func = COMMANDS[name].split(":")
@@ -90,74 +92,13 @@ def _rewrite_model(args: list[str]) -> list[str]:
 
 
 def _check_overrides(args: list[str]) -> None:
-    """Compose once before Hydra runs, so a bad key or group exits 2 with close matches."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """Compose and validate once before Hydra runs: a bad key, group or value exits 2 at once."""
+    from image_classifier.config import check_command_line
 
-    from image_classifier.errors import did_you_mean
-
-    plain = [a for a in args if not a.startswith("-")]
     try:
-        parsed = OverridesParser.create().parse_overrides(plain)
-    except HydraException as e:
-        _fail(f"Cannot parse the overrides: {e}")
-    simple = []
-    for o in parsed:
-        if o.is_hydra_override():
-            continue
-        values = (
-            list(o.sweep_string_iterator())
-            if o.is_sweep_override()
-            else [o.get_value_element_as_str()]
-        )
-        key = o.key_or_group
-        if (CONFIG_DIR / key).is_dir():  # a config group: each value must name one of its files
-            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
-            for v in values:
-                if v not in options:
-                    extra = (
-                        " (or any timm architecture: model=timm model.name=NAME)"
-                        if key == "model"
-                        else ""
-                    )
-                    _fail(f"Unknown {key} option {v!r}.{did_you_mean(v, options)} "
-                          f"Available: {', '.join(options)}{extra}.")  # fmt: skip
-        simple.append(f"{o.get_key_element()}={values[0]}")
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=simple)
-    except (HydraException, OmegaConfBaseException) as e:
-        import re
-
-        msg = str(e).strip().splitlines()[0]
-        m = re.search(r"Could not override '([^']+)'|Key '([^']+)' is not in struct", str(e))
-        hint = ""
-        if m:
-            key = m.group(1) or m.group(2)
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                base = compose(config_name="config")
-            keys = [
-                k
-                for k in _flat_keys(OmegaConf.to_container(base))
-                if k.count(".") == key.count(".")
-            ]
-            hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
-        elif "Could not find" in str(e):
-            hint = " " + " ".join(str(e).split())
-            msg = ""
-        _fail(f"Bad override: {msg}{hint}".replace(": .", ".").strip())
-
-
-def _flat_keys(d, prefix=""):
-    keys = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        keys.append(key)
-        if isinstance(v, dict):
-            keys += _flat_keys(v, key + ".")
-    return keys
+        check_command_line(args, CONFIG_DIR)
+    except UserError as e:
+        _fail(str(e))
 
 
 # infer answers on stdout and should start fast: no run folder, no log files, Hydra's logging off

@@ -1,4 +1,4 @@
-"""Errors that reach the user as one clear paragraph and exit code 2 (see ../shared/CLI.md)."""
+"""Errors that reach the user as one clear paragraph and an exit code (see docs/commands.md)."""
 
 import difflib
 from collections.abc import Iterable

@@ -1,7 +1,7 @@
-"""Audit benchmark: time on all 70,000 Fashion-MNIST images, and recall/precision on planted problems.
+"""Audit benchmark: time on all 70,000 Fashion-MNIST images, recall/precision on planted problems.
 
-    uv run python scripts/benchmark_audit.py              # pixels features only (about 3 minutes)
-    uv run python scripts/benchmark_audit.py --cache      # also with cache-features (+ about 4 minutes)
+    uv run python scripts/benchmark_audit.py          # pixels features only (about 3 minutes)
+    uv run python scripts/benchmark_audit.py --cache  # also with cache-features (+ about 4 minutes)
 
 1. `audit` on data/fashion_mnist as it is (timed; what it flags there is the dataset's own).
 2. A planted copy (written to a temp folder, same IDX format): 50 exact duplicates (a training image
@@ -68,17 +68,24 @@ def plant(src: Path, dest: Path, seed: int = 0):
         ytr[i] = (ytr[i] + rng.integers(1, 10)) % 10
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, arr in (("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", ytr),
-                      ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", yte)):  # fmt: skip
+    for name, arr in (
+        ("train-images-idx3-ubyte", xtr),
+        ("train-labels-idx1-ubyte", ytr),
+        ("t10k-images-idx3-ubyte", xte),
+        ("t10k-labels-idx1-ubyte", yte),
+    ):
         write_idx(dest / name, arr)
         files[name] = hashlib.sha256((dest / name).read_bytes()).hexdigest()
-    planted = {"exact": list(zip(exact_src, exact_dst, strict=True)),
-               "near": list(zip(near_src, near_dst, strict=True)), "flips": list(flips)}  # fmt: skip
+    planted = {
+        "exact": list(zip(exact_src, exact_dst, strict=True)),
+        "near": list(zip(near_src, near_dst, strict=True)),
+        "flips": list(flips),
+    }
     return files, planted, ytr
 
 
 def positions(ytr: np.ndarray, val_size: int, seed: int, n_test: int) -> list[tuple[str, int]]:
-    """Audit index -> (file, row): the audit lists train, then val (both from the train file), then test."""
+    """Audit index -> (file, row): train, then val (both from the train file), then test."""
     from image_classifier.data.datamodule import _stratified_indices
 
     tr, va = _stratified_indices(ytr.astype(np.int64), val_size, seed)
@@ -128,8 +135,13 @@ def score(result: dict, planted: dict, where: list[tuple[str, int]]) -> dict:
     label_planted = {("train", int(i)) for i in planted["flips"]}
 
     def pr(found, flagged, planted_n):
-        return {"found": found, "planted": planted_n, "recall": found / planted_n,
-                "flagged": flagged, "precision": found / flagged if flagged else 0.0}  # fmt: skip
+        return {
+            "found": found,
+            "planted": planted_n,
+            "recall": found / planted_n,
+            "flagged": flagged,
+            "precision": found / flagged if flagged else 0.0,
+        }
 
     return {
         "exact": pr(len(exact_planted & exact_flagged), len(exact_flagged), len(exact_planted)),
@@ -154,12 +166,18 @@ def main():
             t0 = time.perf_counter()
             orig = [f"paths.output_dir={tmp}/orig", "audit.features=pixels", "logger.enabled=false"]
             r = run_audit(cfg_for(tmp, *orig))
-            print(f"\n70,000 images, pixels features: {time.perf_counter() - t0:.1f}s wall "
-                  f"(stages: {r['report']['seconds']})\n")  # fmt: skip
+            print(
+                f"\n70,000 images, pixels features: {time.perf_counter() - t0:.1f}s wall "
+                f"(stages: {r['report']['seconds']})\n"
+            )
 
         files, planted, ytr = plant(src, tmp / "planted")
-        base = [f"data.dir={tmp / 'planted'}", "data.download.sources=[local]", "logger.enabled=false",
-                *[f"data.files.{k}={v}" for k, v in files.items()]]  # fmt: skip
+        base = [
+            f"data.dir={tmp / 'planted'}",
+            "data.download.sources=[local]",
+            "logger.enabled=false",
+            *[f"data.files.{k}={v}" for k, v in files.items()],
+        ]
         c = cfg_for(tmp, *base)
         where = positions(ytr, int(c.data.val_size), int(c.data.seed), 10000)
         runs = [] if args.cache_only else [("pixels", ["audit.features=pixels"])]
@@ -174,7 +192,7 @@ def main():
             runs.append(("cache-features", feats))
         for name, extra in runs:
             if name == "cache-features":
-                from image_classifier.data.features import build_cache
+                from image_classifier.training.features import build_cache
 
                 t0 = time.perf_counter()
                 build_cache(cfg_for(tmp, *base, *extra, "train.num_workers=0"), quiet=True)
@@ -188,7 +206,8 @@ def main():
             print("| --- | --- | --- | --- | --- | --- |")
             for k, v in s.items():
                 print(
-                    f"| {k} | {v['planted']} | {v['found']} | {v['recall']:.0%} | {v['flagged']} | {v['precision']:.1%} |"
+                    f"| {k} | {v['planted']} | {v['found']} | {v['recall']:.0%} | {v['flagged']} | "
+                    f"{v['precision']:.1%} |"
                 )
 
 

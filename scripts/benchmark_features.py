@@ -37,8 +37,8 @@ def compose(*overrides):
 def main():
     from lightning.pytorch.callbacks import Callback
 
-    from image_classifier.data.features import build_cache
     from image_classifier.training.evaluate import run_test
+    from image_classifier.training.features import build_cache
     from image_classifier.training.train import run_train
 
     ap = argparse.ArgumentParser()
@@ -48,8 +48,12 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench-features-"))
     (root / "data").symlink_to(ROOT / "data")  # the Fashion-MNIST files already downloaded
     s = args.size
-    common = [f"paths.root={root}", f"features.size=[{s},{s}]", "trainer.enable_progress_bar=false",
-              "logger.enabled=false"]  # fmt: skip
+    common = [
+        f"paths.root={root}",
+        f"features.size=[{s},{s}]",
+        "trainer.enable_progress_bar=false",
+        "logger.enabled=false",
+    ]
 
     class EpochTimer(Callback):
         def __init__(self):
@@ -72,8 +76,16 @@ def main():
 
     head_timer = EpochTimer()
     t1 = time.perf_counter()
-    head = run_train(compose(*common, "model=head", f"train.epochs={args.head_epochs}", "train.early_stopping=0",
-                             f"paths.output_dir={root}/head"), callbacks=[head_timer])  # fmt: skip
+    head = run_train(
+        compose(
+            *common,
+            "model=head",
+            f"train.epochs={args.head_epochs}",
+            "train.early_stopping=0",
+            f"paths.output_dir={root}/head",
+        ),
+        callbacks=[head_timer],
+    )
     head_train_s = time.perf_counter() - t1
     head_test = run_test(
         compose(
@@ -85,10 +97,22 @@ def main():
     ft_timer = EpochTimer()
     h, rem = divmod(int(budget), 3600)
     m, sec = divmod(rem, 60)
-    ft = run_train(compose(*common, "model=efficientnet_lite0", f"data.size=[{s},{s}]", "data.channels=3",
-                           "train.epochs=100", "train.scheduler=cosine", "train.lr=1e-3", "train.early_stopping=0",
-                           f"trainer.max_time=00:{h:02d}:{m:02d}:{sec:02d}", "trainer.val_check_interval=0.25",
-                           f"paths.output_dir={root}/ft"), callbacks=[ft_timer])  # fmt: skip
+    ft = run_train(
+        compose(
+            *common,
+            "model=efficientnet_lite0",
+            f"data.size=[{s},{s}]",
+            "data.channels=3",
+            "train.epochs=100",
+            "train.scheduler=cosine",
+            "train.lr=1e-3",
+            "train.early_stopping=0",
+            f"trainer.max_time=00:{h:02d}:{m:02d}:{sec:02d}",
+            "trainer.val_check_interval=0.25",
+            f"paths.output_dir={root}/ft",
+        ),
+        callbacks=[ft_timer],
+    )
     ft_test = run_test(
         compose(*common, f"test.checkpoint={ft['checkpoint']}", f"paths.output_dir={root}/ft_test")
     )
@@ -111,11 +135,13 @@ def main():
     print(f"| cache build, 70,000 images, one-off | {build_s:.0f} s |")
     print(f"| head epoch on the cache (55,000 features) | {head_epoch_s:.2f} s |")
     print(
-        f"| fine-tuning epoch of the same backbone (from {ft_timer.steps} timed steps) | {ft_epoch_s:.0f} s |"
+        f"| fine-tuning epoch of the same backbone (from {ft_timer.steps} timed steps) | "
+        f"{ft_epoch_s:.0f} s |"
     )
     print(f"| ratio (target >= 20x) | {ft_epoch_s / head_epoch_s:.0f}x |")
     print(
-        f"| test accuracy, cache + {args.head_epochs} head epochs ({budget:.0f} s in all) | {head_test['accuracy']:.4f} |"
+        f"| test accuracy, cache + {args.head_epochs} head epochs ({budget:.0f} s in all) | "
+        f"{head_test['accuracy']:.4f} |"
     )
     print(f"| test accuracy, fine-tuning for the same {budget:.0f} s | {ft_test['accuracy']:.4f} |")
 

@@ -36,8 +36,15 @@ def build(name: str, size: int, channels: int, classes: int = 10):
         from omegaconf import OmegaConf
 
         spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "cnn.yaml"))
-    pre = {"size": [size, size], "channels": channels, "mean": [0.5] * channels, "std": [0.5] * channels,
-           "resize": "stretch", "input_range": "0-255", "extra": {}}  # fmt: skip
+    pre = {
+        "size": [size, size],
+        "channels": channels,
+        "mean": [0.5] * channels,
+        "std": [0.5] * channels,
+        "resize": "stretch",
+        "input_range": "0-255",
+        "extra": {},
+    }
     optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}
     return ClassifierModule(
         model=spec, classes=[f"c{i}" for i in range(classes)], preprocessing=pre, optim=optim
@@ -108,7 +115,8 @@ def main():
             r_ort, r_pt = rate(ort.predict, x), rate(eager, x)
             rows.append((name, bs, r_ort, r_pt))
             print(
-                f"  {name} batch {bs}: onnxruntime {r_ort:.0f} img/s, pytorch {r_pt:.0f} img/s, ratio {r_ort / r_pt:.2f}"
+                f"  {name} batch {bs}: onnxruntime {r_ort:.0f} img/s, pytorch {r_pt:.0f} img/s, "
+                f"ratio {r_ort / r_pt:.2f}"
             )
 
     if args.skip_cold:
@@ -118,15 +126,24 @@ def main():
 
     img = tmp / "one.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(img)
-    infer_cmd = [sys.executable, "commands.py", "command=infer", f"infer.model={models['cnn'][1]}",
-                 f"infer.input={img}", f"paths.root={tmp}"]  # fmt: skip
+    infer_cmd = [
+        sys.executable,
+        "commands.py",
+        "command=infer",
+        f"infer.model={models['cnn'][1]}",
+        f"infer.input={img}",
+        f"paths.root={tmp}",
+    ]
     t_infer = cold(infer_cmd)
     t_lightning = cold([sys.executable, "-c", "import lightning"], runs=3)
     t_python = cold([sys.executable, "-c", "pass"])
 
     print()
-    print(f"Cold-start `infer` on one image (cnn .onnx): {t_infer:.2f} s median of 5 (target <= 1.5 s); "
-          f"`import lightning` alone: {t_lightning:.1f} s; bare interpreter: {t_python:.2f} s")  # fmt: skip
+    print(
+        f"Cold-start `infer` on one image (cnn .onnx): {t_infer:.2f} s median of 5 (target <= 1.5 "
+        "s); "
+        f"`import lightning` alone: {t_lightning:.1f} s; bare interpreter: {t_python:.2f} s"
+    )
     table(rows, f"{dev}, {threads} threads")
 
 

@@ -1,7 +1,7 @@
 """Training throughput (images/s) of every model config under configs/model/, on this machine.
 
     uv run python scripts/benchmark_models.py                 # about 5 minutes on 2 cores
-    uv run python scripts/benchmark_models.py --device cuda   # on a GPU (add --channels-last --bf16)
+    uv run python scripts/benchmark_models.py --device cuda   # GPU (add --channels-last --bf16)
 
 Each config trains with the LightningModule's own network and AdamW on random uint8 images at the
 size it is meant for (28x28 grey for the small CNNs, 224 or 384 RGB for the ImageNet models),
@@ -20,10 +20,17 @@ sys.path.insert(0, str(ROOT))
 
 # config -> (input size, channels, batch on CPU)
 SETUPS = {
-    "baseline": (28, 1, 128), "cnn": (28, 1, 128), "cnn4": (28, 1, 128), "timm": (224, 3, 16),
-    "resnet18_transfer": (224, 3, 16), "rexnet_150": (224, 3, 16), "efficientnetv2": (224, 3, 16),
-    "efficientnet_lite0": (224, 3, 16), "swin_224": (224, 3, 8), "swin_large_384": (384, 3, 2),
-}  # fmt: skip
+    "baseline": (28, 1, 128),
+    "cnn": (28, 1, 128),
+    "cnn4": (28, 1, 128),
+    "timm": (224, 3, 16),
+    "resnet18_transfer": (224, 3, 16),
+    "rexnet_150": (224, 3, 16),
+    "efficientnetv2": (224, 3, 16),
+    "efficientnet_lite0": (224, 3, 16),
+    "swin_224": (224, 3, 8),
+    "swin_large_384": (384, 3, 2),
+}
 
 
 def main():
@@ -50,10 +57,21 @@ def main():
         batch *= args.batch_scale
         spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"))
         spec["pretrained"] = False  # speed does not depend on the weights
-        pre = {"size": [size, size], "channels": channels, "mean": [0.5] * channels, "std": [0.5] * channels,
-               "resize": "stretch", "input_range": "0-255", "extra": {}}  # fmt: skip
-        module = ClassifierModule(model=spec, classes=[str(i) for i in range(10)], preprocessing=pre,
-                                  optim={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}).to(args.device)  # fmt: skip
+        pre = {
+            "size": [size, size],
+            "channels": channels,
+            "mean": [0.5] * channels,
+            "std": [0.5] * channels,
+            "resize": "stretch",
+            "input_range": "0-255",
+            "extra": {},
+        }
+        module = ClassifierModule(
+            model=spec,
+            classes=[str(i) for i in range(10)],
+            preprocessing=pre,
+            optim={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        ).to(args.device)
         if spec.get("freeze_backbone"):
             FreezeBackbone().freeze_before_training(module)
         if args.channels_last:
@@ -85,8 +103,10 @@ def main():
         params_m = sum(p.numel() for p in module.parameters()) / 1e6
         rows.append((name, spec["name"], f"{size}x{size}x{channels}", batch, params_m, rate))
         print(f"  {name}: {rate:.1f} img/s", flush=True)
-    print(f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads)"
-          f"{', channels-last' if args.channels_last else ''}{', bf16' if args.bf16 else ''}:")  # fmt: skip
+    print(
+        f"\nTraining throughput on {args.device} ({torch.get_num_threads()} threads)"
+        f"{', channels-last' if args.channels_last else ''}{', bf16' if args.bf16 else ''}:"
+    )
     print("| model= | architecture | input | batch | params (M) | train img/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, arch, shape, batch, pm, rate in rows:

@@ -1,4 +1,4 @@
-"""Training benchmark: the project's `train` vs a plain PyTorch loop, and the default job end to end.
+"""Training benchmark: the project's `train` vs a plain PyTorch loop; the default job end to end.
 
     uv run python scripts/benchmark_train.py            # both parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_train.py --quick    # throughput ratio only (about 2 minutes)
@@ -45,9 +45,16 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
     from image_classifier.training.train import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    base = [f"paths.root={ROOT}", "train.augment.hflip=false", "train.augment.shift=0",
-            "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "train.epochs=1",
-            f"trainer.limit_train_batches={steps}", "logger.enabled=false"]  # fmt: skip
+    base = [
+        f"paths.root={ROOT}",
+        "train.augment.hflip=false",
+        "train.augment.shift=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=0",
+        "train.epochs=1",
+        f"trainer.limit_train_batches={steps}",
+        "logger.enabled=false",
+    ]
     cfg = compose(*base, f"paths.output_dir={tmp}/probe")
     bs, threads = int(cfg.train.batch_size), torch.get_num_threads()
 
@@ -71,13 +78,16 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
 
     dm = ImageDataModule(cfg.data, batch_size=bs, project_root=ROOT)
     info = dm.prepare()
-    images, labels = dm.datasets["train"].images, dm.datasets["train"].labels
+    images, labels = dm.dataset("train").images, dm.dataset("train").labels
 
     def plain_round(i):
         L.seed_everything(i, verbose=False)
         spec = dict(cfg.model)
-        net = Normalized(create_model(spec.pop("name"), num_classes=len(info.classes), in_chans=1, **spec),
-                         info.preprocessing.mean, info.preprocessing.std)  # fmt: skip
+        net = Normalized(
+            create_model(spec.pop("name"), num_classes=len(info.classes), in_chans=1, **spec),
+            info.preprocessing.mean,
+            info.preprocessing.std,
+        )
         net = net.to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(
             net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -101,12 +111,16 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
         plain.append(plain_round(i))
         project.append(project_round(i))
         print(
-            f"  round {i + 1}: plain loop {plain[-1]:.0f} img/s, project train {project[-1]:.0f} img/s"
+            f"  round {i + 1}: plain loop {plain[-1]:.0f} img/s, project train {project[-1]:.0f} "
+            "img/s"
         )
     ratio = statistics.median(p / q for p, q in zip(project, plain, strict=True))
-    print(f"Throughput (model={cfg.model.name}, batch {bs}, {threads} threads, {steps - warmup} timed steps "
-          f"x {rounds} rounds): plain loop {statistics.median(plain):.0f} img/s, project train "
-          f"{statistics.median(project):.0f} img/s, ratio {ratio:.3f} (target >= 0.9)")  # fmt: skip
+    print(
+        f"Throughput (model={cfg.model.name}, batch {bs}, {threads} threads, {steps - warmup} "
+        "timed steps "
+        f"x {rounds} rounds): plain loop {statistics.median(plain):.0f} img/s, project train "
+        f"{statistics.median(project):.0f} img/s, ratio {ratio:.3f} (target >= 0.9)"
+    )
 
 
 def end_to_end() -> None:
@@ -116,8 +130,13 @@ def end_to_end() -> None:
         cmds = [["command=train", "trainer.enable_progress_bar=false"], ["command=test"]]
         out = ""
         for args in cmds:
-            p = subprocess.run([sys.executable, str(ROOT / "commands.py"), *args, f"paths.root={root}"],
-                               cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+            p = subprocess.run(
+                [sys.executable, str(ROOT / "commands.py"), *args, f"paths.root={root}"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             out += p.stdout
             if p.returncode != 0:
                 sys.exit(f"{' '.join(args)} failed:\n{p.stderr[-3000:]}")

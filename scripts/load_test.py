@@ -1,7 +1,7 @@
 """Load test for `command=serve`: N concurrent clients, M requests, real images, loopback only.
 
-    uv run python scripts/load_test.py                        # default model, 16 clients, 2,000 requests
-    uv run python scripts/load_test.py --model resnet18       # resnet18 at 224 px (random weights)
+    uv run python scripts/load_test.py                   # default model, 16 clients, 2,000 requests
+    uv run python scripts/load_test.py --model resnet18  # resnet18 at 224 px (random weights)
     uv run python scripts/load_test.py --model PATH.onnx --clients 32 --requests 5000
 
 It starts the service itself on 127.0.0.1 (a free port), waits for /health, runs the clients
@@ -37,16 +37,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def default_model() -> Path:
-    """What `command=serve` serves without serve.model: the .onnx beside the newest best checkpoint."""
+    """What `command=serve` serves without serve.model: the .onnx beside the newest best."""
     from hydra import compose, initialize_config_dir
 
     from image_classifier.errors import UserError
-    from image_classifier.inference.infer import default_model as newest_onnx
+    from image_classifier.runs import model_file
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"paths.root={ROOT}"])
     try:
-        return newest_onnx(cfg, "--model")
+        return model_file(cfg, None, "--model")
     except UserError as e:
         sys.exit(str(e))
 
@@ -95,8 +95,16 @@ def free_port() -> int:
 def start_server(model: Path, port: int) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, str(ROOT / "commands.py"), "command=serve", f"serve.model={model}",
-           f"serve.port={port}", "serve.host=127.0.0.1", f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}", "hydra.output_subdir=null"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "commands.py"),
+        "command=serve",
+        f"serve.model={model}",
+        f"serve.port={port}",
+        "serve.host=127.0.0.1",
+        f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
+        "hydra.output_subdir=null",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -184,8 +192,15 @@ def main() -> None:
         port = free_port()
         proc = start_server(model, port)
         try:
-            lat, counts, seconds = asyncio.run(run_clients(
-                f"http://127.0.0.1:{port}/predict", images, args.clients, args.requests, args.max_seconds))  # fmt: skip
+            lat, counts, seconds = asyncio.run(
+                run_clients(
+                    f"http://127.0.0.1:{port}/predict",
+                    images,
+                    args.clients,
+                    args.requests,
+                    args.max_seconds,
+                )
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -196,8 +211,10 @@ def main() -> None:
         done = len(lat)
         service = done / seconds
         q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
-        print(f"model {model.name} ({size}x{size}), {args.clients} clients, {done} answered of "
-              f"{args.requests} requested in {seconds:.1f}s on {os.cpu_count()} cores")  # fmt: skip
+        print(
+            f"model {model.name} ({size}x{size}), {args.clients} clients, {done} answered of "
+            f"{args.requests} requested in {seconds:.1f}s on {os.cpu_count()} cores"
+        )
         print(f"  service throughput   {service:8.1f} req/s")
         print(f"  latency p50 / p99    {q[49] * 1000:8.1f} / {q[98] * 1000:.1f} ms")
         print("  responses            " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -206,7 +223,8 @@ def main() -> None:
         if not args.no_direct:
             direct = direct_rate(model, images, done, min(args.max_seconds, 120))
             print(
-                f"  direct ONNX Runtime  {direct:8.1f} img/s (in-process, decode + 1 image per call)"
+                f"  direct ONNX Runtime  {direct:8.1f} img/s (in-process, decode + 1 image per "
+                "call)"
             )
             print(f"  service / direct     {service / direct:8.2f}x")
         if counts["5xx"] or counts["connection errors"] or not clean:

@@ -33,8 +33,14 @@ def class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndar
     return img
 
 
-def make_class_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10,
-                       size: int = 16, mode: str = "L", seed: int = 0) -> Path:  # fmt: skip
+def make_class_folders(
+    root: Path,
+    classes=("cat", "dog", "fox"),
+    per_class: int = 10,
+    size: int = 16,
+    mode: str = "L",
+    seed: int = 0,
+) -> Path:
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):
         d = root / name
@@ -62,15 +68,19 @@ def write_idx_gz(path: Path, arr: np.ndarray) -> None:
 
 @pytest.fixture
 def idx_source(tmp_path) -> tuple[Path, dict[str, str]]:
-    """A tiny Fashion-MNIST look-alike laid out like the Debian package; returns (dir, checksums)."""
+    """A tiny Fashion-MNIST look-alike laid out as the Debian package has it: (dir, checksums)."""
     rng = np.random.default_rng(1)
     src = tmp_path / "system" / "fashion-mnist"
     src.mkdir(parents=True)
     arrays = {}
     for prefix, n in (("train", 200), ("t10k", 60)):
         labels = np.arange(n) % 10
-        images = np.stack([np.kron(class_image(int(y) % 3, rng, 14), np.ones((2, 2), np.uint8))
-                           + (int(y) * 5) for y in labels]).astype(np.uint8)  # fmt: skip
+        images = np.stack(
+            [
+                np.kron(class_image(int(y) % 3, rng, 14), np.ones((2, 2), np.uint8)) + (int(y) * 5)
+                for y in labels
+            ]
+        ).astype(np.uint8)
         arrays[f"{prefix}-images-idx3-ubyte"] = images
         arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
     sums = {}
@@ -120,8 +130,14 @@ def make_cfg(tmp_path):
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / "commands.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "commands.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

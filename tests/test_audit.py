@@ -40,8 +40,14 @@ def planted(tmp_path) -> Path:
 
 
 def audit(root: Path, tmp_path: Path, *extra: str) -> dict:
-    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "data.size=[16,16]",
-                      f"paths.output_dir={tmp_path}/run", *extra)  # fmt: skip
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "data.size=[16,16]",
+        f"paths.output_dir={tmp_path}/run",
+        *extra,
+    )
     return run_audit(cfg)
 
 
@@ -113,10 +119,15 @@ def test_conflicting_duplicate_labels(tmp_path):
 
 
 def test_label_errors_from_cached_backbone_features(planted, tmp_path):
-    from image_classifier.data.features import build_cache
+    from image_classifier.training.features import build_cache
 
-    feats = ["features.backbone=test_efficientnet", "features.pretrained=false", "features.size=[32,32]",
-             "features.batch_size=8", f"features.dir={tmp_path}/cache"]  # fmt: skip
+    feats = [
+        "features.backbone=test_efficientnet",
+        "features.pretrained=false",
+        "features.size=[32,32]",
+        "features.batch_size=8",
+        f"features.dir={tmp_path}/cache",
+    ]
     with pytest.raises(UserError, match="command=cache-features"):
         audit(planted, tmp_path, "logger.enabled=false", "audit.features=cache", *feats)
     build_cache(

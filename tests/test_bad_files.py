@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import class_image, compose_cfg, run_cli
+from conftest import class_image, run_cli
 from PIL import Image
 
 from image_classifier.data.images import MAX_PIXELS, ImageError, display_name, open_image
@@ -171,8 +171,13 @@ def test_each_kind_is_refused_with_its_reason(tmp_path, escalate):
             for name, word in expected.items():
                 assert word.lower() in skipped.get(name, "").lower(), (name, skipped.get(name))
             used = {Path(p).name for items in samples.splits.values() for p, _ in items}
-            assert {"cmyk.jpg", "sixteen_bit.png", "palette_transparent.png", "exif_rotated.jpg",
-                    "animated.gif"} <= used  # fmt: skip
+            assert {
+                "cmyk.jpg",
+                "sixteen_bit.png",
+                "palette_transparent.png",
+                "exif_rotated.jpg",
+                "animated.gif",
+            } <= used
             assert len(samples.skipped) == len(expected)
 
 
@@ -191,10 +196,10 @@ def test_between_our_limit_and_pils_own_guard_is_refused_by_size(tmp_path):
 def test_infer_serve_and_mlflow_model_survive_every_kind(tmp_path, trained, exported):
     from fastapi.testclient import TestClient
 
+    from image_classifier.export.mlflow_model import ImageClassifierModel
     from image_classifier.inference.infer import collect_inputs, predict_paths
     from image_classifier.inference.predictor import load_predictor
     from image_classifier.serving.app import create_app
-    from image_classifier.serving.mlflow_model import ImageClassifierModel
 
     expected = make_bad_folder(tmp_path / "data")
     onnx, _ = exported
@@ -219,8 +224,10 @@ def test_infer_serve_and_mlflow_model_survive_every_kind(tmp_path, trained, expo
                 bad = f.name in expected or f.name == "locked.png" and not data
                 assert (r.status_code >= 400) == bad, (f.name, r.status_code, r.text)
                 assert r.status_code < 500, (f.name, r.text)
-            model_rows = model.predict(None, [f.read_bytes() for f in files if os.access(f, os.R_OK)
-                                              and not f.is_symlink()])  # fmt: skip
+            model_rows = model.predict(
+                None,
+                [f.read_bytes() for f in files if os.access(f, os.R_OK) and not f.is_symlink()],
+            )
             assert sum(1 for r in model_rows if r.get("error")) >= 5
             assert all(r.get("error") or r["predicted_class"] for r in model_rows)
 
@@ -232,11 +239,17 @@ def test_train_on_every_layout_skips_and_names_bad_files(tmp_path, layout):
     make = {"folder": make_bad_folder, "presplit": make_presplit, "csv": make_manifest}[layout]
     expected = make(tmp_path / "data")
     proc = run_cli(
-        "command=train", "data=folder", f"data.root={tmp_path / 'data'}", "data.size=[16,16]",
-        "train.epochs=1", "train.num_workers=2", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"paths.root={tmp_path}",
+        "command=train",
+        "data=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.size=[16,16]",
+        "train.epochs=1",
+        "train.num_workers=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"paths.root={tmp_path}",
         f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     out = _assert_clean(proc)
     count = len(expected) * (2 if layout == "presplit" else 1)
     assert f"{count} file(s) skipped" in out or f"{count} unusable files skipped" in out, out
@@ -252,18 +265,30 @@ def test_test_cache_features_audit_and_infer_commands_on_a_bad_folder(tmp_path, 
     onnx, _ = exported
     data = tmp_path / "data"
     expected = make_bad_folder(data)
-    common = ("data=folder", f"data.root={data}", "trainer.accelerator=cpu",
-              "trainer.enable_progress_bar=false", f"paths.root={tmp_path}")  # fmt: skip
+    common = (
+        "data=folder",
+        f"data.root={data}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"paths.root={tmp_path}",
+    )
 
-    proc = run_cli("command=test", f"test.checkpoint={ckpt}", *common,
-                   f"hydra.run.dir={tmp_path / 'test'}")  # fmt: skip
+    proc = run_cli(
+        "command=test", f"test.checkpoint={ckpt}", *common, f"hydra.run.dir={tmp_path / 'test'}"
+    )
     out = _assert_clean(proc)
     assert f"unusable: {len(expected)} file(s) skipped" in out
     _assert_named((tmp_path / "test" / "unusable_files.csv").read_text(encoding="utf-8"), expected)
 
-    proc = run_cli("command=cache-features", "features.backbone=resnet18", "features.pretrained=false",
-                   "features.size=[32,32]", f"features.dir={tmp_path / 'cache'}", *common,
-                   f"hydra.run.dir={tmp_path / 'features'}")  # fmt: skip
+    proc = run_cli(
+        "command=cache-features",
+        "features.backbone=resnet18",
+        "features.pretrained=false",
+        "features.size=[32,32]",
+        f"features.dir={tmp_path / 'cache'}",
+        *common,
+        f"hydra.run.dir={tmp_path / 'features'}",
+    )
     out = _assert_clean(proc)
     assert f"unusable: {len(expected)} file(s) skipped" in out
     _assert_named((tmp_path / "features" / "unusable_files.csv").read_text("utf-8"), expected)
@@ -272,19 +297,29 @@ def test_test_cache_features_audit_and_infer_commands_on_a_bad_folder(tmp_path, 
     out = _assert_clean(proc)
     assert f"unusable files: {len(expected)}" in out
     report = json.loads((tmp_path / "audit" / "audit" / "report.json").read_text("utf-8"))
-    _assert_named("\n".join(f"{u['path']}: {u['reason']}" for u in report["unusable_files"]),
-                  expected)  # fmt: skip
+    _assert_named(
+        "\n".join(f"{u['path']}: {u['reason']}" for u in report["unusable_files"]), expected
+    )
 
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join(os.fsdecode(p).encode("utf-8", "replace").decode()
-                                 for p in sorted(data.rglob("*.png"))), encoding="utf-8")  # fmt: skip
+    listing.write_text(
+        "\n".join(
+            os.fsdecode(p).encode("utf-8", "replace").decode() for p in sorted(data.rglob("*.png"))
+        ),
+        encoding="utf-8",
+    )
     shutil.copy(sorted(data.rglob("huge.png"))[0], tmp_path / "one_huge.png")
-    inputs = {"file": tmp_path / "one_huge.png", "folder": data, "glob": f"{data}/*/*",
-              "list": listing}  # fmt: skip
+    inputs = {
+        "file": tmp_path / "one_huge.png",
+        "folder": data,
+        "glob": f"{data}/*/*",
+        "list": listing,
+    }
     for kind, spec in inputs.items():
         out_csv = tmp_path / f"preds-{kind}.csv"
-        proc = run_cli("command=infer", f"infer.model={onnx}", f"infer.input={spec}",
-                       f"infer.output={out_csv}")  # fmt: skip
+        proc = run_cli(
+            "command=infer", f"infer.model={onnx}", f"infer.input={spec}", f"infer.output={out_csv}"
+        )
         out = _assert_clean(proc)
         assert "unreadable" in out, (kind, out)
         written = out_csv.read_text(encoding="utf-8")

@@ -42,10 +42,17 @@ def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_s
 
     src, sums = idx_source
     p = run_cli(
-        "-m", "train.lr=1e-3,3e-3", f"paths.root={tmp_path}", "train.epochs=1", "train.batch_size=32",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", *idx_overrides(src, sums),
-    )  # fmt: skip
+        "-m",
+        "train.lr=1e-3,3e-3",
+        f"paths.root={tmp_path}",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        *idx_overrides(src, sums),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ckpts = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/best.ckpt"))
     assert [c.parts[-3] for c in ckpts] == ["0", "1"]

@@ -34,14 +34,19 @@ def s3_endpoint():
     url = f"http://127.0.0.1:{port}"
     import boto3
 
-    boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="datasets")  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="datasets")
     yield url
     server.stop()
 
 
 def s3_project(root: Path, url: str, endpoint: str) -> Path:
-    """What README tells a team to run: the endpoint in .dvc/config, the keys only in config.local."""
+    """What the docs tell a team to run: the endpoint in .dvc/config, keys only in config.local."""
     root.mkdir()
     dvc("init", "--no-scm", cwd=root)
     dvc("remote", "add", "-d", "storage", url, cwd=root)
@@ -75,8 +80,13 @@ def test_s3_remote_push_delete_pull_is_bit_exact_and_download_pulls_first(
     assert len(original) == 4
 
     dvc("push", cwd=root)
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     stored = s3.list_objects_v2(Bucket="datasets", Prefix="fashion-mnist/")
     assert stored.get("KeyCount", 0) >= 5  # four files and the directory listing
 
@@ -139,7 +149,7 @@ def _set(path: Path, **values) -> None:
 
 
 def test_dvc_repro_runs_the_pipeline_then_only_what_changed(idx_source, tmp_path):
-    """The real dvc.yaml on a copy of the project with tiny data: repro, repro again, edit a param."""
+    """The real dvc.yaml on a project copy with tiny data: repro, repro again, edit a param."""
     src, sums = idx_source
     proj = tmp_path / "proj"
     proj.mkdir()
@@ -147,9 +157,12 @@ def test_dvc_repro_runs_the_pipeline_then_only_what_changed(idx_source, tmp_path
         shutil.copy(ROOT / name, proj / name)
     for name in ("configs", "image_classifier"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _set(proj / "configs/data/fashion_mnist.yaml", val_size=40,
-         **{"download.system_dir": str(src), "download.sources": ["local", "system"]},
-         **{f"files.{k}": v for k, v in sums.items()})  # fmt: skip
+    _set(
+        proj / "configs/data/fashion_mnist.yaml",
+        val_size=40,
+        **{"download.system_dir": str(src), "download.sources": ["local", "system"]},
+        **{f"files.{k}": v for k, v in sums.items()},
+    )
     _set(proj / "configs/train/default.yaml", epochs=1, batch_size=16, num_workers=0)
     _set(proj / "configs/trainer/default.yaml", accelerator="cpu", enable_progress_bar=False)
     _set(proj / "configs/export/default.yaml", parity_images=8)

@@ -81,8 +81,14 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
     assert r["rows"][0] == single
 
     out = tmp_path / "preds.csv"
-    _infer(root, f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={out}",
-           f"infer.sort_into={tmp_path / 'sorted'}", "infer.top_k=2")  # fmt: skip
+    _infer(
+        root,
+        f"infer.model={onnx_path}",
+        f"infer.input={images}",
+        f"infer.output={out}",
+        f"infer.sort_into={tmp_path / 'sorted'}",
+        "infer.top_k=2",
+    )
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence"]
     sorted_files = list((tmp_path / "sorted").rglob("*.png"))
@@ -138,8 +144,15 @@ def test_unreadable_files_become_error_rows(trained, exported, tmp_path):
             ]
         )
     )
-    rows = {Path(r["path"]).name: r for r in _infer(root, f"infer.model={onnx_path}", f"infer.input={listing}",
-                                                    f"infer.output={tmp_path / 'o.json'}")["rows"]}  # fmt: skip
+    rows = {
+        Path(r["path"]).name: r
+        for r in _infer(
+            root,
+            f"infer.model={onnx_path}",
+            f"infer.input={listing}",
+            f"infer.output={tmp_path / 'o.json'}",
+        )["rows"]
+    }
     assert (
         rows["good.png"]["predicted_class"] in {"cat", "dog", "fox"}
         and "error" not in rows["good.png"]
@@ -185,10 +198,13 @@ def test_one_preprocessing_for_every_image_mode(trained, exported, tmp_path):
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 255, (21, 37, 3), dtype=np.uint8), "RGB")
     images = {
-        "grey.png": base.convert("L"), "rgb.png": base, "rgba.png": base.convert("RGBA"),
-        "palette.png": base.convert("P"), "cmyk.jpg": base.convert("CMYK"),
+        "grey.png": base.convert("L"),
+        "rgb.png": base,
+        "rgba.png": base.convert("RGBA"),
+        "palette.png": base.convert("P"),
+        "cmyk.jpg": base.convert("CMYK"),
         "deep.png": Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257),
-    }  # fmt: skip
+    }
     paths = []
     for name, im in images.items():
         im.save(tmp_path / name)
@@ -246,7 +262,8 @@ def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, capl
     )
     with pytest.raises(
         UserError,
-        match=r"device=cuda was asked for, but ONNX Runtime could not start its CUDA provider.*Use device=cpu",
+        match=r"device=cuda was asked for, but ONNX Runtime could not start its CUDA provider"
+        r".*Use device=cpu",
     ):
         load_predictor(onnx_path, "cuda")
 
@@ -256,10 +273,12 @@ def test_infer_on_onnx_does_not_import_torch(trained, exported):
     onnx_path, _ = exported
     code = (
         "import runpy, sys, json\n"
-        f"sys.argv = ['commands.py', 'command=infer', 'infer.model={onnx_path}', 'infer.input={images / 'cat' / '000.png'}',"
+        f"sys.argv = ['commands.py', 'command=infer', 'infer.model={onnx_path}', "
+        f"'infer.input={images / 'cat' / '000.png'}',"
         f" 'paths.root={root}']\n"
         "runpy.run_path('commands.py', run_name='__main__')\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'lightning', 'timm', 'mlflow') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'lightning', 'timm', 'mlflow') if m in "
+        "sys.modules]\n"
         "print('HEAVY=' + json.dumps(heavy), file=sys.stderr)\n"
     )
     p = subprocess.run(
@@ -325,5 +344,11 @@ def test_bad_export_and_infer_settings(trained, exported, tmp_path):
             f"infer.output={tmp_path}/o.txt",
         )
     with pytest.raises(UserError, match="infer.sort_mode='move' is not one of"):
-        _infer(root, f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={tmp_path}/o.json",
-               f"infer.sort_into={tmp_path}/s", "infer.sort_mode=move")  # fmt: skip
+        _infer(
+            root,
+            f"infer.model={onnx_path}",
+            f"infer.input={images}",
+            f"infer.output={tmp_path}/o.json",
+            f"infer.sort_into={tmp_path}/s",
+            "infer.sort_mode=move",
+        )

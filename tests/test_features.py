@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import compose_cfg, make_class_folders
 
-from image_classifier.data.features import build_cache, read_manifest
+from image_classifier.data.features import read_manifest
 from image_classifier.errors import UserError
+from image_classifier.training.features import build_cache
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,16 @@ def project(tmp_path_factory):
 
 
 def _overrides(root, images, *extra):
-    return ["data=folder", f"data.root={images}", "features.backbone=test_efficientnet", "features.pretrained=false",
-            "features.size=[32,32]", "features.batch_size=8", f"features.dir={root}/cache", *extra]  # fmt: skip
+    return [
+        "data=folder",
+        f"data.root={images}",
+        "features.backbone=test_efficientnet",
+        "features.pretrained=false",
+        "features.size=[32,32]",
+        "features.batch_size=8",
+        f"features.dir={root}/cache",
+        *extra,
+    ]
 
 
 def test_cache_is_built_once_and_rebuilt_when_its_inputs_change(project, capsys):
@@ -68,7 +77,7 @@ def test_interrupted_build_leaves_no_complete_cache(project, tmp_path, monkeypat
 def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp_path):
     from image_classifier.export.onnx import run_export_onnx
     from image_classifier.inference.infer import run_infer
-    from image_classifier.training.checkpoints import load_module
+    from image_classifier.models.checkpoint import load_module
     from image_classifier.training.evaluate import run_test
     from image_classifier.training.train import run_train
 
@@ -94,17 +103,29 @@ def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp
         )
     )
     assert max(e["parity"].values()) <= 1e-4
-    rows_onnx = run_infer(compose_cfg(root, f"infer.model={tmp_path}/m.onnx", f"infer.input={images}",
-                                      f"infer.output={tmp_path}/a.json"))["rows"]  # fmt: skip
-    rows_ckpt = run_infer(compose_cfg(root, f"infer.model={r['checkpoint']}", f"infer.input={images}",
-                                      f"infer.output={tmp_path}/b.json"))["rows"]  # fmt: skip
+    rows_onnx = run_infer(
+        compose_cfg(
+            root,
+            f"infer.model={tmp_path}/m.onnx",
+            f"infer.input={images}",
+            f"infer.output={tmp_path}/a.json",
+        )
+    )["rows"]
+    rows_ckpt = run_infer(
+        compose_cfg(
+            root,
+            f"infer.model={r['checkpoint']}",
+            f"infer.input={images}",
+            f"infer.output={tmp_path}/b.json",
+        )
+    )["rows"]
     assert [x["predicted_class"] for x in rows_onnx] == [x["predicted_class"] for x in rows_ckpt]
 
     # the head saw cached features; the deployed model sees pixels: both give the same logits
     from image_classifier.data.features import FeatureDataModule
 
     dm = FeatureDataModule(build_cache(compose_cfg(root, *common), quiet=True)["dir"], 8)
-    feats, _ = dm.datasets["test"][0]
+    feats, _ = dm.dataset("test")[0]
     with torch.no_grad():
         from_cache = module.net.net.head(feats[None].float())
     assert torch.isfinite(from_cache).all()
@@ -128,8 +149,11 @@ def test_packaged_efficientnet_lite0_recognises_a_known_image():
 
     path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     pre = Preprocessing(size=(224, 224), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="crop")
-    net = Normalized(create_model("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True),
-                     pre.mean, pre.std).eval()  # fmt: skip
+    net = Normalized(
+        create_model("tf_efficientnet_lite0", num_classes=1000, in_chans=3, pretrained=True),
+        pre.mean,
+        pre.std,
+    ).eval()
     with torch.no_grad():
         top5 = net(torch.from_numpy(load_array(path, pre))[None]).topk(5).indices[0].tolist()
     assert 652 in top5

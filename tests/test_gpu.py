@@ -31,8 +31,15 @@ def gpu_trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     images = make_class_folders(root / "images", per_class=16)
     spy = Spy()
-    cfg = compose_cfg(root, "data=folder", f"data.root={images}", "data.size=[16,16]",
-                      "trainer.precision=bf16-mixed", "train.epochs=5", *GPU)  # fmt: skip
+    cfg = compose_cfg(
+        root,
+        "data=folder",
+        f"data.root={images}",
+        "data.size=[16,16]",
+        "trainer.precision=bf16-mixed",
+        "train.epochs=5",
+        *GPU,
+    )
     result = run_train(cfg, callbacks=[spy])
     return root, result, images, spy.devices
 
@@ -43,7 +50,7 @@ def test_training_runs_on_the_gpu_in_bf16(gpu_trained):
     assert Path(result["checkpoint"]).is_file()
     assert result["best_score"] is not None and result["best_score"] > 0.5  # it learned
     # The checkpoint is portable: it loads on a machine without a GPU.
-    from image_classifier.training.checkpoints import load_module
+    from image_classifier.models.checkpoint import load_module
 
     module = load_module(Path(result["checkpoint"]), map_location="cpu")
     assert next(module.parameters()).device.type == "cpu"

@@ -42,9 +42,11 @@ def test_presplit_without_val_carves_it_from_train(tmp_path):
 
 def test_csv_manifest(tmp_path):
     make_class_folders(tmp_path / "imgs", per_class=4)
-    rows = ["filename,category"] + [
-        f"imgs/{c}/{i:03d}.png,{c}" for c in ("cat", "dog", "fox") for i in range(4)
-    ] + ["imgs/missing.png,cat"]  # fmt: skip
+    rows = (
+        ["filename,category"]
+        + [f"imgs/{c}/{i:03d}.png,{c}" for c in ("cat", "dog", "fox") for i in range(4)]
+        + ["imgs/missing.png,cat"]
+    )
     (tmp_path / "labels.csv").write_text("\n".join(rows))
     s = discover(tmp_path, split=(0.5, 0.25, 0.25))
     assert s.layout == "csv manifest labels.csv"

@@ -12,16 +12,24 @@ import torch
 from conftest import CONFIG_DIR, ROOT, idx_overrides, make_class_folders, run_cli
 from omegaconf import OmegaConf
 
+from image_classifier.models.checkpoint import load_module
 from image_classifier.models.module import ClassifierModule
-from image_classifier.training.checkpoints import load_module
 from image_classifier.training.train import run_train
 
 # model config -> (input size, batch) for one training step on random data
 MODEL_CONFIGS = {
-    "cnn": (28, 4), "cnn4": (32, 4), "baseline": (16, 4), "timm": (32, 2), "resnet18_transfer": (32, 2),
-    "rexnet_150": (64, 2), "swin_224": (224, 2), "swin_large_384": (384, 1), "efficientnetv2": (64, 2),
-    "efficientnet_lite0": (64, 2), "head": (32, 2),
-}  # fmt: skip
+    "cnn": (28, 4),
+    "cnn4": (32, 4),
+    "baseline": (16, 4),
+    "timm": (32, 2),
+    "resnet18_transfer": (32, 2),
+    "rexnet_150": (64, 2),
+    "swin_224": (224, 2),
+    "swin_large_384": (384, 1),
+    "efficientnetv2": (64, 2),
+    "efficientnet_lite0": (64, 2),
+    "head": (32, 2),
+}
 
 
 def test_every_model_config_has_a_case():
@@ -37,12 +45,22 @@ def test_model_config_builds_and_trains_a_step(name):
     if name == "head":  # train puts the feature backbone into the spec
         import timm
 
-        spec.update(backbone="test_efficientnet", pretrained=False,
-                    dim=timm.create_model("test_efficientnet", num_classes=0).num_features)  # fmt: skip
+        spec.update(
+            backbone="test_efficientnet",
+            pretrained=False,
+            dim=timm.create_model("test_efficientnet", num_classes=0).num_features,
+        )
     channels = 3
     mean = spec.get("mean", [0.5] * channels)
-    pre = {"size": [size, size], "channels": channels, "mean": mean, "std": spec.get("std", [0.5] * channels),
-           "resize": "stretch", "input_range": "0-255", "extra": {}}  # fmt: skip
+    pre = {
+        "size": [size, size],
+        "channels": channels,
+        "mean": mean,
+        "std": spec.get("std", [0.5] * channels),
+        "resize": "stretch",
+        "input_range": "0-255",
+        "extra": {},
+    }
     optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "scheduler": "none"}
     module = ClassifierModule(model=spec, classes=["a", "b", "c"], preprocessing=pre, optim=optim)
     x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
@@ -109,14 +127,37 @@ def test_local_weights_file_for_any_timm_model(tmp_path):
     [
         ["train.augment.preset=standard", "train.class_weights=true"],
         ["train.augment.preset=randaugment", "train.augment.mixup=0.2", "train.augment.cutmix=1.0"],
-        ["train.augment.preset=trivialaugment", "train.supcon_weight=0.5", "train.label_smoothing=0.1"],
-        ["train.augment.preset=light", "train.scheduler=step", "train.step_size=1", "train.gamma=0.8",
-         "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0", "train.optimizer=sgd"],
-        ["train.balanced_sampler=true", "train.scheduler=cosine", "trainer.check_val_every_n_epoch=2", "train.epochs=2"],
+        [
+            "train.augment.preset=trivialaugment",
+            "train.supcon_weight=0.5",
+            "train.label_smoothing=0.1",
+        ],
+        [
+            "train.augment.preset=light",
+            "train.scheduler=step",
+            "train.step_size=1",
+            "train.gamma=0.8",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.gradient_clip_val=1.0",
+            "train.optimizer=sgd",
+        ],
+        [
+            "train.balanced_sampler=true",
+            "train.scheduler=cosine",
+            "trainer.check_val_every_n_epoch=2",
+            "train.epochs=2",
+        ],
         ["train.scheduler=plateau", "train.optimizer=adam", "train.channels_last=false"],
     ],
-    ids=["standard+weights", "randaug+mix", "trivial+supcon", "light+step+accum+clip", "balanced+cosine+valN", "plateau"],
-)  # fmt: skip
+    ids=[
+        "standard+weights",
+        "randaug+mix",
+        "trivial+supcon",
+        "light+step+accum+clip",
+        "balanced+cosine+valN",
+        "plateau",
+    ],
+)
 def test_training_options(make_cfg, folder_data, options):
     r = run_train(
         make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false", *options)
@@ -126,8 +167,15 @@ def test_training_options(make_cfg, folder_data, options):
 
 
 def test_frozen_backbone_and_unfreezing(make_cfg, folder_data, tmp_path):
-    common = ["data=folder", f"data.root={folder_data}", "logger.enabled=false", "model=resnet18_transfer",
-              "model.pretrained=false", "data.size=[32,32]", "train.epochs=2"]  # fmt: skip
+    common = [
+        "data=folder",
+        f"data.root={folder_data}",
+        "logger.enabled=false",
+        "model=resnet18_transfer",
+        "model.pretrained=false",
+        "data.size=[32,32]",
+        "train.epochs=2",
+    ]
     frozen = load_module(
         run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/f"))["last_checkpoint"]
     )
@@ -152,8 +200,14 @@ def _initial(module):
 
 
 def test_same_seed_same_metrics(make_cfg, folder_data, tmp_path):
-    common = ["data=folder", f"data.root={folder_data}", "logger.enabled=false", "trainer.deterministic=true",
-              "train.epochs=2", "train.augment.preset=standard"]  # fmt: skip
+    common = [
+        "data=folder",
+        f"data.root={folder_data}",
+        "logger.enabled=false",
+        "trainer.deterministic=true",
+        "train.epochs=2",
+        "train.augment.preset=standard",
+    ]
     a = run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/a"))
     b = run_train(make_cfg(*common, f"paths.output_dir={tmp_path}/b"))
     assert a["metrics"] == b["metrics"]
@@ -168,11 +222,26 @@ def test_resume_after_the_process_is_killed_mid_epoch(tmp_path):
     from mlflow.tracking import MlflowClient
 
     images = make_class_folders(tmp_path / "img", per_class=60)
-    args = ["command=train", "data=folder", f"data.root={images}", f"paths.root={tmp_path}", "train.epochs=6",
-            "train.batch_size=4", "train.num_workers=0", "train.early_stopping=0", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "outputs" / "run")]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(ROOT / "commands.py"), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        "command=train",
+        "data=folder",
+        f"data.root={images}",
+        f"paths.root={tmp_path}",
+        "train.epochs=6",
+        "train.batch_size=4",
+        "train.num_workers=0",
+        "train.early_stopping=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=" + str(tmp_path / "outputs" / "run"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "commands.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -211,10 +280,17 @@ def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
 
     src, sums = idx_source
     p = run_cli(
-        "command=train", f"paths.root={tmp_path}", "train.epochs=1", "train.batch_size=16",
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.enable_progress_bar=false",
-        "hydra.run.dir=" + str(tmp_path / "outputs" / "ddp"), *idx_overrides(src, sums),
-    )  # fmt: skip
+        "command=train",
+        f"paths.root={tmp_path}",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=" + str(tmp_path / "outputs" / "ddp"),
+        *idx_overrides(src, sums),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("Trained 1 epoch(s)") == 1  # the summary comes once, from rank 0
     assert sorted(x.name for x in (tmp_path / "outputs" / "ddp" / "checkpoints").iterdir()) == [
@@ -240,10 +316,16 @@ def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
 
     src, sums = idx_source
     p = run_cli(
-        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"paths.root={tmp_path}", "train.epochs=1",
-        "trainer.limit_train_batches=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"paths.root={tmp_path}",
+        "train.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
         *idx_overrides(src, sums),
-    )  # fmt: skip
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Best parameters" in p.stdout + p.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
@@ -256,13 +338,25 @@ def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["train.augment.preset=randaug"], r"Unknown augmentation preset 'randaug'. Did you mean 'randaugment'"),
-        (["train.optimizer=adagrad"], r"Unknown optimizer 'adagrad'; train.optimizer takes adam, adamw, sgd"),
+        (
+            ["train.augment.preset=randaug"],
+            r"Unknown augmentation preset 'randaug'. Did you mean 'randaugment'",
+        ),
+        (
+            ["train.optimizer=adagrad"],
+            r"Unknown optimizer 'adagrad'. train.optimizer takes adam, adamw, sgd",
+        ),
         (["train.scheduler=linear"], r"Unknown scheduler 'linear'"),
-        (["train.resume=/nowhere/last.ckpt"], r"train.resume='/nowhere/last.ckpt': no such checkpoint"),
-        (["model=timm", "model.pretrained=/nowhere/w.pth"], r"model.pretrained='/nowhere/w.pth': no such weights file"),
+        (
+            ["train.resume=/nowhere/last.ckpt"],
+            r"train.resume='/nowhere/last.ckpt': no such checkpoint",
+        ),
+        (
+            ["model=timm", "model.pretrained=/nowhere/w.pth"],
+            r"model.pretrained='/nowhere/w.pth': no such weights file",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_training_settings_are_clear_errors(make_cfg, folder_data, options, message):
     from image_classifier.errors import UserError
 

@@ -37,11 +37,22 @@ def start_server(model: Path, *overrides: str, port: int | None = None):
     port = port or free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "commands.py"), "command=serve", f"serve.model={model}",
-         f"serve.port={port}", f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
-         "hydra.output_subdir=null", *overrides],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "commands.py"),
+            "command=serve",
+            f"serve.model={model}",
+            f"serve.port={port}",
+            f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
+            "hydra.output_subdir=null",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -80,8 +91,12 @@ def bomb_png(width=30000, height=30000) -> bytes:
         )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def expected_rows(model: Path, paths: list[Path]) -> list[dict]:
@@ -110,8 +125,12 @@ def test_predict_multipart_json_and_raw_match_infer(server, trained):
         assert g["predicted_class"] == w["predicted_class"] and len(g["all_predictions"]) == 2
 
     b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
-    r = httpx.post(f"{url}/predict", json={"images": [b64[0], {"name": "x.png", "data": b64[1]},
-                                                       "data:image/png;base64," + b64[2]]})  # fmt: skip
+    r = httpx.post(
+        f"{url}/predict",
+        json={
+            "images": [b64[0], {"name": "x.png", "data": b64[1]}, "data:image/png;base64," + b64[2]]
+        },
+    )
     assert r.status_code == 200, r.text
     assert [g["path"] for g in r.json()] == ["image[0]", "x.png", "image[2]"]
     assert [g["predicted_class"] for g in r.json()] == [w["predicted_class"] for w in want]
@@ -172,8 +191,13 @@ def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
     assert 400 <= r.status_code < 500, (case, r.status_code, r.text)
     body = r.json()
     assert body["status"] == r.status_code and len(body["error"]) > 10, body
-    expected_status = {"oversize body": 413, "decompression bomb": 413, "too many images": 413,
-                       "wrong content type": 415, "no content type": 415}  # fmt: skip
+    expected_status = {
+        "oversize body": 413,
+        "decompression bomb": 413,
+        "too many images": 413,
+        "wrong content type": 415,
+        "no content type": 415,
+    }
     if case in expected_status:
         assert r.status_code == expected_status[case], body
     ok = httpx.post(f"{url}/predict", files={"file": ("a.png", good, "image/png")})
@@ -207,9 +231,13 @@ def test_concurrent_clients_all_succeed(server, trained):
 
     def client(i):
         with httpx.Client(timeout=60) as c:
-            return [c.post(f"{url}/predict", files={"file": ("a.png", payloads[(i + j) % len(payloads)],
-                                                              "image/png")}).status_code
-                    for j in range(6)]  # fmt: skip
+            return [
+                c.post(
+                    f"{url}/predict",
+                    files={"file": ("a.png", payloads[(i + j) % len(payloads)], "image/png")},
+                ).status_code
+                for j in range(6)
+            ]
 
     with ThreadPoolExecutor(16) as pool:
         codes = [c for cs in pool.map(client, range(16)) for c in cs]
@@ -282,8 +310,13 @@ def test_port_in_use_and_missing_model_exit_2(exported, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = run_cli("command=serve", f"serve.model={model}", f"serve.port={port}",
-                    "hydra.run.dir=" + str(tmp_path), timeout=120)  # fmt: skip
+        r = run_cli(
+            "command=serve",
+            f"serve.model={model}",
+            f"serve.port={port}",
+            "hydra.run.dir=" + str(tmp_path),
+            timeout=120,
+        )
     assert r.returncode == 2 and f"serve.port={port}" in r.stderr and "free port" in r.stderr
     r = run_cli(
         "command=serve", f"serve.model={tmp_path}/none.onnx", "hydra.run.dir=" + str(tmp_path)
@@ -303,8 +336,9 @@ def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, 
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     run_id = exported[1]["mlflow_run_id"]
-    logged = mlflow.search_logged_models(experiment_ids=[mlflow.get_run(run_id).info.experiment_id],
-                                         output_format="list")  # fmt: skip
+    logged = mlflow.search_logged_models(
+        experiment_ids=[mlflow.get_run(run_id).info.experiment_id], output_format="list"
+    )
     assert logged and logged[0].source_run_id == run_id
     model_uri = logged[0].model_uri
     model = mlflow.pyfunc.load_model(model_uri)
@@ -317,12 +351,32 @@ def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, 
     assert model.predict(pd.DataFrame({"image": [str(paths[0])]}))[0]["path"] == str(paths[0])
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     mlflow_cli = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(mlflow_cli),
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -337,12 +391,27 @@ def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, 
         curl = shutil.which("curl")
         body = json.dumps({"inputs": {"image": [b64]}})
         if curl:
-            out = subprocess.run([curl, "-s", f"http://127.0.0.1:{port}/invocations", "-H",
-                                  "Content-Type: application/json", "-d", body],
-                                 capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+            out = subprocess.run(
+                [
+                    curl,
+                    "-s",
+                    f"http://127.0.0.1:{port}/invocations",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    body,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
         else:
-            out = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body,
-                             headers={"Content-Type": "application/json"}, timeout=60).text  # fmt: skip
+            out = httpx.post(
+                f"http://127.0.0.1:{port}/invocations",
+                content=body,
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            ).text
         got = json.loads(out)["predictions"][0]
         assert got["predicted_class"] == want[0]["predicted_class"]
         assert got["confidence"] == pytest.approx(want[0]["confidence"], abs=1e-5)
@@ -360,8 +429,14 @@ def test_triton_repository_matches_the_onnx_model(exported, tmp_path):
 
     model, _ = exported
     out = tmp_path / "repo"
-    r = run_export_triton(compose_cfg(tmp_path, f"export.triton.onnx={model}",
-                                      f"export.triton.output={out}", "export.triton.max_batch_size=16"))  # fmt: skip
+    r = run_export_triton(
+        compose_cfg(
+            tmp_path,
+            f"export.triton.onnx={model}",
+            f"export.triton.output={out}",
+            "export.triton.max_batch_size=16",
+        )
+    )
     folder = Path(r["model"])
     assert folder == out / "image_classifier"
     config = text_format.Parse(

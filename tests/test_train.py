@@ -9,12 +9,23 @@ from conftest import idx_overrides, make_class_folders
 
 from image_classifier.data.idx import read_idx
 from image_classifier.errors import UserError
-from image_classifier.training.checkpoints import load_module, newest_best
+from image_classifier.models.checkpoint import load_module
+from image_classifier.runs import newest_best
 from image_classifier.training.evaluate import run_test
 from image_classifier.training.train import run_train
 
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                  "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _mlflow_runs(root: Path):
@@ -35,8 +46,11 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert newest_best(tmp_path, ["out"], "test.checkpoint") == ckpt
 
     # test finds the checkpoint and the data with no help beyond the project root
-    t = run_test(make_cfg(*idx_overrides(src, sums), f"paths.output_dir={tmp_path}/test_out",
-                          "paths.search=[out]"))  # fmt: skip
+    t = run_test(
+        make_cfg(
+            *idx_overrides(src, sums), f"paths.output_dir={tmp_path}/test_out", "paths.search=[out]"
+        )
+    )
     report = json.loads(Path(t["report"]).read_text())
     assert report["classes"] == FMNIST_CLASSES
     assert sum(map(sum, report["confusion_matrix"])) == 60
@@ -98,15 +112,28 @@ def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
 
     b = run_train(make_cfg(*common, "model=baseline", f"paths.output_dir={tmp_path}/base"))
     # no data overrides: test reads the data config stored in the checkpoint (not Fashion-MNIST)
-    t = run_test(make_cfg("logger.enabled=false", f"test.checkpoint={b['checkpoint']}",
-                          f"paths.output_dir={tmp_path}/bt"))  # fmt: skip
+    t = run_test(
+        make_cfg(
+            "logger.enabled=false",
+            f"test.checkpoint={b['checkpoint']}",
+            f"paths.output_dir={tmp_path}/bt",
+        )
+    )
     report = json.loads(Path(t["report"]).read_text())
     assert report["per_class"]["a"]["recall"] == 1.0 and report["per_class"]["b"]["recall"] == 0.0
 
 
 def test_timm_architecture_by_name(make_cfg, folder_data):
-    r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "model=timm", "model.name=resnet18",
-                           "logger.enabled=false", "data.size=[32,32]"))  # fmt: skip
+    r = run_train(
+        make_cfg(
+            "data=folder",
+            f"data.root={folder_data}",
+            "model=timm",
+            "model.name=resnet18",
+            "logger.enabled=false",
+            "data.size=[32,32]",
+        )
+    )
     module = load_module(r["checkpoint"])
     assert type(module.net.net).__name__ == "ResNet"
     assert module.net.net.conv1.in_channels == 1 and module.net.net.fc.out_features == 3
@@ -150,8 +177,12 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
     with socket.socket() as s:  # a free port on loopback with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = make_cfg("data=folder", f"data.root={folder_data}", f"logger.tracking_uri=http://127.0.0.1:{port}",
-                   "logger.connect_timeout=2")  # fmt: skip
+    cfg = make_cfg(
+        "data=folder",
+        f"data.root={folder_data}",
+        f"logger.tracking_uri=http://127.0.0.1:{port}",
+        "logger.connect_timeout=2",
+    )
     with pytest.raises(
         UserError, match=rf"MLflow tracking server at http://127.0.0.1:{port} is unreachable"
     ):
@@ -161,8 +192,13 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
 def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, tmp_path, capsys):
     r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
     (folder_data / "cat" / "000.png").write_bytes((folder_data / "dog" / "000.png").read_bytes())
-    t = run_test(make_cfg("logger.enabled=false", f"test.checkpoint={r['checkpoint']}",
-                          f"paths.output_dir={tmp_path}/t"))  # fmt: skip
+    t = run_test(
+        make_cfg(
+            "logger.enabled=false",
+            f"test.checkpoint={r['checkpoint']}",
+            f"paths.output_dir={tmp_path}/t",
+        )
+    )
     report = json.loads(Path(t["report"]).read_text())
     assert "differs from the data this model was trained on" in report["data"]["warning"]
     assert "WARNING: the test data" in capsys.readouterr().out

@@ -1,10 +1,18 @@
-"""Training-time augmentation on whole uint8 batches (cheap on CPU, runs on the GPU when there)."""
+"""Training-time augmentation: cheap flips and shifts on whole uint8 batches (on the device), and
+per-image torchvision presets for the train split. Torch is imported only when used."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def augment_batch(x: torch.Tensor, hflip: bool = False, shift: int = 0, **_) -> torch.Tensor:
     """Random horizontal flips and random translations of up to `shift` pixels (zero fill)."""
+    import torch
+
     n, _, h, w = x.shape
     if hflip:
         flip = torch.rand(n, device=x.device) < 0.5
@@ -20,28 +28,51 @@ def augment_batch(x: torch.Tensor, hflip: bool = False, shift: int = 0, **_) -> 
     return x
 
 
-PRESETS = ("none", "light", "standard", "randaugment", "trivialaugment")
+def _light(v2, channels: int) -> list:
+    return [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
 
 
-def sample_augment(preset: str, channels: int):
-    """Per-image torchvision v2 transforms on uint8 CHW tensors for the train split, or None."""
-    if preset in (None, "none"):
+def _standard(v2, channels: int) -> list:
+    jitter = v2.ColorJitter(0.2, 0.2, 0.2, 0.02) if channels == 3 else v2.ColorJitter(0.2, 0.2)
+    return [
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(15),
+        v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        jitter,
+    ]
+
+
+def _randaugment(v2, channels: int) -> list:
+    return [v2.RandomHorizontalFlip(), v2.RandAugment()]
+
+
+def _trivialaugment(v2, channels: int) -> list:
+    return [v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()]
+
+
+# train.augment.preset: name -> the per-image transforms (torchvision v2 on uint8 CHW tensors)
+PRESETS = {
+    "none": None,
+    "light": _light,
+    "standard": _standard,
+    "randaugment": _randaugment,
+    "trivialaugment": _trivialaugment,
+}
+
+
+def sample_augment(preset: str | None, channels: int):
+    """Per-image transforms for the train split, or None."""
+    if preset is None:
+        return None
+    if preset not in PRESETS:
+        from image_classifier.errors import UserError, did_you_mean
+
+        raise UserError(
+            f"Unknown augmentation preset {preset!r}.{did_you_mean(preset, PRESETS)} "
+            f"train.augment.preset takes {', '.join(PRESETS)}."
+        )
+    if PRESETS[preset] is None:
         return None
     from torchvision.transforms import v2
 
-    if preset == "light":
-        ops = [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
-    elif preset == "standard":
-        jitter = v2.ColorJitter(0.2, 0.2, 0.2, 0.02) if channels == 3 else v2.ColorJitter(0.2, 0.2)
-        ops = [v2.RandomHorizontalFlip(), v2.RandomRotation(15),
-               v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.9, 1.1)), jitter]  # fmt: skip
-    elif preset == "randaugment":
-        ops = [v2.RandomHorizontalFlip(), v2.RandAugment()]
-    elif preset == "trivialaugment":
-        ops = [v2.RandomHorizontalFlip(), v2.TrivialAugmentWide()]
-    else:
-        from image_classifier.errors import UserError, did_you_mean
-
-        raise UserError(f"Unknown augmentation preset {preset!r}.{did_you_mean(preset, PRESETS)} "
-                        f"train.augment.preset takes {', '.join(PRESETS)}.")  # fmt: skip
-    return v2.Compose(ops)
+    return v2.Compose(PRESETS[preset](v2, channels))

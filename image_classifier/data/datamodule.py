@@ -138,9 +138,16 @@ def content_hash(parts: list[str]) -> str:
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg, batch_size: int = 128, num_workers: int = 0,
-                 balanced_sampler: bool = False, project_root: str | Path = ".",
-                 preprocessing: Preprocessing | None = None, augment_preset: str = "none"):  # fmt: skip
+    def __init__(
+        self,
+        data_cfg,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        balanced_sampler: bool = False,
+        project_root: str | Path = ".",
+        preprocessing: Preprocessing | None = None,
+        augment_preset: str = "none",
+    ):
         """`preprocessing`: a model's own (for test/predict); None derives it from the config."""
         super().__init__()
         self.fixed_preprocessing = preprocessing
@@ -178,8 +185,9 @@ class ImageDataModule(L.LightningDataModule):
             mean, std = mean * 3, std * 3
         elif len(mean) == 3 and channels == 1:  # RGB statistics (e.g. ImageNet) for grey images
             mean, std = [sum(mean) / 3], [sum(std) / 3]
-        return Preprocessing(size=tuple(c.size), channels=channels, mean=tuple(mean),
-                             std=tuple(std), resize=c.resize)  # fmt: skip
+        return Preprocessing(
+            size=tuple(c.size), channels=channels, mean=tuple(mean), std=tuple(std), resize=c.resize
+        )
 
     def _prepare_idx(self) -> DataInfo:
         from image_classifier.data.idx import read_idx
@@ -203,32 +211,44 @@ class ImageDataModule(L.LightningDataModule):
                 torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y)), pre
             )
 
-        self.datasets = {"train": ds(x_train[tr], y_train[tr]), "val": ds(x_train[va], y_train[va]),
-                         "test": ds(x_test, y_test)}  # fmt: skip
+        self.datasets = {
+            "train": ds(x_train[tr], y_train[tr]),
+            "val": ds(x_train[va], y_train[va]),
+            "test": ds(x_test, y_test),
+        }
         classes = list(c.classes)
         if int(y_train.max()) >= len(classes):
             raise UserError(
                 f"data.classes lists {len(classes)} names but labels reach {y_train.max()}."
             )
         return DataInfo(
-            name=c.name, classes=classes, preprocessing=pre,
+            name=c.name,
+            classes=classes,
+            preprocessing=pre,
             class_counts=np.bincount(y_train[tr], minlength=len(classes)).tolist(),
             split_sizes={k: len(v) for k, v in self.datasets.items()},
             data_hash=content_hash(sorted(f"{k}:{v}" for k, v in c.files.items())),
-            layout="IDX files", source=source,
-        )  # fmt: skip
+            layout="IDX files",
+            source=source,
+        )
 
     def _prepare_folder(self) -> DataInfo:
         from image_classifier.data.layouts import discover
 
         c = self.cfg
         if not c.get("root"):
-            raise UserError("data=folder needs data.root=PATH (a folder of class subfolders, "
-                            "train/val/test folders, or a CSV manifest).")  # fmt: skip
+            raise UserError(
+                "data=folder needs data.root=PATH (a folder of class subfolders, "
+                "train/val/test folders, or a CSV manifest)."
+            )
         samples = discover(
-            c.root, split=tuple(c.split), seed=int(c.seed), strict=bool(c.strict),
-            csv_file_column=c.get("csv_file_column"), csv_label_column=c.get("csv_label_column"),
-        )  # fmt: skip
+            c.root,
+            split=tuple(c.split),
+            seed=int(c.seed),
+            strict=bool(c.strict),
+            csv_file_column=c.get("csv_file_column"),
+            csv_label_column=c.get("csv_label_column"),
+        )
         channels = c.channels
         if self.fixed_preprocessing is not None:
             channels = self.fixed_preprocessing.channels
@@ -239,19 +259,28 @@ class ImageDataModule(L.LightningDataModule):
         root = Path(c.root)
         parts = sorted(
             f"{s}:{_relative(p, root)}:{samples.classes[y]}:{sha256_file(p)}"
-            for s, items in samples.splits.items() for p, y in items
-        )  # fmt: skip
+            for s, items in samples.splits.items()
+            for p, y in items
+        )
         return DataInfo(
-            name=c.name, classes=samples.classes, preprocessing=pre,
+            name=c.name,
+            classes=samples.classes,
+            preprocessing=pre,
             class_counts=samples.counts("train"),
             split_sizes={k: len(v) for k, v in samples.splits.items()},
-            data_hash=content_hash(parts), layout=samples.layout, skipped=samples.skipped,
-        )  # fmt: skip
+            data_hash=content_hash(parts),
+            layout=samples.layout,
+            skipped=samples.skipped,
+        )
 
-    # -- loaders ----------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    # -- access -----------------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        """One split's dataset (after prepare); items are (uint8 CHW tensor, label)."""
         self.prepare()
-        ds = self.datasets[split]
+        return self.datasets[split]
+
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        ds = self.dataset(split)
         sampler = None
         if shuffle and self.balanced_sampler:
             labels = _labels_of(ds)
@@ -260,18 +289,41 @@ class ImageDataModule(L.LightningDataModule):
             shuffle = False
         workers = self.num_workers if isinstance(ds, FileDataset) else 0
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
-            num_workers=workers, persistent_workers=workers > 0, drop_last=False,
-        )  # fmt: skip
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        return self.loader("train", shuffle=True)
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False)
+        return self.loader("val")
 
     def test_dataloader(self):
-        return self._loader("test", shuffle=False)
+        return self.loader("test")
+
+
+def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None) -> ImageDataModule:
+    """The data module for cfg.data with cfg.train's loader settings. For training pass no
+    preprocessing (derived from the data) and the configured augmentation preset; for test,
+    export and audit pass the model's preprocessing (no augmentation)."""
+    if augment_preset is None and preprocessing is None:
+        augment_preset = cfg.train.augment.get("preset", "none")
+    return ImageDataModule(
+        cfg.data,
+        batch_size=int(cfg.train.batch_size),
+        num_workers=int(cfg.train.num_workers),
+        balanced_sampler=bool(cfg.train.balanced_sampler),
+        project_root=cfg.paths.root,
+        preprocessing=preprocessing,
+        augment_preset=augment_preset or "none",
+    )
 
 
 def _labels_of(ds) -> np.ndarray:

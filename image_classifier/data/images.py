@@ -16,8 +16,18 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-)  # fmt: skip
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
 RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
 # check is ours, made on the header's size right after Image.open, and names the size it refused.
@@ -77,7 +87,9 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     name = display_name(path)
     if not path.exists():
-        raise ImageError(f"{name}: {'broken symlink or symlink loop' if path.is_symlink() else 'no such file'}")
+        raise ImageError(
+            f"{name}: {'broken symlink or symlink loop' if path.is_symlink() else 'no such file'}"
+        )
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(f"{name}: empty (0 bytes)")
     return _decode(_open(path, name, max_pixels), name)
@@ -223,7 +235,9 @@ def _converted(im: Image.Image, pre: Preprocessing, name: str) -> np.ndarray:
     except _BOMB as e:
         raise _bomb(name, e) from None
     except Exception as e:  # PIL's conversions of an exotic mode: this file's problem
-        raise ImageError(f"{name}: cannot convert {im.mode} pixels ({type(e).__name__}: {e})") from None
+        raise ImageError(
+            f"{name}: cannot convert {im.mode} pixels ({type(e).__name__}: {e})"
+        ) from None
 
 
 def open_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -27,8 +27,15 @@ from image_classifier.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}  # fmt: skip
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
 LABEL_COLUMNS = ("label", "class", "class_name", "category", "target", "y")
 
@@ -54,7 +61,33 @@ def discover(
     csv_label_column: str | None = None,
     check_images: bool = True,
 ) -> Samples:
+    """Detect the layout under `root`, list its images, check that each decodes, split."""
     root = Path(root).expanduser()
+    entries = _entries(root)
+    skipped: dict[str, str] = {}
+    layout, labelled, given_splits = _read_layout(
+        root, entries, skipped, csv_file_column, csv_label_column
+    )
+    if check_images:
+        keep = _check_images([p for p, _ in labelled], skipped)
+        labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
+        if given_splits is not None:
+            given_splits = [g for g, ok in zip(given_splits, keep, strict=True) if ok]
+    _report_skipped(root, skipped, strict)
+    classes = _classes(root, layout, labelled)
+    index = {c: i for i, c in enumerate(classes)}
+    pairs = [(p, index[label]) for p, label in labelled]
+    splits = _split(pairs, given_splits, split, seed)
+    for s in ("train", "val"):
+        if not splits[s]:
+            raise UserError(
+                f"The {s} split is empty ({layout} under {str(root)!r}); add images or change "
+                "data.split."
+            )
+    return Samples(classes=classes, splits=splits, layout=layout, skipped=skipped)
+
+
+def _entries(root: Path) -> list[Path]:
     if not root.exists():
         raise UserError(
             f"Data folder {str(root)!r} does not exist. Point data.root at a folder of class "
@@ -67,50 +100,49 @@ def discover(
         raise UserError(
             f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it."
         )
+    return entries
 
+
+def _read_layout(root: Path, entries: list[Path], skipped: dict, file_col, label_col):
+    """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
-
-    skipped: dict[str, str] = {}
     if csvs:
         if len(csvs) > 1:
             raise UserError(
                 f"Found several CSV manifests in {str(root)!r}: {[p.name for p in csvs]}; keep one."
             )
-        layout = f"csv manifest {csvs[0].name}"
-        labelled, given_splits = _read_manifest(csvs[0], csv_file_column, csv_label_column)
-    elif "train" in presplit and len(presplit) >= 2:
-        layout = "pre-split folders (" + ", ".join(sorted(presplit)) + ")"
+        return (f"csv manifest {csvs[0].name}", *_read_manifest(csvs[0], file_col, label_col))
+    if "train" in presplit and len(presplit) >= 2:
         labelled, given_splits = [], []
         for name, folder in sorted(presplit.items()):
             items = _scan_class_folders(folder, skipped)
             labelled += items
             given_splits += [name] * len(items)
-    else:
-        layout = "class folders"
-        labelled, given_splits = _scan_class_folders(root, skipped), None
-        for p in entries:
-            if not p.is_dir():
-                skipped[display_name(p)] = "stray file beside the class folders"
+        return "pre-split folders (" + ", ".join(sorted(presplit)) + ")", labelled, given_splits
+    labelled = _scan_class_folders(root, skipped)
+    for p in entries:
+        if not p.is_dir():
+            skipped[display_name(p)] = "stray file beside the class folders"
+    return "class folders", labelled, None
 
-    if check_images:
-        keep = _check_images([p for p, _ in labelled], skipped)
-        keep_idx = [i for i, ok in enumerate(keep) if ok]
-        labelled = [labelled[i] for i in keep_idx]
-        if given_splits is not None:
-            given_splits = [given_splits[i] for i in keep_idx]
 
-    if skipped:
+def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
+    if not skipped:
+        return
+    if strict:
         examples = "; ".join(f"{Path(p).name}: {why}" for p, why in list(skipped.items())[:5])
-        if strict:
-            raise UserError(
-                f"{len(skipped)} file(s) under {str(root)!r} are not usable images "
-                f"(data.strict=true): {examples}. Remove them or set data.strict=false to skip them."
-            )
-        log.warning("Skipping %d unusable file(s) under %s:\n%s", len(skipped), root,
-                    unusable_lines(skipped))
+        raise UserError(
+            f"{len(skipped)} file(s) under {str(root)!r} are not usable images "
+            f"(data.strict=true): {examples}. Remove them or set data.strict=false to skip them."
+        )
+    log.warning(
+        "Skipping %d unusable file(s) under %s:\n%s", len(skipped), root, unusable_lines(skipped)
+    )
 
+
+def _classes(root: Path, layout: str, labelled: list[tuple[str, str]]) -> list[str]:
     classes = sorted({label for _, label in labelled})
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
@@ -119,31 +151,23 @@ def discover(
             f"Only one class ({classes[0]!r}) found under {str(root)!r}: a classifier needs at "
             "least two class folders (or two labels in the manifest)."
         )
-    index = {c: i for i, c in enumerate(classes)}
-    pairs = [(p, index[label]) for p, label in labelled]
+    return classes
 
-    if given_splits is not None and "train" in given_splits:
-        splits = {
-            s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS
-        }
-        missing = [s for s in ("val", "test") if not splits[s]]
-        if missing:  # carve the missing split(s) out of train, stratified
-            ratios = {"val": split[1], "test": split[2]}
-            carved = _stratified_split(
-                splits["train"], (split[0], *[ratios[s] for s in missing]), seed
-            )
-            splits["train"] = carved[0]
-            for s, part in zip(missing, carved[1:], strict=True):
-                splits[s] = part
-    else:
+
+def _split(pairs, given_splits, split, seed: int) -> dict[str, list[tuple[str, int]]]:
+    """The given splits (missing val/test carved out of train, stratified), else `split` ratios."""
+    if given_splits is None or "train" not in given_splits:
         train, val, test = _stratified_split(pairs, split, seed)
-        splits = {"train": train, "val": val, "test": test}
-    for s in ("train", "val"):
-        if not splits[s]:
-            raise UserError(
-                f"The {s} split is empty ({layout} under {str(root)!r}); add images or change data.split."
-            )
-    return Samples(classes=classes, splits=splits, layout=layout, skipped=skipped)
+        return {"train": train, "val": val, "test": test}
+    splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
+    missing = [s for s in ("val", "test") if not splits[s]]
+    if missing:
+        ratios = {"val": split[1], "test": split[2]}
+        carved = _stratified_split(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+        splits["train"] = carved[0]
+        for s, part in zip(missing, carved[1:], strict=True):
+            splits[s] = part
+    return splits
 
 
 def unusable_lines(skipped: dict[str, str], limit: int = 20) -> str:
@@ -172,7 +196,8 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise UserError(
-            f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image files>."
+            f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
+            "files>."
         )
     for d in class_dirs:
         files = sorted(p for p in d.rglob("*") if not p.is_dir())
@@ -248,9 +273,14 @@ def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(
-            tqdm(pool.map(_check_one, paths, chunksize=64), total=len(paths), desc="checking images",
-                 disable=True if len(paths) < 2000 else None, leave=False)
-        )  # fmt: skip
+            tqdm(
+                pool.map(_check_one, paths, chunksize=64),
+                total=len(paths),
+                desc="checking images",
+                disable=True if len(paths) < 2000 else None,
+                leave=False,
+            )
+        )
     for p, why in zip(paths, results, strict=True):
         if why is not None:
             skipped[p] = why
@@ -260,7 +290,7 @@ def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:
 def _stratified_split(
     pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
 ) -> list[list[tuple[str, int]]]:
-    """Per class: shuffle with `seed`, then cut by ratios; every split gets >= 1 image when it can."""
+    """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can."""
     ratios = np.asarray(ratios, dtype=float)
     if (ratios < 0).any() or ratios.sum() <= 0:
         raise UserError(

@@ -93,8 +93,11 @@ def _try_dvc(project_root: Path, dest: Path, files: dict[str, str]) -> str | Non
     try:
         proc = subprocess.run(
             [dvc, "pull", "--quiet", str(dvc_file)],
-            cwd=project_root, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"`dvc pull` could not run ({e})"
     if proc.returncode != 0:
@@ -165,6 +168,24 @@ def _try_upstream(urls: list[str], dest: Path, files: dict[str, str], timeout: f
     return "; ".join(errors)
 
 
+def _from_system(src, project_root: Path, dest: Path, files: dict) -> str | None:
+    if not Path(src.system_dir).is_dir():
+        return f"{src.system_dir} does not exist (package {src.apt_package} not installed)"
+    return _install_from(Path(src.system_dir), dest, files)
+
+
+# data.download.sources: name -> fetch(download config, project root, dest, files) -> why not | None
+SOURCES = {
+    "local": lambda src, root, dest, files: verify(dest, files),
+    "dvc": lambda src, root, dest, files: _try_dvc(root, dest, files),
+    "system": _from_system,
+    "apt": lambda src, root, dest, files: _try_apt(src.apt_package, dest, files, src.system_dir),
+    "upstream": lambda src, root, dest, files: _try_upstream(
+        list(src.urls), dest, files, float(src.timeout)
+    ),
+}
+
+
 def download(dcfg, project_root: Path) -> DownloadResult:
     """Run the configured sources in order until one yields verified files."""
     dest = Path(dcfg.dir)
@@ -172,23 +193,12 @@ def download(dcfg, project_root: Path) -> DownloadResult:
     src = dcfg.download
     attempts: list[tuple[str, str]] = []
     for source in src.sources:
-        if source == "local":
-            why = verify(dest, files)
-        elif source == "dvc":
-            why = _try_dvc(project_root, dest, files)
-        elif source == "system":
-            why = _install_from(Path(src.system_dir), dest, files) if Path(src.system_dir).is_dir() else (
-                f"{src.system_dir} does not exist (package {src.apt_package} not installed)"
-            )  # fmt: skip
-        elif source == "apt":
-            why = _try_apt(src.apt_package, dest, files, src.system_dir)
-        elif source == "upstream":
-            why = _try_upstream(list(src.urls), dest, files, float(src.timeout))
-        else:
+        if source not in SOURCES:
             raise UserError(
                 f"Unknown download source {source!r} in data.download.sources; valid: "
-                "local, dvc, system, apt, upstream."
+                f"{', '.join(SOURCES)}."
             )
+        why = SOURCES[source](src, project_root, dest, files)
         if why is None:
             if source != "local":
                 log.info("Fetched %s from %s into %s", dcfg.name, source, dest)
@@ -201,7 +211,8 @@ def download(dcfg, project_root: Path) -> DownloadResult:
         f"Could not get dataset {dcfg.name!r}; every source failed:\n{tried}\n"
         f"Fix: install the Debian/Ubuntu package (`sudo apt-get update && sudo apt-get install "
         f"{src.apt_package}`), or `dvc pull` from a remote that holds it, or copy the files "
-        f"{sorted(files)} into {dest}/, then run `uv run python commands.py command=download` again."
+        f"{sorted(files)} into {dest}/, then run `uv run python commands.py command=download` "
+        "again."
     )
 
 
@@ -212,8 +223,9 @@ def track_with_dvc(project_root: Path, target: str = "data") -> str:
         return "not tracked by DVC (no .dvc/ in the project root)"
     dvc = shutil.which("dvc") or str(Path(os.sys.executable).parent / "dvc")
     try:
-        proc = subprocess.run([dvc, "add", "--quiet", target], cwd=root, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [dvc, "add", "--quiet", target], cwd=root, capture_output=True, text=True, timeout=600
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"`dvc add {target}` could not run ({e})"
     if proc.returncode != 0:
@@ -244,10 +256,14 @@ def run_download(cfg) -> dict:
         record.write_text(
             json.dumps({"name": cfg.data.name, "files": dict(cfg.data.files)}, indent=2) + "\n"
         )
-    print("\n".join([
-        f"{cfg.data.name}: {len(cfg.data.files)} files verified in {result.directory} "
-        f"(source: {result.source})",
-        *[f"  skipped source {s}: {why}" for s, why in result.attempts if s != "local"],
-        f"  {dvc}",
-    ]))  # fmt: skip
+    print(
+        "\n".join(
+            [
+                f"{cfg.data.name}: {len(cfg.data.files)} files verified in {result.directory} "
+                f"(source: {result.source})",
+                *[f"  skipped source {s}: {why}" for s, why in result.attempts if s != "local"],
+                f"  {dvc}",
+            ]
+        )
+    )
     return {"directory": str(result.directory), "source": result.source, "dvc": dvc}

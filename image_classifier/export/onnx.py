@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from image_classifier import runs, tracking
 from image_classifier.errors import ExportError, UserError
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
-from image_classifier.training import tracking
-from image_classifier.training.checkpoints import load_module, newest_best
+from image_classifier.models import checkpoint as ckpt_file
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
     """8 random inputs, and up to n_real real test images read through the model's preprocessing."""
     from omegaconf import OmegaConf, open_dict
 
+    from image_classifier.data.datamodule import build_datamodule
     from image_classifier.data.images import Preprocessing
-    from image_classifier.training.train import build_datamodule
 
     pre = Preprocessing.from_dict(module.hparams.preprocessing)
     rng = np.random.default_rng(0)
@@ -65,9 +65,7 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
         with open_dict(c):
             c.data = OmegaConf.create(stored)
         try:
-            dm = build_datamodule(c, preprocessing=pre)
-            dm.prepare()
-            ds = dm.datasets["test"]
+            ds = build_datamodule(c, preprocessing=pre).dataset("test")
             idx = np.linspace(0, len(ds) - 1, min(n_real, len(ds))).astype(int)
             real = np.stack([np.asarray(ds[int(i)][0]) for i in idx]).astype(np.float32)
         except (UserError, OSError) as e:
@@ -85,10 +83,16 @@ def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            net, (dummy,), str(output), input_names=["image"], output_names=["probabilities"],
+            net,
+            (dummy,),
+            str(output),
+            input_names=["image"],
+            output_names=["probabilities"],
             dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-            opset_version=opset, dynamo=False, do_constant_folding=True,
-        )  # fmt: skip
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     import onnx
 
     model = onnx.load(str(output))
@@ -109,15 +113,11 @@ def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
 def run_export_onnx(cfg) -> dict:
     started = time.perf_counter()
     e = cfg.export
-    checkpoint = (
-        Path(e.checkpoint)
-        if e.get("checkpoint")
-        else newest_best(cfg.paths.root, cfg.paths.search, "export.checkpoint")
-    )
+    checkpoint = runs.checkpoint(cfg, e.get("checkpoint"), "export.checkpoint")
     output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
     if output.suffix != ".onnx":
         raise UserError(f"export.output={str(output)!r} must end in .onnx.")
-    module = load_module(checkpoint)
+    module = ckpt_file.load_module(checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
@@ -145,41 +145,48 @@ def run_export_onnx(cfg) -> dict:
     size_mb = output.stat().st_size / 1e6
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
     n_real = 0 if real is None else len(real)
-    print("\n".join([
-        f"Exported {checkpoint} -> {output} ({size_mb:.1f} MB, opset {e.opset}, dynamic batch) "
-        f"in {time.perf_counter() - started:.0f}s",
-        f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} ({8} random, {n_real} real; tolerance {e.tolerance})",
-        f"  metadata: {len(module.classes)} classes, preprocessing {dict(module.hparams.preprocessing)}",
-        f"  mlflow: {'artifact of run ' + run_id if run_id else 'not logged (no training run recorded)'}",
-        f"  next: uv run python commands.py command=infer infer.model={output} infer.input=PATH",
-    ]))  # fmt: skip
+    print(
+        "\n".join(
+            [
+                f"Exported {checkpoint} -> {output} ({size_mb:.1f} MB, opset {e.opset}, dynamic "
+                "batch) "
+                f"in {time.perf_counter() - started:.0f}s",
+                f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} ({8} random, {n_real} real; "
+                f"tolerance {e.tolerance})",
+                f"  metadata: {len(module.classes)} classes, preprocessing "
+                f"{dict(module.hparams.preprocessing)}",
+                "  mlflow: "
+                + (
+                    f"artifact of run {run_id}"
+                    if run_id
+                    else "not logged (no training run recorded)"
+                ),
+                f"  next: uv run python commands.py command=infer infer.model={output} "
+                "infer.input=PATH",
+            ]
+        )
+    )
     return {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
 
 
 def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> str | None:
-    """Attach the export to the checkpoint's training run, when there is one."""
-    if not cfg.logger.enabled:
+    """Attach the export (and the MLflow model that takes image bytes) to the checkpoint's
+    training run, when there is one."""
+    run_id = ckpt_file.mlflow_run_id(checkpoint)
+    if not cfg.logger.enabled or not run_id:
         return None
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
-    if not run_id:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    uri, _ = tracking.resolve_uri(cfg.logger, cfg.paths.root)
-    tracking.check_reachable(uri, float(cfg.logger.connect_timeout))
+    logger = tracking.open_run(cfg, run_id)
     try:
-        MlflowClient(tracking_uri=uri).log_artifact(run_id, str(output), artifact_path="export")
+        tracking.log_artifacts(logger, [output], artifact_path="export")
         if cfg.export.get("mlflow_model", True):
-            import mlflow
+            from image_classifier.export.mlflow_model import log_mlflow_model
 
-            from image_classifier.serving.mlflow_model import log_mlflow_model
-
-            mlflow.set_tracking_uri(uri)
-            with mlflow.start_run(run_id=run_id):
+            with tracking.active_run(logger):
                 model_uri = log_mlflow_model(output)
-            print(f"  mlflow model (takes image bytes): {model_uri}; serve it with "
-                  f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`")  # fmt: skip
+            print(
+                f"  mlflow model (takes image bytes): {model_uri}; serve it with "
+                f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`"
+            )
     except Exception as err:  # the export itself succeeded; tracking is best effort here
         log.warning("Could not log %s to MLflow run %s: %s", output, run_id, err)
         return None

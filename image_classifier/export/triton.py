@@ -22,8 +22,17 @@ from pathlib import Path
 from image_classifier.errors import UserError
 
 # ONNX TensorProto element types -> Triton data types
-TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
-                7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64"}  # fmt: skip
+TRITON_TYPES = {
+    1: "TYPE_FP32",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    5: "TYPE_INT16",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    9: "TYPE_BOOL",
+    10: "TYPE_FP16",
+    11: "TYPE_FP64",
+}
 KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 
@@ -46,8 +55,10 @@ def model_signature(onnx_path: Path) -> dict:
     initializers = {i.name for i in model.graph.initializer}
     meta = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in meta:
-        raise UserError(f"{onnx_path} has no image_classifier metadata; export it with "
-                        "`uv run python commands.py command=export-onnx` first.")  # fmt: skip
+        raise UserError(
+            f"{onnx_path} has no image_classifier metadata; export it with "
+            "`uv run python commands.py command=export-onnx` first."
+        )
     return {
         "inputs": _tensors(i for i in model.graph.input if i.name not in initializers),
         "outputs": _tensors(model.graph.output),
@@ -58,16 +69,21 @@ def model_signature(onnx_path: Path) -> dict:
 def _tensor_block(t: dict, label_file: str | None = None) -> str:
     dims = ", ".join(str(d) for d in t["dims"][1:])  # Triton's dims exclude the batch axis
     extra = f'\n    label_filename: "{label_file}"' if label_file else ""
-    return (f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n'
-            f"    dims: [ {dims} ]{extra}\n  }}")  # fmt: skip
+    return (
+        f'  {{\n    name: "{t["name"]}"\n    data_type: {t["data_type"]}\n'
+        f"    dims: [ {dims} ]{extra}\n  }}"
+    )
 
 
-def triton_config(name: str, sig: dict, max_batch_size: int, max_queue_delay_us: int,
-                  instances: int, kind: str) -> str:  # fmt: skip
+def triton_config(
+    name: str, sig: dict, max_batch_size: int, max_queue_delay_us: int, instances: int, kind: str
+) -> str:
     for t in sig["inputs"] + sig["outputs"]:
         if not t["dims"] or t["dims"][0] != -1:
-            raise UserError(f"Tensor {t['name']!r} has no dynamic batch axis (dims {t['dims']}); "
-                            "re-export with the current export-onnx.")  # fmt: skip
+            raise UserError(
+                f"Tensor {t['name']!r} has no dynamic batch axis (dims {t['dims']}); "
+                "re-export with the current export-onnx."
+            )
     inputs = ",\n".join(_tensor_block(t) for t in sig["inputs"])
     outputs = ",\n".join(
         _tensor_block(t, "labels.txt" if i == 0 else None) for i, t in enumerate(sig["outputs"])
@@ -80,8 +96,15 @@ def triton_config(name: str, sig: dict, max_batch_size: int, max_queue_delay_us:
     )
 
 
-def export_triton(onnx_path: Path, output: Path, name: str, max_batch_size: int = 64,
-                  max_queue_delay_us: int = 1000, instances: int = 1, kind: str = "KIND_AUTO") -> Path:  # fmt: skip
+def export_triton(
+    onnx_path: Path,
+    output: Path,
+    name: str,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 1000,
+    instances: int = 1,
+    kind: str = "KIND_AUTO",
+) -> Path:
     if kind not in KINDS:
         raise UserError(f"export.triton.kind={kind!r} is not one of {', '.join(KINDS)}.")
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):
@@ -106,8 +129,12 @@ def export_triton(onnx_path: Path, output: Path, name: str, max_batch_size: int 
         (staging / "labels.txt").write_text(
             "\n".join(sig["meta"]["classes"]) + "\n", encoding="utf-8"
         )
-        pre = {"preprocessing": sig["meta"]["preprocessing"], "input": sig["meta"].get("input"),
-               "output": sig["meta"].get("output"), "source": str(onnx_path)}  # fmt: skip
+        pre = {
+            "preprocessing": sig["meta"]["preprocessing"],
+            "input": sig["meta"].get("input"),
+            "output": sig["meta"].get("output"),
+            "source": str(onnx_path),
+        }
         (staging / "preprocessing.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
         if final.exists():
             old = output / f".{name}.old"
@@ -123,23 +150,31 @@ def export_triton(onnx_path: Path, output: Path, name: str, max_batch_size: int 
 
 
 def run_export_triton(cfg) -> dict:
-    from image_classifier.inference.infer import default_model
+    from image_classifier import runs
 
     t = cfg.export.triton
-    onnx_path = Path(t.onnx) if t.get("onnx") else default_model(cfg, "export.triton.onnx")
+    onnx_path = runs.model_file(cfg, t.get("onnx"), "export.triton.onnx")
     if not onnx_path.is_file() or onnx_path.suffix != ".onnx":
-        raise UserError(f"export.triton.onnx={str(onnx_path)!r} is not an .onnx file; export one "
-                        "with `uv run python commands.py command=export-onnx`.")  # fmt: skip
+        raise UserError(
+            f"export.triton.onnx={str(onnx_path)!r} is not an .onnx file; export one "
+            "with `uv run python commands.py command=export-onnx`."
+        )
     output = Path(t.output)
     if not output.is_absolute():
         output = Path(cfg.paths.root) / output
     name = t.get("name") or "image_classifier"
-    folder = export_triton(onnx_path, output, name, t.max_batch_size, t.max_queue_delay_us,
-                           t.instances, t.kind)  # fmt: skip
-    print("\n".join([
-        f"Triton model repository: {output} (model {name!r} from {onnx_path})",
-        f"  {folder}/config.pbtxt, {folder}/1/model.onnx, {folder}/labels.txt, {folder}/preprocessing.json",
-        f"  start: docker run --rm -p8000:8000 -p8001:8001 -v {output.resolve()}:/models "
-        "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models",
-    ]))  # fmt: skip
+    folder = export_triton(
+        onnx_path, output, name, t.max_batch_size, t.max_queue_delay_us, t.instances, t.kind
+    )
+    print(
+        "\n".join(
+            [
+                f"Triton model repository: {output} (model {name!r} from {onnx_path})",
+                f"  {folder}/config.pbtxt, {folder}/1/model.onnx, {folder}/labels.txt, "
+                f"{folder}/preprocessing.json",
+                f"  start: docker run --rm -p8000:8000 -p8001:8001 -v {output.resolve()}:/models "
+                "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models",
+            ]
+        )
+    )
     return {"repository": str(output), "model": str(folder)}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from image_classifier import runs
 from image_classifier.data.images import (
     ImageError,
     Preprocessing,
@@ -101,7 +102,7 @@ def predict_paths(
 
 
 def prediction_row(path: str, probs: np.ndarray, classes: list[str], k: int | None = None) -> dict:
-    """One image's answer in the shape of ../shared/CLI.md (infer, serve and the MLflow model)."""
+    """One image's answer, as docs/commands.md shows it (infer, serve and the MLflow model)."""
     k = len(classes) if not k else max(1, min(int(k), len(classes)))
     order = np.argsort(-probs)[:k]
     return {
@@ -114,8 +115,13 @@ def prediction_row(path: str, probs: np.ndarray, classes: list[str], k: int | No
 
 def error_row(path: str, message: str) -> dict:
     """An image that could not be used, in the same shape, with the reason."""
-    return {"path": path, "predicted_class": None, "confidence": None, "all_predictions": {},
-            "error": message}  # fmt: skip
+    return {
+        "path": path,
+        "predicted_class": None,
+        "confidence": None,
+        "all_predictions": {},
+        "error": message,
+    }
 
 
 def _safe_dir_name(name: str) -> str:
@@ -148,23 +154,35 @@ def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
     return n
 
 
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    with_errors = any(r.get("error") for r in rows)
+    w.writerow(["path", "predicted_class", "confidence", *(["error"] if with_errors else [])])
+    for r in rows:
+        confidence = "" if r["confidence"] is None else r["confidence"]
+        errors = [r.get("error") or ""] if with_errors else []
+        w.writerow([r["path"], r["predicted_class"] or "", confidence, *errors])
+    return buf.getvalue()
+
+
+def _json_text(rows: list[dict]) -> str:
+    return json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, ensure_ascii=False) + "\n"
+
+
+# infer.output: file suffix -> writer (stdout, with no output, is JSON)
+WRITERS = {".json": _json_text, ".csv": _csv_text}
+
+
 def write_rows(rows: list[dict], output: str | None) -> str:
     """JSON (one object for one image, else a list) or CSV; stdout when output is None."""
-    if output and Path(output).suffix.lower() == ".csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        with_errors = any(r.get("error") for r in rows)
-        w.writerow(["path", "predicted_class", "confidence", *(["error"] if with_errors else [])])
-        for r in rows:
-            w.writerow([r["path"], r["predicted_class"] or "", "" if r["confidence"] is None else r["confidence"],
-                        *([r.get("error") or ""] if with_errors else [])])  # fmt: skip
-        text = buf.getvalue()
-    elif output and Path(output).suffix.lower() != ".json":
+    suffix = Path(output).suffix.lower() if output else ".json"
+    if suffix not in WRITERS:
         raise UserError(
-            f"infer.output={output!r}: use a .json or .csv file name (or leave it unset for stdout)."
+            f"infer.output={output!r}: use a file name ending in {' or '.join(WRITERS)} (or leave "
+            "it unset for stdout)."
         )
-    else:
-        text = json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, ensure_ascii=False) + "\n"
+    text = WRITERS[suffix](rows)
     if output:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,26 +194,13 @@ def write_rows(rows: list[dict], output: str | None) -> str:
     return text
 
 
-def default_model(cfg, setting: str = "infer.model") -> Path:
-    """The .onnx beside the newest best checkpoint; `setting` is the option that would name one."""
-    from image_classifier.training.checkpoints import newest_best
-
-    onnx = newest_best(cfg.paths.root, cfg.paths.search, setting).with_suffix(".onnx")
-    if not onnx.exists():
-        raise UserError(
-            f"{setting} is not set and {onnx} does not exist: export it first "
-            f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
-        )
-    return onnx
-
-
 def run_infer(cfg) -> dict:
     started = time.perf_counter()
     c = cfg.infer
     if c.get("sort_into") and c.sort_mode not in SORT_MODES:
         raise UserError(f"infer.sort_mode={c.sort_mode!r} is not one of {', '.join(SORT_MODES)}.")
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
-    model = Path(c.model) if c.get("model") else default_model(cfg)
+    model = runs.model_file(cfg, c.get("model"), "infer.model")
     predictor = load_predictor(model, device=c.device)
     rows = predict_paths(predictor, paths, batch_size=int(c.batch_size), top_k=c.get("top_k"))
     write_rows(rows, c.get("output"))
@@ -203,12 +208,14 @@ def run_infer(cfg) -> dict:
     errors = sum(1 for r in rows if r.get("error"))
     seconds = time.perf_counter() - started
     print(
-        f"Predicted {len(rows) - errors} of {len(rows)} image(s) with {predictor.backend} ({model.name}) "
-        f"in {seconds:.2f}s" + (f"; {errors} unreadable (see their 'error' field)" if errors else "")
+        f"Predicted {len(rows) - errors} of {len(rows)} image(s) with {predictor.backend} "
+        f"({model.name}) "
+        f"in {seconds:.2f}s"
+        + (f"; {errors} unreadable (see their 'error' field)" if errors else "")
         + (f"; written to {c.output}" if c.get("output") else "")
         + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
         file=sys.stderr,
-    )  # fmt: skip
+    )
     for r in [r for r in rows if r.get("error")][:20]:
         print(f"  {r['path']}: {r['error']}", file=sys.stderr)
     return {"rows": rows, "errors": errors, "seconds": seconds}

@@ -21,6 +21,7 @@ from image_classifier.errors import UserError
 METADATA_KEY = "image_classifier"
 log = logging.getLogger(__name__)
 BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
+DEVICES = ("auto", "cpu", "cuda")  # infer.device, serve.device
 
 
 @dataclass
@@ -64,7 +65,8 @@ class OnnxPredictor:
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "cuda":
             raise UserError(
-                "device=cuda was asked for, but there is no NVIDIA GPU or no CUDA build of ONNX Runtime "
+                "device=cuda was asked for, but there is no NVIDIA GPU or no CUDA build of ONNX "
+                "Runtime "
                 "here. Use device=cpu or auto."
             )
         try:
@@ -103,7 +105,7 @@ class TorchPredictor:
     def __init__(self, path: Path, device: str = "auto"):
         import torch
 
-        from image_classifier.training.checkpoints import load_module
+        from image_classifier.models.checkpoint import load_module
 
         self.torch = torch
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -133,13 +135,14 @@ def load_predictor(path: str | Path, device: str = "auto"):
     backend = BACKENDS.get(path.suffix.lower())
     if backend is None:
         raise UserError(
-            f"Cannot tell the backend of {path.name!r} from its extension; use .onnx (ONNX Runtime), "
+            f"Cannot tell the backend of {path.name!r} from its extension; use .onnx (ONNX "
+            "Runtime), "
             ".ckpt (PyTorch checkpoint) or .engine (TensorRT)."
         )
     if backend == "onnxruntime":
         return OnnxPredictor(path, device)
     if backend == "pytorch":
         return TorchPredictor(path, device)
-    from image_classifier.export.tensorrt import TensorRTPredictor
+    from image_classifier.inference.tensorrt import TensorRTPredictor
 
     return TensorRTPredictor(path)

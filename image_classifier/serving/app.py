@@ -1,7 +1,7 @@
 """`command=serve`: an HTTP prediction service (FastAPI on uvicorn) over an exported model.
 
   POST /predict   multipart upload(s), JSON with base64 image(s), or a raw image body
-                  -> the infer JSON of ../shared/CLI.md (one object for one image, a list for many)
+                  -> the infer JSON (docs/commands.md; one object for one image, a list for many)
   GET  /health    liveness and a few counters
   GET  /metadata  classes, preprocessing, model file hash and source
   GET  /          a page where a person drops an image and sees the top classes
@@ -84,15 +84,25 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send, size: int):
-        payload = json.dumps({
-            "error": f"Request body of {size:,} bytes exceeds the limit of {self.limit:,} bytes "
-                     "(serve.max_body_mb); send fewer or smaller images per request.",
-            "status": 413,
-        }).encode()  # fmt: skip
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})  # fmt: skip
+        payload = json.dumps(
+            {
+                "error": f"Request body of {size:,} bytes exceeds the limit of "
+                f"{self.limit:,} bytes (serve.max_body_mb); send fewer or smaller images per "
+                "request.",
+                "status": 413,
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -128,167 +138,245 @@ def _json_images(payload) -> list[tuple[str, bytes]]:
     return out
 
 
-def create_app(predictor, limits: Limits | None = None, max_batch: int = 32,
-               max_wait_ms: float = 2.0, model_path: Path | None = None):  # fmt: skip
-    import asyncio
+class Service:
+    """What the routes share: the predictor, its micro-batcher, the limits and the counters."""
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    def __init__(self, predictor, limits: Limits, max_batch: int, max_wait_ms: float, model_path):
+        from image_classifier.serving.batcher import MicroBatcher
+
+        self.predictor, self.limits = predictor, limits
+        self.meta = predictor.meta
+        self.batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        self.model_info = {
+            "path": str(model_path) if model_path else None,
+            "sha256": sha256_file(model_path) if model_path else None,
+            "backend": predictor.backend,
+            "providers": getattr(predictor, "providers", None),
+            "source": {
+                k: v for k, v in self.meta.extra.items() if k not in ("classes", "preprocessing")
+            },
+        }
+        self.started, self.requests, self.errors_4xx = time.time(), 0, 0
+
+    def error(self, status: int, message: str):
+        from fastapi.responses import JSONResponse
+
+        if 400 <= status < 500:
+            self.errors_4xx += 1
+        return JSONResponse({"error": message, "status": status}, status_code=status)
+
+    def decode_all(self, items: list[tuple[str, bytes]]) -> np.ndarray:
+        arrays = []
+        for name, data in items:
+            try:
+                arrays.append(
+                    decode_bytes(
+                        data, self.meta.preprocessing, name=name, max_pixels=self.limits.max_pixels
+                    )
+                )
+            except ImageError as e:
+                status = 413 if isinstance(e, ImageTooLarge) else 422
+                raise RequestError(status, f"Cannot use {e}.") from None
+        return np.stack(arrays)
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "backend": self.predictor.backend,
+            "model": self.model_info["path"],
+            "uptime_s": round(time.time() - self.started, 1),
+            "queued": self.batcher.pending(),
+            "requests": self.requests,
+            "images": self.batcher.images,
+            "batches": self.batcher.batches,
+            "errors_4xx": self.errors_4xx,
+        }
+
+    def metadata(self) -> dict:
+        limits = self.limits
+        return {
+            "classes": self.meta.classes,
+            "preprocessing": self.meta.preprocessing.to_dict(),
+            "model": self.model_info,
+            "limits": {
+                "max_body_mb": limits.max_body_mb,
+                "max_images": limits.max_images,
+                "max_pixels": limits.max_pixels,
+            },
+        }
+
+
+def create_app(
+    predictor,
+    limits: Limits | None = None,
+    max_batch: int = 32,
+    max_wait_ms: float = 2.0,
+    model_path: Path | None = None,
+):
+    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-
-    from image_classifier.serving.batcher import MicroBatcher
 
     limits = limits or Limits()
-    meta = predictor.meta
-    pre = meta.preprocessing
-    batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    model_info = {
-        "path": str(model_path) if model_path else None,
-        "sha256": sha256_file(model_path) if model_path else None,
-        "backend": predictor.backend,
-        "providers": getattr(predictor, "providers", None),
-        "source": {k: v for k, v in meta.extra.items() if k not in ("classes", "preprocessing")},
-    }
-    stats = {"started": time.time(), "requests": 0, "errors_4xx": 0}
+    service = Service(predictor, limits, max_batch, max_wait_ms, model_path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await run_in_threadpool(batcher.close)
+        await run_in_threadpool(service.batcher.close)
 
     app = FastAPI(title="image_classifier", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    _add_error_handlers(app, service)
+    _add_routes(app, service)
+    return BodyLimit(app, int(limits.max_body_mb * 1024 * 1024))
 
-    def error(status: int, message: str) -> JSONResponse:
-        if 400 <= status < 500:
-            stats["errors_4xx"] += 1
-        return JSONResponse({"error": message, "status": status}, status_code=status)
+
+def _add_error_handlers(app, service: Service) -> None:
+    """Every failure is a JSON {"error", "status"}; nothing a client sends stops the service."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
-        return error(exc.status, exc.message)
+        return service.error(exc.status, exc.message)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
+        return service.error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
-        return error(
+        return service.error(
             422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):  # logged, answered, and the service goes on
         print(f"serve: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        return error(500, f"internal error ({type(exc).__name__}); the service is still up.")
-
-    async def read_images(request: Request) -> list[tuple[str, bytes]]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            try:
-                form = await request.form(max_files=limits.max_images, max_fields=100)
-            except Exception as e:  # starlette raises MultiPartException / HTTPException
-                raise RequestError(
-                    400, f"Malformed multipart body: {getattr(e, 'detail', e)}."
-                ) from None
-            files = [
-                v for _, v in form.multi_items() if hasattr(v, "read") and hasattr(v, "filename")
-            ]
-            if not files:
-                raise RequestError(400, "No file in the multipart form: attach an image, e.g. "
-                                        "`curl -F file=@image.png http://HOST:PORT/predict`.")  # fmt: skip
-            return [(f.filename or f"image[{i}]", await f.read()) for i, f in enumerate(files)]
-        body = await request.body()
-        if not body:
-            raise RequestError(400, "Empty request body: send an image (multipart field `file`, "
-                                    "JSON with base64 `image`, or the raw image bytes).")  # fmt: skip
-        if ctype == "application/json":
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"Malformed JSON body ({e}).") from None
-            return _json_images(payload)
-        if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return [("image", body)]
-        raise RequestError(
-            415,
-            f"Unsupported Content-Type {ctype or '(none)'!r}: use multipart/form-data (field `file`), "
-            'application/json ({"image": base64}) or image/* with the raw bytes.',
+        return service.error(
+            500, f"internal error ({type(exc).__name__}); the service is still up."
         )
 
-    def decode_all(items: list[tuple[str, bytes]]) -> np.ndarray:
-        arrays = []
-        for name, data in items:
-            try:
-                arrays.append(decode_bytes(data, pre, name=name, max_pixels=limits.max_pixels))
-            except ImageError as e:
-                raise RequestError(413 if isinstance(e, ImageTooLarge) else 422,
-                                   f"Cannot use {e}.") from None  # fmt: skip
-        return np.stack(arrays)
+
+def _add_routes(app, service: Service) -> None:
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse
+    from starlette.concurrency import run_in_threadpool
+
+    limits, classes = service.limits, service.meta.classes
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None):
-        stats["requests"] += 1
-        items = await read_images(request)
+        service.requests += 1
+        items = await read_images(request, limits)
         if len(items) > limits.max_images:
-            raise RequestError(413, f"{len(items)} images in one request; the limit is "
-                                    f"{limits.max_images} (serve.max_images).")  # fmt: skip
+            raise RequestError(
+                413,
+                f"{len(items)} images in one request; the limit is "
+                f"{limits.max_images} (serve.max_images).",
+            )
         if top_k is not None and top_k < 1:
             raise RequestError(422, f"top_k={top_k} must be at least 1.")
-        batch = await run_in_threadpool(decode_all, items)
-        probs = await asyncio.wrap_future(batcher.submit(batch))
+        batch = await run_in_threadpool(service.decode_all, items)
+        probs = await asyncio.wrap_future(service.batcher.submit(batch))
         rows = [
-            prediction_row(name, p, meta.classes, top_k)
+            prediction_row(name, p, classes, top_k)
             for (name, _), p in zip(items, probs, strict=True)
         ]
         return rows[0] if len(rows) == 1 else rows
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "backend": predictor.backend, "model": model_info["path"],
-                "uptime_s": round(time.time() - stats["started"], 1), "queued": batcher.pending(),
-                "requests": stats["requests"], "images": batcher.images,
-                "batches": batcher.batches, "errors_4xx": stats["errors_4xx"]}  # fmt: skip
+        return service.health()
 
     @app.get("/metadata")
     async def metadata():
-        return {"classes": meta.classes, "preprocessing": pre.to_dict(), "model": model_info,
-                "limits": {"max_body_mb": limits.max_body_mb, "max_images": limits.max_images,
-                           "max_pixels": limits.max_pixels}}  # fmt: skip
+        return service.metadata()
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return PAGE.read_text(encoding="utf-8")
 
-    return BodyLimit(app, int(limits.max_body_mb * 1024 * 1024))
+
+async def read_images(request, limits: Limits) -> list[tuple[str, bytes]]:
+    """(name, encoded bytes) from a multipart form, a JSON body with base64, or a raw body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _form_images(request, limits)
+    body = await request.body()
+    if not body:
+        raise RequestError(
+            400,
+            "Empty request body: send an image (multipart field `file`, "
+            "JSON with base64 `image`, or the raw image bytes).",
+        )
+    if ctype == "application/json":
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"Malformed JSON body ({e}).") from None
+        return _json_images(payload)
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [("image", body)]
+    raise RequestError(
+        415,
+        f"Unsupported Content-Type {ctype or '(none)'!r}: use multipart/form-data (field "
+        '`file`), application/json ({"image": base64}) or image/* with the raw bytes.',
+    )
+
+
+async def _form_images(request, limits: Limits) -> list[tuple[str, bytes]]:
+    try:
+        form = await request.form(max_files=limits.max_images, max_fields=100)
+    except Exception as e:  # starlette raises MultiPartException / HTTPException
+        raise RequestError(400, f"Malformed multipart body: {getattr(e, 'detail', e)}.") from None
+    files = [v for _, v in form.multi_items() if hasattr(v, "read") and hasattr(v, "filename")]
+    if not files:
+        raise RequestError(
+            400,
+            "No file in the multipart form: attach an image, e.g. "
+            "`curl -F file=@image.png http://HOST:PORT/predict`.",
+        )
+    return [(f.filename or f"image[{i}]", await f.read()) for i, f in enumerate(files)]
 
 
 def run_serve(cfg) -> dict:
     import uvicorn
 
-    from image_classifier.inference.infer import default_model
+    from image_classifier import runs
     from image_classifier.inference.predictor import load_predictor
 
     s = cfg.serve
-    model = Path(s.model) if s.get("model") else default_model(cfg, "serve.model")
+    model = runs.model_file(cfg, s.get("model"), "serve.model")
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)
     limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels))
     app = create_app(predictor, limits, int(s.max_batch), float(s.max_wait_ms), model_path=model)
-    config = uvicorn.Config(app, host=str(s.host), port=int(s.port), log_level=str(s.log_level),
-                            timeout_graceful_shutdown=float(s.shutdown_timeout_s))  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=str(s.host),
+        port=int(s.port),
+        log_level=str(s.log_level),
+        timeout_graceful_shutdown=float(s.shutdown_timeout_s),
+    )
     _check_port(str(s.host), int(s.port))
     server = _server_class()(config)
-    print(f"Serving {model} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
-          f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata; "
-          "Ctrl+C stops)", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"Serving {model} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
+        f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata; "
+        "Ctrl+C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
     server.run()
     how = f"on {signal.Signals(server.stop_signal).name}" if server.stop_signal else ""
-    print(f"Stopped cleanly {how}: in-flight requests finished.".replace("  ", " "),
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"Stopped cleanly {how}: in-flight requests finished.".replace("  ", " "),
+        file=sys.stderr,
+        flush=True,
+    )
     return {"model": str(model), "stop_signal": server.stop_signal}
 
 

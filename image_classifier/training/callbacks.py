@@ -70,8 +70,9 @@ class FreezeBackbone(BaseFinetuning):
         if self.unfreeze_at_epoch is not None and current_epoch == int(self.unfreeze_at_epoch):
             backbone, _ = self._parts(pl_module)
             self.make_trainable(backbone)  # Lightning's helper adds only parameters that need grad
-            self.unfreeze_and_add_param_group(modules=backbone, optimizer=optimizer, lr=None,
-                                              initial_denom_lr=10.0, train_bn=True)  # fmt: skip
+            self.unfreeze_and_add_param_group(
+                modules=backbone, optimizer=optimizer, lr=None, initial_denom_lr=10.0, train_bn=True
+            )
             # schedulers (OneCycle, cosine) keep per-group fields: give the new group its own
             first, new = optimizer.param_groups[0], optimizer.param_groups[-1]
             for key in ("initial_lr", "max_lr", "min_lr"):

@@ -10,8 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CURVES = (("loss", "train/loss_epoch", "val/loss"), ("accuracy", "train/acc", "val/acc"),
-          ("macro F1", "train/f1_macro", "val/f1_macro"))  # fmt: skip
+CURVES = (
+    ("loss", "train/loss_epoch", "val/loss"),
+    ("accuracy", "train/acc", "val/acc"),
+    ("macro F1", "train/f1_macro", "val/f1_macro"),
+)
 
 
 def plot_curves(history: list[dict], path: str | Path) -> Path | None:
@@ -46,8 +49,15 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path) -> Path
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.2%})")
     return _save(fig, path)

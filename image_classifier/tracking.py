@@ -1,4 +1,8 @@
-"""MLflow: the embedded store by default, a server by URL, and the lineage every run records."""
+"""MLflow: the embedded store by default, a server by URL, and the lineage every run records.
+
+The only module that talks to MLflow: commands get a Lightning MLFlowLogger from `create_logger`
+(or `open_run` for an existing run) and log through the helpers below.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,20 @@ import yaml
 
 from image_classifier.errors import UserError
 
-KEY_PACKAGES = ("torch", "torchvision", "lightning", "timm", "torchmetrics", "mlflow", "dvc",
-                "onnx", "onnxruntime", "onnxruntime-gpu", "hydra-core", "pillow")  # fmt: skip
+KEY_PACKAGES = (
+    "torch",
+    "torchvision",
+    "lightning",
+    "timm",
+    "torchmetrics",
+    "mlflow",
+    "dvc",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "hydra-core",
+    "pillow",
+)
 
 
 def resolve_uri(logger_cfg, root: str | Path) -> tuple[str, str | None]:
@@ -98,8 +114,67 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
     uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
     check_reachable(uri, float(cfg.logger.connect_timeout))
     logger = MLFlowLogger(
-        experiment_name=cfg.logger.experiment, run_name=cfg.logger.get("run_name") or run_name,
-        tracking_uri=uri, tags=tags, artifact_location=artifacts, run_id=run_id,
-    )  # fmt: skip
+        experiment_name=cfg.logger.experiment,
+        run_name=cfg.logger.get("run_name") or run_name,
+        tracking_uri=uri,
+        tags=tags,
+        artifact_location=artifacts,
+        run_id=run_id,
+    )
     _ = logger.experiment  # create the run now, so a broken store fails before training starts
     return logger
+
+
+# -- one style for every command: Lightning's MLFlowLogger, and its client for the rest ----------
+def open_run(cfg, run_id: str):
+    """A logger attached to an existing run (export adds to the training run), or None when
+    tracking is disabled."""
+    return create_logger(cfg, run_name="", tags={}, run_id=run_id)
+
+
+def log_artifacts(logger, paths, artifact_path: str | None = None) -> None:
+    for p in paths:
+        if Path(p).is_dir():
+            logger.experiment.log_artifacts(logger.run_id, str(p), artifact_path=artifact_path)
+        else:
+            logger.experiment.log_artifact(logger.run_id, str(p), artifact_path=artifact_path)
+
+
+def log_dict(logger, data: dict, name: str) -> None:
+    logger.experiment.log_dict(logger.run_id, data, name)
+
+
+def log_metrics(logger, metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+        logger.experiment.log_metric(logger.run_id, k, float(v))
+
+
+def log_params(logger, params: dict) -> None:
+    for k, v in params.items():
+        logger.experiment.log_param(logger.run_id, k, v)
+
+
+def set_tags(logger, tags: dict[str, str]) -> None:
+    for k, v in tags.items():
+        logger.experiment.set_tag(logger.run_id, k, v)
+
+
+def finish(logger) -> None:
+    """End a run that no Lightning Trainer ends (audit)."""
+    logger.experiment.set_terminated(logger.run_id)
+
+
+def safe_name(name: str) -> str:
+    """A class name as one part of a metric key: anything but letters, digits, - _ . becomes _."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+@contextlib.contextmanager
+def active_run(logger):
+    """The logger's run as MLflow's active run, for APIs that only log into the active run
+    (`mlflow.pyfunc.log_model`)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(logger._tracking_uri)
+    with mlflow.start_run(run_id=logger.run_id):
+        yield

@@ -1,0 +1,307 @@
+"""The composed config, checked once at load, before any data, model or MLflow run is touched.
+
+One table: each row is a key, the kind of value it takes and its range or choices. Choices come
+from the registries that build the objects (optimisers, schedules, augmentation presets, download
+sources, output writers, ...), so an option cannot be offered here and refused later or the other
+way round. `commands.py` runs `validate` on every command line; bad values exit 2 with every
+problem listed, each with the options and the closest match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from image_classifier.errors import did_you_mean
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Number:
+    """An int (`integer=True`) or a float within [lo, hi]; `open_lo` makes lo itself invalid."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    integer: bool = False
+    open_lo: bool = False
+    optional: bool = False
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None:
+            return None if self.optional else f"{key} must be set (it is null)."
+        kind = "an integer" if self.integer else "a number"
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or (self.integer and not float(v).is_integer())
+        ):
+            return f"{key}={v!r} must be {kind}{self._range()}."
+        if v < self.lo or (self.open_lo and v == self.lo) or v > self.hi:
+            return f"{key}={v!r} must be {kind}{self._range()}."
+        return None
+
+    def _range(self) -> str:
+        lo = "" if self.lo == -math.inf else f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        hi = "" if self.hi == math.inf else f"<= {self.hi:g}"
+        both = " and ".join(x for x in (lo, hi) if x)
+        return f" {both}" if both else ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+    optional: bool = False
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None and self.optional:
+            return None
+        if v in self.options:
+            return None
+        shown = ", ".join(str(o) for o in self.options)
+        return f"{key}={v!r} is not one of {shown}.{did_you_mean(str(v), map(str, self.options))}"
+
+
+@dataclass(frozen=True)
+class Suffix:
+    """A file name ending in one of `options` (or null when optional)."""
+
+    options: tuple
+    optional: bool = True
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None and self.optional:
+            return None
+        if Path(str(v)).suffix.lower() in self.options:
+            return None
+        return f"{key}={v!r} must be a file name ending in {' or '.join(self.options)}."
+
+
+@dataclass(frozen=True)
+class Each:
+    """Every item of a list passes `rule`; `length` fixes how many there are."""
+
+    rule: object
+    length: int | None = None
+
+    def problem(self, key: str, v) -> str | None:
+        if not isinstance(v, list | tuple):
+            return f"{key}={v!r} must be a list."
+        if self.length is not None and len(v) != self.length:
+            return f"{key}={list(v)} must have {self.length} values."
+        for i, item in enumerate(v):
+            if why := self.rule.problem(f"{key}[{i}]", item):
+                return why
+        return None
+
+
+def _rules() -> dict:
+    """key -> rule; the registries are imported here (all torch-free, so this stays fast)."""
+    from image_classifier.audit import FEATURE_SOURCES
+    from image_classifier.data.augment import PRESETS
+    from image_classifier.data.images import RESIZE_MODES
+    from image_classifier.data.sources import SOURCES
+    from image_classifier.export.tensorrt import PRECISIONS
+    from image_classifier.export.triton import KINDS
+    from image_classifier.inference.infer import SORT_MODES, WRITERS
+    from image_classifier.inference.predictor import DEVICES
+    from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
+
+    positive_int, count = Number(1, integer=True), Number(0, integer=True)
+    positive, fraction = Number(0, open_lo=True), Number(0, 1)
+    return {
+        "seed": Number(integer=True),
+        "train.epochs": positive_int,
+        "train.batch_size": positive_int,
+        "train.optimizer": Choice(tuple(OPTIMIZERS)),
+        "train.lr": positive,
+        "train.weight_decay": Number(0),
+        "train.momentum": fraction,
+        "train.scheduler": Choice(tuple(SCHEDULERS)),
+        "train.warmup": Number(0, 1, open_lo=True),
+        "train.step_size": positive_int,
+        "train.gamma": positive,
+        "train.patience": count,
+        "train.label_smoothing": Number(0, 0.999),
+        "train.monitor": Choice(MONITORS),
+        "train.early_stopping": count,
+        "train.augment.preset": Choice(tuple(PRESETS)),
+        "train.augment.shift": count,
+        "train.augment.mixup": Number(0),
+        "train.augment.cutmix": Number(0),
+        "train.supcon_weight": Number(0),
+        "train.supcon_temperature": positive,
+        "train.num_workers": count,
+        "train.threads": Number(1, integer=True, optional=True),
+        "data.size": Each(positive_int, length=2),
+        "data.channels": Choice((1, 3, "auto")),
+        "data.resize": Choice(RESIZE_MODES),
+        "data.split": Each(Number(0), length=3),
+        "data.val_size": count,
+        "data.download.sources": Each(Choice(tuple(SOURCES))),
+        "test.batch_size": positive_int,
+        "features.size": Each(positive_int, length=2),
+        "features.channels": Choice((1, 3)),
+        "features.batch_size": positive_int,
+        "infer.output": Suffix(tuple(WRITERS)),
+        "infer.top_k": Number(1, integer=True, optional=True),
+        "infer.batch_size": positive_int,
+        "infer.sort_mode": Choice(SORT_MODES),
+        "infer.device": Choice(DEVICES),
+        "serve.device": Choice(DEVICES),
+        "serve.port": Number(0, 65535, integer=True),
+        "serve.max_body_mb": positive,
+        "serve.max_images": positive_int,
+        "serve.max_pixels": positive_int,
+        "serve.max_batch": positive_int,
+        "serve.max_wait_ms": Number(0),
+        "serve.shutdown_timeout_s": Number(0),
+        "serve.log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
+        "export.output": Suffix((".onnx",)),
+        "export.opset": Number(7, integer=True),
+        "export.tolerance": positive,
+        "export.parity_images": count,
+        "export.trt.precision": Choice(PRECISIONS),
+        "export.trt.min_batch": positive_int,
+        "export.trt.opt_batch": positive_int,
+        "export.trt.max_batch": positive_int,
+        "export.trt.workspace_gb": positive,
+        "export.triton.kind": Choice(KINDS),
+        "export.triton.max_batch_size": positive_int,
+        "export.triton.instances": positive_int,
+        "audit.features": Choice(FEATURE_SOURCES),
+        "audit.phash_distance": Number(0, 64, integer=True),
+        "audit.near_correlation": Number(-1, 1),
+        "audit.neighbours": positive_int,
+        "audit.min_vote": fraction,
+        "audit.examples": count,
+        "audit.feature_dims": positive_int,
+        "logger.connect_timeout": positive,
+    }
+
+
+def problems(cfg) -> list[str]:
+    """Every value of `cfg` that breaks its rule, as one sentence each (empty when all is well)."""
+    found = []
+    for key, rule in _rules().items():
+        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        if value is _MISSING:
+            continue  # not in this config (a data group without that key)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if why := rule.problem(key, value):
+            found.append(why)
+    return found
+
+
+# -- the command line, checked before Hydra runs ---------------------------------------------------
+def check_command_line(args: list[str], config_dir: Path) -> None:
+    """Parse and compose the overrides once, and validate the result: a bad key, group or value
+    raises UserError (exit 2) in a second or two, before any work starts."""
+    from hydra.errors import HydraException
+
+    from image_classifier.errors import UserError
+
+    plain = [a for a in args if not a.startswith("-")]
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException as e:
+        raise UserError(f"Cannot parse the overrides: {e}") from None
+    variants = _variants(parsed, config_dir)
+    for overrides in variants:
+        found = problems(_compose(overrides, config_dir))
+        if found:
+            raise UserError(
+                "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
+            )
+
+
+def _variants(parsed, config_dir: Path) -> list[list[str]]:
+    """The overrides as `key=value` lists: the first value of every sweep, then one list per
+    further value of each sweep (so each value a multirun would use is checked)."""
+    first, sweeps = [], []
+    for o in parsed:
+        if o.is_hydra_override():
+            continue
+        values = (
+            list(o.sweep_string_iterator())
+            if o.is_sweep_override()
+            else [o.get_value_element_as_str()]
+        )
+        _check_group(o.key_or_group, values, config_dir)
+        first.append(f"{o.get_key_element()}={values[0]}")
+        sweeps.append((len(first) - 1, o.get_key_element(), values[1:]))
+    variants = [first]
+    for i, key, rest in sweeps:
+        variants += [[*first[:i], f"{key}={v}", *first[i + 1 :]] for v in rest]
+    return variants
+
+
+def _check_group(key: str, values: list[str], config_dir: Path) -> None:
+    """A config group's value must name one of its files."""
+    from image_classifier.errors import UserError
+
+    if not (config_dir / key).is_dir():
+        return
+    options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+    for v in values:
+        if v not in options:
+            extra = (
+                " (or any timm architecture: model=timm model.name=NAME)" if key == "model" else ""
+            )
+            raise UserError(
+                f"Unknown {key} option {v!r}.{did_you_mean(v, options)} "
+                f"Available: {', '.join(options)}{extra}."
+            )
+
+
+def _compose(overrides: list[str], config_dir: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from image_classifier.errors import UserError
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(_override_error(e, config_dir)) from None
+
+
+def _override_error(e: Exception, config_dir: Path) -> str:
+    """Hydra's message, first line only, with the closest existing key."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    msg = str(e).strip().splitlines()[0]
+    m = re.search(r"Could not override '([^']+)'|Key '([^']+)' is not in struct", str(e))
+    hint = ""
+    if m:
+        key = m.group(1) or m.group(2)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            base = compose(config_name="config")
+        keys = [
+            k for k in _flat_keys(OmegaConf.to_container(base)) if k.count(".") == key.count(".")
+        ]
+        hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
+    elif "Could not find" in str(e):
+        hint = " " + " ".join(str(e).split())
+        msg = ""
+    return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        keys.append(key)
+        if isinstance(v, dict):
+            keys += _flat_keys(v, key + ".")
+    return keys

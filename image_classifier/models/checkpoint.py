@@ -1,0 +1,90 @@
+"""The only place a `.ckpt` file is read: the module, and what `train` stored beside the weights
+(the per-epoch history, the MLflow run id, the resolved training config)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from image_classifier.errors import UserError
+
+
+def read(path: str | Path, map_location: str = "cpu") -> dict:
+    """The checkpoint as a dict, or a UserError that says why it is not one."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {str(path)!r} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        EOFError,
+        ValueError,
+        OSError,
+    ) as e:
+        raise UserError(
+            f"{str(path)!r} is not a readable checkpoint file ({type(e).__name__}: {e})."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{str(path)!r} is not a checkpoint written by image_classifier.")
+    return ckpt
+
+
+@lru_cache(maxsize=8)
+def _summary(path: str, mtime: float) -> tuple[list, str | None, dict | None]:
+    ckpt = read(path)
+    history = next(
+        (
+            list(s.get("epochs", []))
+            for k, s in ckpt.get("callbacks", {}).items()
+            if k.startswith("History")
+        ),
+        [],
+    )
+    run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    return history, run_id, config
+
+
+def _cached(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {str(path)!r} does not exist.")
+    return _summary(str(path), path.stat().st_mtime)
+
+
+def history(path: str | Path) -> list[dict]:
+    """Per-epoch metrics that the History callback stored."""
+    return _cached(path)[0]
+
+
+def mlflow_run_id(path: str | Path) -> str | None:
+    """The MLflow run the checkpoint was trained in, when tracking was on."""
+    return _cached(path)[1]
+
+
+def stored_config(path: str | Path) -> dict | None:
+    """The resolved training config (what train.resume continues with)."""
+    return _cached(path)[2]
+
+
+def load_module(path: str | Path, map_location: str = "cpu"):
+    """The LightningModule from a checkpoint file alone; clear errors for anything else."""
+    from image_classifier.models.module import ClassifierModule
+
+    ckpt = read(path, map_location)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "classes" not in hp or "state_dict" not in ckpt:
+        raise UserError(f"{str(path)!r} is a checkpoint, but not one written by image_classifier.")
+    # the weights come from the checkpoint: never fetch pretrained ones again
+    hp = {**hp, "model": {**hp["model"], "pretrained": False}}
+    module = ClassifierModule(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(map_location)

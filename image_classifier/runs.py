@@ -1,0 +1,68 @@
+"""Which run folder, checkpoint or model file a command works on: the one place that decides.
+
+Every command that takes a model accepts an explicit path and otherwise finds the newest one that
+`train` (and `export-onnx`) wrote under `paths.search`; the error names the option of the command
+that asked, so the user knows which `key=PATH` to set.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from image_classifier.errors import UserError
+
+
+def output_dir(cfg) -> Path:
+    """This command's run folder (Hydra's, or outputs/<date>/<time> when run as a library)."""
+    out = Path(
+        cfg.paths.output_dir
+        or Path(cfg.paths.root) / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def newest(root: str | Path, search: list[str], pattern: str, setting: str) -> Path:
+    """The most recently written <root>/<search>/**/checkpoints/<pattern>; `setting` is the option
+    that would have named a file instead (the error message tells the user to set it)."""
+    root = Path(root)
+    found = [p for d in search for p in (root / d).glob(f"**/checkpoints/{pattern}")]
+    if not found:
+        where = ", ".join(f"{root / d}/" for d in search)
+        raise UserError(
+            f"No trained checkpoint found under {where}. Train one first "
+            f"(`uv run python commands.py command=train`) or name one with {setting}=PATH."
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def newest_best(root: str | Path, search: list[str], setting: str) -> Path:
+    return newest(root, search, "best*.ckpt", setting)
+
+
+def checkpoint(cfg, given, setting: str) -> Path:
+    """`given` when set, else the newest best checkpoint."""
+    if given:
+        return Path(str(given))
+    return newest_best(cfg.paths.root, cfg.paths.search, setting)
+
+
+def last_checkpoint(cfg, given, setting: str) -> Path:
+    """train.resume: `last` means the newest last.ckpt, anything else is a path."""
+    if given == "last":
+        return newest(cfg.paths.root, cfg.paths.search, "last.ckpt", setting)
+    return Path(str(given))
+
+
+def model_file(cfg, given, setting: str) -> Path:
+    """`given` when set, else the .onnx that export-onnx wrote beside the newest best checkpoint."""
+    if given:
+        return Path(str(given))
+    onnx = newest_best(cfg.paths.root, cfg.paths.search, setting).with_suffix(".onnx")
+    if not onnx.exists():
+        raise UserError(
+            f"{setting} is not set and {onnx} does not exist: export it first "
+            f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
+        )
+    return onnx

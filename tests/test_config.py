@@ -1,0 +1,77 @@
+"""Config validated once, at load: every bad value exits 2 with its options and the closest match,
+before any data, model or MLflow run is touched."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONFIG_DIR, run_cli
+
+from image_classifier.config import _compose, problems
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train.optimizer=adamx",
+            "train.optimizer='adamx' is not one of adam, adamw, sgd. "
+            "Did you mean 'adam' or 'adamw'?",
+        ),
+        ("train.lr=-1", "train.lr=-1 must be a number > 0."),
+        ("train.batch_size=0", "train.batch_size=0 must be an integer >= 1."),
+        ("infer.output=x.xml", "infer.output='x.xml' must be a file name ending in .json or .csv."),
+    ],
+)
+def test_bad_value_exits_2_before_any_work(tmp_path, override, message):
+    proc = run_cli("command=train", override, f"paths.root={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no data, no run folder, no mlruns
+
+
+def test_every_value_of_a_sweep_is_checked(tmp_path):
+    proc = run_cli("-m", "command=train", "train.scheduler=cosine,linear", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.scheduler='linear' is not one of none, plateau, step, cosine, onecycle" in (
+        proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.augment.preset=randaug"], "Did you mean 'randaugment'"),
+        (["train.scheduler=cosin"], "Did you mean 'cosine'"),
+        (["train.warmup=0"], "train.warmup=0 must be a number > 0 and <= 1."),
+        (["train.monitor=val/loss"], "train.monitor='val/loss' is not one of val/acc"),
+        (["data.size=[28]"], "data.size=[28] must have 2 values."),
+        (["data.resize=fit"], "data.resize='fit' is not one of stretch, crop, pad."),
+        (["data.download.sources=[local,ftp]"], "data.download.sources[1]='ftp' is not one of"),
+        (["infer.device=gpu"], "infer.device='gpu' is not one of auto, cpu, cuda."),
+        (["infer.sort_mode=move"], "infer.sort_mode='move' is not one of copy, symlink"),
+        (["serve.port=70000"], "serve.port=70000 must be an integer >= 0 and <= 65535."),
+        (
+            ["export.output=model.pt"],
+            "export.output='model.pt' must be a file name ending in .onnx",
+        ),
+        (["export.trt.precision=int8"], "export.trt.precision='int8' is not one of fp16, fp32."),
+        (["export.triton.kind=GPU"], "export.triton.kind='GPU' is not one of KIND_AUTO"),
+        (["audit.features=clip"], "audit.features='clip' is not one of auto, cache, pixels."),
+        (["audit.min_vote=2"], "audit.min_vote=2 must be a number >= 0 and <= 1."),
+        (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1."),
+        (["train.threads=true"], "train.threads=True must be an integer >= 1."),
+    ],
+)
+def test_rules_name_the_value_and_the_options(overrides, expected):
+    found = problems(_compose(overrides, CONFIG_DIR))
+    assert any(expected in f for f in found), found
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data=folder"], ["experiment=fmnist_best_cpu"], ["hparams_search=optuna"]]
+    + [[f"model={p.stem}"] for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))],
+)
+def test_shipped_configs_are_valid(overrides):
+    assert problems(_compose(overrides, CONFIG_DIR)) == []
