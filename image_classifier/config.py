@@ -98,88 +98,124 @@ class Each:
         return None
 
 
-def _rules() -> dict:
-    """key -> rule; the registries are imported here (all torch-free, so this stays fast)."""
-    from image_classifier.audit import FEATURE_SOURCES
-    from image_classifier.data.augment import PRESETS
-    from image_classifier.data.images import RESIZE_MODES
-    from image_classifier.data.sources import SOURCES
-    from image_classifier.export.tensorrt import PRECISIONS
-    from image_classifier.export.triton import KINDS
-    from image_classifier.inference.infer import SORT_MODES, WRITERS
-    from image_classifier.inference.predictor import DEVICES
-    from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
+POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
+POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
 
-    positive_int, count = Number(1, integer=True), Number(0, integer=True)
-    positive, fraction = Number(0, open_lo=True), Number(0, 1)
+
+def _rules() -> dict:
+    """key -> rule, for every setting that has a type, a range or choices."""
     return {
         "seed": Number(integer=True),
-        "train.epochs": positive_int,
-        "train.batch_size": positive_int,
+        **_train_rules(),
+        **_data_rules(),
+        **_inference_rules(),
+        **_export_rules(),
+        **_audit_rules(),
+        "logger.connect_timeout": POSITIVE,
+    }
+
+
+def _train_rules() -> dict:
+    from image_classifier.data.augment import PRESETS
+    from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
+
+    return {
+        "train.epochs": POSITIVE_INT,
+        "train.batch_size": POSITIVE_INT,
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
-        "train.lr": positive,
+        "train.lr": POSITIVE,
         "train.weight_decay": Number(0),
-        "train.momentum": fraction,
+        "train.momentum": FRACTION,
         "train.scheduler": Choice(tuple(SCHEDULERS)),
         "train.warmup": Number(0, 1, open_lo=True),
-        "train.step_size": positive_int,
-        "train.gamma": positive,
-        "train.patience": count,
+        "train.step_size": POSITIVE_INT,
+        "train.gamma": POSITIVE,
+        "train.patience": COUNT,
         "train.label_smoothing": Number(0, 0.999),
         "train.monitor": Choice(MONITORS),
-        "train.early_stopping": count,
+        "train.early_stopping": COUNT,
         "train.augment.preset": Choice(tuple(PRESETS)),
-        "train.augment.shift": count,
+        "train.augment.shift": COUNT,
         "train.augment.mixup": Number(0),
         "train.augment.cutmix": Number(0),
         "train.supcon_weight": Number(0),
-        "train.supcon_temperature": positive,
-        "train.num_workers": count,
+        "train.supcon_temperature": POSITIVE,
+        "train.num_workers": COUNT,
         "train.threads": Number(1, integer=True, optional=True),
-        "data.size": Each(positive_int, length=2),
+        "test.batch_size": POSITIVE_INT,
+    }
+
+
+def _data_rules() -> dict:
+    from image_classifier.data.images import RESIZE_MODES
+    from image_classifier.data.sources import SOURCES
+
+    return {
+        "data.size": Each(POSITIVE_INT, length=2),
         "data.channels": Choice((1, 3, "auto")),
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), length=3),
-        "data.val_size": count,
+        "data.val_size": COUNT,
         "data.download.sources": Each(Choice(tuple(SOURCES))),
-        "test.batch_size": positive_int,
-        "features.size": Each(positive_int, length=2),
+        "features.size": Each(POSITIVE_INT, length=2),
         "features.channels": Choice((1, 3)),
-        "features.batch_size": positive_int,
+        "features.batch_size": POSITIVE_INT,
+    }
+
+
+def _inference_rules() -> dict:
+    from image_classifier.inference.infer import SORT_MODES, WRITERS
+    from image_classifier.inference.predictor import DEVICES
+
+    return {
         "infer.output": Suffix(tuple(WRITERS)),
         "infer.top_k": Number(1, integer=True, optional=True),
-        "infer.batch_size": positive_int,
+        "infer.batch_size": POSITIVE_INT,
         "infer.sort_mode": Choice(SORT_MODES),
         "infer.device": Choice(DEVICES),
         "serve.device": Choice(DEVICES),
         "serve.port": Number(0, 65535, integer=True),
-        "serve.max_body_mb": positive,
-        "serve.max_images": positive_int,
-        "serve.max_pixels": positive_int,
-        "serve.max_batch": positive_int,
+        "serve.max_body_mb": POSITIVE,
+        "serve.max_images": POSITIVE_INT,
+        "serve.max_pixels": POSITIVE_INT,
+        "serve.max_batch": POSITIVE_INT,
         "serve.max_wait_ms": Number(0),
         "serve.shutdown_timeout_s": Number(0),
         "serve.log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
+    }
+
+
+def _export_rules() -> dict:
+    from image_classifier.export.tensorrt import PRECISIONS
+    from image_classifier.export.triton import KINDS
+
+    return {
         "export.output": Suffix((".onnx",)),
         "export.opset": Number(7, integer=True),
-        "export.tolerance": positive,
-        "export.parity_images": count,
+        "export.tolerance": POSITIVE,
+        "export.parity_images": COUNT,
         "export.trt.precision": Choice(PRECISIONS),
-        "export.trt.min_batch": positive_int,
-        "export.trt.opt_batch": positive_int,
-        "export.trt.max_batch": positive_int,
-        "export.trt.workspace_gb": positive,
+        "export.trt.min_batch": POSITIVE_INT,
+        "export.trt.opt_batch": POSITIVE_INT,
+        "export.trt.max_batch": POSITIVE_INT,
+        "export.trt.workspace_gb": POSITIVE,
         "export.triton.kind": Choice(KINDS),
-        "export.triton.max_batch_size": positive_int,
-        "export.triton.instances": positive_int,
+        "export.triton.max_batch_size": POSITIVE_INT,
+        "export.triton.instances": POSITIVE_INT,
+    }
+
+
+def _audit_rules() -> dict:
+    from image_classifier.audit import FEATURE_SOURCES
+
+    return {
         "audit.features": Choice(FEATURE_SOURCES),
         "audit.phash_distance": Number(0, 64, integer=True),
         "audit.near_correlation": Number(-1, 1),
-        "audit.neighbours": positive_int,
-        "audit.min_vote": fraction,
-        "audit.examples": count,
-        "audit.feature_dims": positive_int,
-        "logger.connect_timeout": positive,
+        "audit.neighbours": POSITIVE_INT,
+        "audit.min_vote": FRACTION,
+        "audit.examples": COUNT,
+        "audit.feature_dims": POSITIVE_INT,
     }
 
 

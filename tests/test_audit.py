@@ -51,6 +51,7 @@ def audit(root: Path, tmp_path: Path, *extra: str) -> dict:
     return run_audit(cfg)
 
 
+@pytest.mark.slow
 def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -118,6 +119,7 @@ def test_conflicting_duplicate_labels(tmp_path):
     assert r["exact_duplicates"]["conflicting_labels"] == 1
 
 
+@pytest.mark.slow
 def test_label_errors_from_cached_backbone_features(planted, tmp_path):
     from image_classifier.training.features import build_cache
 

@@ -1,5 +1,6 @@
 """The command line itself: exit codes, messages without tracebacks, sweeps."""
 
+import pytest
 from conftest import idx_overrides, run_cli
 
 
@@ -25,6 +26,7 @@ def test_unknown_config_group_option(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_folder_exits_2_without_traceback(tmp_path):
     p = run_cli(
         "data=folder",
@@ -37,6 +39,7 @@ def test_bad_data_folder_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_source):
     from mlflow.tracking import MlflowClient
 

@@ -14,6 +14,8 @@ from image_classifier.data.sources import run_download
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
+pytestmark = pytest.mark.slow  # DVC and S3 servers in subprocesses
+
 
 def dvc(*args, cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -268,6 +268,7 @@ def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, capl
         load_predictor(onnx_path, "cuda")
 
 
+@pytest.mark.slow
 def test_infer_on_onnx_does_not_import_torch(trained, exported):
     root, _, images = trained
     onnx_path, _ = exported
@@ -289,6 +290,7 @@ def test_infer_on_onnx_does_not_import_torch(trained, exported):
     assert "HEAVY=[]" in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     HAS_TRT, reason="TensorRT is installed here; this checks the message when it is not"
 )
@@ -336,7 +338,7 @@ def test_bad_export_and_infer_settings(trained, exported, tmp_path):
         run_export_onnx(
             compose_cfg(root, f"export.checkpoint={ckpt}", f"export.output={tmp_path}/m.pt")
         )
-    with pytest.raises(UserError, match="use a .json or .csv file name"):
+    with pytest.raises(UserError, match="use a file name ending in .json or .csv"):
         _infer(
             root,
             f"infer.model={onnx_path}",

@@ -33,6 +33,7 @@ def _overrides(root, images, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_cache_is_built_once_and_rebuilt_when_its_inputs_change(project, capsys):
     root, images = project
     first = build_cache(compose_cfg(root, *_overrides(root, images)))
@@ -74,6 +75,7 @@ def test_interrupted_build_leaves_no_complete_cache(project, tmp_path, monkeypat
     assert build_cache(cfg)["built"]
 
 
+@pytest.mark.slow
 def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp_path):
     from image_classifier.export.onnx import run_export_onnx
     from image_classifier.inference.infer import run_infer

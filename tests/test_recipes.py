@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, ROOT, idx_overrides, make_class_folders, run_cli
+from conftest import CONFIG_DIR, ROOT, compose_cfg, idx_overrides, make_class_folders, run_cli
 from omegaconf import OmegaConf
 
 from image_classifier.models.checkpoint import load_module
@@ -36,10 +36,11 @@ def test_every_model_config_has_a_case():
     assert {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")} == set(MODEL_CONFIGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_model_config_builds_and_trains_a_step(name):
     size, batch = MODEL_CONFIGS[name]
-    spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))
+    spec = OmegaConf.to_container(compose_cfg(ROOT, f"model={name}").model, resolve=True)
     if name == "resnet18_transfer":
         spec["pretrained"] = False  # hub weights need internet; the freezing is what is tested here
     if name == "head":  # train puts the feature backbone into the spec
@@ -122,6 +123,7 @@ def test_local_weights_file_for_any_timm_model(tmp_path):
     assert model.fc.out_features == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [
@@ -166,6 +168,7 @@ def test_training_options(make_cfg, folder_data, options):
     assert np.isfinite(r["metrics"]["train/loss_epoch"])
 
 
+@pytest.mark.slow
 def test_frozen_backbone_and_unfreezing(make_cfg, folder_data, tmp_path):
     common = [
         "data=folder",
@@ -199,6 +202,7 @@ def _initial(module):
     )
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(make_cfg, folder_data, tmp_path):
     common = [
         "data=folder",
@@ -218,6 +222,7 @@ def test_same_seed_same_metrics(make_cfg, folder_data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_after_the_process_is_killed_mid_epoch(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -275,6 +280,7 @@ def test_resume_after_the_process_is_killed_mid_epoch(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
     from mlflow.tracking import MlflowClient
 
@@ -311,6 +317,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
     )
 
 
+@pytest.mark.slow
 def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
     from mlflow.tracking import MlflowClient
 

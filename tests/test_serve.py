@@ -103,6 +103,7 @@ def expected_rows(model: Path, paths: list[Path]) -> list[dict]:
     return predict_paths(load_predictor(model), paths)
 
 
+@pytest.mark.slow
 def test_predict_multipart_json_and_raw_match_infer(server, trained):
     url, model = server
     images = sorted((trained[2] / "fox").glob("*.png"))[:3]
@@ -143,6 +144,7 @@ def test_predict_multipart_json_and_raw_match_infer(server, trained):
     )
 
 
+@pytest.mark.slow
 def test_health_and_metadata_describe_the_model(server):
     import hashlib
 
@@ -181,6 +183,7 @@ def _bad_requests(good: bytes):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(_bad_requests(b"x" * 100)))
 def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
     url, _ = server
@@ -204,6 +207,7 @@ def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
     assert ok.status_code == 200 and ok.json()["predicted_class"] in ("cat", "dog", "fox")
 
 
+@pytest.mark.slow
 def test_error_messages_name_the_problem(server, trained):
     url, _ = server
     good = sorted((trained[2] / "cat").glob("*.png"))[0].read_bytes()
@@ -224,6 +228,7 @@ def test_error_messages_name_the_problem(server, trained):
         assert phrase in r.json()["error"], (case, r.json())
 
 
+@pytest.mark.slow
 def test_concurrent_clients_all_succeed(server, trained):
     url, _ = server
     images = sorted(trained[2].rglob("*.png"))
@@ -246,6 +251,7 @@ def test_concurrent_clients_all_succeed(server, trained):
     assert health["batches"] <= health["images"]
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(server, trained):
     chromium = shutil.which("chromium")
     driver = shutil.which("chromedriver")
@@ -289,6 +295,7 @@ def test_page_in_headless_chromium(server, trained):
         browser.quit()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_clean_shutdown_on_signal(exported, trained, sig):
     model, _ = exported
@@ -304,6 +311,7 @@ def test_clean_shutdown_on_signal(exported, trained, sig):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_port_in_use_and_missing_model_exit_2(exported, tmp_path):
     model, _ = exported
     with socket.socket() as s:
@@ -327,6 +335,7 @@ def test_port_in_use_and_missing_model_exit_2(exported, tmp_path):
     assert r.returncode == 2 and "name one with serve.model=PATH" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_mlflow_model_takes_image_bytes_and_serves_with_curl(trained, exported, tmp_path):
     """export-onnx logged a pyfunc model into the training run; `mlflow models serve` serves it."""
     import mlflow

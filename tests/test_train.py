@@ -36,6 +36,7 @@ def _mlflow_runs(root: Path):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.slow
 def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     src, sums = idx_source
     cfg = make_cfg(*idx_overrides(src, sums), "train.epochs=2")
@@ -98,6 +99,7 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert "test_report.json" in {a.path for a in client.list_artifacts(test_run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
     root = make_class_folders(
         tmp_path / "rgb", classes=("a", "b", "c"), per_class=12, size=20, mode="RGB"
@@ -123,6 +125,7 @@ def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
     assert report["per_class"]["a"]["recall"] == 1.0 and report["per_class"]["b"]["recall"] == 0.0
 
 
+@pytest.mark.slow
 def test_timm_architecture_by_name(make_cfg, folder_data):
     r = run_train(
         make_cfg(
@@ -146,6 +149,7 @@ def test_unknown_timm_model_suggests_close_names():
         create_model("resnt18", num_classes=3, in_chans=1)
 
 
+@pytest.mark.slow
 def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, tmp_path):
     r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
     other = make_class_folders(tmp_path / "other", classes=("cat", "dog", "wolf"), per_class=6)
@@ -189,6 +193,7 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
         run_train(cfg)
 
 
+@pytest.mark.slow
 def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, tmp_path, capsys):
     r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
     (folder_data / "cat" / "000.png").write_bytes((folder_data / "dog" / "000.png").read_bytes())
