@@ -210,12 +210,22 @@ def _audit_rules() -> dict:
 
     return {
         "audit.features": Choice(FEATURE_SOURCES),
-        "audit.phash_distance": Number(0, 64, integer=True),
-        "audit.near_correlation": Number(-1, 1),
-        "audit.neighbours": POSITIVE_INT,
-        "audit.min_vote": FRACTION,
-        "audit.examples": COUNT,
         "audit.feature_dims": POSITIVE_INT,
+        "audit.folds": Number(2, integer=True),
+        "audit.epochs": POSITIVE_INT,
+        "audit.label_threshold": FRACTION,
+        "audit.max_suspects": COUNT,
+        "audit.near_threshold": POSITIVE,
+        "audit.neighbours": POSITIVE_INT,
+        "audit.outlier_threshold": FRACTION,
+        "audit.max_outliers": COUNT,
+        "audit.examples": COUNT,
+        "audit.quality.dark": FRACTION,
+        "audit.quality.light": FRACTION,
+        "audit.quality.low_information": FRACTION,
+        "audit.quality.blurry": Number(0),
+        "audit.quality.odd_size": Number(1),
+        "audit.quality.odd_aspect_ratio": FRACTION,
     }
 
 

@@ -154,6 +154,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", action="store_true", help="also score with cache-features features")
     ap.add_argument("--cache-only", action="store_true", help="only the cache-features run")
+    ap.add_argument("--cache-dir", help="keep the planted copy's feature cache here (reused)")
+    ap.add_argument("--pr-png", default=str(ROOT / "docs" / "figures" / "audit_label_pr.png"))
     args = ap.parse_args()
     from image_classifier.audit import run_audit
 
@@ -186,7 +188,7 @@ def main():
         ):  # the packaged EfficientNet-Lite0 at 64 px, as in benchmark_features.py
             feats = [
                 "audit.features=cache",
-                f"features.dir={tmp}/features",
+                f"features.dir={args.cache_dir or tmp / 'features'}",
                 "features.size=[64,64]",
             ]
             runs.append(("cache-features", feats))
@@ -198,10 +200,19 @@ def main():
                 build_cache(cfg_for(tmp, *base, *extra, "train.num_workers=0"), quiet=True)
                 print(f"cache-features on the planted copy: {time.perf_counter() - t0:.0f}s")
             t0 = time.perf_counter()
-            r = run_audit(cfg_for(tmp, *base, *extra, f"paths.output_dir={tmp}/{name}"))
+            # every suspect, ranked, for the precision-recall curve; the default threshold after
+            full = ["audit.label_threshold=1.0", "audit.max_suspects=1000000"]
+            r = run_audit(cfg_for(tmp, *base, *extra, *full, f"paths.output_dir={tmp}/{name}"))
             wall = time.perf_counter() - t0
+            curve = pr_curve(r, planted, where)
+            default = float(cfg_for(tmp).audit.label_threshold)
+            items = r["report"]["label_errors"]["items"]
+            r["report"]["label_errors"]["items"] = [
+                e for e in items if e["self_confidence"] <= default
+            ]
             s = score(r, planted, where)
-            print(f"\nplanted copy, {name} features: audit {wall:.1f}s")
+            print(f"\nplanted copy, {name} features: audit {wall:.1f}s ({r['report']['seconds']})")
+            print(f"label issues at the default audit.label_threshold={default}:")
             print("| problem | planted | found | recall | flagged | precision |")
             print("| --- | --- | --- | --- | --- | --- |")
             for k, v in s.items():
@@ -209,6 +220,45 @@ def main():
                     f"| {k} | {v['planted']} | {v['found']} | {v['recall']:.0%} | {v['flagged']} | "
                     f"{v['precision']:.1%} |"
                 )
+            best = max((rec for rec, prec, _ in curve if prec >= 0.5), default=0.0)
+            print(f"label issues, best recall at precision >= 50 %: {best:.0%}")
+            for k in (100, 150, 200, 300):
+                if k <= len(curve):
+                    rec, prec, _ = curve[k - 1]
+                    print(f"  top {k}: recall {rec:.0%}, precision {prec:.0%}")
+            plot_pr(curve, Path(args.pr_png).with_stem(Path(args.pr_png).stem + f"_{name}"), name)
+
+
+def pr_curve(result: dict, planted: dict, where) -> list[tuple[float, float, float]]:
+    """(recall, precision, self-confidence) after each suspect, in the audit's ranking."""
+    flips = {("train", int(i)) for i in planted["flips"]}
+    counts = result["report"]["class_counts"]["per_split"]
+    offsets = {"train": 0, "val": sum(counts["train"].values())}
+    offsets["test"] = offsets["val"] + sum(counts.get("val", {}).values())
+    found, out = 0, []
+    for k, e in enumerate(result["report"]["label_errors"]["items"], 1):
+        split, i = e["name"].rstrip("]").split("[")
+        found += where[offsets[split] + int(i)] in flips
+        out.append((found / len(flips), found / k, e["self_confidence"]))
+    return out
+
+
+def plot_pr(curve, path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([c[0] for c in curve], [c[1] for c in curve])
+    ax.set(xlabel="recall (100 planted label flips)", ylabel="precision", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"Label issues on Fashion-MNIST, {name} features", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"  precision-recall curve: {path}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,10 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "unusable files: 3" in printed and "exact duplicates: 1 groups" in printed
-    assert "1 leak train into val/test" in printed and "suspected label errors: 1" in printed
+    assert "1 leak train into val/test" in printed and "label issues: 1 ranked" in printed
+    ranked = (out / "label_issues.csv").read_text().splitlines()
+    assert ranked[0].startswith("rank,image,split,given_label,suggested_label,self_confidence")
+    assert "flipped_fox.png" in ranked[1] and ",cat,fox," in ranked[1]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
@@ -110,6 +113,33 @@ def test_clean_data_reports_nothing(tmp_path):
     assert r["exact_duplicates"]["groups"] == 0
     assert r["near_duplicates"]["pairs"] == 0
     assert r["label_errors"]["suspects"] == 0
+    assert r["outliers"]["count"] == 0
+    assert {k: v["count"] for k, v in r["image_quality"].items() if v["count"]} == {}
+
+
+def test_image_quality_and_outliers_are_found(tmp_path):
+    root = make_class_folders(tmp_path / "q", per_class=12, mode="RGB")
+    Image.new("RGB", (16, 16), (3, 3, 3)).save(root / "cat" / "black.png")
+    Image.new("RGB", (16, 16), (250, 250, 250)).save(root / "dog" / "white.png")
+    Image.fromarray(class_image(0, np.random.default_rng(3), 16)).resize((64, 8)).convert(
+        "RGB"
+    ).save(root / "cat" / "wide.png")
+    Image.fromarray(class_image(1, np.random.default_rng(4), 16)).resize((240, 240)).convert(
+        "RGB"
+    ).save(root / "dog" / "huge.png")
+    Image.fromarray(class_image(2, np.random.default_rng(5), 16)).save(root / "fox" / "grey.png")
+    noise = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "fox" / "noise.png")
+    r = audit(root, tmp_path, "logger.enabled=false", "data.split=[1,0.5,0]")["report"]
+    flagged = {k: {Path(n).name for n in v["items"]} for k, v in r["image_quality"].items()}
+    assert flagged["dark"] == {"black.png"}
+    assert flagged["light"] == {"white.png"}
+    assert {"black.png", "white.png"} <= flagged["low_information"]
+    assert flagged["odd_aspect_ratio"] == {"wide.png"}
+    assert flagged["odd_size"] == {"huge.png"}
+    assert flagged["grey_in_colour"] == {"grey.png"}
+    outliers = {Path(i["name"]).name for i in r["outliers"]["items"]}
+    assert "noise.png" in outliers and len(outliers) <= 3, outliers
 
 
 def test_conflicting_duplicate_labels(tmp_path):
@@ -147,18 +177,15 @@ def test_bad_audit_setting(planted, tmp_path):
 
 def test_files_that_change_after_the_scan_are_reported_not_raised(tmp_path):
     """The scan saw readable images; by the time the audit reads them one is gone, one is cut."""
-    from image_classifier.audit import _file_entry
+    from image_classifier.audit.load import _file_entry
 
     good = make_class_folders(tmp_path / "imgs", per_class=1) / "cat" / "000.png"
-    digest, thumb, why = _file_entry(str(good))
+    digest, thumb, size, grey, why = _file_entry(str(good))
     assert why is None and thumb.shape == (32, 32) and len(digest) == 32
+    assert size == (16, 16) and grey
     gone = tmp_path / "gone.png"
-    assert _file_entry(str(gone)) == (
-        None,
-        None,
-        f"{gone}: cannot read (No such file or directory)",
-    )
+    assert _file_entry(str(gone))[-1] == f"{gone}: cannot read (No such file or directory)"
     cut = tmp_path / "cut.png"
     cut.write_bytes(good.read_bytes()[:40])
-    digest, thumb, why = _file_entry(str(cut))
+    digest, thumb, *_, why = _file_entry(str(cut))
     assert digest is None and thumb is None and why.startswith(f"{cut}: ")

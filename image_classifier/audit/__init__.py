@@ -1,0 +1,23 @@
+"""`command=audit`: what is wrong with a dataset, before hours go into training on it.
+
+On any dataset the project reads (`data=fashion_mnist`, `data=folder data.root=...`), split as
+training would split it:
+  - class counts per split and the imbalance ratio;
+  - files that are not usable images, with the reason;
+  - exact duplicates (identical content), within and across splits, with conflicting labels;
+  - near-duplicates on the images' pixels, pairs across train and val/test reported as leaks
+    (`neighbours.py`);
+  - label issues by confident learning on cross-validated predictions (`labels.py`);
+  - outliers, far from every other image in feature space (`neighbours.py`);
+  - image quality: dark, light, low-information, blurry, odd size or aspect ratio, grey files in
+    a colour data set (`quality.py`).
+Output: report.json, label_issues.csv (ranked), example grids, a console summary, an MLflow run.
+"""
+
+FEATURE_SOURCES = ("auto", "cache", "pixels")  # audit.features
+
+
+def run_audit(cfg) -> dict:
+    from image_classifier.audit.run import run_audit as run
+
+    return run(cfg)

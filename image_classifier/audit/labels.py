@@ -1,0 +1,141 @@
+"""Label issues by confident learning: out-of-sample class probabilities from K-fold
+cross-validation of a linear head on the audit's features, ranked by cleanlab.
+
+An image is a suspect when the head trained without it predicts another class
+(`cleanlab.filter.find_label_issues`) and gives its own label an out-of-sample probability
+(cleanlab's self-confidence score) of at most `audit.label_threshold`; suspects are ranked by that
+score, at most `audit.max_suspects` of them. The report also states how many images cleanlab's
+confident learning flags at its own per-class thresholds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_STEPS = 1000
+LR = 1e-2
+
+
+def out_of_sample_probs(x, labels: np.ndarray, folds: int, epochs: int, seed: int) -> np.ndarray:
+    """(N, C) class probabilities, each row from a head that never saw that image."""
+    import torch
+
+    n, c = len(labels), int(labels.max()) + 1
+    folds = max(2, min(folds, int(np.bincount(labels, minlength=c).max())))
+    rng = np.random.default_rng(seed)
+    fold = np.empty(n, np.int64)
+    for k in range(c):  # stratified: each class spread over the folds
+        members = rng.permutation(np.flatnonzero(labels == k))
+        fold[members] = np.arange(len(members)) % folds
+    probs = np.zeros((n, c), np.float32)
+    y = torch.from_numpy(labels)
+    for f in range(folds):
+        train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        head = _fit_linear(x[train], y[train], c, epochs, seed + f)
+        with torch.no_grad():
+            probs[held] = torch.softmax(head(x[held]), dim=1).numpy()
+    return probs
+
+
+def _fit_linear(x, y, classes: int, epochs: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], classes)
+    batch = min(512, len(y))
+    steps = max(MIN_STEPS, epochs * (len(y) // batch))  # small data: enough steps to converge
+    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y) - batch + 1, batch):
+            b = order[start : start + batch]
+            loss = torch.nn.functional.cross_entropy(head(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done == steps:
+                break
+    return head.eval()
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray, threshold: float, limit: int):
+    """([(index, self-confidence, suggested class)] ranked, most suspicious first; the number
+    confident learning flags at its own thresholds)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    if len(np.unique(labels)) < 2:
+        return [], 0
+    confident = len(find_label_issues(labels, probs, filter_by="confident_learning"))
+    ranked = find_label_issues(
+        labels, probs, filter_by="predicted_neq_given", return_indices_ranked_by="self_confidence"
+    )
+    scores = get_label_quality_scores(labels, probs, method="self_confidence")
+    out = [(int(i), float(scores[i]), int(probs[i].argmax())) for i in ranked]
+    return [e for e in out if e[1] <= threshold][:limit], confident
+
+
+def features(d, cfg, source: str):
+    """(features for the head, standardised; the name of their source): the cache-features
+    backbone's when a cache for this data exists (or audit.features=cache), else the pixels."""
+    import torch
+
+    from image_classifier.audit import FEATURE_SOURCES
+    from image_classifier.errors import UserError
+
+    if source not in FEATURE_SOURCES:
+        raise UserError(f"audit.features={source!r} is not one of {', '.join(FEATURE_SOURCES)}.")
+    if source in ("auto", "cache"):
+        cached = _cached_features(d, cfg)
+        if cached is not None:
+            x, name = cached
+            return _standardise(x), name
+        if source == "cache":
+            raise UserError(
+                "audit.features=cache, but no feature cache matches this data and backbone. Build "
+                "it with `uv run python commands.py command=cache-features` (same data options), "
+                "or use audit.features=pixels."
+            )
+    x = torch.from_numpy(d.thumbs.reshape(len(d.thumbs), -1).astype(np.float32))
+    dims = int(cfg.audit.feature_dims)
+    return _principal(x, dims), f"pixels (PCA-{dims} of 32x32 thumbnails)"
+
+
+def _principal(x, dims: int):
+    """The top principal components, scaled as a whole (each keeps its share of the variance,
+    so the noise in the small ones is not blown up)."""
+    import torch
+
+    x = x - x.mean(0, keepdim=True)
+    dims = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
+    g = torch.Generator().manual_seed(0)
+    _, _, v = torch.linalg.svd(x[torch.randperm(len(x), generator=g)[:20000]], full_matrices=False)
+    z = x @ v[:dims].T
+    return z / z.std().clamp_min(1e-6)
+
+
+def _standardise(x):
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+
+
+def _cached_features(d, cfg):
+    import torch
+
+    from image_classifier.data.features import read_manifest
+    from image_classifier.data.layouts import SPLITS
+    from image_classifier.training.features import cache_folder
+
+    folder, key = cache_folder(cfg, d.data_hash)
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("key") != key:
+        return None
+    parts = [np.load(folder / f"{s}_features.npy", mmap_mode="r") for s in SPLITS]
+    x = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+    if len(x) != len(d.labels):  # unreadable files dropped since the cache was built
+        return None
+    return x, f"{manifest['backbone']} features from the cache ({folder.name})"

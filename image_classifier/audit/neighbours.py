@@ -1,0 +1,89 @@
+"""Nearest neighbours in one pass, and what they show: near-duplicates and outliers.
+
+Distances are cosine distances between L2-normalised vectors, found with chunked matrix products
+(70,000 images in seconds). Both checks read distances on a calibrated scale, relative to the
+data's own median nearest-neighbour distance, as cleanlab does:
+  - near-duplicates: pairs closer than `audit.near_threshold` x that median (cleanlab's
+    near-duplicate rule; its default is 0.13), on the images' own pixels, mean-centred per image
+    so a brightness shift does not hide a copy;
+  - outliers: cleanlab's `OutOfDistribution` score exp(-d / median d) of the average distance d to
+    the k nearest neighbours in the audit's feature space, flagged below `audit.outlier_threshold`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PIXEL_DIMS = 64  # principal components kept of the pixel vectors (distances barely change)
+
+
+def pca(x, dims: int, seed: int = 0):
+    """Centre, project on the top principal axes (fitted on up to 20,000 rows), L2-normalise."""
+    import torch
+
+    x = x - x.mean(0, keepdim=True)
+    dims = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
+    g = torch.Generator().manual_seed(seed)
+    _, _, v = torch.linalg.svd(x[torch.randperm(len(x), generator=g)[:20000]], full_matrices=False)
+    z = x @ v[:dims].T
+    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def pixel_vectors(thumbs: np.ndarray):
+    """Each thumbnail mean-centred and L2-normalised (brightness and contrast do not count)."""
+    import torch
+
+    x = torch.from_numpy(thumbs.reshape(len(thumbs), -1).astype(np.float32))
+    x = x - x.mean(1, keepdim=True)
+    return pca(x / x.norm(dim=1, keepdim=True).clamp_min(1e-6), PIXEL_DIMS)
+
+
+def knn(z, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (N, k), ascending; an image is never its own neighbour."""
+    import torch
+
+    n = len(z)
+    k = max(1, min(k, n - 1))
+    dist, idx = np.zeros((n, k), np.float32), np.zeros((n, k), np.int64)
+    for start in range(0, n, chunk):
+        sim = z[start : start + chunk] @ z.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -2.0
+        v, i = sim.topk(k, dim=1)
+        dist[start : start + chunk] = (1 - v).clamp_min(0).numpy()
+        idx[start : start + chunk] = i.numpy()
+    return dist, idx
+
+
+def near_duplicates(dist: np.ndarray, idx: np.ndarray, threshold: float, exact: set) -> list:
+    """[(i, j, distance / median nearest-neighbour distance)] with i < j, not exact copies."""
+    median = max(float(np.median(dist[:, 0])), 1e-9)
+    rows, cols = np.nonzero(dist < threshold * median)
+    pairs = {}
+    for a, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        b = int(idx[a, c])
+        key = (min(a, b), max(a, b))
+        if key not in exact:
+            pairs[key] = round(float(dist[a, c]) / median, 4)
+    return sorted((i, j, r) for (i, j), r in pairs.items())
+
+
+class _Precomputed:
+    """The part of sklearn's NearestNeighbors that cleanlab's OutOfDistribution uses, over a
+    neighbour graph computed already (the data's own, so no image is its own neighbour)."""
+
+    metric = "cosine"
+
+    def __init__(self, dist: np.ndarray, idx: np.ndarray):
+        self.dist, self.idx, self.n_neighbors = dist, idx, dist.shape[1]
+
+    def kneighbors(self, features=None):
+        return self.dist, self.idx
+
+
+def outlier_scores(dist: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """cleanlab's feature-based out-of-distribution score per image (1 typical, 0 far away)."""
+    from cleanlab.outlier import OutOfDistribution
+
+    ood = OutOfDistribution(params={"knn": _Precomputed(dist, idx), "k": dist.shape[1]})
+    return ood.score(features=np.zeros((len(dist), 1), np.float32))

@@ -1,0 +1,71 @@
+"""Image-quality checks with cleanvision's measures, computed on whole arrays at once.
+
+cleanvision itself decodes and scores image by image (about 55 images/s on 2 cores: 20 minutes
+for 70,000 images), so the same measures run here on the thumbnails the audit already holds:
+  dark            the brightest pixels are dim: 99th-percentile brightness / 255 below `dark`
+  light           the darkest pixels are bright: 5th-percentile brightness / 255 above `light`
+  low_information the grey-level histogram's entropy / 8 bits below `low_information`
+  blurry          the variance of the Laplacian below `blurry` x the data's median
+  odd_size        sqrt(width x height) more than `odd_size` times off the data's median
+  odd_aspect_ratio min(w/h, h/w) below `odd_aspect_ratio`
+  grey_in_colour  a grey file in a colour data set
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHECKS = (
+    "dark",
+    "light",
+    "low_information",
+    "blurry",
+    "odd_size",
+    "odd_aspect_ratio",
+    "grey_in_colour",
+)
+
+
+def scores(thumbs: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    flat = thumbs.reshape(len(thumbs), -1)
+    hist = np.stack([np.bincount(r, minlength=256) for r in flat.clip(0, 255).astype(np.int64)])
+    p = hist / hist.sum(1, keepdims=True)
+    entropy = -(p * np.log2(np.where(p > 0, p, 1))).sum(1) / 8.0
+    lap = (
+        -4 * thumbs[:, 1:-1, 1:-1]
+        + thumbs[:, :-2, 1:-1]
+        + thumbs[:, 2:, 1:-1]
+        + thumbs[:, 1:-1, :-2]
+        + thumbs[:, 1:-1, 2:]
+    )
+    sharp = lap.reshape(len(thumbs), -1).var(1)
+    side = np.sqrt(sizes[:, 0].astype(float) * sizes[:, 1])
+    return {
+        "dark": np.percentile(flat, 99, axis=1) / 255.0,
+        "light": np.percentile(flat, 5, axis=1) / 255.0,
+        "low_information": entropy,
+        "blurry": sharp / max(float(np.median(sharp)), 1e-9),
+        "odd_size": np.maximum(side / np.median(side), np.median(side) / np.maximum(side, 1)),
+        "odd_aspect_ratio": np.minimum(sizes[:, 0] / sizes[:, 1], sizes[:, 1] / sizes[:, 0]),
+    }
+
+
+def find(thumbs, sizes, grey, colour_data: bool, limits: dict) -> dict[str, list[int]]:
+    """Check name -> indices of the images it flags (each list sorted, worst first)."""
+    s = scores(thumbs, sizes)
+    flagged = {
+        "dark": np.flatnonzero(s["dark"] < limits["dark"]),
+        "light": np.flatnonzero(s["light"] > limits["light"]),
+        "low_information": np.flatnonzero(s["low_information"] < limits["low_information"]),
+        "blurry": np.flatnonzero(s["blurry"] < limits["blurry"]),
+        "odd_size": np.flatnonzero(s["odd_size"] > limits["odd_size"]),
+        "odd_aspect_ratio": np.flatnonzero(s["odd_aspect_ratio"] < limits["odd_aspect_ratio"]),
+        "grey_in_colour": np.flatnonzero(grey) if colour_data else np.array([], int),
+    }
+    worst_first = {"light": -1, "odd_size": -1}
+    out = {}
+    for name, idx in flagged.items():
+        if name in s:
+            idx = idx[np.argsort(worst_first.get(name, 1) * s[name][idx], kind="stable")]
+        out[name] = idx.tolist()
+    return out

@@ -1,0 +1,148 @@
+"""What a person sees of the audit: example grids, the console summary, the MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier import tracking
+from image_classifier.data.layouts import SPLITS
+
+
+def _image(d, i: int) -> np.ndarray:
+    if d.pixels is not None:
+        p = d.pixels[i]
+        return p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)
+    from image_classifier.data.images import open_image
+
+    im = open_image(d.names[i])
+    im.thumbnail((128, 128))
+    return np.asarray(im.convert("RGB"))
+
+
+def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
+    """PNG grids: one row per example; the titles say what each image is."""
+
+    def short(i):
+        split, label = SPLITS[int(d.splits[i])], d.classes[int(d.labels[i])]
+        return f"{Path(d.names[i]).name[-18:]}\n{split} · {label}"
+
+    def pair(e):
+        i, j, r = e
+        return [(i, short(i)), (j, short(j) + f"\nd = {r:.2f} x median")]
+
+    def suspect(e):
+        i, q, s = e
+        return i, short(i) + f"\n→ {d.classes[s]}? (p={q:.3f})"
+
+    leaks_first = sorted(near, key=lambda e: (d.splits[e[0]] == d.splits[e[1]], e[2]))
+    made = [
+        _grid(
+            d,
+            [[(i, short(i)) for i in g[:4]] for g in groups[:n]],
+            "Exact duplicates",
+            out / "exact_duplicates.png",
+        ),
+        _grid(
+            d,
+            [pair(e) for e in leaks_first[:n]],
+            "Near-duplicates (leaks across splits first)",
+            out / "near_duplicates.png",
+        ),
+        _grid(
+            d,
+            _chunks([suspect(e) for e in suspects[: n * 4]], 4),
+            "Label issues: given label → suggested (out-of-sample p of the given label)",
+            out / "label_errors.png",
+        ),
+        _grid(
+            d,
+            _chunks([(i, short(i)) for i in outliers[: n * 4]], 4),
+            "Outliers",
+            out / "outliers.png",
+        ),
+    ]
+    return [m for m in made if m]
+
+
+def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.4 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for c, (i, caption) in enumerate(row):
+            img = _image(d, i)
+            axes[r][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+            axes[r][c].set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
+    tags = {**tracking.lineage_tags(cfg.paths.root, data_hash), "command": "audit"}
+    logger = tracking.create_logger(cfg, run_name=f"audit-{cfg.data.name}", tags=tags)
+    if logger is None:  # logger.enabled=false
+        return None
+    metrics = {
+        "images": report["data"]["images"],
+        "unusable_files": len(report["unusable_files"]),
+        "exact_duplicate_groups": report["exact_duplicates"]["groups"],
+        "exact_duplicates_across_splits": report["exact_duplicates"]["across_splits"],
+        "near_duplicate_pairs": report["near_duplicates"]["pairs"],
+        "near_duplicate_leaks": report["near_duplicates"]["leaks_train_to_eval"],
+        "suspected_label_errors": report["label_errors"]["suspects"],
+        "outliers": report["outliers"]["count"],
+        "imbalance_ratio": report["class_counts"]["imbalance_ratio"] or 0.0,
+        "seconds": report["seconds"]["total"],
+        **{f"quality_{k}": v["count"] for k, v in report["image_quality"].items()},
+    }
+    tracking.log_metrics(logger, metrics)
+    params = {f"audit.{k}": v for k, v in report["settings"].items() if k != "quality"}
+    params |= {f"audit.quality.{k}": v for k, v in report["settings"]["quality"].items()}
+    tracking.log_params(logger, params)
+    tracking.log_artifacts(logger, [out], artifact_path="audit")
+    tracking.finish(logger)
+    return logger.run_id
+
+
+def summary(r: dict, out: Path, run_id: str | None) -> None:
+    c, ex, near = r["class_counts"], r["exact_duplicates"], r["near_duplicates"]
+    train = c["per_split"].get("train", {})
+    quality = ", ".join(f"{k} {v['count']}" for k, v in r["image_quality"].items() if v["count"])
+    lines = [
+        f"Audit of {r['data']['name']} ({r['data']['layout']}): {r['data']['images']:,} images, "
+        f"{len(r['data']['classes'])} classes, in {r['seconds']['total']:.1f}s",
+        "  splits: "
+        + ", ".join(f"{s} {sum(v.values()):,}" for s, v in c["per_split"].items())
+        + (f"; train imbalance {c['imbalance_ratio']:.1f}x (largest/smallest)" if train else "")
+        + (f"; EMPTY classes: {', '.join(c['empty_classes'])}" if c["empty_classes"] else ""),
+        f"  unusable files: {len(r['unusable_files'])}"
+        + "".join(f"\n    {Path(u['path']).name}: {u['reason']}" for u in r["unusable_files"][:5]),
+        f"  exact duplicates: {ex['groups']} groups ({ex['extra_copies']} extra copies), "
+        f"{ex['across_splits']} across splits, {ex['conflicting_labels']} with conflicting labels",
+        f"  near-duplicates: {near['pairs']} pairs, {near['leaks_train_to_eval']} leak train into "
+        "val/test",
+        f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv "
+        f"({r['label_errors']['features']})",
+        f"  outliers: {r['outliers']['count']}",
+        f"  image quality: {quality or 'nothing flagged'}",
+        f"  report: {out / 'report.json'}; grids: {out}/*.png"
+        + (f"; mlflow run {run_id}" if run_id else ""),
+    ]
+    print("\n".join(lines))

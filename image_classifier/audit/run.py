@@ -1,0 +1,184 @@
+"""The audit's steps, timed, and its report."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from image_classifier.audit import labels as label_checks
+from image_classifier.audit import neighbours, quality
+from image_classifier.audit.load import AuditData, load
+from image_classifier.audit.report import grids, log_mlflow, summary
+from image_classifier.data.layouts import SPLITS
+from image_classifier.errors import UserError
+
+
+def run_audit(cfg) -> dict:
+    started = time.perf_counter()
+    a = cfg.audit
+    d = load(cfg)
+    if len(d.labels) == 0:
+        raise UserError("No readable images to audit.")
+    timings = {"load": time.perf_counter() - started}
+    with _timed(timings, "exact"):
+        groups = exact_duplicates(d)
+        exact_pairs = {(i, j) for g in groups for i in g for j in g if i < j}
+    with _timed(timings, "near"):
+        dist, idx = neighbours.knn(neighbours.pixel_vectors(d.thumbs), k=5)
+        near = neighbours.near_duplicates(dist, idx, float(a.near_threshold), exact_pairs)
+    with _timed(timings, "labels"):
+        x, source = label_checks.features(d, cfg, str(a.features))
+        probs = label_checks.out_of_sample_probs(x, d.labels, int(a.folds), int(a.epochs), cfg.seed)
+        suspects, confident = label_checks.label_issues(
+            d.labels, probs, float(a.label_threshold), int(a.max_suspects)
+        )
+    with _timed(timings, "outliers"):
+        fdist, fidx = neighbours.knn(neighbours.pca(x, int(a.feature_dims)), k=int(a.neighbours))
+        scores = neighbours.outlier_scores(fdist, fidx)
+        outliers = [int(i) for i in np.argsort(scores) if scores[i] < float(a.outlier_threshold)]
+        outliers = outliers[: int(a.max_outliers)]
+    with _timed(timings, "quality"):
+        flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
+    report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
+    report["label_errors"]["confident_learning_flags"] = confident
+    out = Path(cfg.paths.output_dir) / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    write_label_csv(report, out / "label_issues.csv")
+    with _timed(timings, "grids"):
+        made = grids(d, groups, near, suspects, outliers, out, int(a.examples))
+    timings["total"] = time.perf_counter() - started
+    report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    run_id = log_mlflow(cfg, report, out, d.data_hash)
+    summary(report, out, run_id)
+    return {"report": report, "dir": str(out), "mlflow_run_id": run_id, "grids": made}
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
+def class_counts(d: AuditData) -> dict:
+    out = {}
+    for s, split in enumerate(SPLITS):
+        mask = d.splits == s
+        if mask.any():
+            c = np.bincount(d.labels[mask], minlength=len(d.classes))
+            out[split] = {name: int(n) for name, n in zip(d.classes, c, strict=True)}
+    train = np.array(list(out.get("train", {}).values()))
+    ratio = float(train.max() / max(train.min(), 1)) if len(train) else None
+    return {
+        "per_split": out,
+        "imbalance_ratio": ratio,
+        "empty_classes": [c for c, n in out.get("train", {}).items() if n == 0],
+    }
+
+
+def exact_duplicates(d: AuditData) -> list[list[int]]:
+    groups = defaultdict(list)
+    for i, h in enumerate(d.digests):
+        groups[h].append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def who(d: AuditData, i: int) -> dict:
+    return {
+        "name": d.names[i],
+        "split": SPLITS[int(d.splits[i])],
+        "label": d.classes[int(d.labels[i])],
+    }
+
+
+def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -> dict:
+    a = cfg.audit
+    return {
+        "data": {
+            "name": cfg.data.name,
+            "layout": d.layout,
+            "hash": d.data_hash,
+            "images": len(d.labels),
+            "classes": d.classes,
+        },
+        "class_counts": class_counts(d),
+        "unusable_files": [{"path": p, "reason": why} for p, why in sorted(d.skipped.items())],
+        "exact_duplicates": _exact_report(d, groups),
+        "near_duplicates": _near_report(d, near, float(a.near_threshold)),
+        "label_errors": {
+            "suspects": len(suspects),
+            "features": source,
+            "method": f"cleanlab on {a.folds}-fold cross-validated probabilities of a linear "
+            f"head: predicted class != given and self-confidence <= {a.label_threshold}, ranked "
+            f"by self-confidence (at most {a.max_suspects})",
+            "items": [
+                {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
+                for i, q, s in suspects
+            ],
+        },
+        "outliers": {
+            "count": len(outliers[0]),
+            "method": f"cleanlab OutOfDistribution on {a.neighbours} nearest neighbours in "
+            f"feature space; reported below {a.outlier_threshold}",
+            "items": [{**who(d, i), "score": round(float(outliers[1][i]), 4)} for i in outliers[0]],
+        },
+        "image_quality": {
+            name: {"count": len(idx), "items": [d.names[i] for i in idx[:100]]}
+            for name, idx in flags.items()
+        },
+        "settings": OmegaConf.to_container(cfg.audit, resolve=True),
+    }
+
+
+def _exact_report(d: AuditData, groups) -> dict:
+    items = [
+        {
+            "images": [who(d, i) for i in g],
+            "splits": sorted({SPLITS[int(d.splits[i])] for i in g}),
+            "conflicting_labels": len({int(d.labels[i]) for i in g}) > 1,
+        }
+        for g in groups
+    ]
+    return {
+        "groups": len(groups),
+        "extra_copies": sum(len(g) - 1 for g in groups),
+        "across_splits": sum(1 for g in items if len(g["splits"]) > 1),
+        "conflicting_labels": sum(1 for g in items if g["conflicting_labels"]),
+        "items": items,
+    }
+
+
+def _near_report(d: AuditData, near, threshold: float) -> dict:
+    def leak(i, j):  # a pair that joins train and val/test
+        return d.splits[i] != d.splits[j] and 0 in (d.splits[i], d.splits[j])
+
+    items = [
+        {"a": who(d, i), "b": who(d, j), "distance_ratio": r, "leak": bool(leak(i, j))}
+        for i, j, r in near
+    ]
+    return {
+        "pairs": len(items),
+        "leaks_train_to_eval": sum(1 for e in items if e["leak"]),
+        "method": "pixels (mean-centred), cosine distance below "
+        f"{threshold} x the median nearest-neighbour distance (cleanlab's near-duplicate rule)",
+        "items": items,
+    }
+
+
+def write_label_csv(report: dict, path: Path) -> None:
+    """The ranked label suspects, one row each, for a person to open and go through."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "image", "split", "given_label", "suggested_label", "self_confidence"])
+        for rank, e in enumerate(report["label_errors"]["items"], 1):
+            w.writerow(
+                [rank, e["name"], e["split"], e["label"], e["suggested"], e["self_confidence"]]
+            )
