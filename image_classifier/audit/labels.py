@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 MIN_STEPS = 1000
-LR = 1e-2
+LR = 2e-3
 
 
 def out_of_sample_probs(x, labels: np.ndarray, folds: int, epochs: int, seed: int) -> np.ndarray:
@@ -44,7 +44,7 @@ def _fit_linear(x, y, classes: int, epochs: int, seed: int):
     head = torch.nn.Linear(x.shape[1], classes)
     batch = min(512, len(y))
     steps = max(MIN_STEPS, epochs * (len(y) // batch))  # small data: enough steps to converge
-    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     done = 0
