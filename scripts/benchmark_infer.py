@@ -36,15 +36,11 @@ def build(name: str, size: int, channels: int, classes: int = 10):
         from omegaconf import OmegaConf
 
         spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "cnn.yaml"))
-    pre = {
-        "size": [size, size],
-        "channels": channels,
-        "mean": [0.5] * channels,
-        "std": [0.5] * channels,
-        "resize": "stretch",
-        "input_range": "0-255",
-        "extra": {},
-    }
+    from image_classifier.data.images import Preprocessing
+
+    pre = Preprocessing(
+        size=(size, size), channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels
+    ).to_dict()
     optim = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}
     return ClassifierModule(
         model=spec, classes=[f"c{i}" for i in range(classes)], preprocessing=pre, optim=optim

@@ -35,8 +35,10 @@ SETUPS = {
 
 def main():
     import torch
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from image_classifier.data.images import Preprocessing
     from image_classifier.models.module import ClassifierModule
     from image_classifier.training.callbacks import FreezeBackbone
 
@@ -55,17 +57,13 @@ def main():
         if args.only and name not in args.only:
             continue
         batch *= args.batch_scale
-        spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"))
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            model_cfg = compose(config_name="config", overrides=[f"model={name}"]).model
+        spec = OmegaConf.to_container(model_cfg, resolve=True)
         spec["pretrained"] = False  # speed does not depend on the weights
-        pre = {
-            "size": [size, size],
-            "channels": channels,
-            "mean": [0.5] * channels,
-            "std": [0.5] * channels,
-            "resize": "stretch",
-            "input_range": "0-255",
-            "extra": {},
-        }
+        pre = Preprocessing(
+            size=(size, size), channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels
+        ).to_dict()
         module = ClassifierModule(
             model=spec,
             classes=[str(i) for i in range(10)],
