@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import idx_overrides, make_class_folders
+from conftest import compose_cfg, idx_overrides, make_class_folders
 
 from image_classifier.data.idx import read_idx
 from image_classifier.errors import UserError
@@ -207,3 +207,38 @@ def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, 
     report = json.loads(Path(t["report"]).read_text())
     assert "differs from the data this model was trained on" in report["data"]["warning"]
     assert "WARNING: the test data" in capsys.readouterr().out
+
+
+def test_test_writes_predictions_mistakes_and_calibration(trained, tmp_path):
+    """predictions.csv has one row per test image with the model's own probabilities; ECE is
+    torchmetrics' and matches a by-hand computation from that file; the plots are written."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    root, ckpt, _ = trained
+    out = tmp_path / "t"
+    r = run_test(compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={out}"))
+    rows = list(csv.DictReader(open(r["predictions"], encoding="utf-8")))
+    report = json.loads(Path(r["report"]).read_text())
+    assert len(rows) == report["data"]["test_images"]
+    assert set(rows[0]) == {"image", "true", "predicted", "confidence", "correct", "top3"}
+    assert Path(rows[0]["image"]).is_file()  # folder data: the file itself
+    correct = [int(x["correct"]) for x in rows]
+    assert abs(sum(correct) / len(rows) - report["accuracy"]) < 1e-6
+    assert all(x["top3"].split("; ")[0].startswith(x["predicted"] + ":") for x in rows)
+    conf = np.array([float(x["confidence"]) for x in rows])
+    edges = np.linspace(0, 1, 16)
+    which = np.clip(np.digitize(conf, edges, right=True) - 1, 0, 14)
+    by_hand = sum(
+        abs(conf[which == b].mean() - np.mean(np.array(correct)[which == b])) * (which == b).sum()
+        for b in range(15)
+        if (which == b).any()
+    ) / len(rows)
+    assert abs(by_hand - report["ece"]) < 1e-3, (by_hand, report["ece"])
+    assert (out / "plots" / "reliability.png").stat().st_size > 1000
+    assert (out / "plots" / "mistakes.png").exists() == (sum(correct) < len(rows))
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(r["mlflow_run_id"])
+    assert abs(run.data.metrics["test/ece"] - report["ece"]) < 1e-9
+    assert "predictions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}

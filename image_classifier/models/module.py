@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
@@ -64,6 +65,7 @@ class ClassifierModule(L.LightningModule):
                 "precision": MulticlassPrecision(n, average="none"),
                 "recall": MulticlassRecall(n, average="none"),
                 "confusion": MulticlassConfusionMatrix(n),
+                "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
             },
             prefix="test/",
         )
@@ -166,10 +168,15 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
 
+    def on_test_epoch_start(self):
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
     def test_step(self, batch, batch_idx):
         logits, y = self._step(batch)
         self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
         self.test_metrics.update(logits, y)
+        # per-image probabilities, in the loader's order, for the predictions file and gallery
+        self.test_outputs.append((torch.softmax(logits.float(), 1).cpu(), y.cpu()))
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch

@@ -47,6 +47,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     metrics = {k.removeprefix("test/"): v.cpu() for k, v in module.test_metrics.compute().items()}
     report = build_report(path, module, info, metrics, trainer, hash_note)
     report_path, plots, shared = write_outputs(cfg, report, path, out)
+    per_image = write_per_image(out, dm, module, report["ece"])
     result = {
         "report": str(report_path),
         "plots": [str(p) for p in plots],
@@ -57,9 +58,13 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "skipped_files": len(info.skipped),
         "unusable_files": str(write_unusable(info.skipped, out) or ""),
+        "ece": report["ece"],
+        "predictions": str(per_image[0]),
     }
+    plots += per_image[1:]
     if logger is not None:
-        log_run(logger, report, [*plots, report_path], ckpt_file.mlflow_run_id(path))
+        files = [*plots, report_path, per_image[0]]
+        log_run(logger, report, files, ckpt_file.mlflow_run_id(path))
         result["mlflow_run_id"] = logger.run_id
     _print_summary(report, result, info, hash_note, plots, shared)
     return result
@@ -133,6 +138,7 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
         },
         "accuracy": float(m["acc"]),
         "f1_macro": float(m["f1_macro"]),
+        "ece": float(m["ece"]),
         "loss": float(trainer.callback_metrics.get("test/loss", float("nan"))),
         "per_class": {
             c: {
@@ -164,8 +170,35 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
     return report_path, plots, shared
 
 
+def write_per_image(out: Path, dm, module, ece: float) -> list[Path]:
+    """[predictions.csv, reliability.png, mistakes.png (image models only)]."""
+    import torch
+
+    from image_classifier.training import predictions
+
+    probs = torch.cat([p for p, _ in module.test_outputs]).numpy()
+    targets = torch.cat([y for _, y in module.test_outputs]).numpy()
+    dataset, classes = dm.dataset("test"), module.classes
+    names = predictions.image_names(dataset, len(targets))
+    made = [
+        predictions.write_predictions(out / "predictions.csv", names, probs, targets, classes),
+        predictions.plot_reliability(probs, targets, ece, out / "plots" / "reliability.png"),
+    ]
+    if module.hparams.model["name"] != "head":  # a head's test set is features, not images
+        chosen = predictions.mistakes(probs, targets)
+        gallery = predictions.plot_mistakes(
+            dataset, chosen, probs, targets, classes, out / "plots" / "mistakes.png"
+        )
+        made += [gallery] if gallery else []
+    return made
+
+
 def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
-    metrics = {"test/acc": report["accuracy"], "test/f1_macro": report["f1_macro"]}
+    metrics = {
+        "test/acc": report["accuracy"],
+        "test/f1_macro": report["f1_macro"],
+        "test/ece": report["ece"],
+    }
     for c, v in report["per_class"].items():
         metrics[f"test/precision/{tracking.safe_name(c)}"] = v["precision"]
         metrics[f"test/recall/{tracking.safe_name(c)}"] = v["recall"]
@@ -180,7 +213,8 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
     lines = [
         f"Tested {result['checkpoint']} on {report['data']['test_images']} {info.name} test "
         f"images in {result['seconds']:.0f}s",
-        f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}",
+        f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
+        f"ECE {report['ece']:.4f}",
         "  lowest recall: " + ", ".join(f"{c} {v['recall']:.3f}" for c, v in worst),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
         *(
@@ -192,6 +226,8 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
             else []
         ),
         f"  report: {result['report']}",
+        f"  predictions: {result['predictions']} (one row per image; mistakes.png, "
+        "reliability.png beside the plots)",
         f"  plots:  {', '.join(str(p) for p in plots)} (copies in {shared}/)",
         f"  mlflow run: {result.get('mlflow_run_id', 'disabled')}",
     ]

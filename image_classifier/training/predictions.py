@@ -1,0 +1,104 @@
+"""What `test` writes per image: the predictions file, a gallery of mistakes, calibration.
+
+predictions.csv    one row per test image: image (path, or test[i] for array data), true
+                   label, predicted label, confidence, correct, the top 3 classes
+mistakes.png       the most confident mistakes, then each class's worst confusion
+reliability.png    accuracy against confidence in 15 bins, with the expected calibration
+                   error (ECE, torchmetrics' MulticlassCalibrationError, L1)
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.training.plots import plt, save_figure
+
+TOP_K = 3
+BINS = 15
+
+
+def image_names(dataset, n: int) -> list[str]:
+    """A file path per test image when the data is files, else test[i]."""
+    items = getattr(dataset, "items", None)
+    if items is not None and len(items) == n:
+        return [str(p) for p, _ in items]
+    return [f"test[{i}]" for i in range(n)]
+
+
+def write_predictions(path: Path, names, probs: np.ndarray, targets: np.ndarray, classes) -> Path:
+    pred = probs.argmax(1)
+    order = np.argsort(-probs, axis=1)[:, :TOP_K]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "true", "predicted", "confidence", "correct", f"top{TOP_K}"])
+        for i, name in enumerate(names):
+            top = "; ".join(f"{classes[j]}:{probs[i, j]:.4f}" for j in order[i])
+            w.writerow(
+                [
+                    name,
+                    classes[targets[i]],
+                    classes[pred[i]],
+                    f"{probs[i, pred[i]]:.6f}",
+                    int(pred[i] == targets[i]),
+                    top,
+                ]
+            )
+    return path
+
+
+def mistakes(probs: np.ndarray, targets: np.ndarray, n: int = 12) -> list[int]:
+    """The n most confident mistakes, then each true class's most confident mistake."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != targets)
+    ranked = wrong[np.argsort(-probs[wrong, pred[wrong]])]
+    chosen = ranked[:n].tolist()
+    for c in np.unique(targets):
+        worst = ranked[targets[ranked] == c][:1].tolist()
+        chosen += [i for i in worst if i not in chosen]
+    return chosen
+
+
+def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) -> Path | None:
+    """Image, true label, predicted label and confidence for each chosen mistake."""
+    if not idx:
+        return None
+    cols = 6
+    rows = (len(idx) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx, strict=False):
+        img = np.asarray(dataset[i][0])
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        p = int(probs[i].argmax())
+        ax.set_title(
+            f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})", fontsize=7
+        )
+    fig.suptitle("Most confident mistakes, then each class's worst", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_reliability(probs: np.ndarray, targets: np.ndarray, ece: float, path: Path) -> Path:
+    conf = probs.max(1)
+    correct = probs.argmax(1) == targets
+    edges = np.linspace(0, 1, BINS + 1)
+    which = np.clip(np.digitize(conf, edges) - 1, 0, BINS - 1)
+    centres, accs, counts = [], [], []
+    for b in range(BINS):
+        mask = which == b
+        if mask.any():
+            centres.append(conf[mask].mean())
+            accs.append(correct[mask].mean())
+            counts.append(mask.sum())
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(centres, accs, marker="o", label="model")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"reliability (ECE {ece:.4f}, {BINS} bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
