@@ -209,6 +209,7 @@ def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, 
     assert "WARNING: the test data" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_test_writes_predictions_mistakes_and_calibration(trained, tmp_path):
     """predictions.csv has one row per test image with the model's own probabilities; ECE is
     torchmetrics' and matches a by-hand computation from that file; the plots are written."""
@@ -242,3 +243,42 @@ def test_test_writes_predictions_mistakes_and_calibration(trained, tmp_path):
     run = client.get_run(r["mlflow_run_id"])
     assert abs(run.data.metrics["test/ece"] - report["ece"]) < 1e-9
     assert "predictions.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_temperature_is_fitted_stored_and_used_by_every_backend(trained, exported, tmp_path):
+    """train fits T on val and stores it; the checkpoint, ONNX and test all use it."""
+    from image_classifier.inference.predictor import load_predictor
+    from image_classifier.models import checkpoint as ckpt_file
+
+    root, ckpt, images = trained
+    module = ckpt_file.load_module(ckpt).eval()
+    t = float(module.temperature)
+    assert t != 1.0 and 0.05 <= t <= 20
+    onnx, _ = exported
+    meta = load_predictor(onnx).meta.extra
+    assert abs(meta["temperature"] - t) < 1e-6
+    x = np.random.default_rng(0).integers(0, 256, (4, 1, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        raw = torch.softmax(module.net(torch.from_numpy(x)), 1).numpy()
+        calibrated = torch.softmax(module.net(torch.from_numpy(x)) / t, 1).numpy()
+    for backend in (load_predictor(onnx), load_predictor(ckpt)):
+        assert np.abs(backend.predict(x) - calibrated).max() < 1e-4
+    assert np.abs(raw - calibrated).max() > 1e-3  # the temperature changed something
+    r = run_test(compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={tmp_path}/t"))
+    report = json.loads(Path(r["report"]).read_text())
+    assert report["temperature"] == pytest.approx(t)
+    assert 0 <= report["ece"] <= 1 and 0 <= report["ece_uncalibrated"] <= 1
+
+
+def test_temperature_scaling_lowers_validation_ece():
+    from image_classifier.training.calibrate import ece, fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(4000, 5, generator=g)
+    # labels drawn from softmax(logits): these logits are calibrated as they are
+    targets = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
+    overconfident = logits * 4  # a model far too sure of itself
+    t = fit_temperature(overconfident, targets)
+    assert 3.0 < t < 5.5  # recovers about the 4 that was applied
+    assert ece(overconfident, targets, t) < ece(overconfident, targets) / 3

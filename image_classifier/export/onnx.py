@@ -26,18 +26,22 @@ log = logging.getLogger(__name__)
 
 
 class _Probabilities(torch.nn.Module):
-    def __init__(self, net):
+    """The deployed graph: pixels in, calibrated probabilities out (logits / temperature)."""
+
+    def __init__(self, net, temperature: torch.Tensor):
         super().__init__()
         self.net = net
+        self.register_buffer("temperature", temperature.detach().clone().float())
 
     def forward(self, image):
-        return torch.softmax(self.net(image), dim=1)
+        return torch.softmax(self.net(image) / self.temperature, dim=1)
 
 
 def model_metadata(module, checkpoint: Path) -> dict:
     hp = module.hparams
     return {
         "format": 1,
+        "temperature": float(module.temperature),
         "classes": module.classes,
         "preprocessing": dict(hp.preprocessing),
         "model": dict(hp.model),
@@ -77,7 +81,7 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
 
 
 def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
-    net = _Probabilities(module.net.eval()).eval()
+    net = _Probabilities(module.net.eval(), module.temperature).eval()
     pre = module.hparams.preprocessing
     dummy = torch.zeros(2, pre["channels"], *pre["size"])
     with warnings.catch_warnings():
@@ -129,7 +133,8 @@ def run_export_onnx(cfg) -> dict:
             if x is None:
                 continue
             with torch.inference_mode():
-                ref = torch.softmax(module.net(torch.from_numpy(x)), dim=1).numpy()
+                logits = module.net(torch.from_numpy(x)) / module.temperature
+                ref = torch.softmax(logits, dim=1).numpy()
             diffs[name] = float(np.abs(ort.predict(x) - ref).max())
         worst = max(diffs.values())
         if worst > float(e.tolerance):

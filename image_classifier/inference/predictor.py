@@ -111,6 +111,7 @@ class TorchPredictor:
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         module = load_module(path, map_location=self.device)
         self.net = module.net.eval()
+        self.temperature = module.temperature
         hp = module.hparams
         self.meta = ModelMeta.from_dict(
             {
@@ -125,7 +126,8 @@ class TorchPredictor:
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            return torch.softmax(self.net(x), dim=1).float().cpu().numpy()
+            logits = self.net(x).float() / self.temperature
+            return torch.softmax(logits, dim=1).cpu().numpy()
 
 
 def load_predictor(path: str | Path, device: str = "auto"):

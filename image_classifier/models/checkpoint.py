@@ -86,5 +86,22 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     # the weights come from the checkpoint: never fetch pretrained ones again
     hp = {**hp, "model": {**hp["model"], "pretrained": False}}
     module = ClassifierModule(**hp)
+    module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
     return module.to(map_location)
+
+
+def set_temperature(path: str | Path, temperature: float) -> None:
+    """Store a fitted temperature in the checkpoint file (rewritten atomically)."""
+    import os
+
+    import torch
+
+    path = Path(path)
+    ckpt = read(path)
+    ckpt["state_dict"]["temperature"] = torch.tensor(float(temperature))
+    ckpt.setdefault("image_classifier", {})["temperature"] = float(temperature)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    _summary.cache_clear()

@@ -49,26 +49,7 @@ class ClassifierModule(L.LightningModule):
         )
         self.classes = list(classes)
         n = len(classes)
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(n, average="micro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-            }
-        )
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.train_loss = MeanMetric()
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(n, average="micro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-                "precision": MulticlassPrecision(n, average="none"),
-                "recall": MulticlassRecall(n, average="none"),
-                "confusion": MulticlassConfusionMatrix(n),
-                "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
-            },
-            prefix="test/",
-        )
+        self._add_metrics(n)
         self.feature_input = name == "head"  # trained on cached features, deployed on images
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
@@ -80,9 +61,32 @@ class ClassifierModule(L.LightningModule):
             persistent=False,
         )
         self._mix = _mixer(augment or {}, n)
-        self._compiled = (
-            None  # torch.compile'd forward for training (train.compile), not a submodule
+        # logits / temperature before the softmax: 1 until `train` fits it on the validation
+        # split (train.calibrate); saved with the weights, so every backend uses it
+        self.register_buffer("temperature", torch.ones(()))
+        self._compiled = None  # torch.compile'd forward for training, not a submodule
+
+    def _add_metrics(self, n: int) -> None:
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            }
         )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.train_loss = MeanMetric()
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = MetricCollection(
+            {
+                **metrics.clone(),
+                "precision": MulticlassPrecision(n, average="none"),
+                "recall": MulticlassRecall(n, average="none"),
+                "confusion": MulticlassConfusionMatrix(n),
+                "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
+            },
+            prefix="test/",
+        )
+        self.test_ece_raw = MulticlassCalibrationError(n, n_bins=15, norm="l1")
 
     def forward(self, x):
         return self.net(x)
@@ -174,13 +178,15 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         logits, y = self._step(batch)
         self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
-        self.test_metrics.update(logits, y)
+        calibrated = logits.float() / self.temperature
+        self.test_metrics.update(calibrated, y)
+        self.test_ece_raw.update(logits.float(), y)
         # per-image probabilities, in the loader's order, for the predictions file and gallery
-        self.test_outputs.append((torch.softmax(logits.float(), 1).cpu(), y.cpu()))
+        self.test_outputs.append((torch.softmax(calibrated, 1).cpu(), y.cpu()))
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.softmax(self(x), dim=1)
+        return torch.softmax(self(x) / self.temperature, dim=1)
 
     def configure_optimizers(self):
         o = self.hparams.optim
@@ -190,6 +196,10 @@ class ClassifierModule(L.LightningModule):
         opt = create_optimizer(params, o)
         sched = create_scheduler(opt, o, lambda: int(self.trainer.estimated_stepping_batches))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+    def on_load_checkpoint(self, checkpoint):
+        # checkpoints written before calibration existed have no temperature: 1 is what they meant
+        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))
 
     def on_save_checkpoint(self, checkpoint):
         # a plain-dict summary, readable with torch.load alone (no Lightning needed)

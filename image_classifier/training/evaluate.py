@@ -139,6 +139,8 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
         "accuracy": float(m["acc"]),
         "f1_macro": float(m["f1_macro"]),
         "ece": float(m["ece"]),
+        "ece_uncalibrated": float(module.test_ece_raw.compute()),
+        "temperature": float(module.temperature),
         "loss": float(trainer.callback_metrics.get("test/loss", float("nan"))),
         "per_class": {
             c: {
@@ -198,6 +200,7 @@ def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
         "test/acc": report["accuracy"],
         "test/f1_macro": report["f1_macro"],
         "test/ece": report["ece"],
+        "test/ece_uncalibrated": report["ece_uncalibrated"],
     }
     for c, v in report["per_class"].items():
         metrics[f"test/precision/{tracking.safe_name(c)}"] = v["precision"]
@@ -214,7 +217,8 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
         f"Tested {result['checkpoint']} on {report['data']['test_images']} {info.name} test "
         f"images in {result['seconds']:.0f}s",
         f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
-        f"ECE {report['ece']:.4f}",
+        f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
+        f"{report['ece_uncalibrated']:.4f})",
         "  lowest recall: " + ", ".join(f"{c} {v['recall']:.3f}" for c, v in worst),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
         *(

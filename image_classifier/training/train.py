@@ -82,6 +82,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
+    if trainer.is_global_zero and cfg.train.get("calibrate", True) and checkpoint is not last:
+        result["calibration"] = calibrate_best(result["checkpoint"], dm)
     if trainer.is_global_zero:
         log_run(logger, result, module.hparams.data)
         _print_summary(result, info)
@@ -236,10 +238,29 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
     }
 
 
+def calibrate_best(path: str, dm) -> dict:
+    """Fit the temperature of the best checkpoint on the validation split and store it there."""
+    from image_classifier.training.calibrate import calibrate
+
+    module = ckpt_file.load_module(path)
+    fitted = calibrate(module, dm.loader("val"))
+    ckpt_file.set_temperature(path, fitted["temperature"])
+    return fitted
+
+
 def log_run(logger, result: dict, data_meta: dict) -> None:
     """The checkpoint, curves and a summary into the training run."""
     if logger is None:
         return
+    if c := result.get("calibration"):
+        tracking.log_metrics(
+            logger,
+            {
+                "temperature": c["temperature"],
+                "val/ece_before": c["ece_before"],
+                "val/ece_after": c["ece_after"],
+            },
+        )
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
     tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
     result["mlflow_run_id"] = logger.run_id
@@ -261,6 +282,10 @@ def _print_summary(r: dict, info) -> None:
         + ")",
         f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
         f"  val: {val}",
+        f"  calibration: temperature {c['temperature']:.3f} fitted on val; ECE "
+        f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        if (c := r.get("calibration"))
+        else "",
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
         f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
