@@ -220,7 +220,7 @@ def test_test_writes_predictions_mistakes_and_calibration(trained, tmp_path):
     root, ckpt, _ = trained
     out = tmp_path / "t"
     r = run_test(compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={out}"))
-    rows = list(csv.DictReader(open(r["predictions"], encoding="utf-8")))
+    rows = list(csv.DictReader(Path(r["predictions"]).read_text(encoding="utf-8").splitlines()))
     report = json.loads(Path(r["report"]).read_text())
     assert len(rows) == report["data"]["test_images"]
     assert set(rows[0]) == {"image", "true", "predicted", "confidence", "correct", "top3"}
