@@ -109,6 +109,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     assert {"audit/report.json", "audit/label_errors.png"} <= logged
 
 
+@pytest.mark.slow
 def test_clean_data_reports_nothing(tmp_path):
     root = make_class_folders(tmp_path / "clean", per_class=12)
     r = audit(root, tmp_path, "logger.enabled=false")["report"]
@@ -120,6 +121,7 @@ def test_clean_data_reports_nothing(tmp_path):
     assert {k: v["count"] for k, v in r["image_quality"].items() if v["count"]} == {}
 
 
+@pytest.mark.slow
 def test_image_quality_and_outliers_are_found(tmp_path):
     root = make_class_folders(tmp_path / "q", per_class=12, mode="RGB")
     Image.new("RGB", (16, 16), (3, 3, 3)).save(root / "cat" / "black.png")
@@ -145,6 +147,7 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     assert "noise.png" in outliers and len(outliers) <= 3, outliers
 
 
+@pytest.mark.slow
 def test_conflicting_duplicate_labels(tmp_path):
     root = make_class_folders(tmp_path / "conflict", per_class=12)
     shutil.copy(root / "cat" / "003.png", root / "dog" / "same_as_cat_003.png")
