@@ -130,3 +130,34 @@ def test_bomb_limit_is_configurable(tmp_path):
     p = _save(tmp_path, Image.new("L", (100, 100)), "big.png")
     with pytest.raises(ImageTooLarge, match="exceeds the pixel limit"):
         open_image(p, max_pixels=5000)
+
+
+def test_unreadable_file_is_refused_with_its_reason(tmp_path, monkeypatch):
+    """A file without read permission (root reads mode-000 files, so PIL's answer is faked)."""
+    from PIL import Image as PILImage
+
+    p = _save(tmp_path, Image.new("L", (4, 4)), "locked.png")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(PILImage, "open", denied)
+    with pytest.raises(ImageError, match="permission denied") as e:
+        open_image(p)
+    assert e.value.reason == "permission denied (cannot read the file)"
+    assert str(e.value) == f"{p}: {e.value.reason}"
+
+
+def test_what_is_not_a_regular_file_is_named(tmp_path):
+    import os
+
+    from conftest import make_class_folders
+
+    from image_classifier.data.images import path_problem
+    from image_classifier.data.layouts import discover
+
+    root = make_class_folders(tmp_path / "data", classes=("a", "b"), per_class=6)
+    os.mkfifo(root / "a" / "pipe.png")
+    assert path_problem(root / "a" / "pipe.png") == "not a regular file"
+    skipped = {p.rsplit("/", 1)[-1]: why for p, why in discover(root).skipped.items()}
+    assert skipped == {"pipe.png": "not a regular file"}

@@ -86,6 +86,7 @@ def features(d, cfg, source: str):
     import torch
 
     from image_classifier.audit import FEATURE_SOURCES
+    from image_classifier.audit.neighbours import principal_components
     from image_classifier.errors import UserError
 
     if source not in FEATURE_SOURCES:
@@ -103,20 +104,10 @@ def features(d, cfg, source: str):
             )
     x = torch.from_numpy(d.thumbs.reshape(len(d.thumbs), -1).astype(np.float32))
     dims = int(cfg.audit.feature_dims)
-    return _principal(x, dims), f"pixels (PCA-{dims} of 32x32 thumbnails)"
-
-
-def _principal(x, dims: int):
-    """The top principal components, scaled as a whole (each keeps its share of the variance,
-    so the noise in the small ones is not blown up)."""
-    import torch
-
-    x = x - x.mean(0, keepdim=True)
-    dims = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
-    g = torch.Generator().manual_seed(0)
-    _, _, v = torch.linalg.svd(x[torch.randperm(len(x), generator=g)[:20000]], full_matrices=False)
-    z = x @ v[:dims].T
-    return z / z.std().clamp_min(1e-6)
+    # scaled as a whole: each component keeps its share of the variance, so the noise in the
+    # small ones is not blown up as a per-component standardisation would
+    z = principal_components(x, dims)
+    return z / z.std().clamp_min(1e-6), f"pixels (PCA-{dims} of 32x32 thumbnails)"
 
 
 def _standardise(x):

@@ -37,9 +37,6 @@ class AuditData:
     pixels: np.ndarray | None = None  # array data: (N, C, H, W) uint8 for the example grids
 
 
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
 def _digest(b: bytes) -> str:
     return hashlib.blake2b(b, digest_size=16).hexdigest()
 
@@ -60,7 +57,7 @@ def _file_entry(path: str):
     """(hash, thumbnail, (w, h), grey, None) or (None, None, None, None, why)."""
     from PIL import Image
 
-    from image_classifier.data.images import ImageError, open_bytes, to_model_mode
+    from image_classifier.data.images import GREY_MODES, ImageError, open_bytes, to_model_mode
 
     try:
         data = Path(path).read_bytes()

@@ -17,15 +17,20 @@ import numpy as np
 PIXEL_DIMS = 64  # principal components kept of the pixel vectors (distances barely change)
 
 
-def pca(x, dims: int, seed: int = 0):
-    """Centre, project on the top principal axes (fitted on up to 20,000 rows), L2-normalise."""
+def principal_components(x, dims: int, seed: int = 0):
+    """Centre and project on the top principal axes (fitted on up to 20,000 rows)."""
     import torch
 
     x = x - x.mean(0, keepdim=True)
     dims = max(1, min(dims, x.shape[0] - 1, x.shape[1]))
     g = torch.Generator().manual_seed(seed)
     _, _, v = torch.linalg.svd(x[torch.randperm(len(x), generator=g)[:20000]], full_matrices=False)
-    z = x @ v[:dims].T
+    return x @ v[:dims].T
+
+
+def pca(x, dims: int, seed: int = 0):
+    """The principal components of each row, L2-normalised (for cosine distances)."""
+    z = principal_components(x, dims, seed)
     return z / z.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 

@@ -15,16 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-CHECKS = (
-    "dark",
-    "light",
-    "low_information",
-    "blurry",
-    "odd_size",
-    "odd_aspect_ratio",
-    "grey_in_colour",
-)
-
 
 def scores(thumbs: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
     flat = thumbs.reshape(len(thumbs), -1)

@@ -343,7 +343,7 @@ def _relative(p: str, root: Path) -> str:
 
 def _detect_channels(paths: list[str], sample: int = 200) -> int:
     """1 when every sampled image is grey, else 3."""
-    from image_classifier.data.images import header
+    from image_classifier.data.images import GREY_MODES, header
 
     step = max(1, len(paths) // sample)
     for p in paths[::step]:
@@ -351,6 +351,6 @@ def _detect_channels(paths: list[str], sample: int = 200) -> int:
             mode, _ = header(p)
         except ImageError:  # it decoded when the data was scanned; changed since: not a vote
             continue
-        if mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        if mode not in GREY_MODES:
             return 3
     return 1

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# PIL modes of grey images (the others are colour, or palettes that may be colour)
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
@@ -39,7 +41,12 @@ Image.MAX_IMAGE_PIXELS = 4 * MAX_PIXELS
 
 
 class ImageError(ValueError):
-    """A file that is not a readable image; the message names the file and the reason."""
+    """A file that is not a readable image: `str(e)` is "<name>: <reason>", and `e.reason` is
+    the reason alone (what a report lists beside the file's name)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
 
 
 class ImageTooLarge(ImageError):
@@ -88,10 +95,11 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     name = display_name(path)
     if not path.exists():
         raise ImageError(
-            f"{name}: {'broken symlink or symlink loop' if path.is_symlink() else 'no such file'}"
+            name,
+            "broken symlink or symlink loop" if path.is_symlink() else "no such file",
         )
     if path.is_file() and path.stat().st_size == 0:
-        raise ImageError(f"{name}: empty (0 bytes)")
+        raise ImageError(name, "empty (0 bytes)")
     return _decode(_open(path, name, max_pixels), name)
 
 
@@ -103,8 +111,9 @@ def display_name(path: str | Path) -> str:
 def _refused(name: str, size: tuple[int, int], max_pixels: int) -> ImageTooLarge:
     w, h = size
     return ImageTooLarge(
-        f"{name}: refused: {w}x{h} exceeds the pixel limit ({w * h:,} > {max_pixels:,} pixels; "
-        "a possible decompression bomb, not decoded)"
+        name,
+        f"refused: {w}x{h} exceeds the pixel limit ({w * h:,} > {max_pixels:,} pixels; "
+        "a possible decompression bomb, not decoded)",
     )
 
 
@@ -114,8 +123,8 @@ def _bomb(name: str, e: Exception) -> ImageTooLarge:
     found = re.search(r"\((\d+) pixels\)", str(e))
     pixels = f"{int(found.group(1)):,} pixels " if found else ""
     return ImageTooLarge(
-        f"{name}: refused: {pixels}exceeds the pixel limit (a possible decompression bomb, not "
-        "decoded)"
+        name,
+        f"refused: {pixels}exceeds the pixel limit (a possible decompression bomb, not decoded)",
     )
 
 
@@ -132,15 +141,15 @@ def _open(source, name: str, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(source)
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
+        raise ImageError(name, "no such file") from None
     except PermissionError:
-        raise ImageError(f"{name}: permission denied (cannot read the file)") from None
+        raise ImageError(name, "permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image PIL can read") from None
+        raise ImageError(name, "not an image PIL can read") from None
     except _BOMB as e:
         raise _bomb(name, e) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"{name}: cannot open ({e})") from None
+        raise ImageError(name, f"cannot open ({e})") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -156,7 +165,7 @@ def _decode(im: Image.Image, name: str) -> Image.Image:
     except _BOMB as e:
         raise _bomb(name, e) from None
     except Exception as e:  # any decoder failure is this file's problem, whatever PIL raised
-        raise ImageError(f"{name}: corrupt or truncated ({type(e).__name__}: {e})") from None
+        raise ImageError(name, f"corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def header(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
@@ -236,7 +245,7 @@ def _converted(im: Image.Image, pre: Preprocessing, name: str) -> np.ndarray:
         raise _bomb(name, e) from None
     except Exception as e:  # PIL's conversions of an exotic mode: this file's problem
         raise ImageError(
-            f"{name}: cannot convert {im.mode} pixels ({type(e).__name__}: {e})"
+            name, f"cannot convert {im.mode} pixels ({type(e).__name__}: {e})"
         ) from None
 
 
@@ -244,7 +253,7 @@ def open_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -
     """open_image for encoded bytes already in memory (an upload, a file read once)."""
     name = display_name(name)
     if not data:
-        raise ImageError(f"{name}: empty (0 bytes)")
+        raise ImageError(name, "empty (0 bytes)")
     return _decode(_open(io.BytesIO(data), name, max_pixels), name)
 
 

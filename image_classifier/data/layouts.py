@@ -264,7 +264,7 @@ def _check_one(path: str) -> str | None:
         open_image(path)
         return None
     except ImageError as e:
-        return str(e).split(": ", 1)[-1]
+        return e.reason
 
 
 def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:

@@ -48,7 +48,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
                 slots.append(i)
                 rows.append(None)
             except ImageError as e:
-                rows.append(error_row(name, str(e).split(": ", 1)[-1]))
+                rows.append(error_row(name, e.reason))
         if arrays:
             import numpy as np
 

@@ -77,7 +77,7 @@ def _load(path: Path, pre: Preprocessing):
     try:
         return load_array(path, pre), None
     except ImageError as e:
-        return None, str(e).split(": ", 1)[-1]
+        return None, e.reason
 
 
 def predict_paths(
