@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from image_classifier.errors import UserError
@@ -37,9 +36,19 @@ def read(path: str | Path, map_location: str = "cpu") -> dict:
     return ckpt
 
 
-@lru_cache(maxsize=8)
-def _summary(path: str, mtime: float) -> tuple[list, str | None, dict | None]:
-    ckpt = read(path)
+# (path, mtime) -> (history, MLflow run id, stored config): what is read besides the weights,
+# kept so that a command asking for several of them (or loading the module too) reads once
+_SUMMARIES: dict[tuple[str, float], tuple[list, str | None, dict | None]] = {}
+
+
+def _key(path: str | Path) -> tuple[str, float]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {str(path)!r} does not exist.")
+    return str(path.resolve()), path.stat().st_mtime
+
+
+def _remember(key: tuple[str, float], ckpt: dict) -> tuple:
     history = next(
         (
             list(s.get("epochs", []))
@@ -50,14 +59,15 @@ def _summary(path: str, mtime: float) -> tuple[list, str | None, dict | None]:
     )
     run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
     config = ckpt.get("hyper_parameters", {}).get("config")
-    return history, run_id, config
+    if len(_SUMMARIES) > 16:
+        _SUMMARIES.clear()
+    _SUMMARIES[key] = (history, run_id, config)
+    return _SUMMARIES[key]
 
 
 def _cached(path: str | Path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Checkpoint {str(path)!r} does not exist.")
-    return _summary(str(path), path.stat().st_mtime)
+    key = _key(path)
+    return _SUMMARIES.get(key) or _remember(key, read(path))
 
 
 def history(path: str | Path) -> list[dict]:
@@ -79,7 +89,9 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     """The LightningModule from a checkpoint file alone; clear errors for anything else."""
     from image_classifier.models.module import ClassifierModule
 
+    key = _key(path)
     ckpt = read(path, map_location)
+    _remember(key, ckpt)
     hp = ckpt.get("hyper_parameters")
     if not hp or "classes" not in hp or "state_dict" not in ckpt:
         raise UserError(f"{str(path)!r} is a checkpoint, but not one written by image_classifier.")
@@ -104,4 +116,3 @@ def set_temperature(path: str | Path, temperature: float) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
-    _summary.cache_clear()
