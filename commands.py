@@ -25,6 +25,7 @@ COMMANDS = {
     "export-onnx": "image_classifier.export.onnx:run_export_onnx",
     "export-trt": "image_classifier.export.tensorrt:run_export_trt",
     "export-triton": "image_classifier.export.triton:run_export_triton",
+    "register": "image_classifier.export.registry:run_register",
     "infer": "image_classifier.inference.infer:run_infer",
     "serve": "image_classifier.serving.app:run_serve",
     "audit": "image_classifier.audit:run_audit",

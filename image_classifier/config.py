@@ -202,6 +202,7 @@ def _export_rules() -> dict:
         "export.triton.kind": Choice(KINDS),
         "export.triton.max_batch_size": POSITIVE_INT,
         "export.triton.instances": POSITIVE_INT,
+        "register.version": Number(1, integer=True, optional=True),
     }
 
 

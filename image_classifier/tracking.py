@@ -178,3 +178,136 @@ def active_run(logger):
     mlflow.set_tracking_uri(logger._tracking_uri)
     with mlflow.start_run(run_id=logger.run_id):
         yield
+
+
+# -- the model registry: names, versions and aliases (models:/NAME@ALIAS) ----------------------
+def registry_client(cfg):
+    """MLflow's client on the configured store (the embedded one, or a server by URL); the
+    process-wide URIs point there too, for the APIs that only read those."""
+    if not cfg.logger.enabled:
+        raise UserError(
+            "The model registry lives in the MLflow store, and tracking is off "
+            "(logger.enabled=false). Turn it on, or point logger.tracking_uri at a server."
+        )
+    import mlflow
+
+    uri, _ = resolve_uri(cfg.logger, cfg.paths.root)
+    check_reachable(uri, float(cfg.logger.connect_timeout))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, V)."""
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return name, alias, None
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return name, None, version
+    raise UserError(
+        f"{uri!r} is not a registered model address: use models:/NAME@ALIAS (e.g. "
+        "models:/fashion_mnist-cnn@champion) or models:/NAME/VERSION."
+    )
+
+
+def find_version(client, name: str, alias: str | None, version: str | None):
+    """The model version an alias or number names; the error lists what exists instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=100)]
+        raise UserError(
+            f"No registered model named {name!r} in the MLflow store "
+            f"({', '.join(names) or 'none registered yet'}). Register one with "
+            "`uv run python commands.py command=register register.name=NAME`."
+        ) from None
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException:
+        aliases = ", ".join(f"@{a}" for a in sorted(model.aliases or {})) or "no aliases"
+        latest = max((int(v.version) for v in model.latest_versions or []), default=0)
+        what = f"alias @{alias}" if alias is not None else f"version {version}"
+        raise UserError(
+            f"Registered model {name!r} has no {what} (it has {aliases}; versions 1..{latest}). "
+            f"Move an alias with `command=register register.name={name} "
+            "register.version=N register.alias=ALIAS`."
+        ) from None
+
+
+def register_version(client, model_uri: str, name: str, run_id: str | None, tags, description):
+    """A new version of registered model `name` (created when new) from a logged model;
+    `client` from `registry_client`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow.register_model(model_uri, name, tags=tags)
+    except MlflowException as e:
+        raise UserError(f"Could not register {model_uri} as {name!r}: {e.message}") from None
+    client.update_model_version(name, version.version, description=description)
+    if run_id:
+        client.set_model_version_tag(name, version.version, "run_id", run_id)
+    return version
+
+
+def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
+    """The ONNX file of a registered model version (downloaded once into mlruns/registry/) and
+    what the registry says about it: {name, version, aliases, run_id}."""
+    import mlflow
+    import mlflow.artifacts
+
+    name, alias, number = parse_model_uri(uri)
+    client = registry_client(cfg)
+    mv = find_version(client, name, alias, number)
+    folder = Path(cfg.paths.root) / "mlruns" / "registry" / safe_name(name) / str(mv.version)
+    if not folder.is_dir():
+        tmp = folder.with_name(f".{folder.name}.partial")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}",
+            dst_path=str(tmp),
+            tracking_uri=mlflow.get_tracking_uri(),
+            registry_uri=mlflow.get_registry_uri(),
+        )
+        os.replace(tmp, folder)
+    found = sorted(folder.glob("artifacts/*.onnx"))
+    if len(found) != 1:
+        raise UserError(
+            f"{uri} (version {mv.version}) holds no single ONNX file ({len(found)} found in "
+            f"{folder}/artifacts); register a model exported by `command=export-onnx`."
+        )
+    info = {"name": name, "version": str(mv.version), "aliases": list(mv.aliases or [])}
+    return found[0], {**info, "run_id": mv.run_id, "uri": uri}
+
+
+def move_alias(client, name: str, alias: str, version: str) -> None:
+    """Point `alias` of registered model `name` at `version` (promotion and rollback)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as e:
+        raise UserError(f"Cannot set alias @{alias} of {name!r}: {e.message}") from None
+
+
+def run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False

@@ -47,6 +47,8 @@ def model_metadata(module, checkpoint: Path) -> dict:
         "model": dict(hp.model),
         "source_checkpoint": str(checkpoint),
         "data_hash": (hp.get("data") or {}).get("hash"),
+        "data_name": (hp.get("data") or {}).get("name"),
+        "mlflow_run_id": getattr(module, "mlflow_run_id", None),
         "input": "image: float32 [batch, channels, height, width], pixel values 0..255",
         "output": "probabilities: float32 [batch, classes], in the order of `classes`",
     }
@@ -114,14 +116,10 @@ def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
     onnx.save(model, str(output))
 
 
-def run_export_onnx(cfg) -> dict:
-    started = time.perf_counter()
+def write_checked(module, checkpoint: Path, output: Path, cfg) -> tuple[dict, int]:
+    """Export under a temporary name, check parity, then move into place: (max |dp| per input
+    kind, number of real images checked). A failed check leaves no file at `output`."""
     e = cfg.export
-    checkpoint = runs.checkpoint(cfg, e.get("checkpoint"), "export.checkpoint")
-    output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
-    if output.suffix != ".onnx":
-        raise UserError(f"export.output={str(output)!r} must end in .onnx.")
-    module = ckpt_file.load_module(checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
@@ -133,8 +131,7 @@ def run_export_onnx(cfg) -> dict:
             if x is None:
                 continue
             with torch.inference_mode():
-                logits = module.net(torch.from_numpy(x)) / module.temperature
-                ref = torch.softmax(logits, dim=1).numpy()
+                ref = module.probabilities(module.net(torch.from_numpy(x))).numpy()
             diffs[name] = float(np.abs(ort.predict(x) - ref).max())
         worst = max(diffs.values())
         if worst > float(e.tolerance):
@@ -145,41 +142,52 @@ def run_export_onnx(cfg) -> dict:
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
+    return diffs, 0 if real is None else len(real)
 
-    run_id = _log_to_mlflow(cfg, checkpoint, output)
-    size_mb = output.stat().st_size / 1e6
+
+def run_export_onnx(cfg) -> dict:
+    started = time.perf_counter()
+    e = cfg.export
+    checkpoint = runs.checkpoint(cfg, e.get("checkpoint"), "export.checkpoint")
+    output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
+    if output.suffix != ".onnx":
+        raise UserError(f"export.output={str(output)!r} must end in .onnx.")
+    module = ckpt_file.load_module(checkpoint)
+    diffs, n_real = write_checked(module, checkpoint, output, cfg)
+    run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
-    n_real = 0 if real is None else len(real)
     print(
         "\n".join(
             [
-                f"Exported {checkpoint} -> {output} ({size_mb:.1f} MB, opset {e.opset}, dynamic "
-                "batch) "
-                f"in {time.perf_counter() - started:.0f}s",
-                f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} ({8} random, {n_real} real; "
+                f"Exported {checkpoint} -> {output} ({output.stat().st_size / 1e6:.1f} MB, opset "
+                f"{e.opset}, dynamic batch) in {time.perf_counter() - started:.0f}s",
+                f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} (8 random, {n_real} real; "
                 f"tolerance {e.tolerance})",
                 f"  metadata: {len(module.classes)} classes, preprocessing "
                 f"{dict(module.hparams.preprocessing)}",
                 "  mlflow: "
-                + (
-                    f"artifact of run {run_id}"
-                    if run_id
-                    else "not logged (no training run recorded)"
-                ),
+                + (f"artifact of run {run_id}" if run_id else "not logged (no training run)"),
                 f"  next: uv run python commands.py command=infer infer.model={output} "
                 "infer.input=PATH",
             ]
         )
     )
-    return {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
+    result = {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
+    if e.get("register"):
+        from image_classifier.export.registry import print_registered, register
+
+        name = None if e.register is True else str(e.register)  # true: the default name
+        result["registered"] = register(cfg, output, name, cfg.register.get("alias"), model_uri)
+        print_registered(result["registered"], output)
+    return result
 
 
-def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> str | None:
+def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> tuple[str | None, str | None]:
     """Attach the export (and the MLflow model that takes image bytes) to the checkpoint's
-    training run, when there is one."""
-    run_id = ckpt_file.mlflow_run_id(checkpoint)
+    training run, when there is one: (run id, model URI)."""
+    run_id, model_uri = ckpt_file.mlflow_run_id(checkpoint), None
     if not cfg.logger.enabled or not run_id:
-        return None
+        return None, None
     logger = tracking.open_run(cfg, run_id)
     try:
         tracking.log_artifacts(logger, [output], artifact_path="export")
@@ -194,5 +202,5 @@ def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> str | None:
             )
     except Exception as err:  # the export itself succeeded; tracking is best effort here
         log.warning("Could not log %s to MLflow run %s: %s", output, run_id, err)
-        return None
-    return run_id
+        return None, None
+    return run_id, model_uri

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier import runs
 from image_classifier.data.images import (
     ImageError,
     Preprocessing,
@@ -28,7 +27,7 @@ from image_classifier.data.images import (
     path_problem,
 )
 from image_classifier.errors import UserError
-from image_classifier.inference.predictor import load_predictor
+from image_classifier.inference.predictor import load_predictor, model_location
 
 SORT_MODES = ("copy", "symlink", "hardlink")
 
@@ -200,7 +199,7 @@ def run_infer(cfg) -> dict:
     if c.get("sort_into") and c.sort_mode not in SORT_MODES:
         raise UserError(f"infer.sort_mode={c.sort_mode!r} is not one of {', '.join(SORT_MODES)}.")
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
-    model = runs.model_file(cfg, c.get("model"), "infer.model")
+    model, registered = model_location(cfg, c.get("model"), "infer.model")
     predictor = load_predictor(model, device=c.device)
     rows = predict_paths(predictor, paths, batch_size=int(c.batch_size), top_k=c.get("top_k"))
     write_rows(rows, c.get("output"))
@@ -209,7 +208,9 @@ def run_infer(cfg) -> dict:
     seconds = time.perf_counter() - started
     print(
         f"Predicted {len(rows) - errors} of {len(rows)} image(s) with {predictor.backend} "
-        f"({model.name}) "
+        f"({c.model if registered else model.name}"
+        + (f", version {registered['version']}" if registered else "")
+        + ") "
         f"in {seconds:.2f}s"
         + (f"; {errors} unreadable (see their 'error' field)" if errors else "")
         + (f"; written to {c.output}" if c.get("output") else "")

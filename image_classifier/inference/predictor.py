@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from image_classifier import runs
 from image_classifier.data.images import Preprocessing
 from image_classifier.errors import UserError
 
@@ -22,6 +23,7 @@ METADATA_KEY = "image_classifier"
 log = logging.getLogger(__name__)
 BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
 DEVICES = ("auto", "cpu", "cuda")  # infer.device, serve.device
+REGISTRY_PREFIX = "models:/"  # infer.model / serve.model from MLflow's model registry
 
 
 @dataclass
@@ -148,3 +150,13 @@ def load_predictor(path: str | Path, device: str = "auto"):
     from image_classifier.inference.tensorrt import TensorRTPredictor
 
     return TensorRTPredictor(path)
+
+
+def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
+    """(model file, registry info or None): `given` as a path, a registered model
+    (models:/NAME@ALIAS or models:/NAME/VERSION, downloaded once), or the newest export."""
+    if given and str(given).startswith(REGISTRY_PREFIX):
+        from image_classifier import tracking
+
+        return tracking.fetch_registered(cfg, str(given))
+    return runs.model_file(cfg, given, setting), None

@@ -100,6 +100,7 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     module = ClassifierModule(**hp)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
+    module.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
     return module.to(map_location)
 
 

@@ -184,9 +184,13 @@ class ClassifierModule(L.LightningModule):
         # per-image probabilities, in the loader's order, for the predictions file and gallery
         self.test_outputs.append((torch.softmax(calibrated, 1).cpu(), y.cpu()))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """What every backend returns: softmax(logits / temperature)."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.softmax(self(x) / self.temperature, dim=1)
+        return self.probabilities(self(x))
 
     def configure_optimizers(self):
         o = self.hparams.optim

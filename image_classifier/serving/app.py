@@ -141,7 +141,9 @@ def _json_images(payload) -> list[tuple[str, bytes]]:
 class Service:
     """What the routes share: the predictor, its micro-batcher, the limits and the counters."""
 
-    def __init__(self, predictor, limits: Limits, max_batch: int, max_wait_ms: float, model_path):
+    def __init__(
+        self, predictor, limits: Limits, max_batch: int, max_wait_ms: float, model_path, registry
+    ):
         from image_classifier.serving.batcher import MicroBatcher
 
         self.predictor, self.limits = predictor, limits
@@ -152,6 +154,7 @@ class Service:
             "sha256": sha256_file(model_path) if model_path else None,
             "backend": predictor.backend,
             "providers": getattr(predictor, "providers", None),
+            "registry": registry,  # name, version, aliases when loaded from models:/...
             "source": {
                 k: v for k, v in self.meta.extra.items() if k not in ("classes", "preprocessing")
             },
@@ -212,12 +215,13 @@ def create_app(
     max_batch: int = 32,
     max_wait_ms: float = 2.0,
     model_path: Path | None = None,
+    registry: dict | None = None,
 ):
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     limits = limits or Limits()
-    service = Service(predictor, limits, max_batch, max_wait_ms, model_path)
+    service = Service(predictor, limits, max_batch, max_wait_ms, model_path, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -344,16 +348,17 @@ async def _form_images(request, limits: Limits) -> list[tuple[str, bytes]]:
 def run_serve(cfg) -> dict:
     import uvicorn
 
-    from image_classifier import runs
-    from image_classifier.inference.predictor import load_predictor
+    from image_classifier.inference.predictor import load_predictor, model_location
 
     s = cfg.serve
-    model = runs.model_file(cfg, s.get("model"), "serve.model")
+    model, registry = model_location(cfg, s.get("model"), "serve.model")
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)
     limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels))
-    app = create_app(predictor, limits, int(s.max_batch), float(s.max_wait_ms), model_path=model)
+    app = create_app(
+        predictor, limits, int(s.max_batch), float(s.max_wait_ms), model, registry=registry
+    )
     config = uvicorn.Config(
         app,
         host=str(s.host),
@@ -363,8 +368,9 @@ def run_serve(cfg) -> dict:
     )
     _check_port(str(s.host), int(s.port))
     server = _server_class()(config)
+    shown = f"{s.model} (version {registry['version']})" if registry else model
     print(
-        f"Serving {model} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
+        f"Serving {shown} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
         f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata; "
         "Ctrl+C stops)",
         file=sys.stderr,

@@ -1,0 +1,149 @@
+"""`command=register` (and `export-onnx export.register=NAME`): an exported model into MLflow's
+model registry, under a name, with an alias that `serve` and `infer` load by.
+
+    uv run python commands.py command=register                      # newest export -> @champion
+    uv run python commands.py command=serve serve.model=models:/fashion_mnist-cnn@champion
+    uv run python commands.py command=register register.name=fashion_mnist-cnn \
+        register.version=3 register.alias=champion                   # promote (or roll back)
+
+Each version is the MLflow pyfunc model that takes image bytes (export/mlflow_model.py: its
+signature, the ONNX file with classes and preprocessing inside), logged into the run that trained
+the checkpoint when this store has it, and tagged with its lineage: data hash, source checkpoint,
+ONNX SHA-256, training run, git commit. Works on the embedded store and on a server URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from image_classifier import runs, tracking
+from image_classifier.data.sources import sha256_file
+from image_classifier.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def default_name(meta: dict) -> str:
+    """<data name>-<model name>, e.g. fashion_mnist-cnn."""
+    data = meta.get("data_name") or "data"
+    return tracking.safe_name(f"{data}-{(meta.get('model') or {}).get('name', 'model')}")
+
+
+def version_tags(meta: dict, onnx_path: Path, cfg) -> dict[str, str]:
+    """What a registered version says about where it came from."""
+    classes = json.dumps(meta["classes"])
+    return {
+        "classes": classes if len(classes) <= 4000 else classes[:3990] + " ...]",
+        "num_classes": str(len(meta["classes"])),
+        "model": str((meta.get("model") or {}).get("name")),
+        "data_name": str(meta.get("data_name")),
+        "data_hash": str(meta.get("data_hash")),
+        "source_checkpoint": str(meta.get("source_checkpoint")),
+        "onnx_sha256": sha256_file(onnx_path),
+        "temperature": str(meta.get("temperature", 1.0)),
+        **tracking.git_info(cfg.paths.root),
+    }
+
+
+def _run_for(cfg, client, meta: dict, name: str):
+    """The checkpoint's training run when this store has it, else a new run for the registration."""
+    run_id = meta.get("mlflow_run_id")
+    if run_id and tracking.run_exists(client, run_id):
+        return tracking.open_run(cfg, run_id)
+    if run_id:  # a run of another store: register from a run of this one
+        log.info("Training run %s is not in this MLflow store; logging a new run.", run_id)
+    return tracking.create_logger(
+        cfg,
+        run_name=f"register-{name}",
+        tags=tracking.lineage_tags(cfg.paths.root, str(meta.get("data_hash"))),
+    )
+
+
+def register(cfg, onnx_path: Path, name: str | None, alias: str | None, model_uri=None) -> dict:
+    """Register `onnx_path` (logging its MLflow model first unless `model_uri` is given)."""
+    from image_classifier.inference.predictor import OnnxPredictor
+
+    meta = OnnxPredictor(onnx_path, device="cpu").meta.extra
+    name = name or default_name(meta)
+    client = tracking.registry_client(cfg)
+    logger = None
+    if model_uri is None:
+        from image_classifier.export.mlflow_model import log_mlflow_model
+
+        logger = _run_for(cfg, client, meta, name)
+        with tracking.active_run(logger):
+            model_uri = log_mlflow_model(onnx_path)
+    run_id = logger.run_id if logger is not None else meta.get("mlflow_run_id")
+    description = (
+        f"{len(meta['classes'])} classes ({', '.join(meta['classes'][:10])}"
+        f"{', ...' if len(meta['classes']) > 10 else ''}); from {meta.get('source_checkpoint')}"
+    )
+    mv = tracking.register_version(
+        client, model_uri, name, run_id, version_tags(meta, onnx_path, cfg), description
+    )
+    if alias:
+        tracking.move_alias(client, name, alias, mv.version)
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "model_uri": model_uri,
+        "run_id": run_id,
+        "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
+    }
+
+
+def promote(cfg, name: str, version: str, alias: str) -> dict:
+    """Point `alias` at an existing version."""
+    client = tracking.registry_client(cfg)
+    mv = tracking.find_version(client, name, None, str(version))
+    tracking.move_alias(client, name, alias, mv.version)
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "uri": f"models:/{name}@{alias}",
+    }
+
+
+def run_register(cfg) -> dict:
+    r = cfg.register
+    tracking.registry_client(cfg)  # tracking off or a server down: say so before anything else
+    if r.get("version") is not None:
+        if not r.get("name") or not r.get("alias"):
+            raise UserError(
+                f"register.version={r.version} moves an alias to an existing version: set "
+                "register.name=NAME and register.alias=ALIAS too."
+            )
+        result = promote(cfg, str(r.name), str(r.version), str(r.alias))
+        print(
+            f"Alias @{result['alias']} of {result['name']!r} now points at version "
+            f"{result['version']}: {result['uri']}"
+        )
+        return result
+    onnx_path = runs.model_file(cfg, r.get("model"), "register.model")
+    if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
+        raise UserError(
+            f"register.model={str(onnx_path)!r} must be an existing .onnx file written by "
+            "`command=export-onnx`."
+        )
+    result = register(cfg, onnx_path, r.get("name"), r.get("alias"))
+    print_registered(result, onnx_path)
+    return result
+
+
+def print_registered(result: dict, onnx_path: Path) -> None:
+    alias = f", alias @{result['alias']}" if result["alias"] else ""
+    print(
+        "\n".join(
+            [
+                f"Registered {onnx_path} as {result['name']!r} version {result['version']}{alias}",
+                f"  mlflow model: {result['model_uri']} (run {result['run_id']})",
+                f"  serve it: uv run python commands.py command=serve serve.model={result['uri']}",
+                f"  predict:  uv run python commands.py command=infer infer.model={result['uri']} "
+                "infer.input=PATH",
+            ]
+        )
+    )

@@ -1,0 +1,202 @@
+"""The model registry: register -> load by alias -> predict, alias moves, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compose_cfg, run_cli
+
+
+@pytest.fixture(scope="module")
+def registered(trained, exported):
+    from image_classifier.export.registry import run_register
+
+    root = trained[0]
+    onnx, _ = exported
+    first = run_register(compose_cfg(root, f"register.model={onnx}", "register.name=tiny"))
+    return root, onnx, first
+
+
+def test_register_then_infer_by_alias_matches_the_file(registered, trained):
+    from image_classifier.inference.infer import run_infer
+
+    root, onnx, first = registered
+    assert first["version"] == "1" and first["uri"] == "models:/tiny@champion"
+    images = trained[2]
+    by_file = run_infer(compose_cfg(root, f"infer.model={onnx}", f"infer.input={images}"))
+    by_alias = run_infer(
+        compose_cfg(root, "infer.model=models:/tiny@champion", f"infer.input={images}")
+    )
+    assert by_alias["rows"] == by_file["rows"]
+    by_number = run_infer(compose_cfg(root, "infer.model=models:/tiny/1", f"infer.input={images}"))
+    assert by_number["rows"] == by_file["rows"]
+
+
+def test_version_carries_signature_lineage_and_alias_moves(registered):
+    from mlflow.tracking import MlflowClient
+
+    from image_classifier.export.registry import run_register
+    from image_classifier.tracking import fetch_registered
+
+    root, onnx, first = registered
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    v1 = client.get_model_version("tiny", "1")
+    meta = json.loads(v1.tags["classes"])
+    assert meta == ["cat", "dog", "fox"]
+    assert v1.tags["data_hash"] and v1.tags["onnx_sha256"] and v1.tags["source_checkpoint"]
+    assert v1.run_id == first["run_id"]  # the run that trained the checkpoint
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    info = mlflow.models.get_model_info("models:/tiny/1")
+    assert info.signature.inputs.input_names() == ["image"]
+
+    second = run_register(compose_cfg(root, f"register.model={onnx}", "register.name=tiny"))
+    assert second["version"] == "2"
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "2"
+    # roll back: the alias moves to version 1, and loading by alias follows it
+    run_register(
+        compose_cfg(root, "register.name=tiny", "register.version=1", "register.alias=champion")
+    )
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == "1"
+    path, where = fetch_registered(compose_cfg(root), "models:/tiny@champion")
+    assert where["version"] == "1" and path.suffix == ".onnx" and path.is_file()
+
+
+def test_export_onnx_registers_when_asked(trained, tmp_path):
+    from image_classifier.export.onnx import run_export_onnx
+
+    root, ckpt, _ = trained
+    r = run_export_onnx(
+        compose_cfg(
+            root,
+            f"export.checkpoint={ckpt}",
+            f"export.output={tmp_path / 'm.onnx'}",
+            "export.register=true",
+            "export.parity_images=0",
+        )
+    )
+    reg = r["registered"]
+    assert reg["name"] == "folder-cnn" and reg["uri"] == "models:/folder-cnn@champion"
+    assert reg["model_uri"].startswith("models:/") and reg["run_id"] == r["mlflow_run_id"]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("models:/nosuch@champion", "No registered model named 'nosuch'"),
+        ("models:/tiny@nosuch", "has no alias @nosuch (it has @champion"),
+        ("models:/tiny/99", "has no version 99"),
+        ("models:/tiny", "is not a registered model address"),
+    ],
+)
+def test_bad_registry_addresses_exit_2_with_the_fix(registered, trained, model, expected):
+    root, _, _ = registered
+    image = next(trained[2].rglob("*.png"))
+    p = run_cli("command=infer", f"infer.model={model}", f"infer.input={image}", cwd=root)
+    assert p.returncode == 2, p.stderr
+    assert expected in p.stderr and "Traceback" not in p.stderr
+
+
+def test_registry_needs_tracking(trained):
+    root = trained[0]
+    p = run_cli("command=register", "logger.enabled=false", cwd=root)
+    assert p.returncode == 2 and "tracking is off (logger.enabled=false)" in p.stderr
+
+
+def test_promote_needs_name_and_alias(trained):
+    p = run_cli("command=register", "register.version=1", "register.alias=null", cwd=trained[0])
+    assert p.returncode == 2 and "set register.name=NAME and register.alias=ALIAS" in p.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_register_and_serve_through_a_tracking_server(trained, exported, tmp_path):
+    """A real `mlflow server` on 127.0.0.1: register there, then serve models:/NAME@champion."""
+    root, onnx = trained[0], exported[0]
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{url}/health", server)
+        p = run_cli(
+            "command=register",
+            f"register.model={onnx}",
+            "register.name=remote",
+            f"logger.tracking_uri={url}",
+            cwd=root,
+        )
+        assert p.returncode == 0, p.stderr
+        assert "'remote' version 1, alias @champion" in p.stdout
+        serve_port = _free_port()
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve().parents[1] / "commands.py"),
+                "command=serve",
+                "serve.model=models:/remote@champion",
+                f"serve.port={serve_port}",
+                f"logger.tracking_uri={url}",
+            ],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(f"http://127.0.0.1:{serve_port}/health", serve)
+            with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/metadata") as r:
+                meta = json.load(r)
+            assert meta["model"]["registry"]["name"] == "remote"
+            assert meta["model"]["registry"]["version"] == "1"
+            assert meta["classes"] == ["cat", "dog", "fox"]
+        finally:
+            serve.terminate()
+            serve.wait(30)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds}s")
