@@ -29,6 +29,7 @@ class Number:
     integer: bool = False
     open_lo: bool = False
     optional: bool = False
+    open_hi: bool = False
 
     def problem(self, key: str, v) -> str | None:
         if v is None:
@@ -40,13 +41,18 @@ class Number:
             or (self.integer and not float(v).is_integer())
         ):
             return f"{key}={v!r} must be {kind}{self._range()}."
-        if v < self.lo or (self.open_lo and v == self.lo) or v > self.hi:
+        if (
+            v < self.lo
+            or (self.open_lo and v == self.lo)
+            or v > self.hi
+            or (self.open_hi and v == self.hi)
+        ):
             return f"{key}={v!r} must be {kind}{self._range()}."
         return None
 
     def _range(self) -> str:
         lo = "" if self.lo == -math.inf else f"{'>' if self.open_lo else '>='} {self.lo:g}"
-        hi = "" if self.hi == math.inf else f"<= {self.hi:g}"
+        hi = "" if self.hi == math.inf else f"{'<' if self.open_hi else '<='} {self.hi:g}"
         both = " and ".join(x for x in (lo, hi) if x)
         return f" {both}" if both else ""
 
@@ -81,6 +87,21 @@ class Suffix:
 
 
 @dataclass(frozen=True)
+class Either:
+    """A fixed word (`word`) or a value that passes `rule`."""
+
+    word: str
+    rule: object
+
+    def problem(self, key: str, v) -> str | None:
+        if v == self.word:
+            return None
+        if why := self.rule.problem(key, v):
+            return f"{why.rstrip('.')}, or {self.word!r}."
+        return None
+
+
+@dataclass(frozen=True)
 class Each:
     """Every item of a list passes `rule`; `length` fixes how many there are."""
 
@@ -100,6 +121,7 @@ class Each:
 
 POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
 POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
+PROBABILITY = Number(0, 1, open_lo=True, open_hi=True)  # a decision threshold
 
 
 def _rules() -> dict:
@@ -133,6 +155,7 @@ def _train_rules() -> dict:
         "train.patience": COUNT,
         "train.label_smoothing": Number(0, 0.999),
         "train.monitor": Choice(MONITORS),
+        "train.threshold": Either("tune", PROBABILITY),
         "train.early_stopping": COUNT,
         "train.augment.preset": Choice(tuple(PRESETS)),
         "train.augment.shift": COUNT,
@@ -148,6 +171,7 @@ def _train_rules() -> dict:
 
 def _data_rules() -> dict:
     from image_classifier.data.images import RESIZE_MODES
+    from image_classifier.data.manifest import MULTI_LABEL
     from image_classifier.data.sources import SOURCES
 
     return {
@@ -156,6 +180,7 @@ def _data_rules() -> dict:
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), length=3),
         "data.val_size": COUNT,
+        "data.multi_label": Choice(MULTI_LABEL),
         "data.download.sources": Each(Choice(tuple(SOURCES))),
         "features.size": Each(POSITIVE_INT, length=2),
         "features.channels": Choice((1, 3)),
@@ -173,6 +198,8 @@ def _inference_rules() -> dict:
         "infer.batch_size": POSITIVE_INT,
         "infer.sort_mode": Choice(SORT_MODES),
         "infer.device": Choice(DEVICES),
+        "infer.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
+        "serve.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
         "serve.device": Choice(DEVICES),
         "serve.port": Number(0, 65535, integer=True),
         "serve.max_body_mb": POSITIVE,

@@ -82,8 +82,11 @@ class AugmentedDataset(Dataset):
 
 
 class FileDataset(Dataset):
-    def __init__(self, items: list[tuple[str, int]], pre: Preprocessing):
-        self.items, self.pre = items, pre
+    """Image files; a multi-label item's label (a tuple of class indices) becomes a 0/1 float
+    vector over `num_classes`, what BCE and the multi-label metrics take."""
+
+    def __init__(self, items: list[tuple[str, object]], pre: Preprocessing, num_classes: int = 0):
+        self.items, self.pre, self.num_classes = items, pre, num_classes
 
     def __len__(self):
         return len(self.items)
@@ -94,7 +97,14 @@ class FileDataset(Dataset):
             arr = load_array(path, self.pre)
         except ImageError as e:  # it decoded when the data was scanned: changed since?
             raise UserError(f"Image became unreadable during training: {e}") from None
-        return torch.from_numpy(arr), label
+        return torch.from_numpy(arr), self.target(label)
+
+    def target(self, label):
+        if not isinstance(label, tuple):
+            return label
+        y = torch.zeros(self.num_classes, dtype=torch.float32)
+        y[list(label)] = 1.0
+        return y
 
 
 def collate(batch):
@@ -115,6 +125,7 @@ class DataInfo:
     layout: str
     skipped: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    multi_label: bool = False
 
 
 def _stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +244,7 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _prepare_folder(self) -> DataInfo:
-        from image_classifier.data.layouts import discover
+        from image_classifier.data.layouts import ManifestOptions, discover
 
         c = self.cfg
         if not c.get("root"):
@@ -246,8 +257,13 @@ class ImageDataModule(L.LightningDataModule):
             split=tuple(c.split),
             seed=int(c.seed),
             strict=bool(c.strict),
-            csv_file_column=c.get("csv_file_column"),
-            csv_label_column=c.get("csv_label_column"),
+            manifest=ManifestOptions(
+                file_column=c.get("csv_file_column"),
+                label_column=c.get("csv_label_column"),
+                multi_label=c.get("multi_label", "auto"),
+                separator=str(c.get("label_separator") or ";"),
+                classes=list(c.classes) if c.get("classes") else None,
+            ),
         )
         channels = c.channels
         if self.fixed_preprocessing is not None:
@@ -255,10 +271,15 @@ class ImageDataModule(L.LightningDataModule):
         elif channels == "auto":
             channels = _detect_channels([p for p, _ in samples.splits["train"]])
         pre = self._preprocessing(int(channels))
-        self.datasets = {s: FileDataset(items, pre) for s, items in samples.splits.items()}
+        n = len(samples.classes)
+        self.datasets = {s: FileDataset(items, pre, n) for s, items in samples.splits.items()}
         root = Path(c.root)
+
+        def names(y) -> str:
+            return ";".join(samples.classes[i] for i in (y if isinstance(y, tuple) else (y,)))
+
         parts = sorted(
-            f"{s}:{_relative(p, root)}:{samples.classes[y]}:{sha256_file(p)}"
+            f"{s}:{_relative(p, root)}:{names(y)}:{sha256_file(p)}"
             for s, items in samples.splits.items()
             for p, y in items
         )
@@ -271,6 +292,7 @@ class ImageDataModule(L.LightningDataModule):
             data_hash=content_hash(parts),
             layout=samples.layout,
             skipped=samples.skipped,
+            multi_label=samples.multi_label,
         )
 
     # -- access -----------------------------------------------------------------------------
@@ -283,6 +305,11 @@ class ImageDataModule(L.LightningDataModule):
         ds = self.dataset(split)
         sampler = None
         if shuffle and self.balanced_sampler:
+            if self.info.multi_label:
+                raise UserError(
+                    "train.balanced_sampler=true balances single-label classes; this data is "
+                    "multi-label. Drop the override."
+                )
             labels = _labels_of(ds)
             weights = 1.0 / np.bincount(labels)[labels]
             sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))

@@ -2,6 +2,9 @@
 
 Every layout ends as the same `Samples`: sorted class names and, per split, (path, class index)
 pairs. Files that are not readable images are skipped and counted (or refused with strict=True).
+
+A CSV manifest may be multi-label: a label column holding several labels (`shirt;bag`), or one
+0/1 column per class. Then each item's label is a tuple of class indices (possibly empty).
 """
 
 from __future__ import annotations
@@ -22,34 +25,43 @@ from image_classifier.data.images import (
     open_image,
     path_problem,
 )
+from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
-FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
-LABEL_COLUMNS = ("label", "class", "class_name", "category", "target", "y")
+Label = int | tuple[int, ...]  # a class index, or the indices of every label of a multi-label item
 
 
 @dataclass
 class Samples:
     classes: list[str]
-    splits: dict[str, list[tuple[str, int]]]
+    splits: dict[str, list[tuple[str, Label]]]
     layout: str
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+    multi_label: bool = False
 
     def counts(self, split: str) -> list[int]:
-        c = Counter(label for _, label in self.splits[split])
+        """Images per class (multi-label: images that carry the label)."""
+        c = Counter(
+            i
+            for _, label in self.splits[split]
+            for i in (label if isinstance(label, tuple) else (label,))
+        )
         return [c.get(i, 0) for i in range(len(self.classes))]
+
+
+@dataclass
+class ManifestOptions:
+    """How a CSV manifest is read: its columns (None: guessed), multi-label (auto: detected),
+    the separator between labels, and the class list labels must come from (None: any)."""
+
+    file_column: str | None = None
+    label_column: str | None = None
+    multi_label: str | bool = "auto"
+    separator: str = ";"
+    classes: list[str] | None = None
 
 
 def discover(
@@ -57,34 +69,36 @@ def discover(
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 42,
     strict: bool = False,
-    csv_file_column: str | None = None,
-    csv_label_column: str | None = None,
+    manifest: ManifestOptions | None = None,
     check_images: bool = True,
 ) -> Samples:
     """Detect the layout under `root`, list its images, check that each decodes, split."""
     root = Path(root).expanduser()
     entries = _entries(root)
     skipped: dict[str, str] = {}
-    layout, labelled, given_splits = _read_layout(
-        root, entries, skipped, csv_file_column, csv_label_column
-    )
+    manifest = manifest or ManifestOptions()
+    layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest)
     if check_images:
         keep = _check_images([p for p, _ in labelled], skipped)
         labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
         if given_splits is not None:
             given_splits = [g for g, ok in zip(given_splits, keep, strict=True) if ok]
     _report_skipped(root, skipped, strict)
-    classes = _classes(root, layout, labelled)
+    multi = any(isinstance(label, tuple) for _, label in labelled)
+    classes = manifest.classes or _classes(root, layout, labelled)
     index = {c: i for i, c in enumerate(classes)}
-    pairs = [(p, index[label]) for p, label in labelled]
-    splits = _split(pairs, given_splits, split, seed)
+    pairs = [
+        (p, tuple(sorted(index[x] for x in label)) if multi else index[label])
+        for p, label in labelled
+    ]
+    splits = _split(pairs, given_splits, split, seed, multi)
     for s in ("train", "val"):
         if not splits[s]:
             raise UserError(
                 f"The {s} split is empty ({layout} under {str(root)!r}); add images or change "
                 "data.split."
             )
-    return Samples(classes=classes, splits=splits, layout=layout, skipped=skipped)
+    return Samples(classes, splits, layout, skipped, multi_label=multi)
 
 
 def _entries(root: Path) -> list[Path]:
@@ -103,7 +117,7 @@ def _entries(root: Path) -> list[Path]:
     return entries
 
 
-def _read_layout(root: Path, entries: list[Path], skipped: dict, file_col, label_col):
+def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: ManifestOptions):
     """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
@@ -113,7 +127,11 @@ def _read_layout(root: Path, entries: list[Path], skipped: dict, file_col, label
             raise UserError(
                 f"Found several CSV manifests in {str(root)!r}: {[p.name for p in csvs]}; keep one."
             )
-        return (f"csv manifest {csvs[0].name}", *_read_manifest(csvs[0], file_col, label_col))
+        from image_classifier.data.manifest import read_manifest
+
+        labelled, splits, multi = read_manifest(csvs[0], manifest)
+        kind = "multi-label csv manifest" if multi else "csv manifest"
+        return f"{kind} {csvs[0].name}", labelled, splits
     if "train" in presplit and len(presplit) >= 2:
         labelled, given_splits = [], []
         for name, folder in sorted(presplit.items()):
@@ -142,8 +160,10 @@ def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
     )
 
 
-def _classes(root: Path, layout: str, labelled: list[tuple[str, str]]) -> list[str]:
-    classes = sorted({label for _, label in labelled})
+def _classes(root: Path, layout: str, labelled: list[tuple[str, str | tuple]]) -> list[str]:
+    classes = sorted(
+        {x for _, label in labelled for x in (label if isinstance(label, tuple) else (label,))}
+    )
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
     if len(classes) < 2:
@@ -154,16 +174,18 @@ def _classes(root: Path, layout: str, labelled: list[tuple[str, str]]) -> list[s
     return classes
 
 
-def _split(pairs, given_splits, split, seed: int) -> dict[str, list[tuple[str, int]]]:
-    """The given splits (missing val/test carved out of train, stratified), else `split` ratios."""
+def _split(pairs, given_splits, split, seed: int, multi: bool = False) -> dict[str, list]:
+    """The given splits (missing val/test carved out of train, stratified), else `split` ratios.
+    Multi-label items are split at random (their label sets are too many to stratify by)."""
+    cut = _random_split if multi else _stratified_split
     if given_splits is None or "train" not in given_splits:
-        train, val, test = _stratified_split(pairs, split, seed)
+        train, val, test = cut(pairs, split, seed)
         return {"train": train, "val": val, "test": test}
     splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
     missing = [s for s in ("val", "test") if not splits[s]]
     if missing:
         ratios = {"val": split[1], "test": split[2]}
-        carved = _stratified_split(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
         splits["train"] = carved[0]
         for s, part in zip(missing, carved[1:], strict=True):
             splits[s] = part
@@ -218,47 +240,6 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
     return out
 
 
-def _read_manifest(
-    path: Path, file_col: str | None, label_col: str | None
-) -> tuple[list[tuple[str, str]], list[str] | None]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise UserError(f"CSV manifest {str(path)!r} has no rows.")
-    columns = list(rows[0].keys())
-    lower = {c.lower().strip(): c for c in columns}
-
-    def pick(given, candidates, what, key):
-        if given:
-            if given not in columns:
-                raise UserError(
-                    f"{key}={given!r} is not a column of {path.name}; columns: {columns}."
-                )
-            return given
-        for c in candidates:
-            if c in lower:
-                return lower[c]
-        raise UserError(
-            f"Cannot tell which column of {path.name} holds the {what}: columns are {columns}. "
-            f"Set data.{key}=<column>."
-        )
-
-    fcol = pick(file_col, FILE_COLUMNS, "image file", "csv_file_column")
-    lcol = pick(label_col, LABEL_COLUMNS, "label", "csv_label_column")
-    scol = lower.get("split")
-    labelled, splits = [], []
-    for row in rows:
-        label = (row[lcol] or "").strip()
-        file = (row[fcol] or "").strip()
-        if not file or not label:
-            continue
-        p = Path(file) if Path(file).is_absolute() else path.parent / file
-        labelled.append((str(p), label))
-        if scol:
-            splits.append(SPLIT_ALIASES.get((row[scol] or "").strip().lower(), "train"))
-    return labelled, (splits if scol else None)
-
-
 def _check_one(path: str) -> str | None:
     try:
         open_image(path)
@@ -291,12 +272,7 @@ def _stratified_split(
     pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
 ) -> list[list[tuple[str, int]]]:
     """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can."""
-    ratios = np.asarray(ratios, dtype=float)
-    if (ratios < 0).any() or ratios.sum() <= 0:
-        raise UserError(
-            f"data.split={list(ratios)} must be non-negative ratios with a positive sum."
-        )
-    ratios = ratios / ratios.sum()
+    ratios = _ratios(ratios)
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[tuple[str, int]]] = {}
     for pr in sorted(pairs):
@@ -317,3 +293,22 @@ def _stratified_split(
             parts[k] += [items[i] for i in order[start : start + size]]
             start += size
     return parts
+
+
+def _random_split(pairs: list, ratios: tuple[float, ...], seed: int) -> list[list]:
+    """Shuffle with `seed` and cut by ratios."""
+    ratios = _ratios(ratios)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    items = sorted(pairs)
+    cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
+    starts = np.concatenate([[0], cuts[:-1]])
+    return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
+
+
+def _ratios(ratios) -> np.ndarray:
+    ratios = np.asarray(ratios, dtype=float)
+    if (ratios < 0).any() or ratios.sum() <= 0:
+        raise UserError(
+            f"data.split={list(ratios)} must be non-negative ratios with a positive sum."
+        )
+    return ratios / ratios.sum()

@@ -40,6 +40,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
         meta = self.predictor.meta
         top_k = (params or {}).get("top_k")
+        thresholds = meta.thresholds((params or {}).get("threshold"))
         items = list(_images(model_input))
         rows, arrays, slots = [], [], []
         for i, (name, data) in enumerate(items):
@@ -54,7 +55,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
             probs = self.predictor.predict(np.stack(arrays))
             for i, p in zip(slots, probs, strict=True):
-                rows[i] = prediction_row(items[i][0], p, meta.classes, top_k)
+                rows[i] = prediction_row(items[i][0], p, meta.classes, top_k, thresholds)
         return rows
 
 
@@ -106,7 +107,9 @@ def log_mlflow_model(onnx_path: Path, name: str = ARTIFACT_NAME) -> str:
     package = Path(__file__).resolve().parents[1]
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        params=ParamSchema([ParamSpec("top_k", "long", None)]),
+        params=ParamSchema(
+            [ParamSpec("top_k", "long", None), ParamSpec("threshold", "double", None)]
+        ),
     )
     requirements = [
         f"{pkg}=={v}"

@@ -26,21 +26,29 @@ log = logging.getLogger(__name__)
 
 
 class _Probabilities(torch.nn.Module):
-    """The deployed graph: pixels in, calibrated probabilities out (logits / temperature)."""
+    """The deployed graph: pixels in, calibrated probabilities out (softmax of logits /
+    temperature; multi-label: one sigmoid per label)."""
 
-    def __init__(self, net, temperature: torch.Tensor):
+    def __init__(self, net, temperature: torch.Tensor, multi_label: bool = False):
         super().__init__()
-        self.net = net
+        self.net, self.multi_label = net, multi_label
         self.register_buffer("temperature", temperature.detach().clone().float())
 
     def forward(self, image):
-        return torch.softmax(self.net(image) / self.temperature, dim=1)
+        logits = self.net(image) / self.temperature
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
 
 def model_metadata(module, checkpoint: Path) -> dict:
     hp = module.hparams
+    multi = (
+        {"multi_label": True, "thresholds": module.thresholds.tolist()}
+        if module.multi_label
+        else {}
+    )
     return {
         "format": 1,
+        **multi,
         "temperature": float(module.temperature),
         "classes": module.classes,
         "preprocessing": dict(hp.preprocessing),
@@ -50,7 +58,12 @@ def model_metadata(module, checkpoint: Path) -> dict:
         "data_name": (hp.get("data") or {}).get("name"),
         "mlflow_run_id": getattr(module, "mlflow_run_id", None),
         "input": "image: float32 [batch, channels, height, width], pixel values 0..255",
-        "output": "probabilities: float32 [batch, classes], in the order of `classes`",
+        "output": "probabilities: float32 [batch, classes], in the order of `classes`"
+        + (
+            "; each label's own sigmoid, present when >= its threshold"
+            if module.multi_label
+            else ""
+        ),
     }
 
 
@@ -83,7 +96,7 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
 
 
 def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
-    net = _Probabilities(module.net.eval(), module.temperature).eval()
+    net = _Probabilities(module.net.eval(), module.temperature, module.multi_label).eval()
     pre = module.hparams.preprocessing
     dummy = torch.zeros(2, pre["channels"], *pre["size"])
     with warnings.catch_warnings():

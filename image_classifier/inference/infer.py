@@ -80,10 +80,15 @@ def _load(path: Path, pre: Preprocessing):
 
 
 def predict_paths(
-    predictor, paths: list[Path], batch_size: int = 32, top_k: int | None = None
+    predictor,
+    paths: list[Path],
+    batch_size: int = 32,
+    top_k: int | None = None,
+    threshold: float | None = None,
 ) -> list[dict]:
     pre = predictor.meta.preprocessing
     classes = predictor.meta.classes
+    thresholds = predictor.meta.thresholds(threshold)
     rows: list[dict] = []
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         for start in range(0, len(paths), batch_size):
@@ -96,20 +101,32 @@ def predict_paths(
                 if i not in by_index:
                     rows.append(error_row(display_name(path), loaded[i][1]))
                     continue
-                rows.append(prediction_row(display_name(path), by_index[i], classes, top_k))
+                row = prediction_row(display_name(path), by_index[i], classes, top_k, thresholds)
+                rows.append(row)
     return rows
 
 
-def prediction_row(path: str, probs: np.ndarray, classes: list[str], k: int | None = None) -> dict:
-    """One image's answer, as docs/commands.md shows it (infer, serve and the MLflow model)."""
+def prediction_row(
+    path: str,
+    probs: np.ndarray,
+    classes: list[str],
+    k: int | None = None,
+    thresholds: list[float] | None = None,
+) -> dict:
+    """One image's answer, as docs/commands.md shows it (infer, serve and the MLflow model).
+    Multi-label models (`thresholds` given) add `predicted_labels`: every label whose probability
+    reaches its threshold, most probable first; `predicted_class` is the most probable label."""
     k = len(classes) if not k else max(1, min(int(k), len(classes)))
-    order = np.argsort(-probs)[:k]
-    return {
+    order = np.argsort(-probs, kind="stable")
+    row = {
         "path": path,
         "predicted_class": classes[int(order[0])],
         "confidence": round(float(probs[order[0]]), 6),
-        "all_predictions": {classes[int(j)]: round(float(probs[j]), 6) for j in order},
+        "all_predictions": {classes[int(j)]: round(float(probs[j]), 6) for j in order[:k]},
     }
+    if thresholds is not None:
+        row["predicted_labels"] = [classes[int(j)] for j in order if probs[j] >= thresholds[j]]
+    return row
 
 
 def error_row(path: str, message: str) -> dict:
@@ -157,11 +174,17 @@ def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     with_errors = any(r.get("error") for r in rows)
-    w.writerow(["path", "predicted_class", "confidence", *(["error"] if with_errors else [])])
+    multi = any("predicted_labels" in r for r in rows)  # multi-label: ';'-joined labels
+    w.writerow(
+        ["path", "predicted_class", "confidence"]
+        + (["predicted_labels"] if multi else [])
+        + (["error"] if with_errors else [])
+    )
     for r in rows:
         confidence = "" if r["confidence"] is None else r["confidence"]
+        labels = [";".join(r.get("predicted_labels") or [])] if multi else []
         errors = [r.get("error") or ""] if with_errors else []
-        w.writerow([r["path"], r["predicted_class"] or "", confidence, *errors])
+        w.writerow([r["path"], r["predicted_class"] or "", confidence, *labels, *errors])
     return buf.getvalue()
 
 
@@ -201,7 +224,13 @@ def run_infer(cfg) -> dict:
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
     model, registered = model_location(cfg, c.get("model"), "infer.model")
     predictor = load_predictor(model, device=c.device)
-    rows = predict_paths(predictor, paths, batch_size=int(c.batch_size), top_k=c.get("top_k"))
+    rows = predict_paths(
+        predictor,
+        paths,
+        batch_size=int(c.batch_size),
+        top_k=c.get("top_k"),
+        threshold=c.get("threshold"),
+    )
     write_rows(rows, c.get("output"))
     sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
     errors = sum(1 for r in rows if r.get("error"))

@@ -32,6 +32,19 @@ class ModelMeta:
     preprocessing: Preprocessing
     extra: dict
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.extra.get("multi_label"))
+
+    def thresholds(self, override: float | None = None) -> list[float] | None:
+        """Multi-label: each label's decision threshold (`override` for all of them when set);
+        None for single-label models."""
+        if not self.multi_label:
+            return None
+        if override is not None:
+            return [float(override)] * len(self.classes)
+        return [float(t) for t in self.extra.get("thresholds") or [0.5] * len(self.classes)]
+
     @classmethod
     def from_dict(cls, d: dict) -> ModelMeta:
         return cls(
@@ -112,15 +125,20 @@ class TorchPredictor:
         self.torch = torch
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         module = load_module(path, map_location=self.device)
-        self.net = module.net.eval()
-        self.temperature = module.temperature
+        self.module = module.eval()
         hp = module.hparams
+        multi = (
+            {"multi_label": True, "thresholds": module.thresholds.tolist()}
+            if module.multi_label
+            else {}
+        )
         self.meta = ModelMeta.from_dict(
             {
                 "classes": module.classes,
                 "preprocessing": hp.preprocessing,
                 "model": hp.model,
                 "source": str(path),
+                **multi,
             }
         )
 
@@ -128,8 +146,7 @@ class TorchPredictor:
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            logits = self.net(x).float() / self.temperature
-            return torch.softmax(logits, dim=1).cpu().numpy()
+            return self.module.probabilities(self.module.net(x)).cpu().numpy()
 
 
 def load_predictor(path: str | Path, device: str = "auto"):

@@ -104,16 +104,21 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     return module.to(map_location)
 
 
-def set_temperature(path: str | Path, temperature: float) -> None:
-    """Store a fitted temperature in the checkpoint file (rewritten atomically)."""
+def set_buffer(path: str | Path, name: str, value) -> None:
+    """Store a fitted value (the temperature, multi-label thresholds) with the weights and in
+    the plain summary; the file is rewritten atomically."""
     import os
 
     import torch
 
     path = Path(path)
     ckpt = read(path)
-    ckpt["state_dict"]["temperature"] = torch.tensor(float(temperature))
-    ckpt.setdefault("image_classifier", {})["temperature"] = float(temperature)
+    ckpt["state_dict"][name] = torch.tensor(value, dtype=torch.float32)
+    ckpt.setdefault("image_classifier", {})[name] = value
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def set_temperature(path: str | Path, temperature: float) -> None:
+    set_buffer(path, "temperature", float(temperature))

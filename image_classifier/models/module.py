@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 )
 
 from image_classifier.data.augment import augment_batch
+from image_classifier.models import multilabel
 from image_classifier.models.factory import Normalized, create_model
 from image_classifier.models.losses import supcon_loss
 from image_classifier.models.optim import create_optimizer, create_scheduler
@@ -35,9 +36,11 @@ class ClassifierModule(L.LightningModule):
         augment: dict | None = None,
         data: dict | None = None,
         config: dict | None = None,
+        multi_label: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.multi_label = bool(multi_label)
         spec = {k: v for k, v in model.items() if k not in TRAINING_KEYS}
         name = spec.pop("name")
         self.net = Normalized(
@@ -60,13 +63,25 @@ class ClassifierModule(L.LightningModule):
             torch.tensor(weights, dtype=torch.float32) if weights else None,
             persistent=False,
         )
-        self._mix = _mixer(augment or {}, n)
+        self._mix = None if self.multi_label else _mixer(augment or {}, n)
         # logits / temperature before the softmax: 1 until `train` fits it on the validation
         # split (train.calibrate); saved with the weights, so every backend uses it
         self.register_buffer("temperature", torch.ones(()))
+        if self.multi_label:  # per-class decision thresholds, tuned on validation by `train`
+            self.register_buffer("thresholds", torch.full((n,), multilabel.DEFAULT_THRESHOLD))
         self._compiled = None  # torch.compile'd forward for training, not a submodule
 
     def _add_metrics(self, n: int) -> None:
+        if self.multi_label:
+            metrics = multilabel.thresholded_metrics(n)
+            self.train_metrics = metrics.clone(prefix="train/")
+            self.train_loss = MeanMetric()
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.val_map = multilabel.MultilabelAveragePrecision(n, average="macro")
+            decisions, ranking = multilabel.test_metrics(n)
+            self.test_metrics = decisions.clone(prefix="test/")
+            self.test_ranking = ranking.clone(prefix="test/")
+            return
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(n, average="micro"),
@@ -104,23 +119,35 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.optim.get("compile") and self._compiled is None:
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
+    def _loss(self, logits, target, training: bool = True):
+        """Cross-entropy (class weights and label smoothing while training), or binary
+        cross-entropy per label for multi-label data."""
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        if not training:
+            return F.cross_entropy(logits, target)
+        o = self.hparams.optim
+        return F.cross_entropy(
+            logits,
+            target,
+            weight=self.class_weights,
+            label_smoothing=float(o.get("label_smoothing", 0.0)),
+        )
+
+    def _track(self, metrics, logits, y) -> None:
+        """Update thresholded metrics: multi-label ones get the 0/1 decisions."""
+        if self.multi_label:
+            probs = self.probabilities(logits)
+            metrics.update(multilabel.decide(probs, self.thresholds), y.int())
+        else:
+            metrics.update(logits, y)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         o = self.hparams.optim
         if self.feature_input:
             logits, _ = self._step(batch)
-            loss = F.cross_entropy(
-                logits,
-                y,
-                weight=self.class_weights,
-                label_smoothing=float(o.get("label_smoothing", 0.0)),
-            )
-            self.train_metrics.update(logits.detach(), y)
-            self.train_loss.update(loss.detach(), len(y))
-            self.log(
-                "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y)
-            )
-            return loss
+            return self._train_loss(self._loss(logits, y), logits, y)
         if self.hparams.augment:
             x = augment_batch(x, **self.hparams.augment)
         target = y
@@ -133,21 +160,20 @@ class ClassifierModule(L.LightningModule):
             features, logits = self.net.features_and_logits(x)
         else:
             logits = (self._compiled or self.net)(x)
-        loss = F.cross_entropy(
-            logits,
-            target,
-            weight=self.class_weights,
-            label_smoothing=float(o.get("label_smoothing", 0.0)),
-        )
+        loss = self._loss(logits, target)
         if supcon > 0:
             loss = loss + supcon * supcon_loss(
                 features, target, float(o.get("supcon_temperature", 0.1))
             )
-        self.train_metrics.update(logits.detach(), y)
-        self.train_loss.update(loss.detach(), len(y))
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
+        loss = self._train_loss(loss, logits, y)
         if not loss.requires_grad:  # the baseline has nothing to learn
             return None
+        return loss
+
+    def _train_loss(self, loss, logits, y):
+        self._track(self.train_metrics, logits.detach(), y)
+        self.train_loss.update(loss.detach(), len(y))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y))
         return loss
 
     def epoch_train_metrics(self) -> dict:
@@ -163,21 +189,32 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         logits, y = self._step(batch)
-        self.log(
-            "val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y)
-        )
-        self.val_metrics.update(logits, y)
+        loss = self._loss(logits, y, training=False)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self._track(self.val_metrics, logits, y)
+        if self.multi_label:
+            self.val_map.update(self.probabilities(logits), y.int())
 
     def on_validation_epoch_end(self):
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
+        if self.multi_label:
+            self.log("val/mAP", self.val_map.compute(), prog_bar=True)
+            self.val_map.reset()
 
     def on_test_epoch_start(self):
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def test_step(self, batch, batch_idx):
         logits, y = self._step(batch)
-        self.log("test/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        loss = self._loss(logits, y, training=False)
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
+        if self.multi_label:
+            probs = self.probabilities(logits)
+            self.test_metrics.update(multilabel.decide(probs, self.thresholds), y.int())
+            self.test_ranking.update(probs, y.int())
+            self.test_outputs.append((probs.cpu(), y.cpu()))
+            return
         calibrated = logits.float() / self.temperature
         self.test_metrics.update(calibrated, y)
         self.test_ece_raw.update(logits.float(), y)
@@ -185,7 +222,10 @@ class ClassifierModule(L.LightningModule):
         self.test_outputs.append((torch.softmax(calibrated, 1).cpu(), y.cpu()))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """What every backend returns: softmax(logits / temperature)."""
+        """What every backend returns: softmax(logits / temperature), or for multi-label data
+        one sigmoid per label."""
+        if self.multi_label:
+            return torch.sigmoid(logits.float() / self.temperature)
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
     def predict_step(self, batch, batch_idx):
@@ -213,6 +253,7 @@ class ClassifierModule(L.LightningModule):
             "model": self.hparams.model,
             "data": self.hparams.data,
             "mlflow_run_id": getattr(self, "mlflow_run_id", None),
+            "multi_label": self.multi_label,
         }
 
 

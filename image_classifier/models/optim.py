@@ -84,7 +84,7 @@ SCHEDULERS: dict[str, Callable | None] = {
 
 # train.monitor: what picks the best checkpoint and drives early stopping (higher is better); the
 # module logs these validation metrics
-MONITORS = ("val/acc", "val/f1_macro")
+MONITORS = ("val/acc", "val/f1_macro", "val/mAP")  # val/mAP: multi-label data only
 
 
 def _lookup(table: dict, name: str, setting: str):

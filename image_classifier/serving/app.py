@@ -37,6 +37,7 @@ class Limits:
     max_body_mb: float = 20.0
     max_images: int = 64
     max_pixels: int = 40_000_000
+    threshold: float | None = None  # multi-label models: overrides the per-label thresholds
 
 
 class RequestError(Exception):
@@ -199,6 +200,8 @@ class Service:
         limits = self.limits
         return {
             "classes": self.meta.classes,
+            "multi_label": self.meta.multi_label,
+            "thresholds": self.meta.thresholds(limits.threshold),
             "preprocessing": self.meta.preprocessing.to_dict(),
             "model": self.model_info,
             "limits": {
@@ -271,7 +274,7 @@ def _add_routes(app, service: Service) -> None:
     limits, classes = service.limits, service.meta.classes
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None):
+    async def predict(request: Request, top_k: int | None = None, threshold: float | None = None):
         service.requests += 1
         items = await read_images(request, limits)
         if len(items) > limits.max_images:
@@ -282,10 +285,15 @@ def _add_routes(app, service: Service) -> None:
             )
         if top_k is not None and top_k < 1:
             raise RequestError(422, f"top_k={top_k} must be at least 1.")
+        if threshold is not None and not 0 < threshold < 1:
+            raise RequestError(422, f"threshold={threshold} must be between 0 and 1 (exclusive).")
+        thresholds = service.meta.thresholds(
+            threshold if threshold is not None else limits.threshold
+        )
         batch = await run_in_threadpool(service.decode_all, items)
         probs = await asyncio.wrap_future(service.batcher.submit(batch))
         rows = [
-            prediction_row(name, p, classes, top_k)
+            prediction_row(name, p, classes, top_k, thresholds)
             for (name, _), p in zip(items, probs, strict=True)
         ]
         return rows[0] if len(rows) == 1 else rows
@@ -355,7 +363,8 @@ def run_serve(cfg) -> dict:
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)
-    limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels))
+    threshold = None if s.get("threshold") is None else float(s.threshold)
+    limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels), threshold)
     app = create_app(
         predictor, limits, int(s.max_batch), float(s.max_wait_ms), model, registry=registry
     )

@@ -44,10 +44,9 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         logger=logger or False, default_root_dir=out, callbacks=progress_bar(cfg), **kwargs
     )
     trainer.test(module, datamodule=dm, verbose=False)
-    metrics = {k.removeprefix("test/"): v.cpu() for k, v in module.test_metrics.compute().items()}
-    report = build_report(path, module, info, metrics, trainer, hash_note)
+    report = report_for(path, module, info, trainer, hash_note)
     report_path, plots, shared = write_outputs(cfg, report, path, out)
-    per_image = write_per_image(out, dm, module, report["ece"])
+    per_image = write_per_image(out, dm, module, report)
     result = {
         "report": str(report_path),
         "plots": [str(p) for p in plots],
@@ -60,6 +59,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         "unusable_files": str(write_unusable(info.skipped, out) or ""),
         "ece": report["ece"],
         "predictions": str(per_image[0]),
+        **({"mAP": report["mAP"], "f1_micro": report["f1_micro"]} if "mAP" in report else {}),
     }
     plots += per_image[1:]
     if logger is not None:
@@ -124,6 +124,18 @@ def data_mismatch(hp, info) -> str:
     return note
 
 
+def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
+    """test_report.json's content: single-label or multi-label metrics."""
+    collections = [module.test_metrics, *([module.test_ranking] if module.multi_label else [])]
+    m = {k.removeprefix("test/"): v.cpu() for c in collections for k, v in c.compute().items()}
+    if not module.multi_label:
+        return build_report(path, module, info, m, trainer, hash_note)
+    from image_classifier.training import multilabel_report
+
+    loss = float(trainer.callback_metrics.get("test/loss", float("nan")))
+    return multilabel_report.build_report(path, module, info, m, loss, hash_note)
+
+
 def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> dict:
     cm = m["confusion"].numpy()
     support = cm.sum(axis=1)
@@ -161,8 +173,13 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 
     report_path = out / "test_report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    cm = np.asarray(report["confusion_matrix"])
-    plots = [plot_confusion(cm, report["classes"], out / "plots" / "confusion_matrix.png")]
+    if report.get("multi_label"):
+        from image_classifier.training.multilabel_report import plot_per_class
+
+        plots = [plot_per_class(report, out / "plots" / "per_class.png")]
+    else:
+        cm = np.asarray(report["confusion_matrix"])
+        plots = [plot_confusion(cm, report["classes"], out / "plots" / "confusion_matrix.png")]
     if curves := plot_curves(ckpt_file.history(path), out / "plots" / "curves.png"):
         plots.append(curves)
     shared = Path(cfg.paths.plots)
@@ -172,16 +189,22 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
     return report_path, plots, shared
 
 
-def write_per_image(out: Path, dm, module, ece: float) -> list[Path]:
-    """[predictions.csv, reliability.png, mistakes.png (image models only)]."""
+def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
+    """[predictions.csv, reliability.png, mistakes.png (image models only)]; multi-label:
+    [predictions.csv]."""
     import torch
 
     from image_classifier.training import predictions
 
     probs = torch.cat([p for p, _ in module.test_outputs]).numpy()
     targets = torch.cat([y for _, y in module.test_outputs]).numpy()
-    dataset, classes = dm.dataset("test"), module.classes
+    dataset, classes, ece = dm.dataset("test"), module.classes, report["ece"]
     names = predictions.image_names(dataset, len(targets))
+    if module.multi_label:
+        from image_classifier.training.multilabel_report import write_predictions
+
+        path = out / "predictions.csv"
+        return [write_predictions(path, names, probs, targets, report["thresholds"], classes)]
     made = [
         predictions.write_predictions(out / "predictions.csv", names, probs, targets, classes),
         predictions.plot_reliability(probs, targets, ece, out / "plots" / "reliability.png"),
@@ -196,30 +219,38 @@ def write_per_image(out: Path, dm, module, ece: float) -> list[Path]:
 
 
 def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
-    metrics = {
-        "test/acc": report["accuracy"],
-        "test/f1_macro": report["f1_macro"],
-        "test/ece": report["ece"],
-        "test/ece_uncalibrated": report["ece_uncalibrated"],
-    }
+    keys = ("acc", "f1_macro", "f1_micro", "mAP", "ece", "ece_uncalibrated")
+    named = {**report, "acc": report["accuracy"]}
+    metrics = {f"test/{k}": named[k] for k in keys if named.get(k) is not None}
     for c, v in report["per_class"].items():
-        metrics[f"test/precision/{tracking.safe_name(c)}"] = v["precision"]
-        metrics[f"test/recall/{tracking.safe_name(c)}"] = v["recall"]
+        for k in ("precision", "recall", "ap"):
+            if k in v:
+                metrics[f"test/{k}/{tracking.safe_name(c)}"] = v[k]
     tracking.log_metrics(logger, metrics)
     tracking.log_artifacts(logger, files)
     if train_run:
         tracking.set_tags(logger, {"train_run_id": train_run})
 
 
-def _print_summary(report, result, info, hash_note, plots, shared) -> None:
+def _metric_lines(report) -> list[str]:
+    if report.get("multi_label"):
+        from image_classifier.training.multilabel_report import summary_lines
+
+        return summary_lines(report)
     worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["recall"])[:3]
-    lines = [
-        f"Tested {result['checkpoint']} on {report['data']['test_images']} {info.name} test "
-        f"images in {result['seconds']:.0f}s",
+    return [
         f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
         "  lowest recall: " + ", ".join(f"{c} {v['recall']:.3f}" for c, v in worst),
+    ]
+
+
+def _print_summary(report, result, info, hash_note, plots, shared) -> None:
+    lines = [
+        f"Tested {result['checkpoint']} on {report['data']['test_images']} {info.name} test "
+        f"images in {result['seconds']:.0f}s",
+        *_metric_lines(report),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
         *(
             [
@@ -230,8 +261,9 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
             else []
         ),
         f"  report: {result['report']}",
-        f"  predictions: {result['predictions']} (one row per image; mistakes.png, "
-        "reliability.png beside the plots)",
+        f"  predictions: {result['predictions']} (one row per image"
+        + ("" if report.get("multi_label") else "; mistakes.png, reliability.png beside the plots")
+        + ")",
         f"  plots:  {', '.join(str(p) for p in plots)} (copies in {shared}/)",
         f"  mlflow run: {result.get('mlflow_run_id', 'disabled')}",
     ]

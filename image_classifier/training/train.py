@@ -82,8 +82,11 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
-    if trainer.is_global_zero and cfg.train.get("calibrate", True) and checkpoint is not last:
-        result["calibration"] = calibrate_best(result["checkpoint"], dm)
+    if trainer.is_global_zero and checkpoint is not last:
+        if info.multi_label:
+            result["thresholds"] = thresholds_for_best(result["checkpoint"], dm, cfg.train)
+        elif cfg.train.get("calibrate", True):
+            result["calibration"] = calibrate_best(result["checkpoint"], dm)
     if trainer.is_global_zero:
         log_run(logger, result, module.hparams.data)
         _print_summary(result, info)
@@ -157,6 +160,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
         "class_counts": info.class_counts,
         "dvc_md5": tracking.dvc_hash(cfg.paths.root),
     }
+    check_multi_label(cfg, model_spec, info)
     module = ClassifierModule(
         model=model_spec,
         classes=info.classes,
@@ -165,10 +169,37 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
         augment={} if model_spec["name"] == "head" else OmegaConf.to_container(t.augment),
         data=data_meta,
         config=OmegaConf.to_container(cfg, resolve=True),
+        multi_label=info.multi_label,
     )
     if t.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
+
+
+def check_multi_label(cfg, model_spec: dict, info) -> None:
+    """The options that only make sense for one label per image, refused for multi-label data."""
+    t = cfg.train
+    if not info.multi_label:
+        if t.monitor == "val/mAP":
+            raise UserError(
+                "train.monitor=val/mAP is the multi-label metric; for single-label data use "
+                "val/acc or val/f1_macro."
+            )
+        return
+    single = {
+        "train.augment.mixup": float(t.augment.get("mixup") or 0) > 0,
+        "train.augment.cutmix": float(t.augment.get("cutmix") or 0) > 0,
+        "train.supcon_weight": float(t.get("supcon_weight") or 0) > 0,
+        "train.class_weights": bool(t.get("class_weights")),
+        "train.label_smoothing": float(t.get("label_smoothing") or 0) > 0,
+        "model=head": model_spec["name"] == "head",
+    }
+    if bad := [k for k, on in single.items() if on]:
+        raise UserError(
+            f"{', '.join(bad)}: single-label only, and {info.layout} is multi-label. Drop "
+            f"{'that override' if len(bad) == 1 else 'those overrides'} (or set "
+            "data.multi_label=false if each image has one label)."
+        )
 
 
 def create_logger(cfg, model_name: str, info, resume_from: Path | None):
@@ -248,6 +279,22 @@ def calibrate_best(path: str, dm) -> dict:
     return fitted
 
 
+def thresholds_for_best(path: str, dm, t) -> list[float]:
+    """Multi-label: per-class thresholds tuned on the validation split (train.threshold=tune), or
+    the one given for every class; stored in the best checkpoint."""
+    from image_classifier.models.multilabel import tune_thresholds
+    from image_classifier.training.calibrate import validation_logits
+
+    module = ckpt_file.load_module(path)
+    if str(t.get("threshold", "tune")) == "tune":
+        logits, targets = validation_logits(module, dm.loader("val"))
+        chosen = tune_thresholds(module.probabilities(logits), targets)
+    else:
+        chosen = [float(t.threshold)] * len(module.classes)
+    ckpt_file.set_buffer(path, "thresholds", chosen)
+    return chosen
+
+
 def log_run(logger, result: dict, data_meta: dict) -> None:
     """The checkpoint, curves and a summary into the training run."""
     if logger is None:
@@ -285,6 +332,9 @@ def _print_summary(r: dict, info) -> None:
         f"  calibration: temperature {c['temperature']:.3f} fitted on val; ECE "
         f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         if (c := r.get("calibration"))
+        else "",
+        f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
+        if (th := r.get("thresholds"))
         else "",
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",

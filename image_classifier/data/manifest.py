@@ -1,0 +1,152 @@
+"""CSV manifests: a file column, a label column (or one 0/1 column per class), maybe a split column.
+
+    file,label              file,label,split          file,shirt,bag,coat
+    a.png,shirt             a.png,shirt;bag,train     a.png,1,1,0
+    b.png,coat              b.png,coat,test           b.png,0,0,1
+
+Single-label (the left one) gives (path, label name); multi-label gives (path, tuple of label
+names), detected from the separator in the label column (`data.label_separator`, `;`) or from 0/1
+columns, or forced with `data.multi_label=true|false`. A bad row (empty label, unknown label, a
+0/1 column holding something else) stops the command with its row number and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from image_classifier.errors import UserError
+
+FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
+LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tags")
+SPLIT_COLUMN = "split"
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+BINARY = {"0", "1", "0.0", "1.0"}
+MULTI_LABEL = ("auto", True, False)  # data.multi_label
+
+
+def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list | None, bool]:
+    """([(image path, label name or tuple of names)], [split per row] or None, multi-label?)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"CSV manifest {str(path)!r} has no rows.")
+    columns = list(rows[0].keys())
+    lower = {c.lower().strip(): c for c in columns}
+    fcol = _pick(path, columns, lower, options.file_column, FILE_COLUMNS, "image file", "file")
+    scol = lower.get(SPLIT_COLUMN)
+    label_col = options.label_column or next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
+    class_cols = [c for c in columns if c not in (fcol, scol, label_col)]
+    columns_per_class = len(class_cols) >= 2 and (
+        options.multi_label is True or (options.multi_label == "auto" and _binary(rows, class_cols))
+    )
+    if label_col is None and columns_per_class:
+        _check_binary(rows, class_cols, path)
+        labels = [_from_columns(row, class_cols) for row in rows]
+        multi = True
+    else:
+        lcol = _pick(path, columns, lower, options.label_column, LABEL_COLUMNS, "label", "label")
+        multi = options.multi_label is True or (
+            options.multi_label == "auto"
+            and any(options.separator in (r[lcol] or "") for r in rows)
+        )
+        labels = [_labels(row[lcol], i, path, options, multi) for i, row in enumerate(rows, 2)]
+    if options.classes:
+        _check_known(labels, options.classes, path, multi)
+    labelled, splits = [], []
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True), start=2):
+        file = (row[fcol] or "").strip()
+        if not file:
+            raise UserError(
+                f"Row {i} of {path.name} has no image file in column {fcol!r}; fill it in or "
+                "remove the row."
+            )
+        p = Path(file) if Path(file).is_absolute() else path.parent / file
+        labelled.append((str(p), label))
+        if scol:
+            splits.append(SPLIT_ALIASES.get((row[scol] or "").strip().lower(), "train"))
+    return labelled, (splits if scol else None), multi
+
+
+def _pick(path: Path, columns, lower, given, candidates, what: str, key: str) -> str:
+    if given:
+        if given not in columns:
+            raise UserError(
+                f"data.csv_{key}_column={given!r} is not a column of {path.name}; columns: "
+                f"{columns}."
+            )
+        return given
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    raise UserError(
+        f"Cannot tell which column of {path.name} holds the {what}: columns are {columns}. "
+        f"Set data.csv_{key}_column=<column> (or, for multi-label data, give one 0/1 column per "
+        "class)."
+    )
+
+
+def _binary(rows: list[dict], columns: list[str]) -> bool:
+    """At least two columns, every value 0 or 1: one column per class."""
+    return len(columns) >= 2 and all(
+        (row[c] or "").strip() in BINARY for row in rows for c in columns
+    )
+
+
+def _check_binary(rows: list[dict], columns: list[str], path: Path) -> None:
+    for line, row in enumerate(rows, start=2):
+        for c in columns:
+            if (row[c] or "").strip() not in BINARY:
+                raise UserError(
+                    f"Row {line} of {path.name}: column {c!r} holds {row[c]!r}; with one column "
+                    "per class (multi-label) every value is 0 or 1."
+                )
+
+
+def _from_columns(row: dict, columns: list[str]) -> tuple[str, ...]:
+    return tuple(c for c in columns if (row[c] or "").strip() in ("1", "1.0"))
+
+
+def _labels(value: str | None, line: int, path: Path, options, multi: bool):
+    text = (value or "").strip()
+    if not text:
+        raise UserError(
+            f"Row {line} of {path.name} has an empty label; fill it in or remove the row"
+            + (
+                f" (multi-label: name every label, separated by {options.separator!r})"
+                if multi
+                else ""
+            )
+            + "."
+        )
+    if not multi:
+        return text
+    parts = [x.strip() for x in text.split(options.separator)]
+    if any(not x for x in parts):
+        raise UserError(
+            f"Row {line} of {path.name}: {text!r} has an empty label between the "
+            f"{options.separator!r} separators; remove the extra separator."
+        )
+    return tuple(sorted(set(parts)))
+
+
+def _check_known(labels: list, classes: list[str], path: Path, multi: bool) -> None:
+    known = set(classes)
+    for line, label in enumerate(labels, start=2):
+        for x in label if multi else (label,):
+            if x not in known:
+                from image_classifier.errors import did_you_mean
+
+                raise UserError(
+                    f"Row {line} of {path.name}: unknown label {x!r}; data.classes lists "
+                    f"{', '.join(classes)}.{did_you_mean(x, classes)} Fix the row or add the "
+                    "label to data.classes."
+                )

@@ -1,0 +1,99 @@
+"""What `test` reports for a multi-label model: mAP, micro/macro F1, exact match, per-class
+precision/recall/AP at the tuned thresholds, a per-class plot and a per-image predictions file.
+
+predictions.csv   image, true labels, predicted labels (every label at or above its threshold),
+                  exact match, the 3 most probable labels with their probabilities
+per_class.png     precision, recall and AP of every class
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.training.plots import plt, save_figure
+
+TOP_K = 3
+
+
+def build_report(path: Path, module, info, m: dict, loss: float, hash_note: str) -> dict:
+    thresholds = module.thresholds.cpu().numpy()
+    targets = (
+        np.concatenate([y.numpy() for _, y in module.test_outputs]) if module.test_outputs else None
+    )
+    support = targets.sum(0).astype(int) if targets is not None else np.zeros(len(thresholds), int)
+    return {
+        "checkpoint": str(path),
+        "multi_label": True,
+        "data": {
+            "name": info.name,
+            "hash": info.data_hash,
+            "test_images": 0 if targets is None else len(targets),
+            "trained_on_hash": (module.hparams.get("data") or {}).get("hash"),
+            "warning": hash_note or None,
+        },
+        "accuracy": float(m["acc"]),  # exact match: every label of the image right
+        "f1_macro": float(m["f1_macro"]),
+        "f1_micro": float(m["f1_micro"]),
+        "mAP": float(m["mAP"]),
+        "ece": None,
+        "loss": loss,
+        "per_class": {
+            c: {
+                "precision": float(m["precision"][i]),
+                "recall": float(m["recall"][i]),
+                "ap": float(m["ap"][i]),
+                "threshold": float(thresholds[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(module.classes)
+        },
+        "classes": module.classes,
+        "thresholds": [round(float(t), 4) for t in thresholds],
+    }
+
+
+def plot_per_class(report: dict, path: Path) -> Path:
+    classes = report["classes"]
+    per = report["per_class"]
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(classes) + 2), 3.8))
+    for k, (key, label) in enumerate(
+        (("precision", "precision"), ("recall", "recall"), ("ap", "AP"))
+    ):
+        ax.bar(x + (k - 1) * 0.27, [per[c][key] for c in classes], width=0.27, label=label)
+    ax.set_xticks(x, classes, rotation=45, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="score")
+    ax.set_title(f"per class (mAP {report['mAP']:.3f}, macro F1 {report['f1_macro']:.3f})")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def write_predictions(path: Path, names, probs, targets, thresholds, classes) -> Path:
+    decided = probs >= np.asarray(thresholds)[None, :]
+    order = np.argsort(-probs, axis=1)[:, :TOP_K]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "true", "predicted", "exact_match", f"top{TOP_K}"])
+        for i, name in enumerate(names):
+            true = [classes[j] for j in np.flatnonzero(targets[i] > 0.5)]
+            pred = [classes[j] for j in np.flatnonzero(decided[i])]
+            top = "; ".join(f"{classes[j]}:{probs[i, j]:.4f}" for j in order[i])
+            w.writerow([name, ";".join(true), ";".join(pred), int(true == pred), top])
+    return path
+
+
+def summary_lines(report: dict) -> list[str]:
+    worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["ap"])[:3]
+    return [
+        f"  mAP {report['mAP']:.4f}   macro F1 {report['f1_macro']:.4f}   micro F1 "
+        f"{report['f1_micro']:.4f}   exact match {report['accuracy']:.4f}",
+        "  lowest AP: " + ", ".join(f"{c} {v['ap']:.3f}" for c, v in worst),
+        "  thresholds (tuned on val): "
+        + ", ".join(
+            f"{c} {t:.2f}" for c, t in zip(report["classes"], report["thresholds"], strict=True)
+        ),
+    ]
