@@ -21,6 +21,7 @@ COMMANDS = {
     "download": "image_classifier.data.sources:run_download",
     "train": "image_classifier.training.train:run_train",
     "test": "image_classifier.training.evaluate:run_test",
+    "calibrate": "image_classifier.training.evaluate:run_calibrate",
     "cache-features": "image_classifier.training.features:run_cache_features",
     "export-onnx": "image_classifier.export.onnx:run_export_onnx",
     "export-trt": "image_classifier.export.tensorrt:run_export_trt",

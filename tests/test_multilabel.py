@@ -225,3 +225,18 @@ def test_single_label_only_options_are_refused_for_multi_label_data(tmp_path):
     )
     with pytest.raises(UserError, match=r"train.augment.mixup: single-label only"):
         run_train(cfg)
+
+
+def test_calibrate_command_retunes_multi_label_thresholds(multi_trained, tmp_path):
+    import shutil
+
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training.evaluate import run_calibrate
+
+    root, ckpt, _, _, trained = multi_trained
+    copy = tmp_path / "best.ckpt"
+    shutil.copyfile(ckpt, copy)
+    ckpt_file.set_buffer(copy, "thresholds", [0.5, 0.5, 0.5])
+    r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
+    assert r["thresholds"] == pytest.approx(trained["thresholds"])
+    assert ckpt_file.load_module(copy).thresholds.tolist() == pytest.approx(r["thresholds"])

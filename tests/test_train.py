@@ -282,3 +282,22 @@ def test_temperature_scaling_lowers_validation_ece():
     t = fit_temperature(overconfident, targets)
     assert 3.0 < t < 5.5  # recovers about the 4 that was applied
     assert ece(overconfident, targets, t) < ece(overconfident, targets) / 3
+
+
+def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):
+    """command=calibrate on a checkpoint whose temperature is 1 (trained before calibration
+    existed, or with train.calibrate=false) fits it on the validation split and stores it."""
+    import shutil
+
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training.evaluate import run_calibrate
+
+    root, ckpt, _ = trained
+    copy = tmp_path / "best.ckpt"
+    shutil.copyfile(ckpt, copy)
+    ckpt_file.set_temperature(copy, 1.0)
+    r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
+    assert r["temperature"] != 1.0 and r["ece_after"] <= r["ece_before"] + 1e-6
+    assert float(ckpt_file.load_module(copy).temperature) == pytest.approx(r["temperature"])
+    assert float(ckpt_file.load_module(ckpt).temperature) == pytest.approx(r["temperature"])
+    assert "validation ECE" in capsys.readouterr().out

@@ -70,6 +70,35 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     return result
 
 
+def run_calibrate(cfg) -> dict:
+    """`command=calibrate`: fit a checkpoint's temperature (multi-label: tune its thresholds) on
+    the validation split of the data it was trained on; stored in the checkpoint."""
+    from image_classifier.training.train import calibrate_best, thresholds_for_best
+
+    path = runs.checkpoint(cfg, cfg.calibrate.get("checkpoint"), "calibrate.checkpoint")
+    module = ckpt_file.load_module(path)
+    cfg = test_config(cfg, module.hparams, use_checkpoint_data=True)
+    dm = datamodule_for(cfg, module.hparams, use_checkpoint_data=True)
+    check_classes(path, module.classes, dm.prepare())
+    if module.multi_label:
+        result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
+        done = "thresholds " + ", ".join(
+            f"{c} {t:.2f}" for c, t in zip(module.classes, result["thresholds"], strict=True)
+        )
+    else:
+        result = calibrate_best(str(path), dm)
+        done = (
+            f"temperature {result['temperature']:.3f}; validation ECE {result['ece_before']:.4f} "
+            f"-> {result['ece_after']:.4f}"
+        )
+    print(
+        f"Calibrated {path} on {len(dm.dataset('val'))} validation images: {done}\n"
+        "  stored in the checkpoint; `command=test` reports it, and an ONNX file exported "
+        "before now needs `command=export-onnx` again"
+    )
+    return {"checkpoint": str(path), **result}
+
+
 def test_config(cfg, hp, use_checkpoint_data: bool):
     """The checkpoint's data (and features) config replaces, not merges into, the current one."""
     data_cfg = cfg.data
