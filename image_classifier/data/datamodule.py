@@ -244,7 +244,7 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def _prepare_folder(self) -> DataInfo:
-        from image_classifier.data.layouts import ManifestOptions, discover
+        from image_classifier.data.layouts import ManifestOptions, discover, label_parts
 
         c = self.cfg
         if not c.get("root"):
@@ -276,7 +276,7 @@ class ImageDataModule(L.LightningDataModule):
         root = Path(c.root)
 
         def names(y) -> str:
-            return ";".join(samples.classes[i] for i in (y if isinstance(y, tuple) else (y,)))
+            return ";".join(samples.classes[i] for i in label_parts(y))
 
         parts = sorted(
             f"{s}:{_relative(p, root)}:{names(y)}:{sha256_file(p)}"

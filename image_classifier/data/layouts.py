@@ -34,6 +34,11 @@ SPLITS = ("train", "val", "test")
 Label = int | tuple[int, ...]  # a class index, or the indices of every label of a multi-label item
 
 
+def label_parts(label) -> tuple:
+    """Every label of an item: the tuple of a multi-label item, (label,) for a single one."""
+    return label if isinstance(label, tuple) else (label,)
+
+
 @dataclass
 class Samples:
     classes: list[str]
@@ -44,11 +49,7 @@ class Samples:
 
     def counts(self, split: str) -> list[int]:
         """Images per class (multi-label: images that carry the label)."""
-        c = Counter(
-            i
-            for _, label in self.splits[split]
-            for i in (label if isinstance(label, tuple) else (label,))
-        )
+        c = Counter(i for _, label in self.splits[split] for i in label_parts(label))
         return [c.get(i, 0) for i in range(len(self.classes))]
 
 
@@ -161,9 +162,7 @@ def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
 
 
 def _classes(root: Path, layout: str, labelled: list[tuple[str, str | tuple]]) -> list[str]:
-    classes = sorted(
-        {x for _, label in labelled for x in (label if isinstance(label, tuple) else (label,))}
-    )
+    classes = sorted({x for _, label in labelled for x in label_parts(label)})
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
     if len(classes) < 2:

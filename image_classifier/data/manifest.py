@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, did_you_mean
 
 FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
 LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tags")
@@ -46,7 +46,8 @@ def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list |
     label_col = options.label_column or next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
     class_cols = [c for c in columns if c not in (fcol, scol, label_col)]
     columns_per_class = len(class_cols) >= 2 and (
-        options.multi_label is True or (options.multi_label == "auto" and _binary(rows, class_cols))
+        options.multi_label is True
+        or (options.multi_label == "auto" and _non_binary(rows, class_cols) is None)
     )
     if label_col is None and columns_per_class:
         _check_binary(rows, class_cols, path)
@@ -94,21 +95,22 @@ def _pick(path: Path, columns, lower, given, candidates, what: str, key: str) ->
     )
 
 
-def _binary(rows: list[dict], columns: list[str]) -> bool:
-    """At least two columns, every value 0 or 1: one column per class."""
-    return len(columns) >= 2 and all(
-        (row[c] or "").strip() in BINARY for row in rows for c in columns
-    )
-
-
-def _check_binary(rows: list[dict], columns: list[str], path: Path) -> None:
+def _non_binary(rows: list[dict], columns: list[str]) -> tuple[int, str, str] | None:
+    """(row number, column, value) of the first cell that is not 0 or 1, else None."""
     for line, row in enumerate(rows, start=2):
         for c in columns:
             if (row[c] or "").strip() not in BINARY:
-                raise UserError(
-                    f"Row {line} of {path.name}: column {c!r} holds {row[c]!r}; with one column "
-                    "per class (multi-label) every value is 0 or 1."
-                )
+                return line, c, row[c]
+    return None
+
+
+def _check_binary(rows: list[dict], columns: list[str], path: Path) -> None:
+    if bad := _non_binary(rows, columns):
+        line, c, value = bad
+        raise UserError(
+            f"Row {line} of {path.name}: column {c!r} holds {value!r}; with one column "
+            "per class (multi-label) every value is 0 or 1."
+        )
 
 
 def _from_columns(row: dict, columns: list[str]) -> tuple[str, ...]:
@@ -143,8 +145,6 @@ def _check_known(labels: list, classes: list[str], path: Path, multi: bool) -> N
     for line, label in enumerate(labels, start=2):
         for x in label if multi else (label,):
             if x not in known:
-                from image_classifier.errors import did_you_mean
-
                 raise UserError(
                     f"Row {line} of {path.name}: unknown label {x!r}; data.classes lists "
                     f"{', '.join(classes)}.{did_you_mean(x, classes)} Fix the row or add the "

@@ -26,17 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class _Probabilities(torch.nn.Module):
-    """The deployed graph: pixels in, calibrated probabilities out (softmax of logits /
-    temperature; multi-label: one sigmoid per label)."""
+    """The deployed graph: pixels in, what `module.probabilities` makes of the logits out
+    (calibrated softmax; multi-label: one sigmoid per label)."""
 
-    def __init__(self, net, temperature: torch.Tensor, multi_label: bool = False):
+    def __init__(self, module):
         super().__init__()
-        self.net, self.multi_label = net, multi_label
-        self.register_buffer("temperature", temperature.detach().clone().float())
+        self.module = module
 
     def forward(self, image):
-        logits = self.net(image) / self.temperature
-        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        return self.module.probabilities(self.module.net(image))
 
 
 def model_metadata(module, checkpoint: Path) -> dict:
@@ -96,7 +94,7 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
 
 
 def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
-    net = _Probabilities(module.net.eval(), module.temperature, module.multi_label).eval()
+    net = _Probabilities(module.eval()).eval()
     pre = module.hparams.preprocessing
     dummy = torch.zeros(2, pre["channels"], *pre["size"])
     with warnings.catch_warnings():

@@ -61,13 +61,15 @@ def _run_for(cfg, client, meta: dict, name: str):
     )
 
 
-def register(cfg, onnx_path: Path, name: str | None, alias: str | None, model_uri=None) -> dict:
+def register(
+    cfg, onnx_path: Path, name: str | None, alias: str | None, model_uri=None, client=None
+) -> dict:
     """Register `onnx_path` (logging its MLflow model first unless `model_uri` is given)."""
     from image_classifier.inference.predictor import OnnxPredictor
 
     meta = OnnxPredictor(onnx_path, device="cpu").meta.extra
     name = name or default_name(meta)
-    client = tracking.registry_client(cfg)
+    client = client or tracking.registry_client(cfg)
     logger = None
     if model_uri is None:
         from image_classifier.export.mlflow_model import log_mlflow_model
@@ -95,9 +97,8 @@ def register(cfg, onnx_path: Path, name: str | None, alias: str | None, model_ur
     }
 
 
-def promote(cfg, name: str, version: str, alias: str) -> dict:
+def promote(client, name: str, version: str, alias: str) -> dict:
     """Point `alias` at an existing version."""
-    client = tracking.registry_client(cfg)
     mv = tracking.find_version(client, name, None, str(version))
     tracking.move_alias(client, name, alias, mv.version)
     return {
@@ -110,14 +111,14 @@ def promote(cfg, name: str, version: str, alias: str) -> dict:
 
 def run_register(cfg) -> dict:
     r = cfg.register
-    tracking.registry_client(cfg)  # tracking off or a server down: say so before anything else
+    client = tracking.registry_client(cfg)  # tracking off or a server down: said before anything
     if r.get("version") is not None:
         if not r.get("name") or not r.get("alias"):
             raise UserError(
                 f"register.version={r.version} moves an alias to an existing version: set "
                 "register.name=NAME and register.alias=ALIAS too."
             )
-        result = promote(cfg, str(r.name), str(r.version), str(r.alias))
+        result = promote(client, str(r.name), str(r.version), str(r.alias))
         print(
             f"Alias @{result['alias']} of {result['name']!r} now points at version "
             f"{result['version']}: {result['uri']}"
@@ -129,7 +130,7 @@ def run_register(cfg) -> dict:
             f"register.model={str(onnx_path)!r} must be an existing .onnx file written by "
             "`command=export-onnx`."
         )
-    result = register(cfg, onnx_path, r.get("name"), r.get("alias"))
+    result = register(cfg, onnx_path, r.get("name"), r.get("alias"), client=client)
     print_registered(result, onnx_path)
     return result
 

@@ -211,7 +211,7 @@ class ClassifierModule(L.LightningModule):
         self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
         if self.multi_label:
             probs = self.probabilities(logits)
-            self.test_metrics.update(multilabel.decide(probs, self.thresholds), y.int())
+            self._track(self.test_metrics, logits, y)
             self.test_ranking.update(probs, y.int())
             self.test_outputs.append((probs.cpu(), y.cpu()))
             return
