@@ -240,3 +240,27 @@ def test_calibrate_command_retunes_multi_label_thresholds(multi_trained, tmp_pat
     r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
     assert r["thresholds"] == pytest.approx(trained["thresholds"])
     assert ckpt_file.load_module(copy).thresholds.tolist() == pytest.approx(r["thresholds"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.balanced_sampler=true"], "train.balanced_sampler=true balances single-label"),
+        (["train.label_smoothing=0.1"], "train.label_smoothing: single-label only"),
+    ],
+)
+def test_more_single_label_options_are_refused(tmp_path, overrides, expected):
+    from image_classifier.training.train import run_train
+
+    data = make_multi_label(tmp_path / "images", n=24)
+    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={data}", "data.size=[16,16]", *overrides)
+    with pytest.raises(UserError, match=expected):
+        run_train(cfg)
+
+
+def test_map_monitor_is_refused_for_single_label_data(tmp_path, folder_data):
+    from image_classifier.training.train import run_train
+
+    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={folder_data}", "train.monitor=val/mAP")
+    with pytest.raises(UserError, match=r"train.monitor=val/mAP is the multi-label metric"):
+        run_train(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_cli
+from tests.conftest import compose_cfg, make_class_folders, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +72,19 @@ def test_version_carries_signature_lineage_and_alias_moves(registered):
     assert where["version"] == "1" and path.suffix == ".onnx" and path.is_file()
 
 
-def test_export_onnx_registers_when_asked(trained, tmp_path):
+def test_export_onnx_registers_when_asked(tmp_path):
+    """Its own project (the session's trained model's run keeps only its own exports)."""
     from image_classifier.export.onnx import run_export_onnx
+    from image_classifier.training.train import run_train
 
-    root, ckpt, _ = trained
+    images = make_class_folders(tmp_path / "images", per_class=6)
+    ckpt = run_train(
+        compose_cfg(tmp_path, "data=folder", f"data.root={images}", "data.size=[16,16]")
+    )["checkpoint"]
     r = run_export_onnx(
         compose_cfg(
-            root,
+            tmp_path,
             f"export.checkpoint={ckpt}",
-            f"export.output={tmp_path / 'm.onnx'}",
             "export.register=true",
             "export.parity_images=0",
         )
@@ -200,3 +204,9 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer in {seconds}s")
+
+
+def test_register_refuses_what_is_not_an_onnx_file(trained):
+    root, ckpt, _ = trained
+    p = run_cli("command=register", f"register.model={ckpt}", cwd=root)
+    assert p.returncode == 2 and "must be an existing .onnx file" in p.stderr, p.stderr
