@@ -56,7 +56,7 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert report["classes"] == FMNIST_CLASSES
     assert sum(map(sum, report["confusion_matrix"])) == 60
     assert set(report["per_class"]["Bag"]) == {"precision", "recall", "support"}
-    assert 0.0 <= report["f1_macro"] <= 1.0
+    assert 0.0 <= report["f1_macro"] <= 1.0 + 1e-6  # float32 rounding at a perfect score
     for name in ("confusion_matrix.png", "curves.png", "test_report.json"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
         assert any(Path(p).name == name for p in t["plots"]) or name == "test_report.json"

@@ -105,7 +105,7 @@ def load(cfg) -> AuditData:
 def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
     from image_classifier.data.datamodule import ArrayDataset, FileDataset
 
-    if isinstance(ds, ArrayDataset):
+    if isinstance(ds, ArrayDataset) and ds.items is None:  # arrays, not decoded files
         arr = ds.images.numpy()
         n, c, h, w = arr.shape
         return {
@@ -118,7 +118,7 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
             "grey": np.full(n, c == 1),
             "pixels": arr,
         }
-    if not isinstance(ds, FileDataset):
+    if not isinstance(ds, FileDataset | ArrayDataset):
         raise UserError(f"audit cannot read a {type(ds).__name__} dataset.")
     with ThreadPoolExecutor(max_workers=4) as pool:
         entries = list(pool.map(_file_entry, [p for p, _ in ds.items]))

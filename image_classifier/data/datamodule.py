@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torch.utils.data._utils.collate import default_collate
 
+from image_classifier.data.device import DeviceBatches, EpochPermutation
 from image_classifier.data.images import ImageError, Preprocessing, load_array
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
@@ -33,9 +34,14 @@ class ArrayDataset(Dataset):
     """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, pre: Preprocessing | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        pre: Preprocessing | None = None,
+        items: list | None = None,
     ):
-        self.images, self.labels = images, labels
+        """`items`: the (path, label) each row was decoded from (decoded cache of files)."""
+        self.images, self.labels, self.items = images, labels, items
         native = (images.shape[1], tuple(images.shape[2:]))
         self.pre = pre if pre is not None and (pre.channels, tuple(pre.size)) != native else None
 
@@ -126,6 +132,7 @@ class DataInfo:
     skipped: dict[str, str] = field(default_factory=dict)
     source: str = ""
     multi_label: bool = False
+    cache: str = ""  # the decoded-image cache folder the splits are read from, if any
 
 
 def _stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,11 +165,21 @@ class ImageDataModule(L.LightningDataModule):
         project_root: str | Path = ".",
         preprocessing: Preprocessing | None = None,
         augment_preset: str = "none",
+        build_cache: bool = False,
+        seed: int = 0,
+        device_budget_gb: float = 0.0,
     ):
-        """`preprocessing`: a model's own (for test/predict); None derives it from the config."""
+        """`preprocessing`: a model's own (for test/predict); None derives it from the config.
+        `build_cache`: build the decoded-image cache when missing (training); otherwise it is
+        used only when present. `device_budget_gb`: splits up to this size are moved to the
+        training device and batched there (`DeviceBatches`); 0 keeps DataLoaders."""
         super().__init__()
         self.fixed_preprocessing = preprocessing
         self.augment_preset = augment_preset
+        self.build_cache = build_cache
+        self.seed = int(seed)
+        self.device_budget_gb = float(device_budget_gb)
+        self.batching = "DataLoader"  # what train_dataloader chose, for the run summary
         self.cfg = data_cfg
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -176,6 +193,7 @@ class ImageDataModule(L.LightningDataModule):
         """Load or scan the data once (idempotent); Lightning's setup() calls this too."""
         if self.info is None:
             self.info = self._prepare_idx() if self.cfg.kind == "idx" else self._prepare_folder()
+            self._use_decoded_cache()
             from image_classifier.data.augment import sample_augment
 
             transform = sample_augment(self.augment_preset, self.info.preprocessing.channels)
@@ -295,15 +313,63 @@ class ImageDataModule(L.LightningDataModule):
             multi_label=samples.multi_label,
         )
 
+    def _use_decoded_cache(self) -> None:
+        """data.cache=decoded: read the splits from the decoded-image cache, building it first
+        when training and it is missing (and fits data.cache_max_gb and the disk)."""
+        c, info = self.cfg, self.info
+        if c.get("cache", "none") != "decoded" or not any(
+            isinstance(d, FileDataset) or getattr(d, "pre", None) for d in self.datasets.values()
+        ):
+            return  # off, or already uint8 arrays at the model's size: nothing to decode
+        from image_classifier.data import decoded
+
+        key = decoded.cache_key(info.data_hash, info.preprocessing)
+        folder = Path(c.cache_dir).expanduser() / key
+        arrays = decoded.load(folder, key)
+        if arrays is None and self.build_cache:
+            needed = decoded.size_bytes(info.split_sizes, info.preprocessing)
+            if why := decoded.fits(folder, needed, float(c.get("cache_max_gb", 20))):
+                log.warning(
+                    "Not building the decoded-image cache: %s. Images are decoded every "
+                    "epoch instead (data.cache=none silences this).",
+                    why,
+                )
+                return
+            print(
+                f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
+                f"({needed / 1e6:.0f} MB); later runs on the same data read it"
+            )
+            describe = {
+                "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
+                "classes": info.classes,
+                "preprocessing": info.preprocessing.to_dict(),
+            }
+            decoded.build(folder, key, self.datasets, describe, self.num_workers)
+            arrays = decoded.load(folder, key)
+        if arrays is not None:
+            self.datasets = {
+                s: ArrayDataset(x, y, items=getattr(self.datasets[s], "items", None))
+                for s, (x, y) in arrays.items()
+            }
+            info.cache = str(folder)
+
     # -- access -----------------------------------------------------------------------------
     def dataset(self, split: str) -> Dataset:
         """One split's dataset (after prepare); items are (uint8 CHW tensor, label)."""
         self.prepare()
         return self.datasets[split]
 
+    def _world(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """A DataLoader over the split. Shuffled in the EpochPermutation order (the same as
+        DeviceBatches); under DDP Lightning swaps in its DistributedSampler."""
         ds = self.dataset(split)
         sampler = None
+        if shuffle and self._world() == 1:
+            sampler = EpochPermutation(len(ds), self.seed)
         if shuffle and self.balanced_sampler:
             if self.info.multi_label:
                 raise UserError(
@@ -313,12 +379,11 @@ class ImageDataModule(L.LightningDataModule):
             labels = _labels_of(ds)
             weights = 1.0 / np.bincount(labels)[labels]
             sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))
-            shuffle = False
-        workers = self.num_workers if isinstance(ds, FileDataset) else 0
+        workers = self.num_workers if isinstance(ds, FileDataset | AugmentedDataset) else 0
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
             sampler=sampler,
             collate_fn=collate,
             num_workers=workers,
@@ -326,22 +391,48 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
+    def device_batches(self, split: str, shuffle: bool = False) -> DeviceBatches | None:
+        """The split as DeviceBatches on the trainer's device, or None when it must go through
+        a DataLoader: per-image augmentation, the balanced sampler, decoding per epoch, over
+        the device budget, or evaluation under several processes (Lightning shards those)."""
+        ds = self.dataset(split)
+        trainer, world = getattr(self, "_trainer", None), self._world()
+        if (
+            not isinstance(ds, ArrayDataset)
+            or ds.pre is not None
+            or (shuffle and self.balanced_sampler)
+            or (world > 1 and not shuffle)
+            or ds.images.nbytes + ds.labels.nbytes > self.device_budget_gb * 1e9
+        ):
+            return None
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        sampler = EpochPermutation(len(ds), self.seed) if shuffle else None
+        rank = trainer.global_rank if trainer is not None else 0
+        return DeviceBatches(ds.images, ds.labels, self.batch_size, sampler, device, rank, world)
+
     def train_dataloader(self):
+        batches = self.device_batches("train", shuffle=True)
+        if batches is not None:
+            self.batching = f"on the device ({batches.device}, {batches.nbytes() / 1e6:.0f} MB)"
+            return batches
         return self.loader("train", shuffle=True)
 
     def val_dataloader(self):
-        return self.loader("val")
+        return self.device_batches("val") or self.loader("val")
 
     def test_dataloader(self):
-        return self.loader("test")
+        return self.device_batches("test") or self.loader("test")
 
 
 def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None) -> ImageDataModule:
     """The data module for cfg.data with cfg.train's loader settings. For training pass no
-    preprocessing (derived from the data) and the configured augmentation preset; for test,
-    export and audit pass the model's preprocessing (no augmentation)."""
-    if augment_preset is None and preprocessing is None:
+    preprocessing (derived from the data) and the configured augmentation preset: it builds the
+    decoded cache when missing and batches on the device. For test, export and audit pass the
+    model's preprocessing (no augmentation; the decoded cache is read when present)."""
+    training = preprocessing is None
+    if augment_preset is None and training:
         augment_preset = cfg.train.augment.get("preset", "none")
+    t = cfg.train
     return ImageDataModule(
         cfg.data,
         batch_size=int(cfg.train.batch_size),
@@ -350,6 +441,9 @@ def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None)
         project_root=cfg.paths.root,
         preprocessing=preprocessing,
         augment_preset=augment_preset or "none",
+        build_cache=training,
+        seed=int(cfg.seed),
+        device_budget_gb=float(t.get("device_budget_gb") or 0) if t.get("device_data") else 0.0,
     )
 
 

@@ -53,9 +53,17 @@ def progress_bar(cfg) -> list:
 
 
 def trainer_kwargs(cfg) -> dict:
-    """cfg.trainer as Lightning takes it; unset (null) options are left to Lightning's defaults."""
+    """cfg.trainer as Lightning takes it; unset (null) options are left to Lightning's defaults,
+    except precision: null means bf16-mixed on a CUDA GPU that supports it, else 32-true."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if options.get("precision") is None:
+        options["precision"] = default_precision(str(options.get("accelerator", "auto")))
     return {k: v for k, v in options.items() if v is not None}
+
+
+def default_precision(accelerator: str) -> str:
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def run_train(cfg, callbacks: list | None = None) -> dict:
@@ -82,6 +90,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
+    result["batching"] = getattr(dm, "batching", "DataLoader")
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
             result["thresholds"] = thresholds_for_best(result["checkpoint"], dm, cfg.train)
@@ -265,6 +274,8 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
         "skipped_files": len(info.skipped),
         "unusable_files": str(write_unusable(info.skipped, out) or ""),
         "data_source": info.source,
+        "decoded_cache": info.cache,
+        "precision": str(trainer.precision),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -336,6 +347,8 @@ def _print_summary(r: dict, info) -> None:
         f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
         if (th := r.get("thresholds"))
         else "",
+        f"  data:       batches {r['batching']}, precision {r['precision']}"
+        + (f", decoded cache {r['decoded_cache']}" if r["decoded_cache"] else ""),
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
         f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
