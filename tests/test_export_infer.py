@@ -354,3 +354,43 @@ def test_bad_export_and_infer_settings(trained, exported, tmp_path):
             f"infer.sort_into={tmp_path}/s",
             "infer.sort_mode=move",
         )
+
+
+def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
+    """test.tta and export.tta average the logits of each image and its mirror; the ONNX graph
+    computes exactly what the checkpoint does with TTA, and differs from it without."""
+    import torch
+
+    from image_classifier.export.onnx import run_export_onnx
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training.evaluate import run_test
+
+    root, ckpt, _ = trained
+    plain = run_test(compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={tmp_path}/a"))
+    tta = run_test(
+        compose_cfg(
+            root, f"test.checkpoint={ckpt}", "test.tta=true", f"paths.output_dir={tmp_path}/b"
+        )
+    )
+    assert "with flip TTA" in capsys.readouterr().out
+    assert json.loads(Path(tta["report"]).read_text())["tta"] == "hflip"
+    assert json.loads(Path(plain["report"]).read_text())["tta"] is None
+    rows = list(csv.DictReader(Path(tta["predictions"]).read_text().splitlines()))
+    assert abs(np.mean([int(r["correct"]) for r in rows]) - tta["accuracy"]) < 1e-6
+
+    out = tmp_path / "tta.onnx"
+    r = run_export_onnx(
+        compose_cfg(root, f"export.checkpoint={ckpt}", f"export.output={out}", "export.tta=true")
+    )
+    assert max(r["parity"].values()) <= 1e-4
+    assert load_predictor(out).meta.extra["tta"] == "hflip"
+    module = ckpt_file.load_module(ckpt).eval()
+    x = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (6, 1, 16, 16)).astype(np.float32)
+    )
+    with torch.inference_mode():
+        logits, mirrored = module.net(x), module.net(x.flip(3))
+        want = module.probabilities((logits + mirrored) / 2).numpy()
+        without = module.probabilities(logits).numpy()
+    got = load_predictor(out).predict(x.numpy())
+    assert np.abs(got - want).max() < 1e-5 and np.abs(got - without).max() > 1e-6

@@ -105,7 +105,8 @@ def test_interrupted_build_leaves_nothing_that_reads_as_a_cache(tmp_path, monkey
         _datamodule(tmp_path, "data.size=[16,16]").prepare()
     assert calls == ["train", "val", "test"]
     assert _cache_dirs(tmp_path) == []
-    assert not any((tmp_path / "cache" / "decoded").iterdir())  # no partial folder left either
+    left = [p.name for p in (tmp_path / "cache" / "decoded").iterdir()]
+    assert left == [".checked"]  # the scan's memo; no partial folder left
     monkeypatch.setattr(decoded, "_write_split", real)
     dm = _datamodule(tmp_path, "data.size=[16,16]")
     assert dm.prepare().cache  # the next run builds it whole
@@ -233,3 +234,27 @@ def test_batch_erasing_matches_random_erasing():
     rows, cols = torch.nonzero(img == 0, as_tuple=True)
     box = img[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     assert (box == 0).all()
+
+
+def test_scan_checks_only_new_or_changed_files_and_still_reports_bad_ones(tmp_path, monkeypatch):
+    from image_classifier.data import layouts
+
+    make_class_folders(tmp_path / "images")
+    bad = tmp_path / "images" / "cat" / "broken.png"
+    bad.write_bytes(b"not an image")
+    checked = []
+    real = layouts._check_one
+    monkeypatch.setattr(layouts, "_check_one", lambda p: checked.append(p) or real(p))
+    first = _datamodule(tmp_path, "data.size=[16,16]")
+    first.prepare()
+    assert len(checked) == 31
+    checked.clear()
+    again = _datamodule(tmp_path, "data.size=[16,16]")
+    assert list(again.prepare().skipped) == list(first.info.skipped) == [str(bad)]
+    assert checked == []  # nothing changed: nothing decoded to check it
+    from PIL import Image
+
+    Image.new("L", (16, 16), 3).save(bad, format="PNG")  # the broken file is fixed
+    third = _datamodule(tmp_path, "data.size=[16,16]")
+    assert third.prepare().skipped == {} and checked == [str(bad)]
+    assert sum(third.info.split_sizes.values()) == 31

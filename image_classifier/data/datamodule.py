@@ -282,6 +282,7 @@ class ImageDataModule(L.LightningDataModule):
                 separator=str(c.get("label_separator") or ";"),
                 classes=list(c.classes) if c.get("classes") else None,
             ),
+            checked=self._checked_file(),
         )
         channels = c.channels
         if self.fixed_preprocessing is not None:
@@ -312,6 +313,14 @@ class ImageDataModule(L.LightningDataModule):
             skipped=samples.skipped,
             multi_label=samples.multi_label,
         )
+
+    def _checked_file(self) -> Path | None:
+        """With the decoded cache on, where the scan remembers which files it has checked."""
+        c = self.cfg
+        if c.get("cache", "none") != "decoded":
+            return None
+        root = str(Path(c.root).expanduser().resolve())
+        return Path(c.cache_dir).expanduser() / ".checked" / f"{content_hash([root])}.json"
 
     def _use_decoded_cache(self) -> None:
         """data.cache=decoded: read the splits from the decoded-image cache, building it first

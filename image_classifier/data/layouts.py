@@ -72,15 +72,18 @@ def discover(
     strict: bool = False,
     manifest: ManifestOptions | None = None,
     check_images: bool = True,
+    checked: Path | None = None,
 ) -> Samples:
-    """Detect the layout under `root`, list its images, check that each decodes, split."""
+    """Detect the layout under `root`, list its images, check that each decodes, split.
+    `checked`: a JSON file remembering each file's check by (size, mtime); files unchanged
+    since are not decoded again (the decoded cache passes one, so a cached run scans cheaply)."""
     root = Path(root).expanduser()
     entries = _entries(root)
     skipped: dict[str, str] = {}
     manifest = manifest or ManifestOptions()
     layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest)
     if check_images:
-        keep = _check_images([p for p, _ in labelled], skipped)
+        keep = _check_images([p for p, _ in labelled], skipped, checked)
         labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
         if given_splits is not None:
             given_splits = [g for g, ok in zip(given_splits, keep, strict=True) if ok]
@@ -247,24 +250,61 @@ def _check_one(path: str) -> str | None:
         return e.reason
 
 
-def _check_images(paths: list[str], skipped: dict[str, str]) -> list[bool]:
-    """Decode every image once (threads: PIL releases the GIL) so bad files are found up front."""
+def _check_images(paths: list[str], skipped: dict[str, str], checked: Path | None = None):
+    """Decode every image once (threads: PIL releases the GIL) so bad files are found up front;
+    with `checked`, only the files new or changed (size, mtime) since the last check."""
     from tqdm.auto import tqdm
 
+    known, stamps = _read_checked(checked), {}
+    if checked is not None:
+        stamps = {p: _stamp(p) for p in paths}
+    todo = [p for p in paths if p not in known or known[p][:2] != stamps.get(p)]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(
+        found = list(
             tqdm(
-                pool.map(_check_one, paths, chunksize=64),
-                total=len(paths),
+                pool.map(_check_one, todo, chunksize=64),
+                total=len(todo),
                 desc="checking images",
-                disable=True if len(paths) < 2000 else None,
+                disable=True if len(todo) < 2000 else None,
                 leave=False,
             )
         )
+    fresh = {p: [*(stamps.get(p) or [None, None]), why] for p, why in zip(todo, found, strict=True)}
+    known.update(fresh)
+    if checked is not None and fresh:
+        _write_checked(checked, {p: known[p] for p in paths})
+    results = [known[p][2] for p in paths]
     for p, why in zip(paths, results, strict=True):
         if why is not None:
             skipped[p] = why
     return [why is None for why in results]
+
+
+def _stamp(path: str) -> list | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_checked(path: Path | None) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_checked(path: Path, known: dict) -> None:
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, path)
 
 
 def _stratified_split(

@@ -29,12 +29,12 @@ class _Probabilities(torch.nn.Module):
     """The deployed graph: pixels in, what `module.probabilities` makes of the logits out
     (calibrated softmax; multi-label: one sigmoid per label)."""
 
-    def __init__(self, module):
+    def __init__(self, module, tta: bool = False):
         super().__init__()
-        self.module = module
+        self.module, self.tta = module, tta
 
     def forward(self, image):
-        return self.module.probabilities(self.module.net(image))
+        return self.module.probabilities(self.module.logits(image, self.tta))
 
 
 def model_metadata(module, checkpoint: Path) -> dict:
@@ -48,6 +48,7 @@ def model_metadata(module, checkpoint: Path) -> dict:
         "format": 1,
         **multi,
         "temperature": float(module.temperature),
+        "tta": "hflip" if module.tta else None,
         "classes": module.classes,
         "preprocessing": dict(hp.preprocessing),
         "model": dict(hp.model),
@@ -94,7 +95,7 @@ def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | No
 
 
 def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
-    net = _Probabilities(module.eval()).eval()
+    net = _Probabilities(module.eval(), module.tta).eval()
     pre = module.hparams.preprocessing
     dummy = torch.zeros(2, pre["channels"], *pre["size"])
     with warnings.catch_warnings():
@@ -142,7 +143,8 @@ def write_checked(module, checkpoint: Path, output: Path, cfg) -> tuple[dict, in
             if x is None:
                 continue
             with torch.inference_mode():
-                ref = module.probabilities(module.net(torch.from_numpy(x))).numpy()
+                ref = module.probabilities(module.logits(torch.from_numpy(x), module.tta))
+                ref = ref.numpy()
             diffs[name] = float(np.abs(ort.predict(x) - ref).max())
         worst = max(diffs.values())
         if worst > float(e.tolerance):
@@ -164,6 +166,7 @@ def run_export_onnx(cfg) -> dict:
     if output.suffix != ".onnx":
         raise UserError(f"export.output={str(output)!r} must end in .onnx.")
     module = ckpt_file.load_module(checkpoint)
+    module.tta = bool(e.get("tta"))
     diffs, n_real = write_checked(module, checkpoint, output, cfg)
     run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
@@ -175,7 +178,8 @@ def run_export_onnx(cfg) -> dict:
                 f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} (8 random, {n_real} real; "
                 f"tolerance {e.tolerance})",
                 f"  metadata: {len(module.classes)} classes, preprocessing "
-                f"{dict(module.hparams.preprocessing)}",
+                f"{dict(module.hparams.preprocessing)}"
+                + ("; flip TTA in the graph (2x compute per image)" if module.tta else ""),
                 "  mlflow: "
                 + (f"artifact of run {run_id}" if run_id else "not logged (no training run)"),
                 f"  next: uv run python commands.py command=infer infer.model={output} "

@@ -11,7 +11,13 @@ OWN_MODELS = ("cnn", "baseline", "head")
 
 
 class SimpleCNN(nn.Module):
-    """Stages of (conv-BN-ReLU) x convs_per_stage + max-pool, then global average pool, a head."""
+    """Stages of (conv-BN-ReLU) x convs_per_stage, then global pooling, dropout, a linear head.
+
+    `downsample="end"`: a stage ends with a 2x2 max-pool (VGG; the last stage does not pool).
+    `downsample="early"`: every stage pools right after its first convolution, as airbench's
+    CIFAR-10 net does, so the later convolutions run at a quarter of the pixels: about 2.6x the
+    training throughput of "end" at the same widths on a 2-core CPU.
+    """
 
     def __init__(
         self,
@@ -20,22 +26,28 @@ class SimpleCNN(nn.Module):
         channels=(32, 64, 128),
         convs_per_stage: int = 2,
         dropout: float = 0.2,
+        downsample: str = "end",
+        global_pool: str = "avg",
     ):
         super().__init__()
+        if downsample not in ("end", "early") or global_pool not in ("avg", "max"):
+            raise UserError(
+                f"model.downsample={downsample!r} / model.global_pool={global_pool!r}: "
+                "downsample takes end or early, global_pool avg or max."
+            )
         layers: list[nn.Module] = []
         c_in = in_chans
         for i, c_out in enumerate(channels):
-            for _ in range(convs_per_stage):
-                layers += [
-                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(c_out),
-                    nn.ReLU(inplace=True),
-                ]
+            for j in range(convs_per_stage):
+                layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+                if downsample == "early" and j == 0:
+                    layers.append(nn.MaxPool2d(2))
+                layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
-            if i < len(channels) - 1:
+            if downsample == "end" and i < len(channels) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if global_pool == "avg" else nn.AdaptiveMaxPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
     def forward_features(self, x):

@@ -70,6 +70,9 @@ class ClassifierModule(L.LightningModule):
         if self.multi_label:  # per-class decision thresholds, tuned on validation by `train`
             self.register_buffer("thresholds", torch.full((n,), multilabel.DEFAULT_THRESHOLD))
         self._compiled = None  # torch.compile'd forward for training, not a submodule
+        # test-time augmentation (flip TTA): evaluation averages the logits of each image and its
+        # mirror; `test.tta` sets it, export.tta puts the same into the ONNX graph
+        self.tta = False
 
     def _add_metrics(self, n: int) -> None:
         if self.multi_label:
@@ -106,14 +109,19 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x):
         return self.net(x)
 
+    def logits(self, x, tta: bool = False):
+        """The network's logits; with `tta`, the mean of those of x and of x mirrored
+        left-right (twice the compute)."""
+        out = self.net(x)
+        return (out + self.net(x.flip(3))) / 2 if tta else out
+
     def _step(self, batch):
         x, y = batch
         if self.feature_input:  # batches of cached backbone features: only the head runs
             return self.net.net.head(x.float()), y
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self(x)
-        return logits, y
+        return self.logits(x, self.tta), y
 
     def on_fit_start(self):
         if self.hparams.optim.get("compile") and self._compiled is None:

@@ -15,9 +15,21 @@ class History(Callback):
 
     def __init__(self):
         self.epochs: list[dict] = []
+        self.started: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        # wall seconds of training so far (resumed runs continue the count): time-to-accuracy
+        done = self.epochs[-1].get("seconds", 0.0) if self.epochs else 0.0
+        self.started = time.perf_counter() - done
 
     def _record(self, trainer, pl_module, with_val: bool):
+        import time
+
         row = {"epoch": trainer.current_epoch}
+        if self.started is not None:
+            row["seconds"] = round(time.perf_counter() - self.started, 2)
         metrics = dict(pl_module.epoch_train_metrics())
         if with_val:
             metrics.update(
