@@ -2,6 +2,7 @@
 
     uv run python scripts/benchmark_data.py              # all parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_data.py --quick      # smaller folders, fewer steps
+    uv run python scripts/benchmark_data.py --parts loader   # part 1 only (loader,train,compile)
 
 Part 1, loader throughput (images/s through one pass of the train split, no model): a JPEG
 folder of Fashion-MNIST images at 28x28 grey and the same images resized to 224x224 RGB, read by
@@ -10,6 +11,7 @@ cache) vs from the decoded cache; the cache's one-off build time is printed besi
 Part 2, training throughput (images/s of `command=train` steps, default CNN, validation off),
 alternating rounds so every variant sees the same machine load:
   IDX arrays through the DataLoader | IDX arrays as on-device batches (the default) |
+  the same with the previous default CNN layout (`model.downsample=end model.global_pool=avg`) |
   the JPEG folder decoded every epoch | the JPEG folder from the decoded cache (the default).
 The target: the folder with the cache within 10 % of the IDX arrays.
 Part 3, torch.compile of the default CNN on this device: steps/s after compiling, and the
@@ -125,6 +127,9 @@ def training_throughput(tmp: Path, folder: Path, rounds: int, steps: int, warmup
     variants = {
         "IDX, DataLoader": compose(f"paths.root={ROOT}", "train.device_data=false", *base),
         "IDX, on-device batches": compose(f"paths.root={ROOT}", *base),
+        "IDX, on-device, previous cnn": compose(
+            f"paths.root={ROOT}", "model.downsample=end", "model.global_pool=avg", *base
+        ),
         "JPEG folder, decode every epoch": folder_cfg(tmp, folder, 28, "data.cache=none", *base),
         "JPEG folder, decoded cache": folder_cfg(tmp, folder, 28, *base),
     }
@@ -145,6 +150,11 @@ def training_throughput(tmp: Path, folder: Path, rounds: int, steps: int, warmup
         print(f"  {k:34s} {v:7.0f}")
     idx, device = med["IDX, DataLoader"], med["IDX, on-device batches"]
     cached, decoding = med["JPEG folder, decoded cache"], med["JPEG folder, decode every epoch"]
+    previous = med["IDX, on-device, previous cnn"]
+    print(
+        f"  default cnn (early pooling) / previous layout (pool after each stage): "
+        f"{device / previous:.2f}x"
+    )
     print(
         f"  on-device / DataLoader (IDX): {device / idx:.2f}x; folder with cache / IDX: "
         f"{cached / device:.2f} (target >= 0.9); folder with cache / decoding every epoch: "
@@ -198,7 +208,9 @@ if __name__ == "__main__":
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", default="loader,train,compile", help="which parts to run")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     quick = args.quick
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp = Path(tmp)
@@ -207,9 +219,12 @@ if __name__ == "__main__":
         print("Writing the JPEG folders ...", flush=True)
         f28 = write_jpeg_folder(tmp / "jpeg28", n28, 28, rgb=False)
         f224 = write_jpeg_folder(tmp / "jpeg224", n224, 224, rgb=True)
-        print("Loader throughput (one pass over the train split, no model):")
-        loader_throughput(tmp, f28, 28)
-        loader_throughput(tmp, f224, 224)
-        steps = 40 if quick else 110
-        training_throughput(tmp, f28, 1 if quick else args.rounds, steps, 10)
-        compile_gain(10 if quick else 30)
+        if "loader" in parts:
+            print("Loader throughput (one pass over the train split, no model):")
+            loader_throughput(tmp, f28, 28)
+            loader_throughput(tmp, f224, 224)
+        if "train" in parts:
+            steps = 40 if quick else 110
+            training_throughput(tmp, f28, 1 if quick else args.rounds, steps, 10)
+        if "compile" in parts:
+            compile_gain(10 if quick else 30)

@@ -36,7 +36,6 @@ def gpu_trained(tmp_path_factory):
         "data=folder",
         f"data.root={images}",
         "data.size=[16,16]",
-        "trainer.precision=bf16-mixed",
         "train.epochs=5",
         *GPU,
     )
@@ -44,9 +43,32 @@ def gpu_trained(tmp_path_factory):
     return root, result, images, spy.devices
 
 
+def test_device_batches_on_cuda_equal_the_cpu_batches():
+    from image_classifier.data.device import DeviceBatches, EpochPermutation
+
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(50)
+    gpu = DeviceBatches(images, labels, 8, EpochPermutation(50, 1), "cuda")
+    cpu = DeviceBatches(images, labels, 8, EpochPermutation(50, 1), "cpu")
+    for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
+        assert xg.device.type == "cuda" and xg.dtype == torch.uint8
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+
+
+def test_batch_augmentation_runs_on_the_gpu():
+    from image_classifier.data.augment import augment_batch
+
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, device="cuda")
+    y = augment_batch(x, hflip=True, shift=2, erase=0.5)
+    assert y.device.type == "cuda" and y.shape == x.shape and y.dtype == torch.uint8
+
+
 def test_training_runs_on_the_gpu_in_bf16(gpu_trained):
     _, result, _, devices = gpu_trained
     assert devices == {("cuda", "cuda")}  # the weights and every batch were on the GPU
+    assert result["precision"] == "bf16-mixed"  # trainer.precision=null picks it on CUDA
+    assert result["batching"].startswith("on the device (cuda")  # uint8 data held on the GPU
+    assert result["decoded_cache"]  # the folder was decoded once, then batched from the GPU
     assert Path(result["checkpoint"]).is_file()
     assert result["best_score"] is not None and result["best_score"] > 0.5  # it learned
     # The checkpoint is portable: it loads on a machine without a GPU.

@@ -299,6 +299,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("Trained 1 epoch(s)") == 1  # the summary comes once, from rank 0
+    assert "batches on the device (cpu" in p.stdout  # each process batches its own share
     assert sorted(x.name for x in (tmp_path / "outputs" / "ddp" / "checkpoints").iterdir()) == [
         "best.ckpt",
         "last.ckpt",
@@ -308,7 +309,8 @@ def test_ddp_with_two_cpu_processes(tmp_path, idx_source):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     assert len(client.get_metric_history(runs[0].info.run_id, "val/acc")) == 1
-    # 160 train images over 2 processes of batch 16: 5 steps each, one epoch
+    # 160 train images over 2 processes of batch 16: 5 steps each, one epoch (DeviceBatches
+    # shards the shuffled order as DistributedSampler would)
     assert (
         torch.load(tmp_path / "outputs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)[
             "global_step"

@@ -61,10 +61,10 @@ class ArrayDataset(Dataset):
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices)
-        x = self.images[idx]
+        x = self.images.index_select(0, idx)  # much faster than images[idx] for uint8 rows
         if self.pre:
             x = torch.stack([self._convert(img) for img in x])
-        return x, self.labels[idx]
+        return x, self.labels.index_select(0, idx)
 
 
 class AugmentedDataset(Dataset):

@@ -77,7 +77,8 @@ class DeviceBatches:
         order = self.indices().to(self.device)
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
-            yield self.images[idx], self.labels[idx]
+            # index_select, not images[idx]: on the CPU it gathers uint8 rows ~15x faster
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
     def nbytes(self) -> int:
         return self.images.nbytes + self.labels.nbytes
