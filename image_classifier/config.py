@@ -153,7 +153,7 @@ def _train_rules() -> dict:
         "train.step_size": POSITIVE_INT,
         "train.gamma": POSITIVE,
         "train.patience": COUNT,
-        "train.label_smoothing": Number(0, 0.999),
+        "train.label_smoothing": Number(0, 0.999, optional=True),
         "train.monitor": Choice(MONITORS),
         "train.threshold": Either("tune", PROBABILITY),
         "train.early_stopping": COUNT,

@@ -158,6 +158,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
     if model_spec["name"] == "baseline":
         model_spec = {**model_spec, "class_counts": info.class_counts}
     optim = {k: t.get(k) for k in OPTIM_KEYS}
+    optim["label_smoothing"] = label_smoothing(t, info)
     if t.get("class_weights"):
         counts = np.maximum(np.asarray(info.class_counts, dtype=float), 1)
         optim["class_weights"] = (counts.sum() / (len(counts) * counts)).tolist()
@@ -183,6 +184,15 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
     if t.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
+
+
+def label_smoothing(t, info) -> float:
+    """train.label_smoothing, where null means 0.1 for single-label data (fewer epochs to the
+    same accuracy on Fashion-MNIST; the temperature fitted after training undoes the
+    under-confidence it leaves) and 0 for multi-label data, which it does not apply to."""
+    if t.get("label_smoothing") is None:
+        return 0.0 if info.multi_label else 0.1
+    return float(t.label_smoothing)
 
 
 def check_multi_label(cfg, model_spec: dict, info) -> None:
