@@ -369,7 +369,7 @@ class ImageDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _world(self) -> int:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         return trainer.world_size if trainer is not None else 1
 
     def loader(self, split: str, shuffle: bool = False) -> DataLoader:
@@ -405,7 +405,7 @@ class ImageDataModule(L.LightningDataModule):
         a DataLoader: per-image augmentation, the balanced sampler, decoding per epoch, over
         the device budget, or evaluation under several processes (Lightning shards those)."""
         ds = self.dataset(split)
-        trainer, world = getattr(self, "_trainer", None), self._world()
+        trainer, world = self.trainer, self._world()
         if (
             not isinstance(ds, ArrayDataset)
             or ds.pre is not None

@@ -112,7 +112,11 @@ def _write_split(tmp: Path, split: str, ds, workers: int) -> int:
     from image_classifier.data.datamodule import collate
 
     n = len(ds)
-    loader = DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=collate)
+    # its own generator: building must not move the global RNG (a run that builds the cache and
+    # one that reads it start training from the same random state)
+    loader = DataLoader(
+        ds, batch_size=256, num_workers=workers, collate_fn=collate, generator=torch.Generator()
+    )
     images = labels = None
     i = 0
     for x, y in tqdm(loader, desc=f"decoding {split}", leave=False, disable=n < 2000 or None):

@@ -114,13 +114,24 @@ def resume_point(cfg):
     stored = ckpt_file.stored_config(ckpt)
     if not stored:
         raise UserError(f"train.resume={r!r}: {ckpt} holds no training config to resume from.")
-    epochs = int(cfg.train.epochs)
+    epochs = asked_epochs(cfg)
     cfg = OmegaConf.create(stored)
     with open_dict(cfg):
-        cfg.train.epochs = max(epochs, int(cfg.train.epochs))
+        cfg.train.epochs = max(epochs or 0, int(cfg.train.epochs))
         cfg.paths.output_dir = str(ckpt.parent.parent)
     log.warning("Resuming %s from %s", cfg.paths.output_dir, ckpt)
     return cfg, ckpt
+
+
+def asked_epochs(cfg) -> int | None:
+    """train.epochs when the command line gives it; None when it is only the default (a resumed
+    run then keeps its own number of epochs, not the current default's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # called from Python with a composed config: take it
+        return int(cfg.train.epochs)
+    keys = [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return int(cfg.train.epochs) if "train.epochs" in keys else None
 
 
 def model_normalisation(cfg):
