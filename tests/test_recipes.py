@@ -373,3 +373,20 @@ def test_bad_training_settings_are_clear_errors(make_cfg, folder_data, options, 
         run_train(
             make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false", *options)
         )
+
+
+def test_resume_can_extend_a_finished_run_in_the_same_mlflow_run(make_cfg, folder_data, tmp_path):
+    """train.resume with more train.epochs continues the run; MLflow keeps the params it
+    logged (the stored config) instead of refusing a changed train.epochs."""
+    from image_classifier.errors import UserError
+
+    base = ("data=folder", f"data.root={folder_data}", "train.early_stopping=0")
+    first = run_train(make_cfg(*base, "train.epochs=1", f"paths.output_dir={tmp_path}/run"))
+    resume = f"train.resume={first['last_checkpoint']}"
+    with pytest.raises(UserError, match="one-cycle schedule was laid out for 1 epochs"):
+        run_train(make_cfg(resume, "train.epochs=2"))  # the default schedule cannot stretch
+    cosine = ("train.epochs=1", "train.scheduler=cosine", f"paths.output_dir={tmp_path}/c")
+    first = run_train(make_cfg(*base, *cosine))
+    more = run_train(make_cfg(f"train.resume={first['last_checkpoint']}", "train.epochs=2"))
+    final = torch.load(more["last_checkpoint"], weights_only=True)
+    assert final["epoch"] == 1 and more["mlflow_run_id"] == first["mlflow_run_id"]

@@ -69,7 +69,18 @@ def default_precision(accelerator: str) -> str:
 def run_train(cfg, callbacks: list | None = None) -> dict:
     """`callbacks`: extra Lightning callbacks (benchmarks and tests hook in here)."""
     started = time.perf_counter()
+    asked = asked_epochs(cfg)
     cfg, resume_from = resume_point(cfg)
+    epochs = int(cfg.train.epochs)
+    if resume_from is not None:  # the stored config's epochs, or more when asked for
+        if (asked or 0) > epochs and cfg.train.scheduler == "onecycle":
+            raise UserError(
+                f"train.epochs={asked}: this run's one-cycle schedule was laid out for {epochs} "
+                "epochs and cannot be stretched. Resume without train.epochs, or start a new run "
+                f"with train.epochs={asked} (schedules that can be extended: cosine, step, "
+                "plateau, none)."
+            )
+        epochs = max(asked or 0, epochs)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
@@ -82,7 +93,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
     trainer = L.Trainer(
-        max_epochs=int(cfg.train.epochs),
+        max_epochs=epochs,
         callbacks=cbs,
         logger=logger or False,
         default_root_dir=out,
@@ -104,7 +115,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
 
 def resume_point(cfg):
     """(config, checkpoint) for train.resume=last|PATH: the interrupted run's own config and
-    folder, with train.epochs raised to the one asked for; (cfg, None) without resume."""
+    folder, unchanged (so what MLflow logged for the run still matches; run_train raises the
+    number of epochs when train.epochs asks for more); (cfg, None) without resume."""
     r = cfg.train.get("resume")
     if not r:
         return cfg, None
@@ -114,10 +126,8 @@ def resume_point(cfg):
     stored = ckpt_file.stored_config(ckpt)
     if not stored:
         raise UserError(f"train.resume={r!r}: {ckpt} holds no training config to resume from.")
-    epochs = asked_epochs(cfg)
     cfg = OmegaConf.create(stored)
     with open_dict(cfg):
-        cfg.train.epochs = max(epochs or 0, int(cfg.train.epochs))
         cfg.paths.output_dir = str(ckpt.parent.parent)
     log.warning("Resuming %s from %s", cfg.paths.output_dir, ckpt)
     return cfg, ckpt
