@@ -390,3 +390,18 @@ def test_resume_can_extend_a_finished_run_in_the_same_mlflow_run(make_cfg, folde
     more = run_train(make_cfg(f"train.resume={first['last_checkpoint']}", "train.epochs=2"))
     final = torch.load(more["last_checkpoint"], weights_only=True)
     assert final["epoch"] == 1 and more["mlflow_run_id"] == first["mlflow_run_id"]
+
+
+def test_cnn_layout_options_and_a_bad_one():
+    from image_classifier.errors import UserError
+    from image_classifier.models.factory import create_model
+
+    x = torch.zeros(2, 1, 28, 28)
+    for downsample in ("early", "end"):
+        for pool in ("max", "avg"):
+            net = create_model(
+                "cnn", num_classes=3, in_chans=1, downsample=downsample, global_pool=pool
+            )
+            assert net(x).shape == (2, 3)
+    with pytest.raises(UserError, match="model.downsample='late'.*downsample takes end or early"):
+        create_model("cnn", num_classes=3, in_chans=1, downsample="late")

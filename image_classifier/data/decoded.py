@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.images import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ def size_bytes(counts: dict[str, int], pre: Preprocessing) -> int:
     """The cache's size on disk: one uint8 per pixel and channel."""
     h, w = pre.size
     return sum(counts.values()) * pre.channels * h * w
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load(folder: Path, key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
@@ -84,10 +77,7 @@ def build(folder: Path, key: str, datasets: dict, describe: dict, workers: int) 
     """Decode every split of `datasets` ({split: Dataset of (uint8 CHW, label)}) into `folder`,
     atomically; `describe` goes into the manifest."""
     started = time.perf_counter()
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(folder) as tmp:
         counts = {s: _write_split(tmp, s, ds, workers) for s, ds in datasets.items()}
         manifest = {
             "key": key,
@@ -97,12 +87,7 @@ def build(folder: Path, key: str, datasets: dict, describe: dict, workers: int) 
             "dtype": "uint8",
             "seconds": round(time.perf_counter() - started, 1),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if folder.exists():  # an incomplete or foreign folder under this key
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp, manifest)
 
 
 def _write_split(tmp: Path, split: str, ds, workers: int) -> int:

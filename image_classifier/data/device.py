@@ -56,9 +56,8 @@ class DeviceBatches:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.sampler = int(batch_size), sampler
-        self.batch_sampler = (
-            None  # Lightning reads `sampler` (set_epoch) and this, as on a DataLoader
-        )
+        # Lightning reads `sampler` (it calls set_epoch) and `batch_sampler`, as on a DataLoader
+        self.batch_sampler = None
         self.rank, self.world = rank, world
         self.device = torch.device(device)
 

@@ -11,13 +11,13 @@ leaves a cache that reads as complete; a second run with nothing changed does no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from image_classifier.data.cachedir import read_manifest
 from image_classifier.data.datamodule import ArrayDataset, DataInfo, collate
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import SPLITS
@@ -35,13 +35,6 @@ def backbone_preprocessing(fcfg) -> Preprocessing:
         std=tuple(fcfg.std),
         resize=fcfg.get("resize", "stretch"),
     )
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class FeatureDataModule(L.LightningDataModule):

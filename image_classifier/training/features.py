@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -20,8 +18,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, read_manifest
+from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import SPLITS, write_unusable
 from image_classifier.errors import UserError
@@ -156,21 +155,13 @@ def _manifest(cfg, key: str, info, counts: dict, dim: int, seconds: float) -> di
 def _write_atomically(folder: Path, dm, backbone, describe, quiet: bool) -> dict:
     """Every split's features and then the manifest (`describe(counts, dim)`) into a temporary
     folder, renamed into place only when complete; returns the manifest."""
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(folder) as tmp:
         counts, dim = {}, None
         with torch.inference_mode():
             for split in SPLITS:
                 counts[split], dim = _write_split(tmp, split, dm, backbone, quiet)
         manifest = describe(counts, dim)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if folder.exists():  # an older, incomplete or foreign folder under this key
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp, manifest)
     return manifest
 
 

@@ -1,0 +1,40 @@
+"""One folder per cache key, with a `manifest.json` written last: what the feature cache and the
+decoded-image cache share. `building(folder)` hands out a temporary folder and renames it into
+place only when the block finishes, so an interrupted build never leaves a folder that reads as
+complete; `read_manifest` returns None for anything incomplete or unreadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def building(folder: Path) -> Iterator[Path]:
+    """A temporary sibling of `folder` to fill; on success it replaces `folder` (an older,
+    incomplete or foreign folder under the same key), on any error it is removed."""
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
