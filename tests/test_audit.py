@@ -21,11 +21,11 @@ def planted(tmp_path) -> Path:
     train = root / "train"
     # exact duplicate: the same file under another name
     shutil.copy(train / "cat" / "000.png", train / "cat" / "copy_of_000.png")
-    # near-duplicate leaking into test: a train image with faint noise
+    # near-duplicate leaking into test: a train image brightened, noised and re-encoded as JPEG
     base = np.asarray(Image.open(train / "dog" / "001.png"), dtype=np.float32)
-    noisy = base + np.random.default_rng(5).normal(0, 2, base.shape)
+    noisy = base + 12 + np.random.default_rng(5).normal(0, 3, base.shape)
     Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
-        root / "test" / "dog" / "near_001.png"
+        root / "test" / "dog" / "near_001.jpg", quality=85
     )
     # flipped label: a fox picture in the cat folder
     Image.fromarray(class_image(2, np.random.default_rng(9))).save(
@@ -81,7 +81,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     pair = near["items"][0]
     assert {Path(pair["a"]["name"]).name, Path(pair["b"]["name"]).name} == {
         "001.png",
-        "near_001.png",
+        "near_001.jpg",
     }
     assert {pair["a"]["split"], pair["b"]["split"]} == {"train", "test"} and pair["leak"]
 
@@ -97,6 +97,8 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "unusable files: 3" in printed and "exact duplicates: 1 groups" in printed
     assert "1 leak train into val/test" in printed and "label issues: 1 ranked" in printed
+    pairs = (out / "near_duplicates.csv").read_text().splitlines()
+    assert len(pairs) == 2 and ",train-test,True," in pairs[1] and "near_001.jpg" in pairs[1]
     ranked = (out / "label_issues.csv").read_text().splitlines()
     assert ranked[0].startswith("rank,image,split,given_label,suggested_label,self_confidence")
     assert "flipped_fox.png" in ranked[1] and ",cat,fox," in ranked[1]

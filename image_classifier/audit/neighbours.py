@@ -1,11 +1,14 @@
 """Nearest neighbours in one pass, and what they show: near-duplicates and outliers.
 
 Distances are cosine distances between L2-normalised vectors, found with chunked matrix products
-(70,000 images in seconds). Both checks read distances on a calibrated scale, relative to the
-data's own median nearest-neighbour distance, as cleanlab does:
-  - near-duplicates: pairs closer than `audit.near_threshold` x that median (cleanlab's
-    near-duplicate rule; its default is 0.13), on the images' own pixels, mean-centred per image
-    so a brightness shift does not hide a copy;
+(70,000 images in seconds).
+  - near-duplicates, in two steps: candidates are neighbours on the images' own pixels (mean-centred
+    per image, so a brightness shift does not hide a copy) closer than `audit.near_candidates` x
+    the data's median nearest-neighbour distance (cleanlab's calibrated near-duplicate scale);
+    a candidate is a near-duplicate when its two thumbnails, once brightness and contrast are
+    matched, differ by at most `audit.near_threshold` grey levels (RMS, 0-255). That scale means
+    the same on every dataset: noise, JPEG re-encoding and a brightness change stay within a few
+    grey levels, while two photos of similar things differ by more;
   - outliers: cleanlab's `OutOfDistribution` score exp(-d / median d) of the average distance d to
     the k nearest neighbours in the audit's feature space, flagged below `audit.outlier_threshold`.
 """
@@ -60,17 +63,44 @@ def knn(z, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     return dist, idx
 
 
-def near_duplicates(dist: np.ndarray, idx: np.ndarray, threshold: float, exact: set) -> list:
-    """[(i, j, distance / median nearest-neighbour distance)] with i < j, not exact copies."""
+def near_duplicates(
+    thumbs: np.ndarray,
+    dist: np.ndarray,
+    idx: np.ndarray,
+    candidates: float,
+    threshold: float,
+    exact: set,
+) -> list:
+    """[(i, j, grey-level difference)] with i < j, not exact copies (see the module's text)."""
     median = max(float(np.median(dist[:, 0])), 1e-9)
-    rows, cols = np.nonzero(dist < threshold * median)
-    pairs = {}
-    for a, c in zip(rows.tolist(), cols.tolist(), strict=True):
-        b = int(idx[a, c])
-        key = (min(a, b), max(a, b))
-        if key not in exact:
-            pairs[key] = round(float(dist[a, c]) / median, 4)
-    return sorted((i, j, r) for (i, j), r in pairs.items())
+    rows, cols = np.nonzero(dist < candidates * median)
+    pairs = {
+        (min(a, int(idx[a, c])), max(a, int(idx[a, c]))) for a, c in zip(rows, cols, strict=True)
+    }
+    pairs = sorted(pairs - exact)
+    if not pairs:
+        return []
+    diff = matched_difference(thumbs, np.array(pairs))
+    return [
+        (i, j, round(float(d), 2)) for (i, j), d in zip(pairs, diff, strict=True) if d <= threshold
+    ]
+
+
+def matched_difference(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """RMS grey-level difference of each pair's thumbnails after least-squares matching of
+    brightness (mean) and contrast (gain), fitted both ways; the larger of the two, so a flat
+    image is not "matched" to a textured one by shrinking the texture to nothing."""
+    x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
+    out = np.empty(len(pairs), np.float32)
+    for s in range(0, len(pairs), chunk):
+        a, b = x[pairs[s : s + chunk, 0]], x[pairs[s : s + chunk, 1]]
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        ab, aa, bb = (a * b).sum(1), (a * a).sum(1), (b * b).sum(1)
+        # residual of b ~ g a is (bb - ab^2 / aa) / n, and the other way round (aa - ab^2 / bb) / n
+        r1 = bb - ab**2 / np.maximum(aa, 1e-6)
+        r2 = aa - ab**2 / np.maximum(bb, 1e-6)
+        out[s : s + chunk] = np.sqrt(np.maximum(np.maximum(r1, r2), 0) / a.shape[1])
+    return out
 
 
 class _Precomputed:

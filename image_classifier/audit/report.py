@@ -30,7 +30,7 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
 
     def pair(e):
         i, j, r = e
-        return [(i, short(i)), (j, short(j) + f"\nd = {r:.2f} x median")]
+        return [(i, short(i)), (j, short(j) + f"\n{r:.1f} grey levels apart")]
 
     def suspect(e):
         i, q, s = e
@@ -136,8 +136,8 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         + "".join(f"\n    {Path(u['path']).name}: {u['reason']}" for u in r["unusable_files"][:5]),
         f"  exact duplicates: {ex['groups']} groups ({ex['extra_copies']} extra copies), "
         f"{ex['across_splits']} across splits, {ex['conflicting_labels']} with conflicting labels",
-        f"  near-duplicates: {near['pairs']} pairs, {near['leaks_train_to_eval']} leak train into "
-        "val/test",
+        f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
+        f"{near['leaks_train_to_eval']} leak train into val/test",
         f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv "
         f"({r['label_errors']['features']})",
         f"  outliers: {r['outliers']['count']}",

@@ -32,10 +32,14 @@ def run_audit(cfg) -> dict:
         exact_pairs = {(i, j) for g in groups for i in g for j in g if i < j}
     with _timed(timings, "near"):
         dist, idx = neighbours.knn(neighbours.pixel_vectors(d.thumbs), k=5)
-        near = neighbours.near_duplicates(dist, idx, float(a.near_threshold), exact_pairs)
+        near = neighbours.near_duplicates(
+            d.thumbs, dist, idx, float(a.near_candidates), float(a.near_threshold), exact_pairs
+        )
     with _timed(timings, "labels"):
-        x, source = label_checks.features(d, cfg, str(a.features))
-        probs = label_checks.out_of_sample_probs(x, d.labels, int(a.folds), int(a.epochs), cfg.seed)
+        views, x, source = label_checks.features(d, cfg, str(a.features))
+        probs = label_checks.out_of_sample_probs(
+            views, d.labels, int(a.folds), int(a.epochs), int(a.hidden), cfg.seed
+        )
         suspects, confident = label_checks.label_issues(
             d.labels, probs, float(a.label_threshold), int(a.max_suspects)
         )
@@ -51,6 +55,7 @@ def run_audit(cfg) -> dict:
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
+    write_near_csv(report, out / "near_duplicates.csv")
     with _timed(timings, "grids"):
         made = grids(d, groups, near, suspects, outliers, out, int(a.examples))
     timings["total"] = time.perf_counter() - started
@@ -112,13 +117,14 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         "class_counts": class_counts(d),
         "unusable_files": [{"path": p, "reason": why} for p, why in sorted(d.skipped.items())],
         "exact_duplicates": _exact_report(d, groups),
-        "near_duplicates": _near_report(d, near, float(a.near_threshold)),
+        "near_duplicates": _near_report(d, near, a),
         "label_errors": {
             "suspects": len(suspects),
             "features": source,
-            "method": f"cleanlab on {a.folds}-fold cross-validated probabilities of a linear "
-            f"head: predicted class != given and self-confidence <= {a.label_threshold}, ranked "
-            f"by self-confidence (at most {a.max_suspects})",
+            "method": f"cleanlab on {a.folds}-fold cross-validated probabilities, averaged over "
+            f"one {'MLP (' + str(a.hidden) + ' units)' if a.hidden else 'linear'} head per "
+            f"feature view: predicted class != given and self-confidence <= "
+            f"{a.label_threshold}, ranked by self-confidence (at most {a.max_suspects})",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects
@@ -156,19 +162,26 @@ def _exact_report(d: AuditData, groups) -> dict:
     }
 
 
-def _near_report(d: AuditData, near, threshold: float) -> dict:
+def _near_report(d: AuditData, near, a) -> dict:
     def leak(i, j):  # a pair that joins train and val/test
         return d.splits[i] != d.splits[j] and 0 in (d.splits[i], d.splits[j])
 
     items = [
-        {"a": who(d, i), "b": who(d, j), "distance_ratio": r, "leak": bool(leak(i, j))}
-        for i, j, r in near
+        {
+            "a": who(d, i),
+            "b": who(d, j),
+            "splits": f"{SPLITS[int(d.splits[i])]}-{SPLITS[int(d.splits[j])]}",
+            "grey_level_difference": r,
+            "leak": bool(leak(i, j)),
+        }
+        for i, j, r in sorted(near, key=lambda e: e[2])
     ]
     return {
         "pairs": len(items),
         "leaks_train_to_eval": sum(1 for e in items if e["leak"]),
-        "method": "pixels (mean-centred), cosine distance below "
-        f"{threshold} x the median nearest-neighbour distance (cleanlab's near-duplicate rule)",
+        "method": f"pixel neighbours closer than {a.near_candidates} x the median nearest-"
+        f"neighbour cosine distance, whose thumbnails differ by at most {a.near_threshold} grey "
+        "levels (RMS, 0-255) once brightness and contrast are matched",
         "items": items,
     }
 
@@ -181,4 +194,36 @@ def write_label_csv(report: dict, path: Path) -> None:
         for rank, e in enumerate(report["label_errors"]["items"], 1):
             w.writerow(
                 [rank, e["name"], e["split"], e["label"], e["suggested"], e["self_confidence"]]
+            )
+
+
+def write_near_csv(report: dict, path: Path) -> None:
+    """The near-duplicate pairs, closest first, leaks marked."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "rank",
+                "image_a",
+                "label_a",
+                "image_b",
+                "label_b",
+                "splits",
+                "leak",
+                "grey_level_difference",
+            ]
+        )
+        for rank, e in enumerate(report["near_duplicates"]["items"], 1):
+            a, b = e["a"], e["b"]
+            w.writerow(
+                [
+                    rank,
+                    a["name"],
+                    a["label"],
+                    b["name"],
+                    b["label"],
+                    e["splits"],
+                    e["leak"],
+                    e["grey_level_difference"],
+                ]
             )
