@@ -175,6 +175,9 @@ def test_label_errors_from_cached_backbone_features(planted, tmp_path):
     )
     r = audit(planted, tmp_path, "logger.enabled=false", "audit.features=cache", *feats)["report"]
     assert "test_efficientnet features from the cache" in r["label_errors"]["features"]
+    assert r["label_errors"]["features"].endswith(
+        "+ pixels (PCA-128 of 32x32 thumbnails), one head each"
+    )
     assert isinstance(r["label_errors"]["items"], list)  # random weights: no claim on what it finds
 
 
@@ -197,3 +200,19 @@ def test_files_that_change_after_the_scan_are_reported_not_raised(tmp_path):
     cut.write_bytes(good.read_bytes()[:40])
     digest, thumb, *_, why = _file_entry(str(cut))
     assert digest is None and thumb is None and why.startswith(f"{cut}: ")
+
+
+def test_matched_difference_ignores_brightness_and_contrast_not_content():
+    """The near-duplicate scale: grey levels (RMS) left once brightness and contrast are matched."""
+    from image_classifier.audit.neighbours import matched_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 200, (32, 32)).astype(np.float32)
+    noise = rng.normal(0, 4, a.shape).astype(np.float32)
+    other = rng.uniform(0, 200, (32, 32)).astype(np.float32)
+    flat = np.full((32, 32), 100, np.float32)
+    thumbs = np.stack([a, 0.8 * a + 30, a + noise, other, flat])
+    d = matched_difference(thumbs, np.array([[0, 1], [0, 2], [0, 3], [0, 4]]))
+    assert d[0] < 1e-3  # brightness and contrast only
+    assert 3.0 < d[1] < 5.0  # noise sigma 4 reads as about 4 grey levels
+    assert d[2] > 40 and d[3] > 40  # another image; a flat one is not a shrunken copy

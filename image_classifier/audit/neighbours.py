@@ -90,10 +90,14 @@ def matched_difference(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 4096)
     """RMS grey-level difference of each pair's thumbnails after least-squares matching of
     brightness (mean) and contrast (gain), fitted both ways; the larger of the two, so a flat
     image is not "matched" to a textured one by shrinking the texture to nothing."""
-    x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
+    x = thumbs.reshape(len(thumbs), -1)
     out = np.empty(len(pairs), np.float32)
     for s in range(0, len(pairs), chunk):
-        a, b = x[pairs[s : s + chunk, 0]], x[pairs[s : s + chunk, 1]]
+        # float64: the residual is a small difference of large sums
+        a, b = (
+            x[pairs[s : s + chunk, 0]].astype(np.float64),
+            x[pairs[s : s + chunk, 1]].astype(np.float64),
+        )
         a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
         ab, aa, bb = (a * b).sum(1), (a * a).sum(1), (b * b).sum(1)
         # residual of b ~ g a is (bb - ab^2 / aa) / n, and the other way round (aa - ab^2 / bb) / n
