@@ -5,8 +5,8 @@ Each view of the data (the cached backbone features and the pixels when a featur
 else the pixels alone) gets its own head (an MLP with `audit.hidden` units, or linear with 0) in
 each fold; an image's probabilities are the average over the views' heads that never saw it. Two
 views that err differently give sharper and better-ranked probabilities than either alone: on
-Fashion-MNIST with planted flips the two-head average finds about 85 of 100 flips at 50 %
-precision, each head alone about 75 (docs/benchmarks.md).
+Fashion-MNIST with planted flips the two-head average finds 82 of 100 flips at 50 % precision,
+each head alone 68 to 78 (docs/benchmarks.md).
 
 An image is a suspect when those probabilities favour another class
 (`cleanlab.filter.find_label_issues`) and give its own label (cleanlab's self-confidence score) at

@@ -44,7 +44,10 @@ def run_audit(cfg) -> dict:
             d.labels, probs, float(a.label_threshold), int(a.max_suspects)
         )
     with _timed(timings, "outliers"):
-        fdist, fidx = neighbours.knn(neighbours.pca(x, int(a.feature_dims)), k=int(a.neighbours))
+        # x is already principal components (labels.features): only L2-normalise for cosine
+        fdist, fidx = neighbours.knn(
+            x / x.norm(dim=1, keepdim=True).clamp_min(1e-6), int(a.neighbours)
+        )
         scores = neighbours.outlier_scores(fdist, fidx)
         outliers = [int(i) for i in np.argsort(scores) if scores[i] < float(a.outlier_threshold)]
         outliers = outliers[: int(a.max_outliers)]
