@@ -173,7 +173,8 @@ def test_training_batches_on_the_device_and_says_so(tmp_path, capsys):
     r = run_train(compose_cfg(tmp_path, *base, "train.augment.erase=0.5"))
     assert r["batching"].startswith("on the device (cpu") and r["decoded_cache"]
     assert "batches on the device (cpu" in capsys.readouterr().out
-    r = run_train(compose_cfg(tmp_path, *base, "train.device_data=false", "paths.output_dir=o2"))
+    loader = ("train.device_data=false", f"paths.output_dir={tmp_path}/o2")
+    r = run_train(compose_cfg(tmp_path, *base, *loader))
     assert r["batching"] == "DataLoader"
 
 
