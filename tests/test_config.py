@@ -60,6 +60,8 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["audit.features=clip"], "audit.features='clip' is not one of auto, cache, pixels."),
         (["audit.label_threshold=2"], "audit.label_threshold=2 must be a number >= 0 and <= 1."),
         (["audit.near_threshold=0"], "audit.near_threshold=0 must be a number > 0."),
+        (["audit.near_candidates=0"], "audit.near_candidates=0 must be a number > 0."),
+        (["audit.hidden=-1"], "audit.hidden=-1 must be an integer >= 0."),
         (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1."),
         (["train.threads=true"], "train.threads=True must be an integer >= 1."),
     ],
