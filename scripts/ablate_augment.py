@@ -4,6 +4,7 @@ optimiser, schedule, label smoothing, batch size and normalisation, read from th
 5,000 images held out of the 60,000 are a seeded random draw, not the job's stratified split.
 
     uv run python scripts/ablate_augment.py --epochs 4 --settings none flip flip+1 flip+2
+    uv run python scripts/ablate_augment.py --epochs 4 --settings none --convs-per-stage 1 2 2
 
 Each setting trains from the same seed; run two at once with --threads 1 to halve the wall time.
 """
@@ -42,7 +43,7 @@ def load(split: str):
     return x, y
 
 
-def run(setting: str, epochs: int, seed: int, channels) -> tuple[list[float], float]:
+def run(setting: str, epochs: int, seed: int, channels, convs=None) -> tuple[list[float], float]:
     """Test accuracy without and with flip TTA, and the seconds of training."""
     import torch
     from torch import nn
@@ -60,6 +61,7 @@ def run(setting: str, epochs: int, seed: int, channels) -> tuple[list[float], fl
     xt, yt = load("test")
     spec = {k: v for k, v in cfg.model.items() if k != "name"}
     spec["channels"] = channels or spec["channels"]
+    spec["convs_per_stage"] = convs or spec["convs_per_stage"]
     net = create_model(cfg.model.name, num_classes=10, in_chans=1, **spec)
     net = net.to(memory_format=torch.channels_last)
     bs = int(t.batch_size)
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--channels", type=int, nargs="+", help="default: the model config's")
+    ap.add_argument("--convs-per-stage", type=int, nargs="+", help="default: the model config's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -112,7 +115,7 @@ def main() -> None:
     print("| augmentation | epochs | test accuracy | with flip TTA | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for s in args.settings:
-        (acc, tta), seconds = run(s, args.epochs, args.seed, args.channels)
+        (acc, tta), seconds = run(s, args.epochs, args.seed, args.channels, args.convs_per_stage)
         print(f"| {s} | {args.epochs} | {acc:.2%} | {tta:.2%} | {seconds:.0f} |", flush=True)
 
 

@@ -405,3 +405,21 @@ def test_cnn_layout_options_and_a_bad_one():
             assert net(x).shape == (2, 3)
     with pytest.raises(UserError, match="model.downsample='late'.*downsample takes end or early"):
         create_model("cnn", num_classes=3, in_chans=1, downsample="late")
+
+
+def test_cnn_takes_a_conv_count_per_stage_and_names_a_bad_one():
+    from torch import nn
+
+    from image_classifier.errors import UserError
+    from image_classifier.models.factory import create_model
+
+    net = create_model(
+        "cnn", num_classes=3, in_chans=1, channels=[8, 16, 32], convs_per_stage=[1, 2, 2]
+    )
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 16, 32, 32]
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+    with pytest.raises(UserError, match=r"convs_per_stage=\[1, 2\].*a list of 3 such counts"):
+        create_model("cnn", num_classes=3, in_chans=1, channels=[8, 16, 32], convs_per_stage=[1, 2])
+    with pytest.raises(UserError, match=r"convs_per_stage=\[0, 0, 0\]"):
+        create_model("cnn", num_classes=3, in_chans=1, convs_per_stage=0)

@@ -13,6 +13,8 @@ OWN_MODELS = ("cnn", "baseline", "head")
 class SimpleCNN(nn.Module):
     """Stages of (conv-BN-ReLU) x convs_per_stage, then global pooling, dropout, a linear head.
 
+    `convs_per_stage`: one count for every stage, or a list with a count per stage.
+
     `downsample="end"`: a stage ends with a 2x2 max-pool (VGG; the last stage does not pool).
     `downsample="early"`: every stage pools right after its first convolution, as airbench's
     CIFAR-10 net does, so the later convolutions run at a quarter of the pixels: about 2.6x the
@@ -24,7 +26,7 @@ class SimpleCNN(nn.Module):
         in_chans: int,
         num_classes: int,
         channels=(32, 64, 128),
-        convs_per_stage: int = 2,
+        convs_per_stage: int | list[int] = 2,
         dropout: float = 0.2,
         downsample: str = "end",
         global_pool: str = "avg",
@@ -35,10 +37,11 @@ class SimpleCNN(nn.Module):
                 f"model.downsample={downsample!r} / model.global_pool={global_pool!r}: "
                 "downsample takes end or early, global_pool avg or max."
             )
+        counts = _per_stage(convs_per_stage, channels)
         layers: list[nn.Module] = []
         c_in = in_chans
-        for i, c_out in enumerate(channels):
-            for j in range(convs_per_stage):
+        for i, (c_out, n) in enumerate(zip(channels, counts, strict=True)):
+            for j in range(n):
                 layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
                 if downsample == "early" and j == 0:
                     layers.append(nn.MaxPool2d(2))
@@ -62,6 +65,20 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+def _per_stage(convs_per_stage, channels) -> list[int]:
+    counts = (
+        [convs_per_stage] * len(channels)
+        if isinstance(convs_per_stage, int)
+        else [int(n) for n in convs_per_stage]
+    )
+    if len(counts) != len(channels) or min(counts) < 1:
+        raise UserError(
+            f"model.convs_per_stage={list(counts)} with model.channels={list(channels)}: give one "
+            f"count >= 1 for every stage, or a list of {len(channels)} such counts."
+        )
+    return counts
 
 
 class MostFrequentClass(nn.Module):
