@@ -64,6 +64,8 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["audit.hidden=-1"], "audit.hidden=-1 must be an integer >= 0."),
         (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1."),
         (["train.threads=true"], "train.threads=True must be an integer >= 1."),
+        (["test.tta=flip"], "test.tta='flip' is not one of False, True, none, hflip, hflip+shift."),
+        (["export.tta=shift"], "export.tta='shift' is not one of False, True, none, hflip,"),
     ],
 )
 def test_rules_name_the_value_and_the_options(overrides, expected):
@@ -73,7 +75,8 @@ def test_rules_name_the_value_and_the_options(overrides, expected):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["data=folder"], ["experiment=fmnist_best_cpu"], ["hparams_search=optuna"]]
+    [[], ["data=folder"], ["experiment=fmnist_best_cpu"], ["experiment=fmnist_fast"]]
+    + [["hparams_search=optuna"], ["test.tta=hflip+shift", "export.tta=true"]]
     + [[f"model={p.stem}"] for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))],
 )
 def test_shipped_configs_are_valid(overrides):

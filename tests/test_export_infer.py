@@ -372,7 +372,7 @@ def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
             root, f"test.checkpoint={ckpt}", "test.tta=true", f"paths.output_dir={tmp_path}/b"
         )
     )
-    assert "with flip TTA" in capsys.readouterr().out
+    assert "with hflip TTA (each image and its mirror" in capsys.readouterr().out
     assert json.loads(Path(tta["report"]).read_text())["tta"] == "hflip"
     assert json.loads(Path(plain["report"]).read_text())["tta"] is None
     rows = list(csv.DictReader(Path(tta["predictions"]).read_text().splitlines()))
@@ -394,3 +394,51 @@ def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
         without = module.probabilities(logits).numpy()
     got = load_predictor(out).predict(x.numpy())
     assert np.abs(got - want).max() < 1e-5 and np.abs(got - without).max() > 1e-6
+
+
+def test_flip_and_shift_tta_averages_six_views_in_test_and_in_the_graph(trained, tmp_path, capsys):
+    """test.tta=hflip+shift averages the logits of each image and its mirror, each as is and
+    moved one pixel left and right (zero fill); the exported graph computes the same."""
+    import torch
+
+    from image_classifier.export.onnx import run_export_onnx
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training.evaluate import run_test
+
+    root, ckpt, _ = trained
+    r = run_test(
+        compose_cfg(
+            root, f"test.checkpoint={ckpt}", "test.tta=hflip+shift", f"paths.output_dir={tmp_path}"
+        )
+    )
+    assert "with hflip+shift TTA" in capsys.readouterr().out
+    assert json.loads(Path(r["report"]).read_text())["tta"] == "hflip+shift"
+
+    out = tmp_path / "tta6.onnx"
+    run_export_onnx(
+        compose_cfg(
+            root, f"export.checkpoint={ckpt}", f"export.output={out}", "export.tta=hflip+shift"
+        )
+    )
+    assert load_predictor(out).meta.extra["tta"] == "hflip+shift"
+    module = ckpt_file.load_module(ckpt).eval()
+    x = torch.from_numpy(
+        np.random.default_rng(1).integers(1, 256, (4, 1, 16, 16)).astype(np.float32)
+    )
+    views = []
+    for v in (x, x.flip(3)):
+        right, left = torch.zeros_like(v), torch.zeros_like(v)
+        right[..., 1:], left[..., :-1] = v[..., :-1], v[..., 1:]
+        views += [v, right, left]
+    with torch.inference_mode():
+        want = module.probabilities(sum(module.net(v) for v in views) / 6).numpy()
+    assert np.abs(load_predictor(out).predict(x.numpy()) - want).max() < 1e-5
+
+
+def test_a_bad_tta_mode_is_named_with_the_options(trained, tmp_path):
+    from image_classifier.errors import UserError
+    from image_classifier.training.evaluate import run_test
+
+    root, ckpt, _ = trained
+    with pytest.raises(UserError, match=r"test.tta='mirror' is not a TTA mode.*hflip\+shift"):
+        run_test(compose_cfg(root, f"test.checkpoint={ckpt}", "test.tta=mirror"))

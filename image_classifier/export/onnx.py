@@ -21,6 +21,7 @@ from image_classifier import runs, tracking
 from image_classifier.errors import ExportError, UserError
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.tta import describe, tta_mode
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class _Probabilities(torch.nn.Module):
     """The deployed graph: pixels in, what `module.probabilities` makes of the logits out
     (calibrated softmax; multi-label: one sigmoid per label)."""
 
-    def __init__(self, module, tta: bool = False):
+    def __init__(self, module, tta: str | None = None):
         super().__init__()
         self.module, self.tta = module, tta
 
@@ -48,7 +49,7 @@ def model_metadata(module, checkpoint: Path) -> dict:
         "format": 1,
         **multi,
         "temperature": float(module.temperature),
-        "tta": "hflip" if module.tta else None,
+        "tta": module.tta,
         "classes": module.classes,
         "preprocessing": dict(hp.preprocessing),
         "model": dict(hp.model),
@@ -166,7 +167,7 @@ def run_export_onnx(cfg) -> dict:
     if output.suffix != ".onnx":
         raise UserError(f"export.output={str(output)!r} must end in .onnx.")
     module = ckpt_file.load_module(checkpoint)
-    module.tta = bool(e.get("tta"))
+    module.tta = tta_mode(e.get("tta"), "export.tta")
     diffs, n_real = write_checked(module, checkpoint, output, cfg)
     run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
@@ -179,7 +180,7 @@ def run_export_onnx(cfg) -> dict:
                 f"tolerance {e.tolerance})",
                 f"  metadata: {len(module.classes)} classes, preprocessing "
                 f"{dict(module.hparams.preprocessing)}"
-                + ("; flip TTA in the graph (2x compute per image)" if module.tta else ""),
+                + (f"; {describe(module.tta)} in the graph" if module.tta else ""),
                 "  mlflow: "
                 + (f"artifact of run {run_id}" if run_id else "not logged (no training run)"),
                 f"  next: uv run python commands.py command=infer infer.model={output} "

@@ -21,6 +21,7 @@ from image_classifier.models import multilabel
 from image_classifier.models.factory import Normalized, create_model
 from image_classifier.models.losses import supcon_loss
 from image_classifier.models.optim import create_optimizer, create_scheduler
+from image_classifier.models.tta import tta_views
 
 # model config keys that steer training, not the architecture
 TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std")
@@ -70,9 +71,9 @@ class ClassifierModule(L.LightningModule):
         if self.multi_label:  # per-class decision thresholds, tuned on validation by `train`
             self.register_buffer("thresholds", torch.full((n,), multilabel.DEFAULT_THRESHOLD))
         self._compiled = None  # torch.compile'd forward for training, not a submodule
-        # test-time augmentation (flip TTA): evaluation averages the logits of each image and its
-        # mirror; `test.tta` sets it, export.tta puts the same into the ONNX graph
-        self.tta = False
+        # test-time augmentation (a mode of models/tta.py or None): evaluation averages the logits
+        # of the mode's views; `test.tta` sets it, export.tta puts the same into the ONNX graph
+        self.tta = None
 
     def _add_metrics(self, n: int) -> None:
         if self.multi_label:
@@ -109,11 +110,13 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x):
         return self.net(x)
 
-    def logits(self, x, tta: bool = False):
-        """The network's logits; with `tta`, the mean of those of x and of x mirrored
-        left-right (twice the compute)."""
-        out = self.net(x)
-        return (out + self.net(x.flip(3))) / 2 if tta else out
+    def logits(self, x, tta: str | None = None):
+        """The network's logits; with a `tta` mode (models/tta.py), the mean of those of the
+        mode's views of x (its mirror, shifted copies)."""
+        if not tta:
+            return self.net(x)
+        views = tta_views(x, tta)
+        return sum(self.net(v) for v in views) / len(views)
 
     def _step(self, batch):
         x, y = batch

@@ -17,6 +17,7 @@ from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.tta import describe, tta_mode
 from image_classifier.training.plots import plot_confusion, plot_curves
 from image_classifier.training.train import progress_bar, trainer_kwargs
 
@@ -28,7 +29,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     started = time.perf_counter()
     path = runs.checkpoint(cfg, cfg.test.get("checkpoint"), "test.checkpoint")
     module = ckpt_file.load_module(path)
-    module.tta = bool(cfg.test.get("tta"))
+    module.tta = tta_mode(cfg.test.get("tta"), "test.tta")
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
     dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
@@ -46,7 +47,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     )
     trainer.test(module, datamodule=dm, verbose=False)
     report = report_for(path, module, info, trainer, hash_note)
-    report["tta"] = "hflip" if module.tta else None
+    report["tta"] = module.tta
     report_path, plots, shared = write_outputs(cfg, report, path, out)
     per_image = write_per_image(out, dm, module, report)
     result = {
@@ -281,7 +282,7 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
     lines = [
         f"Tested {result['checkpoint']} on {report['data']['test_images']} {info.name} test "
         f"images in {result['seconds']:.0f}s"
-        + (" with flip TTA (each image and its mirror)" if report.get("tta") else ""),
+        + (f" with {describe(report['tta'])}" if report.get("tta") else ""),
         *_metric_lines(report),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
         *(

@@ -1,0 +1,51 @@
+"""Test-time augmentation: the views of a batch whose logits `test.tta` and `export.tta` average.
+
+    hflip        each image and its left-right mirror (2 forward passes)
+    hflip+shift  those two, each also moved one pixel left and one pixel right with zero fill,
+                 as the batch translations of training do (6 forward passes)
+
+`true` is kept as another name for hflip. Torch is imported only when views are made, so
+config validation can read the options cheaply.
+"""
+
+from __future__ import annotations
+
+from image_classifier.errors import UserError, did_you_mean
+
+TTA_MODES = ("none", "hflip", "hflip+shift")
+VIEWS = {"hflip": 2, "hflip+shift": 6}
+
+
+def tta_mode(value, key: str = "test.tta") -> str | None:
+    """The mode a config value names (None for no TTA)."""
+    if value in (None, False, "none"):
+        return None
+    if value is True:
+        return "hflip"
+    if value in VIEWS:
+        return value
+    raise UserError(
+        f"{key}={value!r} is not a TTA mode.{did_you_mean(str(value), TTA_MODES)} It takes "
+        f"{', '.join(TTA_MODES)} (true means hflip, false none)."
+    )
+
+
+def describe(mode: str | None) -> str:
+    if mode is None:
+        return "no TTA"
+    what = "each image and its mirror"
+    if mode == "hflip+shift":
+        what += ", each also shifted 1 px left and right"
+    return f"{mode} TTA ({what}; {VIEWS[mode]}x compute per image)"
+
+
+def tta_views(x, mode: str) -> list:
+    """The views of batch `x` (N, C, H, W) whose logits are averaged; ONNX-exportable."""
+    import torch.nn.functional as F
+
+    views = [x, x.flip(3)]
+    if mode == "hflip+shift":
+        w = x.shape[3]
+        views += [F.pad(v, (1, 0))[..., :w] for v in views[:2]]  # content moves right
+        views += [F.pad(v, (0, 1))[..., 1:] for v in views[:2]]  # content moves left
+    return views
