@@ -140,7 +140,7 @@ def _rules() -> dict:
 def _train_rules() -> dict:
     from image_classifier.data.augment import PRESETS
     from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
-    from image_classifier.models.tta import TTA_MODES
+    from image_classifier.models.tta import TTA_VALUES
 
     return {
         "train.epochs": POSITIVE_INT,
@@ -169,7 +169,7 @@ def _train_rules() -> dict:
         "train.num_workers": COUNT,
         "train.threads": Number(1, integer=True, optional=True),
         "test.batch_size": POSITIVE_INT,
-        "test.tta": Choice((False, True, *TTA_MODES)),
+        "test.tta": Choice(TTA_VALUES),
     }
 
 
@@ -221,11 +221,11 @@ def _inference_rules() -> dict:
 def _export_rules() -> dict:
     from image_classifier.export.tensorrt import PRECISIONS
     from image_classifier.export.triton import KINDS
-    from image_classifier.models.tta import TTA_MODES
+    from image_classifier.models.tta import TTA_VALUES
 
     return {
         "export.output": Suffix((".onnx",)),
-        "export.tta": Choice((False, True, *TTA_MODES)),
+        "export.tta": Choice(TTA_VALUES),
         "export.opset": Number(7, integer=True),
         "export.tolerance": POSITIVE,
         "export.parity_images": COUNT,

@@ -423,3 +423,6 @@ def test_cnn_takes_a_conv_count_per_stage_and_names_a_bad_one():
         create_model("cnn", num_classes=3, in_chans=1, channels=[8, 16, 32], convs_per_stage=[1, 2])
     with pytest.raises(UserError, match=r"convs_per_stage=\[0, 0, 0\]"):
         create_model("cnn", num_classes=3, in_chans=1, convs_per_stage=0)
+    for bad in ("two", 2.5, [1, 2, 2.0]):
+        with pytest.raises(UserError, match=r"model.convs_per_stage=.* give one count >= 1"):
+            create_model("cnn", num_classes=3, in_chans=1, convs_per_stage=bad)

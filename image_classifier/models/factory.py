@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -68,15 +70,17 @@ class SimpleCNN(nn.Module):
 
 
 def _per_stage(convs_per_stage, channels) -> list[int]:
-    counts = (
-        [convs_per_stage] * len(channels)
-        if isinstance(convs_per_stage, int)
-        else [int(n) for n in convs_per_stage]
-    )
-    if len(counts) != len(channels) or min(counts) < 1:
+    """One conv count per stage, from a single count or a list of them."""
+    if isinstance(convs_per_stage, int) and not isinstance(convs_per_stage, bool):
+        counts = [convs_per_stage] * len(channels)
+    else:
+        listed = isinstance(convs_per_stage, Sequence) and not isinstance(convs_per_stage, str)
+        counts = list(convs_per_stage) if listed else []
+    if len(counts) != len(channels) or any(type(n) is not int or n < 1 for n in counts):
         raise UserError(
-            f"model.convs_per_stage={list(counts)} with model.channels={list(channels)}: give one "
-            f"count >= 1 for every stage, or a list of {len(channels)} such counts."
+            f"model.convs_per_stage={counts or convs_per_stage!r} with model.channels="
+            f"{list(channels)}: give one count >= 1 for every stage, or a list of "
+            f"{len(channels)} such counts."
         )
     return counts
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from image_classifier.errors import UserError, did_you_mean
 
-TTA_MODES = ("none", "hflip", "hflip+shift")
-VIEWS = {"hflip": 2, "hflip+shift": 6}
+VIEWS = {"hflip": 2, "hflip+shift": 6}  # mode -> forward passes per image
+TTA_MODES = ("none", *VIEWS)
+TTA_VALUES = (False, True, *TTA_MODES)  # what test.tta / export.tta accept
 
 
 def tta_mode(value, key: str = "test.tta") -> str | None:
@@ -30,9 +31,7 @@ def tta_mode(value, key: str = "test.tta") -> str | None:
     )
 
 
-def describe(mode: str | None) -> str:
-    if mode is None:
-        return "no TTA"
+def describe(mode: str) -> str:
     what = "each image and its mirror"
     if mode == "hflip+shift":
         what += ", each also shifted 1 px left and right"
