@@ -165,6 +165,7 @@ def _train_rules() -> dict:
         "train.augment.mixup": Number(0),
         "train.augment.cutmix": Number(0),
         "train.supcon_weight": Number(0),
+        "train.ema": Number(0, 1, open_hi=True),
         "train.supcon_temperature": POSITIVE,
         "train.num_workers": COUNT,
         "train.threads": Number(1, integer=True, optional=True),

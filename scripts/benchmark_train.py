@@ -2,12 +2,16 @@
 
     uv run python scripts/benchmark_train.py            # both parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_train.py --quick    # throughput ratio only (about 2 minutes)
+    uv run python scripts/benchmark_train.py --memory   # train.keep_freed_memory on vs off
 
 Part 1 measures training throughput (images/s) of `run_train` against a hand-written loop over
 in-memory tensors: same model, batch size, optimizer and thread count, augmentation off in both,
 alternating rounds so both see the same machine load; it prints the median ratio.
 Part 2 runs `command=train` then `command=test` with default settings in a fresh project root
 (so the data is downloaded again), and prints the wall time and the test accuracy.
+`--memory` compares the project's training throughput with `train.keep_freed_memory` on and off,
+each round in a fresh process (the setting lasts for the process), alternating, and prints the
+median ratio and the page faults per step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -35,17 +41,32 @@ def compose(*overrides):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def throughput(rounds: int, steps: int, warmup: int) -> None:
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import Callback
+class Timer(Callback):
+    """Lightning callback: images/s and minor page faults per step after `warmup` steps."""
 
-    from image_classifier.data.datamodule import ImageDataModule
-    from image_classifier.models.factory import Normalized, create_model
-    from image_classifier.training.train import run_train
+    def __init__(self, warmup: int):
+        super().__init__()
+        self.warmup, self.t0, self.n, self.steps = warmup, None, 0, 0
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    base = [
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.t0, self.n, self.faults0 = time.perf_counter(), 0, _faults()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.t0 is not None:
+            self.n, self.steps = self.n + len(batch[1]), self.steps + 1
+            self.rate = self.n / (time.perf_counter() - self.t0)
+            self.faults = (_faults() - self.faults0) / self.steps
+
+
+def _faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def bench_overrides(steps: int, *more: str) -> list[str]:
+    return [
         f"paths.root={ROOT}",
         "train.augment.hflip=false",
         "train.augment.shift=0",
@@ -54,25 +75,63 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
         "train.epochs=1",
         f"trainer.limit_train_batches={steps}",
         "logger.enabled=false",
+        *more,
     ]
+
+
+def one_round(steps: int, warmup: int, overrides: list[str]) -> None:
+    """Run by `memory()` in a fresh process: prints {"rate": img/s, "faults": per step}."""
+    from image_classifier.training.train import run_train
+
+    timer = Timer(warmup)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        run_train(compose(*bench_overrides(steps, *overrides), f"paths.output_dir={tmp}"), [timer])
+    print(json.dumps({"rate": timer.rate, "faults": timer.faults}))
+
+
+def memory(rounds: int, steps: int, warmup: int) -> None:
+    def run(keep: bool) -> dict:
+        cmd = [sys.executable, __file__, "--one-round", f"train.keep_freed_memory={keep}"]
+        args = cmd + ["--steps", str(steps), "--warmup", str(warmup)]
+        p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(p.stderr[-3000:])
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    on, off = [], []
+    for i in range(rounds):
+        off.append(run(False))
+        on.append(run(True))
+        print(
+            f"  round {i + 1}: keep_freed_memory=false {off[-1]['rate']:.0f} img/s "
+            f"({off[-1]['faults']:.0f} faults/step), true {on[-1]['rate']:.0f} img/s "
+            f"({on[-1]['faults']:.0f} faults/step)"
+        )
+    ratio = statistics.median(a["rate"] / b["rate"] for a, b in zip(on, off, strict=True))
+    print(
+        f"train.keep_freed_memory ({steps - warmup} timed steps x {rounds} rounds): false "
+        f"{statistics.median(r['rate'] for r in off):.0f} img/s, true "
+        f"{statistics.median(r['rate'] for r in on):.0f} img/s, ratio {ratio:.3f}; page faults "
+        f"per step {statistics.median(r['faults'] for r in off):.0f} vs "
+        f"{statistics.median(r['faults'] for r in on):.0f}"
+    )
+
+
+def throughput(rounds: int, steps: int, warmup: int) -> None:
+    import lightning as L
+    import torch
+
+    from image_classifier.data.datamodule import ImageDataModule
+    from image_classifier.models.factory import Normalized, create_model
+    from image_classifier.training.train import run_train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    base = bench_overrides(steps)
     cfg = compose(*base, f"paths.output_dir={tmp}/probe")
     bs, threads = int(cfg.train.batch_size), torch.get_num_threads()
 
-    class Timer(Callback):
-        def __init__(self):
-            self.t0 = self.n = None
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if batch_idx == warmup:
-                self.t0, self.n = time.perf_counter(), 0
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if self.t0 is not None:
-                self.n += len(batch[1])
-                self.rate = self.n / (time.perf_counter() - self.t0)
-
     def project_round(i):
-        timer = Timer()
+        timer = Timer(warmup)
         run_train(compose(*base, f"paths.output_dir={tmp}/r{i}"), callbacks=[timer])
         return timer.rate
 
@@ -155,10 +214,16 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="throughput ratio only")
+    ap.add_argument("--memory", action="store_true", help="train.keep_freed_memory on vs off")
+    ap.add_argument("--one-round", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=70)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
+    if args.one_round is not None:
+        sys.exit(one_round(args.steps, args.warmup, args.one_round))
+    if args.memory:
+        sys.exit(memory(args.rounds, args.steps, args.warmup))
     throughput(args.rounds, args.steps, args.warmup)
     if not args.quick:
         end_to_end()

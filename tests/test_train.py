@@ -1,11 +1,13 @@
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, idx_overrides, make_class_folders
+from conftest import ROOT, compose_cfg, idx_overrides, make_class_folders
 
 from image_classifier.data.idx import read_idx
 from image_classifier.errors import UserError
@@ -301,3 +303,83 @@ def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, c
     assert float(ckpt_file.load_module(copy).temperature) == pytest.approx(r["temperature"])
     assert float(ckpt_file.load_module(ckpt).temperature) == pytest.approx(r["temperature"])
     assert "validation ECE" in capsys.readouterr().out
+
+
+_FAULTS_PER_STEP = """
+import resource, sys, torch
+from image_classifier.training.memory import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "keep" else "default")
+
+def step():  # what a training step does to the heap: buffers of several MB, then all freed
+    buffers = [torch.ones(3_000_000) for _ in range(8)]
+    del buffers
+
+for _ in range(6):  # the heap grows to its peak in the first steps
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_stops_page_faults_every_step():
+    def faults(mode):
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS_PER_STEP, mode],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        status, per_step = run.stdout.split()
+        return status, int(per_step)
+
+    status, default = faults("default")
+    assert default > 10_000  # 96 MB given back to the OS and faulted in again every step
+    status, kept = faults("keep")
+    assert status == "True" and kept < 100
+
+
+def test_ema_averages_with_a_warming_up_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from image_classifier.training.callbacks import ema_averaging
+
+    callback = ema_averaging(0.5)
+    net = torch.nn.BatchNorm1d(1)
+    averaged = AveragedModel(net, use_buffers=True, **callback._kwargs)
+    expected = None
+    for n, value in enumerate([4.0, 8.0, 2.0, 6.0, 10.0]):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        net.num_batches_tracked.fill_(n + 7)
+        averaged.update_parameters(net)
+        if expected is None:
+            expected = value  # the first update copies
+        else:
+            decay = min(0.5, (1 + n) / (10 + n))  # n updates averaged so far
+            expected = decay * expected + (1 - decay) * value
+        assert averaged.module.weight.item() == pytest.approx(expected)
+        assert averaged.module.num_batches_tracked.item() == n + 7  # a counter: copied
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_and_checkpointed(make_cfg, folder_data):
+    r = run_train(
+        make_cfg(
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.size=[16,16]",
+            "logger.enabled=false",
+            "train.epochs=2",
+            "train.ema=0.9",
+        )
+    )
+    ckpt = torch.load(r["checkpoint"], map_location="cpu", weights_only=False)
+    raw, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    name = next(k for k in averaged if k.endswith("head.2.weight"))
+    assert not torch.equal(raw[name], averaged[name])
+    module = load_module(r["checkpoint"])  # what test, export and serve get: the average
+    torch.testing.assert_close(dict(module.state_dict())[name], averaged[name])

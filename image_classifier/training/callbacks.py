@@ -93,3 +93,26 @@ class FreezeBackbone(BaseFinetuning):
             for key in ("base_momentum", "max_momentum"):
                 if key in first and key not in new:
                     new[key] = first[key]
+
+
+def ema_averaging(decay: float) -> Callback:
+    """Lightning's WeightAveraging with an exponential moving average of the weights (and of
+    BatchNorm's running statistics). Validation, checkpoints and everything after training use
+    the average; the optimizer keeps stepping the raw weights.
+
+    The decay warms up as in timm's ModelEmaV3, min(decay, (1 + n) / (10 + n)) after n updates,
+    so the random initial weights leave the average within the first few hundred steps even in
+    short runs."""
+    import torch
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, n: torch.Tensor) -> None:
+        weight = 1 - torch.clamp((1 + n) / (10 + n), max=decay)
+        for a, c in zip(averaged, current, strict=True):
+            if a.is_floating_point():
+                a.lerp_(c, weight.to(a.dtype))
+            else:  # counters (BatchNorm's num_batches_tracked): the model's own
+                a.copy_(c)
+
+    return WeightAveraging(multi_avg_fn=update)

@@ -23,7 +23,8 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
-from image_classifier.training.callbacks import FreezeBackbone, History
+from image_classifier.training.callbacks import FreezeBackbone, History, ema_averaging
+from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.plots import plot_curves
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
+    if cfg.train.get("keep_freed_memory", True):
+        keep_freed_memory()
     out = runs.output_dir(cfg)
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
@@ -279,6 +282,8 @@ def build_callbacks(cfg, ckpt_dir: Path, logger, extra: list | None):
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.model.get("freeze_backbone"):
         callbacks.append(FreezeBackbone(cfg.model.get("unfreeze_at_epoch")))
+    if t.get("ema"):
+        callbacks.append(ema_averaging(float(t.ema)))
     return best, last, callbacks
 
 
