@@ -89,6 +89,16 @@ def one_round(steps: int, warmup: int, overrides: list[str]) -> None:
     print(json.dumps({"rate": timer.rate, "faults": timer.faults}))
 
 
+def alternate(rounds: int, first, second, describe) -> tuple[list, list]:
+    """first(i) and second(i) in turns, so both see the same machine load; prints every round."""
+    a, b = [], []
+    for i in range(rounds):
+        a.append(first(i))
+        b.append(second(i))
+        print(f"  round {i + 1}: {describe(a[-1], b[-1])}")
+    return a, b
+
+
 def memory(rounds: int, steps: int, warmup: int) -> None:
     def run(keep: bool) -> dict:
         cmd = [sys.executable, __file__, "--one-round", f"train.keep_freed_memory={keep}"]
@@ -98,15 +108,15 @@ def memory(rounds: int, steps: int, warmup: int) -> None:
             sys.exit(p.stderr[-3000:])
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    on, off = [], []
-    for i in range(rounds):
-        off.append(run(False))
-        on.append(run(True))
-        print(
-            f"  round {i + 1}: keep_freed_memory=false {off[-1]['rate']:.0f} img/s "
-            f"({off[-1]['faults']:.0f} faults/step), true {on[-1]['rate']:.0f} img/s "
-            f"({on[-1]['faults']:.0f} faults/step)"
-        )
+    off, on = alternate(
+        rounds,
+        lambda i: run(False),
+        lambda i: run(True),
+        lambda a, b: (
+            f"keep_freed_memory=false {a['rate']:.0f} img/s ({a['faults']:.0f} "
+            f"faults/step), true {b['rate']:.0f} img/s ({b['faults']:.0f} faults/step)"
+        ),
+    )
     ratio = statistics.median(a["rate"] / b["rate"] for a, b in zip(on, off, strict=True))
     print(
         f"train.keep_freed_memory ({steps - warmup} timed steps x {rounds} rounds): false "
@@ -165,14 +175,12 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
             n += len(y)
         return n / (time.perf_counter() - t0)
 
-    plain, project = [], []
-    for i in range(rounds):
-        plain.append(plain_round(i))
-        project.append(project_round(i))
-        print(
-            f"  round {i + 1}: plain loop {plain[-1]:.0f} img/s, project train {project[-1]:.0f} "
-            "img/s"
-        )
+    plain, project = alternate(
+        rounds,
+        plain_round,
+        project_round,
+        lambda a, b: f"plain loop {a:.0f} img/s, project train {b:.0f} img/s",
+    )
     ratio = statistics.median(p / q for p, q in zip(project, plain, strict=True))
     print(
         f"Throughput (model={cfg.model.name}, batch {bs}, {threads} threads, {steps - warmup} "
