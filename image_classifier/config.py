@@ -138,7 +138,7 @@ def _rules() -> dict:
 
 
 def _train_rules() -> dict:
-    from image_classifier.data.augment import PRESETS
+    from image_classifier.data.augment import HFLIP, PRESETS
     from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
     from image_classifier.models.tta import TTA_VALUES
 
@@ -159,6 +159,7 @@ def _train_rules() -> dict:
         "train.threshold": Either("tune", PROBABILITY),
         "train.early_stopping": COUNT,
         "train.augment.preset": Choice(tuple(PRESETS)),
+        "train.augment.hflip": Choice(HFLIP),
         "train.augment.shift": COUNT,
         "train.augment.erase": FRACTION,
         "train.device_budget_gb": Number(0),
@@ -166,6 +167,8 @@ def _train_rules() -> dict:
         "train.augment.cutmix": Number(0),
         "train.supcon_weight": Number(0),
         "train.ema": Number(0, 1, open_hi=True),
+        "train.progressive.min_scale": Number(0, 1, open_lo=True),
+        "train.progressive.ramp": Each(FRACTION, length=2),
         "train.supcon_temperature": POSITIVE,
         "train.num_workers": COUNT,
         "train.threads": Number(1, integer=True, optional=True),

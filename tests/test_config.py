@@ -65,6 +65,9 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1."),
         (["train.threads=true"], "train.threads=True must be an integer >= 1."),
         (["test.tta=flip"], "test.tta='flip' is not one of False, True, none, hflip, hflip+shift."),
+        (["train.augment.hflip=alternating"], "Did you mean 'alternate'"),
+        (["train.progressive.min_scale=0"], "train.progressive.min_scale=0 must be a number > 0"),
+        (["train.progressive.ramp=[0.5]"], "train.progressive.ramp=[0.5] must have 2 values."),
         (["export.tta=shift"], "export.tta='shift' is not one of False, True, none, hflip,"),
     ],
 )

@@ -46,6 +46,7 @@ OPTIM_KEYS = (
     "compile",
     "supcon_weight",
     "supcon_temperature",
+    "progressive",
 )
 
 
