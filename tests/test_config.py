@@ -14,7 +14,7 @@ from image_classifier.config import _compose, problems
     [
         (
             "train.optimizer=adamx",
-            "train.optimizer='adamx' is not one of adam, adamw, sgd. "
+            "train.optimizer='adamx' is not one of adam, adamw, sgd, muon. "
             "Did you mean 'adam' or 'adamw'?",
         ),
         ("train.lr=-1", "train.lr=-1 must be a number > 0."),

@@ -146,6 +146,7 @@ def test_local_weights_file_for_any_timm_model(tmp_path):
         [
             "train.balanced_sampler=true",
             "train.scheduler=cosine",
+            "train.optimizer=muon",
             "trainer.check_val_every_n_epoch=2",
             "train.epochs=2",
         ],
@@ -156,7 +157,7 @@ def test_local_weights_file_for_any_timm_model(tmp_path):
         "randaug+mix",
         "trivial+supcon",
         "light+step+accum+clip",
-        "balanced+cosine+valN",
+        "balanced+cosine+muon+valN",
         "plateau",
     ],
 )
@@ -353,7 +354,7 @@ def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
         ),
         (
             ["train.optimizer=adagrad"],
-            r"Unknown optimizer 'adagrad'. train.optimizer takes adam, adamw, sgd",
+            r"Unknown optimizer 'adagrad'. train.optimizer takes adam, adamw, sgd, muon",
         ),
         (["train.scheduler=linear"], r"Unknown scheduler 'linear'"),
         (

@@ -267,7 +267,9 @@ class ClassifierModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return None
-        opt = create_optimizer(params, o)
+        # Muon suits weights trained from scratch; pretrained ones are fine-tuned with AdamW
+        scratch = None if self.hparams.model.get("pretrained") else self.net.net
+        opt = create_optimizer(params, o, net=scratch)
         sched = create_scheduler(opt, o, lambda: int(self.trainer.estimated_stepping_batches))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 

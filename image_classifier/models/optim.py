@@ -12,19 +12,19 @@ from collections.abc import Callable
 from image_classifier.errors import UserError, did_you_mean
 
 
-def _adam(params, o: dict):
+def _adam(params, o: dict, net=None):
     import torch
 
     return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
 
 
-def _adamw(params, o: dict):
+def _adamw(params, o: dict, net=None):
     import torch
 
     return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
 
 
-def _sgd(params, o: dict):
+def _sgd(params, o: dict, net=None):
     import torch
 
     return torch.optim.SGD(
@@ -36,7 +36,13 @@ def _sgd(params, o: dict):
     )
 
 
-OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd}
+def _muon(params, o: dict, net=None):
+    from image_classifier.models.muon import MuonAdamW
+
+    return MuonAdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], net=net)
+
+
+OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd, "muon": _muon}
 
 
 def _plateau(opt, o: dict, steps: Callable[[], int]) -> dict:
@@ -97,8 +103,10 @@ def _lookup(table: dict, name: str, setting: str):
     return table[key]
 
 
-def create_optimizer(params, o: dict):
-    return _lookup(OPTIMIZERS, o["optimizer"], "train.optimizer")(params, o)
+def create_optimizer(params, o: dict, net=None):
+    """The optimizer `o["optimizer"]` names over `params`; `net` (the network) tells Muon which
+    weights are hidden layers (None: Muon leaves every weight to AdamW)."""
+    return _lookup(OPTIMIZERS, o["optimizer"], "train.optimizer")(params, o, net)
 
 
 def create_scheduler(opt, o: dict, steps: Callable[[], int]) -> dict | None:
