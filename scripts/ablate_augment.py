@@ -50,6 +50,7 @@ def run(setting: str, epochs: int, seed: int, channels, convs=None) -> tuple[lis
 
     from image_classifier.data.augment import augment_batch
     from image_classifier.models.factory import create_model
+    from image_classifier.models.optim import create_optimizer
     from image_classifier.training.train import label_smoothing
 
     cfg = config()
@@ -66,7 +67,7 @@ def run(setting: str, epochs: int, seed: int, channels, convs=None) -> tuple[lis
     net = net.to(memory_format=torch.channels_last)
     bs = int(t.batch_size)
     steps = math.ceil(len(x) / bs)
-    opt = torch.optim.AdamW(net.parameters(), float(t.lr), weight_decay=float(t.weight_decay))
+    opt = create_optimizer(list(net.parameters()), dict(t), net=net)
     total = epochs * steps
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, float(t.lr), total_steps=total, pct_start=float(t.warmup)

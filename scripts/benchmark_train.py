@@ -3,6 +3,7 @@
     uv run python scripts/benchmark_train.py            # both parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_train.py --quick    # throughput ratio only (about 2 minutes)
     uv run python scripts/benchmark_train.py --memory   # train.keep_freed_memory on vs off
+    uv run python scripts/benchmark_train.py --optimizer  # train.optimizer adamw vs muon
 
 Part 1 measures training throughput (images/s) of `run_train` against a hand-written loop over
 in-memory tensors: same model, batch size, optimizer and thread count, augmentation off in both,
@@ -11,7 +12,8 @@ Part 2 runs `command=train` then `command=test` with default settings in a fresh
 (so the data is downloaded again), and prints the wall time and the test accuracy.
 `--memory` compares the project's training throughput with `train.keep_freed_memory` on and off,
 each round in a fresh process (the setting lasts for the process), alternating, and prints the
-median ratio and the page faults per step.
+median ratio and the page faults per step. `--optimizer` does the same for AdamW against Muon, after
+timing Muon's Newton-Schulz iterations as torch.optim.Muon runs them (bfloat16) against float32.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def bench_overrides(steps: int, *more: str) -> list[str]:
 
 
 def one_round(steps: int, warmup: int, overrides: list[str]) -> None:
-    """Run by `memory()` in a fresh process: prints {"rate": img/s, "faults": per step}."""
+    """Run by `compare()` in a fresh process: prints {"rate": img/s, "faults": per step}."""
     from image_classifier.training.train import run_train
 
     timer = Timer(warmup)
@@ -99,31 +101,71 @@ def alternate(rounds: int, first, second, describe) -> tuple[list, list]:
     return a, b
 
 
-def memory(rounds: int, steps: int, warmup: int) -> None:
-    def run(keep: bool) -> dict:
-        cmd = [sys.executable, __file__, "--one-round", f"train.keep_freed_memory={keep}"]
+def compare(key: str, values: tuple[str, str], rounds: int, steps: int, warmup: int) -> None:
+    """The project's training throughput with `key` set to each of two values, each round in a
+    fresh process (some settings last for the process), alternating."""
+
+    def run(value: str) -> dict:
+        cmd = [sys.executable, __file__, "--one-round", f"{key}={value}"]
         args = cmd + ["--steps", str(steps), "--warmup", str(warmup)]
         p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(p.stderr[-3000:])
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    off, on = alternate(
+    first, second = values
+    a, b = alternate(
         rounds,
-        lambda i: run(False),
-        lambda i: run(True),
-        lambda a, b: (
-            f"keep_freed_memory=false {a['rate']:.0f} img/s ({a['faults']:.0f} "
-            f"faults/step), true {b['rate']:.0f} img/s ({b['faults']:.0f} faults/step)"
+        lambda i: run(first),
+        lambda i: run(second),
+        lambda x, y: (
+            f"{key}={first} {x['rate']:.0f} img/s ({x['faults']:.0f} faults/step), "
+            f"{second} {y['rate']:.0f} img/s ({y['faults']:.0f} faults/step)"
         ),
     )
-    ratio = statistics.median(a["rate"] / b["rate"] for a, b in zip(on, off, strict=True))
+    ratio = statistics.median(y["rate"] / x["rate"] for x, y in zip(a, b, strict=True))
     print(
-        f"train.keep_freed_memory ({steps - warmup} timed steps x {rounds} rounds): false "
-        f"{statistics.median(r['rate'] for r in off):.0f} img/s, true "
-        f"{statistics.median(r['rate'] for r in on):.0f} img/s, ratio {ratio:.3f}; page faults "
-        f"per step {statistics.median(r['faults'] for r in off):.0f} vs "
-        f"{statistics.median(r['faults'] for r in on):.0f}"
+        f"{key} ({steps - warmup} timed steps x {rounds} rounds): {first} "
+        f"{statistics.median(r['rate'] for r in a):.0f} img/s, {second} "
+        f"{statistics.median(r['rate'] for r in b):.0f} img/s, ratio {ratio:.3f}; page faults "
+        f"per step {statistics.median(r['faults'] for r in a):.0f} vs "
+        f"{statistics.median(r['faults'] for r in b):.0f}"
+    )
+
+
+def newton_schulz(rounds: int) -> None:
+    """Muon's orthogonalisation for the default CNN's hidden weights: torch.optim.Muon (bfloat16
+    iterations, 2-D parameters) against this project's float32 iterations, same matrices."""
+    import torch
+
+    from image_classifier.models.factory import create_model
+    from image_classifier.models.muon import hidden_weights, orthogonalize
+
+    cfg = compose(f"paths.root={ROOT}")
+    spec = dict(cfg.model)
+    net = create_model(spec.pop("name"), num_classes=10, in_chans=1, **spec)
+    mats = [torch.nn.Parameter(torch.randn(w.shape[0], w[0].numel())) for w in hidden_weights(net)]
+    torch_muon = torch.optim.Muon(mats, lr=1e-3, adjust_lr_fn="match_rms_adamw")
+
+    def timed(step) -> float:
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        return (time.perf_counter() - t0) / 20 * 1000
+
+    for m in mats:
+        m.grad = torch.randn_like(m)
+    a, b = alternate(
+        rounds,
+        lambda i: timed(torch_muon.step),
+        lambda i: timed(lambda: [orthogonalize(m.grad) for m in mats]),
+        lambda x, y: f"torch.optim.Muon {x:.1f} ms/step, float32 iterations {y:.1f} ms/step",
+    )
+    bf16, fp32 = statistics.median(a), statistics.median(b)
+    print(
+        f"Newton-Schulz for {len(mats)} hidden weights ({torch.get_num_threads()} threads): "
+        f"torch.optim.Muon (bfloat16) {bf16:.1f} ms/step, float32 {fp32:.1f} ms/step, "
+        f"ratio {bf16 / fp32:.1f}"
     )
 
 
@@ -133,6 +175,7 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
 
     from image_classifier.data.datamodule import ImageDataModule
     from image_classifier.models.factory import Normalized, create_model
+    from image_classifier.models.optim import create_optimizer
     from image_classifier.training.train import run_train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -158,9 +201,7 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
             info.preprocessing.std,
         )
         net = net.to(memory_format=torch.channels_last).train()
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        opt = create_optimizer(list(net.parameters()), dict(cfg.train), net=net.net)
         perm = torch.randperm(len(labels))
         n, t0 = 0, None
         for step in range(steps):
@@ -223,6 +264,7 @@ if __name__ == "__main__":
     )
     ap.add_argument("--quick", action="store_true", help="throughput ratio only")
     ap.add_argument("--memory", action="store_true", help="train.keep_freed_memory on vs off")
+    ap.add_argument("--optimizer", action="store_true", help="train.optimizer adamw vs muon")
     ap.add_argument("--one-round", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=70)
@@ -231,7 +273,12 @@ if __name__ == "__main__":
     if args.one_round is not None:
         sys.exit(one_round(args.steps, args.warmup, args.one_round))
     if args.memory:
-        sys.exit(memory(args.rounds, args.steps, args.warmup))
+        values = ("false", "true")
+        sys.exit(compare("train.keep_freed_memory", values, args.rounds, args.steps, args.warmup))
+    if args.optimizer:
+        newton_schulz(args.rounds)
+        values = ("adamw", "muon")
+        sys.exit(compare("train.optimizer", values, args.rounds, args.steps, args.warmup))
     throughput(args.rounds, args.steps, args.warmup)
     if not args.quick:
         end_to_end()

@@ -4,11 +4,12 @@ Muon (Keller Jordan, 2024; used by airbench's fastest CIFAR-10 runs) replaces ea
 weight's momentum update by its nearest semi-orthogonal matrix, found with a few Newton-Schulz
 iterations. It suits the weights of hidden convolutions and linear layers; the stem, the
 classifier, biases and norms keep AdamW. `torch.optim.Muon` takes 2-D parameters only and runs
-its iterations in bfloat16, which CPUs without bfloat16 instructions do about 13x slower than
-float32 (measured on a 2-core AVX2 machine), so this class views each conv filter bank as a
-matrix (out, in*kh*kw) and iterates in float32 on CPU, bfloat16 on CUDA. The step size follows
-Moonshot's `match_rms_adamw` scaling (`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`): the
-update's RMS matches AdamW's, so both groups share `train.lr` and its schedule.
+its iterations in bfloat16, which CPUs without bfloat16 instructions do 13-17x slower than float32
+(measured on a 2-core AVX2 machine: scripts/benchmark_train.py --optimizer), so this class views
+each conv filter bank as a matrix (out, in*kh*kw) and iterates in float32 on CPU, bfloat16 on
+CUDA. The step size follows Moonshot's `match_rms_adamw` scaling
+(`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`): the update's RMS matches AdamW's, so both
+groups share `train.lr` and its schedule.
 """
 
 from __future__ import annotations
