@@ -118,3 +118,34 @@ def test_groups_added_later_step_with_adamw():
     extra.grad = torch.ones(4, 4)
     opt.step()
     assert "exp_avg" in opt.state[extra] and "momentum_buffer" not in opt.state[extra]
+
+
+def test_lr_scale_multiplies_the_muon_step_and_leaves_adamw_alone():
+    nets = [_cnn(), _cnn()]
+    opts = [
+        create_optimizer(
+            list(n.parameters()),
+            {"optimizer": "muon", "lr": 1e-2, "weight_decay": 0.0, "muon_lr_scale": s},
+            n,
+        )
+        for n, s in zip(nets, (1.0, 3.0), strict=True)
+    ]
+    before = {n: p.detach().clone() for n, p in nets[0].named_parameters()}
+    for net, opt in zip(nets, opts, strict=True):
+        _grads(net, 0)
+        opt.step()
+    hidden = {id(p) for p in hidden_weights(nets[0])}
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
+        if id(a) in hidden:
+            torch.testing.assert_close(b - before[n], 3 * (a - before[n]))
+        else:
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, "fast"])
+def test_muon_lr_scale_must_be_a_positive_number(scale):
+    from image_classifier.errors import UserError
+
+    o = {"optimizer": "muon", "lr": 1e-2, "weight_decay": 0.0, "muon_lr_scale": scale}
+    with pytest.raises(UserError, match=r"train.muon_lr_scale=.* is not a positive number.*=3"):
+        create_optimizer(list(_cnn().parameters()), o, _cnn())

@@ -9,7 +9,8 @@ its iterations in bfloat16, which CPUs without bfloat16 instructions do 13-17x s
 each conv filter bank as a matrix (out, in*kh*kw) and iterates in float32 on CPU, bfloat16 on
 CUDA. The step size follows Moonshot's `match_rms_adamw` scaling
 (`torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`): the update's RMS matches AdamW's, so both
-groups share `train.lr` and its schedule.
+groups share `train.lr` and its schedule; `lr_scale` (`train.muon_lr_scale`) multiplies the
+hidden weights' step on top (schedules keep scaling both groups alike).
 """
 
 from __future__ import annotations
@@ -53,13 +54,22 @@ def hidden_weights(net: nn.Module) -> list[nn.Parameter]:
 class MuonAdamW(torch.optim.AdamW):
     """torch's AdamW for the groups with `muon=False`; Muon for those with `muon=True`."""
 
-    def __init__(self, params, lr: float, weight_decay: float, net: nn.Module | None):
+    def __init__(
+        self, params, lr: float, weight_decay: float, net: nn.Module | None, lr_scale: float = 1.0
+    ):
         """`net`: the network whose hidden weights Muon steps; None: AdamW for every parameter
-        (a pretrained network being fine-tuned)."""
+        (a pretrained network being fine-tuned). `lr_scale`: Muon's step is `lr_scale` times
+        the AdamW-matched one."""
+        if not lr_scale > 0:
+            raise ValueError(f"Muon's lr_scale must be > 0, got {lr_scale!r}")
         params = list(params)
         muon_ids = {id(p) for p in hidden_weights(net)} if net is not None else set()
         groups = [
-            {"params": [p for p in params if id(p) in muon_ids], "muon": True},
+            {
+                "params": [p for p in params if id(p) in muon_ids],
+                "muon": True,
+                "lr_scale": lr_scale,
+            },
             {"params": [p for p in params if id(p) not in muon_ids], "muon": False},
         ]
         groups = [g for g in groups if g["params"]]
@@ -84,7 +94,7 @@ class MuonAdamW(torch.optim.AdamW):
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        lr, decay = group["lr"], group["weight_decay"]
+        lr, decay, lr_scale = group["lr"], group["weight_decay"], group.get("lr_scale", 1.0)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -99,4 +109,4 @@ class MuonAdamW(torch.optim.AdamW):
             update = orthogonalize(grad.lerp(buf, MOMENTUM))  # Nesterov
             scale = 0.2 * math.sqrt(max(grad.shape))  # match_rms_adamw
             p.mul_(1 - lr * decay)
-            p.add_(update.reshape(p.shape), alpha=-lr * scale)
+            p.add_(update.reshape(p.shape), alpha=-lr * lr_scale * scale)

@@ -39,7 +39,13 @@ def _sgd(params, o: dict, net=None):
 def _muon(params, o: dict, net=None):
     from image_classifier.models.muon import MuonAdamW
 
-    return MuonAdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], net=net)
+    scale = o.get("muon_lr_scale", 1.0)
+    if not isinstance(scale, int | float) or not scale > 0:
+        raise UserError(
+            f"train.muon_lr_scale={scale!r} is not a positive number. It multiplies Muon's step "
+            "on the hidden weights (1: AdamW's size); set e.g. train.muon_lr_scale=3."
+        )
+    return MuonAdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], net=net, lr_scale=scale)
 
 
 OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd, "muon": _muon}

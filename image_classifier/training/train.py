@@ -34,6 +34,7 @@ for _name in ("lightning.pytorch", "lightning.fabric"):  # no tips and device ba
 OPTIM_KEYS = (
     "optimizer",
     "lr",
+    "muon_lr_scale",
     "weight_decay",
     "momentum",
     "scheduler",
