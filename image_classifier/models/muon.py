@@ -59,9 +59,7 @@ class MuonAdamW(torch.optim.AdamW):
     ):
         """`net`: the network whose hidden weights Muon steps; None: AdamW for every parameter
         (a pretrained network being fine-tuned). `lr_scale`: Muon's step is `lr_scale` times
-        the AdamW-matched one."""
-        if not lr_scale > 0:
-            raise ValueError(f"Muon's lr_scale must be > 0, got {lr_scale!r}")
+        the AdamW-matched one (checked by `train.muon_lr_scale`'s factory)."""
         params = list(params)
         muon_ids = {id(p) for p in hidden_weights(net)} if net is not None else set()
         groups = [
