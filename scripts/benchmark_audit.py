@@ -164,6 +164,9 @@ def main():
     ap.add_argument("--cache-dir", help="keep the planted copy's feature cache here (reused)")
     ap.add_argument("--pr-png", default=str(ROOT / "docs" / "figures" / "audit_label_pr.png"))
     args = ap.parse_args()
+    from image_classifier.tracking import describe_machine, machine_info
+
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
     from image_classifier.audit import run_audit
 
     src = ROOT / "data" / "fashion_mnist"

@@ -77,6 +77,9 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-cold", action="store_true", help="only the throughput table")
     args = ap.parse_args()
+    from image_classifier.tracking import describe_machine, machine_info
+
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA GPU here.")

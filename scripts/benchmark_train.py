@@ -270,6 +270,9 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=70)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
+    from image_classifier.tracking import describe_machine, machine_info
+
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
     if args.one_round is not None:
         sys.exit(one_round(args.steps, args.warmup, args.one_round))
     if args.memory:

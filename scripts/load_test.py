@@ -177,6 +177,9 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300)
     ap.add_argument("--no-direct", action="store_true", help="skip the in-process comparison")
     args = ap.parse_args()
+    from image_classifier.tracking import describe_machine, machine_info
+
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "default":

@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from image_classifier.data.idx import read_idx
 from image_classifier.errors import UserError
 from image_classifier.models.checkpoint import load_module
 from image_classifier.runs import newest_best
+from image_classifier.tracking import describe_machine, machine_info, parse_cpuinfo
 from image_classifier.training.evaluate import run_test
 from image_classifier.training.train import run_train
 
@@ -94,6 +96,12 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert train_run.data.params["config/train/lr"] == "0.003"
     assert len(client.get_metric_history(train_run.info.run_id, "val/acc")) == 2
     assert {"git_commit", "data_hash", "version.torch"} <= set(train_run.data.tags)
+    # ... and the machine it ran on, which every timing depends on
+    assert train_run.data.tags["machine.cpu_cores"] == str(len(os.sched_getaffinity(0)))
+    assert train_run.data.tags["machine.gpu"] == (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    )
+    assert r["machine"] == describe_machine(machine_info())
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"best.ckpt", "curves.png", "train_summary.json"} <= artifacts
     assert test_run.data.metrics["test/acc"] == pytest.approx(report["accuracy"])
@@ -331,6 +339,17 @@ print(faults_per_step(), memory.keep_freed_memory(), faults_per_step())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
+    cpu = "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    x86 = f"processor\t: 0\n{cpu}\nprocessor\t: 1\n{cpu}"
+    assert parse_cpuinfo(x86) == ("AMD EPYC 9B45", ["avx2", "avx512f", "avx512_bf16"])
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve bf16\nCPU part\t: 0xd40\n"
+    assert parse_cpuinfo(arm) == ("", ["asimd", "sve", "bf16"])
+    m = {"machine.cpu": "X", "machine.cpu_cores": "2", "machine.cpu_features": "avx2"}
+    assert describe_machine({**m, "machine.gpu": "none"}) == "X, 2 cores (avx2), no GPU"
+    assert describe_machine({**m, "machine.gpu": "H100"}) == "X, 2 cores (avx2), GPU H100"
+
+
 def test_keep_freed_memory_stops_page_faults_every_step():
     run = subprocess.run(
         [sys.executable, "-c", _FAULTS_PER_STEP],

@@ -315,6 +315,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
         "decoded_cache": info.cache,
         "precision": str(trainer.precision),
         "seconds": round(time.perf_counter() - started, 1),
+        "machine": tracking.describe_machine(tracking.machine_info()),
     }
 
 
@@ -387,6 +388,7 @@ def _print_summary(r: dict, info) -> None:
         else "",
         f"  data:       batches {r['batching']}, precision {r['precision']}"
         + (f", decoded cache {r['decoded_cache']}" if r["decoded_cache"] else ""),
+        f"  machine:    {r['machine']}",
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
         f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
