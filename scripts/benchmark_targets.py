@@ -21,6 +21,7 @@ names). On a GPU, utilisation is sampled every 200 ms with `nvidia-smi` while tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -100,19 +101,6 @@ def training_seconds(last: Path) -> float:
     return float(history["epochs"][-1]["seconds"])
 
 
-class NoUtilisation:
-    """Stands in for Utilisation on the CPU."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def summary(self) -> str:
-        return "-"
-
-
 def verdict(job: str, accelerator: str, accuracy: float, seconds: float) -> str:
     least, most = TARGETS[accelerator][job]
     ok_time = seconds <= most
@@ -144,7 +132,7 @@ def main() -> None:
             for seed in args.seeds:
                 out = Path(tmp) / f"{name}-{seed}"
                 common = [f"paths.output_dir={out}", "trainer.enable_progress_bar=false"]
-                watch = Utilisation() if accelerator == "gpu" else NoUtilisation()
+                watch = Utilisation() if accelerator == "gpu" else contextlib.nullcontext()
                 with watch as util:
                     trained = run(
                         "command=train",
