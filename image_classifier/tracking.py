@@ -7,6 +7,7 @@ The only module that talks to MLflow: commands get a Lightning MLFlowLogger from
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import subprocess
@@ -116,6 +117,16 @@ def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
     return model, [f for f in CPU_FEATURES if f in flags]
 
 
+@functools.cache
+def cpu_info() -> tuple[str, list[str]]:
+    """parse_cpuinfo of this machine (read once per process); ("", []) where there is no
+    /proc/cpuinfo (macOS, Windows)."""
+    try:
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return "", []
+
+
 def machine_info() -> dict[str, str]:
     """What ran the job, for every figure to name its machine: CPU model, usable cores, its
     speed-relevant instructions, and the GPU (torch is imported here, not at module load)."""
@@ -123,10 +134,7 @@ def machine_info() -> dict[str, str]:
 
     import torch
 
-    try:
-        model, features = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        model, features = "", []
+    model, features = cpu_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {

@@ -338,7 +338,6 @@ print(faults_per_step(), memory.keep_freed_memory(), faults_per_step())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
     cpu = "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
     x86 = f"processor\t: 0\n{cpu}\nprocessor\t: 1\n{cpu}"
@@ -350,6 +349,32 @@ def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
     assert describe_machine({**m, "machine.gpu": "H100"}) == "X, 2 cores (avx2), GPU H100"
 
 
+@pytest.mark.parametrize(
+    ("features", "accelerator", "expected"),
+    [
+        (["avx2", "avx512f", "avx512_bf16"], "auto", "bf16-mixed"),  # AMD Zen 4+, Intel Cooper Lake+
+        (["avx2", "avx512f", "amx_bf16"], "cpu", "bf16-mixed"),
+        (["avx2", "avx512f"], "auto", "32-true"),  # bf16 emulated: slower than float32
+        (["asimd", "sve", "bf16"], "auto", "32-true"),  # Arm: not measured, float32
+    ],
+)
+def test_default_precision_is_bf16_only_where_the_hardware_computes_it(
+    features, accelerator, expected, monkeypatch, tmp_path
+):
+    from image_classifier import tracking
+    from image_classifier.training.train import default_precision, trainer_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tracking, "cpu_info", lambda: ("CPU", features))
+    assert default_precision(accelerator) == expected
+    cfg = compose_cfg(tmp_path)
+    assert trainer_kwargs(cfg)["precision"] == expected
+    assert trainer_kwargs(cfg, training=False)["precision"] == "32-true"  # test scores as exported
+    cfg = compose_cfg(tmp_path, "trainer.precision=bf16-mixed")  # set: used as it is
+    assert trainer_kwargs(cfg, training=False)["precision"] == "bf16-mixed"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_keep_freed_memory_stops_page_faults_every_step():
     run = subprocess.run(
         [sys.executable, "-c", _FAULTS_PER_STEP],
