@@ -144,6 +144,7 @@ def _train_rules() -> dict:
 
     return {
         "train.epochs": POSITIVE_INT,
+        "train.time_budget": Number(0, open_lo=True, optional=True),
         "train.batch_size": POSITIVE_INT,
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
         "train.lr": POSITIVE,

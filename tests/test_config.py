@@ -63,6 +63,7 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["audit.near_candidates=0"], "audit.near_candidates=0 must be a number > 0."),
         (["audit.hidden=-1"], "audit.hidden=-1 must be an integer >= 0."),
         (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1."),
+        (["train.time_budget=0"], "train.time_budget=0 must be a number > 0."),
         (["train.threads=true"], "train.threads=True must be an integer >= 1."),
         (["test.tta=flip"], "test.tta='flip' is not one of False, True, none, hflip, hflip+shift."),
         (["train.augment.hflip=alternating"], "Did you mean 'alternate'"),

@@ -352,7 +352,11 @@ def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
 @pytest.mark.parametrize(
     ("features", "accelerator", "expected"),
     [
-        (["avx2", "avx512f", "avx512_bf16"], "auto", "bf16-mixed"),  # AMD Zen 4+, Intel Cooper Lake+
+        (
+            ["avx2", "avx512f", "avx512_bf16"],
+            "auto",
+            "bf16-mixed",
+        ),  # AMD Zen 4+, Intel Cooper Lake+
         (["avx2", "avx512f", "amx_bf16"], "cpu", "bf16-mixed"),
         (["avx2", "avx512f"], "auto", "32-true"),  # bf16 emulated: slower than float32
         (["asimd", "sve", "bf16"], "auto", "32-true"),  # Arm: not measured, float32

@@ -41,7 +41,12 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
         run_name=f"test-{module.hparams.model['name']}",
         tags={**tracking.lineage_tags(cfg.paths.root, info.data_hash), "checkpoint": str(path)},
     )
-    kwargs = {**trainer_kwargs(cfg, training=False), "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    kwargs = {
+        **trainer_kwargs(cfg, training=False),
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+    }
     trainer = L.Trainer(
         logger=logger or False, default_root_dir=out, callbacks=progress_bar(cfg), **kwargs
     )

@@ -23,6 +23,7 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
+from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.plots import plot_curves
@@ -105,6 +106,10 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
+    budget = None
+    if cfg.train.get("time_budget") and resume_from is None:  # resumed: the epochs it planned
+        cfg, budget = budgeted(cfg, model_spec, info, dm, started)
+        epochs = budget["epochs"]
     module = build_module(cfg, model_spec, info)
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
@@ -119,6 +124,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result["batching"] = getattr(dm, "batching", "DataLoader")
+    result["time_budget"] = budget
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
             result["thresholds"] = thresholds_for_best(result["checkpoint"], dm, cfg.train)
@@ -128,6 +134,28 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         log_run(logger, result, module.hparams.data)
         _print_summary(result, info)
     return result
+
+
+def budgeted(cfg, model_spec: dict, info, dm, started: float):
+    """(config with the epochs that fit train.time_budget, the plan); see training/budget.py."""
+    plan = fit_to_budget(
+        cfg,
+        lambda: build_module(cfg, model_spec, info),
+        lambda: step_callbacks(cfg),
+        dm,
+        started,
+        trainer_kwargs(cfg),
+    )
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.train.epochs = plan["epochs"]  # stored with the run: train.epochs=N repeats it
+    log.warning(
+        "train.time_budget=%gs: %d epoch(s) of about %.1f s fit on this machine",
+        plan["budget_seconds"],
+        plan["epochs"],
+        plan["epoch_seconds"],
+    )
+    return cfg, plan
 
 
 def resume_point(cfg):
@@ -294,11 +322,17 @@ def build_callbacks(cfg, ckpt_dir: Path, logger, extra: list | None):
         )
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return best, last, callbacks + step_callbacks(cfg)
+
+
+def step_callbacks(cfg) -> list:
+    """New instances of the callbacks that change what a training step does (and costs)."""
+    callbacks = []
     if cfg.model.get("freeze_backbone"):
         callbacks.append(FreezeBackbone(cfg.model.get("unfreeze_at_epoch")))
-    if t.get("ema"):
-        callbacks.append(ema_averaging(float(t.ema)))
-    return best, last, callbacks
+    if cfg.train.get("ema"):
+        callbacks.append(ema_averaging(float(cfg.train.ema)))
+    return callbacks
 
 
 def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started: float) -> dict:
@@ -397,6 +431,10 @@ def _print_summary(r: dict, info) -> None:
         else "",
         f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
         if (th := r.get("thresholds"))
+        else "",
+        f"  budget:     {b['budget_seconds']:g} s: {b['epochs']} epoch(s) planned at "
+        f"{b['epoch_seconds']:.1f} s each after {b['probe_seconds']:.1f} s of setup and probing"
+        if (b := r.get("time_budget"))
         else "",
         f"  data:       batches {r['batching']}, precision {r['precision']}"
         + (f", decoded cache {r['decoded_cache']}" if r["decoded_cache"] else ""),

@@ -1,0 +1,139 @@
+"""`train.time_budget=SECONDS`: as many epochs as fit that long, the schedule laid out for them.
+
+A fixed number of epochs leaves a fast machine's spare minutes unused and overruns a slow one.
+With a budget, a probe measures this machine first: a throwaway instance of the model goes
+through the same Lightning loop (precision, device batches, augmentation, callbacks that cost
+time) for a few training steps and one full validation. The run then gets the epochs that fit
+what is left, and every random generator is put back as the probe found it, so it is the very
+run `train.epochs=N` gives (N is printed and stored in the run's config). Ultralytics' `time=`
+re-plans after every epoch instead; planning once keeps the one-cycle schedule smooth and the
+run reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from image_classifier.errors import UserError
+
+SKIP_STEPS = 3  # the first steps pay for kernel selection, allocation and compilation
+TIMED_STEPS = 20
+MARGIN = 0.95  # epochs are planned to fill this share of what is left (checkpoints, logging)
+
+
+class ProbeTimer(Callback):
+    """Times training steps (stopping the probe after SKIP_STEPS + TIMED_STEPS) and the one
+    validation that follows."""
+
+    def __init__(self):
+        self.start = self.val_start = 0.0
+        self.ends: list[float] = []
+        self.val_seconds = 0.0
+        self.train_batches = self.val_batches = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+        self.train_batches = int(trainer.num_training_batches)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+        if len(self.ends) >= SKIP_STEPS + TIMED_STEPS:
+            trainer.should_stop = True  # Lightning still validates once, as the probe wants
+
+    def on_validation_start(self, trainer, pl_module):
+        self.val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        self.val_seconds = time.perf_counter() - self.val_start
+        self.val_batches = int(sum(trainer.num_val_batches))
+
+    def step_seconds(self) -> float:
+        """Seconds per training step once warm (every step when there were too few to skip)."""
+        n = len(self.ends)
+        if n > SKIP_STEPS + 1:
+            return (self.ends[-1] - self.ends[SKIP_STEPS - 1]) / (n - SKIP_STEPS)
+        return (self.ends[-1] - self.start) / n
+
+    def warmup_seconds(self) -> float:
+        """What the first steps cost beyond steady steps: paid again by the real run."""
+        n = min(len(self.ends), SKIP_STEPS)
+        return max(0.0, self.ends[n - 1] - self.start - n * self.step_seconds())
+
+
+def validations_per_epoch(trainer_cfg) -> float:
+    every = int(trainer_cfg.get("check_val_every_n_epoch") or 1)
+    interval = trainer_cfg.get("val_check_interval")
+    per_epoch = 1 / interval if isinstance(interval, float) and 0 < interval < 1 else 1
+    return per_epoch / every
+
+
+def plan(budget: float, spent: float, timer: ProbeTimer, validations: float) -> dict:
+    """The epochs that fit `budget` seconds when `spent` are gone, from what the probe measured."""
+    train = timer.train_batches * timer.step_seconds()
+    val = timer.val_seconds * validations if timer.val_batches else 0.0
+    epoch = train + val
+    left = budget - spent - timer.warmup_seconds() - timer.val_seconds  # + the sanity check
+    epochs = math.floor(MARGIN * left / epoch) if epoch > 0 else 0
+    return {
+        "budget_seconds": budget,
+        "probe_seconds": round(spent, 2),
+        "epoch_seconds": round(epoch, 2),
+        "step_seconds": round(timer.step_seconds(), 4),
+        "epochs": epochs,
+    }
+
+
+def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_kwargs: dict):
+    """Probe a module from `make_module()` (with `make_callbacks()`, those that change a step's
+    cost) on `dm`, then plan cfg.train.time_budget seconds counted from `started` (the run's
+    perf_counter start). Every random generator is left as the probe found it. Raises UserError
+    when not one epoch fits."""
+    budget = float(cfg.train.time_budget)
+    devices = str(cfg.trainer.devices)
+    several = devices != "1" and not (devices == "auto" and torch.cuda.device_count() <= 1)
+    if several or int(cfg.trainer.num_nodes) > 1:
+        raise UserError(
+            f"train.time_budget plans epochs for one device (trainer.devices="
+            f"{cfg.trainer.devices}, trainer.num_nodes={cfg.trainer.num_nodes}): set "
+            "train.epochs instead, or trainer.devices=1."
+        )
+    timer = ProbeTimer()
+    probe = {
+        **trainer_kwargs,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "val_check_interval": None,
+        "check_val_every_n_epoch": 1,
+        "max_time": None,
+    }
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():  # the CPU generator and every CUDA one
+        L.Trainer(callbacks=[timer, *make_callbacks()], **probe).fit(make_module(), datamodule=dm)
+    random.setstate(python_rng)
+    np.random.set_state(numpy_rng)
+    if not timer.ends:
+        raise UserError(
+            f"train.time_budget={budget:g}: the probe ran no training step, so there is nothing "
+            "to plan with (trainer.limit_train_batches=0, or no training images?)."
+        )
+    result = plan(budget, time.perf_counter() - started, timer, validations_per_epoch(cfg.trainer))
+    if result["epochs"] < 1:
+        need = result["probe_seconds"] + result["epoch_seconds"] / MARGIN
+        raise UserError(
+            f"train.time_budget={budget:g}: one epoch takes about {result['epoch_seconds']:.0f} s "
+            f"on this machine, after {result['probe_seconds']:.0f} s of setup and probing, so "
+            f"not one fits. Raise train.time_budget above {need:.0f}, or set "
+            "train.time_budget=null and train.epochs."
+        )
+    return result
