@@ -31,9 +31,14 @@ def test_plan_fills_what_is_left_with_whole_epochs():
 
 
 def test_validations_per_epoch_follow_the_trainer_settings():
-    assert validations_per_epoch({"check_val_every_n_epoch": 1, "val_check_interval": None}) == 1
-    assert validations_per_epoch({"check_val_every_n_epoch": 2, "val_check_interval": None}) == 0.5
-    assert validations_per_epoch({"check_val_every_n_epoch": 1, "val_check_interval": 0.25}) == 4
+    def per_epoch(every: int, interval):
+        cfg = {"check_val_every_n_epoch": every, "val_check_interval": interval}
+        return validations_per_epoch(cfg, train_batches=100)
+
+    assert per_epoch(1, None) == 1
+    assert per_epoch(2, None) == 0.5
+    assert per_epoch(1, 0.25) == 4  # a fraction of an epoch
+    assert per_epoch(1, 30) == 3  # every 30 steps: at steps 30, 60, 90
 
 
 @pytest.fixture

@@ -67,10 +67,16 @@ class ProbeTimer(Callback):
         return max(0.0, self.ends[n - 1] - self.start - n * self.step_seconds())
 
 
-def validations_per_epoch(trainer_cfg) -> float:
+def validations_per_epoch(trainer_cfg, train_batches: int) -> float:
+    """How often Lightning validates per epoch: trainer.val_check_interval as a fraction of an
+    epoch or a number of steps, trainer.check_val_every_n_epoch."""
     every = int(trainer_cfg.get("check_val_every_n_epoch") or 1)
     interval = trainer_cfg.get("val_check_interval")
-    per_epoch = 1 / interval if isinstance(interval, float) and 0 < interval < 1 else 1
+    per_epoch = 1.0
+    if isinstance(interval, float) and 0 < interval < 1:
+        per_epoch = math.floor(1 / interval)
+    elif isinstance(interval, int) and 0 < interval < train_batches:
+        per_epoch = train_batches // interval
     return per_epoch / every
 
 
@@ -127,7 +133,8 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
             f"train.time_budget={budget:g}: the probe ran no training step, so there is nothing "
             "to plan with (trainer.limit_train_batches=0, or no training images?)."
         )
-    result = plan(budget, time.perf_counter() - started, timer, validations_per_epoch(cfg.trainer))
+    validations = validations_per_epoch(cfg.trainer, timer.train_batches)
+    result = plan(budget, time.perf_counter() - started, timer, validations)
     if result["epochs"] < 1:
         need = result["probe_seconds"] + result["epoch_seconds"] / MARGIN
         raise UserError(
