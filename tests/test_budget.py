@@ -22,12 +22,17 @@ def test_plan_fills_what_is_left_with_whole_epochs():
     t = _timer(first=2.0, step=0.5, steps=23, batches=100, val=5.0)
     assert t.step_seconds() == pytest.approx(0.5)
     assert t.warmup_seconds() == pytest.approx(1.5)  # paid again by the run
-    # 600 s, 20 spent: 600 - 20 - 1.5 (warm-up) - 5 (sanity check) = 573.5 s left;
-    # 50 s of steps + 5 s of validation an epoch; 95 % of 573.5 / 55 = 9.9
+    # 600 s, 20 spent: 600 - 20 - 1.5 (warm-up) - 1 (sanity check: 2 of 10 val batches) = 577.5 s
+    # left; 50 s of steps + 5 s of validation an epoch; 95 % of 577.5 / 55 = 9.97
     p = plan(600, 20, t, validations=1)
     assert (p["epochs"], p["epoch_seconds"]) == (9, 55.0)
     assert plan(600, 20, t, validations=0.5)["epochs"] == 10  # validating every other epoch
     assert plan(60, 20, t, validations=1)["epochs"] == 0
+    # the sanity check's share: none, 2 batches (1 s) or every batch (a whole validation, 5 s);
+    # 603 s: 95 % of 581.5 / 55 = 10.04, of 580.5 / 55 = 10.03, of 576.5 / 55 = 9.96
+    assert plan(603, 20, t, validations=1, sanity_steps=0)["epochs"] == 10
+    assert plan(603, 20, t, validations=1)["epochs"] == 10
+    assert plan(603, 20, t, validations=1, sanity_steps=-1)["epochs"] == 9
 
 
 def test_validations_per_epoch_follow_the_trainer_settings():
@@ -77,6 +82,18 @@ def test_a_budget_shorter_than_an_epoch_is_a_clear_error(make_cfg, folder_data, 
         match=r"train.time_budget=2: one epoch takes about \d+ s .*"
         r"not one fits. Raise train.time_budget above \d+",
     ):
+        run_train(cfg)
+
+
+def test_a_probe_without_training_steps_is_a_clear_error(make_cfg, folder_data):
+    cfg = make_cfg(
+        "data=folder",
+        f"data.root={folder_data}",
+        "logger.enabled=false",
+        "train.time_budget=60",
+        "trainer.limit_train_batches=0",
+    )
+    with pytest.raises(UserError, match="the probe ran no training step"):
         run_train(cfg)
 
 

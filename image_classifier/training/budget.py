@@ -80,12 +80,19 @@ def validations_per_epoch(trainer_cfg, train_batches: int) -> float:
     return per_epoch / every
 
 
-def plan(budget: float, spent: float, timer: ProbeTimer, validations: float) -> dict:
-    """The epochs that fit `budget` seconds when `spent` are gone, from what the probe measured."""
+def plan(
+    budget: float, spent: float, timer: ProbeTimer, validations: float, sanity_steps: int = 2
+) -> dict:
+    """The epochs that fit `budget` seconds when `spent` are gone, from what the probe measured
+    (`sanity_steps`: the validation batches Lightning's sanity check runs first; -1: all)."""
     train = timer.train_batches * timer.step_seconds()
-    val = timer.val_seconds * validations if timer.val_batches else 0.0
+    per_batch = timer.val_seconds / timer.val_batches if timer.val_batches else 0.0
+    val = timer.val_seconds * validations
+    sanity = per_batch * (
+        timer.val_batches if sanity_steps < 0 else min(sanity_steps, timer.val_batches)
+    )
     epoch = train + val
-    left = budget - spent - timer.warmup_seconds() - timer.val_seconds  # + the sanity check
+    left = budget - spent - timer.warmup_seconds() - sanity
     epochs = math.floor(MARGIN * left / epoch) if epoch > 0 else 0
     return {
         "budget_seconds": budget,
@@ -102,16 +109,8 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
     perf_counter start). Every random generator is left as the probe found it. Raises UserError
     when not one epoch fits."""
     budget = float(cfg.train.time_budget)
-    devices = str(cfg.trainer.devices)
-    several = devices != "1" and not (devices == "auto" and torch.cuda.device_count() <= 1)
-    if several or int(cfg.trainer.num_nodes) > 1:
-        raise UserError(
-            f"train.time_budget plans epochs for one device (trainer.devices="
-            f"{cfg.trainer.devices}, trainer.num_nodes={cfg.trainer.num_nodes}): set "
-            "train.epochs instead, or trainer.devices=1."
-        )
     timer = ProbeTimer()
-    probe = {
+    probe_kwargs = {
         **trainer_kwargs,
         "max_epochs": 1,
         "logger": False,
@@ -123,9 +122,16 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
         "check_val_every_n_epoch": 1,
         "max_time": None,
     }
+    probe = L.Trainer(callbacks=[timer, *make_callbacks()], **probe_kwargs)
+    if probe.world_size > 1:  # Lightning's own reading of trainer.devices and num_nodes
+        raise UserError(
+            f"train.time_budget plans epochs for one device, not {probe.world_size} "
+            f"(trainer.devices={cfg.trainer.devices}, trainer.num_nodes={cfg.trainer.num_nodes}): "
+            "set train.epochs instead, or trainer.devices=1."
+        )
     python_rng, numpy_rng = random.getstate(), np.random.get_state()
     with torch.random.fork_rng():  # the CPU generator and every CUDA one
-        L.Trainer(callbacks=[timer, *make_callbacks()], **probe).fit(make_module(), datamodule=dm)
+        probe.fit(make_module(), datamodule=dm)
     random.setstate(python_rng)
     np.random.set_state(numpy_rng)
     if not timer.ends:
@@ -134,7 +140,8 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
             "to plan with (trainer.limit_train_batches=0, or no training images?)."
         )
     validations = validations_per_epoch(cfg.trainer, timer.train_batches)
-    result = plan(budget, time.perf_counter() - started, timer, validations)
+    sanity = int(trainer_kwargs.get("num_sanity_val_steps", 2))  # Lightning's default: 2
+    result = plan(budget, time.perf_counter() - started, timer, validations, sanity)
     if result["epochs"] < 1:
         need = result["probe_seconds"] + result["epoch_seconds"] / MARGIN
         raise UserError(
