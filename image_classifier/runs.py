@@ -14,11 +14,12 @@ from image_classifier.errors import UserError
 
 
 def output_dir(cfg) -> Path:
-    """This command's run folder (Hydra's, or outputs/<date>/<time> when run as a library)."""
+    """This command's run folder (Hydra's, or outputs/<date>/<time> when run as a library), as
+    an absolute path: the one form every run records, whatever the working directory."""
     out = Path(
         cfg.paths.output_dir
         or Path(cfg.paths.root) / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S")
-    )
+    ).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -164,11 +164,9 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
     """Lightning's MLFlowLogger on the configured store, or None when logging is disabled."""
     if not cfg.logger.enabled:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
     uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
     check_reachable(uri, float(cfg.logger.connect_timeout))
-    logger = MLFlowLogger(
+    logger = _logger_class()(
         experiment_name=cfg.logger.experiment,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=uri,
@@ -178,6 +176,33 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
     )
     _ = logger.experiment  # create the run now, so a broken store fails before training starts
     return logger
+
+
+@functools.cache
+def _logger_class():
+    """Lightning's MLFlowLogger, except that logging hyperparameters into a run that already has
+    them (a resumed run) keeps the run: values already logged are skipped, and a value that
+    changed (a path after the project moved, the number of epochs of an extended schedule) is
+    recorded as the tag `resumed.<key>` instead of the param MLflow refuses to change.
+    `train.resume` has refused every other change before training started."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class ResumableMLFlowLogger(MLFlowLogger):
+        @rank_zero_only
+        def log_hyperparams(self, params) -> None:
+            from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+            flat = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+            logged = self.experiment.get_run(self.run_id).data.params
+            new = {k: v for k, v in flat.items() if k not in logged}
+            changed = {f"resumed.{k}": v for k, v in flat.items() if k in logged and logged[k] != v}
+            if new:
+                super().log_hyperparams(new)
+            for k, v in changed.items():
+                self.experiment.set_tag(self.run_id, k, v)
+
+    return ResumableMLFlowLogger
 
 
 # -- one style for every command: Lightning's MLFlowLogger, and its client for the rest ----------

@@ -127,11 +127,18 @@ def make_cfg(tmp_path):
     return make
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path = ROOT, timeout: int = 300, script: Path = ROOT / "commands.py"
+) -> subprocess.CompletedProcess:
+    """`commands.py` in a new process, started by the interpreter of the environment `uv run`
+    uses (sys.executable is .venv's python) rather than through `uv run` itself: what uv adds,
+    the check of the environment against uv.lock, is the same for every command and is timed in
+    scripts/benchmark_infer.py; through uv, tests from a project copy in tmp_path would each make
+    a new environment."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, str(ROOT / "commands.py"), *args],
+        [sys.executable, str(script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

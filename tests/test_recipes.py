@@ -1,5 +1,6 @@
 """Training recipes and scale: model configs, options, resume, determinism, DDP, Optuna."""
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,62 +224,110 @@ def test_same_seed_same_metrics(make_cfg, folder_data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def project_copy(dest: Path) -> Path:
+    """The project as a user has it (commands.py, configs/, the package), to run from its root."""
+    dest.mkdir(parents=True)
+    shutil.copy(ROOT / "commands.py", dest)
+    shutil.copytree(ROOT / "configs", dest / "configs")
+    shutil.copytree(
+        ROOT / "image_classifier",
+        dest / "image_classifier",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return dest
+
+
+def cli_in(project: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*args, cwd=cwd or project, script=project / "commands.py")
+
+
 @pytest.mark.slow
-def test_resume_after_the_process_is_killed_mid_epoch(tmp_path):
+def test_resume_after_the_process_is_killed_mid_epoch_with_the_default_paths(tmp_path):
+    """As a user does it: from the project root, default paths, no hydra.run.dir, a relative
+    data.root; then every command that reopens the run, also from another working directory."""
     from mlflow.tracking import MlflowClient
 
-    images = make_class_folders(tmp_path / "img", per_class=60)
+    project = project_copy(tmp_path / "project")
+    make_class_folders(project / "DIGITS", per_class=60)
     args = [
         "command=train",
         "data=folder",
-        f"data.root={images}",
-        f"paths.root={tmp_path}",
+        "data.root=DIGITS",
         "train.epochs=6",
         "train.batch_size=4",
         "train.num_workers=0",
         "train.early_stopping=0",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
-        "hydra.run.dir=" + str(tmp_path / "outputs" / "run"),
     ]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "commands.py"), *args],
-        cwd=ROOT,
+        [sys.executable, "commands.py", *args],
+        cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    last = tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
+    while not (found := list(project.glob("outputs/*/*/checkpoints/last.ckpt"))):
+        if proc.poll() is not None or time.time() > deadline:
+            break
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    last = found[0]
     killed_at = torch.load(last, weights_only=True)["epoch"]
     assert killed_at < 5
 
-    p = run_cli(
-        "command=train",
-        "train.resume=last",
-        f"paths.root={tmp_path}",
-        "trainer.enable_progress_bar=false",
-    )
+    changed = cli_in(project, "command=train", "train.resume=last", "train.lr=0.5")
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "train.lr=0.5 (the run has 0.003)" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert torch.load(last, weights_only=True)["epoch"] == killed_at  # nothing trained
+
+    p = cli_in(project, "command=train", "train.resume=last", "trainer.enable_progress_bar=false")
     assert p.returncode == 0, p.stderr[-3000:]
     final = torch.load(last, weights_only=True)
     assert (
         final["epoch"] == 5 and final["global_step"] == 6 * 36
     )  # 144 train images (80 % of 180) / batch 4, each epoch exactly once
     run_id = final["image_classifier"]["mlflow_run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("image_classifier")
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [
         run_id
     ]  # one run, continued
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc")) == sorted(
-        set(m.step for m in client.get_metric_history(run_id, "val/acc"))
+    steps = [m.step for m in client.get_metric_history(run_id, "val/acc")]
+    assert sorted(steps) == sorted(set(steps))
+    assert client.get_run(run_id).data.params["config/paths/output_dir"] == str(
+        last.parent.parent.resolve()
     )
+
+    # from another working directory, the project named by an absolute path: a changed path is
+    # a tag of the run, not a refused param
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = cli_in(
+        project,
+        "command=train",
+        "train.resume=last",
+        f"paths.root={project}",
+        "data=folder",
+        f"data.root={project / 'DIGITS'}",
+        "trainer.enable_progress_bar=false",
+        cwd=elsewhere,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert client.get_run(run_id).data.tags["resumed.config/paths/root"] == str(project)
+
+    # every command that reopens or reads the run, with the default paths
+    for command in ("test", "calibrate", "export-onnx", "register"):
+        r = cli_in(project, f"command={command}", "trainer.enable_progress_bar=false")
+        assert r.returncode == 0, (command, r.stderr[-3000:])
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.run_name for r in runs} == {"train-cnn", "test-cnn"}
+    assert client.get_registered_model("folder-cnn").latest_versions[0].run_id == run_id
 
 
 @pytest.mark.slow
