@@ -46,9 +46,6 @@ def audit(root: Path, tmp_path: Path, *extra: str) -> dict:
         f"data.root={root}",
         "data.size=[16,16]",
         f"paths.output_dir={tmp_path}/run",
-        # a head trained on 40 images is far less sure than one trained on thousands: the
-        # default threshold (1e-4) is for real data sizes
-        "audit.label_threshold=0.1",
         *extra,
     )
     return run_audit(cfg)

@@ -37,12 +37,8 @@ def run_audit(cfg) -> dict:
         )
     with _timed(timings, "labels"):
         views, x, source = label_checks.features(d, cfg, str(a.features))
-        probs = label_checks.out_of_sample_probs(
-            views, d.labels, int(a.folds), int(a.epochs), int(a.hidden), cfg.seed
-        )
-        suspects, confident = label_checks.label_issues(
-            d.labels, probs, float(a.label_threshold), int(a.max_suspects)
-        )
+        probs = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
+        suspects, cut = label_checks.label_issues(d.labels, probs)
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, fidx = neighbours.knn(
@@ -54,7 +50,7 @@ def run_audit(cfg) -> dict:
     with _timed(timings, "quality"):
         flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
-    report["label_errors"]["confident_learning_flags"] = confident
+    report["label_errors"]["recommended_cut"] = cut
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
@@ -124,10 +120,9 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         "label_errors": {
             "suspects": len(suspects),
             "features": source,
-            "method": f"cleanlab on {a.folds}-fold cross-validated probabilities, averaged over "
-            f"one {'MLP (' + str(a.hidden) + ' units)' if a.hidden else 'linear'} head per "
-            f"feature view: predicted class != given and self-confidence <= "
-            f"{a.label_threshold}, ranked by self-confidence (at most {a.max_suspects})",
+            "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
+            f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view, "
+            "averaged; every flagged image, ranked by self-confidence",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects
