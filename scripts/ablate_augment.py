@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SETTINGS = {"none": (False, 0), "flip": (True, 0), "flip+1": (True, 1), "flip+2": (True, 2)}
 

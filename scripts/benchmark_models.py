@@ -11,12 +11,10 @@ a warm-up step, then timed steps for at least `--seconds`. Prints a Markdown tab
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # config -> (input size, channels, batch on CPU)
 SETUPS = {

@@ -36,7 +36,6 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 JOBS = {"default": [], "fmnist_fast": ["experiment=fmnist_fast"]}
 # accelerator -> job -> (minimum test accuracy or None, most seconds of training), from issue 13

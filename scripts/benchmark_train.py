@@ -32,7 +32,6 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def compose(*overrides):

@@ -1,0 +1,351 @@
+"""Data sets that are not the benchmark: the default job, a pixel floor and the audit on each.
+
+    uv run python scripts/benchmark_datasets.py            # the whole suite (about 20 minutes)
+    uv run python scripts/benchmark_datasets.py --quick    # digits and fmnist-500 (about 4)
+    uv run python scripts/benchmark_datasets.py --only colour-96 --keep /tmp/suite
+
+Each data set is written as image files (PNG, or JPEG for the photo-like one) in class folders,
+built from what installs offline:
+- fmnist-500, fmnist-2000, fmnist-10000: Fashion-MNIST training subsets of that many images
+  (stratified), with validation and test sets of their own (pre-split folders; test: 1,000
+  images of the Fashion-MNIST test set, the same for the three);
+- colour-96: Fashion-MNIST items, scaled to 40-80 px, tinted, on coloured textured backgrounds at
+  96x96 (2,000 train, 250 val, 1,000 test; JPEG);
+- digits: scikit-learn's 1,797 handwritten digits, 8x8 grey, in class folders (the tool splits
+  them 80/10/10).
+
+For each: the default job exactly as a user runs it (`uv run python commands.py command=train
+data=folder data.root=D`, then `command=test`), its training time and test accuracy (reported
+once; nothing here is chosen on test); the floor, scikit-learn's LogisticRegression on the same
+images' pixels (at most 32x32, C chosen on the validation split); then `command=audit` on copies
+with 1 % and 5 % of the labels moved to another class: recall and precision of what it flags, at
+its recommended cut, and how many planted errors rank within the first 2x (number planted) rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = ROOT / "data" / "fashion_mnist"
+SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96")
+QUICK = ("digits", "fmnist-500")
+
+
+# -- the data sets --------------------------------------------------------------------------
+def fashion_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) from data/fashion_mnist, fetched
+    by `command=download` first when absent."""
+    from image_classifier.data.idx import read_idx
+
+    names = (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+    if not all((FMNIST / n).exists() for n in names):
+        command(ROOT, "command=download")
+    return tuple(read_idx(FMNIST / n) for n in names)
+
+
+def stratified(y: np.ndarray, n: int, rng, exclude=()) -> np.ndarray:
+    taken = set(int(i) for i in exclude)
+    classes = np.unique(y)
+    out = []
+    for k in classes:
+        pool = [i for i in np.flatnonzero(y == k) if int(i) not in taken]
+        out += list(rng.choice(pool, n // len(classes), replace=False))
+    return np.array(out)
+
+
+def write(folder: Path, images, labels, classes, ext: str = "png") -> None:
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        d = folder / classes[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:05d}.{ext}", quality=90)
+
+
+FMNIST_CLASSES = [
+    "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"
+]  # fmt: skip
+
+
+def build_fmnist(dest: Path, n_train: int, seed: int = 0) -> None:
+    xtr, ytr, xte, yte = fashion_mnist()
+    rng = np.random.default_rng(seed)
+    train = stratified(ytr, n_train, rng)
+    val = stratified(ytr, max(100, n_train // 8), rng, exclude=train)
+    test = stratified(yte, 1000, np.random.default_rng(1))
+    write(dest / "train", xtr[train], ytr[train], FMNIST_CLASSES)
+    write(dest / "val", xtr[val], ytr[val], FMNIST_CLASSES)
+    write(dest / "test", xte[test], yte[test], FMNIST_CLASSES)
+
+
+def composite(item: np.ndarray, rng, size: int = 96) -> np.ndarray:
+    """A Fashion-MNIST item, scaled and tinted, on a coloured, textured background."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    angle = rng.uniform(0, np.pi)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+    bg = c0 * (1 - t) + c1 * t
+    freq = rng.uniform(4, 12)
+    bg += 25 * np.sin(2 * np.pi * freq * (xx + rng.uniform() * yy))[..., None]
+    bg += rng.normal(0, 12, bg.shape)
+    side = int(rng.integers(40, 81))
+    mask = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
+    tint = rng.uniform(0, 255, 3)
+    top, left = rng.integers(0, size - side + 1, 2)
+    patch = bg[top : top + side, left : left + side]
+    bg[top : top + side, left : left + side] = patch * (1 - mask[..., None]) + tint * mask[
+        ..., None
+    ] * (0.6 + 0.4 * mask[..., None])
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def build_colour(dest: Path, seed: int = 0) -> None:
+    xtr, ytr, xte, yte = fashion_mnist()
+    rng = np.random.default_rng(seed)
+    train = stratified(ytr, 2000, rng)
+    val = stratified(ytr, 250, rng, exclude=train)
+    test = stratified(yte, 1000, np.random.default_rng(1))
+    parts = (("train", xtr, ytr, train), ("val", xtr, ytr, val), ("test", xte, yte, test))
+    for split, x, y, idx in parts:
+        write(dest / split, [composite(x[i], rng) for i in idx], y[idx], FMNIST_CLASSES, "jpg")
+
+
+def build_digits(dest: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255 / 16)).round().astype(np.uint8)
+    write(dest, images, d.target, [str(k) for k in range(10)])
+
+
+def build(name: str, dest: Path) -> Path:
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name == "digits":
+        build_digits(tmp)
+    elif name == "colour-96":
+        build_colour(tmp)
+    else:
+        build_fmnist(tmp, int(name.split("-")[1]))
+    tmp.rename(dest)
+    return dest
+
+
+# -- reading a folder back -------------------------------------------------------------------
+def files(root: Path) -> list[tuple[Path, str, str]]:
+    """(path, split or '', class) of every image under root."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".png", ".jpg"):
+            parts = p.relative_to(root).parts
+            out.append((p, parts[0] if len(parts) == 3 else "", parts[-2]))
+    return out
+
+
+def pixels(paths: list[Path]) -> np.ndarray:
+    with Image.open(paths[0]) as im:
+        w, h = im.size
+    side = (min(32, w), min(32, h))
+    return np.stack(
+        [np.asarray(Image.open(p).resize(side, Image.BILINEAR), np.float32).ravel() for p in paths]
+    )
+
+
+def floor(root: Path, seed: int = 0) -> float:
+    """LogisticRegression on the pixels: C chosen on validation, test accuracy once."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    rows = files(root)
+    x, y = pixels([p for p, _, _ in rows]), np.array([c for _, _, c in rows])
+    split = np.array([s for _, s, _ in rows])
+    if not split[0]:  # class folders: the same 80/10/10 proportions, stratified
+        idx = np.arange(len(y))
+        tr, rest = train_test_split(idx, test_size=0.2, stratify=y, random_state=seed)
+        va, te = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed)
+        split = np.empty(len(y), object)
+        split[tr], split[va], split[te] = "train", "val", "test"
+    scaler = StandardScaler().fit(x[split == "train"])
+    z = scaler.transform(x)
+    best = None
+    for c in (0.01, 0.1, 1.0):
+        m = LogisticRegression(C=c, max_iter=2000).fit(z[split == "train"], y[split == "train"])
+        val = m.score(z[split == "val"], y[split == "val"])
+        if best is None or val > best[0]:
+            best = (val, m)
+    return float(best[1].score(z[split == "test"], y[split == "test"]))
+
+
+# -- the commands, as a user runs them ---------------------------------------------------------
+def uv() -> str:
+    return os.environ.get("UV") or shutil.which("uv") or str(ROOT / ".uv" / "bin" / "uv")
+
+
+def command(work: Path, *args: str) -> str:
+    """`uv run python commands.py ARGS` from the project root, outputs under `work`."""
+    quiet = [] if work == ROOT else [f"paths.root={work}", "trainer.enable_progress_bar=false"]
+    p = subprocess.run(
+        [uv(), "run", "python", "commands.py", *args, *quiet],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def default_job(root: Path, work: Path, extra: list[str]) -> dict:
+    t0 = time.perf_counter()
+    out = command(work, "command=train", "data=folder", f"data.root={root}", *extra)
+    wall = time.perf_counter() - t0
+    ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
+    chose = re.search(r"chosen:\s+(.*)", out)
+    trained = re.search(r"Trained (\d+) epoch\(s\) in (\d+)s", out)
+    test = command(work, "command=test", f"test.checkpoint={ckpt}")
+    report = json.loads(Path(re.search(r"report: (\S+\.json)", test).group(1)).read_text())
+    return {
+        "accuracy": report["accuracy"],
+        "train_s": float(trained.group(2)),
+        "wall_s": wall,
+        "epochs": int(trained.group(1)),
+        "chosen": chose.group(1) if chose else "",
+    }
+
+
+def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> set[str]:
+    """A copy of root with `frac` of its labels moved to another class; the moved files' new
+    relative paths."""
+    rows = files(root)
+    classes = sorted({c for _, _, c in rows})
+    rng = np.random.default_rng(seed)
+    moved = set(rng.choice(len(rows), int(round(frac * len(rows))), replace=False).tolist())
+    planted = set()
+    for i, (p, split, c) in enumerate(rows):
+        if i in moved:
+            c = classes[(classes.index(c) + int(rng.integers(1, len(classes)))) % len(classes)]
+        rel = Path(split, c, p.name) if split else Path(c, p.name)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest / rel)
+        if i in moved:
+            planted.add(str(rel))
+    return planted
+
+
+def audit(root: Path, work: Path, frac: float) -> dict:
+    noisy = work / f"noisy-{frac}"
+    shutil.rmtree(noisy, ignore_errors=True)
+    planted = plant_noise(root, noisy, frac)
+    t0 = time.perf_counter()
+    out = command(work, "command=audit", "data=folder", f"data.root={noisy}")
+    seconds = time.perf_counter() - t0
+    folder = Path(re.search(r"report: (\S+)/report\.json", out).group(1))
+    report = json.loads((folder / "report.json").read_text())
+    with open(folder / "label_issues.csv") as f:
+        ranked = [str(Path(r["image"]).relative_to(noisy)) if Path(r["image"]).is_absolute()
+                  else r["image"] for r in csv.DictReader(f)]  # fmt: skip
+    cut = int(report["label_errors"]["recommended_cut"])
+
+    def rp(rows):
+        hit = len(planted & set(rows))
+        return hit / len(planted), hit / max(1, len(rows))
+
+    shutil.rmtree(noisy, ignore_errors=True)
+    return {
+        "planted": len(planted),
+        "flagged": len(ranked),
+        "cut": cut,
+        "flagged_rp": rp(ranked),
+        "cut_rp": rp(ranked[:cut]),
+        "top2x": len(planted & set(ranked[: 2 * len(planted)])),
+        "seconds": seconds,
+    }
+
+
+def main():
+    from image_classifier.tracking import describe_machine, machine_info
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    ap.add_argument("--only", nargs="+", choices=SUITE)
+    ap.add_argument("--keep", type=Path, help="build (and reuse) the data sets here")
+    ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--train", nargs="*", default=[], help="extra overrides for every training")
+    args = ap.parse_args()
+    names = args.only or (QUICK if args.quick else SUITE)
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="suite-"))
+    started = time.perf_counter()
+    rows = []
+    for k, name in enumerate(names, 1):
+        root = build(name, base / name)
+        work = Path(tempfile.mkdtemp(prefix=f"suite-{name}-"))
+        job = default_job(root, work, args.train)
+        row = {"name": name, "images": len(files(root)), **job, "floor": floor(root)}
+        print(
+            f"[{k}/{len(names)}] {name}: default job {job['accuracy']:.2%} test accuracy in "
+            f"{job['train_s']:.0f} s of training ({job['epochs']} epochs; {job['chosen']}); "
+            f"pixel logistic regression {row['floor']:.2%}; "
+            f"{time.perf_counter() - started:.0f} s so far",
+            flush=True,
+        )
+        if not args.no_audit:
+            for frac in (0.01, 0.05):
+                a = audit(root, work, frac)
+                row[f"audit_{frac}"] = a
+                print(
+                    f"    audit at {frac:.0%} noise: {a['planted']} planted, {a['flagged']} "
+                    f"flagged (recall {a['flagged_rp'][0]:.0%}, precision "
+                    f"{a['flagged_rp'][1]:.0%}); recommended cut {a['cut']} (recall "
+                    f"{a['cut_rp'][0]:.0%}, precision {a['cut_rp'][1]:.0%}); "
+                    f"{a['top2x']}/{a['planted']} in the first {2 * a['planted']} rows; "
+                    f"{a['seconds']:.0f} s",
+                    flush=True,
+                )
+        shutil.rmtree(work, ignore_errors=True)
+        rows.append(row)
+    print("\n| data set | images | default job: test acc | training s | epochs | chosen | "
+          "pixel LR test acc | beats floor |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['images']} | {r['accuracy']:.2%} | {r['train_s']:.0f} | "
+            f"{r['epochs']} | {r['chosen']} | {r['floor']:.2%} | "
+            f"{'yes' if r['accuracy'] > r['floor'] else 'NO'} |"
+        )
+    if not args.no_audit:
+        print("\n| data set | noise | planted | flagged (recall / precision) | recommended cut "
+              "(recall / precision) | planted in first 2x rows |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            for frac in (0.01, 0.05):
+                a = r[f"audit_{frac}"]
+                print(
+                    f"| {r['name']} | {frac:.0%} | {a['planted']} | {a['flagged']} "
+                    f"({a['flagged_rp'][0]:.0%} / {a['flagged_rp'][1]:.0%}) | {a['cut']} "
+                    f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | {a['top2x']}/{a['planted']} |"
+                )
+    print(f"\nsuite: {time.perf_counter() - started:.0f} s; data sets in {base}")
+
+
+if __name__ == "__main__":
+    main()
