@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from image_classifier import CONFIG_DIR
 from image_classifier.errors import ExportError, UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMMANDS = {
     "download": "image_classifier.data.sources:run_download",
     "train": "image_classifier.training.train:run_train",
@@ -29,7 +28,7 @@ COMMANDS = {
     "register": "image_classifier.export.registry:run_register",
     "infer": "image_classifier.inference.infer:run_infer",
     "serve": "image_classifier.serving.app:run_serve",
-    "audit": "image_classifier.audit:run_audit",
+    "audit": "image_classifier.audit.run:run_audit",
 }
 
 

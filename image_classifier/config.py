@@ -143,7 +143,7 @@ def _train_rules() -> dict:
     from image_classifier.models.tta import TTA_VALUES
 
     return {
-        "train.epochs": POSITIVE_INT,
+        "train.epochs": Either("auto", POSITIVE_INT),
         "train.time_budget": Number(0, open_lo=True, optional=True),
         "train.batch_size": POSITIVE_INT,
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
@@ -184,7 +184,7 @@ def _data_rules() -> dict:
     from image_classifier.data.sources import SOURCES
 
     return {
-        "data.size": Each(POSITIVE_INT, length=2),
+        "data.size": Either("auto", Each(POSITIVE_INT, length=2)),
         "data.channels": Choice((1, 3, "auto")),
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), length=3),
@@ -247,7 +247,7 @@ def _export_rules() -> dict:
 
 
 def _audit_rules() -> dict:
-    from image_classifier.audit import FEATURE_SOURCES
+    from image_classifier.audit.labels import FEATURE_SOURCES
 
     return {
         "audit.features": Choice(FEATURE_SOURCES),

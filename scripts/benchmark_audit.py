@@ -166,7 +166,7 @@ def main():
     from image_classifier.tracking import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
-    from image_classifier.audit import run_audit
+    from image_classifier.audit.run import run_audit
 
     src = ROOT / "data" / "fashion_mnist"
     if not (src / "train-images-idx3-ubyte").exists():

@@ -9,8 +9,8 @@ built from what installs offline:
 - fmnist-500, fmnist-2000, fmnist-10000: Fashion-MNIST training subsets of that many images
   (stratified), with validation and test sets of their own (pre-split folders; test: 1,000
   images of the Fashion-MNIST test set, the same for the three);
-- colour-96: Fashion-MNIST items, scaled to 40-80 px, tinted, on coloured textured backgrounds at
-  96x96 (2,000 train, 250 val, 1,000 test; JPEG);
+- colour-96: Fashion-MNIST items, scaled to 40-80 px and tinted, on random crops of the two
+  photographs scikit-learn ships, at 96x96 (2,000 train, 250 val, 1,000 test; JPEG);
 - digits: scikit-learn's 1,797 handwritten digits, 8x8 grey, in class folders (the tool splits
   them 80/10/10).
 
@@ -79,8 +79,17 @@ def write(folder: Path, images, labels, classes, ext: str = "png") -> None:
 
 
 FMNIST_CLASSES = [
-    "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"
-]  # fmt: skip
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
 
 
 def build_fmnist(dest: Path, n_train: int, seed: int = 0) -> None:
@@ -94,24 +103,28 @@ def build_fmnist(dest: Path, n_train: int, seed: int = 0) -> None:
     write(dest / "test", xte[test], yte[test], FMNIST_CLASSES)
 
 
-def composite(item: np.ndarray, rng, size: int = 96) -> np.ndarray:
-    """A Fashion-MNIST item, scaled and tinted, on a coloured, textured background."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    angle = rng.uniform(0, np.pi)
-    t = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
-    bg = c0 * (1 - t) + c1 * t
-    freq = rng.uniform(4, 12)
-    bg += 25 * np.sin(2 * np.pi * freq * (xx + rng.uniform() * yy))[..., None]
-    bg += rng.normal(0, 12, bg.shape)
+def photo_backgrounds() -> list[np.ndarray]:
+    """The two colour photographs that ship with scikit-learn (a temple, a flower), 427x640."""
+    from sklearn.datasets import load_sample_images
+
+    return list(load_sample_images().images)
+
+
+def composite(item: np.ndarray, photos: list[np.ndarray], rng, size: int = 96) -> np.ndarray:
+    """A Fashion-MNIST item, scaled to 40-80 px and tinted (its own shading kept), on a random
+    crop of a photograph, colour-jittered."""
+    photo = photos[int(rng.integers(len(photos)))]
+    crop = int(rng.integers(size, 3 * size))
+    top = int(rng.integers(0, photo.shape[0] - crop))
+    left = int(rng.integers(0, photo.shape[1] - crop))
+    bg = Image.fromarray(photo[top : top + crop, left : left + crop]).resize((size, size))
+    bg = np.asarray(bg, np.float32) * rng.uniform(0.6, 1.2, 3)
     side = int(rng.integers(40, 81))
-    mask = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
-    tint = rng.uniform(0, 255, 3)
-    top, left = rng.integers(0, size - side + 1, 2)
-    patch = bg[top : top + side, left : left + side]
-    bg[top : top + side, left : left + side] = patch * (1 - mask[..., None]) + tint * mask[
-        ..., None
-    ] * (0.6 + 0.4 * mask[..., None])
+    shade = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
+    alpha = np.clip(shade * 4, 0, 1)[..., None]  # the item's silhouette, soft-edged
+    colour = rng.uniform(40, 255, 3) * (0.35 + 0.65 * shade[..., None])
+    y, x = rng.integers(0, size - side + 1, 2)
+    bg[y : y + side, x : x + side] = bg[y : y + side, x : x + side] * (1 - alpha) + colour * alpha
     return np.clip(bg, 0, 255).astype(np.uint8)
 
 
@@ -121,9 +134,11 @@ def build_colour(dest: Path, seed: int = 0) -> None:
     train = stratified(ytr, 2000, rng)
     val = stratified(ytr, 250, rng, exclude=train)
     test = stratified(yte, 1000, np.random.default_rng(1))
+    photos = photo_backgrounds()
     parts = (("train", xtr, ytr, train), ("val", xtr, ytr, val), ("test", xte, yte, test))
     for split, x, y, idx in parts:
-        write(dest / split, [composite(x[i], rng) for i in idx], y[idx], FMNIST_CLASSES, "jpg")
+        images = [composite(x[i], photos, rng) for i in idx]
+        write(dest / split, images, y[idx], FMNIST_CLASSES, "jpg")
 
 
 def build_digits(dest: Path) -> None:
@@ -261,8 +276,8 @@ def audit(root: Path, work: Path, frac: float) -> dict:
     folder = Path(re.search(r"report: (\S+)/report\.json", out).group(1))
     report = json.loads((folder / "report.json").read_text())
     with open(folder / "label_issues.csv") as f:
-        ranked = [str(Path(r["image"]).relative_to(noisy)) if Path(r["image"]).is_absolute()
-                  else r["image"] for r in csv.DictReader(f)]  # fmt: skip
+        images = [Path(r["image"]) for r in csv.DictReader(f)]
+    ranked = [str(p.relative_to(noisy)) if p.is_absolute() else str(p) for p in images]
     cut = int(report["label_errors"]["recommended_cut"])
 
     def rp(rows):
@@ -278,6 +293,8 @@ def audit(root: Path, work: Path, frac: float) -> dict:
         "cut_rp": rp(ranked[:cut]),
         "top2x": len(planted & set(ranked[: 2 * len(planted)])),
         "seconds": seconds,
+        "near_pairs": int(report["near_duplicates"]["pairs"]),
+        "outliers": int(report["outliers"]["count"]),
     }
 
 
@@ -318,13 +335,16 @@ def main():
                     f"{a['flagged_rp'][1]:.0%}); recommended cut {a['cut']} (recall "
                     f"{a['cut_rp'][0]:.0%}, precision {a['cut_rp'][1]:.0%}); "
                     f"{a['top2x']}/{a['planted']} in the first {2 * a['planted']} rows; "
-                    f"{a['seconds']:.0f} s",
+                    f"near-duplicate pairs {a['near_pairs']}, outliers {a['outliers']} (none "
+                    f"planted); {a['seconds']:.0f} s",
                     flush=True,
                 )
         shutil.rmtree(work, ignore_errors=True)
         rows.append(row)
-    print("\n| data set | images | default job: test acc | training s | epochs | chosen | "
-          "pixel LR test acc | beats floor |")  # fmt: skip
+    print(
+        "\n| data set | images | default job: test acc | training s | epochs | chosen | "
+        "pixel LR test acc | beats floor |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
@@ -333,16 +353,19 @@ def main():
             f"{'yes' if r['accuracy'] > r['floor'] else 'NO'} |"
         )
     if not args.no_audit:
-        print("\n| data set | noise | planted | flagged (recall / precision) | recommended cut "
-              "(recall / precision) | planted in first 2x rows |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(
+            "\n| data set | noise | planted | flagged (recall / precision) | recommended cut "
+            "(recall / precision) | planted in first 2x rows | near-dup pairs | outliers |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             for frac in (0.01, 0.05):
                 a = r[f"audit_{frac}"]
                 print(
                     f"| {r['name']} | {frac:.0%} | {a['planted']} | {a['flagged']} "
                     f"({a['flagged_rp'][0]:.0%} / {a['flagged_rp'][1]:.0%}) | {a['cut']} "
-                    f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | {a['top2x']}/{a['planted']} |"
+                    f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | "
+                    f"{a['top2x']}/{a['planted']} | {a['near_pairs']} | {a['outliers']} |"
                 )
     print(f"\nsuite: {time.perf_counter() - started:.0f} s; data sets in {base}")
 

@@ -105,6 +105,8 @@ def compose_cfg(root: Path, *overrides: str):
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1",
     ]
+    if not any(o.startswith("model=") for o in overrides):
+        base.append("model=cnn")  # fast and the same whatever the images (model=auto: test_adapt)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*base, *overrides])
 

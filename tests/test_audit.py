@@ -9,7 +9,7 @@ import pytest
 from conftest import class_image, compose_cfg, make_class_folders
 from PIL import Image
 
-from image_classifier.audit import run_audit
+from image_classifier.audit.run import run_audit
 from image_classifier.errors import UserError
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+FEATURE_SOURCES = ("auto", "cache", "pixels")  # audit.features
 SVC_MAX = 5000  # above this many images the SVM's quadratic cost is too high: kernel features
 NYSTROEM_COMPONENTS = 1000
 
@@ -104,7 +105,6 @@ def features(d, cfg, source: str):
     share of the variance, so the noise in the small ones is not blown up."""
     import torch
 
-    from image_classifier.audit import FEATURE_SOURCES
     from image_classifier.errors import UserError
 
     if source not in FEATURE_SOURCES:
@@ -139,11 +139,11 @@ def _view(x, dims: int):
 def _cached_features(d, cfg):
     import torch
 
-    from image_classifier.data.features import read_manifest
+    from image_classifier.data.features import cache_folder, read_manifest
     from image_classifier.data.layouts import SPLITS
-    from image_classifier.training.features import cache_folder
+    from image_classifier.models.pretrained import weights_id
 
-    folder, key = cache_folder(cfg, d.data_hash)
+    folder, key = cache_folder(cfg, d.data_hash, weights_id(cfg.features))
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("key") != key:
         return None

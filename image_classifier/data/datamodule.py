@@ -15,9 +15,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from torch.utils.data._utils.collate import default_collate
 
-from image_classifier.data.device import DeviceBatches, EpochPermutation
+from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
 from image_classifier.data.images import ImageError, Preprocessing, load_array
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
@@ -111,11 +110,6 @@ class FileDataset(Dataset):
         y = torch.zeros(self.num_classes, dtype=torch.float32)
         y[list(label)] = 1.0
         return y
-
-
-def collate(batch):
-    """Batches from `ArrayDataset.__getitems__` are ready; lists of samples are stacked."""
-    return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
 @dataclass
@@ -214,8 +208,13 @@ class ImageDataModule(L.LightningDataModule):
             mean, std = mean * 3, std * 3
         elif len(mean) == 3 and channels == 1:  # RGB statistics (e.g. ImageNet) for grey images
             mean, std = [sum(mean) / 3], [sum(std) / 3]
+        size = c.size
+        if size == "auto":  # `train` chooses it with the model (training/adapt.py); elsewhere
+            from image_classifier.data.profile import auto_size, profile_folder
+
+            size = auto_size(profile_folder(c.root).median_size, pretrained=False)
         return Preprocessing(
-            size=tuple(c.size), channels=channels, mean=tuple(mean), std=tuple(std), resize=c.resize
+            size=tuple(size), channels=channels, mean=tuple(mean), std=tuple(std), resize=c.resize
         )
 
     def _prepare_idx(self) -> DataInfo:

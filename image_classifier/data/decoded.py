@@ -94,7 +94,7 @@ def _write_split(tmp: Path, split: str, ds, workers: int) -> int:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from image_classifier.data.datamodule import collate
+    from image_classifier.data.device import collate
 
     n = len(ds)
     # its own generator: building must not move the global RNG (a run that builds the cache and

@@ -13,6 +13,13 @@ import math
 
 import torch
 from torch.utils.data import Sampler
+from torch.utils.data._utils.collate import default_collate
+
+
+def collate(batch):
+    """The DataLoader path's batches: those from `ArrayDataset.__getitems__` are ready, lists of
+    samples are stacked."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
 class EpochPermutation(Sampler):

@@ -11,6 +11,8 @@ leaves a cache that reads as complete; a second run with nothing changed does no
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +20,8 @@ import numpy as np
 import torch
 
 from image_classifier.data.cachedir import read_manifest
-from image_classifier.data.datamodule import ArrayDataset, DataInfo, collate
+from image_classifier.data.datamodule import ArrayDataset, DataInfo
+from image_classifier.data.device import collate
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import SPLITS
 from image_classifier.errors import UserError
@@ -35,6 +38,26 @@ def backbone_preprocessing(fcfg) -> Preprocessing:
         std=tuple(fcfg.std),
         resize=fcfg.get("resize", "stretch"),
     )
+
+
+def cache_key(data_hash: str, fcfg, pre: Preprocessing, weights: str) -> str:
+    """The cache's key: everything its features depend on. `weights`: models.pretrained's
+    weights_id of the backbone."""
+    parts = {
+        "format": FORMAT_VERSION,
+        "data": data_hash,
+        "backbone": fcfg.backbone,
+        "weights": weights,
+        "preprocessing": pre.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_folder(cfg, data_hash: str, weights: str) -> tuple[Path, str]:
+    """(folder, key) where the cache for this data and cfg.features lives (built or not)."""
+    fcfg = cfg.features
+    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg), weights)
+    return Path(fcfg.dir) / key, key
 
 
 class FeatureDataModule(L.LightningDataModule):

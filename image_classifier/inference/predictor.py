@@ -10,48 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from image_classifier import runs
-from image_classifier.data.images import Preprocessing
 from image_classifier.errors import UserError
+from image_classifier.inference.meta import ModelMeta
 
 METADATA_KEY = "image_classifier"
 log = logging.getLogger(__name__)
 BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
 DEVICES = ("auto", "cpu", "cuda")  # infer.device, serve.device
 REGISTRY_PREFIX = "models:/"  # infer.model / serve.model from MLflow's model registry
-
-
-@dataclass
-class ModelMeta:
-    classes: list[str]
-    preprocessing: Preprocessing
-    extra: dict
-
-    @property
-    def multi_label(self) -> bool:
-        return bool(self.extra.get("multi_label"))
-
-    def thresholds(self, override: float | None = None) -> list[float] | None:
-        """Multi-label: each label's decision threshold (`override` for all of them when set);
-        None for single-label models."""
-        if not self.multi_label:
-            return None
-        if override is not None:
-            return [float(override)] * len(self.classes)
-        return [float(t) for t in self.extra.get("thresholds") or [0.5] * len(self.classes)]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelMeta:
-        return cls(
-            classes=list(d["classes"]),
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-            extra=d,
-        )
 
 
 def has_nvidia_gpu() -> bool:

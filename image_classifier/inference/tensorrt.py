@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.errors import UserError
-from image_classifier.inference.predictor import ModelMeta
+from image_classifier.inference.meta import ModelMeta
 
 INSTALL_HINT = (
     "On a machine with an NVIDIA GPU and driver: `uv pip install tensorrt` (NVIDIA's wheels, "

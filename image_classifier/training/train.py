@@ -23,6 +23,7 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
+from image_classifier.training.adapt import choose_epochs, choose_model_and_size
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
@@ -63,7 +64,8 @@ def trainer_kwargs(cfg, training: bool = True) -> dict:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if options.get("precision") is None:
         accelerator = str(options.get("accelerator", "auto"))
-        options["precision"] = default_precision(accelerator) if training else "32-true"
+        grouped = has_grouped_convs(OmegaConf.to_container(cfg.model, resolve=True))
+        options["precision"] = default_precision(accelerator, grouped) if training else "32-true"
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -71,15 +73,33 @@ def trainer_kwargs(cfg, training: bool = True) -> dict:
 NATIVE_BF16_CPU = ("avx512_bf16", "amx_bf16")
 
 
-def default_precision(accelerator: str) -> str:
+def default_precision(accelerator: str, grouped_convs: bool = False) -> str:
     """bf16-mixed where the hardware computes bfloat16 natively: a CUDA GPU that supports it, or
     a CPU with NATIVE_BF16_CPU instructions (the default job trained 1.3x faster at the same
-    accuracy on a 2-core AMD EPYC, docs/benchmarks.md); 32-true elsewhere (a CPU without them
+    accuracy on a 2-core AMD EPYC, docs/benchmarks.md), except, on a CPU, a network with grouped
+    (depthwise) convolutions: EfficientNet-Lite0 trained 2.1x slower in bf16 there (36 vs 75
+    img/s at 96 px, Intel Xeon with AMX). 32-true elsewhere (a CPU without those instructions
     ran bfloat16 matrix products 17x slower than float32)."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     native = set(NATIVE_BF16_CPU) & set(tracking.cpu_info()[1])
-    return "bf16-mixed" if accelerator in ("auto", "cpu") and native else "32-true"
+    cpu = accelerator in ("auto", "cpu")
+    return "bf16-mixed" if cpu and native and not grouped_convs else "32-true"
+
+
+def has_grouped_convs(model_spec: dict) -> bool:
+    """Whether the configured network has grouped (depthwise) convolutions: a timm network is
+    built on the meta device to look (no memory, no weights); the project's own have none."""
+    name = model_spec.get("name")
+    if name in ("cnn", "baseline", "head", "auto", None):
+        return False
+    import timm
+
+    if not timm.is_model(name):
+        return False  # create_model reports the unknown name with its options
+    with torch.device("meta"):
+        net = timm.create_model(name, pretrained=False)
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.modules())
 
 
 def run_train(cfg, callbacks: list | None = None) -> dict:
@@ -87,29 +107,34 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     started = time.perf_counter()
     asked = asked_epochs(cfg)
     cfg, resume_from = resume_point(cfg)
-    epochs = int(cfg.train.epochs)
     if resume_from is not None:  # the stored config's epochs, or more when asked for
-        if (asked or 0) > epochs and cfg.train.scheduler == "onecycle":
+        stored = int(cfg.train.epochs)
+        if (asked or 0) > stored and cfg.train.scheduler == "onecycle":
             raise UserError(
-                f"train.epochs={asked}: this run's one-cycle schedule was laid out for {epochs} "
+                f"train.epochs={asked}: this run's one-cycle schedule was laid out for {stored} "
                 "epochs and cannot be stretched. Resume without train.epochs, or start a new run "
                 f"with train.epochs={asked} (schedules that can be extended: cosine, step, "
                 "plateau, none)."
             )
-        epochs = max(asked or 0, epochs)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
     if cfg.train.get("keep_freed_memory", True):
         keep_freed_memory()
     out = runs.output_dir(cfg)
+    cfg, chosen = choose_model_and_size(cfg)
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
     budget = None
     if cfg.train.get("time_budget") and resume_from is None:  # resumed: the epochs it planned
         cfg, budget = budgeted(cfg, model_spec, info, dm, started)
-        epochs = budget["epochs"]
+    else:
+        cfg, notes = choose_epochs(cfg, info.split_sizes["train"])
+        chosen += notes
+    epochs = int(cfg.train.epochs)
+    if resume_from is not None:
+        epochs = max(asked or 0, epochs)
     module = build_module(cfg, model_spec, info)
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
@@ -125,6 +150,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result["batching"] = getattr(dm, "batching", "DataLoader")
     result["time_budget"] = budget
+    result["chosen"] = chosen
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
             result["thresholds"] = thresholds_for_best(result["checkpoint"], dm, cfg.train)
@@ -489,6 +515,7 @@ def _print_summary(r: dict, info) -> None:
         f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         if (c := r.get("calibration"))
         else "",
+        f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
         f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
         if (th := r.get("thresholds"))
         else "",

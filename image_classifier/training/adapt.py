@@ -1,0 +1,85 @@
+"""Defaults that follow the data: `model=auto`, `data.size=auto` and `train.epochs=auto` become a
+model, a size and a number of epochs chosen from the images, before anything is built. Every
+choice is printed in one line of the run summary with its reason; any explicit value wins, and
+the run stores the concrete values (so `train.resume`, `test` and `export-onnx` never see
+`auto`). The rules were chosen on the validation splits of scripts/benchmark_datasets.py
+(docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf, open_dict
+
+from image_classifier import CONFIG_DIR
+from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
+
+# train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
+# scratch, a pretrained one fine-tuned), and never fewer than MIN_EPOCHS nor more than MAX_EPOCHS.
+# Fashion-MNIST's 55,000 images at batch 128 get MIN_EPOCHS (3).
+MIN_STEPS = {"scratch": 1000, "pretrained": 300}
+MIN_EPOCHS, MAX_EPOCHS = 3, 100
+
+
+def is_auto(value) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def choose_model_and_size(cfg) -> tuple[object, list[str]]:
+    """(config with a concrete model and data.size, what was chosen and why). Only folder data
+    has anything to choose from; packaged data sets fix their size."""
+    needs_model = cfg.model.get("name") == "auto"
+    needs_size = is_auto(cfg.data.get("size"))
+    if not (needs_model or needs_size):
+        return cfg, []
+    profile = profile_folder(cfg.data.root) if cfg.data.get("root") else None
+    cfg = cfg.copy()
+    notes = []
+    with open_dict(cfg):
+        if needs_model:
+            choice, why = model_for(profile, cfg.model)
+            cfg.model = OmegaConf.load(CONFIG_DIR / "model" / f"{choice}.yaml")
+            notes.append(f"model={choice} ({why})")
+        if needs_size:
+            median = profile.median_size if profile else (28, 28)
+            cfg.data.size = auto_size(median, bool(cfg.model.get("pretrained")))
+            notes.append(
+                f"data.size={list(cfg.data.size)} (median {median[0]}x{median[1]} px, "
+                f"{'pretrained' if cfg.model.get('pretrained') else 'from scratch'} limits)"
+            )
+    return cfg, notes
+
+
+def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
+    """(model config name, why) for model=auto."""
+    if profile is None:
+        return str(auto.small_grey), "no image folder to judge"
+    if profile.colour:
+        return str(auto.colour_or_large), f"{profile.describe()}: colour, a pretrained backbone"
+    if max(profile.median_size) >= int(auto.large):
+        return str(auto.colour_or_large), f"{profile.describe()}: large, a pretrained backbone"
+    return str(auto.small_grey), f"{profile.describe()}: small and grey, trained from scratch"
+
+
+def choose_epochs(cfg, train_images: int) -> tuple[object, list[str]]:
+    """(config with a concrete train.epochs, the note) for train.epochs=auto: enough epochs for
+    MIN_STEPS optimizer steps; early stopping's patience grows with the schedule (a fifth of it),
+    so a long one-cycle schedule is not cut in its high-rate middle."""
+    if not is_auto(cfg.train.get("epochs")):
+        return cfg, []
+    kind = "pretrained" if cfg.model.get("pretrained") else "scratch"
+    steps_per_epoch = max(1, math.ceil(train_images / int(cfg.train.batch_size)))
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / steps_per_epoch)))
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.train.epochs = epochs
+        if int(cfg.train.early_stopping) > 0:
+            cfg.train.early_stopping = max(int(cfg.train.early_stopping), math.ceil(epochs / 5))
+    stopping = int(cfg.train.early_stopping)
+    note = (
+        f"train.epochs={epochs} ({epochs * steps_per_epoch} steps: at least {MIN_STEPS[kind]} "
+        f"for a {'pretrained' if kind == 'pretrained' else 'from-scratch'} network, "
+        f"{train_images} train images at batch {cfg.train.batch_size}"
+        + (f"; early stopping after {stopping} epochs without gain)" if stopping > 0 else ")")
+    )
+    return cfg, [note]

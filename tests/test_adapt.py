@@ -1,0 +1,84 @@
+"""Defaults that follow the data (training/adapt.py, data/profile.py): model, size and epochs."""
+
+import pytest
+from conftest import compose_cfg, make_class_folders
+from omegaconf import OmegaConf
+
+from image_classifier.data.profile import auto_size, profile_folder
+from image_classifier.training.adapt import (
+    MIN_STEPS,
+    choose_epochs,
+    choose_model_and_size,
+)
+
+
+def test_profile_reads_count_colour_and_median_size(tmp_path):
+    make_class_folders(tmp_path / "grey", per_class=4, size=20)
+    make_class_folders(tmp_path / "rgb", per_class=4, size=40, mode="RGB")
+    (tmp_path / "grey" / "cat" / "notes.txt").write_text("not an image")
+    grey, rgb = profile_folder(tmp_path / "grey"), profile_folder(tmp_path / "rgb")
+    assert (grey.images, grey.colour, grey.median_size) == (12, False, (20, 20))
+    assert (rgb.images, rgb.colour, rgb.median_size) == (12, True, (40, 40))
+
+
+@pytest.mark.parametrize(
+    "median, pretrained, size",
+    [
+        ((28, 28), False, [28, 28]),  # Fashion-MNIST-like: as it is
+        ((8, 8), False, [16, 16]),  # too small for three stages of pooling: up to 16
+        ((480, 640), False, [48, 64]),  # photos for a scratch net: longer side 64, in proportion
+        ((80, 80), True, [96, 96]),  # pretrained: a multiple of 32 ...
+        ((28, 28), True, [64, 64]),  # ... at least 64 ...
+        ((1000, 800), True, [224, 192]),  # ... at most 224
+    ],
+)
+def test_auto_size(median, pretrained, size):
+    assert auto_size(median, pretrained) == size
+
+
+def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
+    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
+    auto = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=auto")
+    cfg, notes = choose_model_and_size(auto)
+    assert cfg.model.name == "tf_efficientnet_lite0" and cfg.model.pretrained
+    assert list(cfg.data.size) == [96, 96]
+    assert list(cfg.model.mean) == [0.5, 0.5, 0.5]  # the model config's interpolations resolve
+    assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80x80 px")
+    assert notes[1].startswith("data.size=[96, 96] (median 80x80 px, pretrained limits)")
+
+
+def test_small_grey_folder_gets_the_cnn_and_explicit_values_win(tmp_path):
+    root = make_class_folders(tmp_path / "img", per_class=4, size=20)
+    auto = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=auto")
+    cfg, notes = choose_model_and_size(auto)
+    assert (cfg.model.name, list(cfg.data.size)) == ("cnn", [20, 20])
+    given = compose_cfg(
+        tmp_path, "data=folder", f"data.root={root}", "model=cnn4", "data.size=[32,32]"
+    )
+    cfg, notes = choose_model_and_size(given)
+    assert notes == [] and cfg.model.name == "cnn" and list(cfg.data.size) == [32, 32]
+    assert OmegaConf.select(given, "model.channels") == OmegaConf.select(cfg, "model.channels")
+
+
+def test_fashion_mnist_default_job_keeps_the_cnn_and_three_epochs(tmp_path):
+    cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=auto")
+    cfg, notes = choose_model_and_size(cfg)
+    assert cfg.model.name == "cnn" and list(cfg.data.size) == [28, 28]
+    cfg, notes = choose_epochs(cfg, 55000)
+    assert cfg.train.epochs == 3 and notes[0].startswith("train.epochs=3 (1290 steps")
+
+
+def test_epochs_give_a_small_folder_enough_steps(tmp_path):
+    cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=cnn")
+    small, notes = choose_epochs(cfg, 1433)  # 12 steps an epoch
+    assert small.train.epochs == -(-MIN_STEPS["scratch"] // 12) == 84
+    assert small.train.early_stopping == 17  # a fifth of the schedule
+    assert "early stopping after 17 epochs" in notes[0]
+    tiny, _ = choose_epochs(cfg, 40)
+    assert tiny.train.epochs == 100  # capped
+    given, notes = choose_epochs(compose_cfg(tmp_path, "train.epochs=2"), 40)
+    assert given.train.epochs == 2 and notes == []
+    tuned = compose_cfg(
+        tmp_path, "train.epochs=auto", "train.batch_size=128", "model=efficientnet_lite0"
+    )
+    assert choose_epochs(tuned, 1433)[0].train.epochs == -(-MIN_STEPS["pretrained"] // 12)
