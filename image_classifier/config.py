@@ -345,6 +345,20 @@ def _check_group(key: str, values: list[str], config_dir: Path) -> None:
             )
 
 
+def compose_config(*overrides: str, root: str | Path | None = None):
+    """The composed config for Python callers (scripts, notebooks): the project's configs with
+    these overrides, `paths.root` set to `root` when given, checked by the same rules as the
+    command line."""
+    from image_classifier import CONFIG_DIR
+    from image_classifier.errors import UserError
+
+    given = [*([f"paths.root={root}"] if root is not None else []), *overrides]
+    cfg = _compose(given, CONFIG_DIR)
+    if found := problems(cfg):
+        raise UserError(" ".join(found))
+    return cfg
+
+
 def _compose(overrides: list[str], config_dir: Path):
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -356,10 +370,10 @@ def _compose(overrides: list[str], config_dir: Path):
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(_override_error(e, config_dir)) from None
+        raise UserError(_override_error(e, config_dir, overrides)) from None
 
 
-def _override_error(e: Exception, config_dir: Path) -> str:
+def _override_error(e: Exception, config_dir: Path, overrides: list[str]) -> str:
     """Hydra's message, first line only, with the closest existing key."""
     import re
 
@@ -376,6 +390,12 @@ def _override_error(e: Exception, config_dir: Path) -> str:
             k for k in _flat_keys(OmegaConf.to_container(base)) if k.count(".") == key.count(".")
         ]
         hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
+        named = any(o.lstrip("+~").startswith("model=") for o in overrides)
+        if key.startswith("model.") and base.model.name == "auto" and not named:
+            hint = (
+                f" The default model=auto picks the network from the data and has no {key}: "
+                f"name the network whose option it is, e.g. `model=cnn {key}=...`."
+            )
     elif "Could not find" in str(e):
         hint = " " + " ".join(str(e).split())
         msg = ""

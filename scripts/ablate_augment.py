@@ -22,11 +22,10 @@ SETTINGS = {"none": (False, 0), "flip": (True, 0), "flip+1": (True, 1), "flip+2"
 
 
 def config():
-    """The default job's composed config (configs/), as `command=train` sees it."""
-    from hydra import compose, initialize_config_dir
+    """The default job's composed config (configs/), with the network model=auto picks for it."""
+    from image_classifier.config import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"paths.root={ROOT}"])
+    return compose_config("model=cnn", root=ROOT)
 
 
 def load(split: str):

@@ -33,9 +33,9 @@ SETUPS = {
 
 def main():
     import torch
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from image_classifier.config import compose_config
     from image_classifier.data.images import Preprocessing
     from image_classifier.models.module import ClassifierModule
     from image_classifier.training.callbacks import FreezeBackbone
@@ -58,8 +58,7 @@ def main():
         if args.only and name not in args.only:
             continue
         batch *= args.batch_scale
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            model_cfg = compose(config_name="config", overrides=[f"model={name}"]).model
+        model_cfg = compose_config(f"model={name}").model
         spec = OmegaConf.to_container(model_cfg, resolve=True)
         spec["pretrained"] = False  # speed does not depend on the weights
         pre = Preprocessing(

@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from image_classifier.config import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"paths.root={ROOT}", *overrides])
+    return compose_config(*overrides, root=ROOT)
 
 
 def fashion_mnist():

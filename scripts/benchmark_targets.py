@@ -96,11 +96,9 @@ def run(*args: str) -> str:
 
 def training_seconds(last: Path) -> float:
     """Wall seconds of the epochs (validation included), from the run's own history."""
-    import torch
+    from image_classifier.models.checkpoint import history
 
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    history = next(v for k, v in ckpt["callbacks"].items() if k.startswith("History"))
-    return float(history["epochs"][-1]["seconds"])
+    return float(history(last)[-1]["seconds"])
 
 
 def verdict(job: str, accelerator: str, accuracy: float, seconds: float) -> str:

@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The project's config with these overrides; the CNN unless another network is named (the
+    benchmarks build the network themselves, before model=auto would choose it)."""
+    from image_classifier.config import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    named = any(o.startswith("model=") for o in overrides)
+    return compose_config(*([] if named else ["model=cnn"]), *overrides)
 
 
 class Timer(Callback):

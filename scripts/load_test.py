@@ -32,18 +32,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def default_model() -> Path:
     """What `command=serve` serves without serve.model: the .onnx beside the newest best."""
-    from hydra import compose, initialize_config_dir
-
+    from image_classifier.config import compose_config
     from image_classifier.errors import UserError
     from image_classifier.runs import model_file
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"paths.root={ROOT}"])
+    cfg = compose_config(root=ROOT)
     try:
         return model_file(cfg, None, "--model")
     except UserError as e:
@@ -51,7 +48,7 @@ def default_model() -> Path:
 
 
 def resnet18_model(folder: Path) -> Path:
-    from benchmark_infer import build
+    from benchmark_infer import build  # beside this script: on sys.path as Python runs it
 
     from image_classifier.export.onnx import export_onnx
 

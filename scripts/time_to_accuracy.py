@@ -18,13 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def history(path: Path) -> list[dict]:
-    import torch
+    from image_classifier.models import checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for k, v in ckpt.get("callbacks", {}).items():
-        if k.startswith("History"):
-            return [row for row in v["epochs"] if "seconds" in row and "val/acc" in row]
-    sys.exit(f"{path} holds no training history with seconds (trained before they were kept?)")
+    rows = [r for r in checkpoint.history(path) if "seconds" in r and "val/acc" in r]
+    if not rows:
+        sys.exit(f"{path} holds no training history with seconds (trained before they were kept?)")
+    return rows
 
 
 def main() -> None:

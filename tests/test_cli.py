@@ -63,3 +63,10 @@ def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_s
     exp = client.get_experiment_by_name("image_classifier")
     lrs = sorted(r.data.params["config/train/lr"] for r in client.search_runs([exp.experiment_id]))
     assert lrs == ["0.001", "0.003"]
+
+
+def test_an_option_of_a_network_needs_the_network_named(tmp_path):
+    p = run_cli("model.convs_per_stage=[1,2,2]", f"paths.root={tmp_path}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "The default model=auto picks the network from the data" in p.stderr
+    assert "`model=cnn model.convs_per_stage=...`" in p.stderr
