@@ -148,6 +148,7 @@ def _train_rules() -> dict:
         "train.batch_size": POSITIVE_INT,
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
         "train.lr": POSITIVE,
+        "train.muon_lr_scale": POSITIVE,
         "train.weight_decay": Number(0),
         "train.momentum": FRACTION,
         "train.scheduler": Choice(tuple(SCHEDULERS)),

@@ -236,6 +236,7 @@ def default_job(root: Path, work: Path, extra: list[str]) -> dict:
     ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
     chose = re.search(r"chosen:\s+(.*)", out)
     trained = re.search(r"Trained (\d+) epoch\(s\) in (\d+)s", out)
+    best_val = re.search(r"best val/acc = ([0-9.]+)", out)
     test = command(work, "command=test", f"test.checkpoint={ckpt}")
     report = json.loads(Path(re.search(r"report: (\S+\.json)", test).group(1)).read_text())
     return {
@@ -243,6 +244,7 @@ def default_job(root: Path, work: Path, extra: list[str]) -> dict:
         "train_s": float(trained.group(2)),
         "wall_s": wall,
         "epochs": int(trained.group(1)),
+        "best_val": float(best_val.group(1)),
         "chosen": chose.group(1) if chose else "",
     }
 
@@ -319,7 +321,8 @@ def main():
         job = default_job(root, work, args.train)
         row = {"name": name, "images": len(files(root)), **job, "floor": floor(root)}
         print(
-            f"[{k}/{len(names)}] {name}: default job {job['accuracy']:.2%} test accuracy in "
+            f"[{k}/{len(names)}] {name}: default job best val {job['best_val']:.2%}, "
+            f"{job['accuracy']:.2%} test accuracy in "
             f"{job['train_s']:.0f} s of training ({job['epochs']} epochs; {job['chosen']}); "
             f"pixel logistic regression {row['floor']:.2%}; "
             f"{time.perf_counter() - started:.0f} s so far",

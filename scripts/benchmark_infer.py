@@ -12,7 +12,7 @@
    the default model (cnn, 28x28 grey) and a timm resnet18 (224x224 RGB), same thread count, both
    fed the same float32 pixels; weights are random (speed does not depend on them). On `--device
    cuda` both take the pixels from host memory and return probabilities to it (what `infer` and
-   `serve` do), at batch 1, 32 and 256; `--skip-cold` leaves out part 1.
+   `serve` do), at batch 1, 32 and 256; `--skip-cold` leaves out part 1, `--cold-only` part 2.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--skip-cold", action="store_true", help="only the throughput table")
+    ap.add_argument("--cold-only", action="store_true", help="only the cold-start table")
     args = ap.parse_args()
     from image_classifier.tracking import describe_machine, machine_info
 
@@ -161,7 +162,7 @@ def main():
             with torch.inference_mode():
                 return torch.softmax(net(torch.from_numpy(x).to(dev)), dim=1).cpu().numpy()
 
-        for bs in (1, 32) if dev == "cpu" else (1, 32, 256):
+        for bs in () if args.cold_only else (1, 32) if dev == "cpu" else (1, 32, 256):
             x = (
                 np.random.default_rng(0)
                 .integers(0, 256, (bs, channels, size, size))
@@ -178,7 +179,8 @@ def main():
         table(rows, f"{dev}, {threads} CPU threads")
         return
     cold_start(models["cnn"][1], tmp)
-    table(rows, f"{dev}, {threads} threads")
+    if rows:
+        table(rows, f"{dev}, {threads} threads")
 
 
 def table(rows, where: str):

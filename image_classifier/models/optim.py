@@ -39,12 +39,7 @@ def _sgd(params, o: dict, net=None):
 def _muon(params, o: dict, net=None):
     from image_classifier.models.muon import MuonAdamW
 
-    scale = o.get("muon_lr_scale", 1.0)
-    if not isinstance(scale, int | float) or not scale > 0:
-        raise UserError(
-            f"train.muon_lr_scale={scale!r} is not a positive number. It multiplies Muon's step "
-            "on the hidden weights (1: AdamW's size); set e.g. train.muon_lr_scale=3."
-        )
+    scale = o.get("muon_lr_scale", 1.0)  # > 0: config.py's rule
     return MuonAdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], net=net, lr_scale=scale)
 
 
@@ -57,7 +52,7 @@ def _plateau(opt, o: dict, steps: Callable[[], int]) -> dict:
     s = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="max", factor=o.get("gamma", 0.5), patience=o.get("patience", 2)
     )
-    return {"scheduler": s, "monitor": "val/acc"}
+    return {"scheduler": s, "monitor": o.get("monitor") or "val/acc"}  # train.monitor
 
 
 def _step(opt, o: dict, steps: Callable[[], int]) -> dict:

@@ -35,6 +35,7 @@ for _name in ("lightning.pytorch", "lightning.fabric"):  # no tips and device ba
 
 OPTIM_KEYS = (
     "optimizer",
+    "monitor",
     "lr",
     "muon_lr_scale",
     "weight_decay",
