@@ -50,9 +50,9 @@ def test_export_onnx_metadata_checker_parity_and_mlflow(trained, exported):
     for n in (1, 5):
         assert pred.predict(np.zeros((n, 1, 16, 16), np.float32)).shape == (n, 3)
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-    assert [a.path for a in client.list_artifacts(result["mlflow_run_id"], "export")] == [
-        "export/best.onnx"
-    ]
+    # other tests export more files from the same session-wide run: this export's file is there
+    logged = [a.path for a in client.list_artifacts(result["mlflow_run_id"], "export")]
+    assert "export/best.onnx" in logged
 
 
 def test_failed_parity_leaves_no_file(trained, tmp_path):

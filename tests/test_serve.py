@@ -252,7 +252,7 @@ def test_concurrent_clients_all_succeed(server, trained):
 
 
 @pytest.mark.slow
-def test_page_in_headless_chromium(server, trained):
+def test_page_in_headless_chromium(server, trained, tmp_path):
     chromium = shutil.which("chromium")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
@@ -286,7 +286,7 @@ def test_page_in_headless_chromium(server, trained):
         shown = float(items[0].find_element(By.CLASS_NAME, "p").text.rstrip(" %"))
         assert shown == pytest.approx(want["confidence"] * 100, abs=0.06)
 
-        junk = Path(str(image) + ".txt")
+        junk = tmp_path / f"{image.name}.txt"  # not in the session's shared image folder
         junk.write_text("not an image")
         browser.find_element(By.ID, "file").send_keys(str(junk))
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)

@@ -406,7 +406,10 @@ def test_ema_averages_with_a_warming_up_decay():
     net = torch.nn.BatchNorm1d(1)
     averaged = AveragedModel(net, use_buffers=True, **callback._kwargs)
     expected = None
-    for n, value in enumerate([4.0, 8.0, 2.0, 6.0, 10.0]):
+    # 16 updates: the warm-up (1 + n) / (10 + n) passes 0.5 at n = 8, so the last eight updates
+    # run at the configured decay itself, and a decay that is ignored fails
+    values = [4.0, 8.0, 2.0, 6.0, 10.0, 3.0, 7.0, 1.0, 9.0, 5.0, 4.0, 8.0, 2.0, 6.0, 10.0, 0.0]
+    for n, value in enumerate(values):
         with torch.no_grad():
             net.weight.fill_(value)
         net.num_batches_tracked.fill_(n + 7)
@@ -418,6 +421,17 @@ def test_ema_averages_with_a_warming_up_decay():
             expected = decay * expected + (1 - decay) * value
         assert averaged.module.weight.item() == pytest.approx(expected)
         assert averaged.module.num_batches_tracked.item() == n + 7  # a counter: copied
+    # the last update, by hand at decay 0.5: half the average before it, half the new value 0
+    assert averaged.module.weight.item() == pytest.approx(0.5 * previous_expected(values, 0.5))
+
+
+def previous_expected(values: list[float], decay: float) -> float:
+    """The average after all but the last value, computed independently of the test above."""
+    avg = values[0]
+    for n, v in enumerate(values[1:-1], 1):
+        d = min(decay, (1 + n) / (10 + n))
+        avg = d * avg + (1 - d) * v
+    return avg
 
 
 @pytest.mark.slow
