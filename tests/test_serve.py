@@ -500,3 +500,96 @@ def test_decode_bytes_matches_file_decoding(trained):
     Image.open(p).convert("RGB").save(rgb, format="JPEG", quality=95)
     assert np.array_equal(decode_bytes(p.read_bytes(), pre), load_array(p, pre))
     assert decode_bytes(rgb.getvalue(), pre).shape == (1, 16, 16)
+
+
+@pytest.mark.slow
+def test_open_inference_protocol_with_the_official_client(server, trained):
+    """tritonclient's HTTP client as a user calls it: binary tensors by default, JSON on request;
+    the probabilities match in-process ONNX Runtime on the same pixels."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from image_classifier.data.images import load_array
+
+    url, model = server
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    predictor = load_predictor(model)
+    name = predictor.meta.name
+    assert name == "folder-cnn"
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    meta = client.get_model_metadata(name)
+    assert meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    assert {i["name"]: i["shape"] for i in meta["inputs"]} == {
+        "images": [-1, 1, 16, 16],
+        "image_bytes": [-1],
+    }
+
+    paths = sorted(trained[2].rglob("*.png"))[:5]
+    x = np.stack([load_array(p, predictor.meta.preprocessing) for p in paths]).astype(np.float32)
+    want = predictor.predict(x)
+
+    images = triton.InferInput("images", list(x.shape), "FP32")
+    images.set_data_from_numpy(x)  # the binary tensor extension, tritonclient's default
+    outputs = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("classes")]
+    result = client.infer(name, [images], outputs=outputs, request_id="r1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
+    assert [c.decode() for c in result.as_numpy("classes")] == predictor.meta.classes
+    assert result.get_response()["id"] == "r1"
+
+    files = triton.InferInput("image_bytes", [len(paths)], "BYTES")
+    files.set_data_from_numpy(np.array([p.read_bytes() for p in paths], dtype=np.object_))
+    result = client.infer(name, [files], model_version="1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
+
+    as_json = triton.InferInput("images", list(x.shape), "FP32")
+    as_json.set_data_from_numpy(x, binary_data=False)
+    out = [triton.InferRequestedOutput("probabilities", binary_data=False)]
+    result = client.infer(name, [as_json], outputs=out)
+    assert "data" in result.get_response()["outputs"][0]
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
+
+    with pytest.raises(InferenceServerException, match="No model 'nope' here; this server serves"):
+        client.infer("nope", [images])
+    wrong = triton.InferInput("images", [1, 3, 16, 16], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(InferenceServerException, match=r"the model takes \[N, 1, 16, 16\]"):
+        client.infer(name, [wrong])
+    broken = triton.InferInput("image_bytes", [1], "BYTES")
+    broken.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="Cannot use image_bytes\\[0\\]"):
+        client.infer(name, [broken])
+    # the protocol's error body, and the service is still up
+    r = httpx.post(f"{url}/v2/models/{name}/infer", content=b"{not json")
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+    assert client.infer(name, [images]).as_numpy("probabilities").shape == (5, 3)
+
+
+@pytest.mark.slow
+def test_metrics_are_scraped_after_traffic(server, trained):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+    image = sorted((trained[2] / "cat").glob("*.png"))[0].read_bytes()
+    png = {"content-type": "image/png"}
+    for _ in range(3):
+        assert httpx.post(f"{url}/predict", content=image, headers=png).status_code == 200
+    assert httpx.post(f"{url}/predict", content=b"junk", headers=png).status_code == 422
+    assert httpx.get(f"{url}/v2/models/nope").status_code == 404
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = [s for f in text_string_to_metric_families(r.text) for s in f.samples]
+
+    def value(name: str, **labels) -> float:
+        found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+        assert found, (name, labels)
+        return sum(found)
+
+    model = {"model": "folder-cnn", "version": "1"}
+    assert value("image_classifier_requests_total", route="/predict", status="200", **model) >= 3
+    assert value("image_classifier_requests_total", route="/predict", status="422") >= 1
+    assert value("image_classifier_requests_total", route="/v2/models/{model}", status="404") >= 1
+    assert value("image_classifier_request_seconds_count", route="/predict", **model) >= 4
+    assert value("image_classifier_batch_size_count", **model) >= 3
+    assert value("image_classifier_batch_size_sum", **model) >= 3
+    assert value("image_classifier_queue_depth", **model) == 0
+    assert value("image_classifier_model_info", **model) == 1

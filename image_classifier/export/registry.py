@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def default_name(meta: dict) -> str:
-    """<data name>-<model name>, e.g. fashion_mnist-cnn."""
-    data = meta.get("data_name") or "data"
-    return tracking.safe_name(f"{data}-{(meta.get('model') or {}).get('name', 'model')}")
+    """<data name>-<model name>, e.g. fashion_mnist-cnn (inference/meta.py says it once)."""
+    from image_classifier.inference.meta import ModelMeta
+
+    return ModelMeta.from_dict(meta).name
 
 
 def version_tags(meta: dict, onnx_path: Path, cfg) -> dict[str, str]:

@@ -27,6 +27,15 @@ class ModelMeta:
             return [float(override)] * len(self.classes)
         return [float(t) for t in self.extra.get("thresholds") or [0.5] * len(self.classes)]
 
+    @property
+    def name(self) -> str:
+        """<data name>-<model name>, e.g. fashion_mnist-cnn: a registered model's default name,
+        and what `serve` calls the model it serves."""
+        from image_classifier.tracking import safe_name
+
+        data = self.extra.get("data_name") or "data"
+        return safe_name(f"{data}-{(self.extra.get('model') or {}).get('name', 'model')}")
+
     @classmethod
     def from_dict(cls, d: dict) -> ModelMeta:
         return cls(

@@ -139,6 +139,13 @@ def _json_images(payload) -> list[tuple[str, bytes]]:
     return out
 
 
+def served_name(meta, registry: dict | None) -> tuple[str, str]:
+    """(name, version) of the served model: the registry's, or <data>-<model> and 1 for a file."""
+    if registry:
+        return registry["name"], str(registry["version"])
+    return meta.name, "1"
+
+
 class Service:
     """What the routes share: the predictor, its micro-batcher, the limits and the counters."""
 
@@ -146,10 +153,19 @@ class Service:
         self, predictor, limits: Limits, max_batch: int, max_wait_ms: float, model_path, registry
     ):
         from image_classifier.serving.batcher import MicroBatcher
+        from image_classifier.serving.metrics import Metrics
 
         self.predictor, self.limits = predictor, limits
         self.meta = predictor.meta
-        self.batcher = MicroBatcher(predictor.predict, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        # what the Open Inference Protocol and the metrics call the model
+        self.name, self.version = served_name(self.meta, registry)
+        self.metrics = Metrics(self.name, self.version, lambda: self.batcher.pending())
+
+        def predict(batch):
+            self.metrics.observe_batch(len(batch))
+            return predictor.predict(batch)
+
+        self.batcher = MicroBatcher(predict, max_batch=max_batch, max_wait_ms=max_wait_ms)
         self.model_info = {
             "path": str(model_path) if model_path else None,
             "sha256": sha256_file(model_path) if model_path else None,
@@ -162,11 +178,14 @@ class Service:
         }
         self.started, self.requests, self.errors_4xx = time.time(), 0, 0
 
+    def count_error(self, status: int) -> None:
+        if 400 <= status < 500:
+            self.errors_4xx += 1
+
     def error(self, status: int, message: str):
         from fastapi.responses import JSONResponse
 
-        if 400 <= status < 500:
-            self.errors_4xx += 1
+        self.count_error(status)
         return JSONResponse({"error": message, "status": status}, status_code=status)
 
     def decode_all(self, items: list[tuple[str, bytes]]) -> np.ndarray:
@@ -231,10 +250,15 @@ def create_app(
         yield
         await run_in_threadpool(service.batcher.close)
 
+    from image_classifier.serving import v2
+    from image_classifier.serving.metrics import MetricsMiddleware
+
     app = FastAPI(title="image_classifier", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     _add_error_handlers(app, service)
     _add_routes(app, service)
-    return BodyLimit(app, int(limits.max_body_mb * 1024 * 1024))
+    v2.add_routes(app, service, service.name, service.version)
+    counted = MetricsMiddleware(app, service.metrics, lambda: app.routes)
+    return BodyLimit(counted, int(limits.max_body_mb * 1024 * 1024))
 
 
 def _add_error_handlers(app, service: Service) -> None:
@@ -305,6 +329,13 @@ def _add_routes(app, service: Service) -> None:
     @app.get("/metadata")
     async def metadata():
         return service.metadata()
+
+    @app.get("/metrics")
+    async def metrics():
+        from fastapi.responses import Response
+
+        body, content_type = service.metrics.text()
+        return Response(body, media_type=content_type)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -378,10 +409,11 @@ def run_serve(cfg) -> dict:
     _check_port(str(s.host), int(s.port))
     server = _server_class()(config)
     shown = f"{s.model} (version {registry['version']})" if registry else model
+    name = served_name(predictor.meta, registry)[0]
     print(
         f"Serving {shown} ({predictor.backend}, {len(predictor.meta.classes)} classes) on "
-        f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata; "
-        "Ctrl+C stops)",
+        f"http://{s.host}:{s.port}  (page: /, API: POST /predict, GET /health, GET /metadata, "
+        f"GET /metrics; Open Inference Protocol: POST /v2/models/{name}/infer; Ctrl+C stops)",
         file=sys.stderr,
         flush=True,
     )
