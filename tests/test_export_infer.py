@@ -442,3 +442,46 @@ def test_a_bad_tta_mode_is_named_with_the_options(trained, tmp_path):
     root, ckpt, _ = trained
     with pytest.raises(UserError, match=r"test.tta='mirror' is not a TTA mode.*hflip\+shift"):
         run_test(compose_cfg(root, f"test.checkpoint={ckpt}", "test.tta=mirror"))
+
+
+@pytest.mark.parametrize(
+    "version, ok",
+    [("10.13.3", True), ("11.4.1", True), ("9.3.0", False), ("12.0.0", False), ("dev", False)],
+)  # noqa: E501
+def test_tensorrt_versions_outside_10_and_11_are_refused_with_the_range(version, ok):
+    from image_classifier.errors import UserError
+    from image_classifier.export.tensorrt import check_version
+
+    if ok:
+        assert check_version(version) == int(version.split(".")[0])
+    else:
+        with pytest.raises(
+            UserError,
+            match=f"TensorRT {version} is installed; export-trt supports TensorRT 10.x and 11.x",
+        ):  # noqa: E501
+            check_version(version)
+
+
+def test_fp16_graph_for_a_strongly_typed_build_keeps_float32_io_and_the_predictions(
+    exported, tmp_path
+):
+    """What export-trt's fp16 build reads (TensorRT 11 takes precision from the graph), run here
+    with ONNX Runtime on the CPU: float32 in and out, float16 inside, the same answers."""
+    import onnx
+
+    from image_classifier.export.tensorrt import float16_graph
+    from image_classifier.inference.predictor import OnnxPredictor
+
+    path, _ = exported
+    half = float16_graph(path, tmp_path / "half.onnx")
+    graph = onnx.load(str(half)).graph
+    assert {i.type.tensor_type.elem_type for i in [*graph.input, *graph.output]} == {
+        onnx.TensorProto.FLOAT
+    }
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    x = np.random.default_rng(0).integers(0, 256, (8, 1, 16, 16)).astype(np.float32)
+    full = OnnxPredictor(path, device="cpu").predict(x)
+    # the metadata travels with the graph, so the fp16 file describes itself too
+    reduced = OnnxPredictor(half, device="cpu").predict(x)
+    assert np.abs(full - reduced).max() < 1e-2
+    assert (full.argmax(1) == reduced.argmax(1)).all()

@@ -1,4 +1,13 @@
-"""`command=export-trt`: ONNX -> TensorRT engine (TensorRT 10 Python API), metadata beside it.
+"""`command=export-trt`: ONNX -> TensorRT engine, metadata beside it. TensorRT 10.x and 11.x.
+
+One build path for both: a strongly typed network, where precision comes from the ONNX graph's own
+types. TensorRT 11 removed weak typing (`BuilderFlag.FP16`, `Builder.platform_has_fast_fp16`);
+10.x accepts the strongly typed flag and 11.x always builds that way. So `precision=fp16` first
+converts the graph to float16 with float32 inputs and outputs (onnxconverter-common's
+`convert_float_to_float16(keep_io_types=True)`, the role NVIDIA's docs give ModelOpt AutoCast) and
+builds from that. The graph conversion is tested on the CPU with ONNX Runtime; the engine build
+has not run on a GPU here (TensorRT's wheels are not on the package registries these machines
+reach).
 
 The runtime that loads engines is `image_classifier/inference/tensorrt.py`; it also says what is
 missing when TensorRT or a GPU is not there.
@@ -19,29 +28,83 @@ from image_classifier.inference.predictor import OnnxPredictor
 from image_classifier.inference.tensorrt import TensorRTPredictor, meta_path, require_tensorrt
 
 PRECISIONS = ("fp16", "fp32")  # export.trt.precision
+SUPPORTED_MAJORS = (10, 11)  # TensorRT versions this build path is written for
+
+
+def check_version(version: str) -> int:
+    """The major version of an installed TensorRT this code supports, else a UserError."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = -1
+    if major not in SUPPORTED_MAJORS:
+        raise UserError(
+            f"TensorRT {version} is installed; export-trt supports TensorRT 10.x and 11.x. "
+            "Install one of those (`uv pip install 'tensorrt-cu12>=10,<12'`) or use the ONNX "
+            "model with ONNX Runtime (infer.model=PATH.onnx)."
+        )
+    return major
+
+
+def float16_graph(onnx_path: Path, out: Path) -> Path:
+    """The ONNX model with float16 weights and computation and float32 inputs and outputs: what a
+    strongly typed TensorRT build needs to run in fp16."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(onnx_path))
+    _drop_noop_casts(model)
+    model = float16.convert_float_to_float16(model, keep_io_types=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def _drop_noop_casts(model) -> None:
+    """Remove Casts of float32 tensors to float32 (the model's `x.float()`, `logits.float()`):
+    the converter mistakes them for its own input and output casts and leaves mismatched types."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.input, *inferred.value_info, *inferred.output]
+    }
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        float_to_float = types.get(node.input[0]) == to == onnx.TensorProto.FLOAT
+        if node.op_type != "Cast" or not float_to_float or node.output[0] in outputs:
+            continue
+        for other in graph.node:
+            other.input[:] = [node.input[0] if i == node.output[0] else i for i in other.input]
+        graph.node.remove(node)
 
 
 def build_engine(onnx_path: Path, engine_path: Path, t) -> dict:
     trt = require_tensorrt()
+    check_version(trt.__version__)
+    precision = str(t.precision)
+    if precision not in PRECISIONS:
+        raise UserError(f"export.trt.precision={precision!r}: use {' or '.join(PRECISIONS)}.")
+    source = onnx_path
+    if precision == "fp16":
+        source = float16_graph(onnx_path, engine_path.with_name(f".{engine_path.stem}.fp16.onnx"))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # strongly typed: required on 11.x (where the flag is accepted and ignored), chosen on 10.x
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    parsed = parser.parse_from_file(str(source))
+    if source != onnx_path:
+        source.unlink(missing_ok=True)
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(
         trt.MemoryPoolType.WORKSPACE, int(float(t.workspace_gb) * (1 << 30))
     )
-    precision = str(t.precision)
-    if precision not in PRECISIONS:
-        raise UserError(f"export.trt.precision={precision!r}: use {' or '.join(PRECISIONS)}.")
-    if precision == "fp16":
-        if builder.platform_has_fast_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        else:
-            precision = "fp32 (this GPU has no fast fp16)"
     inp = network.get_input(0)
     chw = tuple(inp.shape[1:])
     lo, opt, hi = int(t.min_batch), int(t.opt_batch), int(t.max_batch)
@@ -61,7 +124,7 @@ def build_engine(onnx_path: Path, engine_path: Path, t) -> dict:
     tmp = engine_path.with_name(f".{engine_path.name}.partial")
     tmp.write_bytes(bytes(serialized))
     os.replace(tmp, engine_path)
-    return {"precision": precision, "batch_range": [lo, opt, hi]}
+    return {"precision": precision, "batch_range": [lo, opt, hi], "tensorrt": trt.__version__}
 
 
 def run_export_trt(cfg) -> dict:
