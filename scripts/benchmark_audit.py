@@ -208,19 +208,17 @@ def main():
                 build_cache(cfg_for(tmp, *base, *extra, "train.num_workers=0"), quiet=True)
                 print(f"cache-features on the planted copy: {time.perf_counter() - t0:.0f}s")
             t0 = time.perf_counter()
-            # every suspect, ranked, for the precision-recall curve; the default threshold after
-            full = ["audit.label_threshold=1.0", "audit.max_suspects=1000000"]
-            r = run_audit(cfg_for(tmp, *base, *extra, *full, f"paths.output_dir={tmp}/{name}"))
+            # every image cleanlab flags, ranked: the precision-recall curve along the ranking,
+            # and the scores of the recommended cut (cleanlab's estimate of the number wrong)
+            r = run_audit(cfg_for(tmp, *base, *extra, f"paths.output_dir={tmp}/{name}"))
             wall = time.perf_counter() - t0
             curve = pr_curve(r, planted, where)
-            default = float(cfg_for(tmp).audit.label_threshold)
+            cut = int(r["report"]["label_errors"]["recommended_cut"])
             items = r["report"]["label_errors"]["items"]
-            r["report"]["label_errors"]["items"] = [
-                e for e in items if e["self_confidence"] <= default
-            ]
+            r["report"]["label_errors"]["items"] = items[:cut]
             s = score(r, planted, where)
             print(f"\nplanted copy, {name} features: audit {wall:.1f}s ({r['report']['seconds']})")
-            print(f"label issues at the default audit.label_threshold={default}:")
+            print(f"label issues at the recommended cut ({cut} of {len(items)} flagged):")
             print("| problem | planted | found | recall | flagged | precision |")
             print("| --- | --- | --- | --- | --- | --- |")
             for k, v in s.items():
