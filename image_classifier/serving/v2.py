@@ -14,7 +14,6 @@ tensor data extension (`Inference-Header-Content-Length`, what tritonclient send
 both read and written. Errors are the protocol's `{"error": "..."}` body.
 """
 
-
 import json
 import struct
 
@@ -160,15 +159,7 @@ def response(request: dict, name: str, version: str, probs: np.ndarray, classes:
 
 
 def add_routes(app, service, name: str, version: str) -> None:
-    import asyncio
-
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-
-    def error(status: int, message: str):
-        service.count_error(status)
-        return JSONResponse({"error": message}, status_code=status)
+    from fastapi.responses import JSONResponse
 
     def check(model: str, model_version: str | None):
         if model != name:
@@ -178,8 +169,14 @@ def add_routes(app, service, name: str, version: str) -> None:
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request, exc: ProtocolError):
-        return error(exc.status, exc.message)
+        service.count_error(exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    _state_routes(app, service, check, name, version)
+    _infer_route(app, service, check, name, version)
+
+
+def _state_routes(app, service, check, name: str, version: str) -> None:
     @app.get("/v2")
     async def server():
         from image_classifier import __version__
@@ -209,6 +206,14 @@ def add_routes(app, service, name: str, version: str) -> None:
     async def model_ready(model: str, model_version: str | None = None):
         check(model, model_version)
         return {"name": name, "ready": True}
+
+
+def _infer_route(app, service, check, name: str, version: str) -> None:
+    import asyncio
+
+    from fastapi import Request
+    from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{model_version}/infer")
