@@ -56,7 +56,7 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
 def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
     """(model config name, why) for model=auto."""
     if profile is None:
-        return str(auto.small_grey), "no image folder to judge"
+        return str(auto.small_grey), "a packaged data set, not a folder to judge"
     if profile.colour:
         return str(auto.colour_or_large), f"{profile.describe()}: colour, a pretrained backbone"
     if max(profile.median_size) >= int(auto.large):
