@@ -82,13 +82,17 @@ def test_balanced_sampler_draws_each_class_equally_often(tmp_path):
     assert abs((drawn == 1).mean() - 0.5) < 0.25
 
 
-def test_mixup_mixes_images_and_targets_by_the_same_weight():
-    m = module(augment={"mixup": 0.4})
-    torch.manual_seed(0)
+def mixed_batch(augment: dict, seed: int):
+    """(images, one-hot targets, mixed images, mixed targets) of one fixed batch of four."""
+    torch.manual_seed(seed)
     x = torch.rand(4, 1, 8, 8) * 255
     y = torch.tensor([0, 1, 2, 1])
-    mixed, target = m._mix(x, y)
-    onehot = torch.nn.functional.one_hot(y, 3).float()
+    mixed, target = module(augment=augment)._mix(x, y)
+    return x, torch.nn.functional.one_hot(y, 3).float(), mixed, target
+
+
+def test_mixup_mixes_images_and_targets_by_the_same_weight():
+    x, onehot, mixed, target = mixed_batch({"mixup": 0.4}, seed=0)
     # torchvision mixes each sample with its neighbour in the batch (roll by 1), one lambda
     lam = float(((target - onehot.roll(1, 0)) / (onehot - onehot.roll(1, 0))).nan_to_num(1)[0, 0])
     assert 0 < lam <= 1
@@ -97,16 +101,11 @@ def test_mixup_mixes_images_and_targets_by_the_same_weight():
 
 
 def test_cutmix_pastes_a_box_and_weights_the_targets_by_its_area():
-    m = module(augment={"cutmix": 1.0})
-    torch.manual_seed(3)
-    x = torch.rand(4, 1, 8, 8) * 255
-    y = torch.tensor([0, 1, 2, 1])
-    mixed, target = m._mix(x, y)
+    x, onehot, mixed, target = mixed_batch({"cutmix": 1.0}, seed=3)
     pasted = (mixed != x).any(0).any(0)  # pixels taken from the rolled batch
     assert torch.equal(mixed[..., pasted], x.roll(1, 0)[..., pasted])
     assert torch.equal(mixed[..., ~pasted], x[..., ~pasted])
     lam = 1 - pasted.float().mean().item()  # the kept area
-    onehot = torch.nn.functional.one_hot(y, 3).float()
     torch.testing.assert_close(target, lam * onehot + (1 - lam) * onehot.roll(1, 0))
 
 
