@@ -593,3 +593,50 @@ def test_metrics_are_scraped_after_traffic(server, trained):
     assert value("image_classifier_batch_size_sum", **model) >= 3
     assert value("image_classifier_queue_depth", **model) == 0
     assert value("image_classifier_model_info", **model) == 1
+
+
+def test_open_inference_protocol_refuses_each_bad_request_with_its_reason(exported):
+    """In process (the same app `serve` runs): each malformed v2 request gets the protocol's
+    error body naming what is wrong, and the next good request still works."""
+    from fastapi.testclient import TestClient
+
+    from image_classifier.serving.app import Limits, create_app
+
+    model, _ = exported
+    client = TestClient(create_app(load_predictor(model), Limits(max_images=2)))
+    url = "/v2/models/folder-cnn/infer"
+    image = {"name": "images", "datatype": "FP32", "shape": [1, 1, 16, 16], "data": [0.0] * 256}
+    cases = [
+        ({"outputs": []}, 400, 'needs "inputs"'),
+        ({"inputs": [{**image, "name": "pixels"}]}, 400, "Send exactly one input, 'images'"),
+        ({"inputs": [{**image, "datatype": "INT8"}]}, 400, "Input 'images' is FP32, not 'INT8'"),
+        ({"inputs": [{**image, "data": [0.0] * 10}]}, 400, "10 values for shape [1, 1, 16, 16]"),
+        ({"inputs": [{**image, "shape": [3, 1, 16, 16], "data": [0.0] * 768}]}, 413, "limit is 2"),
+        ({"inputs": [image], "outputs": [{"name": "logits"}]}, 400, "No output 'logits'"),
+        (
+            {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": 5}]},
+            400,
+            'A BYTES input needs "data": a list of strings',
+        ),
+    ]
+    for body, status, message in cases:
+        r = client.post(url, json=body)
+        assert (r.status_code, set(r.json())) == (status, {"error"}), body
+        assert message in r.json()["error"]
+    r = client.post(url, content=b"{}", headers={"Inference-Header-Content-Length": "99"})
+    assert r.status_code == 400 and "beyond the body's end" in r.json()["error"]
+    r = client.get("/v2/models/folder-cnn/versions/7")
+    assert r.status_code == 404 and "has version 1, not 7" in r.json()["error"]
+    good = client.post(url, json={"inputs": [image]})
+    assert good.status_code == 200 and good.json()["outputs"][0]["shape"] == [1, 3]
+
+
+def test_compose_config_checks_values_like_the_command_line():
+    from image_classifier.config import compose_config
+    from image_classifier.errors import UserError
+
+    assert compose_config("train.lr=0.01").train.lr == 0.01
+    with pytest.raises(UserError, match="train.lr=-1 must be a number > 0"):
+        compose_config("train.lr=-1")
+    with pytest.raises(UserError, match="Could not override 'train.lrr'"):
+        compose_config("train.lrr=1")
