@@ -65,8 +65,10 @@ def trainer_kwargs(cfg, training: bool = True) -> dict:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if options.get("precision") is None:
         accelerator = str(options.get("accelerator", "auto"))
-        grouped = has_grouped_convs(OmegaConf.to_container(cfg.model, resolve=True))
-        options["precision"] = default_precision(accelerator, grouped) if training else "32-true"
+        options["precision"] = "32-true"
+        if training:
+            grouped = has_grouped_convs(OmegaConf.to_container(cfg.model, resolve=True))
+            options["precision"] = default_precision(accelerator, grouped)
     return {k: v for k, v in options.items() if v is not None}
 
 
