@@ -93,8 +93,10 @@ def default_precision(accelerator: str, grouped_convs: bool = False) -> str:
 def has_grouped_convs(model_spec: dict) -> bool:
     """Whether the configured network has grouped (depthwise) convolutions: a timm network is
     built on the meta device to look (no memory, no weights); the project's own have none."""
+    from image_classifier.models.factory import OWN_MODELS
+
     name = model_spec.get("name")
-    if name in ("cnn", "baseline", "head", "auto", None):
+    if name in (*OWN_MODELS, "auto", None):
         return False
     import timm
 
