@@ -256,9 +256,9 @@ def create_app(
     app = FastAPI(title="image_classifier", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     _add_error_handlers(app, service)
     _add_routes(app, service)
-    v2.add_routes(app, service, service.name, service.version)
-    counted = MetricsMiddleware(app, service.metrics, lambda: app.routes)
-    return BodyLimit(counted, int(limits.max_body_mb * 1024 * 1024))
+    v2.add_routes(app, service)
+    limited = BodyLimit(app, int(limits.max_body_mb * 1024 * 1024))
+    return MetricsMiddleware(limited, service.metrics, lambda: app.routes)  # 413s counted too
 
 
 def _add_error_handlers(app, service: Service) -> None:

@@ -158,8 +158,10 @@ def response(request: dict, name: str, version: str, probs: np.ndarray, classes:
     return body + b"".join(blobs), headers
 
 
-def add_routes(app, service, name: str, version: str) -> None:
+def add_routes(app, service) -> None:
     from fastapi.responses import JSONResponse
+
+    name, version = service.name, service.version
 
     def check(model: str, model_version: str | None):
         if model != name:
