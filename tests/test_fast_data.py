@@ -10,12 +10,7 @@ import pytest
 import torch
 from conftest import compose_cfg, make_class_folders
 
-from image_classifier.data.augment import (
-    augment_batch,
-    progressive_size,
-    random_erase,
-    resize_batch,
-)
+from image_classifier.data.augment import augment_batch, random_erase
 from image_classifier.data.datamodule import ArrayDataset, FileDataset, build_datamodule
 from image_classifier.data.device import DeviceBatches, EpochPermutation
 from image_classifier.training.train import run_train
@@ -217,21 +212,6 @@ def test_batch_flip_and_shift_match_per_image_flip_and_random_crop():
     assert _chi2_same(a, b) > 0.001
 
 
-def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (2000, 1, 6, 6), dtype=torch.uint8)
-    x[:, :, :, 0] = 0  # left column dark, so a mirrored image is told apart by its right column
-
-    def mirrored(epoch, batch=x):
-        return augment_batch(batch, hflip="alternate", epoch=epoch)[:, 0, :, 5].eq(0).all(1)
-
-    even, odd = mirrored(0), mirrored(1)
-    assert (even ^ odd).all()  # every image both ways across two consecutive epochs
-    assert torch.equal(mirrored(2), even) and torch.equal(mirrored(3), odd)
-    assert abs(even.float().mean() - 0.5) < 0.05  # about half start mirrored
-    assert torch.equal(mirrored(0, x[1000:]), even[1000:])  # the same in any batch
-
-
 def test_batch_erasing_matches_random_erasing():
     from torchvision.transforms import v2
 
@@ -255,87 +235,6 @@ def test_batch_erasing_matches_random_erasing():
     rows, cols = torch.nonzero(img == 0, as_tuple=True)
     box = img[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     assert (box == 0).all()
-
-
-# -- progressive resizing ---------------------------------------------------------------------
-
-
-def test_progressive_size_holds_then_ramps_to_the_full_size():
-    sizes = [progressive_size((28, 28), e, 10, 0.7, (0.4, 0.8))[0] for e in range(10)]
-    # scale 0.7 until 40 % of the epochs, then linear to 1 at 80 %; sides multiples of 4
-    assert sizes == [20, 20, 20, 20, 20, 20, 24, 24, 28, 28]
-    assert progressive_size((28, 28), 0, 4, 0.7, (0.25, 0.25)) == (20, 20)  # a step
-    assert progressive_size((28, 28), 1, 4, 0.7, (0.25, 0.25)) == (28, 28)
-    assert progressive_size((28, 28), 0, 4, 1.0, (0.5, 0.9)) == (28, 28)  # off
-    assert progressive_size((224, 160), 0, 2, 0.5, (0.5, 1.0)) == (112, 80)
-    assert progressive_size((6, 6), 0, 2, 0.1, (0.5, 1.0)) == (4, 4)  # never under 4 px
-
-
-def test_resize_batch_keeps_the_pixel_range_and_the_mean():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    small = resize_batch(x, (20, 20))
-    assert small.shape == (8, 1, 20, 20) and small.dtype == torch.float32
-    assert small.min() >= 0 and small.max() <= 255
-    torch.testing.assert_close(small.mean((1, 2, 3)), x.float().mean((1, 2, 3)), atol=2, rtol=0)
-    assert resize_batch(x, (28, 28)) is x
-
-
-def test_training_sees_smaller_images_first_and_validation_the_full_size(tmp_path):
-    from lightning.pytorch.callbacks import Callback
-
-    class Shapes(Callback):
-        def __init__(self):
-            self.seen = []
-
-        def on_fit_start(self, trainer, module):
-            net = module.net.net
-            net.register_forward_pre_hook(
-                lambda _, args: self.seen.append(
-                    (trainer.current_epoch, trainer.training, tuple(args[0].shape[-2:]))
-                )
-            )
-
-    make_class_folders(tmp_path / "images")
-    shapes = Shapes()
-    run_train(
-        compose_cfg(
-            tmp_path,
-            "data=folder",
-            f"data.root={tmp_path / 'images'}",
-            "data.size=[16,16]",
-            "logger.enabled=false",
-            "train.epochs=3",
-            "train.progressive.min_scale=0.5",
-            "train.progressive.ramp=[0,0.67]",
-        ),
-        callbacks=[shapes],
-    )
-    train = {(e, s) for e, training, s in shapes.seen if training}
-    assert train == {(0, (8, 8)), (1, (12, 12)), (2, (16, 16))}
-    assert {s for _, training, s in shapes.seen if not training} == {(16, 16)}
-
-
-def test_progressive_resizing_of_a_fixed_size_model_is_refused_with_the_fix(tmp_path):
-    from image_classifier.errors import UserError
-
-    make_class_folders(tmp_path / "images")
-    cfg = compose_cfg(
-        tmp_path,
-        "data=folder",
-        f"data.root={tmp_path / 'images'}",
-        "data.size=[32,32]",
-        "data.channels=3",
-        "logger.enabled=false",
-        "train.epochs=1",
-        "model=timm",
-        "model.name=vit_tiny_patch16_224",
-        "+model.img_size=32",
-        "train.progressive.min_scale=0.5",
-        "train.progressive.ramp=[1,1]",
-    )
-    with pytest.raises(UserError, match=r"does not take 16x16 images.*min_scale=1 \(off\)"):
-        run_train(cfg)
 
 
 def test_scan_checks_only_new_or_changed_files_and_still_reports_bad_ones(tmp_path, monkeypatch):

@@ -9,42 +9,31 @@ if TYPE_CHECKING:
     import torch
 
 
-HFLIP = (False, True, "alternate")  # train.augment.hflip
+HFLIP = (False, True)  # train.augment.hflip
 
 
 def augment_batch(
     x: torch.Tensor,
-    hflip: bool | str = False,
+    hflip: bool = False,
     shift: int = 0,
     erase: float = 0.0,
-    epoch: int = 0,
     **_,
 ) -> torch.Tensor:
     """Whole-batch augmentation on whatever device `x` is on: horizontal flips, random
     translations of up to `shift` pixels (zero fill; torchvision's RandomCrop(padding=shift) per
     image) and, with probability `erase`, a random rectangle set to 0 (RandomErasing's sampling:
-    2-33 % of the area, aspect ratio 0.3-3.3).
-
-    `hflip=True` mirrors each image with probability 1/2. `hflip="alternate"` is airbench's
-    alternating flip: every image is mirrored in every other epoch, so each one is seen both ways
-    in any two consecutive epochs; which half starts mirrored is a per-image bit, the parity of the
-    image's pixel sum, so it needs no sample indices and is the same under any batching."""
-
-    x = _flip_and_shift(x, hflip, shift, epoch)
+    2-33 % of the area, aspect ratio 0.3-3.3)."""
+    x = _flip_and_shift(x, hflip, shift)
     if erase > 0:
         x = random_erase(x, erase)
     return x
 
 
-def _flip_and_shift(x: torch.Tensor, hflip: bool | str, shift: int, epoch: int) -> torch.Tensor:
+def _flip_and_shift(x: torch.Tensor, hflip: bool, shift: int) -> torch.Tensor:
     import torch
 
     n, _, h, w = x.shape
-    if hflip == "alternate":
-        parity = x.reshape(n, -1).to(torch.int64).sum(1) % 2
-        flip = parity != epoch % 2
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    elif hflip:
+    if hflip:
         flip = torch.rand(n, device=x.device) < 0.5
         x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     if shift > 0:
@@ -95,43 +84,6 @@ def random_erase(
     )
     return x.masked_fill(inside[:, None], 0)
 
-
-def progressive_size(
-    full: tuple[int, int],
-    epoch: int,
-    epochs: int,
-    min_scale: float = 1.0,
-    ramp: tuple[float, float] = (0.0, 0.0),
-) -> tuple[int, int]:
-    """train.progressive: the training image size (h, w) of `epoch` (0-based) out of `epochs`.
-
-    Epochs that begin before `ramp[0]` (a fraction of the training) see images shrunk to
-    `min_scale` of the `full` size; the scale then grows linearly to 1 at `ramp[1]` (FFCV's
-    progressive resizing). Shrunk sides are multiples of 4, so two 2x2 poolings stay exact."""
-    min_scale = float(min_scale)
-    if min_scale >= 1:
-        return tuple(full)
-    start, end = (float(r) for r in ramp)
-    progress = epoch / max(int(epochs), 1)
-    if progress >= max(end, start):
-        return tuple(full)
-    if progress < start:
-        scale = min_scale
-    else:
-        scale = min_scale + (1 - min_scale) * (progress - start) / (end - start)
-    return tuple(min(side, max(4, 4 * round(side * scale / 4))) for side in full)
-
-
-def resize_batch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A batch resized to `size` (float pixels, same range) by antialiased bilinear resampling,
-    on whatever device it is on; unchanged when it already has that size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    import torch.nn.functional as F
-
-    return F.interpolate(
-        x.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
-    )
 
 
 def _light(v2, channels: int) -> list:

@@ -16,8 +16,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from image_classifier.data.augment import augment_batch, progressive_size, resize_batch
-from image_classifier.errors import UserError
+from image_classifier.data.augment import augment_batch
 from image_classifier.models import multilabel
 from image_classifier.models.factory import Normalized, create_model
 from image_classifier.models.losses import supcon_loss
@@ -156,49 +155,37 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        o = self.hparams.optim
         if self.feature_input:
             logits, _ = self._step(batch)
             return self._train_loss(self._loss(logits, y), logits, y)
         if self.hparams.augment:
-            x = augment_batch(x, **self.hparams.augment, epoch=self.current_epoch)
+            x = augment_batch(x, **self.hparams.augment)
         target = y
         if self._mix is not None:
             x, target = self._mix(x.float(), y)
-        full = tuple(x.shape[-2:])
-        x = resize_batch(x, self._train_size(full))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        supcon = float(o.get("supcon_weight") or 0.0)
-        try:
-            if supcon > 0:
-                features, logits = self.net.features_and_logits(x)
-            else:
-                logits = (self._compiled or self.net)(x)
-        except (RuntimeError, AssertionError, ValueError) as e:
-            if tuple(x.shape[-2:]) == full:
-                raise
-            raise UserError(
-                f"train.progressive.min_scale={o['progressive']['min_scale']}: "
-                f"{self.hparams.model['name']} does not take {x.shape[-2]}x{x.shape[-1]} "
-                f"images ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Set "
-                "train.progressive.min_scale=1 (off) for this model, or a larger min_scale."
-            ) from e
-        loss = self._loss(logits, target)
-        if supcon > 0:
-            loss = loss + supcon * supcon_loss(
-                features, target, float(o.get("supcon_temperature", 0.1))
-            )
+        loss, logits = self._forward_loss(x, target)
         loss = self._train_loss(loss, logits, y)
         if not loss.requires_grad:  # the baseline has nothing to learn
             return None
         return loss
 
-    def _train_size(self, full: tuple[int, int]) -> tuple[int, int]:
-        """This epoch's training image size under train.progressive (the full size when off)."""
-        progressive = self.hparams.optim.get("progressive") or {}
-        epochs = (self.trainer.max_epochs or 1) if self._trainer is not None else 1
-        return progressive_size(full, self.current_epoch, epochs, **progressive)
+    def _forward_loss(self, x, target):
+        """(the training loss of a batch, its logits): the task's loss, plus the supervised
+        contrastive term when train.supcon_weight > 0."""
+        o = self.hparams.optim
+        supcon = float(o.get("supcon_weight") or 0.0)
+        if supcon > 0:
+            features, logits = self.net.features_and_logits(x)
+        else:
+            logits = (self._compiled or self.net)(x)
+        loss = self._loss(logits, target)
+        if supcon > 0:
+            loss = loss + supcon * supcon_loss(
+                features, target, float(o.get("supcon_temperature", 0.1))
+            )
+        return loss, logits
 
     def _train_loss(self, loss, logits, y):
         self._track(self.train_metrics, logits.detach(), y)

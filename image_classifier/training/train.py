@@ -50,7 +50,6 @@ OPTIM_KEYS = (
     "compile",
     "supcon_weight",
     "supcon_temperature",
-    "progressive",
 )
 
 
