@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
 SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96")
 QUICK = ("digits", "fmnist-500")
+PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
 
 
 # -- the data sets --------------------------------------------------------------------------
@@ -249,14 +250,16 @@ def default_job(root: Path, work: Path, extra: list[str]) -> dict:
     }
 
 
-def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> set[str]:
-    """A copy of root with `frac` of its labels moved to another class; the moved files' new
-    relative paths."""
+def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> dict[str, set[str]]:
+    """A copy of root with `frac` of its labels moved to another class, plus PLANTED_EXTRA
+    near-duplicates (an image brightened by 10 grey levels and saved as JPEG beside the original)
+    and PLANTED_EXTRA outliers (images of another source: photo crops in digits, digits
+    elsewhere). The planted files' relative paths, by kind."""
     rows = files(root)
     classes = sorted({c for _, _, c in rows})
     rng = np.random.default_rng(seed)
     moved = set(rng.choice(len(rows), int(round(frac * len(rows))), replace=False).tolist())
-    planted = set()
+    planted = {"labels": set(), "near": set(), "outliers": set()}
     for i, (p, split, c) in enumerate(rows):
         if i in moved:
             c = classes[(classes.index(c) + int(rng.integers(1, len(classes)))) % len(classes)]
@@ -264,8 +267,42 @@ def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> set[str]:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, dest / rel)
         if i in moved:
-            planted.add(str(rel))
+            planted["labels"].add(str(rel))
+    others = [i for i in range(len(rows)) if i not in moved]
+    for k, i in enumerate(rng.choice(others, PLANTED_EXTRA, replace=False)):
+        p, split, c = rows[i]
+        im = Image.open(p)
+        rel = Path(split, c, f"near_{k}.jpg") if split else Path(c, f"near_{k}.jpg")
+        bright = np.clip(np.asarray(im, np.float32) + 10, 0, 255).astype(np.uint8)
+        Image.fromarray(bright).save(dest / rel, quality=90)
+        planted["near"].add(str(rel))
+    like = Image.open(rows[0][0])
+    for k, img in enumerate(foreign_images(root, PLANTED_EXTRA, rng)):
+        p, split, c = rows[int(rng.integers(len(rows)))]
+        rel = Path(split, c, f"outlier_{k}.png") if split else Path(c, f"outlier_{k}.png")
+        Image.fromarray(img).convert(like.mode).resize(like.size).save(dest / rel)
+        planted["outliers"].add(str(rel))
     return planted
+
+
+def foreign_images(root: Path, n: int, rng) -> list[np.ndarray]:
+    """n images from another source than root's: photo crops for digits, digits elsewhere."""
+    if root.name == "digits":
+        photos = photo_backgrounds()
+        out = []
+        for _ in range(n):
+            ph = photos[int(rng.integers(len(photos)))]
+            top, left = (
+                int(rng.integers(0, ph.shape[0] - 64)),
+                int(rng.integers(0, ph.shape[1] - 64)),
+            )
+            out.append(ph[top : top + 64, left : left + 64])
+        return out
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pick = rng.choice(len(d.images), n, replace=False)
+    return [(d.images[i] * (255 / 16)).round().astype(np.uint8) for i in pick]
 
 
 def audit(root: Path, work: Path, frac: float) -> dict:
@@ -277,26 +314,33 @@ def audit(root: Path, work: Path, frac: float) -> dict:
     seconds = time.perf_counter() - t0
     folder = Path(re.search(r"report: (\S+)/report\.json", out).group(1))
     report = json.loads((folder / "report.json").read_text())
+    rel = lambda name: str(Path(name).relative_to(noisy)) if Path(name).is_absolute() else name  # noqa: E731
     with open(folder / "label_issues.csv") as f:
-        images = [Path(r["image"]) for r in csv.DictReader(f)]
-    ranked = [str(p.relative_to(noisy)) if p.is_absolute() else str(p) for p in images]
+        ranked = [rel(r["image"]) for r in csv.DictReader(f)]
+    ranked = [r for r in ranked if r not in planted["outliers"]]  # no true label to judge
     cut = int(report["label_errors"]["recommended_cut"])
+    labels = planted["labels"]
 
     def rp(rows):
-        hit = len(planted & set(rows))
-        return hit / len(planted), hit / max(1, len(rows))
+        hit = len(labels & set(rows))
+        return hit / len(labels), hit / max(1, len(rows))
 
+    pairs = [{rel(e["a"]["name"]), rel(e["b"]["name"])} for e in report["near_duplicates"]["items"]]
+    outliers = {rel(e["name"]) for e in report["outliers"]["items"]}
     shutil.rmtree(noisy, ignore_errors=True)
     return {
-        "planted": len(planted),
+        "planted": len(labels),
         "flagged": len(ranked),
         "cut": cut,
+        "cleanlab_estimate": int(report["label_errors"]["cleanlab_estimate"]),
         "flagged_rp": rp(ranked),
         "cut_rp": rp(ranked[:cut]),
-        "top2x": len(planted & set(ranked[: 2 * len(planted)])),
+        "top2x": len(labels & set(ranked[: 2 * len(labels)])),
         "seconds": seconds,
-        "near_pairs": int(report["near_duplicates"]["pairs"]),
-        "outliers": int(report["outliers"]["count"]),
+        "near_found": sum(1 for q in pairs if q & planted["near"]),
+        "near_other": sum(1 for q in pairs if not q & planted["near"]),
+        "outliers_found": len(outliers & planted["outliers"]),
+        "outliers_other": len(outliers - planted["outliers"]),
     }
 
 
@@ -308,6 +352,7 @@ def main():
     ap.add_argument("--only", nargs="+", choices=SUITE)
     ap.add_argument("--keep", type=Path, help="build (and reuse) the data sets here")
     ap.add_argument("--no-audit", action="store_true")
+    ap.add_argument("--audit-only", action="store_true", help="skip the default job and floor")
     ap.add_argument("--train", nargs="*", default=[], help="extra overrides for every training")
     args = ap.parse_args()
     names = args.only or (QUICK if args.quick else SUITE)
@@ -318,16 +363,18 @@ def main():
     for k, name in enumerate(names, 1):
         root = build(name, base / name)
         work = Path(tempfile.mkdtemp(prefix=f"suite-{name}-"))
-        job = default_job(root, work, args.train)
-        row = {"name": name, "images": len(files(root)), **job, "floor": floor(root)}
-        print(
-            f"[{k}/{len(names)}] {name}: default job best val {job['best_val']:.2%}, "
-            f"{job['accuracy']:.2%} test accuracy in "
-            f"{job['train_s']:.0f} s of training ({job['epochs']} epochs; {job['chosen']}); "
-            f"pixel logistic regression {row['floor']:.2%}; "
-            f"{time.perf_counter() - started:.0f} s so far",
-            flush=True,
-        )
+        row = {"name": name, "images": len(files(root))}
+        if not args.audit_only:
+            job = default_job(root, work, args.train)
+            row |= {**job, "floor": floor(root)}
+            print(
+                f"[{k}/{len(names)}] {name}: default job best val {job['best_val']:.2%}, "
+                f"{job['accuracy']:.2%} test accuracy in "
+                f"{job['train_s']:.0f} s of training ({job['epochs']} epochs; {job['chosen']}); "
+                f"pixel logistic regression {row['floor']:.2%}; "
+                f"{time.perf_counter() - started:.0f} s so far",
+                flush=True,
+            )
         if not args.no_audit:
             for frac in (0.01, 0.05):
                 a = audit(root, work, frac)
@@ -338,8 +385,9 @@ def main():
                     f"{a['flagged_rp'][1]:.0%}); recommended cut {a['cut']} (recall "
                     f"{a['cut_rp'][0]:.0%}, precision {a['cut_rp'][1]:.0%}); "
                     f"{a['top2x']}/{a['planted']} in the first {2 * a['planted']} rows; "
-                    f"near-duplicate pairs {a['near_pairs']}, outliers {a['outliers']} (none "
-                    f"planted); {a['seconds']:.0f} s",
+                    f"near-duplicates {a['near_found']}/{PLANTED_EXTRA} found, {a['near_other']} "
+                    f"other pairs; outliers {a['outliers_found']}/{PLANTED_EXTRA} found, "
+                    f"{a['outliers_other']} others; {a['seconds']:.0f} s",
                     flush=True,
                 )
         shutil.rmtree(work, ignore_errors=True)
@@ -349,7 +397,7 @@ def main():
         "pixel LR test acc | beats floor |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in rows if not args.audit_only else []:
         print(
             f"| {r['name']} | {r['images']} | {r['accuracy']:.2%} | {r['train_s']:.0f} | "
             f"{r['epochs']} | {r['chosen']} | {r['floor']:.2%} | "
@@ -358,17 +406,20 @@ def main():
     if not args.no_audit:
         print(
             "\n| data set | noise | planted | flagged (recall / precision) | recommended cut "
-            "(recall / precision) | planted in first 2x rows | near-dup pairs | outliers |"
+            "(recall / precision) | cleanlab's estimate | planted in first 2x rows | "
+            f"near-duplicates found of {PLANTED_EXTRA} (other pairs) | "
+            f"outliers found of {PLANTED_EXTRA} (others) |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             for frac in (0.01, 0.05):
                 a = r[f"audit_{frac}"]
                 print(
                     f"| {r['name']} | {frac:.0%} | {a['planted']} | {a['flagged']} "
                     f"({a['flagged_rp'][0]:.0%} / {a['flagged_rp'][1]:.0%}) | {a['cut']} "
-                    f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | "
-                    f"{a['top2x']}/{a['planted']} | {a['near_pairs']} | {a['outliers']} |"
+                    f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | {a['cleanlab_estimate']} | "
+                    f"{a['top2x']}/{a['planted']} | {a['near_found']} ({a['near_other']}) | "
+                    f"{a['outliers_found']} ({a['outliers_other']}) |"
                 )
     print(f"\nsuite: {time.perf_counter() - started:.0f} s; data sets in {base}")
 

@@ -85,7 +85,8 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     labels = r["label_errors"]
     assert names(labels["items"]) == {"flipped_fox.png"}
     assert labels["items"][0]["label"] == "cat" and labels["items"][0]["suggested"] == "fox"
-    assert labels["features"].startswith("pixels")
+    assert "tf_efficientnet_lite0 features at 64x64" in labels["features"]
+    assert labels["recommended_cut"] == 1 and labels["cleanlab_estimate"] >= 1
 
     out = Path(result["dir"])
     assert json.loads((out / "report.json").read_text())["exact_duplicates"]["groups"] == 1
@@ -116,7 +117,9 @@ def test_clean_data_reports_nothing(tmp_path):
     assert r["exact_duplicates"]["groups"] == 0
     assert r["near_duplicates"]["pairs"] == 0
     assert r["label_errors"]["suspects"] == 0
-    assert r["outliers"]["count"] == 0
+    # Tukey's fence marks the far tail of any data set (about 1 % of the suite's images): here at
+    # most the one or two images farthest from the rest, never a share of the data
+    assert r["outliers"]["count"] <= 2
     assert {k: v["count"] for k, v in r["image_quality"].items() if v["count"]} == {}
 
 
@@ -143,7 +146,9 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     assert flagged["odd_size"] == {"huge.png"}
     assert flagged["grey_in_colour"] == {"grey.png"}
     outliers = {Path(i["name"]).name for i in r["outliers"]["items"]}
-    assert "noise.png" in outliers and len(outliers) <= 3, outliers
+    odd = {"black.png", "white.png", "wide.png", "huge.png", "grey.png", "noise.png"}
+    assert {"noise.png", "black.png", "white.png"} <= outliers, outliers
+    assert len(outliers - odd) <= 1, outliers  # the fence's far tail, not a share of the data
 
 
 @pytest.mark.slow
@@ -172,14 +177,22 @@ def test_label_errors_from_cached_backbone_features(planted, tmp_path):
     )
     r = audit(planted, tmp_path, "logger.enabled=false", "audit.features=cache", *feats)["report"]
     assert "test_efficientnet features from the cache" in r["label_errors"]["features"]
-    assert r["label_errors"]["features"].endswith(
-        "+ pixels (PCA-128 of 32x32 thumbnails), one head each"
-    )
+    assert "pixels (PCA-128 of 32x32 thumbnails)" in r["label_errors"]["features"]
     assert isinstance(r["label_errors"]["items"], list)  # random weights: no claim on what it finds
 
 
+@pytest.mark.slow
+def test_without_a_pretrained_backbone_the_pixels_judge_alone(planted, tmp_path):
+    untrained = ("logger.enabled=false", "features.pretrained=false")
+    with pytest.raises(UserError, match="features.pretrained=false: an untrained backbone"):
+        audit(planted, tmp_path, *untrained, "audit.features=backbone")
+    r = audit(planted, tmp_path, *untrained)["report"]["label_errors"]
+    assert r["features"].startswith("pixels (PCA-128 of 32x32 thumbnails) (no backbone view: ")
+    assert {Path(i["name"]).name for i in r["items"]} == {"flipped_fox.png"}
+
+
 def test_bad_audit_setting(planted, tmp_path):
-    with pytest.raises(UserError, match="auto, cache, pixels"):
+    with pytest.raises(UserError, match="auto, cache, backbone, pixels"):
         audit(planted, tmp_path, "logger.enabled=false", "audit.features=clip")
 
 

@@ -139,8 +139,9 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
         f"{near['leaks_train_to_eval']} leak train into val/test",
         f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv, most "
-        f"suspicious first; review the first {r['label_errors']['recommended_cut']} (cleanlab's "
-        f"estimate of how many labels are wrong) ({r['label_errors']['features']})",
+        f"suspicious first; review the first {r['label_errors']['recommended_cut']} (their given "
+        f"label is less likely than chance; cleanlab estimates "
+        f"{r['label_errors']['cleanlab_estimate']} wrong) ({r['label_errors']['features']})",
         f"  outliers: {r['outliers']['count']}",
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"

@@ -36,21 +36,22 @@ def run_audit(cfg) -> dict:
             d.thumbs, dist, idx, float(a.near_candidates), float(a.near_threshold), exact_pairs
         )
     with _timed(timings, "labels"):
-        views, x, source = label_checks.features(d, cfg, str(a.features))
-        probs = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
-        suspects, cut = label_checks.label_issues(d.labels, probs)
+        views, x, names = label_checks.features(d, cfg, str(a.features))
+        probs, which = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
+        source = label_checks.describe_views(names, which)
+        suspects, cut, estimate = label_checks.label_issues(d.labels, probs)
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, fidx = neighbours.knn(
             x / x.norm(dim=1, keepdim=True).clamp_min(1e-6), int(a.neighbours)
         )
         scores = neighbours.outlier_scores(fdist, fidx)
-        outliers = [int(i) for i in np.argsort(scores) if scores[i] < float(a.outlier_threshold)]
-        outliers = outliers[: int(a.max_outliers)]
+        outliers = neighbours.outliers(scores, float(a.outlier_fence), int(a.max_outliers))
     with _timed(timings, "quality"):
         flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
     report["label_errors"]["recommended_cut"] = cut
+    report["label_errors"]["cleanlab_estimate"] = estimate
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
@@ -121,8 +122,9 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             "suspects": len(suspects),
             "features": source,
             "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
-            f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view, "
-            "averaged; every flagged image, ranked by self-confidence",
+            f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view "
+            "(each view and their average compared by log loss); every flagged image, ranked by "
+            "self-confidence",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects
@@ -131,7 +133,7 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         "outliers": {
             "count": len(outliers[0]),
             "method": f"cleanlab OutOfDistribution on {a.neighbours} nearest neighbours in "
-            f"feature space; reported below {a.outlier_threshold}",
+            f"feature space; reported beyond Q3 + {a.outlier_fence} x IQR of the distance",
             "items": [{**who(d, i), "score": round(float(outliers[1][i]), 4)} for i in outliers[0]],
         },
         "image_quality": {

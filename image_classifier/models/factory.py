@@ -186,3 +186,14 @@ def create_model(
     return timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
+
+
+def create_backbone(fcfg, pretrained=None) -> nn.Module:
+    """The frozen feature extractor of cfg.features (`command=cache-features`, the audit's backbone
+    view): pixels 0..255 in, pooled features out (normalises inside)."""
+    from image_classifier.data.features import backbone_preprocessing
+
+    pre = backbone_preprocessing(fcfg)
+    p = fcfg.pretrained if pretrained is None else pretrained
+    net = create_model(fcfg.backbone, num_classes=0, in_chans=pre.channels, pretrained=p)
+    return Normalized(net, pre.mean, pre.std).eval()

@@ -21,17 +21,8 @@ from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, cache_folder
 from image_classifier.data.layouts import SPLITS, write_unusable
 from image_classifier.errors import UserError
+from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
-
-
-def create_backbone(fcfg, pretrained=None):
-    """The frozen feature extractor: pixels 0..255 in, pooled features out (normalises inside)."""
-    from image_classifier.models.factory import Normalized, create_model
-
-    pre = backbone_preprocessing(fcfg)
-    p = fcfg.pretrained if pretrained is None else pretrained
-    net = create_model(fcfg.backbone, num_classes=0, in_chans=pre.channels, pretrained=p)
-    return Normalized(net, pre.mean, pre.std).eval()
 
 
 def build_cache(cfg, quiet: bool = False) -> dict:
