@@ -30,6 +30,19 @@ def test_bad_value_exits_2_before_any_work(tmp_path, override, message):
     assert list(tmp_path.iterdir()) == []  # no data, no run folder, no mlruns
 
 
+def test_the_error_readme_quotes_is_the_one_a_user_gets():
+    import re
+
+    from image_classifier.config import compose_config
+    from image_classifier.errors import UserError
+
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    override, quoted = re.search(r"\(`(train\.optimizer=\w+)` → \"(.+?)\"\)", readme, re.S).groups()
+    with pytest.raises(UserError) as e:
+        compose_config(override)
+    assert " ".join(quoted.split()) in str(e.value)
+
+
 def test_every_value_of_a_sweep_is_checked(tmp_path):
     proc = run_cli("-m", "command=train", "train.scheduler=cosine,linear", cwd=tmp_path)
     assert proc.returncode == 2
@@ -57,7 +70,10 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         ),
         (["export.trt.precision=int8"], "export.trt.precision='int8' is not one of fp16, fp32."),
         (["export.triton.kind=GPU"], "export.triton.kind='GPU' is not one of KIND_AUTO"),
-        (["audit.features=clip"], "audit.features='clip' is not one of auto, cache, backbone, pixels."),
+        (
+            ["audit.features=clip"],
+            "audit.features='clip' is not one of auto, cache, backbone, pixels.",
+        ),
         (["audit.folds=1"], "audit.folds=1 must be an integer >= 2."),
         (["train.muon_lr_scale=0"], "train.muon_lr_scale=0 must be a number > 0."),
         (["train.muon_lr_scale=fast"], "train.muon_lr_scale='fast' must be a number > 0."),
