@@ -85,7 +85,6 @@ def random_erase(
     return x.masked_fill(inside[:, None], 0)
 
 
-
 def _light(v2, channels: int) -> list:
     return [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
 
