@@ -201,6 +201,7 @@ def _data_rules() -> dict:
 def _inference_rules() -> dict:
     from image_classifier.inference.infer import SORT_MODES, WRITERS
     from image_classifier.inference.predictor import DEVICES
+    from image_classifier.serving.triton import ENGINES
 
     return {
         "infer.output": Suffix(tuple(WRITERS)),
@@ -212,6 +213,9 @@ def _inference_rules() -> dict:
         "serve.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
         "serve.device": Choice(DEVICES),
         "serve.port": Number(0, 65535, integer=True),
+        "serve.engine": Choice(ENGINES),
+        "serve.grpc_port": Number(0, 65535, integer=True),
+        "serve.metrics_port": Number(0, 65535, integer=True),
         "serve.max_body_mb": POSITIVE,
         "serve.max_images": POSITIVE_INT,
         "serve.max_pixels": POSITIVE_INT,

@@ -394,6 +394,12 @@ def run_serve(cfg) -> dict:
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)
+    if s.engine == "triton":
+        from image_classifier.serving.triton import run_triton
+
+        for key in ("port", "grpc_port", "metrics_port"):
+            _check_port(str(s.host), int(s[key]), key)
+        return run_triton(cfg, predictor, model, registry, *served_name(predictor.meta, registry))
     threshold = None if s.get("threshold") is None else float(s.threshold)
     limits = Limits(float(s.max_body_mb), int(s.max_images), int(s.max_pixels), threshold)
     app = create_app(
@@ -406,7 +412,7 @@ def run_serve(cfg) -> dict:
         log_level=str(s.log_level),
         timeout_graceful_shutdown=float(s.shutdown_timeout_s),
     )
-    _check_port(str(s.host), int(s.port))
+    _check_port(str(s.host), int(s.port), "port")
     server = _server_class()(config)
     shown = f"{s.model} (version {registry['version']})" if registry else model
     name = served_name(predictor.meta, registry)[0]
@@ -455,7 +461,7 @@ def _server_class():
     return Server
 
 
-def _check_port(host: str, port: int) -> None:
+def _check_port(host: str, port: int, key: str) -> None:
     """A port in use or a host that is not ours: one clear message before anything starts."""
     import socket
 
@@ -466,6 +472,6 @@ def _check_port(host: str, port: int) -> None:
             sock.bind(infos[0][4])
     except OSError as e:
         raise UserError(
-            f"Cannot listen on serve.host={host} serve.port={port} ({e.strerror or e}). "
-            "Pick a free port (serve.port=8001) or stop the process that holds it."
+            f"Cannot listen on serve.host={host} serve.{key}={port} ({e.strerror or e}). "
+            f"Pick a free port (serve.{key}={port + 10}) or stop the process that holds it."
         ) from None
