@@ -1,14 +1,20 @@
-"""Load test for `command=serve`: N concurrent clients, M requests, real images, loopback only.
+"""Load test, side by side in one run on one model file: in-process ONNX Runtime, `command=serve`
+on `/predict`, the same service on its Open Inference Protocol route, and `serve.engine=triton`
+(a real Triton server), each at 1, 16 and 64 concurrent clients. Loopback only.
 
-    uv run python scripts/load_test.py                   # default model, 16 clients, 2,000 requests
+    uv run python scripts/load_test.py                   # default model
     uv run python scripts/load_test.py --model resnet18  # resnet18 at 224 px (random weights)
-    uv run python scripts/load_test.py --model PATH.onnx --clients 32 --requests 5000
+    uv run python scripts/load_test.py --model PATH.onnx --clients 16 64 --requests 3000
+    uv run python scripts/load_test.py --targets predict v2   # leave Triton out
 
-It starts the service itself on 127.0.0.1 (a free port), waits for /health, runs the clients
-(asyncio + httpx, one keep-alive connection each, one image per request), stops the service with
-SIGTERM and checks it exits cleanly. Bounded: it stops after --requests or --max-seconds, whichever
-comes first. Then it runs the same images through ONNX Runtime in this process (decode +
-preprocess + one image per call, as a service client's request is), and prints the ratio.
+For each target it starts the service itself on 127.0.0.1 (free ports), waits for
+`/v2/models/NAME/ready` (both engines answer it), runs the clients (asyncio + httpx, one keep-alive
+connection each, one encoded image per request: a multipart upload on /predict, the protocol's
+binary tensor extension with a BYTES input on the v2 routes, built by tritonclient), stops the
+service with SIGTERM and checks it exits cleanly. Bounded: each level stops after --requests or
+--max-seconds. In process: the same images through ONNX Runtime (decode + preprocess + one image
+per call, as one request is). It prints throughput, p50/p99 latency and errors per target and
+level, and each service's throughput over the in-process rate.
 
 Images: Fashion-MNIST test images (data/, as PNG at their native 28x28), or for a 224-px model the
 same images enlarged to 224x224 JPEGs, so decoding costs what it would for real photos.
@@ -88,42 +94,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, engine: str, name: str) -> tuple[subprocess.Popen, int]:
+    """The service for `engine` (fastapi | triton) on free ports, its model ready; (process,
+    HTTP port)."""
     import httpx
 
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [
         sys.executable,
         str(ROOT / "commands.py"),
         "command=serve",
+        f"serve.engine={engine}",
         f"serve.model={model}",
         f"serve.port={port}",
+        f"serve.grpc_port={grpc_port}",
+        f"serve.metrics_port={metrics_port}",
         "serve.host=127.0.0.1",
         f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
         "hydra.output_subdir=null",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"the service exited: {proc.stderr.read()[-2000:]}")
+            sys.exit(f"the {engine} service exited: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            ready = f"http://127.0.0.1:{port}/v2/models/{name}/ready"
+            if httpx.get(ready, timeout=1).status_code == 200:
+                return proc, port
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     proc.kill()
-    sys.exit("the service did not start within 120 s")
+    sys.exit(f"the {engine} service did not start within 180 s")
+
+
+def v2_body(data: bytes, engine: str) -> tuple[bytes, dict]:
+    """An Open Inference Protocol request with one encoded image as BYTES, in the binary tensor
+    extension, as tritonclient builds it: [1] for our service, [1, 1] for Triton's model."""
+    import tritonclient.http as http
+
+    shape = [1, 1] if engine == "triton" else [1]
+    x = http.InferInput("image_bytes", shape, "BYTES")
+    x.set_data_from_numpy(np.array([data], dtype=object).reshape(shape))
+    out = http.InferRequestedOutput("probabilities", binary_data=True)
+    body, json_size = http.InferenceServerClient.generate_request_body([x], outputs=[out])
+    headers = {"Content-Type": "application/octet-stream"}
+    if json_size is not None:
+        headers["Inference-Header-Content-Length"] = str(json_size)
+    return body, headers
 
 
 async def run_clients(
-    url: str, images: list[bytes], clients: int, requests: int, max_seconds: float
+    target: dict, images: list[bytes], clients: int, requests: int, seconds: float
 ):
+    """(latencies, counts, wall seconds) of `clients` clients sending one image per request."""
     import httpx
 
     latencies: list[float] = []
     counts = {"2xx": 0, "4xx": 0, "5xx": 0, "connection errors": 0}
     issued = 0
-    deadline = time.perf_counter() + max_seconds
+    deadline = time.perf_counter() + seconds
+    bodies = [v2_body(d, target["engine"]) for d in images] if target["v2"] else None
 
     async def client(i: int):
         nonlocal issued
@@ -132,17 +166,21 @@ async def run_clients(
             while issued < requests and time.perf_counter() < deadline:
                 k = issued
                 issued += 1
-                data = images[k % len(images)]
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(
-                        url, files={"file": (f"{k}.img", data, "application/octet-stream")}
-                    )
+                    if bodies:
+                        body, headers = bodies[k % len(bodies)]
+                        r = await c.post(target["url"], content=body, headers=headers)
+                    else:
+                        data = images[k % len(images)]
+                        files = {"file": (f"{k}.img", data, "application/octet-stream")}
+                        r = await c.post(target["url"], files=files)
                 except httpx.HTTPError:
                     counts["connection errors"] += 1
                     continue
                 latencies.append(time.perf_counter() - t0)
-                counts[f"{r.status_code // 100}xx"] = counts.get(f"{r.status_code // 100}xx", 0) + 1
+                key = f"{r.status_code // 100}xx"
+                counts[key] = counts.get(key, 0) + 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -165,18 +203,68 @@ def direct_rate(model: Path, images: list[bytes], n: int, max_seconds: float) ->
     return done / (time.perf_counter() - t0)
 
 
+TARGETS = {  # name: (engine, route)
+    "predict": ("fastapi", "/predict"),
+    "v2": ("fastapi", "/v2/models/{name}/infer"),
+    "triton": ("triton", "/v2/models/{name}/infer"),
+}
+
+
+def stop(proc) -> bool:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return False
+    return proc.returncode == 0 and "Stopped cleanly" in err
+
+
+def measure(model, name, images, args) -> tuple[list, bool]:
+    """One row per (target, clients); False when anything failed."""
+    rows, ok = [], True
+    for target_name in args.targets:
+        engine, route = TARGETS[target_name]
+        proc, port = start_server(model, engine, name)
+        target = {
+            "engine": engine,
+            "v2": target_name != "predict",
+            "url": f"http://127.0.0.1:{port}" + route.format(name=name),
+        }
+        try:
+            for clients in args.clients:
+                asyncio.run(run_clients(target, images, clients, 20, 10))  # warm-up
+                lat, counts, seconds = asyncio.run(
+                    run_clients(target, images, clients, args.requests, args.max_seconds)
+                )
+                q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+                rows.append((target_name, clients, len(lat) / seconds, q[49], q[98], counts))
+                errors = counts["4xx"] + counts["5xx"] + counts["connection errors"]
+                ok &= errors == 0
+                print(
+                    f"  {target_name:8s} {clients:3d} clients: {len(lat) / seconds:8.1f} req/s, "
+                    f"p50 {q[49] * 1000:7.1f} ms, p99 {q[98] * 1000:7.1f} ms, errors {errors}",
+                    flush=True,
+                )
+        finally:
+            clean = stop(proc)
+        print(f"  {target_name}: shutdown on SIGTERM {'clean' if clean else 'NOT clean'}")
+        ok &= clean
+    return rows, ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="default | resnet18 | PATH.onnx")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--max-seconds", type=float, default=300)
-    ap.add_argument("--no-direct", action="store_true", help="skip the in-process comparison")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--requests", type=int, default=2000, help="per target and level")
+    ap.add_argument("--max-seconds", type=float, default=60, help="per target and level")
     args = ap.parse_args()
+    from image_classifier.inference.predictor import OnnxPredictor
     from image_classifier.tracking import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
-
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "default":
             model = default_model()
@@ -184,50 +272,26 @@ def main() -> None:
             model = resnet18_model(Path(tmp))
         else:
             model = Path(args.model)
-        from image_classifier.inference.predictor import OnnxPredictor
-
-        size = OnnxPredictor(model, device="cpu").meta.preprocessing.size[0]
+        meta = OnnxPredictor(model, device="cpu").meta
+        size = meta.preprocessing.size[0]
         images = sample_images(Path(tmp), size, 256)
-        port = free_port()
-        proc = start_server(model, port)
-        try:
-            lat, counts, seconds = asyncio.run(
-                run_clients(
-                    f"http://127.0.0.1:{port}/predict",
-                    images,
-                    args.clients,
-                    args.requests,
-                    args.max_seconds,
-                )
-            )
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                err = "did not stop within 60 s"
-        done = len(lat)
-        service = done / seconds
-        q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+        direct = direct_rate(model, images, args.requests, args.max_seconds)
         print(
-            f"model {model.name} ({size}x{size}), {args.clients} clients, {done} answered of "
-            f"{args.requests} requested in {seconds:.1f}s on {os.cpu_count()} cores"
+            f"model {model.name} ({size}x{size}) on {os.cpu_count()} cores; in-process ONNX "
+            f"Runtime {direct:.1f} img/s (decode + 1 image per call)",
+            flush=True,
         )
-        print(f"  service throughput   {service:8.1f} req/s")
-        print(f"  latency p50 / p99    {q[49] * 1000:8.1f} / {q[98] * 1000:.1f} ms")
-        print("  responses            " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        clean = proc.returncode == 0 and "Stopped cleanly" in err
-        print(f"  shutdown on SIGTERM  {'clean (exit 0)' if clean else 'NOT clean: ' + err[-500:]}")
-        if not args.no_direct:
-            direct = direct_rate(model, images, done, min(args.max_seconds, 120))
-            print(
-                f"  direct ONNX Runtime  {direct:8.1f} img/s (in-process, decode + 1 image per "
-                "call)"
-            )
-            print(f"  service / direct     {service / direct:8.2f}x")
-        if counts["5xx"] or counts["connection errors"] or not clean:
-            sys.exit(1)
+        rows, ok = measure(model, meta.name, images, args)
+    print("\n| target | clients | req/s | × in-process | p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for target, clients, rate, p50, p99, counts in rows:
+        errors = counts["4xx"] + counts["5xx"] + counts["connection errors"]
+        print(
+            f"| {target} | {clients} | {rate:.1f} | {rate / direct:.2f} | {p50 * 1000:.1f} | "
+            f"{p99 * 1000:.1f} | {errors} |"
+        )
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def stub_environment(folder: pathlib.Path) -> pathlib.Path:
     """A virtual environment from this Python's base interpreter with STUB_PACKAGES, built once
     (into a temporary folder, renamed into place) with uv."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    folder = folder.resolve()
     env = folder / f"triton-stub-{version}"
     if (env / "ready").exists():
         return env
@@ -213,12 +214,12 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    with Triton(config=config) as triton:
+    with contextlib.suppress(KeyboardInterrupt), Triton(config=config) as triton:
         shape = bind(triton, predictor, name, version, s)
         try:
             triton.run()
             self_check(predictor, name, s)
-        except UserError:
+        except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # the model did not load in Triton's Python backend
             raise UserError(_stub_failure(f"{type(e).__name__}: {str(e)[:300]}")) from None
@@ -231,8 +232,7 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
             file=sys.stderr,
             flush=True,
         )
-        with contextlib.suppress(KeyboardInterrupt):
-            triton.serve()
+        triton.serve()
     how = f" on {got['signal']}" if got else ""
     print(f"Stopped cleanly{how}: Triton server stopped.", file=sys.stderr, flush=True)
     return {"model": str(model), "engine": "triton", "name": name}
