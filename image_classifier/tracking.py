@@ -161,8 +161,13 @@ def lineage_tags(root: str | Path, data_hash: str) -> dict[str, str]:
 
 
 def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None = None):
-    """Lightning's MLFlowLogger on the configured store, or None when logging is disabled."""
-    if not cfg.logger.enabled:
+    """Lightning's MLFlowLogger on the configured store, or None when logging is disabled or this
+    is not the first process of a distributed run (Lightning logs from rank 0 only; a logger on
+    every rank would open the embedded store from every node at once, and racing to create its
+    tables fails)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not cfg.logger.enabled or getattr(rank_zero_only, "rank", 0) != 0:
         return None
     uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
     check_reachable(uri, float(cfg.logger.connect_timeout))
@@ -170,12 +175,42 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
         experiment_name=cfg.logger.experiment,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=uri,
-        tags=tags,
+        tags={**tags, **sweep_tags()},
         artifact_location=artifacts,
         run_id=run_id,
     )
     _ = logger.experiment  # create the run now, so a broken store fails before training starts
     return logger
+
+
+def sweep_tags() -> dict[str, str]:
+    """In a Hydra multirun: the sweep's folder and this trial's number, so one query finds the
+    sweep's runs (image_classifier/sweeps.py names the best at the end)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return {}
+    return {"sweep": str(Path(hc.sweep.dir).resolve()), "sweep.trial": str(hc.job.num)}
+
+
+def experiment_id(cfg) -> str | None:
+    """The configured MLflow experiment's id, created if it does not exist yet (None when
+    tracking is off)."""
+    if not cfg.logger.enabled:
+        return None
+    import mlflow
+
+    uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
+    check_reachable(uri, float(cfg.logger.connect_timeout))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.logger.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.logger.experiment, artifact_location=artifacts)
 
 
 @functools.cache

@@ -494,6 +494,8 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
                 "val/ece_after": c["ece_after"],
             },
         )
+    if result.get("best_score") is not None:  # what a sweep's summary ranks trials by
+        tracking.log_metrics(logger, {"best_score": result["best_score"]})
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
     tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
     result["mlflow_run_id"] = logger.run_id
