@@ -19,16 +19,10 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         from image_classifier import tracking
 
-        exp = tracking.experiment_id(config)
-        if exp is None or config.command != "train":
+        if not config.logger.enabled or config.command != "train":
             return
-        import mlflow
-
-        uri, _ = tracking.resolve_uri(config.logger, config.paths.root)
         sweep = str(Path(config.hydra.sweep.dir).resolve())
-        runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
-            [exp], filter_string=f"tags.sweep = '{sweep}'", order_by=["metrics.best_score DESC"]
-        )
+        runs = tracking.sweep_runs(config, sweep)
         scored = [r for r in runs if "best_score" in r.data.metrics]
         if not scored:
             print(f"Sweep {sweep}: {len(runs)} trial(s) in MLflow, none finished with a score.")

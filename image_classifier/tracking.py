@@ -213,6 +213,19 @@ def experiment_id(cfg) -> str | None:
     return client.create_experiment(cfg.logger.experiment, artifact_location=artifacts)
 
 
+def sweep_runs(cfg, sweep: str) -> list:
+    """The MLflow runs of one sweep (tagged by sweep_tags), the best `best_score` first."""
+    exp = experiment_id(cfg)
+    if exp is None:
+        return []
+    import mlflow
+
+    uri, _ = resolve_uri(cfg.logger, cfg.paths.root)
+    return mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [exp], filter_string=f"tags.sweep = '{sweep}'", order_by=["metrics.best_score DESC"]
+    )
+
+
 @functools.cache
 def _logger_class():
     """Lightning's MLFlowLogger, except that logging hyperparameters into a run that already has
