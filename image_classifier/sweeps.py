@@ -12,8 +12,15 @@ from hydra.experimental.callback import Callback
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
+        import os
+
         from image_classifier import tracking
 
+        # A driver started by `uv run` (README's way) makes Ray rebuild that uv environment on
+        # every worker from the driver's folder (Ray's uv hook): with a project-local uv
+        # (.uv/bin/uv) the workers die before they start, and a cluster whose nodes already hold
+        # the environment does not need it. Read by Ray at import, so before the launcher's.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         tracking.experiment_id(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
