@@ -105,6 +105,19 @@ def _sweep_runs(root, sweep_line: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}'")
 
 
+def _tiny_trials(root, idx_source) -> list[str]:
+    """Every sweep trial here: one short epoch on the tiny IDX data, on the CPU."""
+    src, sums = idx_source
+    return [
+        f"paths.root={root}",
+        "train.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        *idx_overrides(src, sums),
+    ]
+
+
 def _summary(out: str) -> str:
     lines = [ln for ln in out.splitlines() if ln.startswith("Sweep ") and "; best: trial " in ln]
     assert len(lines) == 1, out[-3000:]
@@ -114,7 +127,6 @@ def _summary(out: str) -> str:
 @pytest.mark.slow
 def test_optuna_sweep_in_parallel_on_submitit_local(tmp_path, idx_source):
     """Four Optuna trials, two at a time, each a real submitit job (a local process)."""
-    src, sums = idx_source
     p = run_cli(
         "-m",
         "hparams_search=optuna",
@@ -122,12 +134,7 @@ def test_optuna_sweep_in_parallel_on_submitit_local(tmp_path, idx_source):
         "hydra.sweeper.n_jobs=2",
         "hydra/launcher=submitit_local",
         "hydra.launcher.cpus_per_task=1",
-        f"paths.root={tmp_path}",
-        "train.epochs=1",
-        "trainer.limit_train_batches=2",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        *idx_overrides(src, sums),
+        *_tiny_trials(tmp_path, idx_source),
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -147,7 +154,6 @@ def test_optuna_sweep_in_parallel_on_submitit_local(tmp_path, idx_source):
 def test_sweep_on_a_local_ray_head(tmp_path, idx_source):
     """A Ray head started here (`ray start --head`), the sweep's four trials as Ray tasks on it
     through hydra-ray-launcher (`hydra/launcher=ray_cluster`)."""
-    src, sums = idx_source
     ray = str(Path(sys.executable).parent / "ray")
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -174,12 +180,7 @@ def test_sweep_on_a_local_ray_head(tmp_path, idx_source):
             "train.lr=1e-3,2e-3,3e-3,5e-3",
             "hydra/launcher=ray_cluster",
             f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
-            f"paths.root={tmp_path}",
-            "train.epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            *idx_overrides(src, sums),
+            *_tiny_trials(tmp_path, idx_source),
             timeout=600,
         )
     finally:

@@ -204,3 +204,26 @@ def _maps_without_libpython(real_open):
         return real_open(path, *args, **kwargs)
 
     return fake
+
+
+def test_a_triton_port_in_use_exits_2_naming_the_setting(exported, tmp_path):
+    import socket
+
+    from conftest import run_cli
+
+    model, _ = exported
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        r = run_cli(
+            "command=serve",
+            "serve.engine=triton",
+            f"serve.model={model}",
+            f"serve.grpc_port={busy}",
+            f"hydra.run.dir={tmp_path}/run",
+            cwd=tmp_path,
+        )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"serve.grpc_port={busy}" in r.stderr and "Pick a free port" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def stub_environment(folder: pathlib.Path) -> pathlib.Path:
     env = folder / f"triton-stub-{version}"
     if (env / "ready").exists():
         return env
-    uv = os.environ.get("UV") or _which("uv")
+    uv = os.environ.get("UV") or shutil.which("uv")
     if uv is None:
         raise UserError(
             "serve.engine=triton builds a side environment for Triton's Python backend with uv, "
@@ -104,17 +105,9 @@ def stub_environment(folder: pathlib.Path) -> pathlib.Path:
                 f"{', '.join(STUB_PACKAGES)} from the package index or uv's cache."
             )
     (tmp / "ready").write_text(" ".join(STUB_PACKAGES))
-    import shutil
-
     shutil.rmtree(env, ignore_errors=True)
     tmp.rename(env)
     return env
-
-
-def _which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name)
 
 
 def infer_function(predictor, max_pixels: int):
