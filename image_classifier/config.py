@@ -83,7 +83,9 @@ class Suffix:
             return None
         if Path(str(v)).suffix.lower() in self.options:
             return None
-        return f"{key}={v!r} must be a file name ending in {' or '.join(self.options)}."
+        *rest, last = self.options
+        ends = f"{', '.join(rest)} or {last}" if rest else last
+        return f"{key}={v!r} must be a file name ending in {ends}."
 
 
 @dataclass(frozen=True)
@@ -201,10 +203,15 @@ def _data_rules() -> dict:
 def _inference_rules() -> dict:
     from image_classifier.inference.infer import SORT_MODES, WRITERS
     from image_classifier.inference.predictor import DEVICES
+    from image_classifier.inference.ray_engine import ENGINES as INFER_ENGINES
+    from image_classifier.inference.ray_engine import PARQUET
     from image_classifier.serving.triton import ENGINES
 
     return {
-        "infer.output": Suffix(tuple(WRITERS)),
+        "infer.output": Suffix((*WRITERS, PARQUET)),
+        "infer.engine": Choice(INFER_ENGINES),
+        "infer.workers": Number(1, integer=True, optional=True),
+        "infer.cpus_per_worker": POSITIVE,
         "infer.top_k": Number(1, integer=True, optional=True),
         "infer.batch_size": POSITIVE_INT,
         "infer.sort_mode": Choice(SORT_MODES),
@@ -282,6 +289,34 @@ def problems(cfg) -> list[str]:
             value = OmegaConf.to_container(value, resolve=True)
         if why := rule.problem(key, value):
             found.append(why)
+    return found + _combination_problems(cfg)
+
+
+def _combination_problems(cfg) -> list[str]:
+    """Values that are each fine but cannot go together."""
+    found = []
+    budget, nodes = (OmegaConf.select(cfg, k) for k in ("train.time_budget", "trainer.num_nodes"))
+    if budget and nodes and int(nodes) > 1:
+        found.append(
+            f"train.time_budget={budget} cannot be used with trainer.num_nodes={nodes}: each node "
+            "would time its own epochs and stop at a different one, and the others would wait "
+            "for it forever. Set train.epochs instead."
+        )
+    output, engine = (OmegaConf.select(cfg, k) for k in ("infer.output", "infer.engine"))
+    if output and str(output).lower().endswith(".parquet") and engine != "ray":
+        found.append(
+            f"infer.output={output!r}: Parquet is written by the Ray engine (infer.engine=ray); "
+            "with infer.engine=local use a .csv or .json file."
+        )
+    if (
+        output
+        and str(output).lower().endswith(".parquet")
+        and OmegaConf.select(cfg, "infer.sort_into")
+    ):
+        found.append(
+            "infer.sort_into needs the rows on this machine; with infer.output=*.parquet they "
+            "stay on the cluster. Use a .csv or .json output to sort the images."
+        )
     return found
 
 
@@ -300,12 +335,46 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as e:
         raise UserError(f"Cannot parse the overrides: {e}") from None
+    _check_launcher(parsed)
     variants = _variants(parsed, config_dir)
     for overrides in variants:
         found = problems(_compose(overrides, config_dir))
         if found:
             raise UserError(
                 "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
+            )
+
+
+# hydra/launcher option -> (the module its plugin installs, the package that has it)
+LAUNCHERS = {
+    **dict.fromkeys(
+        ("submitit_local", "submitit_slurm", "slurm"),
+        ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ),
+    **dict.fromkeys(
+        ("ray", "ray_aws", "ray_cluster"),
+        ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    ),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+}
+
+
+def _check_launcher(parsed) -> None:
+    """A known Hydra launcher whose plugin is not installed: name the package, not Hydra's list."""
+    import importlib.util
+
+    from image_classifier.errors import UserError
+
+    for o in parsed:
+        if o.key_or_group != "hydra/launcher":
+            continue
+        name = o.get_value_element_as_str()
+        module, package = LAUNCHERS.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"hydra/launcher={name} needs the package {package}, which is not installed "
+                f"here. Add it with `uv add {package}` (docs/scale-out.md lists each launcher)."
             )
 
 

@@ -12,15 +12,9 @@ from hydra.experimental.callback import Callback
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
-        import os
-
         from image_classifier import tracking
 
-        # A driver started by `uv run` (README's way) makes Ray rebuild that uv environment on
-        # every worker from the driver's folder (Ray's uv hook): with a project-local uv
-        # (.uv/bin/uv) the workers die before they start, and a cluster whose nodes already hold
-        # the environment does not need it. Read by Ray at import, so before the launcher's.
-        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        _check_ray_address(config)
         tracking.experiment_id(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
@@ -43,3 +37,24 @@ class SweepSummary(Callback):
             f"{best.data.params.get('config/paths/output_dir', '?')}/checkpoints/best.ckpt",
             flush=True,
         )
+
+
+def _check_ray_address(config) -> None:
+    """On hydra-ray-launcher: the driver's Ray environment (`cluster.client_environment`: Ray's uv
+    hook off, which from a `uv run` driver with a project-local uv kills every worker before it
+    starts; token authentication), and exit 2 with the fix when no cluster answers at the
+    address (the launcher itself would wait, then fail with a traceback)."""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from image_classifier import cluster
+
+    launcher = config.hydra.launcher
+    if "RayLauncher" not in str(launcher.get("_target_", "")) or "AWS" in launcher._target_:
+        return
+    cluster.client_environment()
+    address = OmegaConf.select(launcher, "ray.init.address")
+    if problem := cluster.address_problem(address, "hydra.launcher.ray.init.address"):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)

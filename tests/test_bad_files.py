@@ -197,8 +197,9 @@ def test_infer_serve_and_mlflow_model_survive_every_kind(tmp_path, trained, expo
     from fastapi.testclient import TestClient
 
     from image_classifier.export.mlflow_model import ImageClassifierModel
-    from image_classifier.inference.infer import collect_inputs, predict_paths
+    from image_classifier.inference.infer import collect_inputs
     from image_classifier.inference.predictor import load_predictor
+    from image_classifier.inference.rows import predict_paths
     from image_classifier.serving.app import create_app
 
     expected = make_bad_folder(tmp_path / "data")

@@ -19,7 +19,14 @@ from image_classifier.config import _compose, problems
         ),
         ("train.lr=-1", "train.lr=-1 must be a number > 0."),
         ("train.batch_size=0", "train.batch_size=0 must be an integer >= 1."),
-        ("infer.output=x.xml", "infer.output='x.xml' must be a file name ending in .json or .csv."),
+        (
+            "infer.output=x.xml",
+            "infer.output='x.xml' must be a file name ending in .json, .csv or .parquet.",
+        ),
+        (
+            "infer.output=x.parquet",
+            "infer.output='x.parquet': Parquet is written by the Ray engine (infer.engine=ray)",
+        ),
     ],
 )
 def test_bad_value_exits_2_before_any_work(tmp_path, override, message):

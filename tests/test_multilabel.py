@@ -152,8 +152,8 @@ def test_train_tunes_thresholds_and_test_reports_multi_label_metrics(multi_train
 
 def test_every_backend_returns_the_labels_above_their_thresholds(multi_trained):
     from image_classifier.export.mlflow_model import ImageClassifierModel
-    from image_classifier.inference.infer import predict_paths
     from image_classifier.inference.predictor import load_predictor
+    from image_classifier.inference.rows import predict_paths
 
     _, ckpt, onnx, data, _ = multi_trained
     paths = sorted(data.glob("*.png"))[:12]

@@ -150,10 +150,9 @@ def test_optuna_sweep_in_parallel_on_submitit_local(tmp_path, idx_source):
     )  # each trial ran as a submitit job
 
 
-@pytest.mark.slow
-def test_sweep_on_a_local_ray_head(tmp_path, idx_source):
-    """A Ray head started here (`ray start --head`), the sweep's four trials as Ray tasks on it
-    through hydra-ray-launcher (`hydra/launcher=ray_cluster`)."""
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on 127.0.0.1, as a user starts one (`ray start --head`); stopped at the end."""
     ray = str(Path(sys.executable).parent / "ray")
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -175,17 +174,114 @@ def test_sweep_on_a_local_ray_head(tmp_path, idx_source):
     )
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        p = run_cli(
-            "-m",
-            "train.lr=1e-3,2e-3,3e-3,5e-3",
-            "hydra/launcher=ray_cluster",
-            f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
-            *_tiny_trials(tmp_path, idx_source),
-            timeout=600,
-        )
+        yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_sweep_on_a_local_ray_head(tmp_path, idx_source, ray_head):
+    """The sweep's four trials as Ray tasks on a head started here, through hydra-ray-launcher
+    (`hydra/launcher=ray_cluster`)."""
+    p = run_cli(
+        "-m",
+        "train.lr=1e-3,2e-3,3e-3,5e-3",
+        "hydra/launcher=ray_cluster",
+        f"hydra.launcher.ray.init.address={ray_head}",
+        *_tiny_trials(tmp_path, idx_source),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     runs = _sweep_runs(tmp_path, _summary(p.stdout))
     assert len(runs) == 4
     assert {float(r.data.params["config/train/lr"]) for r in runs} == {1e-3, 2e-3, 3e-3, 5e-3}
+
+
+@pytest.mark.slow
+def test_ray_infer_gives_the_rows_of_infer_on_a_bad_folder(tmp_path, exported, ray_head):
+    """Ray Data actor pools on the head: the same rows, bad files and their reasons included,
+    as single-process infer, in CSV and in Parquet."""
+    import pyarrow.parquet as pq
+    from test_bad_files import make_bad_folder
+
+    model, _ = exported
+    expected = make_bad_folder(tmp_path / "data")
+    common = ["command=infer", f"infer.model={model}", f"infer.input={tmp_path / 'data'}"]
+    ray = ["infer.engine=ray", f"infer.address={ray_head}", "infer.batch_size=4"]
+    local = run_cli(*common, f"infer.output={tmp_path / 'local.json'}")
+    assert local.returncode == 0, local.stderr[-3000:]
+    on_ray = run_cli(*common, *ray, f"infer.output={tmp_path / 'ray.json'}", timeout=600)
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    assert "Ray actor(s)" in on_ray.stderr
+    rows = json.loads((tmp_path / "local.json").read_text())
+    assert json.loads((tmp_path / "ray.json").read_text()) == rows
+    hidden = {".DS_Store"}  # infer skips hidden files
+    assert {Path(r["path"]).name for r in rows if r.get("error")} == set(expected) - hidden
+
+    big = run_cli(*common, *ray, f"infer.output={tmp_path / 'rows.parquet'}", timeout=600)
+    assert big.returncode == 0, big.stderr[-3000:]
+    table = pq.read_table(tmp_path / "rows.parquet").sort_by("index").to_pylist()
+    assert [json.loads(r["row"]) for r in table] == rows
+    assert [r["error"] for r in table] == [r.get("error") for r in rows]
+
+
+@pytest.mark.slow
+def test_a_path_the_ray_workers_cannot_see_is_named_with_the_fix(tmp_path, ray_head):
+    from image_classifier import cluster
+    from image_classifier.errors import UserError
+    from image_classifier.inference.ray_engine import check_visible
+
+    here = tmp_path / "here.png"
+    here.write_bytes(b"x")
+    ray = cluster.connect(ray_head, "infer.address")
+    try:
+        check_visible(ray, [{"path": str(here)}], "infer.input")  # seen: no error
+        gone = str(tmp_path / "only-on-the-driver.png")  # what a worker elsewhere would lack
+        with pytest.raises(UserError) as e:
+            check_visible(ray, [{"path": gone}], "infer.input")
+    finally:
+        ray.shutdown()
+    msg = str(e.value)
+    assert "cannot see" in msg and gone in msg
+    assert "every node mounts them" in msg and "infer.engine=local" in msg
+
+
+def test_an_unreachable_ray_address_exits_2_with_the_fix(tmp_path, exported):
+    model, _ = exported
+    port = free_port()  # nothing listens there
+    (tmp_path / "a.png").touch()
+    p = run_cli(
+        "command=infer",
+        f"infer.model={model}",
+        f"infer.input={tmp_path}",
+        "infer.engine=ray",
+        f"infer.address=127.0.0.1:{port}",
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in p.stderr
+    assert "ray start --head" in p.stderr and "Traceback" not in p.stderr
+
+    sweep = run_cli(
+        "-m",
+        "train.lr=1e-3,2e-3",
+        "hydra/launcher=ray_cluster",
+        f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
+        f"paths.root={tmp_path}",
+    )
+    assert sweep.returncode == 2, sweep.stderr[-2000:]
+    assert f"hydra.launcher.ray.init.address='127.0.0.1:{port}'" in sweep.stderr
+    assert "Traceback" not in sweep.stderr
+
+
+def test_a_launcher_whose_package_is_missing_exits_2_naming_it(tmp_path):
+    p = run_cli("-m", "train.lr=1e-3,2e-3", "hydra/launcher=joblib", f"paths.root={tmp_path}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "hydra-joblib-launcher" in p.stderr and "uv add hydra-joblib-launcher" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_time_budget_on_several_nodes_exits_2(tmp_path):
+    p = run_cli("command=train", "train.time_budget=60", "trainer.num_nodes=2")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "train.time_budget=60 cannot be used with trainer.num_nodes=2" in p.stderr
+    assert "train.epochs" in p.stderr

@@ -23,8 +23,8 @@ import pytest
 from conftest import ROOT, compose_cfg, run_cli
 from PIL import Image
 
-from image_classifier.inference.infer import predict_paths
 from image_classifier.inference.predictor import load_predictor
+from image_classifier.inference.rows import predict_paths
 
 
 def free_port() -> int:

@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, compose_cfg
 from test_serve import free_port
 
-from image_classifier.inference.infer import predict_paths
 from image_classifier.inference.predictor import load_predictor
+from image_classifier.inference.rows import predict_paths
 
 STUB_FAILURE = "Triton's Python backend could not serve the model"
 

@@ -36,7 +36,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         from image_classifier.data.images import ImageError, decode_bytes
-        from image_classifier.inference.infer import error_row, prediction_row
+        from image_classifier.inference.rows import error_row, prediction_row
 
         meta = self.predictor.meta
         top_k = (params or {}).get("top_k")

@@ -14,20 +14,11 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from image_classifier.data.images import (
-    ImageError,
-    Preprocessing,
-    display_name,
-    load_array,
-    path_problem,
-)
 from image_classifier.errors import UserError
 from image_classifier.inference.predictor import load_predictor, model_location
+from image_classifier.inference.rows import predict_paths
 
 SORT_MODES = ("copy", "symlink", "hardlink")
 
@@ -68,76 +59,6 @@ def collect_inputs(spec: str) -> list[Path]:
             f"infer.input={spec!r} matches no files (give a file, a folder, a glob or a .txt list)."
         )
     return files
-
-
-def _load(path: Path, pre: Preprocessing):
-    if problem := path_problem(path):
-        return None, problem
-    try:
-        return load_array(path, pre), None
-    except ImageError as e:
-        return None, e.reason
-
-
-def predict_paths(
-    predictor,
-    paths: list[Path],
-    batch_size: int = 32,
-    top_k: int | None = None,
-    threshold: float | None = None,
-) -> list[dict]:
-    pre = predictor.meta.preprocessing
-    classes = predictor.meta.classes
-    thresholds = predictor.meta.thresholds(threshold)
-    rows: list[dict] = []
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            loaded = list(pool.map(lambda p: _load(p, pre), chunk))
-            good = [i for i, (arr, _) in enumerate(loaded) if arr is not None]
-            probs = predictor.predict(np.stack([loaded[i][0] for i in good])) if good else None
-            by_index = dict(zip(good, probs if probs is not None else [], strict=False))
-            for i, path in enumerate(chunk):
-                if i not in by_index:
-                    rows.append(error_row(display_name(path), loaded[i][1]))
-                    continue
-                row = prediction_row(display_name(path), by_index[i], classes, top_k, thresholds)
-                rows.append(row)
-    return rows
-
-
-def prediction_row(
-    path: str,
-    probs: np.ndarray,
-    classes: list[str],
-    k: int | None = None,
-    thresholds: list[float] | None = None,
-) -> dict:
-    """One image's answer, as docs/commands.md shows it (infer, serve and the MLflow model).
-    Multi-label models (`thresholds` given) add `predicted_labels`: every label whose probability
-    reaches its threshold, most probable first; `predicted_class` is the most probable label."""
-    k = len(classes) if not k else max(1, min(int(k), len(classes)))
-    order = np.argsort(-probs, kind="stable")
-    row = {
-        "path": path,
-        "predicted_class": classes[int(order[0])],
-        "confidence": round(float(probs[order[0]]), 6),
-        "all_predictions": {classes[int(j)]: round(float(probs[j]), 6) for j in order[:k]},
-    }
-    if thresholds is not None:
-        row["predicted_labels"] = [classes[int(j)] for j in order if probs[j] >= thresholds[j]]
-    return row
-
-
-def error_row(path: str, message: str) -> dict:
-    """An image that could not be used, in the same shape, with the reason."""
-    return {
-        "path": path,
-        "predicted_class": None,
-        "confidence": None,
-        "all_predictions": {},
-        "error": message,
-    }
 
 
 def _safe_dir_name(name: str) -> str:
@@ -219,33 +140,42 @@ def write_rows(rows: list[dict], output: str | None) -> str:
 def run_infer(cfg) -> dict:
     started = time.perf_counter()
     c = cfg.infer
-    if c.get("sort_into") and c.sort_mode not in SORT_MODES:
-        raise UserError(f"infer.sort_mode={c.sort_mode!r} is not one of {', '.join(SORT_MODES)}.")
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
     model, registered = model_location(cfg, c.get("model"), "infer.model")
-    predictor = load_predictor(model, device=c.device)
-    rows = predict_paths(
-        predictor,
-        paths,
-        batch_size=int(c.batch_size),
-        top_k=c.get("top_k"),
-        threshold=c.get("threshold"),
-    )
-    write_rows(rows, c.get("output"))
+    if c.engine == "ray":
+        from image_classifier.inference.ray_engine import predict_on_ray
+
+        rows, backend = predict_on_ray(cfg, paths, model)
+    else:
+        predictor = load_predictor(model, device=c.device)
+        rows = predict_paths(
+            predictor,
+            paths,
+            batch_size=int(c.batch_size),
+            top_k=c.get("top_k"),
+            threshold=c.get("threshold"),
+        )
+        backend = predictor.backend
+    if rows is not None:  # None: the engine wrote them where infer.output says
+        write_rows(rows, c.get("output"))
     sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
-    errors = sum(1 for r in rows if r.get("error"))
     seconds = time.perf_counter() - started
+    name = f"{c.model}, version {registered['version']}" if registered else model.name
+    _summary(c, rows, len(paths), f"{backend} ({name})", seconds, sorted_n)
+    return {"rows": rows, "seconds": seconds, "images": len(paths)}
+
+
+def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, sorted_n: int):
+    """One line on stderr: how many, with what, how fast, where the outputs went."""
+    errors = [r for r in rows or [] if r.get("error")]
+    done = f"{n - len(errors)} of {n}" if rows is not None else f"{n}"
     print(
-        f"Predicted {len(rows) - errors} of {len(rows)} image(s) with {predictor.backend} "
-        f"({c.model if registered else model.name}"
-        + (f", version {registered['version']}" if registered else "")
-        + ") "
-        f"in {seconds:.2f}s"
-        + (f"; {errors} unreadable (see their 'error' field)" if errors else "")
+        f"Predicted {done} image(s) with {backend} in {seconds:.2f}s "
+        f"({n / max(seconds, 1e-9):,.0f} img/s)"
+        + (f"; {len(errors)} unreadable (see their 'error' field)" if errors else "")
         + (f"; written to {c.output}" if c.get("output") else "")
         + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
         file=sys.stderr,
     )
-    for r in [r for r in rows if r.get("error")][:20]:
+    for r in errors[:20]:
         print(f"  {r['path']}: {r['error']}", file=sys.stderr)
-    return {"rows": rows, "errors": errors, "seconds": seconds}

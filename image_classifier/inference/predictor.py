@@ -120,7 +120,9 @@ class TorchPredictor:
             return self.module.probabilities(self.module.net(x)).cpu().numpy()
 
 
-def load_predictor(path: str | Path, device: str = "auto"):
+def load_predictor(path: str | Path, device: str = "auto", threads: int | None = None):
+    """The predictor for a model file; `threads`: ONNX Runtime's intra-op threads (None: its
+    default, one per core)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Model file {str(path)!r} does not exist.")
@@ -132,7 +134,7 @@ def load_predictor(path: str | Path, device: str = "auto"):
             ".ckpt (PyTorch checkpoint) or .engine (TensorRT)."
         )
     if backend == "onnxruntime":
-        return OnnxPredictor(path, device)
+        return OnnxPredictor(path, device, threads)
     if backend == "pytorch":
         return TorchPredictor(path, device)
     from image_classifier.inference.tensorrt import TensorRTPredictor

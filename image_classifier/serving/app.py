@@ -27,7 +27,7 @@ import numpy as np
 from image_classifier.data.images import ImageError, ImageTooLarge, decode_bytes
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
-from image_classifier.inference.infer import prediction_row
+from image_classifier.inference.rows import prediction_row
 
 PAGE = Path(__file__).with_name("page.html")
 
