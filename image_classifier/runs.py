@@ -56,6 +56,18 @@ def last_checkpoint(cfg, given, setting: str) -> Path:
     return Path(str(given))
 
 
+def requeued_checkpoint(cfg) -> Path | None:
+    """A Slurm job requeued at its time limit (SLURM_RESTART_COUNT > 0: Lightning's Slurm
+    environment or submitit requeued it) continues from its own run folder's last.ckpt, when the
+    first attempt wrote one; None otherwise."""
+    import os
+
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1 or not cfg.paths.get("output_dir"):
+        return None
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
 def model_file(cfg, given, setting: str) -> Path:
     """`given` when set, else the .onnx that export-onnx wrote beside the newest best checkpoint."""
     if given:

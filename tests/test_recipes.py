@@ -446,6 +446,22 @@ def test_resume_can_extend_a_finished_run_in_the_same_mlflow_run(make_cfg, folde
     assert final["epoch"] == 1 and more["mlflow_run_id"] == first["mlflow_run_id"]
 
 
+def test_a_requeued_slurm_job_continues_from_its_own_last_checkpoint(
+    make_cfg, folder_data, tmp_path, monkeypatch
+):
+    """SLURM_RESTART_COUNT > 0 (the job was requeued at its time limit) and a last.ckpt in the
+    run folder: training continues from it without train.resume; a first attempt starts afresh."""
+    base = ("data=folder", f"data.root={folder_data}", "train.early_stopping=0")
+    run = ("train.scheduler=cosine", f"paths.output_dir={tmp_path}/job")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued, but nothing written yet: afresh
+    first = run_train(make_cfg(*base, *run, "train.epochs=1"))
+    other = run_train(make_cfg(*base, "train.epochs=1", f"paths.output_dir={tmp_path}/other"))
+    assert other["mlflow_run_id"] != first["mlflow_run_id"]  # another folder: its own run
+    again = run_train(make_cfg(*base, *run, "train.epochs=2"))  # the requeued attempt
+    assert torch.load(again["last_checkpoint"], weights_only=True)["epoch"] == 1
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+
+
 def test_cnn_layout_options_and_a_bad_one():
     from image_classifier.errors import UserError
     from image_classifier.models.factory import create_model

@@ -210,7 +210,7 @@ def resume_point(cfg):
     """(config, checkpoint) for train.resume=last|PATH: the interrupted run's own config and
     folder, with the current paths and the RESUME_MAY_CHANGE overrides applied (MLflow records a
     changed value as a `resumed.<key>` tag of the run); (cfg, None) without resume."""
-    r = cfg.train.get("resume")
+    r = cfg.train.get("resume") or runs.requeued_checkpoint(cfg)
     if not r:
         return cfg, None
     ckpt = runs.last_checkpoint(cfg, r, "train.resume")
