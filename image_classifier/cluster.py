@@ -52,10 +52,16 @@ def address_problem(address: str | None, setting: str) -> str | None:
         try:
             address = canonicalize_bootstrap_address("auto") or ""
         except ConnectionError:
-            return f"{setting}=auto, but no Ray cluster runs on this machine and RAY_ADDRESS is unset. {fix}"
+            return (
+                f"{setting}=auto, but no Ray cluster runs on this machine and RAY_ADDRESS is "
+                f"unset. {fix}"
+            )
     hp = _host_port(str(address))
     if hp is None:
-        return f"{setting}={address!r} is not a Ray address (auto, HOST:PORT, ray://HOST:PORT or local)."
+        return (
+            f"{setting}={address!r} is not a Ray address (auto, HOST:PORT, ray://HOST:PORT or "
+            "local)."
+        )
     try:
         socket.create_connection(hp, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
