@@ -46,6 +46,7 @@ def address_problem(address: str | None, setting: str) -> str | None:
         f"Start one with `ray start --head --port=6379` and set {setting}=HOST:6379 (or "
         f"{setting}=local to start Ray inside this command on this machine)."
     )
+    given = address
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
 
@@ -66,7 +67,7 @@ def address_problem(address: str | None, setting: str) -> str | None:
         socket.create_connection(hp, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
         return (
-            f"{setting}={address!r}: no Ray cluster answers at {hp[0]}:{hp[1]} "
+            f"{setting}={given!r}: no Ray cluster answers at {hp[0]}:{hp[1]} "
             f"({e.strerror or type(e).__name__}). {fix}"
         )
     return None

@@ -285,3 +285,15 @@ def test_a_time_budget_on_several_nodes_exits_2(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "train.time_budget=60 cannot be used with trainer.num_nodes=2" in p.stderr
     assert "train.epochs" in p.stderr
+
+
+def test_ray_addresses_that_name_no_cluster_get_the_fix(monkeypatch):
+    from image_classifier.cluster import address_problem
+
+    assert address_problem("local", "infer.address") is None  # started by the command itself
+    assert "is not a Ray address (auto, HOST:PORT" in address_problem("head", "infer.address")
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` reads first
+    problem = address_problem("auto", "infer.address")
+    assert "infer.address='auto': no Ray cluster answers at " in problem and str(port) in problem
+    assert "ray start --head" in problem and "infer.address=local" in problem
