@@ -211,11 +211,9 @@ def _state_routes(app, service, check, name: str, version: str) -> None:
 
 
 def _infer_route(app, service, check, name: str, version: str) -> None:
-    import asyncio
 
     from fastapi import Request
     from fastapi.responses import Response
-    from starlette.concurrency import run_in_threadpool
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{model_version}/infer")
@@ -231,9 +229,7 @@ def _infer_route(app, service, check, name: str, version: str) -> None:
                 413, f"{len(value)} images; the limit is {limit} (serve.max_images)."
             )
         if kind == IMAGE_BYTES:
-            value = await run_in_threadpool(
-                service.decode_all, [(f"image_bytes[{i}]", b) for i, b in enumerate(value)]
-            )
-        probs = await asyncio.wrap_future(service.batcher.submit(value))
+            value = await service.decode([(f"image_bytes[{i}]", b) for i, b in enumerate(value)])
+        probs = await service.batcher.submit(value)
         content, headers = response(parsed, name, version, np.asarray(probs), service.meta.classes)
         return Response(content, headers=headers)
