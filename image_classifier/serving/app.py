@@ -7,8 +7,9 @@
   GET  /          a page where a person drops an image and sees the top classes
 
 Concurrency: handlers are async; uploads over 16 KB are decoded in the thread pool, smaller ones in
-the event loop; inference runs in batches (image_classifier/serving/batcher.py). Every bad request is answered with a 4xx and a JSON
-`{"error": ..., "status": ...}`; nothing a client sends can stop the service.
+the event loop; inference runs in batches (image_classifier/serving/batcher.py). Every bad request
+is answered with a 4xx and a JSON `{"error": ..., "status": ...}`; nothing a client sends can stop
+the service.
 """
 
 import base64
