@@ -9,121 +9,25 @@ problem listed, each with the options and the closest match.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from image_classifier.errors import did_you_mean
+from image_classifier.rules import (
+    COUNT,
+    FRACTION,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    Choice,
+    Each,
+    Either,
+    Number,
+    Suffix,
+)
 
 _MISSING = object()
-
-
-@dataclass(frozen=True)
-class Number:
-    """An int (`integer=True`) or a float within [lo, hi]; `open_lo` makes lo itself invalid."""
-
-    lo: float = -math.inf
-    hi: float = math.inf
-    integer: bool = False
-    open_lo: bool = False
-    optional: bool = False
-    open_hi: bool = False
-
-    def problem(self, key: str, v) -> str | None:
-        if v is None:
-            return None if self.optional else f"{key} must be set (it is null)."
-        kind = "an integer" if self.integer else "a number"
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, int | float)
-            or (self.integer and not float(v).is_integer())
-        ):
-            return f"{key}={v!r} must be {kind}{self._range()}."
-        if (
-            v < self.lo
-            or (self.open_lo and v == self.lo)
-            or v > self.hi
-            or (self.open_hi and v == self.hi)
-        ):
-            return f"{key}={v!r} must be {kind}{self._range()}."
-        return None
-
-    def _range(self) -> str:
-        lo = "" if self.lo == -math.inf else f"{'>' if self.open_lo else '>='} {self.lo:g}"
-        hi = "" if self.hi == math.inf else f"{'<' if self.open_hi else '<='} {self.hi:g}"
-        both = " and ".join(x for x in (lo, hi) if x)
-        return f" {both}" if both else ""
-
-
-@dataclass(frozen=True)
-class Choice:
-    options: tuple
-    optional: bool = False
-
-    def problem(self, key: str, v) -> str | None:
-        if v is None and self.optional:
-            return None
-        if v in self.options:
-            return None
-        shown = ", ".join(str(o) for o in self.options)
-        return f"{key}={v!r} is not one of {shown}.{did_you_mean(str(v), map(str, self.options))}"
-
-
-@dataclass(frozen=True)
-class Suffix:
-    """A file name ending in one of `options` (or null when optional)."""
-
-    options: tuple
-    optional: bool = True
-
-    def problem(self, key: str, v) -> str | None:
-        if v is None and self.optional:
-            return None
-        if Path(str(v)).suffix.lower() in self.options:
-            return None
-        *rest, last = self.options
-        ends = f"{', '.join(rest)} or {last}" if rest else last
-        return f"{key}={v!r} must be a file name ending in {ends}."
-
-
-@dataclass(frozen=True)
-class Either:
-    """A fixed word (`word`) or a value that passes `rule`."""
-
-    word: str
-    rule: object
-
-    def problem(self, key: str, v) -> str | None:
-        if v == self.word:
-            return None
-        if why := self.rule.problem(key, v):
-            return f"{why.rstrip('.')}, or {self.word!r}."
-        return None
-
-
-@dataclass(frozen=True)
-class Each:
-    """Every item of a list passes `rule`; `length` fixes how many there are."""
-
-    rule: object
-    length: int | None = None
-
-    def problem(self, key: str, v) -> str | None:
-        if not isinstance(v, list | tuple):
-            return f"{key}={v!r} must be a list."
-        if self.length is not None and len(v) != self.length:
-            return f"{key}={list(v)} must have {self.length} values."
-        for i, item in enumerate(v):
-            if why := self.rule.problem(f"{key}[{i}]", item):
-                return why
-        return None
-
-
-POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
-POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
-PROBABILITY = Number(0, 1, open_lo=True, open_hi=True)  # a decision threshold
 
 
 def _rules() -> dict:
@@ -335,46 +239,15 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as e:
         raise UserError(f"Cannot parse the overrides: {e}") from None
-    _check_launcher(parsed)
+    from image_classifier.sweeps import check_launcher
+
+    check_launcher(parsed)
     variants = _variants(parsed, config_dir)
     for overrides in variants:
         found = problems(_compose(overrides, config_dir))
         if found:
             raise UserError(
                 "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
-            )
-
-
-# hydra/launcher option -> (the module its plugin installs, the package that has it)
-LAUNCHERS = {
-    **dict.fromkeys(
-        ("submitit_local", "submitit_slurm", "slurm"),
-        ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-    ),
-    **dict.fromkeys(
-        ("ray", "ray_aws", "ray_cluster"),
-        ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
-    ),
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-    "rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
-}
-
-
-def _check_launcher(parsed) -> None:
-    """A known Hydra launcher whose plugin is not installed: name the package, not Hydra's list."""
-    import importlib.util
-
-    from image_classifier.errors import UserError
-
-    for o in parsed:
-        if o.key_or_group != "hydra/launcher":
-            continue
-        name = o.get_value_element_as_str()
-        module, package = LAUNCHERS.get(name, (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            raise UserError(
-                f"hydra/launcher={name} needs the package {package}, which is not installed "
-                f"here. Add it with `uv add {package}` (docs/scale-out.md lists each launcher)."
             )
 
 
@@ -436,49 +309,10 @@ def _compose(overrides: list[str], config_dir: Path):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from image_classifier.errors import UserError
+    from image_classifier.errors import UserError, override_error
 
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(_override_error(e, config_dir, overrides)) from None
-
-
-def _override_error(e: Exception, config_dir: Path, overrides: list[str]) -> str:
-    """Hydra's message, first line only, with the closest existing key."""
-    import re
-
-    from hydra import compose, initialize_config_dir
-
-    msg = str(e).strip().splitlines()[0]
-    m = re.search(r"Could not override '([^']+)'|Key '([^']+)' is not in struct", str(e))
-    hint = ""
-    if m:
-        key = m.group(1) or m.group(2)
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            base = compose(config_name="config")
-        keys = [
-            k for k in _flat_keys(OmegaConf.to_container(base)) if k.count(".") == key.count(".")
-        ]
-        hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
-        named = any(o.lstrip("+~").startswith("model=") for o in overrides)
-        if key.startswith("model.") and base.model.name == "auto" and not named:
-            hint = (
-                f" The default model=auto picks the network from the data and has no {key}: "
-                f"name the network whose option it is, e.g. `model=cnn {key}=...`."
-            )
-    elif "Could not find" in str(e):
-        hint = " " + " ".join(str(e).split())
-        msg = ""
-    return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        keys.append(key)
-        if isinstance(v, dict):
-            keys += _flat_keys(v, key + ".")
-    return keys
+        raise UserError(override_error(e, config_dir, overrides)) from None

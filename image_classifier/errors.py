@@ -18,3 +18,44 @@ def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
 
 class ExportError(RuntimeError):
     """An export ran but its result is wrong (parity, checker): nothing was written; exit code 1."""
+
+
+def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
+    """A Hydra override error as one line: Hydra's message, first line only, with the closest
+    existing key (or, under the default model=auto, which model option to name)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    msg = str(e).strip().splitlines()[0]
+    m = re.search(r"Could not override '([^']+)'|Key '([^']+)' is not in struct", str(e))
+    hint = ""
+    if m:
+        key = m.group(1) or m.group(2)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            base = compose(config_name="config")
+        keys = [
+            k for k in _flat_keys(OmegaConf.to_container(base)) if k.count(".") == key.count(".")
+        ]
+        hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
+        named = any(o.lstrip("+~").startswith("model=") for o in overrides)
+        if key.startswith("model.") and base.model.name == "auto" and not named:
+            hint = (
+                f" The default model=auto picks the network from the data and has no {key}: "
+                f"name the network whose option it is, e.g. `model=cnn {key}=...`."
+            )
+    elif "Could not find" in str(e):
+        hint = " " + " ".join(str(e).split())
+        msg = ""
+    return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        keys.append(key)
+        if isinstance(v, dict):
+            keys += _flat_keys(v, key + ".")
+    return keys

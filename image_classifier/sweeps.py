@@ -58,3 +58,36 @@ def _check_ray_address(config) -> None:
     if problem := cluster.address_problem(address, "hydra.launcher.ray.init.address"):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+# hydra/launcher option -> (the module its plugin installs, the package that has it)
+LAUNCHERS = {
+    **dict.fromkeys(
+        ("submitit_local", "submitit_slurm", "slurm"),
+        ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ),
+    **dict.fromkeys(
+        ("ray", "ray_aws", "ray_cluster"),
+        ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    ),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "rq": ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+}
+
+
+def check_launcher(parsed) -> None:
+    """A known Hydra launcher whose plugin is not installed: name the package, not Hydra's list."""
+    import importlib.util
+
+    from image_classifier.errors import UserError
+
+    for o in parsed:
+        if o.key_or_group != "hydra/launcher":
+            continue
+        name = o.get_value_element_as_str()
+        module, package = LAUNCHERS.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"hydra/launcher={name} needs the package {package}, which is not installed "
+                f"here. Add it with `uv add {package}` (docs/scale-out.md lists each launcher)."
+            )

@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     import torch

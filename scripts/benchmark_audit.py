@@ -86,9 +86,9 @@ def plant(src: Path, dest: Path, seed: int = 0):
 
 def positions(ytr: np.ndarray, val_size: int, seed: int, n_test: int) -> list[tuple[str, int]]:
     """Audit index -> (file, row): train, then val (both from the train file), then test."""
-    from image_classifier.data.datamodule import _stratified_indices
+    from image_classifier.data.identity import stratified_indices
 
-    tr, va = _stratified_indices(ytr.astype(np.int64), val_size, seed)
+    tr, va = stratified_indices(ytr.astype(np.int64), val_size, seed)
     return (
         [("train", int(i)) for i in tr]
         + [("train", int(i)) for i in va]
@@ -162,7 +162,7 @@ def main():
     ap.add_argument("--cache-dir", help="keep the planted copy's feature cache here (reused)")
     ap.add_argument("--pr-png", default=str(ROOT / "docs" / "figures" / "audit_label_pr.png"))
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     from image_classifier.audit.run import run_audit

@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--head-epochs", type=int, default=20)
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="bench-features-"))

@@ -134,7 +134,7 @@ def main():
     ap.add_argument("--skip-cold", action="store_true", help="only the throughput table")
     ap.add_argument("--cold-only", action="store_true", help="only the cold-start table")
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     dev = args.device

@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     rows = []

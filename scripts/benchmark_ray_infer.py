@@ -80,7 +80,7 @@ def run(uv: str, model: Path, folder: Path, out: Path, engine: list[str], batch:
 def main() -> None:
     from benchmark_infer import uv_binary
 
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=20000)

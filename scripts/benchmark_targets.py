@@ -119,7 +119,7 @@ def main() -> None:
 
     import torch
 
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     accelerator = args.accelerator
     if accelerator == "auto":

@@ -270,7 +270,7 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=70)
     ap.add_argument("--warmup", type=int, default=10)
     args = ap.parse_args()
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     if args.one_round is not None:

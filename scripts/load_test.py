@@ -270,7 +270,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60, help="per target and level")
     args = ap.parse_args()
     from image_classifier.inference.predictor import OnnxPredictor
-    from image_classifier.tracking import describe_machine, machine_info
+    from image_classifier.lineage import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, compose_cfg, make_class_folders
 from PIL import Image
 
-from image_classifier.data.datamodule import FileDataset
+from image_classifier.data.datasets import FileDataset
 from image_classifier.data.images import Preprocessing, load_array
 from image_classifier.errors import ExportError, UserError
 from image_classifier.inference.infer import collect_inputs, run_infer

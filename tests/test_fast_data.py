@@ -11,7 +11,8 @@ import torch
 from conftest import compose_cfg, make_class_folders
 
 from image_classifier.data.augment import augment_batch, random_erase
-from image_classifier.data.datamodule import ArrayDataset, FileDataset, build_datamodule
+from image_classifier.data.datamodule import build_datamodule
+from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.device import DeviceBatches, EpochPermutation
 from image_classifier.training.train import run_train
 

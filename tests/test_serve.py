@@ -600,7 +600,8 @@ def test_open_inference_protocol_refuses_each_bad_request_with_its_reason(export
     error body naming what is wrong, and the next good request still works."""
     from fastapi.testclient import TestClient
 
-    from image_classifier.serving.app import Limits, create_app
+    from image_classifier.serving.app import create_app
+    from image_classifier.serving.requests import Limits
 
     model, _ = exported
     client = TestClient(create_app(load_predictor(model), Limits(max_images=2)))

@@ -12,9 +12,9 @@ from conftest import ROOT, compose_cfg, idx_overrides, make_class_folders
 
 from image_classifier.data.idx import read_idx
 from image_classifier.errors import UserError
+from image_classifier.lineage import describe_machine, machine_info, parse_cpuinfo
 from image_classifier.models.checkpoint import load_module
 from image_classifier.runs import newest_best
-from image_classifier.tracking import describe_machine, machine_info, parse_cpuinfo
 from image_classifier.training.evaluate import run_test
 from image_classifier.training.train import run_train
 

@@ -103,7 +103,7 @@ def load(cfg) -> AuditData:
 
 
 def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
-    from image_classifier.data.datamodule import ArrayDataset, FileDataset
+    from image_classifier.data.datasets import ArrayDataset, FileDataset
 
     if isinstance(ds, ArrayDataset) and ds.items is None:  # arrays, not decoded files
         arr = ds.images.numpy()

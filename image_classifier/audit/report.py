@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier import tracking
+from image_classifier import lineage, tracking
 from image_classifier.data.layouts import SPLITS
 
 
@@ -95,7 +95,7 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
-    tags = {**tracking.lineage_tags(cfg.paths.root, data_hash), "command": "audit"}
+    tags = {**lineage.lineage_tags(cfg.paths.root, data_hash), "command": "audit"}
     logger = tracking.create_logger(cfg, run_name=f"audit-{cfg.data.name}", tags=tags)
     if logger is None:  # logger.enabled=false
         return None

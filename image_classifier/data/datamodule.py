@@ -6,9 +6,7 @@ yields for evaluation is exactly what `infer` and `serve` feed the exported mode
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -16,137 +14,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from image_classifier.data.datasets import ArrayDataset, AugmentedDataset, FileDataset
 from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
-from image_classifier.data.images import ImageError, Preprocessing, load_array
+from image_classifier.data.identity import (
+    DataInfo,
+    content_hash,
+    detect_channels,
+    relative_name,
+    stratified_indices,
+)
+from image_classifier.data.images import Preprocessing
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-class ArrayDataset(Dataset):
-    """In-memory uint8 images; `__getitems__` makes a whole batch one indexing operation.
-
-    When the model wants another size or channel count than the arrays have, each image goes
-    through the same PIL preprocessing as a decoded file (`images.to_array`), so what training
-    sees is what `infer` computes from the image saved as PNG.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        pre: Preprocessing | None = None,
-        items: list | None = None,
-    ):
-        """`items`: the (path, label) each row was decoded from (decoded cache of files)."""
-        self.images, self.labels, self.items = images, labels, items
-        native = (images.shape[1], tuple(images.shape[2:]))
-        self.pre = pre if pre is not None and (pre.channels, tuple(pre.size)) != native else None
-
-    def __len__(self):
-        return len(self.labels)
-
-    def _convert(self, x: torch.Tensor) -> torch.Tensor:
-        from PIL import Image
-
-        from image_classifier.data.images import to_array
-
-        return torch.from_numpy(to_array(Image.fromarray(x[0].numpy()), self.pre))
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return (self._convert(x) if self.pre else x), self.labels[i]
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices)
-        x = self.images.index_select(0, idx)  # much faster than images[idx] for uint8 rows
-        if self.pre:
-            x = torch.stack([self._convert(img) for img in x])
-        return x, self.labels.index_select(0, idx)
-
-
-class AugmentedDataset(Dataset):
-    """The train split with per-image augmentation (torchvision v2 on uint8 tensors)."""
-
-    def __init__(self, base: Dataset, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return self.transform(x), y
-
-    def __getitems__(self, indices):
-        if hasattr(self.base, "__getitems__"):
-            x, y = self.base.__getitems__(indices)
-            return torch.stack([self.transform(img) for img in x]), y
-        return [self[i] for i in indices]
-
-
-class FileDataset(Dataset):
-    """Image files; a multi-label item's label (a tuple of class indices) becomes a 0/1 float
-    vector over `num_classes`, what BCE and the multi-label metrics take."""
-
-    def __init__(self, items: list[tuple[str, object]], pre: Preprocessing, num_classes: int = 0):
-        self.items, self.pre, self.num_classes = items, pre, num_classes
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, label = self.items[i]
-        try:
-            arr = load_array(path, self.pre)
-        except ImageError as e:  # it decoded when the data was scanned: changed since?
-            raise UserError(f"Image became unreadable during training: {e}") from None
-        return torch.from_numpy(arr), self.target(label)
-
-    def target(self, label):
-        if not isinstance(label, tuple):
-            return label
-        y = torch.zeros(self.num_classes, dtype=torch.float32)
-        y[list(label)] = 1.0
-        return y
-
-
-@dataclass
-class DataInfo:
-    """What the model file records about its data."""
-
-    name: str
-    classes: list[str]
-    preprocessing: Preprocessing
-    class_counts: list[int]
-    split_sizes: dict[str, int]
-    data_hash: str
-    layout: str
-    skipped: dict[str, str] = field(default_factory=dict)
-    source: str = ""
-    multi_label: bool = False
-    cache: str = ""  # the decoded-image cache folder the splits are read from, if any
-
-
-def _stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    val = []
-    frac = n_val / len(labels)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        val.append(rng.permutation(idx)[: round(len(idx) * frac)])
-    val = np.sort(np.concatenate(val))
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    return train, val
-
-
-def content_hash(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -230,7 +111,7 @@ class ImageDataModule(L.LightningDataModule):
         y_train = read_idx(d / c.train_labels).astype(np.int64)
         x_test = read_idx(d / c.test_images)
         y_test = read_idx(d / c.test_labels).astype(np.int64)
-        tr, va = _stratified_indices(y_train, int(c.val_size), int(c.seed))
+        tr, va = stratified_indices(y_train, int(c.val_size), int(c.seed))
 
         pre = self._preprocessing(int(c.channels))
 
@@ -287,7 +168,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.fixed_preprocessing is not None:
             channels = self.fixed_preprocessing.channels
         elif channels == "auto":
-            channels = _detect_channels([p for p, _ in samples.splits["train"]])
+            channels = detect_channels([p for p, _ in samples.splits["train"]])
         pre = self._preprocessing(int(channels))
         n = len(samples.classes)
         self.datasets = {s: FileDataset(items, pre, n) for s, items in samples.splits.items()}
@@ -297,7 +178,7 @@ class ImageDataModule(L.LightningDataModule):
             return ";".join(samples.classes[i] for i in label_parts(y))
 
         parts = sorted(
-            f"{s}:{_relative(p, root)}:{names(y)}:{sha256_file(p)}"
+            f"{s}:{relative_name(p, root)}:{names(y)}:{sha256_file(p)}"
             for s, items in samples.splits.items()
             for p, y in items
         )
@@ -461,25 +342,3 @@ def _labels_of(ds) -> np.ndarray:
     if isinstance(ds, ArrayDataset):
         return ds.labels.numpy()
     return np.array([y for _, y in ds.items])
-
-
-def _relative(p: str, root: Path) -> str:
-    try:
-        return str(Path(p).relative_to(root))
-    except ValueError:
-        return str(p)
-
-
-def _detect_channels(paths: list[str], sample: int = 200) -> int:
-    """1 when every sampled image is grey, else 3."""
-    from image_classifier.data.images import GREY_MODES, header
-
-    step = max(1, len(paths) // sample)
-    for p in paths[::step]:
-        try:
-            mode, _ = header(p)
-        except ImageError:  # it decoded when the data was scanned; changed since: not a vote
-            continue
-        if mode not in GREY_MODES:
-            return 3
-    return 1

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from image_classifier.data.cachedir import read_manifest
-from image_classifier.data.datamodule import ArrayDataset, DataInfo
+from image_classifier.data.datasets import ArrayDataset
 from image_classifier.data.device import collate
+from image_classifier.data.identity import DataInfo
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import SPLITS
 from image_classifier.errors import UserError

@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from image_classifier import runs, tracking
+from image_classifier import lineage, runs, tracking
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 
@@ -44,7 +44,7 @@ def version_tags(meta: dict, onnx_path: Path, cfg) -> dict[str, str]:
         "source_checkpoint": str(meta.get("source_checkpoint")),
         "onnx_sha256": sha256_file(onnx_path),
         "temperature": str(meta.get("temperature", 1.0)),
-        **tracking.git_info(cfg.paths.root),
+        **lineage.git_info(cfg.paths.root),
     }
 
 
@@ -58,7 +58,7 @@ def _run_for(cfg, client, meta: dict, name: str):
     return tracking.create_logger(
         cfg,
         run_name=f"register-{name}",
-        tags=tracking.lineage_tags(cfg.paths.root, str(meta.get("data_hash"))),
+        tags=lineage.lineage_tags(cfg.paths.root, str(meta.get("data_hash"))),
     )
 
 

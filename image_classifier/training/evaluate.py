@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import OmegaConf, open_dict
 
-from image_classifier import runs, tracking
+from image_classifier import lineage, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
@@ -39,7 +39,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
     logger = tracking.create_logger(
         cfg,
         run_name=f"test-{module.hparams.model['name']}",
-        tags={**tracking.lineage_tags(cfg.paths.root, info.data_hash), "checkpoint": str(path)},
+        tags={**lineage.lineage_tags(cfg.paths.root, info.data_hash), "checkpoint": str(path)},
     )
     kwargs = {
         **trainer_kwargs(cfg, training=False),
@@ -81,7 +81,7 @@ def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
 def run_calibrate(cfg) -> dict:
     """`command=calibrate`: fit a checkpoint's temperature (multi-label: tune its thresholds) on
     the validation split of the data it was trained on; stored in the checkpoint."""
-    from image_classifier.training.train import calibrate_best, thresholds_for_best
+    from image_classifier.training.summary import calibrate_best, thresholds_for_best
 
     path = runs.checkpoint(cfg, cfg.calibrate.get("checkpoint"), "calibrate.checkpoint")
     module = ckpt_file.load_module(path)

@@ -17,9 +17,8 @@ from lightning.pytorch.callbacks import (
 )
 from omegaconf import OmegaConf, open_dict
 
-from image_classifier import runs, tracking
+from image_classifier import lineage, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
@@ -27,7 +26,14 @@ from image_classifier.training.adapt import choose_epochs, choose_model_and_size
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
-from image_classifier.training.plots import plot_curves
+from image_classifier.training.resume import asked_epochs, resume_point
+from image_classifier.training.summary import (
+    calibrate_best,
+    log_run,
+    print_summary,
+    summarise,
+    thresholds_for_best,
+)
 
 log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # no tips and device banners
@@ -84,7 +90,7 @@ def default_precision(accelerator: str, grouped_convs: bool = False) -> str:
     ran bfloat16 matrix products 17x slower than float32)."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    native = set(NATIVE_BF16_CPU) & set(tracking.cpu_info()[1])
+    native = set(NATIVE_BF16_CPU) & set(lineage.cpu_info()[1])
     cpu = accelerator in ("auto", "cpu")
     return "bf16-mixed" if cpu and native and not grouped_convs else "32-true"
 
@@ -162,7 +168,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
             result["calibration"] = calibrate_best(result["checkpoint"], dm)
     if trainer.is_global_zero:
         log_run(logger, result, module.hparams.data)
-        _print_summary(result, info)
+        print_summary(result, info)
     return result
 
 
@@ -186,97 +192,6 @@ def budgeted(cfg, model_spec: dict, info, dm, started: float):
         plan["epoch_seconds"],
     )
     return cfg, plan
-
-
-# What a resumed run may take from the command line that resumes it; every other override must
-# repeat the interrupted run's value (train.epochs beyond a one-cycle schedule is refused later).
-RESUME_MAY_CHANGE = (
-    "paths",
-    "hydra",
-    "command",
-    "train.resume",
-    "train.epochs",
-    "train.num_workers",
-    "train.threads",
-    "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps",
-    "data.root",
-    "data.cache_dir",
-    "logger.connect_timeout",
-)
-
-
-def resume_point(cfg):
-    """(config, checkpoint) for train.resume=last|PATH: the interrupted run's own config and
-    folder, with the current paths and the RESUME_MAY_CHANGE overrides applied (MLflow records a
-    changed value as a `resumed.<key>` tag of the run); (cfg, None) without resume."""
-    r = cfg.train.get("resume") or runs.requeued_checkpoint(cfg)
-    if not r:
-        return cfg, None
-    ckpt = runs.last_checkpoint(cfg, r, "train.resume")
-    if not ckpt.is_file():
-        raise UserError(f"train.resume={r!r}: no such checkpoint.")
-    stored = ckpt_file.stored_config(ckpt)
-    if not stored:
-        raise UserError(f"train.resume={r!r}: {ckpt} holds no training config to resume from.")
-    resumed = OmegaConf.create(stored)
-    overrides = command_line_overrides()
-    check_resume_overrides(cfg, resumed, overrides, ckpt)
-    with open_dict(resumed):
-        resumed.paths = OmegaConf.to_container(cfg.paths, resolve=True)
-        resumed.paths.output_dir = str(ckpt.parent.parent.resolve())
-        for key in overrides:
-            if key != "paths" and not key.startswith(("paths.", "hydra")) and may_change(key):
-                OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
-    log.warning("Resuming %s from %s", resumed.paths.output_dir, ckpt)
-    return resumed, ckpt
-
-
-def command_line_overrides() -> list[str]:
-    """The keys this process's command line overrides ([] when called from Python)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-
-
-def may_change(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
-
-
-def check_resume_overrides(cfg, stored, keys: list[str], ckpt: Path) -> None:
-    """Exit 2 before any training when the command line changes what the interrupted run was
-    trained with (a config group by its name, any other key by its value)."""
-    changed = []
-    for key in keys:
-        if may_change(key):
-            continue
-        now, then = OmegaConf.select(cfg, key), OmegaConf.select(stored, key)
-        if OmegaConf.is_config(now) and "name" in now:  # a group (data=folder, model=cnn4)
-            now, then = now.name, (then or {}).get("name")
-        elif OmegaConf.is_config(now):
-            now = OmegaConf.to_container(now, resolve=True)
-        if now != then:
-            changed.append(f"{key}={now!r} (the run has {then!r})")
-    if changed:
-        raise UserError(
-            f"train.resume continues {ckpt} with the settings it was trained with, and this "
-            f"command line changes {'; '.join(changed)}. Drop "
-            f"{'that override' if len(changed) == 1 else 'those overrides'} to resume, or start "
-            f"a new run without train.resume. A resumed run may change only "
-            f"{', '.join(RESUME_MAY_CHANGE)}."
-        )
-
-
-def asked_epochs(cfg) -> int | None:
-    """train.epochs when the command line gives it; None when it is only the default (a resumed
-    run then keeps its own number of epochs, not the current default's)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():  # called from Python with a composed config: take it
-        return int(cfg.train.epochs)
-    return int(cfg.train.epochs) if "train.epochs" in command_line_overrides() else None
 
 
 def model_normalisation(cfg):
@@ -324,7 +239,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
         "layout": info.layout,
         "split_sizes": info.split_sizes,
         "class_counts": info.class_counts,
-        "dvc_md5": tracking.dvc_hash(cfg.paths.root),
+        "dvc_md5": lineage.dvc_hash(cfg.paths.root),
     }
     check_multi_label(cfg, model_spec, info)
     module = ClassifierModule(
@@ -384,7 +299,7 @@ def create_logger(cfg, model_name: str, info, resume_from: Path | None):
         cfg,
         run_name=f"train-{model_name}",
         run_id=run_id,
-        tags=tracking.lineage_tags(cfg.paths.root, info.data_hash),
+        tags=lineage.lineage_tags(cfg.paths.root, info.data_hash),
     )
 
 
@@ -423,122 +338,3 @@ def step_callbacks(cfg) -> list:
     if cfg.train.get("ema"):
         callbacks.append(ema_averaging(float(cfg.train.ema)))
     return callbacks
-
-
-def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started: float) -> dict:
-    best = (
-        Path(checkpoint.best_model_path)
-        if checkpoint.best_model_path
-        else Path(last.dirpath) / "last.ckpt"
-    )
-    curves = plot_curves(history.epochs, out / "plots" / "curves.png")
-    score = checkpoint.best_model_score
-    return {
-        "checkpoint": str(best),
-        "last_checkpoint": str(Path(last.dirpath) / "last.ckpt"),
-        "best_score": float(score) if score is not None else None,
-        "monitor": cfg.train.monitor,
-        "objective": float(score) if score is not None else None,
-        "metrics": {
-            k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")
-        },
-        "epochs": trainer.current_epoch,
-        "output_dir": str(out),
-        "plots": [str(curves)] if curves else [],
-        "skipped_files": len(info.skipped),
-        "unusable_files": str(write_unusable(info.skipped, out) or ""),
-        "data_source": info.source,
-        "decoded_cache": info.cache,
-        "precision": str(trainer.precision),
-        "seconds": round(time.perf_counter() - started, 1),
-        "machine": tracking.describe_machine(tracking.machine_info()),
-    }
-
-
-def calibrate_best(path: str, dm) -> dict:
-    """Fit the temperature of the best checkpoint on the validation split and store it there."""
-    from image_classifier.training.calibrate import calibrate
-
-    module = ckpt_file.load_module(path)
-    fitted = calibrate(module, dm.loader("val"))
-    ckpt_file.set_temperature(path, fitted["temperature"])
-    return fitted
-
-
-def thresholds_for_best(path: str, dm, t) -> list[float]:
-    """Multi-label: per-class thresholds tuned on the validation split (train.threshold=tune), or
-    the one given for every class; stored in the best checkpoint."""
-    from image_classifier.models.multilabel import tune_thresholds
-    from image_classifier.training.calibrate import validation_logits
-
-    module = ckpt_file.load_module(path)
-    if str(t.get("threshold", "tune")) == "tune":
-        logits, targets = validation_logits(module, dm.loader("val"))
-        chosen = tune_thresholds(module.probabilities(logits), targets)
-    else:
-        chosen = [float(t.threshold)] * len(module.classes)
-    ckpt_file.set_buffer(path, "thresholds", chosen)
-    return chosen
-
-
-def log_run(logger, result: dict, data_meta: dict) -> None:
-    """The checkpoint, curves and a summary into the training run."""
-    if logger is None:
-        return
-    if c := result.get("calibration"):
-        tracking.log_metrics(
-            logger,
-            {
-                "temperature": c["temperature"],
-                "val/ece_before": c["ece_before"],
-                "val/ece_after": c["ece_after"],
-            },
-        )
-    if result.get("best_score") is not None:  # what a sweep's summary ranks trials by
-        tracking.log_metrics(logger, {"best_score": result["best_score"]})
-    tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
-    tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
-    result["mlflow_run_id"] = logger.run_id
-
-
-def _print_summary(r: dict, info) -> None:
-    m = r["metrics"]
-    notes = [f"{len(info.classes)} classes", f"{info.split_sizes['train']} train images"]
-    if r["skipped_files"]:
-        notes.append(f"{r['skipped_files']} unusable files skipped")
-    if r["data_source"] not in ("", "local"):
-        notes.append(f"data fetched from {r['data_source']}")
-    val = ", ".join(
-        f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("val/")
-    )
-    lines = [
-        f"Trained {r['epochs']} epoch(s) in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
-        + ", ".join(notes)
-        + ")",
-        f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
-        f"  val: {val}",
-        f"  calibration: temperature {c['temperature']:.3f} fitted on val; ECE "
-        f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
-        if (c := r.get("calibration"))
-        else "",
-        f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
-        f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
-        if (th := r.get("thresholds"))
-        else "",
-        f"  budget:     {b['budget_seconds']:g} s: {b['epochs']} epoch(s) planned at "
-        f"{b['epoch_seconds']:.1f} s each after {b['probe_seconds']:.1f} s of setup and probing"
-        if (b := r.get("time_budget"))
-        else "",
-        f"  data:       batches {r['batching']}, precision {r['precision']}"
-        + (f", decoded cache {r['decoded_cache']}" if r["decoded_cache"] else ""),
-        f"  machine:    {r['machine']}",
-        f"  checkpoint: {r['checkpoint']}",
-        f"  plots:      {', '.join(r['plots']) or '-'}",
-        f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
-        f"{r['unusable_files']}"
-        if r["skipped_files"]
-        else "",
-        f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",
-        "  next: uv run python commands.py command=test",
-    ]
-    print("\n".join(x for x in lines if x))

@@ -1,0 +1,73 @@
+"""What a data set is, independent of how it is batched: what the model file records about it
+(`DataInfo`), the content hash that names it (and its caches), its files' names relative to its
+root, its channel count, and the stratified split of a training set into train and
+validation."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from image_classifier.data.images import ImageError, Preprocessing
+
+
+def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    val = []
+    frac = n_val / len(labels)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[: round(len(idx) * frac)])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def content_hash(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def relative_name(p: str, root: Path) -> str:
+    try:
+        return str(Path(p).relative_to(root))
+    except ValueError:
+        return str(p)
+
+
+def detect_channels(paths: list[str], sample: int = 200) -> int:
+    """1 when every sampled image is grey, else 3."""
+    from image_classifier.data.images import GREY_MODES, header
+
+    step = max(1, len(paths) // sample)
+    for p in paths[::step]:
+        try:
+            mode, _ = header(p)
+        except ImageError:  # it decoded when the data was scanned; changed since: not a vote
+            continue
+        if mode not in GREY_MODES:
+            return 3
+    return 1
+
+
+@dataclass
+class DataInfo:
+    """What the model file records about its data."""
+
+    name: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    class_counts: list[int]
+    split_sizes: dict[str, int]
+    data_hash: str
+    layout: str
+    skipped: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    multi_label: bool = False
+    cache: str = ""  # the decoded-image cache folder the splits are read from, if any

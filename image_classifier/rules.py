@@ -1,0 +1,119 @@
+"""The kinds of value a config key takes (a number in a range, one of some choices, a file suffix,
+a fixed word or a value, a list of values), each answering with the one sentence that says what
+is wrong and what would do. `config.py` holds the table of which key takes which."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from image_classifier.errors import did_you_mean
+
+
+@dataclass(frozen=True)
+class Number:
+    """An int (`integer=True`) or a float within [lo, hi]; `open_lo` makes lo itself invalid."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    integer: bool = False
+    open_lo: bool = False
+    optional: bool = False
+    open_hi: bool = False
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None:
+            return None if self.optional else f"{key} must be set (it is null)."
+        kind = "an integer" if self.integer else "a number"
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or (self.integer and not float(v).is_integer())
+        ):
+            return f"{key}={v!r} must be {kind}{self._range()}."
+        if (
+            v < self.lo
+            or (self.open_lo and v == self.lo)
+            or v > self.hi
+            or (self.open_hi and v == self.hi)
+        ):
+            return f"{key}={v!r} must be {kind}{self._range()}."
+        return None
+
+    def _range(self) -> str:
+        lo = "" if self.lo == -math.inf else f"{'>' if self.open_lo else '>='} {self.lo:g}"
+        hi = "" if self.hi == math.inf else f"{'<' if self.open_hi else '<='} {self.hi:g}"
+        both = " and ".join(x for x in (lo, hi) if x)
+        return f" {both}" if both else ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+    optional: bool = False
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None and self.optional:
+            return None
+        if v in self.options:
+            return None
+        shown = ", ".join(str(o) for o in self.options)
+        return f"{key}={v!r} is not one of {shown}.{did_you_mean(str(v), map(str, self.options))}"
+
+
+@dataclass(frozen=True)
+class Suffix:
+    """A file name ending in one of `options` (or null when optional)."""
+
+    options: tuple
+    optional: bool = True
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None and self.optional:
+            return None
+        if Path(str(v)).suffix.lower() in self.options:
+            return None
+        *rest, last = self.options
+        ends = f"{', '.join(rest)} or {last}" if rest else last
+        return f"{key}={v!r} must be a file name ending in {ends}."
+
+
+@dataclass(frozen=True)
+class Either:
+    """A fixed word (`word`) or a value that passes `rule`."""
+
+    word: str
+    rule: object
+
+    def problem(self, key: str, v) -> str | None:
+        if v == self.word:
+            return None
+        if why := self.rule.problem(key, v):
+            return f"{why.rstrip('.')}, or {self.word!r}."
+        return None
+
+
+@dataclass(frozen=True)
+class Each:
+    """Every item of a list passes `rule`; `length` fixes how many there are."""
+
+    rule: object
+    length: int | None = None
+
+    def problem(self, key: str, v) -> str | None:
+        if not isinstance(v, list | tuple):
+            return f"{key}={v!r} must be a list."
+        if self.length is not None and len(v) != self.length:
+            return f"{key}={list(v)} must have {self.length} values."
+        for i, item in enumerate(v):
+            if why := self.rule.problem(f"{key}[{i}]", item):
+                return why
+        return None
+
+
+PROBABILITY = Number(0, 1, open_lo=True, open_hi=True)  # a decision threshold
+
+
+POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
+POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)

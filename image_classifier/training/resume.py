@@ -1,0 +1,105 @@
+"""`train.resume`: which checkpoint a run continues, with the config it was trained with, and
+what the command line that resumes it may change."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from image_classifier import runs
+from image_classifier.errors import UserError
+from image_classifier.models import checkpoint as ckpt_file
+
+log = logging.getLogger(__name__)
+
+# What a resumed run may take from the command line that resumes it; every other override must
+# repeat the interrupted run's value (train.epochs beyond a one-cycle schedule is refused later).
+RESUME_MAY_CHANGE = (
+    "paths",
+    "hydra",
+    "command",
+    "train.resume",
+    "train.epochs",
+    "train.num_workers",
+    "train.threads",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "data.root",
+    "data.cache_dir",
+    "logger.connect_timeout",
+)
+
+
+def resume_point(cfg):
+    """(config, checkpoint) for train.resume=last|PATH: the interrupted run's own config and
+    folder, with the current paths and the RESUME_MAY_CHANGE overrides applied (MLflow records a
+    changed value as a `resumed.<key>` tag of the run); (cfg, None) without resume."""
+    r = cfg.train.get("resume") or runs.requeued_checkpoint(cfg)
+    if not r:
+        return cfg, None
+    ckpt = runs.last_checkpoint(cfg, r, "train.resume")
+    if not ckpt.is_file():
+        raise UserError(f"train.resume={r!r}: no such checkpoint.")
+    stored = ckpt_file.stored_config(ckpt)
+    if not stored:
+        raise UserError(f"train.resume={r!r}: {ckpt} holds no training config to resume from.")
+    resumed = OmegaConf.create(stored)
+    overrides = command_line_overrides()
+    check_resume_overrides(cfg, resumed, overrides, ckpt)
+    with open_dict(resumed):
+        resumed.paths = OmegaConf.to_container(cfg.paths, resolve=True)
+        resumed.paths.output_dir = str(ckpt.parent.parent.resolve())
+        for key in overrides:
+            if key != "paths" and not key.startswith(("paths.", "hydra")) and may_change(key):
+                OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    log.warning("Resuming %s from %s", resumed.paths.output_dir, ckpt)
+    return resumed, ckpt
+
+
+def command_line_overrides() -> list[str]:
+    """The keys this process's command line overrides ([] when called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def check_resume_overrides(cfg, stored, keys: list[str], ckpt: Path) -> None:
+    """Exit 2 before any training when the command line changes what the interrupted run was
+    trained with (a config group by its name, any other key by its value)."""
+    changed = []
+    for key in keys:
+        if may_change(key):
+            continue
+        now, then = OmegaConf.select(cfg, key), OmegaConf.select(stored, key)
+        if OmegaConf.is_config(now) and "name" in now:  # a group (data=folder, model=cnn4)
+            now, then = now.name, (then or {}).get("name")
+        elif OmegaConf.is_config(now):
+            now = OmegaConf.to_container(now, resolve=True)
+        if now != then:
+            changed.append(f"{key}={now!r} (the run has {then!r})")
+    if changed:
+        raise UserError(
+            f"train.resume continues {ckpt} with the settings it was trained with, and this "
+            f"command line changes {'; '.join(changed)}. Drop "
+            f"{'that override' if len(changed) == 1 else 'those overrides'} to resume, or start "
+            f"a new run without train.resume. A resumed run may change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}."
+        )
+
+
+def asked_epochs(cfg) -> int | None:
+    """train.epochs when the command line gives it; None when it is only the default (a resumed
+    run then keeps its own number of epochs, not the current default's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # called from Python with a composed config: take it
+        return int(cfg.train.epochs)
+    return int(cfg.train.epochs) if "train.epochs" in command_line_overrides() else None

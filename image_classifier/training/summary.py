@@ -1,0 +1,131 @@
+"""What a finished `train` leaves: the best checkpoint calibrated (temperature, multi-label
+thresholds), the curves, the result dict, its MLflow record and the one-screen summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from image_classifier import lineage, tracking
+from image_classifier.data.layouts import write_unusable
+from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.training.plots import plot_curves
+
+
+def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started: float) -> dict:
+    best = (
+        Path(checkpoint.best_model_path)
+        if checkpoint.best_model_path
+        else Path(last.dirpath) / "last.ckpt"
+    )
+    curves = plot_curves(history.epochs, out / "plots" / "curves.png")
+    score = checkpoint.best_model_score
+    return {
+        "checkpoint": str(best),
+        "last_checkpoint": str(Path(last.dirpath) / "last.ckpt"),
+        "best_score": float(score) if score is not None else None,
+        "monitor": cfg.train.monitor,
+        "objective": float(score) if score is not None else None,
+        "metrics": {
+            k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")
+        },
+        "epochs": trainer.current_epoch,
+        "output_dir": str(out),
+        "plots": [str(curves)] if curves else [],
+        "skipped_files": len(info.skipped),
+        "unusable_files": str(write_unusable(info.skipped, out) or ""),
+        "data_source": info.source,
+        "decoded_cache": info.cache,
+        "precision": str(trainer.precision),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": lineage.describe_machine(lineage.machine_info()),
+    }
+
+
+def calibrate_best(path: str, dm) -> dict:
+    """Fit the temperature of the best checkpoint on the validation split and store it there."""
+    from image_classifier.training.calibrate import calibrate
+
+    module = ckpt_file.load_module(path)
+    fitted = calibrate(module, dm.loader("val"))
+    ckpt_file.set_temperature(path, fitted["temperature"])
+    return fitted
+
+
+def thresholds_for_best(path: str, dm, t) -> list[float]:
+    """Multi-label: per-class thresholds tuned on the validation split (train.threshold=tune), or
+    the one given for every class; stored in the best checkpoint."""
+    from image_classifier.models.multilabel import tune_thresholds
+    from image_classifier.training.calibrate import validation_logits
+
+    module = ckpt_file.load_module(path)
+    if str(t.get("threshold", "tune")) == "tune":
+        logits, targets = validation_logits(module, dm.loader("val"))
+        chosen = tune_thresholds(module.probabilities(logits), targets)
+    else:
+        chosen = [float(t.threshold)] * len(module.classes)
+    ckpt_file.set_buffer(path, "thresholds", chosen)
+    return chosen
+
+
+def log_run(logger, result: dict, data_meta: dict) -> None:
+    """The checkpoint, curves and a summary into the training run."""
+    if logger is None:
+        return
+    if c := result.get("calibration"):
+        tracking.log_metrics(
+            logger,
+            {
+                "temperature": c["temperature"],
+                "val/ece_before": c["ece_before"],
+                "val/ece_after": c["ece_after"],
+            },
+        )
+    if result.get("best_score") is not None:  # what a sweep's summary ranks trials by
+        tracking.log_metrics(logger, {"best_score": result["best_score"]})
+    tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
+    tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
+    result["mlflow_run_id"] = logger.run_id
+
+
+def print_summary(r: dict, info) -> None:
+    m = r["metrics"]
+    notes = [f"{len(info.classes)} classes", f"{info.split_sizes['train']} train images"]
+    if r["skipped_files"]:
+        notes.append(f"{r['skipped_files']} unusable files skipped")
+    if r["data_source"] not in ("", "local"):
+        notes.append(f"data fetched from {r['data_source']}")
+    val = ", ".join(
+        f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("val/")
+    )
+    lines = [
+        f"Trained {r['epochs']} epoch(s) in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
+        + ", ".join(notes)
+        + ")",
+        f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
+        f"  val: {val}",
+        f"  calibration: temperature {c['temperature']:.3f} fitted on val; ECE "
+        f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        if (c := r.get("calibration"))
+        else "",
+        f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
+        f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
+        if (th := r.get("thresholds"))
+        else "",
+        f"  budget:     {b['budget_seconds']:g} s: {b['epochs']} epoch(s) planned at "
+        f"{b['epoch_seconds']:.1f} s each after {b['probe_seconds']:.1f} s of setup and probing"
+        if (b := r.get("time_budget"))
+        else "",
+        f"  data:       batches {r['batching']}, precision {r['precision']}"
+        + (f", decoded cache {r['decoded_cache']}" if r["decoded_cache"] else ""),
+        f"  machine:    {r['machine']}",
+        f"  checkpoint: {r['checkpoint']}",
+        f"  plots:      {', '.join(r['plots']) or '-'}",
+        f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
+        f"{r['unusable_files']}"
+        if r["skipped_files"]
+        else "",
+        f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",
+        "  next: uv run python commands.py command=test",
+    ]
+    print("\n".join(x for x in lines if x))
