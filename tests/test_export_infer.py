@@ -485,3 +485,16 @@ def test_fp16_graph_for_a_strongly_typed_build_keeps_float32_io_and_the_predicti
     reduced = OnnxPredictor(half, device="cpu").predict(x)
     assert np.abs(full - reduced).max() < 1e-2
     assert (full.argmax(1) == reduced.argmax(1)).all()
+
+
+def test_a_checkpoint_and_its_onnx_export_describe_the_model_the_same_way(trained, exported):
+    """One description (models/description.py): what the ONNX file carries and what the PyTorch
+    predictor reads from the .ckpt agree, so serve names and treats both alike."""
+    from image_classifier.inference.predictor import load_predictor
+
+    _, ckpt, _ = trained
+    onnx, _ = exported
+    by_ckpt, by_onnx = load_predictor(ckpt).meta, load_predictor(onnx).meta
+    same = ("classes", "preprocessing", "model", "temperature", "tta", "data_hash", "data_name")
+    assert {k: by_ckpt.extra.get(k) for k in same} == {k: by_onnx.extra.get(k) for k in same}
+    assert by_ckpt.name == by_onnx.name and by_ckpt.extra["data_name"]

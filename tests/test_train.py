@@ -365,11 +365,11 @@ def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
 def test_default_precision_is_bf16_only_where_the_hardware_computes_it(
     features, accelerator, expected, monkeypatch, tmp_path
 ):
-    from image_classifier import tracking
+    from image_classifier import lineage
     from image_classifier.training.train import default_precision, trainer_kwargs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(tracking, "cpu_info", lambda: ("CPU", features))
+    monkeypatch.setattr(lineage, "cpu_info", lambda: ("CPU", features))
     assert default_precision(accelerator) == expected
     cfg = compose_cfg(tmp_path)
     assert trainer_kwargs(cfg)["precision"] == expected

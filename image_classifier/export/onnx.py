@@ -21,6 +21,7 @@ from image_classifier import runs, tracking
 from image_classifier.errors import ExportError, UserError
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.description import model_description
 from image_classifier.models.tta import describe, tta_mode
 
 log = logging.getLogger(__name__)
@@ -36,35 +37,6 @@ class _Probabilities(torch.nn.Module):
 
     def forward(self, image):
         return self.module.probabilities(self.module.logits(image, self.tta))
-
-
-def model_metadata(module, checkpoint: Path) -> dict:
-    hp = module.hparams
-    multi = (
-        {"multi_label": True, "thresholds": module.thresholds.tolist()}
-        if module.multi_label
-        else {}
-    )
-    return {
-        "format": 1,
-        **multi,
-        "temperature": float(module.temperature),
-        "tta": module.tta,
-        "classes": module.classes,
-        "preprocessing": dict(hp.preprocessing),
-        "model": dict(hp.model),
-        "source_checkpoint": str(checkpoint),
-        "data_hash": (hp.get("data") or {}).get("hash"),
-        "data_name": (hp.get("data") or {}).get("name"),
-        "mlflow_run_id": getattr(module, "mlflow_run_id", None),
-        "input": "image: float32 [batch, channels, height, width], pixel values 0..255",
-        "output": "probabilities: float32 [batch, classes], in the order of `classes`"
-        + (
-            "; each label's own sigmoid, present when >= its threshold"
-            if module.multi_label
-            else ""
-        ),
-    }
 
 
 def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -115,7 +87,7 @@ def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
     import onnx
 
     model = onnx.load(str(output))
-    meta = model_metadata(module, checkpoint)
+    meta = model_description(module, checkpoint)
     for key, value in {
         METADATA_KEY: json.dumps(meta),
         "classes": json.dumps(meta["classes"]),

@@ -92,26 +92,13 @@ class TorchPredictor:
         import torch
 
         from image_classifier.models.checkpoint import load_module
+        from image_classifier.models.description import model_description
 
         self.torch = torch
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         module = load_module(path, map_location=self.device)
         self.module = module.eval()
-        hp = module.hparams
-        multi = (
-            {"multi_label": True, "thresholds": module.thresholds.tolist()}
-            if module.multi_label
-            else {}
-        )
-        self.meta = ModelMeta.from_dict(
-            {
-                "classes": module.classes,
-                "preprocessing": hp.preprocessing,
-                "model": hp.model,
-                "source": str(path),
-                **multi,
-            }
-        )
+        self.meta = ModelMeta.from_dict({**model_description(module, path), "source": str(path)})
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
