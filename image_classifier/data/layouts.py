@@ -1,11 +1,8 @@
 """Users' own data: class folders, pre-split folders or a CSV manifest, detected automatically.
-
 Every layout ends as the same `Samples`: sorted class names and, per split, (path, class index)
 pairs. Files that are not readable images are skipped and counted (or refused with strict=True).
-
-A CSV manifest may be multi-label: a label column holding several labels (`shirt;bag`), or one
-0/1 column per class. Then each item's label is a tuple of class indices (possibly empty).
-"""
+A multi-label CSV manifest (`shirt;bag` in one column, or one 0/1 column per class) gives each
+item a tuple of class indices (possibly empty)."""
 
 from __future__ import annotations
 
