@@ -6,6 +6,7 @@ on `/predict`, the same service on its Open Inference Protocol route, and `serve
     uv run python scripts/load_test.py --model resnet18  # resnet18 at 224 px (random weights)
     uv run python scripts/load_test.py --model PATH.onnx --clients 16 64 --requests 3000
     uv run python scripts/load_test.py --targets predict v2   # leave Triton out
+    uv run python scripts/load_test.py --serve serve.max_batch=64  # serve overrides, every target
 
 For each target it starts the service itself on 127.0.0.1 (free ports), waits for
 `/v2/models/NAME/ready` (both engines answer it), runs the clients (asyncio + httpx, one keep-alive
@@ -95,7 +96,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, engine: str, name: str) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model: Path, engine: str, name: str, extra: list[str] = ()
+) -> tuple[subprocess.Popen, int]:
     """The service for `engine` (fastapi | triton) on free ports, its model ready; (process,
     HTTP port)."""
     import httpx
@@ -113,6 +116,7 @@ def start_server(model: Path, engine: str, name: str) -> tuple[subprocess.Popen,
         "serve.host=127.0.0.1",
         f"hydra.run.dir={tempfile.mkdtemp(prefix='serve-')}",
         "hydra.output_subdir=null",
+        *extra,
     ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -233,7 +237,7 @@ def measure(model, name, images, args) -> tuple[list, bool]:
     rows, ok = [], True
     for target_name in args.targets:
         engine, route = TARGETS[target_name]
-        proc, port = start_server(model, engine, name)
+        proc, port = start_server(model, engine, name, args.serve)
         target = {
             "engine": engine,
             "v2": target_name != "predict",
@@ -268,6 +272,12 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--requests", type=int, default=2000, help="per target and level")
     ap.add_argument("--max-seconds", type=float, default=60, help="per target and level")
+    ap.add_argument(
+        "--serve",
+        nargs="*",
+        default=[],
+        help="serve overrides for every target (serve.max_batch=64)",
+    )
     args = ap.parse_args()
     from image_classifier.inference.predictor import OnnxPredictor
     from image_classifier.lineage import describe_machine, machine_info
