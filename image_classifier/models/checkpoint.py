@@ -87,6 +87,12 @@ def stored_config(path: str | Path) -> dict | None:
 
 def load_module(path: str | Path, map_location: str = "cpu"):
     """The LightningModule from a checkpoint file alone; clear errors for anything else."""
+    return open_module(path, map_location)[0]
+
+
+def open_module(path: str | Path, map_location: str = "cpu") -> tuple:
+    """(module, the checkpoint dict it came from), from one read of the file: what a command that
+    fits a value and stores it back (`store_buffers`) uses, so the file is read and written once."""
     from image_classifier.models.module import ClassifierModule
 
     key = _key(path)
@@ -101,23 +107,29 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
     module.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
-    return module.to(map_location)
+    return module.to(map_location), ckpt
 
 
-def set_buffer(path: str | Path, name: str, value) -> None:
-    """Store a fitted value (the temperature, multi-label thresholds) with the weights and in
-    the plain summary; the file is rewritten atomically."""
+def store_buffers(path: str | Path, ckpt: dict, **values) -> None:
+    """Store fitted values (the temperature, multi-label thresholds) in `ckpt`, the dict
+    `open_module` read from `path`, with the weights and in the plain summary, and write it back
+    atomically."""
     import os
 
     import torch
 
     path = Path(path)
-    ckpt = read(path)
-    ckpt["state_dict"][name] = torch.tensor(value, dtype=torch.float32)
-    ckpt.setdefault("image_classifier", {})[name] = value
+    for name, value in values.items():
+        ckpt["state_dict"][name] = torch.tensor(value, dtype=torch.float32)
+        ckpt.setdefault("image_classifier", {})[name] = value
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def set_buffer(path: str | Path, name: str, value) -> None:
+    """One stored value changed in a checkpoint file (reads it, then `store_buffers`)."""
+    store_buffers(path, read(path), **{name: value})
 
 
 def set_temperature(path: str | Path, temperature: float) -> None:

@@ -43,28 +43,29 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
 
 
 def calibrate_best(path: str, dm) -> dict:
-    """Fit the temperature of the best checkpoint on the validation split and store it there."""
+    """Fit the temperature of the best checkpoint on the validation split and store it there
+    (the file read once and written once)."""
     from image_classifier.training.calibrate import calibrate
 
-    module = ckpt_file.load_module(path)
+    module, ckpt = ckpt_file.open_module(path)
     fitted = calibrate(module, dm.loader("val"))
-    ckpt_file.set_temperature(path, fitted["temperature"])
+    ckpt_file.store_buffers(path, ckpt, temperature=float(fitted["temperature"]))
     return fitted
 
 
 def thresholds_for_best(path: str, dm, t) -> list[float]:
     """Multi-label: per-class thresholds tuned on the validation split (train.threshold=tune), or
-    the one given for every class; stored in the best checkpoint."""
+    the one given for every class; stored in the best checkpoint (read once, written once)."""
     from image_classifier.models.multilabel import tune_thresholds
     from image_classifier.training.calibrate import validation_logits
 
-    module = ckpt_file.load_module(path)
+    module, ckpt = ckpt_file.open_module(path)
     if str(t.get("threshold", "tune")) == "tune":
         logits, targets = validation_logits(module, dm.loader("val"))
         chosen = tune_thresholds(module.probabilities(logits), targets)
     else:
         chosen = [float(t.threshold)] * len(module.classes)
-    ckpt_file.set_buffer(path, "thresholds", chosen)
+    ckpt_file.store_buffers(path, ckpt, thresholds=chosen)
     return chosen
 
 
