@@ -109,3 +109,13 @@ def test_rules_name_the_value_and_the_options(overrides, expected):
 )
 def test_shipped_configs_are_valid(overrides):
     assert problems(_compose(overrides, CONFIG_DIR)) == []
+
+
+def test_a_recipe_carries_the_tta_its_figure_used_and_the_default_has_none():
+    from image_classifier.config import compose_config
+
+    fast = compose_config("experiment=fmnist_fast")
+    assert fast.test.tta == fast.export.tta == "hflip+shift"
+    assert compose_config("experiment=fmnist_fast", "test.tta=false").test.tta is False
+    default = compose_config()
+    assert default.test.tta is False and default.export.tta is False
