@@ -206,17 +206,16 @@ def _combination_problems(cfg) -> list[str]:
             "would time its own epochs and stop at a different one, and the others would wait "
             "for it forever. Set train.epochs instead."
         )
+    from image_classifier.inference.ray_engine import PARQUET
+
     output, engine = (OmegaConf.select(cfg, k) for k in ("infer.output", "infer.engine"))
-    if output and str(output).lower().endswith(".parquet") and engine != "ray":
+    parquet = str(output or "").lower().endswith(PARQUET)
+    if parquet and engine != "ray":
         found.append(
             f"infer.output={output!r}: Parquet is written by the Ray engine (infer.engine=ray); "
             "with infer.engine=local use a .csv or .json file."
         )
-    if (
-        output
-        and str(output).lower().endswith(".parquet")
-        and OmegaConf.select(cfg, "infer.sort_into")
-    ):
+    if parquet and OmegaConf.select(cfg, "infer.sort_into"):
         found.append(
             "infer.sort_into needs the rows on this machine; with infer.output=*.parquet they "
             "stay on the cluster. Use a .csv or .json output to sort the images."

@@ -56,8 +56,10 @@ def default_model(tmp: Path) -> Path:
 
 
 def start_head(tmp: Path, cpus: int) -> tuple[str, list[str]]:
+    from load_test import free_port  # beside this script
+
     ray = str(Path(sys.executable).parent / "ray")
-    port = 6400 + os.getpid() % 1000
+    port = free_port()
     cmd = [ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus}"]
     cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}"]
     p = subprocess.run(cmd, capture_output=True, text=True)

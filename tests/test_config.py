@@ -27,10 +27,15 @@ from image_classifier.config import _compose, problems
             "infer.output=x.parquet",
             "infer.output='x.parquet': Parquet is written by the Ray engine (infer.engine=ray)",
         ),
+        (
+            "infer.engine=ray infer.output=x.parquet infer.sort_into=review",
+            "infer.sort_into needs the rows on this machine; with infer.output=*.parquet they "
+            "stay on the cluster.",
+        ),
     ],
 )
 def test_bad_value_exits_2_before_any_work(tmp_path, override, message):
-    proc = run_cli("command=train", override, f"paths.root={tmp_path}", cwd=tmp_path)
+    proc = run_cli("command=train", *override.split(), f"paths.root={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -226,6 +226,42 @@ def test_ray_infer_gives_the_rows_of_infer_on_a_bad_folder(tmp_path, exported, r
 
 
 @pytest.mark.slow
+def test_ray_infer_on_a_list_whose_first_file_is_missing_gives_its_row(
+    tmp_path, exported, ray_head
+):
+    """A .txt list naming a file that exists nowhere: a row with its reason, as `infer` gives,
+    not a cluster that cannot see the input."""
+    model, _ = exported
+    from conftest import make_class_folders
+
+    images = make_class_folders(tmp_path / "images", per_class=2)
+    good = sorted(p for p in images.rglob("*.png"))[:3]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(tmp_path / "gone.png"), *map(str, good)]) + "\n")
+    common = ["command=infer", f"infer.model={model}", f"infer.input={listing}"]
+    local = run_cli(*common, f"infer.output={tmp_path / 'local.json'}")
+    on_ray = run_cli(
+        *common,
+        "infer.engine=ray",
+        f"infer.address={ray_head}",
+        f"infer.output={tmp_path / 'ray.json'}",
+        timeout=600,
+    )
+    assert local.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-3000:]
+    rows = json.loads((tmp_path / "ray.json").read_text())
+    assert rows == json.loads((tmp_path / "local.json").read_text())
+    assert rows[0]["error"] and not any(r.get("error") for r in rows[1:])
+
+
+def test_ray_infer_refuses_a_model_that_is_not_onnx(tmp_path, trained):
+    _, ckpt, images = trained
+    p = run_cli("command=infer", f"infer.model={ckpt}", f"infer.input={images}", "infer.engine=ray")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "infer.engine=ray runs ONNX models" in p.stderr and "command=export-onnx" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
 def test_a_path_the_ray_workers_cannot_see_is_named_with_the_fix(tmp_path, ray_head):
     from image_classifier import cluster
     from image_classifier.errors import UserError

@@ -2,6 +2,7 @@
 and the Triton repository; every bad request gets a 4xx JSON and the next good one still works."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def busy_port():
+    """A port on 127.0.0.1 that something listens on while the block runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
 
 
 def start_server(model: Path, *overrides: str, port: int | None = None):
@@ -314,10 +324,7 @@ def test_clean_shutdown_on_signal(exported, trained, sig):
 @pytest.mark.slow
 def test_port_in_use_and_missing_model_exit_2(exported, tmp_path):
     model, _ = exported
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
+    with busy_port() as port:
         r = run_cli(
             "command=serve",
             f"serve.model={model}",

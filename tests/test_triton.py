@@ -207,15 +207,11 @@ def _maps_without_libpython(real_open):
 
 
 def test_a_triton_port_in_use_exits_2_naming_the_setting(exported, tmp_path):
-    import socket
-
     from conftest import run_cli
+    from test_serve import busy_port
 
     model, _ = exported
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        busy = held.getsockname()[1]
+    with busy_port() as busy:
         r = run_cli(
             "command=serve",
             "serve.engine=triton",

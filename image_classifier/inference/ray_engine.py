@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from image_classifier import cluster
-from image_classifier.data.images import display_name
+from image_classifier.data.images import display_name, path_problem
 from image_classifier.errors import UserError
 from image_classifier.inference.predictor import load_predictor
 from image_classifier.inference.rows import error_row, predict_batch
@@ -79,6 +79,8 @@ def unseen_paths(ray, paths: list[str]) -> list[tuple[str, str]]:
 
 
 def check_visible(ray, items: list[dict], setting: str) -> None:
+    """UserError with the fix when a worker node cannot see some of `items` (paths this machine
+    sees): the first, middle and last are asked on every alive node."""
     sample = [items[i]["path"] for i in sorted({0, len(items) // 2, len(items) - 1})]
     if unseen := unseen_paths(ray, sample):
         node, path = unseen[0]
@@ -106,7 +108,7 @@ def predict_on_ray(cfg, paths: list[Path], model: Path) -> tuple[list[dict] | No
     # Arrow holds UTF-8 only: a name that is not stays here, with the reason `infer` gives it
     names = [display_name(p) for p in paths]
     local = {
-        i: error_row(n, "file name is not valid UTF-8 (rename the file)")
+        i: error_row(n, path_problem(p))
         for i, (p, n) in enumerate(zip(paths, names, strict=True))
         if n != str(p)
     }
@@ -117,8 +119,10 @@ def predict_on_ray(cfg, paths: list[Path], model: Path) -> tuple[list[dict] | No
     ]
     ray = cluster.connect(c.get("address"), "infer.address")
     try:
-        if items:
-            check_visible(ray, items, "infer.input")
+        # a listed file missing here too is a row with its reason, not a cluster problem
+        seen_here = [it for it in items if os.path.lexists(it["path"])]
+        if seen_here:
+            check_visible(ray, seen_here, "infer.input")
         workers = _workers(ray, c)
         rows = _run(ray, c, items, model, workers, local)
     finally:
