@@ -349,38 +349,30 @@ def test_machine_info_reads_cpu_model_and_instructions_from_cpuinfo():
     assert describe_machine({**m, "machine.gpu": "H100"}) == "X, 2 cores (avx2), GPU H100"
 
 
-@pytest.mark.parametrize(
-    ("features", "accelerator", "expected"),
-    [
-        (
-            ["avx2", "avx512f", "avx512_bf16"],
-            "auto",
-            "bf16-mixed",
-        ),  # AMD Zen 4+, Intel Cooper Lake+
-        (["avx2", "avx512f", "amx_bf16"], "cpu", "bf16-mixed"),
-        (["avx2", "avx512f"], "auto", "32-true"),  # bf16 emulated: slower than float32
-        (["asimd", "sve", "bf16"], "auto", "32-true"),  # Arm: not measured, float32
-    ],
-)
-def test_default_precision_is_bf16_only_where_the_hardware_computes_it(
-    features, accelerator, expected, monkeypatch, tmp_path
-):
+@pytest.mark.parametrize("features", [["avx2", "avx512f", "amx_bf16"], ["avx2"], ["asimd", "bf16"]])
+def test_default_precision_on_a_cpu_is_float32_and_bf16_is_opt_in(features, monkeypatch, tmp_path):
     from image_classifier import lineage
     from image_classifier.training.train import default_precision, trainer_kwargs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(lineage, "cpu_info", lambda: ("CPU", features))
-    assert default_precision(accelerator) == expected
+    assert default_precision("auto") == default_precision("cpu") == "32-true"
     cfg = compose_cfg(tmp_path)
-    assert trainer_kwargs(cfg)["precision"] == expected
+    assert trainer_kwargs(cfg)["precision"] == "32-true"
     assert trainer_kwargs(cfg, training=False)["precision"] == "32-true"  # test scores as exported
     cfg = compose_cfg(tmp_path, "trainer.precision=bf16-mixed")  # set: used as it is
+    assert trainer_kwargs(cfg)["precision"] == "bf16-mixed"
     assert trainer_kwargs(cfg, training=False)["precision"] == "bf16-mixed"
-    # depthwise convolutions train 2x slower in bf16 on a CPU: float32 for them
-    assert trainer_kwargs(compose_cfg(tmp_path, "model=efficientnet_lite0"))["precision"] == (
-        "32-true"
-    )
-    assert trainer_kwargs(compose_cfg(tmp_path, "model=resnet18_transfer"))["precision"] == expected
+
+
+def test_default_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    from image_classifier.training.train import default_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert default_precision("auto") == default_precision("gpu") == expected
+    assert default_precision("cpu") == "32-true"  # a GPU present, training asked on the CPU
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")

@@ -70,46 +70,19 @@ def trainer_kwargs(cfg, training: bool = True) -> dict:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if options.get("precision") is None:
         accelerator = str(options.get("accelerator", "auto"))
-        options["precision"] = "32-true"
-        if training:
-            grouped = has_grouped_convs(OmegaConf.to_container(cfg.model, resolve=True))
-            options["precision"] = default_precision(accelerator, grouped)
+        options["precision"] = default_precision(accelerator) if training else "32-true"
     return {k: v for k, v in options.items() if v is not None}
 
 
-# CPU instructions that compute bfloat16 natively (Intel Cooper Lake and later, AMD Zen 4 and later)
-NATIVE_BF16_CPU = ("avx512_bf16", "amx_bf16")
-
-
-def default_precision(accelerator: str, grouped_convs: bool = False) -> str:
-    """bf16-mixed where the hardware computes bfloat16 natively: a CUDA GPU that supports it, or
-    a CPU with NATIVE_BF16_CPU instructions (the default job trained 1.3x faster at the same
-    accuracy on a 2-core AMD EPYC, docs/benchmarks.md), except, on a CPU, a network with grouped
-    (depthwise) convolutions: EfficientNet-Lite0 trained 2.1x slower in bf16 there (36 vs 75
-    img/s at 96 px, Intel Xeon with AMX). 32-true elsewhere (a CPU without those instructions
-    ran bfloat16 matrix products 17x slower than float32)."""
+def default_precision(accelerator: str) -> str:
+    """bf16-mixed on a CUDA GPU that computes bfloat16; 32-true everywhere else. On a CPU,
+    bf16-mixed is opt-in (`trainer.precision=bf16-mixed`): it trained the default job 1.3x faster
+    on two CPUs with bfloat16 instructions, but it was compared on validation on only one of them
+    (docs/figures.md), it ran matrix products 17x slower on a CPU without those instructions, and
+    networks with depthwise convolutions trained 2.1x slower in it even with AMX."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    native = set(NATIVE_BF16_CPU) & set(lineage.cpu_info()[1])
-    cpu = accelerator in ("auto", "cpu")
-    return "bf16-mixed" if cpu and native and not grouped_convs else "32-true"
-
-
-def has_grouped_convs(model_spec: dict) -> bool:
-    """Whether the configured network has grouped (depthwise) convolutions: a timm network is
-    built on the meta device to look (no memory, no weights); the project's own have none."""
-    from image_classifier.models.factory import OWN_MODELS
-
-    name = model_spec.get("name")
-    if name in (*OWN_MODELS, "auto", None):
-        return False
-    import timm
-
-    if not timm.is_model(name):
-        return False  # create_model reports the unknown name with its options
-    with torch.device("meta"):
-        net = timm.create_model(name, pretrained=False)
-    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.modules())
+    return "32-true"
 
 
 def run_train(cfg, callbacks: list | None = None) -> dict:

@@ -1,0 +1,355 @@
+"""Regenerate the headline figures on this machine and write docs/figures.md and README's table.
+
+    uv run python scripts/figures.py            # everything below (about 50 min on 2-core CPU C)
+    uv run python scripts/figures.py --quick    # seed 42 only, without fmnist_fast (about 8 min)
+    uv run python scripts/figures.py --render   # rewrite the two pages from docs/figures.json only
+
+Each figure runs the commands exactly as README writes them (`commands.py` under this script's
+`uv run` environment), in new processes, one at a time:
+- `default`: `command=train seed=S` then `command=test`, seeds 42, 1, 2: best validation accuracy,
+  test accuracy (computed once, for the default as it is), seconds of training from the run's own
+  history, the precision it used; `calibration`: test ECE before and after its temperature.
+- `precision`: on a CPU with bfloat16 instructions, the same seeds trained with
+  `trainer.precision=bf16-mixed`, compared with the default on validation only.
+- `fmnist_fast`: `command=train experiment=fmnist_fast seed=S` then `command=test` (the six-view
+  TTA the recipe sets), seeds 42, 1, 2.
+- `cold_start`: `uv run python commands.py command=infer` on one image with the exported default
+  model, median of 5 new processes after one warm-up.
+
+docs/figures.json keeps every row: what, value, seeds, command, machine, package versions, a
+hash of the default training config, and date. A run replaces the rows it measured; the others
+stay, and the pages mark each of them with its machine and date when that is not this machine,
+and as stale when the packages or the default job changed since it was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "docs" / "figures.json"
+PAGE = ROOT / "docs" / "figures.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- figures.py: begin -->", "<!-- figures.py: end -->"
+SEEDS = (42, 1, 2)
+
+
+def commands(*args: str) -> str:
+    """One command as README writes it, in a new process; its stdout, or exit with its stderr."""
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "commands.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        sys.exit(f"commands.py {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def train_and_test(out: Path, *overrides: str, test: bool = True) -> dict:
+    """`command=train` (then `command=test` on its best checkpoint): what a figure reads."""
+    from image_classifier.models.checkpoint import history
+
+    quiet = ["trainer.enable_progress_bar=false", "logger.enabled=false"]
+    trained = commands("command=train", *overrides, f"paths.output_dir={out}", *quiet)
+    epochs = history(out / "checkpoints" / "last.ckpt")
+    run = {
+        "val": max(e["val/acc"] for e in epochs),
+        "seconds": epochs[-1]["seconds"],
+        "precision": re.search(r"precision (\S+)", trained).group(1),
+    }
+    if test:
+        ckpt = out / "checkpoints" / "best.ckpt"
+        tested = commands(
+            "command=test", f"test.checkpoint={ckpt}", f"paths.output_dir={out}/t", *quiet
+        )
+        report = json.loads(Path(re.search(r"report: (\S+)", tested).group(1)).read_text())
+        run.update(
+            test=report["accuracy"], ece=report["ece"], ece_before=report["ece_uncalibrated"]
+        )
+    return run
+
+
+def spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± half the range (lowest–highest)' of values, scaled (accuracies to %)."""
+    v = [x * scale for x in values]
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    half = (max(v) - min(v)) / 2
+    low, high = f"{min(v):.{digits}f}", f"{max(v):.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {half:.{digits}f} ({low}–{high})"
+
+
+def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[dict]:
+    runs = [train_and_test(tmp / f"default-{s}", f"seed={s}") for s in seeds]
+    for s, r in zip(seeds, runs, strict=True):
+        print(f"default seed {s}: {r}", flush=True)
+    sec = [r["seconds"] for r in runs]
+    cmd = "uv run python commands.py command=train seed=S, then command=test"
+    rows = [
+        {
+            "id": "default",
+            "what": "default job on Fashion-MNIST: test accuracy (%), seconds of training",
+            "value": f"{spread([r['test'] for r in runs])} %; {spread(sec, 1, 0)} s "
+            f"(best val {spread([r['val'] for r in runs])} %; precision {runs[0]['precision']})",
+            "command": cmd,
+            "target": "≥ 93.0 % in ≤ 300 s (CPU, 2 cores)",
+            "met": all(r["test"] >= 0.93 and r["seconds"] <= 300 for r in runs),
+        },
+        {
+            "id": "calibration",
+            "what": "default job: test ECE without → with its temperature (15 bins)",
+            "value": f"{spread([r['ece_before'] for r in runs], 1, 4)} → "
+            f"{spread([r['ece'] for r in runs], 1, 4)}",
+            "command": cmd,
+        },
+    ]
+    if bf16_cpu:  # the opt-in precision, compared on validation only
+        other = [
+            train_and_test(
+                tmp / f"bf16-{s}", f"seed={s}", "trainer.precision=bf16-mixed", test=False
+            )
+            for s in seeds
+        ]
+        for s, r in zip(seeds, other, strict=True):
+            print(f"bf16-mixed seed {s}: {r}", flush=True)
+        gain = statistics.mean(r["val"] for r in other) - statistics.mean(r["val"] for r in runs)
+        speed = statistics.mean(sec) / statistics.mean(r["seconds"] for r in other)
+        rows.append(
+            {
+                "id": "precision",
+                "what": "default job, `trainer.precision=bf16-mixed` against the default "
+                "32-true: best val accuracy (%), seconds of training (test not computed)",
+                "value": f"bf16-mixed val {spread([r['val'] for r in other])} % in "
+                f"{spread([r['seconds'] for r in other], 1, 0)} s; 32-true val "
+                f"{spread([r['val'] for r in runs])} %; bf16 {gain * 100:+.2f} points on "
+                f"validation, {speed:.2f}× the speed",
+                "command": "uv run python commands.py command=train seed=S "
+                "[trainer.precision=bf16-mixed]",
+            }
+        )
+    return [dict(r, seeds=", ".join(map(str, seeds))) for r in rows]
+
+
+def measure_fast(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
+    runs = [train_and_test(tmp / f"fast-{s}", "experiment=fmnist_fast", f"seed={s}") for s in seeds]
+    seconds, val = spread([r["seconds"] for r in runs], 1, 0), spread([r["val"] for r in runs])
+    for s, r in zip(seeds, runs, strict=True):
+        print(f"fmnist_fast seed {s}: {r}", flush=True)
+    return [
+        {
+            "id": "fmnist_fast",
+            "what": "`experiment=fmnist_fast` (its six-view TTA): test accuracy (%), seconds of "
+            "training",
+            "value": f"{spread([r['test'] for r in runs])} %; {seconds} s (best val {val} %; "
+            f"precision {runs[0]['precision']})",
+            "seeds": ", ".join(map(str, seeds)),
+            "command": "uv run python commands.py command=train experiment=fmnist_fast seed=S, "
+            "then command=test",
+            "target": "≥ 94.0 % in ≤ 900 s (CPU, 2 cores)",
+            "met": all(r["test"] >= 0.94 and r["seconds"] <= 900 for r in runs),
+        }
+    ]
+
+
+def measure_cold_start(tmp: Path, rounds: int = 5) -> list[dict]:
+    from PIL import Image
+
+    commands("command=export-onnx", f"export.checkpoint={tmp}/default-42/checkpoints/best.ckpt")
+    img = tmp / "one.png"
+    Image.new("L", (28, 28), 128).save(img)
+    uv = os.environ.get("UV") or shutil.which("uv") or str(ROOT / ".uv" / "bin" / "uv")
+    line = [
+        uv,
+        "run",
+        "python",
+        "commands.py",
+        "command=infer",
+        f"infer.model={tmp}/default-42/checkpoints/best.onnx",
+        f"infer.input={img}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    times = []
+    for _ in range(rounds + 1):  # round 0 warms the page cache and writes bytecode
+        t0 = time.perf_counter()
+        subprocess.run(line, cwd=ROOT, env=env, capture_output=True, check=True)
+        times.append(time.perf_counter() - t0)
+    t = times[1:]
+    return [
+        {
+            "id": "cold_start",
+            "what": "cold start of `infer` on one image (.onnx), wall seconds",
+            "value": f"median {statistics.median(t):.2f} s ({min(t):.2f}–{max(t):.2f}, "
+            f"{rounds} runs)",
+            "seeds": "",
+            "command": "uv run python commands.py command=infer infer.model=M.onnx "
+            "infer.input=one.png",
+            "target": "≤ 2 s",
+            "met": statistics.median(t) <= 2.0,
+        }
+    ]
+
+
+def context() -> dict:
+    """What a figure depends on besides the code: machine, package versions, the default job."""
+    from omegaconf import OmegaConf
+
+    from image_classifier import lineage
+    from image_classifier.config import compose_config
+
+    cfg = OmegaConf.to_container(compose_config("command=train", root=ROOT), resolve=False)
+    for volatile in ("paths", "hydra", "command", "seed", "logger"):
+        cfg.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+    return {
+        "machine": lineage.describe_machine(lineage.machine_info()),
+        "versions": {k.removeprefix("version."): v for k, v in lineage.package_versions().items()},
+        "default_config": digest[:12],
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def status(row: dict, now: dict) -> str:
+    """How a stored row stands against this machine, these packages and this default job."""
+    notes = []
+    if row.get("machine") != now["machine"]:
+        where = row.get("machine_label") or row.get("machine")
+        notes.append(f"not re-run on this machine (measured on {where}, {row['date']})")
+    versions = row.get("versions")
+    if not versions:
+        notes.append("package versions not recorded")
+    else:
+        changed = [
+            f"{k} {v} → {now['versions'].get(k)}"
+            for k, v in versions.items()
+            if now["versions"].get(k) != v
+        ]
+        if changed:
+            notes.append("stale: " + ", ".join(changed))
+    if row.get("default_config") and row["default_config"] != now["default_config"]:
+        notes.append("stale: the default job changed since")
+    return "; ".join(notes) or f"regenerated by scripts/figures.py, {row['date']}"
+
+
+def cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render(store: dict, now: dict) -> tuple[str, str]:
+    """(docs/figures.md, README's table) from the stored rows."""
+    labels = store.get("machines", {})
+    page = [
+        "# Figures",
+        "",
+        "Written by `uv run python scripts/figures.py` from `docs/figures.json`; do not edit by "
+        "hand. Accuracies are mean ± half the range (lowest–highest) over the seeds listed; test "
+        "accuracy is computed once per run, for the setting as it is, after any choice made on "
+        "validation. Rows that this machine did not re-run name where and when they were "
+        "measured; rows measured under other package versions or another default job say so.",
+        "",
+        "Machines:",
+        "",
+        *[f"- **{k}**: {v}" for k, v in labels.items()],
+        "",
+        "| figure | value | seeds | target | command | machine | date | versions | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    table = ["| what | figure | machine, date |", "| --- | --- | --- |"]
+    for row in store["rows"]:
+        label = next((k for k, v in labels.items() if v == row.get("machine")), row.get("machine"))
+        row = dict(row, machine_label=label)
+        met = {True: " (met)", False: " (**not met**)"}.get(row.get("met"), "")
+        versions = ", ".join(
+            f"{k} {v}"
+            for k, v in (row.get("versions") or {}).items()
+            if k in ("torch", "lightning", "onnxruntime", "timm")
+        )
+        page.append(
+            f'| <a id="{row["id"]}"></a>{cell(row["what"])} | {cell(row["value"])} | '
+            f"{cell(row.get('seeds', ''))} | {cell(row.get('target', ''))}{met} | "
+            f"`{cell(row['command'])}` | {cell(label)} | {row['date']} | "
+            f"{cell(versions or 'not recorded')} | {cell(status(row, now))} |"
+        )
+        if row.get("headline"):
+            table.append(
+                f"| [{cell(row['what'])}](docs/figures.md#{row['id']}) | "
+                f"{cell(row['value'])}{met} | {cell(label)}, {row['date']} |"
+            )
+    return "\n".join(page) + "\n", "\n".join(table)
+
+
+def write_pages(store: dict, now: dict) -> None:
+    page, table = render(store, now)
+    PAGE.write_text(page)
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"README.md lacks the {BEGIN} ... {END} markers around its Figures table.")
+    head, rest = text.split(BEGIN, 1)
+    README.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    print(f"wrote {PAGE.relative_to(ROOT)} ({len(store['rows'])} rows) and README's table")
+
+
+def merge(store: dict, rows: list[dict], now: dict) -> None:
+    """Replace the stored rows with these ids (keeping their place and headline flag)."""
+    by_id = {r["id"]: i for i, r in enumerate(store["rows"])}
+    labels = store.setdefault("machines", {})
+    if now["machine"] not in labels.values():
+        labels[f"machine {len(labels) + 1}"] = now["machine"]
+    for row in rows:
+        row = {**row, **{k: now[k] for k in ("machine", "versions", "default_config", "date")}}
+        if row["id"] in by_id:
+            old = store["rows"][by_id[row["id"]]]
+            store["rows"][by_id[row["id"]]] = {"headline": old.get("headline", False), **row}
+        else:
+            store["rows"].append({"headline": False, **row})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seed 42 only, without fmnist_fast")
+    ap.add_argument("--render", action="store_true", help="rewrite the pages, run nothing")
+    ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start"])
+    args = ap.parse_args()
+    from image_classifier import lineage
+
+    store = json.loads(STORE.read_text())
+    now = context()
+    print(f"machine: {now['machine']}", flush=True)
+    if not args.render:
+        seeds = SEEDS[:1] if args.quick else SEEDS
+        jobs = args.only or (
+            ["default", "cold_start"] if args.quick else ["default", "fmnist_fast", "cold_start"]
+        )
+        bf16_cpu = bool({"avx512_bf16", "amx_bf16"} & set(lineage.cpu_info()[1]))
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="figures-") as tmp:
+            tmp = Path(tmp)
+            rows = []
+            if "default" in jobs or "cold_start" in jobs:
+                rows += measure_default(tmp, seeds, bf16_cpu) if "default" in jobs else []
+                if "cold_start" in jobs:
+                    if "default" not in jobs:
+                        train_and_test(tmp / "default-42", "seed=42", test=False)
+                    rows += measure_cold_start(tmp)
+            if "fmnist_fast" in jobs:
+                rows += measure_fast(tmp, seeds)
+        merge(store, rows, now)
+        STORE.write_text(json.dumps(store, indent=1, ensure_ascii=False) + "\n")
+        print(
+            f"measured {', '.join(r['id'] for r in rows)} in {time.perf_counter() - started:.0f} s"
+        )
+    write_pages(store, now)
+
+
+if __name__ == "__main__":
+    main()
