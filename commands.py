@@ -11,7 +11,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_classifier import CONFIG_DIR
 from image_classifier.errors import ExportError, UserError
@@ -30,6 +30,11 @@ COMMANDS = {
     "serve": "image_classifier.serving.app:run_serve",
     "audit": "image_classifier.audit.run:run_audit",
 }
+
+# commands whose test-time augmentation defaults to the checkpoint's recipe unless these are set
+CHECKPOINT_TTA = {"test": ("test.tta", "experiment"), "export-onnx": ("export.tta", "experiment")}
+# commands that take a model file, by the setting that names it
+MODEL_SETTINGS = {"infer": "infer.model", "serve": "serve.model"}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -53,11 +58,17 @@ def _run(cfg: DictConfig):
     with open_dict(cfg):
         if cfg.paths.output_dir is None:
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    if name == "test":
-        overrides = HydraConfig.get().overrides.task
-        return fn(
-            cfg, use_checkpoint_data=not any(o.lstrip("+~").startswith("data") for o in overrides)
-        )
+    if name in MODEL_SETTINGS:  # a path, a registered model or the newest export, resolved once
+        from image_classifier import runs
+
+        key = MODEL_SETTINGS[name]
+        return fn(cfg, *runs.model_location(cfg, OmegaConf.select(cfg, key), key))
+    if name in CHECKPOINT_TTA:  # what the command line does not set comes from the checkpoint
+        given = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
+        kwargs = {"use_checkpoint_tta": not any(o.startswith(CHECKPOINT_TTA[name]) for o in given)}
+        if name == "test":
+            kwargs["use_checkpoint_data"] = not any(o.startswith("data") for o in given)
+        return fn(cfg, **kwargs)
     return fn(cfg)
 
 

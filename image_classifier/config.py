@@ -1,10 +1,9 @@
 """The composed config, checked once at load, before any data, model or MLflow run is touched.
 
-One table: each row is a key, the kind of value it takes and its range or choices. Choices come
-from the registries that build the objects (optimisers, schedules, augmentation presets, download
-sources, output writers, ...), so an option cannot be offered here and refused later or the other
-way round. `commands.py` runs `validate` on every command line; bad values exit 2 with every
-problem listed, each with the options and the closest match.
+Every key's rule comes from one table (settings.py); this module applies it, adds the values that
+cannot go together, and composes configs for Python callers. `commands.py` checks every command
+line before Hydra runs; bad values exit 2 with every problem listed, each with the options and
+the closest match.
 """
 
 from __future__ import annotations
@@ -14,178 +13,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from image_classifier.errors import did_you_mean
-from image_classifier.rules import (
-    COUNT,
-    FRACTION,
-    POSITIVE,
-    POSITIVE_INT,
-    PROBABILITY,
-    Choice,
-    Each,
-    Either,
-    Number,
-    Suffix,
-)
+from image_classifier.settings import rule_table
 
 _MISSING = object()
-
-
-def _rules() -> dict:
-    """key -> rule, for every setting that has a type, a range or choices."""
-    return {
-        "seed": Number(integer=True),
-        **_train_rules(),
-        **_data_rules(),
-        **_inference_rules(),
-        **_export_rules(),
-        **_audit_rules(),
-        "logger.connect_timeout": POSITIVE,
-    }
-
-
-def _train_rules() -> dict:
-    from image_classifier.data.augment import HFLIP, PRESETS
-    from image_classifier.models.optim import MONITORS, OPTIMIZERS, SCHEDULERS
-    from image_classifier.models.tta import TTA_VALUES
-
-    return {
-        "train.epochs": Either("auto", POSITIVE_INT),
-        "train.time_budget": Number(0, open_lo=True, optional=True),
-        "train.batch_size": POSITIVE_INT,
-        "train.optimizer": Choice(tuple(OPTIMIZERS)),
-        "train.lr": POSITIVE,
-        "train.muon_lr_scale": POSITIVE,
-        "train.weight_decay": Number(0),
-        "train.momentum": FRACTION,
-        "train.scheduler": Choice(tuple(SCHEDULERS)),
-        "train.warmup": Number(0, 1, open_lo=True),
-        "train.step_size": POSITIVE_INT,
-        "train.gamma": POSITIVE,
-        "train.patience": COUNT,
-        "train.label_smoothing": Number(0, 0.999, optional=True),
-        "train.monitor": Choice(MONITORS),
-        "train.threshold": Either("tune", PROBABILITY),
-        "train.early_stopping": COUNT,
-        "train.augment.preset": Choice(tuple(PRESETS)),
-        "train.augment.hflip": Choice(HFLIP),
-        "train.augment.shift": COUNT,
-        "train.augment.erase": FRACTION,
-        "train.device_budget_gb": Number(0),
-        "train.augment.mixup": Number(0),
-        "train.augment.cutmix": Number(0),
-        "train.supcon_weight": Number(0),
-        "train.ema": Number(0, 1, open_hi=True),
-        "train.supcon_temperature": POSITIVE,
-        "train.num_workers": COUNT,
-        "train.threads": Number(1, integer=True, optional=True),
-        "test.batch_size": POSITIVE_INT,
-        "test.tta": Choice(TTA_VALUES),
-    }
-
-
-def _data_rules() -> dict:
-    from image_classifier.data.images import RESIZE_MODES
-    from image_classifier.data.manifest import MULTI_LABEL
-    from image_classifier.data.sources import SOURCES
-
-    return {
-        "data.size": Either("auto", Each(POSITIVE_INT, length=2)),
-        "data.channels": Choice((1, 3, "auto")),
-        "data.resize": Choice(RESIZE_MODES),
-        "data.split": Each(Number(0), length=3),
-        "data.val_size": COUNT,
-        "data.cache": Choice(("decoded", "none")),
-        "data.cache_max_gb": Number(0),
-        "data.multi_label": Choice(MULTI_LABEL),
-        "data.download.sources": Each(Choice(tuple(SOURCES))),
-        "features.size": Each(POSITIVE_INT, length=2),
-        "features.channels": Choice((1, 3)),
-        "features.batch_size": POSITIVE_INT,
-    }
-
-
-def _inference_rules() -> dict:
-    from image_classifier.inference.infer import SORT_MODES, WRITERS
-    from image_classifier.inference.predictor import DEVICES
-    from image_classifier.inference.ray_engine import ENGINES as INFER_ENGINES
-    from image_classifier.inference.ray_engine import PARQUET
-    from image_classifier.serving.triton import ENGINES
-
-    return {
-        "infer.output": Suffix((*WRITERS, PARQUET)),
-        "infer.engine": Choice(INFER_ENGINES),
-        "infer.workers": Number(1, integer=True, optional=True),
-        "infer.cpus_per_worker": POSITIVE,
-        "infer.top_k": Number(1, integer=True, optional=True),
-        "infer.batch_size": POSITIVE_INT,
-        "infer.sort_mode": Choice(SORT_MODES),
-        "infer.device": Choice(DEVICES),
-        "infer.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
-        "serve.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
-        "serve.device": Choice(DEVICES),
-        "serve.port": Number(0, 65535, integer=True),
-        "serve.engine": Choice(ENGINES),
-        "serve.grpc_port": Number(0, 65535, integer=True),
-        "serve.metrics_port": Number(0, 65535, integer=True),
-        "serve.max_body_mb": POSITIVE,
-        "serve.max_images": POSITIVE_INT,
-        "serve.max_pixels": POSITIVE_INT,
-        "serve.max_batch": POSITIVE_INT,
-        "serve.max_wait_ms": Number(0),
-        "serve.shutdown_timeout_s": Number(0),
-        "serve.log_level": Choice(("critical", "error", "warning", "info", "debug", "trace")),
-    }
-
-
-def _export_rules() -> dict:
-    from image_classifier.export.tensorrt import PRECISIONS
-    from image_classifier.export.triton import KINDS
-    from image_classifier.models.tta import TTA_VALUES
-
-    return {
-        "export.output": Suffix((".onnx",)),
-        "export.tta": Choice(TTA_VALUES),
-        "export.opset": Number(7, integer=True),
-        "export.tolerance": POSITIVE,
-        "export.parity_images": COUNT,
-        "export.trt.precision": Choice(PRECISIONS),
-        "export.trt.min_batch": POSITIVE_INT,
-        "export.trt.opt_batch": POSITIVE_INT,
-        "export.trt.max_batch": POSITIVE_INT,
-        "export.trt.workspace_gb": POSITIVE,
-        "export.triton.kind": Choice(KINDS),
-        "export.triton.max_batch_size": POSITIVE_INT,
-        "export.triton.instances": POSITIVE_INT,
-        "register.version": Number(1, integer=True, optional=True),
-    }
-
-
-def _audit_rules() -> dict:
-    from image_classifier.audit.labels import FEATURE_SOURCES
-
-    return {
-        "audit.features": Choice(FEATURE_SOURCES),
-        "audit.feature_dims": POSITIVE_INT,
-        "audit.folds": Number(2, integer=True),
-        "audit.near_candidates": POSITIVE,
-        "audit.near_threshold": POSITIVE,
-        "audit.neighbours": POSITIVE_INT,
-        "audit.outlier_fence": POSITIVE,
-        "audit.max_outliers": COUNT,
-        "audit.examples": COUNT,
-        "audit.quality.dark": FRACTION,
-        "audit.quality.light": FRACTION,
-        "audit.quality.low_information": FRACTION,
-        "audit.quality.blurry": Number(0),
-        "audit.quality.odd_size": Number(1),
-        "audit.quality.odd_aspect_ratio": FRACTION,
-    }
 
 
 def problems(cfg) -> list[str]:
     """Every value of `cfg` that breaks its rule, as one sentence each (empty when all is well)."""
     found = []
-    for key, rule in _rules().items():
+    for key, rule in rule_table().items():
         value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
         if value is _MISSING:
             continue  # not in this config (a data group without that key)

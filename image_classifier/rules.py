@@ -112,8 +112,44 @@ class Each:
         return None
 
 
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string: a path, a name, an address (or null when optional)."""
+
+    optional: bool = True
+
+    def problem(self, key: str, v) -> str | None:
+        if v is None:
+            return None if self.optional else f"{key} must be set (it is null)."
+        if isinstance(v, str) and v.strip():
+            return None
+        return f"{key}={v!r} must be a non-empty string (a path or a name)."
+
+
+@dataclass(frozen=True)
+class Entries:
+    """A mapping whose every value passes `rule` (file name -> checksum, preset -> values)."""
+
+    rule: object
+
+    def problem(self, key: str, v) -> str | None:
+        if not isinstance(v, dict):
+            return f"{key}={v!r} must be a mapping of names to values."
+        return next((w for k, x in v.items() if (w := self.rule.problem(f"{key}.{k}", x))), None)
+
+
 PROBABILITY = Number(0, 1, open_lo=True, open_hi=True)  # a decision threshold
+FLAG = Choice((True, False))
 
 
 POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
 POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
+
+
+def safe_name(name: str) -> str:
+    """A name as one part of a metric key, a folder or a served model's name: anything but
+    letters, digits, - _ . becomes _."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+REGISTRY_PREFIX = "models:/"  # infer.model / serve.model from MLflow's model registry

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from image_classifier.errors import UserError
+from image_classifier.rules import REGISTRY_PREFIX
 
 
 def output_dir(cfg) -> Path:
@@ -79,3 +80,13 @@ def model_file(cfg, given, setting: str) -> Path:
             f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
         )
     return onnx
+
+
+def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
+    """(model file, registry info or None): `given` as a path, a registered model
+    (models:/NAME@ALIAS or models:/NAME/VERSION, downloaded once), or the newest export."""
+    if given and str(given).startswith(REGISTRY_PREFIX):
+        from image_classifier import tracking
+
+        return tracking.fetch_registered(cfg, str(given))
+    return model_file(cfg, given, setting), None

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from image_classifier.errors import UserError
+from image_classifier.rules import safe_name
 
 
 def resolve_uri(logger_cfg, root: str | Path) -> tuple[str, str | None]:
@@ -175,11 +176,6 @@ def set_tags(logger, tags: dict[str, str]) -> None:
 def finish(logger) -> None:
     """End a run that no Lightning Trainer ends (audit)."""
     logger.experiment.set_terminated(logger.run_id)
-
-
-def safe_name(name: str) -> str:
-    """A class name as one part of a metric key: anything but letters, digits, - _ . becomes _."""
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 @contextlib.contextmanager

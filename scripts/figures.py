@@ -3,6 +3,7 @@
     uv run python scripts/figures.py            # everything below (about 50 min on 2-core CPU C)
     uv run python scripts/figures.py --quick    # seed 42 only, without fmnist_fast (about 8 min)
     uv run python scripts/figures.py --render   # rewrite the two pages from docs/figures.json only
+    uv run python scripts/figures.py --isa avx2 --only default   # as on a CPU with AVX2 only
 
 Each figure runs the commands exactly as README writes them (`commands.py` under this script's
 `uv run` environment), in new processes, one at a time:
@@ -15,6 +16,11 @@ Each figure runs the commands exactly as README writes them (`commands.py` under
   TTA the recipe sets), seeds 42, 1, 2.
 - `cold_start`: `uv run python commands.py command=infer` on one image with the exported default
   model, median of 5 new processes after one warm-up.
+
+`--isa avx2` runs every command with PyTorch's and oneDNN's kernels limited to AVX2
+(ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): the instructions, kernels and rounding of a
+CPU without AVX-512 or bfloat16, not its clock or memory. Its rows are kept beside the native ones
+(ids ending in _avx2) and their machine says so.
 
 docs/figures.json keeps every row: what, value, seeds, command, machine, package versions, a
 hash of the default training config, and date. A run replaces the rows it measured; the others
@@ -44,6 +50,8 @@ PAGE = ROOT / "docs" / "figures.md"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- figures.py: begin -->", "<!-- figures.py: end -->"
 SEEDS = (42, 1, 2)
+# --isa: the kernels of a smaller instruction set on this CPU (PyTorch's ATen dispatch, oneDNN)
+ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 def commands(*args: str) -> str:
@@ -56,28 +64,34 @@ def commands(*args: str) -> str:
     return p.stdout
 
 
+QUIET = ("trainer.enable_progress_bar=false", "logger.enabled=false")
+
+
 def train_and_test(out: Path, *overrides: str, test: bool = True) -> dict:
     """`command=train` (then `command=test` on its best checkpoint): what a figure reads."""
     from image_classifier.models.checkpoint import history
 
-    quiet = ["trainer.enable_progress_bar=false", "logger.enabled=false"]
-    trained = commands("command=train", *overrides, f"paths.output_dir={out}", *quiet)
+    trained = commands("command=train", *overrides, f"paths.output_dir={out}", *QUIET)
     epochs = history(out / "checkpoints" / "last.ckpt")
     run = {
         "val": max(e["val/acc"] for e in epochs),
         "seconds": epochs[-1]["seconds"],
         "precision": re.search(r"precision (\S+)", trained).group(1),
     }
-    if test:
-        ckpt = out / "checkpoints" / "best.ckpt"
-        tested = commands(
-            "command=test", f"test.checkpoint={ckpt}", f"paths.output_dir={out}/t", *quiet
-        )
-        report = json.loads(Path(re.search(r"report: (\S+)", tested).group(1)).read_text())
-        run.update(
-            test=report["accuracy"], ece=report["ece"], ece_before=report["ece_uncalibrated"]
-        )
-    return run
+    return {**run, **(tested(out / "checkpoints" / "best.ckpt", out / "t") if test else {})}
+
+
+def tested(ckpt: Path, out: Path) -> dict:
+    """`command=test` on a checkpoint as a user runs it after `train` (a recipe's TTA comes
+    from the checkpoint): accuracy, ECE with and without the temperature, the TTA used."""
+    printed = commands("command=test", f"test.checkpoint={ckpt}", f"paths.output_dir={out}", *QUIET)
+    report = json.loads(Path(re.search(r"report: (\S+)", printed).group(1)).read_text())
+    return {
+        "test": report["accuracy"],
+        "ece": report["ece"],
+        "ece_before": report["ece_uncalibrated"],
+        "tta": report["tta"],
+    }
 
 
 def spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -143,16 +157,20 @@ def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[d
 
 def measure_fast(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
     runs = [train_and_test(tmp / f"fast-{s}", "experiment=fmnist_fast", f"seed={s}") for s in seeds]
-    seconds, val = spread([r["seconds"] for r in runs], 1, 0), spread([r["val"] for r in runs])
     for s, r in zip(seeds, runs, strict=True):
         print(f"fmnist_fast seed {s}: {r}", flush=True)
+    return fast_rows(runs, seeds)
+
+
+def fast_rows(runs: list[dict], seeds: tuple[int, ...]) -> list[dict]:
+    seconds, val = spread([r["seconds"] for r in runs], 1, 0), spread([r["val"] for r in runs])
     return [
         {
             "id": "fmnist_fast",
-            "what": "`experiment=fmnist_fast` (its six-view TTA): test accuracy (%), seconds of "
-            "training",
+            "what": "`experiment=fmnist_fast`, tested with the TTA it sets: test accuracy (%), "
+            "seconds of training",
             "value": f"{spread([r['test'] for r in runs])} %; {seconds} s (best val {val} %; "
-            f"precision {runs[0]['precision']})",
+            f"precision {runs[0]['precision']}; TTA {runs[0]['tta']})",
             "seeds": ", ".join(map(str, seeds)),
             "command": "uv run python commands.py command=train experiment=fmnist_fast seed=S, "
             "then command=test",
@@ -296,7 +314,7 @@ def write_pages(store: dict, now: dict) -> None:
         sys.exit(f"README.md lacks the {BEGIN} ... {END} markers around its Figures table.")
     head, rest = text.split(BEGIN, 1)
     README.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
-    print(f"wrote {PAGE.relative_to(ROOT)} ({len(store['rows'])} rows) and README's table")
+    print(f"wrote {PAGE} ({len(store['rows'])} rows) and the table in {README}")
 
 
 def merge(store: dict, rows: list[dict], now: dict) -> None:
@@ -319,18 +337,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="seed 42 only, without fmnist_fast")
     ap.add_argument("--render", action="store_true", help="rewrite the pages, run nothing")
     ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start"])
+    ap.add_argument("--isa", choices=list(ISA), help="limit the kernels to this instruction set")
     args = ap.parse_args()
     from image_classifier import lineage
 
     store = json.loads(STORE.read_text())
     now = context()
+    if args.isa:
+        os.environ.update(ISA[args.isa])  # every command below inherits it
+        limits = ", ".join(f"{k}={v}" for k, v in ISA[args.isa].items())
+        native = next((k for k, v in store["machines"].items() if v == now["machine"]), None)
+        now["machine"] += f", kernels limited to {args.isa.upper()} ({limits})"
+        if native:
+            store["machines"].setdefault(f"{native}-{args.isa.upper()}", now["machine"])
     print(f"machine: {now['machine']}", flush=True)
     if not args.render:
         seeds = SEEDS[:1] if args.quick else SEEDS
         jobs = args.only or (
             ["default", "cold_start"] if args.quick else ["default", "fmnist_fast", "cold_start"]
         )
-        bf16_cpu = bool({"avx512_bf16", "amx_bf16"} & set(lineage.cpu_info()[1]))
+        bf16_cpu = not args.isa and bool({"avx512_bf16", "amx_bf16"} & set(lineage.cpu_info()[1]))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="figures-") as tmp:
             tmp = Path(tmp)
@@ -343,6 +369,9 @@ def main() -> None:
                     rows += measure_cold_start(tmp)
             if "fmnist_fast" in jobs:
                 rows += measure_fast(tmp, seeds)
+        if args.isa:
+            suffix = f" [{args.isa.upper()} kernels]"
+            rows = [dict(r, id=f"{r['id']}_{args.isa}", what=r["what"] + suffix) for r in rows]
         merge(store, rows, now)
         STORE.write_text(json.dumps(store, indent=1, ensure_ascii=False) + "\n")
         print(

@@ -124,3 +124,45 @@ def test_a_recipe_carries_the_tta_its_figure_used_and_the_default_has_none():
     assert compose_config("experiment=fmnist_fast", "test.tta=false").test.tta is False
     default = compose_config()
     assert default.test.tta is False and default.export.tta is False
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data=folder"], ["experiment=fmnist_fast"], ["hparams_search=optuna"]]
+    + [[f"model={p.stem}"] for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))],
+)
+def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
+    from omegaconf import OmegaConf
+
+    from image_classifier.settings import CHECKED_ELSEWHERE, rule_table
+
+    table = rule_table()
+
+    def unruled(d, prefix=""):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if key in table or any(key.startswith(p) or key == p for p in CHECKED_ELSEWHERE):
+                continue
+            if isinstance(v, dict) and v:
+                yield from unruled(v, f"{key}.")
+            else:
+                yield key
+
+    cfg = OmegaConf.to_container(_compose(overrides, CONFIG_DIR), resolve=False)
+    assert list(unruled(cfg)) == []
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.compile=maybe", "train.compile='maybe' is not one of True, False."),
+        ("data.download.timeout=0", "data.download.timeout=0 must be a number > 0."),
+        ("data.mean=[a]", "data.mean[0]='a' must be a number"),
+        ("paths.search=outputs", "paths.search='outputs' must be a list."),
+        ("infer.model=[1]", "infer.model=[1] must be a non-empty string (a path or a name)."),
+        ("+normalization.mine.mean=[x]", "normalization.mine.mean[0]='x' must be a number"),
+    ],
+)
+def test_switches_paths_and_lists_are_checked_too(override, message):
+    found = problems(_compose([override], CONFIG_DIR))
+    assert any(message in f for f in found), found

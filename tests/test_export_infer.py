@@ -498,3 +498,80 @@ def test_a_checkpoint_and_its_onnx_export_describe_the_model_the_same_way(traine
     same = ("classes", "preprocessing", "model", "temperature", "tta", "data_hash", "data_name")
     assert {k: by_ckpt.extra.get(k) for k in same} == {k: by_onnx.extra.get(k) for k in same}
     assert by_ckpt.name == by_onnx.name and by_ckpt.extra["data_name"]
+
+
+def test_export_checks_parity_on_the_images_the_checkpoint_carries(trained, tmp_path, capsys):
+    """Real-image parity needs nothing but the checkpoint: the data folder is gone here."""
+    import shutil
+
+    import torch
+
+    from image_classifier.export.onnx import run_export_onnx
+    from image_classifier.models import checkpoint as ckpt_file
+
+    root, ckpt, images = trained
+    module, stored = ckpt_file.open_module(ckpt)
+    carried = stored["parity_images"]
+    pre = module.hparams.preprocessing
+    assert carried.dtype == torch.uint8 and tuple(carried.shape[1:]) == (
+        pre["channels"],
+        *pre["size"],
+    )
+    moved = shutil.copy(ckpt, tmp_path / "alone.ckpt")  # no project, no data beside it
+    r = run_export_onnx(compose_cfg(tmp_path, f"export.checkpoint={moved}", "logger.enabled=false"))
+    assert set(r["parity"]) == {"random", "real"} and max(r["parity"].values()) <= 1e-4
+    assert f"8 random, {len(carried)} real images the checkpoint carries" in capsys.readouterr().out
+    limited = run_export_onnx(
+        compose_cfg(
+            tmp_path,
+            f"export.checkpoint={moved}",
+            f"export.output={tmp_path}/three.onnx",
+            "export.parity_images=3",
+            "logger.enabled=false",
+        )
+    )
+    assert set(limited["parity"]) == {"random", "real"}
+    assert "8 random, 3 real images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_test_and_export_follow_the_recipes_tta_stored_in_the_checkpoint(trained, tmp_path):
+    """A recipe's test.tta / export.tta (experiment=fmnist_fast sets both) reach `command=test`
+    and `command=export-onnx` on its checkpoint without repeating the recipe; a value on the
+    command line wins."""
+    import torch
+    from conftest import run_cli
+
+    from image_classifier.models import checkpoint as ckpt_file
+
+    root, ckpt, _ = trained
+    stored = ckpt_file.read(ckpt)
+    config = stored["hyper_parameters"]["config"]
+    config["test"]["tta"] = config["export"]["tta"] = "hflip"  # as the recipe would have set
+    recipe = tmp_path / "recipe.ckpt"
+    torch.save(stored, recipe)
+
+    def tested(*overrides):
+        out = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        p = run_cli(
+            "command=test",
+            f"test.checkpoint={recipe}",
+            f"paths.root={root}",
+            f"paths.output_dir={out}",
+            "logger.enabled=false",
+            *overrides,
+        )
+        assert p.returncode == 0, p.stderr
+        return json.loads((out / "test_report.json").read_text())["tta"]
+
+    assert tested() == "hflip"
+    assert tested("test.tta=false") is None
+    assert tested("test.tta=hflip+shift") == "hflip+shift"
+    p = run_cli(
+        "command=export-onnx",
+        f"export.checkpoint={recipe}",
+        f"paths.root={root}",
+        "logger.enabled=false",
+    )
+    assert p.returncode == 0, p.stderr
+    assert load_predictor(recipe.with_suffix(".onnx")).meta.extra["tta"] == "hflip"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from image_classifier import runs
+from image_classifier.errors import UserError
 from tests.conftest import compose_cfg, make_class_folders, run_cli
 
 
@@ -32,12 +34,13 @@ def test_register_then_infer_by_alias_matches_the_file(registered, trained):
     assert first["version"] == "1" and first["uri"] == "models:/tiny@champion"
     images = trained[2]
     by_file = run_infer(compose_cfg(root, f"infer.model={onnx}", f"infer.input={images}"))
-    by_alias = run_infer(
-        compose_cfg(root, "infer.model=models:/tiny@champion", f"infer.input={images}")
-    )
-    assert by_alias["rows"] == by_file["rows"]
-    by_number = run_infer(compose_cfg(root, "infer.model=models:/tiny/1", f"infer.input={images}"))
-    assert by_number["rows"] == by_file["rows"]
+    for address in ("models:/tiny@champion", "models:/tiny/1"):
+        cfg = compose_cfg(root, f"infer.model={address}", f"infer.input={images}")
+        model, registered = runs.model_location(cfg, cfg.infer.model, "infer.model")
+        assert registered["version"] == "1"
+        assert run_infer(cfg, model, registered)["rows"] == by_file["rows"]
+    with pytest.raises(UserError, match="a library caller passes the model file"):
+        run_infer(cfg)  # a registry address is resolved by runs, not by inference
 
 
 def test_version_carries_signature_lineage_and_alias_moves(registered):

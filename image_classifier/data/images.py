@@ -89,6 +89,18 @@ class Preprocessing:
         return cls(**d)
 
 
+def normalisation(mean, std, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for `channels` from data.mean / data.std (None: 0.5 per channel): one value
+    serves three channels, and RGB statistics (ImageNet's) serve grey images as their average."""
+    mean = [float(m) for m in mean] if mean is not None else [0.5] * channels
+    std = [float(v) for v in std] if std is not None else [0.5] * channels
+    if len(mean) == 1 and channels == 3:
+        mean, std = mean * 3, std * 3
+    elif len(mean) == 3 and channels == 1:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return tuple(mean), tuple(std)
+
+
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and orient an image; raise ImageError naming the file and the cause."""
     path = Path(path)

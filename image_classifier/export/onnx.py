@@ -39,32 +39,20 @@ class _Probabilities(torch.nn.Module):
         return self.module.probabilities(self.module.logits(image, self.tta))
 
 
-def parity_inputs(module, cfg, n_real: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """8 random inputs, and up to n_real real test images read through the model's preprocessing."""
-    from omegaconf import OmegaConf, open_dict
-
-    from image_classifier.data.datamodule import build_datamodule
+def parity_inputs(module, images, n_real: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """8 random inputs, and up to n_real of `images`: uint8 NCHW pixels at the model's input
+    size (what a checkpoint carries as "parity_images", or a few a caller passes); None
+    when there are none."""
     from image_classifier.data.images import Preprocessing
 
     pre = Preprocessing.from_dict(module.hparams.preprocessing)
     rng = np.random.default_rng(0)
     random = rng.integers(0, 256, (8, pre.channels, *pre.size)).astype(np.float32)
-    real = None
-    stored = (module.hparams.get("config") or {}).get("data")
-    if stored and n_real > 0:
-        c = cfg.copy()
-        with open_dict(c):
-            c.data = OmegaConf.create(stored)
-        try:
-            ds = build_datamodule(c, preprocessing=pre).dataset("test")
-            idx = np.linspace(0, len(ds) - 1, min(n_real, len(ds))).astype(int)
-            real = np.stack([np.asarray(ds[int(i)][0]) for i in idx]).astype(np.float32)
-        except (UserError, OSError) as e:
-            log.warning(
-                "Parity check on real images skipped: the training data is not readable here (%s)",
-                e,
-            )
-    return random, real
+    if images is None or n_real <= 0 or not len(images):
+        return random, None
+    images = np.asarray(images)
+    idx = np.linspace(0, len(images) - 1, min(n_real, len(images))).astype(int)
+    return random, images[idx].astype(np.float32)
 
 
 def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
@@ -101,15 +89,16 @@ def export_onnx(module, checkpoint: Path, output: Path, opset: int) -> None:
     onnx.save(model, str(output))
 
 
-def write_checked(module, checkpoint: Path, output: Path, cfg) -> tuple[dict, int]:
-    """Export under a temporary name, check parity, then move into place: (max |dp| per input
-    kind, number of real images checked). A failed check leaves no file at `output`."""
+def write_checked(module, checkpoint: Path, output: Path, cfg, images=None) -> tuple[dict, int]:
+    """Export under a temporary name, check parity on 8 random inputs and on `images` (see
+    `parity_inputs`), then move into place: (max |dp| per input kind, number of real images
+    checked). A failed check leaves no file at `output`."""
     e = cfg.export
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
         export_onnx(module, checkpoint, tmp, int(e.opset))
-        random, real = parity_inputs(module, cfg, int(e.parity_images))
+        random, real = parity_inputs(module, images, int(e.parity_images))
         ort = OnnxPredictor(tmp, device="cpu")
         diffs = {}
         for name, x in (("random", random), ("real", real)):
@@ -131,16 +120,21 @@ def write_checked(module, checkpoint: Path, output: Path, cfg) -> tuple[dict, in
     return diffs, 0 if real is None else len(real)
 
 
-def run_export_onnx(cfg) -> dict:
+def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
+    """`use_checkpoint_tta`: the command line when export.tta is not on it: the graph gets the
+    test-time augmentation the training config named for export (a recipe's)."""
     started = time.perf_counter()
     e = cfg.export
     checkpoint = runs.checkpoint(cfg, e.get("checkpoint"), "export.checkpoint")
     output = Path(e.output) if e.get("output") else checkpoint.with_suffix(".onnx")
     if output.suffix != ".onnx":
         raise UserError(f"export.output={str(output)!r} must end in .onnx.")
-    module = ckpt_file.load_module(checkpoint)
-    module.tta = tta_mode(e.get("tta"), "export.tta")
-    diffs, n_real = write_checked(module, checkpoint, output, cfg)
+    module, ckpt = ckpt_file.open_module(checkpoint)
+    tta = e.get("tta")
+    if use_checkpoint_tta:
+        tta = ((module.hparams.get("config") or {}).get("export") or {}).get("tta", tta)
+    module.tta = tta_mode(tta, "export.tta")
+    diffs, n_real = write_checked(module, checkpoint, output, cfg, ckpt.get("parity_images"))
     run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
     print(
@@ -148,8 +142,8 @@ def run_export_onnx(cfg) -> dict:
             [
                 f"Exported {checkpoint} -> {output} ({output.stat().st_size / 1e6:.1f} MB, opset "
                 f"{e.opset}, dynamic batch) in {time.perf_counter() - started:.0f}s",
-                f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} (8 random, {n_real} real; "
-                f"tolerance {e.tolerance})",
+                f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} (8 random, {n_real} real "
+                f"images the checkpoint carries; tolerance {e.tolerance})",
                 f"  metadata: {len(module.classes)} classes, preprocessing "
                 f"{dict(module.hparams.preprocessing)}"
                 + (f"; {describe(module.tta)} in the graph" if module.tta else ""),

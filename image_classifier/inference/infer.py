@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from image_classifier.errors import UserError
-from image_classifier.inference.predictor import load_predictor, model_location
+from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
 
 SORT_MODES = ("copy", "symlink", "hardlink")
@@ -137,11 +137,14 @@ def write_rows(rows: list[dict], output: str | None) -> str:
     return text
 
 
-def run_infer(cfg) -> dict:
+def run_infer(cfg, model: Path | None = None, registered: dict | None = None) -> dict:
+    """`model`: the file infer.model names, as commands.py resolves it (`runs.model_location`:
+    a path, a registered model with its registry info in `registered`, or the newest export); a
+    library caller may leave it to infer.model when that is a file's path."""
     started = time.perf_counter()
     c = cfg.infer
     paths = collect_inputs(c.input)  # bad input fails before any model is loaded
-    model, registered = model_location(cfg, c.get("model"), "infer.model")
+    model = given_model(model, c.get("model"), "infer.model")
     if c.engine == "ray":
         from image_classifier.inference.ray_engine import predict_on_ray
 

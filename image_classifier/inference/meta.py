@@ -31,7 +31,7 @@ class ModelMeta:
     def name(self) -> str:
         """<data name>-<model name>, e.g. fashion_mnist-cnn: a registered model's default name,
         and what `serve` calls the model it serves."""
-        from image_classifier.tracking import safe_name
+        from image_classifier.rules import safe_name
 
         data = self.extra.get("data_name") or "data"
         return safe_name(f"{data}-{(self.extra.get('model') or {}).get('name', 'model')}")

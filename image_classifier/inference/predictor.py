@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier import runs
 from image_classifier.errors import UserError
 from image_classifier.inference.meta import ModelMeta
+from image_classifier.rules import REGISTRY_PREFIX
 
 METADATA_KEY = "image_classifier"
 log = logging.getLogger(__name__)
 BACKENDS = {".onnx": "onnxruntime", ".ckpt": "pytorch", ".engine": "tensorrt", ".plan": "tensorrt"}
 DEVICES = ("auto", "cpu", "cuda")  # infer.device, serve.device
-REGISTRY_PREFIX = "models:/"  # infer.model / serve.model from MLflow's model registry
 
 
 def has_nvidia_gpu() -> bool:
@@ -129,11 +128,15 @@ def load_predictor(path: str | Path, device: str = "auto", threads: int | None =
     return TensorRTPredictor(path)
 
 
-def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
-    """(model file, registry info or None): `given` as a path, a registered model
-    (models:/NAME@ALIAS or models:/NAME/VERSION, downloaded once), or the newest export."""
-    if given and str(given).startswith(REGISTRY_PREFIX):
-        from image_classifier import tracking
-
-        return tracking.fetch_registered(cfg, str(given))
-    return runs.model_file(cfg, given, setting), None
+def given_model(resolved: Path | None, setting_value, setting: str) -> Path:
+    """The model file a command was handed (resolved by commands.py), else the setting's value
+    when that is a path: resolving registry addresses and the newest export is `runs`' job."""
+    if resolved is not None:
+        return Path(resolved)
+    if not setting_value or str(setting_value).startswith(REGISTRY_PREFIX):
+        raise UserError(
+            f"{setting}={setting_value!r}: a library caller passes the model file, e.g. "
+            f"`model, registry = runs.model_location(cfg, cfg.{setting}, {setting!r})`; the "
+            "command line resolves it itself."
+        )
+    return Path(str(setting_value))

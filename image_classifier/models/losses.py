@@ -1,4 +1,5 @@
-"""Losses beyond cross-entropy."""
+"""The training losses: the task's own (cross-entropy, or binary cross-entropy per label) and
+the supervised contrastive term."""
 
 import torch
 import torch.nn.functional as F
@@ -25,3 +26,25 @@ def supcon_loss(
         return features.sum() * 0.0
     mean_log_prob_pos = (log_prob.masked_fill(~positives, 0.0).sum(1)[has_pos]) / count[has_pos]
     return -mean_log_prob_pos.mean()
+
+
+def task_loss(logits, target, multi_label: bool, weight=None, label_smoothing=None):
+    """Cross-entropy (with class weights and label smoothing when given; `target` may be soft,
+    as MixUp/CutMix make it), or binary cross-entropy per label for multi-label data."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return F.cross_entropy(
+        logits, target, weight=weight, label_smoothing=float(label_smoothing or 0)
+    )
+
+
+def forward_loss(net, x, target, loss_fn, optim: dict):
+    """(a batch's training loss, its logits): `loss_fn` of the logits, plus the supervised
+    contrastive term of the pooled features when train.supcon_weight > 0."""
+    supcon = float(optim.get("supcon_weight") or 0.0)
+    if supcon <= 0:
+        logits = net(x)
+        return loss_fn(logits, target), logits
+    features, logits = net.features_and_logits(x)
+    temperature = float(optim.get("supcon_temperature", 0.1))
+    return loss_fn(logits, target) + supcon * supcon_loss(features, target, temperature), logits

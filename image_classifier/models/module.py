@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from image_classifier.data.augment import augment_batch
 from image_classifier.models import multilabel
 from image_classifier.models.factory import Normalized, create_model
-from image_classifier.models.losses import supcon_loss
+from image_classifier.models.losses import forward_loss, task_loss
+from image_classifier.models.metrics import metric_set
 from image_classifier.models.optim import create_optimizer, create_scheduler
 from image_classifier.models.tta import tta_views
 
@@ -53,7 +44,8 @@ class ClassifierModule(L.LightningModule):
         )
         self.classes = list(classes)
         n = len(classes)
-        self._add_metrics(n)
+        for name, metric in metric_set(n, self.multi_label).items():
+            setattr(self, name, metric)  # registered as submodules: they move with the module
         self.feature_input = name == "head"  # trained on cached features, deployed on images
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
@@ -74,38 +66,6 @@ class ClassifierModule(L.LightningModule):
         # test-time augmentation (a mode of models/tta.py or None): evaluation averages the logits
         # of the mode's views; `test.tta` sets it, export.tta puts the same into the ONNX graph
         self.tta = None
-
-    def _add_metrics(self, n: int) -> None:
-        if self.multi_label:
-            metrics = multilabel.thresholded_metrics(n)
-            self.train_metrics = metrics.clone(prefix="train/")
-            self.train_loss = MeanMetric()
-            self.val_metrics = metrics.clone(prefix="val/")
-            self.val_map = multilabel.MultilabelAveragePrecision(n, average="macro")
-            decisions, ranking = multilabel.test_metrics(n)
-            self.test_metrics = decisions.clone(prefix="test/")
-            self.test_ranking = ranking.clone(prefix="test/")
-            return
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(n, average="micro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-            }
-        )
-        self.train_metrics = metrics.clone(prefix="train/")
-        self.train_loss = MeanMetric()
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = MetricCollection(
-            {
-                **metrics.clone(),
-                "precision": MulticlassPrecision(n, average="none"),
-                "recall": MulticlassRecall(n, average="none"),
-                "confusion": MulticlassConfusionMatrix(n),
-                "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
-            },
-            prefix="test/",
-        )
-        self.test_ece_raw = MulticlassCalibrationError(n, n_bins=15, norm="l1")
 
     def forward(self, x):
         return self.net(x)
@@ -131,19 +91,9 @@ class ClassifierModule(L.LightningModule):
             object.__setattr__(self, "_compiled", torch.compile(self.net))
 
     def _loss(self, logits, target, training: bool = True):
-        """Cross-entropy (class weights and label smoothing while training), or binary
-        cross-entropy per label for multi-label data."""
-        if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-        if not training:
-            return F.cross_entropy(logits, target)
-        o = self.hparams.optim
-        return F.cross_entropy(
-            logits,
-            target,
-            weight=self.class_weights,
-            label_smoothing=float(o.get("label_smoothing", 0.0)),
-        )
+        o = self.hparams.optim if training else {}
+        weight = self.class_weights if training else None
+        return task_loss(logits, target, self.multi_label, weight, o.get("label_smoothing"))
 
     def _track(self, metrics, logits, y) -> None:
         """Update thresholded metrics: multi-label ones get the 0/1 decisions."""
@@ -165,27 +115,13 @@ class ClassifierModule(L.LightningModule):
             x, target = self._mix(x.float(), y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits = self._forward_loss(x, target)
+        loss, logits = forward_loss(
+            self._compiled or self.net, x, target, self._loss, self.hparams.optim
+        )
         loss = self._train_loss(loss, logits, y)
         if not loss.requires_grad:  # the baseline has nothing to learn
             return None
         return loss
-
-    def _forward_loss(self, x, target):
-        """(the training loss of a batch, its logits): the task's loss, plus the supervised
-        contrastive term when train.supcon_weight > 0."""
-        o = self.hparams.optim
-        supcon = float(o.get("supcon_weight") or 0.0)
-        if supcon > 0:
-            features, logits = self.net.features_and_logits(x)
-        else:
-            logits = (self._compiled or self.net)(x)
-        loss = self._loss(logits, target)
-        if supcon > 0:
-            loss = loss + supcon * supcon_loss(
-                features, target, float(o.get("supcon_temperature", 0.1))
-            )
-        return loss, logits
 
     def _train_loss(self, loss, logits, y):
         self._track(self.train_metrics, logits.detach(), y)

@@ -242,13 +242,14 @@ def _add_routes(app, service: Service) -> None:
         return PAGE.read_text(encoding="utf-8")
 
 
-def run_serve(cfg) -> dict:
+def run_serve(cfg, model: Path | None = None, registry: dict | None = None) -> dict:
+    """`model`, `registry`: as commands.py resolves serve.model (see `run_infer`)."""
     import uvicorn
 
-    from image_classifier.inference.predictor import load_predictor, model_location
+    from image_classifier.inference.predictor import given_model, load_predictor
 
     s = cfg.serve
-    model, registry = model_location(cfg, s.get("model"), "serve.model")
+    model = given_model(model, s.get("model"), "serve.model")
     if not 0 <= int(s.port) <= 65535:
         raise UserError(f"serve.port={s.port} is not a TCP port (0..65535).")
     predictor = load_predictor(model, device=s.device)

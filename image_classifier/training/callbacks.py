@@ -58,6 +58,38 @@ class History(Callback):
         self.epochs = list(state_dict.get("epochs", []))
 
 
+class ParityImages(Callback):
+    """A few validation images (uint8, at the model's input size) carried in every checkpoint
+    under "parity_images", so `export-onnx` checks its graph against PyTorch on real images
+    without reading the training data again: up to 64, about 1 MB at most."""
+
+    MOST, BYTES = 64, 1_000_000
+
+    def __init__(self):
+        self.images = None
+
+    def _pick(self, trainer):
+        import numpy as np
+        import torch
+
+        dm = trainer.datamodule
+        ds = next((d for s in ("val", "train") if len(d := dm.dataset(s))), None)
+        if ds is None:
+            return None
+        first = torch.as_tensor(ds[0][0])
+        if first.dtype != torch.uint8:  # cached features (model=head), not images
+            return None
+        n = min(len(ds), self.MOST, max(4, self.BYTES // max(1, first.numel())))
+        idx = np.linspace(0, len(ds) - 1, n).astype(int)
+        return torch.stack([torch.as_tensor(ds[int(i)][0]) for i in idx]).to(torch.uint8)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.images is None and getattr(trainer, "datamodule", None) is not None:
+            self.images = self._pick(trainer)
+        if self.images is not None:
+            checkpoint["parity_images"] = self.images
+
+
 class FreezeBackbone(BaseFinetuning):
     """Transfer learning: train only the classifier; unfreeze the backbone at `unfreeze_at_epoch`
     (None: never), adding it to the optimiser at a tenth of the head's learning rate."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import OmegaConf, open_dict
 
-from image_classifier import lineage, runs, tracking
+from image_classifier import lineage, rules, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
@@ -24,12 +24,17 @@ from image_classifier.training.train import progress_bar, trainer_kwargs
 log = logging.getLogger(__name__)
 
 
-def run_test(cfg, use_checkpoint_data: bool = True) -> dict:
-    """Evaluate; the data config stored in the checkpoint is used unless the caller set its own."""
+def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = False) -> dict:
+    """Evaluate; the data config stored in the checkpoint is used unless the caller set its own,
+    and with `use_checkpoint_tta` (the command line when test.tta is not on it) the test-time
+    augmentation the training config named (a recipe's, e.g. experiment=fmnist_fast)."""
     started = time.perf_counter()
     path = runs.checkpoint(cfg, cfg.test.get("checkpoint"), "test.checkpoint")
     module = ckpt_file.load_module(path)
-    module.tta = tta_mode(cfg.test.get("tta"), "test.tta")
+    tta = cfg.test.get("tta")
+    if use_checkpoint_tta:
+        tta = ((module.hparams.get("config") or {}).get("test") or {}).get("tta", tta)
+    module.tta = tta_mode(tta, "test.tta")
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
     dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
@@ -262,7 +267,7 @@ def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
     for c, v in report["per_class"].items():
         for k in ("precision", "recall", "ap"):
             if k in v:
-                metrics[f"test/{k}/{tracking.safe_name(c)}"] = v[k]
+                metrics[f"test/{k}/{rules.safe_name(c)}"] = v[k]
     tracking.log_metrics(logger, metrics)
     tracking.log_artifacts(logger, files)
     if train_run:

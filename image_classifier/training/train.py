@@ -24,7 +24,7 @@ from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
 from image_classifier.training.adapt import choose_epochs, choose_model_and_size
 from image_classifier.training.budget import fit_to_budget
-from image_classifier.training.callbacks import FreezeBackbone, History, ema_averaging
+from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.resume import asked_epochs, resume_point
 from image_classifier.training.summary import (
@@ -292,7 +292,12 @@ def build_callbacks(cfg, ckpt_dir: Path, logger, extra: list | None):
             mode="max",
             auto_insert_metric_name=False,
         )
-    callbacks = [History(), *{id(c): c for c in (best, last)}.values(), *(extra or [])]
+    callbacks = [
+        History(),
+        ParityImages(),
+        *{id(c): c for c in (best, last)}.values(),
+        *(extra or []),
+    ]
     callbacks += progress_bar(cfg)
     if int(t.early_stopping) > 0 and validating:
         callbacks.append(

@@ -1,0 +1,199 @@
+"""What the data is and how it is split: the packaged IDX files or a user's folder, read once
+into train/val/test datasets and a DataInfo, through the decoded-image cache when it is on.
+How the splits are batched (DataLoaders, on-device batches, the balanced sampler) is
+datamodule.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from image_classifier.data.datasets import ArrayDataset, FileDataset
+from image_classifier.data.identity import (
+    DataInfo,
+    content_hash,
+    detect_channels,
+    relative_name,
+    stratified_indices,
+)
+from image_classifier.data.images import Preprocessing, normalisation
+from image_classifier.data.sources import sha256_file
+from image_classifier.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_splits(
+    c, fixed: Preprocessing | None = None, project_root=".", build_cache=False, workers=0
+) -> tuple[dict, DataInfo]:
+    """(datasets by split, DataInfo) for the data settings `c` (cfg.data). `fixed`: a model's
+    own preprocessing (test, export, audit); None derives it from the data. `build_cache`:
+    build the decoded-image cache when missing (training); otherwise it is read when present."""
+    if c.kind == "idx":
+        datasets, info = _idx(c, fixed, Path(project_root))
+    else:
+        datasets, info = _folder(c, fixed)
+    return _through_decoded_cache(c, datasets, info, build_cache, workers), info
+
+
+def preprocessing_for(c, channels: int) -> Preprocessing:
+    """The preprocessing the data settings ask for: data.size (`auto`: from the images' median
+    size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize."""
+    size = c.size
+    if size == "auto":
+        from image_classifier.data.profile import auto_size, profile_folder
+
+        size = auto_size(profile_folder(c.root).median_size, pretrained=False)
+    mean, std = normalisation(c.get("mean"), c.get("std"), channels)
+    return Preprocessing(size=tuple(size), channels=channels, mean=mean, std=std, resize=c.resize)
+
+
+def _idx(c, fixed: Preprocessing | None, project_root: Path) -> tuple[dict, DataInfo]:
+    """The packaged IDX files (Fashion-MNIST): fetched when missing, split train/val by label."""
+    from image_classifier.data.idx import read_idx
+    from image_classifier.data.sources import download, verify
+
+    d = Path(c.dir)
+    source = "local"
+    if verify(d, dict(c.files)) is not None:
+        source = download(c, project_root).source
+    x_train = read_idx(d / c.train_images)
+    y_train = read_idx(d / c.train_labels).astype(np.int64)
+    x_test = read_idx(d / c.test_images)
+    y_test = read_idx(d / c.test_labels).astype(np.int64)
+    tr, va = stratified_indices(y_train, int(c.val_size), int(c.seed))
+
+    pre = fixed or preprocessing_for(c, int(c.channels))
+
+    def ds(x, y):
+        return ArrayDataset(
+            torch.from_numpy(np.array(x[:, None])), torch.from_numpy(np.array(y)), pre
+        )
+
+    datasets = {
+        "train": ds(x_train[tr], y_train[tr]),
+        "val": ds(x_train[va], y_train[va]),
+        "test": ds(x_test, y_test),
+    }
+    classes = list(c.classes)
+    if int(y_train.max()) >= len(classes):
+        raise UserError(
+            f"data.classes lists {len(classes)} names but labels reach {y_train.max()}."
+        )
+    return datasets, DataInfo(
+        name=c.name,
+        classes=classes,
+        preprocessing=pre,
+        class_counts=np.bincount(y_train[tr], minlength=len(classes)).tolist(),
+        split_sizes={k: len(v) for k, v in datasets.items()},
+        data_hash=content_hash(sorted(f"{k}:{v}" for k, v in c.files.items())),
+        layout="IDX files",
+        source=source,
+    )
+
+
+def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
+    """A user's folder: class folders, split folders or a CSV manifest (data/layouts.py)."""
+    from image_classifier.data.layouts import ManifestOptions, discover, label_parts
+
+    if not c.get("root"):
+        raise UserError(
+            "data=folder needs data.root=PATH (a folder of class subfolders, "
+            "train/val/test folders, or a CSV manifest)."
+        )
+    samples = discover(
+        c.root,
+        split=tuple(c.split),
+        seed=int(c.seed),
+        strict=bool(c.strict),
+        manifest=ManifestOptions(
+            file_column=c.get("csv_file_column"),
+            label_column=c.get("csv_label_column"),
+            multi_label=c.get("multi_label", "auto"),
+            separator=str(c.get("label_separator") or ";"),
+            classes=list(c.classes) if c.get("classes") else None,
+        ),
+        checked=_checked_file(c),
+    )
+    pre = fixed
+    if pre is None:
+        channels = c.channels
+        if channels == "auto":
+            channels = detect_channels([p for p, _ in samples.splits["train"]])
+        pre = preprocessing_for(c, int(channels))
+    n = len(samples.classes)
+    datasets = {s: FileDataset(items, pre, n) for s, items in samples.splits.items()}
+    root = Path(c.root)
+
+    def names(y) -> str:
+        return ";".join(samples.classes[i] for i in label_parts(y))
+
+    parts = sorted(
+        f"{s}:{relative_name(p, root)}:{names(y)}:{sha256_file(p)}"
+        for s, items in samples.splits.items()
+        for p, y in items
+    )
+    return datasets, DataInfo(
+        name=c.name,
+        classes=samples.classes,
+        preprocessing=pre,
+        class_counts=samples.counts("train"),
+        split_sizes={k: len(v) for k, v in samples.splits.items()},
+        data_hash=content_hash(parts),
+        layout=samples.layout,
+        skipped=samples.skipped,
+        multi_label=samples.multi_label,
+    )
+
+
+def _checked_file(c) -> Path | None:
+    """With the decoded cache on, where the scan remembers which files it has checked."""
+    if c.get("cache", "none") != "decoded":
+        return None
+    root = str(Path(c.root).expanduser().resolve())
+    return Path(c.cache_dir).expanduser() / ".checked" / f"{content_hash([root])}.json"
+
+
+def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, workers: int) -> dict:
+    """data.cache=decoded: read the splits from the decoded-image cache, building it first
+    when training and it is missing (and fits data.cache_max_gb and the disk)."""
+    if c.get("cache", "none") != "decoded" or not any(
+        isinstance(d, FileDataset) or getattr(d, "pre", None) for d in datasets.values()
+    ):
+        return datasets  # off, or already uint8 arrays at the model's size: nothing to decode
+    from image_classifier.data import decoded
+
+    key = decoded.cache_key(info.data_hash, info.preprocessing)
+    folder = Path(c.cache_dir).expanduser() / key
+    arrays = decoded.load(folder, key)
+    if arrays is None and build:
+        needed = decoded.size_bytes(info.split_sizes, info.preprocessing)
+        if why := decoded.fits(folder, needed, float(c.get("cache_max_gb", 20))):
+            log.warning(
+                "Not building the decoded-image cache: %s. Images are decoded every "
+                "epoch instead (data.cache=none silences this).",
+                why,
+            )
+            return datasets
+        print(
+            f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
+            f"({needed / 1e6:.0f} MB); later runs on the same data read it"
+        )
+        describe = {
+            "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
+            "classes": info.classes,
+            "preprocessing": info.preprocessing.to_dict(),
+        }
+        decoded.build(folder, key, datasets, describe, workers)
+        arrays = decoded.load(folder, key)
+    if arrays is None:
+        return datasets
+    info.cache = str(folder)
+    return {
+        s: ArrayDataset(x, y, items=getattr(datasets[s], "items", None))
+        for s, (x, y) in arrays.items()
+    }
