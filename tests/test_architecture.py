@@ -15,6 +15,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "image_classifier"
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 MAX_FUNCTION_LINES = 60
+MAX_CLASS_LINES, MAX_FILE_LINES = 200, 350
 
 
 def _modules() -> list[tuple[Path, ast.Module]]:
@@ -103,6 +104,21 @@ def test_no_function_is_longer_than_sixty_lines():
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, "split these into named steps: " + ", ".join(long)
+
+
+def test_no_class_or_file_is_longer_than_the_limits():
+    long = [
+        f"{p.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+        for p, tree in _modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES
+    ]
+    long += [
+        f"{p.relative_to(PACKAGE)} ({n})"
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES
+    ]
+    assert not long, "split these by responsibility: " + ", ".join(long)
 
 
 def test_formatting_is_left_to_the_formatter():
