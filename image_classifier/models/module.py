@@ -44,8 +44,8 @@ class ClassifierModule(L.LightningModule):
         )
         self.classes = list(classes)
         n = len(classes)
-        for name, metric in metric_set(n, self.multi_label).items():
-            setattr(self, name, metric)  # registered as submodules: they move with the module
+        for attribute, metric in metric_set(n, self.multi_label).items():
+            setattr(self, attribute, metric)  # registered as submodules: they move with the module
         self.feature_input = name == "head"  # trained on cached features, deployed on images
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
