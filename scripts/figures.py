@@ -1,7 +1,7 @@
 """Regenerate the headline figures on this machine and write docs/figures.md and README's table.
 
-    uv run python scripts/figures.py            # everything below (about 50 min on 2-core CPU C)
-    uv run python scripts/figures.py --quick    # seed 42 only, without fmnist_fast (about 8 min)
+    uv run python scripts/figures.py            # everything below (44 min on 2-core CPU C)
+    uv run python scripts/figures.py --quick    # seed 42 only, without fmnist_fast (about 6 min)
     uv run python scripts/figures.py --render   # rewrite the two pages from docs/figures.json only
     uv run python scripts/figures.py --isa avx2 --only default   # as on a CPU with AVX2 only
 
