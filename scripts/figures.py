@@ -4,6 +4,7 @@
     uv run python scripts/figures.py --quick    # seed 42 only, without fmnist_fast (about 6 min)
     uv run python scripts/figures.py --render   # rewrite the two pages from docs/figures.json only
     uv run python scripts/figures.py --isa avx2 --only default   # as on a CPU with AVX2 only
+    uv run python scripts/figures.py --keep outputs/figures      # keep the runs' checkpoints
 
 Each figure runs the commands exactly as README writes them (`commands.py` under this script's
 `uv run` environment), in new processes, one at a time:
@@ -31,6 +32,7 @@ and as stale when the packages or the default job changed since it was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -340,6 +342,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rewrite the pages, run nothing")
     ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start"])
     ap.add_argument("--isa", choices=list(ISA), help="limit the kernels to this instruction set")
+    ap.add_argument("--keep", type=Path, help="keep the run folders (checkpoints) here")
     args = ap.parse_args()
     from image_classifier import lineage
 
@@ -360,7 +363,10 @@ def main() -> None:
         )
         bf16_cpu = not args.isa and bool({"avx512_bf16", "amx_bf16"} & set(lineage.cpu_info()[1]))
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="figures-") as tmp:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
+        with keep or tempfile.TemporaryDirectory(prefix="figures-") as tmp:
             tmp = Path(tmp)
             rows = []
             if "default" in jobs or "cold_start" in jobs:
