@@ -22,7 +22,7 @@ from image_classifier.errors import ExportError, UserError
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.description import model_description
-from image_classifier.models.tta import describe, tta_mode
+from image_classifier.models.tta import chosen_tta, describe
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,7 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
     if output.suffix != ".onnx":
         raise UserError(f"export.output={str(output)!r} must end in .onnx.")
     module, ckpt = ckpt_file.open_module(checkpoint)
-    tta = e.get("tta")
-    if use_checkpoint_tta:
-        tta = ((module.hparams.get("config") or {}).get("export") or {}).get("tta", tta)
-    module.tta = tta_mode(tta, "export.tta")
+    module.tta = chosen_tta(module, "export", e.get("tta"), use_checkpoint_tta)
     diffs, n_real = write_checked(module, checkpoint, output, cfg, ckpt.get("parity_images"))
     run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())

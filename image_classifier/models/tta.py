@@ -31,6 +31,15 @@ def tta_mode(value, key: str = "test.tta") -> str | None:
     )
 
 
+def chosen_tta(module, section: str, given, from_checkpoint: bool) -> str | None:
+    """The mode `test` (section "test") or `export-onnx` ("export") uses: `given`, or with
+    `from_checkpoint` (the command line set neither the key nor a recipe) the value the training
+    config stored in the checkpoint under `section` (a recipe's, e.g. experiment=fmnist_fast)."""
+    if from_checkpoint:
+        given = ((module.hparams.get("config") or {}).get(section) or {}).get("tta", given)
+    return tta_mode(given, f"{section}.tta")
+
+
 def describe(mode: str) -> str:
     what = "each image and its mirror"
     if mode == "hflip+shift":

@@ -69,7 +69,6 @@ class ParityImages(Callback):
         self.images = None
 
     def _pick(self, trainer):
-        import numpy as np
         import torch
 
         dm = trainer.datamodule
@@ -80,8 +79,8 @@ class ParityImages(Callback):
         if first.dtype != torch.uint8:  # cached features (model=head), not images
             return None
         n = min(len(ds), self.MOST, max(4, self.BYTES // max(1, first.numel())))
-        idx = np.linspace(0, len(ds) - 1, n).astype(int)
-        return torch.stack([torch.as_tensor(ds[int(i)][0]) for i in idx]).to(torch.uint8)
+        idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
+        return torch.stack([torch.as_tensor(ds[i][0]) for i in idx])
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.images is None and getattr(trainer, "datamodule", None) is not None:

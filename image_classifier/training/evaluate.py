@@ -17,7 +17,7 @@ from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
-from image_classifier.models.tta import describe, tta_mode
+from image_classifier.models.tta import chosen_tta, describe
 from image_classifier.training.plots import plot_confusion, plot_curves
 from image_classifier.training.train import progress_bar, trainer_kwargs
 
@@ -31,10 +31,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     started = time.perf_counter()
     path = runs.checkpoint(cfg, cfg.test.get("checkpoint"), "test.checkpoint")
     module = ckpt_file.load_module(path)
-    tta = cfg.test.get("tta")
-    if use_checkpoint_tta:
-        tta = ((module.hparams.get("config") or {}).get("test") or {}).get("tta", tta)
-    module.tta = tta_mode(tta, "test.tta")
+    module.tta = chosen_tta(module, "test", cfg.test.get("tta"), use_checkpoint_tta)
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
     dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
