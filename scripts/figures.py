@@ -15,8 +15,13 @@ Each figure runs the commands exactly as README writes them (`commands.py` under
   `trainer.precision=bf16-mixed`, compared with the default on validation only.
 - `fmnist_fast`: `command=train experiment=fmnist_fast seed=S` then `command=test` (the six-view
   TTA the recipe sets), seeds 42, 1, 2.
+- On a machine with `nvidia-smi`, the GPU's utilisation is sampled while each run trains and its
+  mean is reported beside the run's figures.
 - `cold_start`: `uv run python commands.py command=infer` on one image with the exported default
   model, median of 5 new processes after one warm-up.
+- `choice` (only when asked: `--only choice`): the default job's Muon setting, first chosen on
+  test accuracy, re-decided on validation: each candidate in CHOICES trained over the seeds,
+  best validation accuracy only (no test); the row names the winner.
 
 `--isa avx2` runs every command with PyTorch's and oneDNN's kernels limited to AVX2
 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): the instructions, kernels and rounding of a
@@ -43,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,16 +75,45 @@ def commands(*args: str) -> str:
 QUIET = ("trainer.enable_progress_bar=false", "logger.enabled=false")
 
 
+class Utilisation:
+    """nvidia-smi's GPU utilisation (%), sampled every 200 ms in a thread while a command runs;
+    nothing where there is no nvidia-smi."""
+
+    def __enter__(self):
+        self.samples: list[int] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"]
+            self.proc = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.strip().split(",")[0].isdigit():
+                self.samples.append(int(line.split(",")[0]))
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
 def train_and_test(out: Path, *overrides: str, test: bool = True) -> dict:
     """`command=train` (then `command=test` on its best checkpoint): what a figure reads."""
     from image_classifier.models.checkpoint import history
 
-    trained = commands("command=train", *overrides, f"paths.output_dir={out}", *QUIET)
+    with Utilisation() as gpu:
+        trained = commands("command=train", *overrides, f"paths.output_dir={out}", *QUIET)
     epochs = history(out / "checkpoints" / "last.ckpt")
     run = {
         "val": max(e["val/acc"] for e in epochs),
         "seconds": epochs[-1]["seconds"],
         "precision": re.search(r"precision (\S+)", trained).group(1),
+        "gpu": gpu.mean(),
     }
     return {**run, **(tested(out / "checkpoints" / "best.ckpt", out / "t") if test else {})}
 
@@ -96,6 +131,20 @@ def tested(ckpt: Path, out: Path) -> dict:
     }
 
 
+def per_seed(runs: list[dict], seeds: tuple[int, ...]) -> list[dict]:
+    """What each seed's run measured, kept in the row (the page shows the spread)."""
+    keys = ("val", "test", "seconds")
+    pairs = zip(seeds, runs, strict=True)
+    return [{"seed": s, **{k: r[k] for k in keys if k in r}} for s, r in pairs]
+
+
+def gpu_note(runs: list[dict]) -> str:
+    """'; GPU utilisation while training: a / b / c %' (one mean per run), or '' without a GPU."""
+    if any(r.get("gpu") is None for r in runs):
+        return ""
+    return "; GPU utilisation while training: " + " / ".join(f"{r['gpu']:.0f}" for r in runs) + " %"
+
+
 def spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     """'mean ± half the range (lowest–highest)' of values, scaled (accuracies to %)."""
     v = [x * scale for x in values]
@@ -106,8 +155,12 @@ def spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{statistics.mean(v):.{digits}f} ± {half:.{digits}f} ({low}–{high})"
 
 
+DEFAULT_VAL: dict[tuple[int, ...], list[float]] = {}  # the default's best val/acc, for `choice`
+
+
 def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[dict]:
     runs = [train_and_test(tmp / f"default-{s}", f"seed={s}") for s in seeds]
+    DEFAULT_VAL[seeds] = [r["val"] for r in runs]
     for s, r in zip(seeds, runs, strict=True):
         print(f"default seed {s}: {r}", flush=True)
     sec = [r["seconds"] for r in runs]
@@ -115,10 +168,12 @@ def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[d
     rows = [
         {
             "id": "default",
+            "runs": per_seed(runs, seeds),
             "what": "default job on Fashion-MNIST: test accuracy (%), seconds of training (its "
             "Muon settings were chosen on **test** accuracy on CPU A, 2026-11-24)",
             "value": f"{spread([r['test'] for r in runs])} %; {spread(sec, 1, 0)} s "
-            f"(best val {spread([r['val'] for r in runs])} %; precision {runs[0]['precision']})",
+            f"(best val {spread([r['val'] for r in runs])} %; precision {runs[0]['precision']}"
+            f"{gpu_note(runs)})",
             "command": cmd,
             "target": "≥ 93.0 % in ≤ 300 s (CPU, 2 cores)",
             "met": all(r["test"] >= 0.93 and r["seconds"] <= 300 for r in runs),
@@ -158,6 +213,60 @@ def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[d
     return [dict(r, seeds=", ".join(map(str, seeds))) for r in rows]
 
 
+# the default job's Muon setting against the ones it was chosen from on test (2026-11-24)
+CHOICES = {
+    "muon_lr_scale=3, lr 3e-3 (the default)": (),
+    "muon_lr_scale=1, lr 3e-3": ("train.muon_lr_scale=1",),
+    "muon_lr_scale=1, lr 6e-3": ("train.muon_lr_scale=1", "train.lr=6e-3"),
+}
+
+
+def measure_choice(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
+    """Each candidate of CHOICES over the seeds, compared on best val/acc only."""
+    val = {}
+    for i, (name, overrides) in enumerate(CHOICES.items()):
+        if not overrides and seeds in DEFAULT_VAL:  # measured by `default` in this run
+            val[name] = DEFAULT_VAL[seeds]
+            continue
+        runs = [
+            train_and_test(tmp / f"choice{i}-{s}", f"seed={s}", *overrides, test=False)
+            for s in seeds
+        ]
+        print(f"{name}: {runs}", flush=True)
+        val[name] = [r["val"] for r in runs]
+    return [choice_row(val, seeds)]
+
+
+def choice_row(val: dict[str, list[float]], seeds: tuple[int, ...]) -> dict:
+    """The row of a choice: each candidate's best val/acc over the seeds, and the verdict. The
+    first candidate is the incumbent; another replaces it only when its per-seed gains over it
+    average more than twice their standard error (a paired comparison): a tie keeps it."""
+    names = list(val)
+    base = val[names[0]]
+    verdict = f"kept: {names[0]} (no candidate ahead by more than twice the standard error)"
+    best_gain = 0.0
+    for name in names[1:]:
+        gains = [a - b for a, b in zip(val[name], base, strict=True)]
+        mean = statistics.mean(gains)
+        se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("inf")
+        if mean > 2 * se and mean > best_gain:
+            best_gain, verdict = mean, f"**{name} wins** ({mean * 100:+.2f} points)"
+    gains = "; ".join(
+        f"{n}: " + " / ".join(f"{(a - b) * 100:+.2f}" for a, b in zip(val[n], base, strict=True))
+        for n in names[1:]
+    )
+    return {
+        "id": "choice",
+        "what": "the default job's Muon setting re-decided on validation: best val accuracy "
+        "(%) per candidate, test not computed",
+        "value": "; ".join(f"{k}: {spread(v)}" for k, v in val.items())
+        + f". Per-seed gains over the default (points): {gains}. Verdict: {verdict}",
+        "seeds": ", ".join(map(str, seeds)),
+        "command": "uv run python commands.py command=train seed=S [train.muon_lr_scale=1] "
+        "[train.lr=6e-3]",
+    }
+
+
 def measure_fast(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
     runs = [train_and_test(tmp / f"fast-{s}", "experiment=fmnist_fast", f"seed={s}") for s in seeds]
     for s, r in zip(seeds, runs, strict=True):
@@ -170,10 +279,11 @@ def fast_rows(runs: list[dict], seeds: tuple[int, ...]) -> list[dict]:
     return [
         {
             "id": "fmnist_fast",
+            "runs": per_seed(runs, seeds),
             "what": "`experiment=fmnist_fast`, tested with the TTA it sets: test accuracy (%), "
             "seconds of training (recipe chosen on **test** accuracy on CPU B, 2026-11-24)",
             "value": f"{spread([r['test'] for r in runs])} %; {seconds} s (best val {val} %; "
-            f"precision {runs[0]['precision']}; TTA {runs[0]['tta']})",
+            f"precision {runs[0]['precision']}; TTA {runs[0]['tta']}{gpu_note(runs)})",
             "seeds": ", ".join(map(str, seeds)),
             "command": "uv run python commands.py command=train experiment=fmnist_fast seed=S, "
             "then command=test",
@@ -340,7 +450,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="seed 42 only, without fmnist_fast")
     ap.add_argument("--render", action="store_true", help="rewrite the pages, run nothing")
-    ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start"])
+    ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start", "choice"])
     ap.add_argument("--isa", choices=list(ISA), help="limit the kernels to this instruction set")
     ap.add_argument("--keep", type=Path, help="keep the run folders (checkpoints) here")
     args = ap.parse_args()
@@ -375,6 +485,8 @@ def main() -> None:
                     if "default" not in jobs:
                         train_and_test(tmp / "default-42", "seed=42", test=False)
                     rows += measure_cold_start(tmp)
+            if "choice" in jobs:
+                rows += measure_choice(tmp, seeds)
             if "fmnist_fast" in jobs:
                 rows += measure_fast(tmp, seeds)
         if args.isa:

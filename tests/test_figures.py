@@ -88,3 +88,42 @@ def test_the_stored_figures_render(figures):
     page, table = figures.render(store, {**NOW, "machine": "elsewhere"})
     assert page.count("<a id=") == len(store["rows"])
     assert table.count("docs/figures.md#") == sum(bool(r.get("headline")) for r in store["rows"])
+
+
+def test_gpu_utilisation_is_reported_only_where_sampled(figures, monkeypatch):
+    monkeypatch.setattr(figures.shutil, "which", lambda name: None)  # no nvidia-smi here
+    with figures.Utilisation() as gpu:
+        pass
+    assert gpu.mean() is None
+    runs = [{"gpu": None}, {"gpu": None}]
+    assert figures.gpu_note(runs) == ""
+    assert figures.gpu_note([{"gpu": 91.4}, {"gpu": 88.6}]) == (
+        "; GPU utilisation while training: 91 / 89 %"
+    )
+
+
+def test_a_choice_reuses_the_default_measured_in_the_same_run(figures, monkeypatch, tmp_path):
+    trained = []
+
+    def fake_train(out, *overrides, test=True):
+        trained.append(overrides)
+        return {"val": 0.95 if "train.lr=6e-3" in overrides else 0.90}
+
+    monkeypatch.setattr(figures, "train_and_test", fake_train)
+    monkeypatch.setitem(figures.DEFAULT_VAL, (42, 1), [0.93, 0.92])
+    [row] = figures.measure_choice(tmp_path, (42, 1))
+    assert all(o for o in trained) and len(trained) == 2 * (len(figures.CHOICES) - 1)
+    assert "(the default): 92.50 ± 0.50 (92.00–93.00)" in row["value"]
+    assert "**muon_lr_scale=1, lr 6e-3 wins** (+2.50 points)" in row["value"]
+
+
+def test_a_tie_within_noise_keeps_the_default(figures):
+    """The figures of 2026-12-02 on CPU D: +0.02 points on the mean, per-seed gains of
+    +0.18 / +0.06 / -0.18: not a win."""
+    val = {"default": [0.9324, 0.9420, 0.9352], "other": [0.9342, 0.9426, 0.9334]}
+    row = figures.choice_row(val, (42, 1, 2))
+    assert (
+        "Verdict: kept: default" in row["value"] and "other: +0.18 / +0.06 / -0.18" in row["value"]
+    )
+    clear = {"default": [0.930, 0.931, 0.932], "other": [0.935, 0.937, 0.936]}
+    assert "**other wins** (+0.50 points)" in figures.choice_row(clear, (42, 1, 2))["value"]
