@@ -19,9 +19,10 @@ Each figure runs the commands exactly as README writes them (`commands.py` under
   mean is reported beside the run's figures.
 - `cold_start`: `uv run python commands.py command=infer` on one image with the exported default
   model, median of 5 new processes after one warm-up.
-- `choice` (only when asked: `--only choice`): the default job's Muon setting, first chosen on
-  test accuracy, re-decided on validation: each candidate in CHOICES trained over the seeds,
-  best validation accuracy only (no test); the row names the winner.
+- `choice`, `choice_fast` (only when asked: `--only choice`): the default job's Muon setting and
+  `fmnist_fast`'s learning rate, first chosen on test accuracy, re-decided on validation: each
+  candidate in CHOICES trained over the seeds, best validation accuracy only (no test), the
+  incumbent's taken from this run or from its stored row on this machine; the row's verdict.
 
 `--isa avx2` runs every command with PyTorch's and oneDNN's kernels limited to AVX2
 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): the instructions, kernels and rounding of a
@@ -159,12 +160,14 @@ DEFAULT_WHAT = (
     "default job on Fashion-MNIST: test accuracy (%), seconds of training (its Muon setting, first "
     "chosen on test on CPU A, was re-decided on validation on CPU D and kept: the choice row)"
 )
-DEFAULT_VAL: dict[tuple[int, ...], list[float]] = {}  # the default's best val/acc, for `choice`
+# best val/acc of the incumbent of each choice, by (job, seeds): from this run, or from a stored
+# row measured on this machine under these packages and this default job
+BASELINE_VAL: dict[tuple[str, tuple[int, ...]], list[float]] = {}
 
 
 def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[dict]:
     runs = [train_and_test(tmp / f"default-{s}", f"seed={s}") for s in seeds]
-    DEFAULT_VAL[seeds] = [r["val"] for r in runs]
+    BASELINE_VAL["default", seeds] = [r["val"] for r in runs]
     for s, r in zip(seeds, runs, strict=True):
         print(f"default seed {s}: {r}", flush=True)
     sec = [r["seconds"] for r in runs]
@@ -216,28 +219,61 @@ def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[d
     return [dict(r, seeds=", ".join(map(str, seeds))) for r in rows]
 
 
-# the default job's Muon setting against the ones it was chosen from on test (2026-11-24)
+# each choice: (its row's id, the job whose setting it re-decides, what is chosen, candidates:
+# the incumbent first); the candidates are the ones it was chosen from on test
 CHOICES = {
-    "muon_lr_scale=3, lr 3e-3 (the default)": (),
-    "muon_lr_scale=1, lr 3e-3": ("train.muon_lr_scale=1",),
-    "muon_lr_scale=1, lr 6e-3": ("train.muon_lr_scale=1", "train.lr=6e-3"),
+    "choice": (
+        "default",
+        "the default job's Muon setting",
+        {
+            "muon_lr_scale=3, lr 3e-3 (the default)": (),
+            "muon_lr_scale=1, lr 3e-3": ("train.muon_lr_scale=1",),
+            "muon_lr_scale=1, lr 6e-3": ("train.muon_lr_scale=1", "train.lr=6e-3"),
+        },
+    ),
+    "choice_fast": (
+        "fmnist_fast",
+        "`experiment=fmnist_fast`'s learning rate at batch 512",
+        {
+            "lr 1e-2 (the recipe)": ("experiment=fmnist_fast",),
+            "lr 6e-3": ("experiment=fmnist_fast", "train.lr=6e-3"),
+        },
+    ),
 }
 
 
-def measure_choice(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
-    """Each candidate of CHOICES over the seeds, compared on best val/acc only."""
+def measure_choice(tmp: Path, seeds: tuple[int, ...], choice: str = "choice") -> list[dict]:
+    """Each candidate of a choice over the seeds, compared on best val/acc only (no test)."""
+    job, what, candidates = CHOICES[choice]
     val = {}
-    for i, (name, overrides) in enumerate(CHOICES.items()):
-        if not overrides and seeds in DEFAULT_VAL:  # measured by `default` in this run
-            val[name] = DEFAULT_VAL[seeds]
+    for i, (name, overrides) in enumerate(candidates.items()):
+        if i == 0 and (job, seeds) in BASELINE_VAL:
+            val[name] = BASELINE_VAL[job, seeds]
             continue
         runs = [
-            train_and_test(tmp / f"choice{i}-{s}", f"seed={s}", *overrides, test=False)
+            train_and_test(tmp / f"{choice}{i}-{s}", f"seed={s}", *overrides, test=False)
             for s in seeds
         ]
         print(f"{name}: {runs}", flush=True)
         val[name] = [r["val"] for r in runs]
-    return [choice_row(val, seeds)]
+    each = "; ".join(" ".join(o) or "(no override)" for o in candidates.values())
+    row = {
+        "id": choice,
+        "what": f"{what} re-decided on validation: best val accuracy (%) per candidate, test "
+        "not computed",
+        "command": f"uv run python commands.py command=train seed=S, with each of: {each}",
+    }
+    return [{**row, **choice_row(val, seeds)}]
+
+
+def stored_baselines(store: dict, now: dict) -> None:
+    """BASELINE_VAL from stored rows of this machine, packages and default job, with per-seed
+    runs: a choice need not train its incumbent again."""
+    for row in store["rows"]:
+        same = all(row.get(k) == now[k] for k in ("machine", "versions", "default_config"))
+        if same and row.get("runs") and row["id"] in ("default", "fmnist_fast"):
+            seeds = tuple(r["seed"] for r in row["runs"])
+            BASELINE_VAL[row["id"], seeds] = [r["val"] for r in row["runs"]]
 
 
 def choice_row(val: dict[str, list[float]], seeds: tuple[int, ...]) -> dict:
@@ -259,19 +295,15 @@ def choice_row(val: dict[str, list[float]], seeds: tuple[int, ...]) -> dict:
         for n in names[1:]
     )
     return {
-        "id": "choice",
-        "what": "the default job's Muon setting re-decided on validation: best val accuracy "
-        "(%) per candidate, test not computed",
         "value": "; ".join(f"{k}: {spread(v)}" for k, v in val.items())
-        + f". Per-seed gains over the default (points): {gains}. Verdict: {verdict}",
+        + f". Per-seed gains over {names[0]} (points): {gains}. Verdict: {verdict}",
         "seeds": ", ".join(map(str, seeds)),
-        "command": "uv run python commands.py command=train seed=S [train.muon_lr_scale=1] "
-        "[train.lr=6e-3]",
     }
 
 
 def measure_fast(tmp: Path, seeds: tuple[int, ...]) -> list[dict]:
     runs = [train_and_test(tmp / f"fast-{s}", "experiment=fmnist_fast", f"seed={s}") for s in seeds]
+    BASELINE_VAL["fmnist_fast", seeds] = [r["val"] for r in runs]
     for s, r in zip(seeds, runs, strict=True):
         print(f"fmnist_fast seed {s}: {r}", flush=True)
     return fast_rows(runs, seeds)
@@ -453,7 +485,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="seed 42 only, without fmnist_fast")
     ap.add_argument("--render", action="store_true", help="rewrite the pages, run nothing")
-    ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start", "choice"])
+    ap.add_argument("--only", nargs="+", choices=["default", "fmnist_fast", "cold_start", *CHOICES])
     ap.add_argument("--isa", choices=list(ISA), help="limit the kernels to this instruction set")
     ap.add_argument("--keep", type=Path, help="keep the run folders (checkpoints) here")
     args = ap.parse_args()
@@ -488,10 +520,11 @@ def main() -> None:
                     if "default" not in jobs:
                         train_and_test(tmp / "default-42", "seed=42", test=False)
                     rows += measure_cold_start(tmp)
-            if "choice" in jobs:
-                rows += measure_choice(tmp, seeds)
             if "fmnist_fast" in jobs:
                 rows += measure_fast(tmp, seeds)
+            stored_baselines(store, now)
+            for choice in CHOICES:
+                rows += measure_choice(tmp, seeds, choice) if choice in jobs else []
         if args.isa:
             suffix = f" [{args.isa.upper()} kernels]"
             rows = [dict(r, id=f"{r['id']}_{args.isa}", what=r["what"] + suffix) for r in rows]

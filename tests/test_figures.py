@@ -110,9 +110,9 @@ def test_a_choice_reuses_the_default_measured_in_the_same_run(figures, monkeypat
         return {"val": 0.95 if "train.lr=6e-3" in overrides else 0.90}
 
     monkeypatch.setattr(figures, "train_and_test", fake_train)
-    monkeypatch.setitem(figures.DEFAULT_VAL, (42, 1), [0.93, 0.92])
+    monkeypatch.setitem(figures.BASELINE_VAL, ("default", (42, 1)), [0.93, 0.92])
     [row] = figures.measure_choice(tmp_path, (42, 1))
-    assert all(o for o in trained) and len(trained) == 2 * (len(figures.CHOICES) - 1)
+    assert all(o for o in trained) and len(trained) == 2 * (len(figures.CHOICES["choice"][2]) - 1)
     assert "(the default): 92.50 ± 0.50 (92.00–93.00)" in row["value"]
     assert "**muon_lr_scale=1, lr 6e-3 wins** (+2.50 points)" in row["value"]
 
@@ -127,3 +127,17 @@ def test_a_tie_within_noise_keeps_the_default(figures):
     )
     clear = {"default": [0.930, 0.931, 0.932], "other": [0.935, 0.937, 0.936]}
     assert "**other wins** (+0.50 points)" in figures.choice_row(clear, (42, 1, 2))["value"]
+
+
+def test_a_choice_takes_its_incumbent_only_from_rows_of_this_machine(figures, monkeypatch):
+    monkeypatch.setattr(figures, "BASELINE_VAL", {})
+    runs = [{"seed": 42, "val": 0.94}, {"seed": 1, "val": 0.95}]
+    here = {k: NOW[k] for k in ("machine", "versions", "default_config")}
+    store = {
+        "rows": [
+            {"id": "fmnist_fast", "runs": runs, **here},
+            {"id": "default", "runs": runs, **here, "machine": "elsewhere"},
+        ]
+    }
+    figures.stored_baselines(store, NOW)
+    assert figures.BASELINE_VAL == {("fmnist_fast", (42, 1)): [0.94, 0.95]}
