@@ -91,8 +91,9 @@ class Utilisation:
 
     def _read(self):
         for line in self.proc.stdout:
-            if line.strip().split(",")[0].isdigit():
-                self.samples.append(int(line.split(",")[0]))
+            first = line.strip().split(",")[0]
+            if first.isdigit():
+                self.samples.append(int(first))
 
     def __exit__(self, *exc):
         if self.proc:
@@ -158,7 +159,7 @@ def spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 DEFAULT_WHAT = (
     "default job on Fashion-MNIST: test accuracy (%), seconds of training (its Muon setting, first "
-    "chosen on test on CPU A, was re-decided on validation on CPU D and kept: the choice row)"
+    "chosen on test on CPU A, is re-decided on validation by the choice row)"
 )
 # best val/acc of the incumbent of each choice, by (job, seeds): from this run, or from a stored
 # row measured on this machine under these packages and this default job
@@ -219,8 +220,8 @@ def measure_default(tmp: Path, seeds: tuple[int, ...], bf16_cpu: bool) -> list[d
     return [dict(r, seeds=", ".join(map(str, seeds))) for r in rows]
 
 
-# each choice: (its row's id, the job whose setting it re-decides, what is chosen, candidates:
-# the incumbent first); the candidates are the ones it was chosen from on test
+# each choice, by its row's id: (the job whose setting it re-decides, what is chosen, candidates
+# with the incumbent first); the candidates are the ones it was chosen from on test
 CHOICES = {
     "choice": (
         "default",
@@ -273,7 +274,8 @@ def stored_baselines(store: dict, now: dict) -> None:
         same = all(row.get(k) == now[k] for k in ("machine", "versions", "default_config"))
         if same and row.get("runs") and row["id"] in ("default", "fmnist_fast"):
             seeds = tuple(r["seed"] for r in row["runs"])
-            BASELINE_VAL[row["id"], seeds] = [r["val"] for r in row["runs"]]
+            # this run's own measurement, when it made one, wins over the stored row
+            BASELINE_VAL.setdefault((row["id"], seeds), [r["val"] for r in row["runs"]])
 
 
 def choice_row(val: dict[str, list[float]], seeds: tuple[int, ...]) -> dict:
