@@ -210,6 +210,7 @@ def _audit_rules() -> dict:
         "audit.features": Choice(FEATURE_SOURCES),
         "audit.feature_dims": POSITIVE_INT,
         "audit.folds": Number(2, integer=True),
+        "audit.label_cut": POSITIVE,
         "audit.near_candidates": POSITIVE,
         "audit.near_threshold": POSITIVE,
         "audit.neighbours": POSITIVE_INT,

@@ -4,18 +4,19 @@ on `/predict`, the same service on its Open Inference Protocol route, and `serve
 
     uv run python scripts/load_test.py                   # default model
     uv run python scripts/load_test.py --model resnet18  # resnet18 at 224 px (random weights)
+    uv run python scripts/load_test.py --model cnn       # the default CNN, random weights
     uv run python scripts/load_test.py --model PATH.onnx --clients 16 64 --requests 3000
     uv run python scripts/load_test.py --targets predict v2   # leave Triton out
     uv run python scripts/load_test.py --serve serve.max_batch=64  # serve overrides, every target
 
 For each target it starts the service itself on 127.0.0.1 (free ports), waits for
-`/v2/models/NAME/ready` (both engines answer it), runs the clients (asyncio + httpx, one keep-alive
-connection each, one encoded image per request: a multipart upload on /predict, the protocol's
-binary tensor extension with a BYTES input on the v2 routes, built by tritonclient), stops the
-service with SIGTERM and checks it exits cleanly. Bounded: each level stops after --requests or
---max-seconds. In process: the same images through ONNX Runtime (decode + preprocess + one image
-per call, as one request is). It prints throughput, p50/p99 latency and errors per target and
-level, and each service's throughput over the in-process rate.
+`/v2/models/NAME/ready` (both engines answer it), runs the clients (asyncio + aiohttp, or httpx
+with `--client`; one keep-alive connection each, one encoded image per request: a multipart upload
+on /predict, the protocol's binary tensor extension with a BYTES input on the v2 routes, built by
+tritonclient), stops the service with SIGTERM and checks it exits cleanly. Bounded: each level
+stops after --requests or --max-seconds. In process: the same images through ONNX Runtime (decode +
+preprocess + one image per call, as one request is). It prints throughput, p50/p99 latency and
+errors per target and level, and each service's throughput over the in-process rate.
 
 Images: Fashion-MNIST test images (data/, as PNG at their native 28x28), or for a 224-px model the
 same images enlarged to 224x224 JPEGs, so decoding costs what it would for real photos.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import os
 import signal
 import socket
@@ -55,13 +57,16 @@ def default_model() -> Path:
         sys.exit(str(e))
 
 
-def resnet18_model(folder: Path) -> Path:
+RANDOM_MODELS = {"resnet18": (224, 3), "cnn": (28, 1)}  # --model NAME: random weights, this size
+
+
+def random_model(name: str, folder: Path) -> Path:
     from benchmark_infer import build  # beside this script: on sys.path as Python runs it
 
     from image_classifier.export.onnx import export_onnx
 
-    out = folder / "resnet18.onnx"
-    export_onnx(build("resnet18", 224, 3), folder / "resnet18.ckpt", out, 17)
+    out = folder / f"{name}.onnx"
+    export_onnx(build(name, *RANDOM_MODELS[name]), folder / f"{name}.ckpt", out, 17)
     return out
 
 
@@ -152,51 +157,87 @@ def v2_body(data: bytes, engine: str) -> tuple[bytes, dict]:
     return body, headers
 
 
-async def run_clients(
-    target: dict, images: list[bytes], clients: int, requests: int, seconds: float
-):
-    """(latencies, counts, wall seconds) of `clients` clients sending one image per request."""
-    import httpx
+def multipart_body(name: str, data: bytes) -> tuple[bytes, dict]:
+    """One file field named "file", as a browser or `requests` sends it."""
+    boundary = "load-test-boundary-7f3a"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
+
+async def run_clients(
+    target: dict, images: list[bytes], clients: int, requests: int, seconds: float, lib: str
+):
+    """(latencies, counts, wall seconds) of `clients` clients sending one image per request,
+    each over its own keep-alive connection; the request bodies are built before the clock
+    starts. `lib`: aiohttp (C-accelerated HTTP parsing) or httpx (pure Python)."""
     latencies: list[float] = []
     counts = {"2xx": 0, "4xx": 0, "5xx": 0, "connection errors": 0}
     issued = 0
-    bodies = [v2_body(d, target["engine"]) for d in images] if target["v2"] else None
+    if target["v2"]:
+        bodies = [v2_body(d, target["engine"]) for d in images]
+    else:
+        bodies = [multipart_body(f"{k}.img", d) for k, d in enumerate(images)]
+    post, session, failure = await open_client(lib, clients)
 
-    async def client(c):
+    async def client():
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
             k = issued
             issued += 1
+            body, headers = bodies[k % len(bodies)]
             t0 = time.perf_counter()
             try:
-                if bodies:
-                    body, headers = bodies[k % len(bodies)]
-                    r = await c.post(target["url"], content=body, headers=headers)
-                else:
-                    data = images[k % len(images)]
-                    files = {"file": (f"{k}.img", data, "application/octet-stream")}
-                    r = await c.post(target["url"], files=files)
-            except httpx.HTTPError:
+                status = await post(target["url"], body, headers)
+            except failure:
                 counts["connection errors"] += 1
                 continue
             latencies.append(time.perf_counter() - t0)
-            key = f"{r.status_code // 100}xx"
+            key = f"{status // 100}xx"
             counts[key] = counts.get(key, 0) + 1
 
-    # Every client made before the clock starts, with one TLS context between them: httpx
-    # builds a new one per client otherwise (25 ms of CPU each, measured with py-spy), which at
-    # 64 clients took a quarter of the client's time inside the measured window.
-    tls = ssl.create_default_context()
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    conns = [httpx.AsyncClient(timeout=60, limits=limits, verify=tls) for _ in range(clients)]
     deadline = time.perf_counter() + seconds
     t0 = time.perf_counter()
     try:
-        await asyncio.gather(*(client(c) for c in conns))
+        await asyncio.gather(*(client() for _ in range(clients)))
     finally:
-        await asyncio.gather(*(c.aclose() for c in conns))
+        await session.close()
     return latencies, counts, time.perf_counter() - t0
+
+
+async def open_client(lib: str, clients: int):
+    """(post(url, body, headers) -> status, something with an async close(), the exception a
+    failed connection raises), made before the clock starts."""
+    if lib == "aiohttp":
+        import aiohttp
+
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=clients),
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+
+        async def post(url, body, headers):
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        return post, session, aiohttp.ClientError
+
+    import httpx
+
+    # One TLS context for every client: httpx builds a new one per client otherwise (25 ms of
+    # CPU each, measured with py-spy), a quarter of the client's time at 64 clients.
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    session = httpx.AsyncClient(timeout=60, limits=limits, verify=ssl.create_default_context())
+    session.close = session.aclose
+
+    async def post(url, body, headers):
+        return (await session.post(url, content=body, headers=headers)).status_code
+
+    return post, session, httpx.HTTPError
 
 
 def direct_rate(model: Path, images: list[bytes], n: int, max_seconds: float) -> float:
@@ -244,18 +285,19 @@ def measure(model, name, images, args) -> tuple[list, bool]:
             "url": f"http://127.0.0.1:{port}" + route.format(name=name),
         }
         try:
-            for clients in args.clients:
-                asyncio.run(run_clients(target, images, clients, 20, 10))  # warm-up
+            for clients, lib in itertools.product(args.clients, args.client):
+                asyncio.run(run_clients(target, images, clients, 20, 10, lib))  # warm-up
                 lat, counts, seconds = asyncio.run(
-                    run_clients(target, images, clients, args.requests, args.max_seconds)
+                    run_clients(target, images, clients, args.requests, args.max_seconds, lib)
                 )
                 q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
-                rows.append((target_name, clients, len(lat) / seconds, q[49], q[98], counts))
+                rows.append((target_name, lib, clients, len(lat) / seconds, q[49], q[98], counts))
                 errors = counts["4xx"] + counts["5xx"] + counts["connection errors"]
                 ok &= errors == 0
                 print(
-                    f"  {target_name:8s} {clients:3d} clients: {len(lat) / seconds:8.1f} req/s, "
-                    f"p50 {q[49] * 1000:7.1f} ms, p99 {q[98] * 1000:7.1f} ms, errors {errors}",
+                    f"  {target_name:8s} {lib:7s} {clients:3d} clients: "
+                    f"{len(lat) / seconds:8.1f} req/s, p50 {q[49] * 1000:7.1f} ms, "
+                    f"p99 {q[98] * 1000:7.1f} ms, errors {errors}",
                     flush=True,
                 )
         finally:
@@ -267,9 +309,20 @@ def measure(model, name, images, args) -> tuple[list, bool]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="default", help="default | resnet18 | PATH.onnx")
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="default (the newest trained run's) | resnet18 | cnn (random weights) | PATH.onnx",
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument(
+        "--client",
+        nargs="+",
+        choices=["aiohttp", "httpx"],
+        default=["aiohttp"],
+        help="the load generator's HTTP library (both: side by side)",
+    )
     ap.add_argument("--requests", type=int, default=2000, help="per target and level")
     ap.add_argument("--max-seconds", type=float, default=60, help="per target and level")
     ap.add_argument(
@@ -286,8 +339,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "default":
             model = default_model()
-        elif args.model == "resnet18":
-            model = resnet18_model(Path(tmp))
+        elif args.model in RANDOM_MODELS:
+            model = random_model(args.model, Path(tmp))
         else:
             model = Path(args.model)
         meta = OnnxPredictor(model, device="cpu").meta
@@ -300,13 +353,13 @@ def main() -> None:
             flush=True,
         )
         rows, ok = measure(model, meta.name, images, args)
-    print("\n| target | clients | req/s | × in-process | p50 ms | p99 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for target, clients, rate, p50, p99, counts in rows:
+    print("\n| target | client | clients | req/s | × in-process | p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for target, lib, clients, rate, p50, p99, counts in rows:
         errors = counts["4xx"] + counts["5xx"] + counts["connection errors"]
         print(
-            f"| {target} | {clients} | {rate:.1f} | {rate / direct:.2f} | {p50 * 1000:.1f} | "
-            f"{p99 * 1000:.1f} | {errors} |"
+            f"| {target} | {lib} | {clients} | {rate:.1f} | {rate / direct:.2f} | "
+            f"{p50 * 1000:.1f} | {p99 * 1000:.1f} | {errors} |"
         )
     if not ok:
         sys.exit(1)

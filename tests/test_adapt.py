@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from image_classifier.data.profile import auto_size, profile_folder
 from image_classifier.training.adapt import (
+    MAX_EPOCHS,
     MIN_STEPS,
     choose_epochs,
     choose_model_and_size,
@@ -72,10 +73,17 @@ def test_epochs_give_a_small_folder_enough_steps(tmp_path):
     cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=cnn")
     small, notes = choose_epochs(cfg, 1433)  # 12 steps an epoch
     assert small.train.epochs == -(-MIN_STEPS["scratch"] // 12) == 84
-    assert small.train.early_stopping == 17  # a fifth of the schedule
+    # the one-cycle schedule runs whole: stopping early would cut it in its high-rate middle
+    assert small.train.early_stopping == 0 and "the whole onecycle schedule" in notes[0]
+    stepped, notes = choose_epochs(
+        compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "train.scheduler=step"),
+        1433,
+    )
+    assert stepped.train.early_stopping == 17  # a fifth of the schedule
     assert "early stopping after 17 epochs" in notes[0]
+    assert choose_epochs(cfg, 500)[0].train.epochs == 250  # 4 steps an epoch: its 1,000 steps
     tiny, _ = choose_epochs(cfg, 40)
-    assert tiny.train.epochs == 100  # capped
+    assert tiny.train.epochs == MAX_EPOCHS == 250  # capped
     given, notes = choose_epochs(compose_cfg(tmp_path, "train.epochs=2"), 40)
     assert given.train.epochs == 2 and notes == []
     tuned = compose_cfg(

@@ -226,3 +226,22 @@ def test_matched_difference_ignores_brightness_and_contrast_not_content():
     assert d[0] < 1e-3  # brightness and contrast only
     assert 3.0 < d[1] < 5.0  # noise sigma 4 reads as about 4 grey levels
     assert d[2] > 40 and d[3] > 40  # another image; a flat one is not a shrunken copy
+
+
+def test_label_suspects_and_the_recommended_cut():
+    """Every image each view puts below chance is listed, most suspicious first; the cut takes
+    those below audit.label_cut x chance."""
+    from image_classifier.audit.labels import label_issues
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    probs = np.full((60, 3), 0.04)
+    probs[np.arange(60), labels] = 0.92
+    probs += rng.uniform(0, 0.01, probs.shape)
+    probs[0] = [0.03, 0.95, 0.02]  # a class-0 image both views call class 1: far below chance
+    probs[25] = [0.5, 0.25, 0.25]  # a class-1 image a little below chance (1/3)
+    out, cut, _ = label_issues(labels, probs, [probs, probs], cut=0.4)
+    assert [i for i, _, _ in out][:2] == [0, 25] and out[0][2] == 1  # suggested: class 1
+    assert cut == 1  # 0.25 is below chance but above 0.4 x chance
+    assert label_issues(labels, probs, [probs, probs], cut=1.0)[1] == 2
+

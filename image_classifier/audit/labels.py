@@ -3,18 +3,18 @@ cross-validation of a scikit-learn classifier on each view of the audit's featur
 cleanlab (its tutorials' recipe: `cross_val_predict` probabilities, then `find_label_issues`).
 
 The classifier is fitted to convergence whatever the number of images: an RBF support vector
-machine with Platt-scaled probabilities up to `SVC_MAX` images, above that a logistic regression
-on a Nystroem approximation of the same kernel (linear in the number of images). Two views of the
-data, one classifier each: a pretrained backbone's features (the feature cache's when one matches,
-else computed here at the images' own size) and the pixels; of each alone and their average, the
-probabilities that fit the given labels best are kept.
+machine with libsvm's pairwise Platt probabilities up to `SVC_MAX` images, above that a logistic
+regression on a Nystroem approximation of the same kernel (linear in the number of images). Two
+views of the data, one classifier each: a pretrained backbone's features (the feature cache's
+when one matches, else computed here at the images' own size) and the pixels; of each alone and
+their average, the probabilities that fit the given labels best are kept.
 
-Every image cleanlab flags (`find_label_issues`, pruned by its estimated noise rates) is a
-suspect, most suspicious first (cleanlab's self-confidence: the out-of-sample probability of the
-given label). The recommended cut is the suspects whose given label is less likely than chance;
-cleanlab's own count is reported beside it. Measured on planted label flips, with the figures of
-the pixel-only audit with cleanlab's count it replaced: docs/benchmarks.md, "The audit on data
-sets that are not the benchmark".
+The suspects: every image cleanlab flags (`find_label_issues`, pruned by its estimated noise
+rates) and every image each view's classifier puts below chance, most suspicious first
+(cleanlab's self-confidence: the out-of-sample probability of the given label). The recommended
+cut is the suspects whose given label is less likely than audit.label_cut x chance; cleanlab's
+own count is reported beside it. Measured on planted label flips: docs/benchmarks.md, "The audit
+on data sets that are not the benchmark".
 """
 
 from __future__ import annotations
@@ -31,18 +31,17 @@ NYSTROEM_COMPONENTS = 1000
 
 
 def classifier(n: int, smallest: int, seed: int):
-    """The classifier fitted in each fold: an RBF SVM with sigmoid-calibrated (Platt)
-    probabilities for up to SVC_MAX images, a logistic regression on Nystroem RBF features above
-    (and where a class is too small for the calibration's own folds). `smallest`: the fewest
-    training images a class has in a fold."""
-    from sklearn.calibration import CalibratedClassifierCV
+    """The classifier fitted in each fold: an RBF SVM with libsvm's own Platt probabilities
+    (pairwise, fitted on its internal 5-fold cross-validation) for up to SVC_MAX images, a
+    logistic regression on Nystroem RBF features above (and where a class has fewer than 2
+    training images in a fold). `smallest`: the fewest training images a class has in a fold."""
     from sklearn.kernel_approximation import Nystroem
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import SVC
 
     if n <= SVC_MAX and smallest >= 2:
-        return CalibratedClassifierCV(SVC(random_state=seed), cv=min(5, smallest), ensemble=False)
+        return SVC(probability=True, random_state=seed)
     return make_pipeline(
         Nystroem(n_components=min(NYSTROEM_COMPONENTS, n), random_state=seed),
         LogisticRegression(max_iter=2000),
@@ -51,7 +50,7 @@ def classifier(n: int, smallest: int, seed: int):
 
 def describe(n: int) -> str:
     if n <= SVC_MAX:
-        return "an RBF support vector machine (Platt probabilities)"
+        return "an RBF support vector machine (libsvm's Platt probabilities)"
     return f"a logistic regression on {NYSTROEM_COMPONENTS} Nystroem RBF features"
 
 
@@ -67,7 +66,7 @@ def describe_views(names: list[str], which: int) -> str:
 
 def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     """((N, C) class probabilities from classifiers that never saw the image, the view(s) they
-    came from). Every view uses the same stratified folds; of each view alone and the average of
+    came from, [each view's own (N, C) probabilities]). Every view uses the same stratified folds; of each view alone and the average of
     all, the one whose probabilities fit the given labels best (lowest log loss) is kept: the
     backbone's features know photographs, the pixels know tiny grey images, and the average is
     best where both see something."""
@@ -85,6 +84,7 @@ def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     for x in views:
         with warnings.catch_warnings():  # "the least populated class has only k members"
             warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", "The `probability` parameter", FutureWarning)
             p = cross_val_predict(
                 classifier(n, smallest, seed), np.asarray(x), labels, cv=cv, method="predict_proba"
             )
@@ -94,18 +94,20 @@ def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     candidates = [(sum(each) / len(each), -1)] + [(p, i) for i, p in enumerate(each)]
     loss = [-np.log(np.clip(p[np.arange(n), labels], 1e-12, None)).mean() for p, _ in candidates]
     probs, which = candidates[int(np.argmin(loss))]
-    return probs.astype(np.float32), which
+    return probs.astype(np.float32), which, each
 
 
-def label_issues(labels: np.ndarray, probs: np.ndarray):
-    """([(index, self-confidence, suggested class)] every image cleanlab flags, most suspicious
-    first; the recommended cut; cleanlab's calibrated estimate of how many labels are wrong).
+def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
+    """([(index, self-confidence, suggested class)] the suspects, most suspicious first; the
+    recommended cut; cleanlab's calibrated estimate of how many labels are wrong).
 
-    The recommended cut is the flagged rows whose given label is less likely than chance
-    (self-confidence below 1 / the number of classes). Cleanlab's own estimate counts every image
-    the classifier confidently assigns elsewhere, which on classes that genuinely look alike
-    (Fashion-MNIST's shirts and T-shirts) is several times the wrong labels: measured on the suite
-    (docs/benchmarks.md), the chance cut kept recall and raised precision on every data set."""
+    The suspects: every image cleanlab flags, and every image whose given label each view's
+    classifier (`each`) on its own finds less likely than chance (1 / the number of classes),
+    which cleanlab's pruning by estimated noise rates leaves out on classes that genuinely look
+    alike. The recommended cut: the suspects whose given label is less likely than `cut` x chance
+    (audit.label_cut). Cleanlab's own estimate counts every image the classifier confidently
+    assigns elsewhere, which on such classes (Fashion-MNIST's shirts and T-shirts) is several
+    times the wrong labels. Both rules were chosen on planted label flips (docs/benchmarks.md)."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -116,14 +118,20 @@ def label_issues(labels: np.ndarray, probs: np.ndarray):
     # cleanlab wants classes 0..K-1 with every one present: drop the columns of absent classes
     remap = np.full(int(labels.max()) + 1, -1)
     remap[present] = np.arange(len(present))
-    y, p = remap[labels], probs[:, present]
-    p = p / p.sum(1, keepdims=True).clip(1e-12)
-    ranked = find_label_issues(y, p, return_indices_ranked_by="self_confidence")
+    y, p = remap[labels], _rows(probs[:, present])
+    chance = 1 / len(present)
     scores = get_label_quality_scores(y, p, method="self_confidence")
+    flagged = find_label_issues(y, p)
+    rows = np.arange(len(y))
+    flagged |= np.all([_rows(q[:, present])[rows, y] < chance for q in each], axis=0)
+    ranked = sorted(rows[flagged].tolist(), key=lambda i: scores[i])
     out = [(int(i), float(scores[i]), int(present[p[i].argmax()])) for i in ranked]
     estimate = int(num_label_issues(y, p, estimation_method="off_diagonal_calibrated"))
-    cut = sum(1 for _, q, _ in out if q < 1 / len(present))
-    return out, cut, estimate
+    return out, sum(1 for _, q, _ in out if q < cut * chance), estimate
+
+
+def _rows(p: np.ndarray) -> np.ndarray:
+    return p / p.sum(1, keepdims=True).clip(1e-12)
 
 
 def features(d, cfg, source: str):

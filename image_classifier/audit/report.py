@@ -140,7 +140,7 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"{near['leaks_train_to_eval']} leak train into val/test",
         f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv, most "
         f"suspicious first; review the first {r['label_errors']['recommended_cut']} (their given "
-        f"label is less likely than chance; cleanlab estimates "
+        f"label is less likely than {r['label_errors']['cut_rule']}; cleanlab estimates "
         f"{r['label_errors']['cleanlab_estimate']} wrong) ({r['label_errors']['features']})",
         f"  outliers: {r['outliers']['count']}",
         f"  image quality: {quality or 'nothing flagged'}",

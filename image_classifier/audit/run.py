@@ -37,9 +37,13 @@ def run_audit(cfg) -> dict:
         )
     with _timed(timings, "labels"):
         views, x, names = label_checks.features(d, cfg, str(a.features))
-        probs, which = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
+        probs, which, each = label_checks.out_of_sample_probs(
+            views, d.labels, int(a.folds), cfg.seed
+        )
         source = label_checks.describe_views(names, which)
-        suspects, cut, estimate = label_checks.label_issues(d.labels, probs)
+        suspects, cut, estimate = label_checks.label_issues(
+            d.labels, probs, each, float(a.label_cut)
+        )
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, fidx = neighbours.knn(
@@ -51,6 +55,7 @@ def run_audit(cfg) -> dict:
         flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
     report["label_errors"]["recommended_cut"] = cut
+    report["label_errors"]["cut_rule"] = f"{float(a.label_cut):g} x chance"
     report["label_errors"]["cleanlab_estimate"] = estimate
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +128,8 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             "features": source,
             "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
             f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view "
-            "(each view and their average compared by log loss); every flagged image, ranked by "
-            "self-confidence",
+            "(each view and their average compared by log loss); every flagged image and every "
+            "image each view puts below chance, ranked by self-confidence",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects

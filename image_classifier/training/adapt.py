@@ -19,9 +19,15 @@ from image_classifier.data.profile import ImageProfile, auto_size, profile_folde
 # Fashion-MNIST's 55,000 images at batch 128 get MIN_EPOCHS (3). Chosen on validation
 # (docs/benchmarks.md): from scratch 1,000 steps beat 300 by a mean 0.3 points over three small
 # data sets, 2,000 gained one image in 179; fine-tuning, 112 steps beat 304 (66.8 vs 64.4 %) at a
-# third of the time.
+# third of the time. MAX_EPOCHS bounds the per-epoch cost (validation, checkpoints) on a tiny
+# folder: 500 images at batch 128 still get their 1,000 steps.
 MIN_STEPS = {"scratch": 1000, "pretrained": 100}
-MIN_EPOCHS, MAX_EPOCHS = 3, 100
+MIN_EPOCHS, MAX_EPOCHS = 3, 250
+# Schedules whose rate anneals to the end of the run: early stopping would cut them in their
+# high-rate middle, so under train.epochs=auto they run whole and the best epoch on validation is
+# kept. With a fifth of the schedule as patience, early stopping ended fmnist-500 at 128 of its
+# 400 steps, on a lucky epoch of a 100-image validation split (docs/benchmarks.md).
+ANNEALED = ("onecycle", "cosine")
 
 
 def is_auto(value) -> bool:
@@ -66,23 +72,31 @@ def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
 
 def choose_epochs(cfg, train_images: int) -> tuple[object, list[str]]:
     """(config with a concrete train.epochs, the note) for train.epochs=auto: enough epochs for
-    MIN_STEPS optimizer steps; early stopping's patience grows with the schedule (a fifth of it),
-    so a long one-cycle schedule is not cut in its high-rate middle."""
+    MIN_STEPS optimizer steps. An annealed schedule (ANNEALED) runs whole; under any other,
+    early stopping's patience grows with the schedule (a fifth of it)."""
     if not is_auto(cfg.train.get("epochs")):
         return cfg, []
     kind = "pretrained" if cfg.model.get("pretrained") else "scratch"
     steps_per_epoch = max(1, math.ceil(train_images / int(cfg.train.batch_size)))
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / steps_per_epoch)))
+    annealed = str(cfg.train.get("scheduler")) in ANNEALED
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.epochs = epochs
-        if int(cfg.train.early_stopping) > 0:
+        if annealed:
+            cfg.train.early_stopping = 0
+        elif int(cfg.train.early_stopping) > 0:
             cfg.train.early_stopping = max(int(cfg.train.early_stopping), math.ceil(epochs / 5))
     stopping = int(cfg.train.early_stopping)
+    if annealed:
+        end = f"; the whole {cfg.train.scheduler} schedule, its best epoch on validation kept)"
+    elif stopping > 0:
+        end = f"; early stopping after {stopping} epochs without gain)"
+    else:
+        end = ")"
     note = (
         f"train.epochs={epochs} ({epochs * steps_per_epoch} steps: at least {MIN_STEPS[kind]} "
         f"for a {'pretrained' if kind == 'pretrained' else 'from-scratch'} network, "
-        f"{train_images} train images at batch {cfg.train.batch_size}"
-        + (f"; early stopping after {stopping} epochs without gain)" if stopping > 0 else ")")
+        f"{train_images} train images at batch {cfg.train.batch_size}" + end
     )
     return cfg, [note]
