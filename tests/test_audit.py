@@ -244,4 +244,3 @@ def test_label_suspects_and_the_recommended_cut():
     assert [i for i, _, _ in out][:2] == [0, 25] and out[0][2] == 1  # suggested: class 1
     assert cut == 1  # 0.25 is below chance but above 0.4 x chance
     assert label_issues(labels, probs, [probs, probs], cut=1.0)[1] == 2
-

@@ -66,10 +66,10 @@ def describe_views(names: list[str], which: int) -> str:
 
 def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     """((N, C) class probabilities from classifiers that never saw the image, the view(s) they
-    came from, [each view's own (N, C) probabilities]). Every view uses the same stratified folds; of each view alone and the average of
-    all, the one whose probabilities fit the given labels best (lowest log loss) is kept: the
-    backbone's features know photographs, the pixels know tiny grey images, and the average is
-    best where both see something."""
+    came from, [each view's own (N, C) probabilities]). Every view uses the same stratified
+    folds; of each view alone and the average of all, the one whose probabilities fit the given
+    labels best (lowest log loss) is kept: the backbone's features know photographs, the pixels
+    know tiny grey images, and the average is best where both see something."""
     import warnings
 
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
