@@ -193,7 +193,7 @@ def _add_error_handlers(app, service: Service) -> None:
 def _add_routes(app, service: Service) -> None:
 
     from fastapi import Request
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     limits, classes = service.limits, service.meta.classes
 
@@ -220,7 +220,8 @@ def _add_routes(app, service: Service) -> None:
             prediction_row(name, p, classes, top_k, thresholds)
             for (name, _), p in zip(items, probs, strict=True)
         ]
-        return rows[0] if len(rows) == 1 else rows
+        # a Response as it is: FastAPI's jsonable_encoder would walk the plain rows again
+        return JSONResponse(rows[0] if len(rows) == 1 else rows)
 
     @app.get("/health")
     async def health():
