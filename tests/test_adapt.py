@@ -82,6 +82,13 @@ def test_epochs_give_a_small_folder_enough_steps(tmp_path):
     assert stepped.train.early_stopping == 17  # a fifth of the schedule
     assert "early stopping after 17 epochs" in notes[0]
     assert choose_epochs(cfg, 500)[0].train.epochs == 250  # 4 steps an epoch: its 1,000 steps
+    # early stopping asked for on the command line is kept as given, whatever the schedule
+    from image_classifier.training import adapt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapt, "command_line_overrides", lambda: ["train.early_stopping"])
+        asked, notes = choose_epochs(cfg, 1433)
+    assert asked.train.early_stopping == 5 and "early stopping after 5 epochs" in notes[0]
     tiny, _ = choose_epochs(cfg, 40)
     assert tiny.train.epochs == MAX_EPOCHS == 250  # capped
     given, notes = choose_epochs(compose_cfg(tmp_path, "train.epochs=2"), 40)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import CONFIG_DIR
 from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
+from image_classifier.training.resume import command_line_overrides
 
 # train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
 # scratch, a pretrained one fine-tuned), and never fewer than MIN_EPOCHS nor more than MAX_EPOCHS.
@@ -73,19 +74,21 @@ def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
 def choose_epochs(cfg, train_images: int) -> tuple[object, list[str]]:
     """(config with a concrete train.epochs, the note) for train.epochs=auto: enough epochs for
     MIN_STEPS optimizer steps. An annealed schedule (ANNEALED) runs whole; under any other,
-    early stopping's patience grows with the schedule (a fifth of it)."""
+    early stopping's patience grows with the schedule (a fifth of it). A train.early_stopping
+    given on the command line is kept as it is."""
     if not is_auto(cfg.train.get("epochs")):
         return cfg, []
     kind = "pretrained" if cfg.model.get("pretrained") else "scratch"
     steps_per_epoch = max(1, math.ceil(train_images / int(cfg.train.batch_size)))
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / steps_per_epoch)))
-    annealed = str(cfg.train.get("scheduler")) in ANNEALED
+    explicit = "train.early_stopping" in command_line_overrides()  # the command line's wins
+    annealed = str(cfg.train.get("scheduler")) in ANNEALED and not explicit
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.epochs = epochs
         if annealed:
             cfg.train.early_stopping = 0
-        elif int(cfg.train.early_stopping) > 0:
+        elif int(cfg.train.early_stopping) > 0 and not explicit:
             cfg.train.early_stopping = max(int(cfg.train.early_stopping), math.ceil(epochs / 5))
     stopping = int(cfg.train.early_stopping)
     if annealed:
