@@ -219,11 +219,16 @@ def uv() -> str:
 def command(work: Path, *args: str) -> str:
     """`uv run python commands.py ARGS` from the project root, outputs under `work`."""
     quiet = [] if work == ROOT else [f"paths.root={work}", "trainer.enable_progress_bar=false"]
+    # as on a user's machine, Python caches each module's bytecode (this machine's environment
+    # turns that off, which makes every command compile its imports from source: measured, the
+    # audit of 3,260 images spent more time importing than auditing)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     p = subprocess.run(
         [uv(), "run", "python", "commands.py", *args, *quiet],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env=env,
     )
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{p.stderr[-3000:]}")
