@@ -186,6 +186,14 @@ def _bad_requests(good: bytes):
         "malformed json": dict(content=b'{"image": ', headers={"content-type": "application/json"}),
         "json without image": dict(json={"picture": "x"}),
         "too many images": dict(json={"images": [base64.b64encode(good).decode()] * 9}),
+        "too many files": dict(files=[("file", (f"{i}.png", good, "image/png")) for i in range(9)]),
+        "multipart without boundary": dict(
+            content=b"--x\r\n", headers={"content-type": "multipart/form-data"}
+        ),
+        "malformed multipart": dict(
+            content=b"not a multipart body",
+            headers={"content-type": "multipart/form-data; boundary=abc"},
+        ),
         "bad top_k": dict(files={"file": ("a.png", good, "image/png")}, params={"top_k": 0}),
         "non-numeric top_k": dict(
             files={"file": ("a.png", good, "image/png")}, params={"top_k": "x"}
@@ -208,6 +216,9 @@ def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
         "oversize body": 413,
         "decompression bomb": 413,
         "too many images": 413,
+        "too many files": 413,
+        "multipart without boundary": 400,
+        "malformed multipart": 400,
         "wrong content type": 415,
         "no content type": 415,
     }
@@ -232,6 +243,9 @@ def test_error_messages_name_the_problem(server, trained):
         "malformed base64": "malformed base64",
         "wrong content type": "Unsupported Content-Type 'text/plain'",
         "too many images": "serve.max_images",
+        "too many files": "serve.max_images",
+        "multipart without boundary": "Malformed multipart body: no boundary",
+        "malformed multipart": "Malformed multipart body: Expected boundary",
     }
     for case, phrase in checks.items():
         r = httpx.post(f"{url}/predict", timeout=30, **cases[case])

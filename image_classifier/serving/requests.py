@@ -120,7 +120,7 @@ async def read_images(request, limits: Limits) -> list[tuple[str, bytes]]:
     """(name, encoded bytes) from a multipart form, a JSON body with base64, or a raw body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _form_images(request, limits)
+        return await _form_images(request)
     body = await request.body()
     if not body:
         raise RequestError(
@@ -143,7 +143,7 @@ async def read_images(request, limits: Limits) -> list[tuple[str, bytes]]:
     )
 
 
-async def _form_images(request, limits: Limits) -> list[tuple[str, bytes]]:
+async def _form_images(request) -> list[tuple[str, bytes]]:
     """The file parts of a multipart body (already held whole by BodyLimit's cap), parsed by
     python-multipart straight from the bytes: Starlette's `request.form()` spools each part
     through a temporary file object, a twelfth of `serve`'s time under load (py-spy, CPU B,
