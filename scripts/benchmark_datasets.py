@@ -12,7 +12,11 @@ built from what installs offline:
 - colour-96: Fashion-MNIST items, scaled to 40-80 px and tinted, on random crops of the two
   photographs scikit-learn ships, at 96x96 (2,000 train, 250 val, 1,000 test; JPEG);
 - digits: scikit-learn's 1,797 handwritten digits, 8x8 grey, in class folders (the tool splits
-  them 80/10/10).
+  them 80/10/10);
+- photos-7: real photographs, not Fashion-MNIST: 150 square crops of 40-120 px from each of the
+  seven colour photographs scikit-image ships (astronaut, cat, coffee, Hubble deep field,
+  immunohistochemistry, retina, rocket), the class being the photograph; JPEG, in class folders
+  (split 80/10/10 by the tool), 1,050 images.
 
 For each: the default job exactly as a user runs it (`uv run python commands.py command=train
 data=folder data.root=D`, then `command=test`), its training time and test accuracy (reported
@@ -40,7 +44,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
-SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96")
+SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96", "photos-7")
 QUICK = ("digits", "fmnist-500")
 PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
 
@@ -150,6 +154,34 @@ def build_digits(dest: Path) -> None:
     write(dest, images, d.target, [str(k) for k in range(10)])
 
 
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+)
+
+
+def build_photos(dest: Path, per_class: int = 150, seed: int = 0) -> None:
+    """Square crops of 40-120 px at random places in each of scikit-image's colour photographs;
+    the class is the photograph (sizes vary, as in a user's folder of crops)."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        photo = getattr(skimage.data, name)()[..., :3]
+        crops = []
+        for _ in range(per_class):
+            side = int(rng.integers(40, 121))
+            top = int(rng.integers(0, photo.shape[0] - side + 1))
+            left = int(rng.integers(0, photo.shape[1] - side + 1))
+            crops.append(photo[top : top + side, left : left + side])
+        write(dest, crops, np.zeros(per_class, int), [name], "jpg")
+
+
 def build(name: str, dest: Path) -> Path:
     if dest.exists():
         return dest
@@ -159,6 +191,8 @@ def build(name: str, dest: Path) -> Path:
         build_digits(tmp)
     elif name == "colour-96":
         build_colour(tmp)
+    elif name == "photos-7":
+        build_photos(tmp)
     else:
         build_fmnist(tmp, int(name.split("-")[1]))
     tmp.rename(dest)
@@ -310,12 +344,12 @@ def foreign_images(root: Path, n: int, rng) -> list[np.ndarray]:
     return [(d.images[i] * (255 / 16)).round().astype(np.uint8) for i in pick]
 
 
-def audit(root: Path, work: Path, frac: float, seed: int = 0) -> dict:
+def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ()) -> dict:
     noisy = work / f"noisy-{frac}"
     shutil.rmtree(noisy, ignore_errors=True)
     planted = plant_noise(root, noisy, frac, seed)
     t0 = time.perf_counter()
-    out = command(work, "command=audit", "data=folder", f"data.root={noisy}")
+    out = command(work, "command=audit", "data=folder", f"data.root={noisy}", *extra)
     seconds = time.perf_counter() - t0
     folder = Path(re.search(r"report: (\S+)/report\.json", out).group(1))
     report = json.loads((folder / "report.json").read_text())
@@ -359,6 +393,7 @@ def main():
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--audit-only", action="store_true", help="skip the default job and floor")
     ap.add_argument("--train", nargs="*", default=[], help="extra overrides for every training")
+    ap.add_argument("--audit", nargs="*", default=[], help="extra overrides for every audit")
     ap.add_argument(
         "--plant-seed",
         type=int,
@@ -389,7 +424,7 @@ def main():
             )
         if not args.no_audit:
             for frac in (0.01, 0.05):
-                a = audit(root, work, frac, args.plant_seed)
+                a = audit(root, work, frac, args.plant_seed, args.audit)
                 row[f"audit_{frac}"] = a
                 print(
                     f"    audit at {frac:.0%} noise: {a['planted']} planted, {a['flagged']} "

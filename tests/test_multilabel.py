@@ -236,7 +236,7 @@ def test_calibrate_command_retunes_multi_label_thresholds(multi_trained, tmp_pat
     root, ckpt, _, _, trained = multi_trained
     copy = tmp_path / "best.ckpt"
     shutil.copyfile(ckpt, copy)
-    ckpt_file.set_buffer(copy, "thresholds", [0.5, 0.5, 0.5])
+    ckpt_file.store_buffers(copy, ckpt_file.read(copy), thresholds=[0.5, 0.5, 0.5])
     r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
     assert r["thresholds"] == pytest.approx(trained["thresholds"])
     assert ckpt_file.load_module(copy).thresholds.tolist() == pytest.approx(r["thresholds"])

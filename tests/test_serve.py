@@ -194,6 +194,11 @@ def _bad_requests(good: bytes):
             content=b"not a multipart body",
             headers={"content-type": "multipart/form-data; boundary=abc"},
         ),
+        "unterminated multipart": dict(
+            content=b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a.png"'
+            b"\r\n\r\n" + good,
+            headers={"content-type": "multipart/form-data; boundary=abc"},
+        ),
         "bad top_k": dict(files={"file": ("a.png", good, "image/png")}, params={"top_k": 0}),
         "non-numeric top_k": dict(
             files={"file": ("a.png", good, "image/png")}, params={"top_k": "x"}
@@ -219,6 +224,7 @@ def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
         "too many files": 413,
         "multipart without boundary": 400,
         "malformed multipart": 400,
+        "unterminated multipart": 400,
         "wrong content type": 415,
         "no content type": 415,
     }
@@ -245,7 +251,8 @@ def test_error_messages_name_the_problem(server, trained):
         "too many images": "serve.max_images",
         "too many files": "serve.max_images",
         "multipart without boundary": "Malformed multipart body: no boundary",
-        "malformed multipart": "Malformed multipart body: Expected boundary",
+        "malformed multipart": "Malformed multipart body: no part opens with --abc",
+        "unterminated multipart": "Malformed multipart body: it does not end with --abc--",
     }
     for case, phrase in checks.items():
         r = httpx.post(f"{url}/predict", timeout=30, **cases[case])

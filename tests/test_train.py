@@ -305,7 +305,7 @@ def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, c
     root, ckpt, _ = trained
     copy = tmp_path / "best.ckpt"
     shutil.copyfile(ckpt, copy)
-    ckpt_file.set_temperature(copy, 1.0)
+    ckpt_file.store_buffers(copy, ckpt_file.read(copy), temperature=1.0)
     r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
     assert r["temperature"] != 1.0 and r["ece_after"] <= r["ece_before"] + 1e-6
     assert float(ckpt_file.load_module(copy).temperature) == pytest.approx(r["temperature"])

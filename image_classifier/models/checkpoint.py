@@ -125,12 +125,3 @@ def store_buffers(path: str | Path, ckpt: dict, **values) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
-
-
-def set_buffer(path: str | Path, name: str, value) -> None:
-    """One stored value changed in a checkpoint file (reads it, then `store_buffers`)."""
-    store_buffers(path, read(path), **{name: value})
-
-
-def set_temperature(path: str | Path, temperature: float) -> None:
-    set_buffer(path, "temperature", float(temperature))

@@ -144,43 +144,34 @@ async def read_images(request, limits: Limits) -> list[tuple[str, bytes]]:
 
 
 async def _form_images(request) -> list[tuple[str, bytes]]:
-    """The file parts of a multipart body (already held whole by BodyLimit's cap), parsed by
-    python-multipart straight from the bytes: Starlette's `request.form()` spools each part
-    through a temporary file object, a twelfth of `serve`'s time under load (py-spy, CPU B,
-    2026-12-02). Too many files are refused by /predict's own serve.max_images check."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    """The file parts of a multipart body (RFC 7578), cut from the whole body BodyLimit already
+    holds: parts lie between `CRLF--boundary` delimiters, which their content cannot hold, so
+    one `bytes.split` finds them all, and a body without its closing delimiter is refused.
+    Against python-multipart's streaming parser: 11 against 22-33 us for a 1 KB upload, 20
+    against 36 us for 30 KB (CPU B, 2026-12-02); its header parser still reads each part's
+    Content-Disposition. Too many files are refused by /predict's serve.max_images check."""
+    from python_multipart.multipart import parse_options_header
 
     _, params = parse_options_header(request.headers.get("content-type"))
-    body = await request.body()
-    parts: list[tuple[dict, list]] = []
-    field: list[bytes] = []
-
-    def header_value(data, start, end):
-        headers = parts[-1][0]
-        key = b"".join(field).lower()
-        headers[key] = headers.get(key, b"") + data[start:end]
-
-    callbacks = {
-        "on_part_begin": lambda: parts.append(({}, [])),
-        "on_header_field": lambda data, start, end: field.append(data[start:end]),
-        "on_header_value": header_value,
-        "on_header_end": field.clear,
-        "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end]),
-    }
-    try:
-        if not params.get(b"boundary"):
-            raise ValueError("no boundary in its Content-Type")
-        parser = MultipartParser(params[b"boundary"], callbacks)
-        parser.write(body)
-        parser.finalize()
-    except Exception as e:  # python-multipart's MultipartParseError, a bad boundary
-        raise RequestError(400, f"Malformed multipart body: {e}.") from None
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "Malformed multipart body: no boundary in its Content-Type.")
+    pieces = (b"\r\n" + await request.body()).split(b"\r\n--" + boundary)
+    shown = boundary.decode("latin-1")
+    if len(pieces) < 2:
+        raise RequestError(400, f"Malformed multipart body: no part opens with --{shown}.")
+    if not pieces[-1].startswith(b"--"):
+        raise RequestError(400, f"Malformed multipart body: it does not end with --{shown}--.")
     files = []
-    for headers, chunks in parts:
-        _, disposition = parse_options_header(headers.get(b"content-disposition"))
-        if b"filename" in disposition:
-            name = disposition[b"filename"].decode("utf-8", "replace")
-            files.append((name or f"image[{len(files)}]", b"".join(chunks)))
+    for piece in pieces[1:-1]:  # [0]: the preamble; [-1]: the close delimiter and epilogue
+        head, _, content = piece.partition(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-disposition":
+                _, disposition = parse_options_header(value.strip())
+                if b"filename" in disposition:
+                    name = disposition[b"filename"].decode("utf-8", "replace")
+                    files.append((name or f"image[{len(files)}]", content))
     if not files:
         raise RequestError(
             400,
