@@ -48,6 +48,16 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     assert notes[1].startswith("data.size=[96, 96] (median 80x80 px, pretrained limits)")
 
 
+def test_head_takes_the_size_its_backbone_sees(tmp_path):
+    """model=head trains on features computed at features.size: data.size=auto says so, not
+    the from-scratch limits of the median size."""
+    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
+    head = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=head")
+    cfg, notes = choose_model_and_size(head)
+    assert list(cfg.data.size) == list(cfg.features.size) == [224, 224]
+    assert notes == ["data.size=[224, 224] (model=head: the backbone's features.size)"]
+
+
 def test_small_grey_folder_gets_the_cnn_and_explicit_values_win(tmp_path):
     root = make_class_folders(tmp_path / "img", per_class=4, size=20)
     auto = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=auto")

@@ -50,7 +50,12 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
             choice, why = model_for(profile, cfg.model)
             cfg.model = OmegaConf.load(CONFIG_DIR / "model" / f"{choice}.yaml")
             notes.append(f"model={choice} ({why})")
-        if needs_size:
+        if needs_size and cfg.model.get("name") == "head":  # it sees images through the backbone
+            cfg.data.size = list(cfg.features.size)
+            notes.append(
+                f"data.size={list(cfg.data.size)} (model=head: the backbone's features.size)"
+            )
+        elif needs_size:
             median = profile.median_size if profile else (28, 28)
             cfg.data.size = auto_size(median, bool(cfg.model.get("pretrained")))
             notes.append(
