@@ -206,6 +206,34 @@ def _bad_requests(good: bytes):
     }
 
 
+def test_multipart_parts_are_cut_exactly_at_their_delimiters():
+    """/predict's own multipart split (serving/requests.py): a preamble, a text field, transport
+    padding after a delimiter, a file whose bytes hold a blank line, `--abc` (not after a CRLF,
+    which RFC 2046 reserves for the delimiter) and `CRLF--ab`, and an epilogue; only the files
+    come back, byte for byte, named as sent."""
+    import asyncio
+
+    from image_classifier.serving.requests import _form_images
+
+    one, two = b"\x89PNG\r\n\r\nx--abc\r\n--ab\r\n", b"\xff\xd8second"
+    body = (
+        b"preamble\r\n--abc\r\n"
+        b'Content-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        b'--abc  \r\ncontent-disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + one + b"\r\n--abc\r\n"
+        b'Content-Disposition: form-data; name="file"; filename=""\r\n\r\n' + two + b"\r\n"
+        b"--abc--\r\nepilogue"
+    )
+
+    class Request:
+        headers = {"content-type": 'multipart/form-data; boundary="abc"'}
+
+        async def body(self):
+            return body
+
+    assert asyncio.run(_form_images(Request())) == [("a.png", one), ("image[1]", two)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(_bad_requests(b"x" * 100)))
 def test_bad_request_gets_4xx_json_and_service_survives(server, trained, case):
