@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import compose_cfg, make_class_folders
 
-from image_classifier.data.features import read_manifest
+from image_classifier.data.cachedir import read_manifest
 from image_classifier.errors import UserError
 from image_classifier.training.features import build_cache
 
@@ -124,7 +124,7 @@ def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp
     assert [x["predicted_class"] for x in rows_onnx] == [x["predicted_class"] for x in rows_ckpt]
 
     # the head saw cached features; the deployed model sees pixels: both give the same logits
-    from image_classifier.data.features import FeatureDataModule
+    from image_classifier.data.datamodule import FeatureDataModule
 
     dm = FeatureDataModule(build_cache(compose_cfg(root, *common), quiet=True)["dir"], 8)
     feats, _ = dm.dataset("test")[0]

@@ -1,6 +1,7 @@
 """The LightningDataModule: how the splits (data/splits.py: what the data is and how it is
 split, for packaged Fashion-MNIST and users' folders alike) are batched: DataLoaders, on-device
-batches, the balanced sampler, per-image augmentation.
+batches, the balanced sampler, per-image augmentation; and the cached-feature data module
+(`FeatureDataModule`, the format in data/features.py) that `model=head` trains on.
 
 Batches are uint8 NCHW tensors in 0..255; the model normalises them itself, so what a loader
 yields for evaluation is exactly what `infer` and `serve` feed the exported model.
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from image_classifier.data.cachedir import read_manifest
 from image_classifier.data.datasets import ArrayDataset, AugmentedDataset, FileDataset
 from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
 from image_classifier.data.identity import DataInfo
 from image_classifier.data.images import Preprocessing
+from image_classifier.data.layouts import SPLITS
 from image_classifier.data.splits import load_splits
 from image_classifier.errors import UserError
 
@@ -146,6 +149,59 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self.device_batches("test") or self.loader("test")
+
+
+class FeatureDataModule(L.LightningDataModule):
+    """Cached features as in-memory tensors: an epoch of head training is a few matrix products."""
+
+    def __init__(self, folder: str | Path, batch_size: int, balanced_sampler: bool = False):
+        super().__init__()
+        self.folder = Path(folder)
+        self.batch_size = batch_size
+        manifest = read_manifest(self.folder)
+        if manifest is None:
+            raise UserError(
+                f"{self.folder} is not a complete feature cache; run command=cache-features."
+            )
+        self.manifest = manifest
+        self.datasets = {
+            s: ArrayDataset(
+                torch.from_numpy(np.load(self.folder / f"{s}_features.npy").astype(np.float32)),
+                torch.from_numpy(np.load(self.folder / f"{s}_labels.npy")),
+            )
+            for s in SPLITS
+        }
+        self.info = DataInfo(
+            name=manifest["data"]["name"],
+            classes=manifest["classes"],
+            preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
+            class_counts=manifest["data"]["class_counts"],
+            split_sizes=manifest["counts"],
+            data_hash=manifest["data"]["hash"],
+            layout=f"cached {manifest['backbone']} features",
+        )
+
+    def prepare(self) -> DataInfo:
+        return self.info
+
+    def dataset(self, split: str):
+        return self.datasets[split]
+
+    def loader(self, split: str, shuffle: bool = False):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate
+        )
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader("val")
+
+    def test_dataloader(self):
+        return self.loader("test")
 
 
 def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None) -> ImageDataModule:

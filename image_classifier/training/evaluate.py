@@ -128,7 +128,7 @@ def datamodule_for(cfg, hp, use_checkpoint_data: bool):
     """The test images at the model's preprocessing; a head evaluates on the cached features."""
     if hp.model["name"] != "head":
         return build_datamodule(cfg, preprocessing=Preprocessing.from_dict(hp.preprocessing))
-    from image_classifier.data.features import FeatureDataModule
+    from image_classifier.data.datamodule import FeatureDataModule
     from image_classifier.training.features import build_cache
 
     return FeatureDataModule(build_cache(cfg)["dir"], int(cfg.test.batch_size))

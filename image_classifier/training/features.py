@@ -1,6 +1,6 @@
 """`command=cache-features`: a frozen pretrained backbone run once over every split, on disk.
 
-The format (folders, manifest, FeatureDataModule) is `image_classifier/data/features.py`; this
+The format (folders, manifest) is `image_classifier/data/features.py`; this
 module builds it. The key hashes everything the features depend on: the data's content hash, the
 backbone, its weights, the preprocessing and the format version. A build writes into a temporary
 folder and renames it into place after the manifest, so an interrupted build never leaves a cache

@@ -182,7 +182,7 @@ def datamodule_for(cfg, model_spec: dict):
     when missing) and records the backbone it needs at deployment."""
     if model_spec["name"] != "head":
         return build_datamodule(cfg), model_spec
-    from image_classifier.data.features import FeatureDataModule
+    from image_classifier.data.datamodule import FeatureDataModule
     from image_classifier.training.features import build_cache
 
     cache = build_cache(cfg)
