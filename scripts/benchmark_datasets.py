@@ -225,6 +225,7 @@ def floor(root: Path, seed: int = 0) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     rows = files(root)
     x, y = pixels([p for p, _, _ in rows]), np.array([c for _, _, c in rows])
@@ -239,11 +240,13 @@ def floor(root: Path, seed: int = 0) -> float:
     z = scaler.transform(x)
     best = None
     m = LogisticRegression(max_iter=2000, warm_start=True)  # each C starts from the last's fit
-    for c in (0.01, 0.1, 1.0):
-        m.set_params(C=c).fit(z[split == "train"], y[split == "train"])
-        val = m.score(z[split == "val"], y[split == "val"])
-        if best is None or val > best[0]:
-            best = (val, m.score(z[split == "test"], y[split == "test"]))
+    # one BLAS/OpenMP thread: on 2 cores lbfgs ran 2.5-4x faster so (photos-7 35 s -> 9 s)
+    with threadpool_limits(1):
+        for c in (0.01, 0.1, 1.0):
+            m.set_params(C=c).fit(z[split == "train"], y[split == "train"])
+            val = m.score(z[split == "val"], y[split == "val"])
+            if best is None or val > best[0]:
+                best = (val, m.score(z[split == "test"], y[split == "test"]))
     return float(best[1])
 
 
