@@ -244,3 +244,21 @@ def test_label_suspects_and_the_recommended_cut():
     assert [i for i, _, _ in out][:2] == [0, 25] and out[0][2] == 1  # suggested: class 1
     assert cut == 1  # 0.25 is below chance but above 0.4 x chance
     assert label_issues(labels, probs, [probs, probs], cut=1.0)[1] == 2
+
+
+@pytest.mark.parametrize("n_per_class", [20, 1700])  # the SVM, and the Nystroem regression above
+def test_views_fitted_side_by_side_give_each_views_own_probabilities(n_per_class):
+    """The views' classifiers run in threads (one BLAS thread each): each view's probabilities
+    are what fitting that view alone gives, in the views' order."""
+    from image_classifier.audit.labels import SVC_MAX, out_of_sample_probs
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), n_per_class)
+    sharp = rng.normal(size=(len(labels), 4)) + 3 * np.eye(3, 4)[labels]  # separates the classes
+    blurred = rng.normal(size=(len(labels), 4)) + 0.3 * np.eye(3, 4)[labels]
+    assert (len(labels) > SVC_MAX) == (n_per_class > 20)
+    probs, which, each = out_of_sample_probs([blurred, sharp], labels, folds=3, seed=0)
+    alone = [out_of_sample_probs([v], labels, folds=3, seed=0)[0] for v in (blurred, sharp)]
+    for got, want in zip(each, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert which == 1 and (probs.argmax(1) == labels).mean() > 0.9  # the sharp view fits best
