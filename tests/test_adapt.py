@@ -46,6 +46,24 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     assert list(cfg.model.mean) == [0.5, 0.5, 0.5]  # the model config's interpolations resolve
     assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80x80 px")
     assert notes[1].startswith("data.size=[96, 96] (median 80x80 px, pretrained limits)")
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (True, 8)  # 1/12 of 96 px
+    assert notes[2].startswith("train.augment.hflip=true train.augment.shift=8 (fine-tuning")
+    assert auto.train.augment.hflip is False  # the given config is not changed
+
+
+def test_fine_tuning_flips_and_shifts_yield_to_any_given_augment(tmp_path, monkeypatch):
+    """model=auto's fine-tuning augmentation stays off when the config sets flips or shifts, or
+    the command line names either (even at its default value), or an experiment is given."""
+    from image_classifier.training import adapt
+
+    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
+    common = (tmp_path, "data=folder", f"data.root={root}", "model=auto")
+    cfg, notes = choose_model_and_size(compose_cfg(*common, "train.augment.shift=3"))
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift, len(notes)) == (False, 3, 2)
+    for given in (["train.augment.hflip"], ["experiment"]):
+        monkeypatch.setattr(adapt, "command_line_overrides", lambda given=given: given)
+        cfg, notes = choose_model_and_size(compose_cfg(*common))
+        assert (cfg.train.augment.hflip, cfg.train.augment.shift, len(notes)) == (False, 0, 2)
 
 
 def test_head_takes_the_size_its_backbone_sees(tmp_path):
@@ -63,6 +81,7 @@ def test_small_grey_folder_gets_the_cnn_and_explicit_values_win(tmp_path):
     auto = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=auto")
     cfg, notes = choose_model_and_size(auto)
     assert (cfg.model.name, list(cfg.data.size)) == ("cnn", [20, 20])
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (False, 0)  # from scratch: off
     given = compose_cfg(
         tmp_path, "data=folder", f"data.root={root}", "model=cnn4", "data.size=[32,32]"
     )
