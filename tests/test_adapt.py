@@ -94,6 +94,7 @@ def test_fashion_mnist_default_job_keeps_the_cnn_and_three_epochs(tmp_path):
     cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=auto")
     cfg, notes = choose_model_and_size(cfg)
     assert cfg.model.name == "cnn" and list(cfg.data.size) == [28, 28]
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift, notes[1:]) == (False, 0, [])
     cfg, notes = choose_epochs(cfg, 55000)
     assert cfg.train.epochs == 3 and notes[0].startswith("train.epochs=3 (1290 steps")
 

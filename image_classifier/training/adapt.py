@@ -73,7 +73,7 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
 
 def fine_tuning_augment(cfg) -> list[str]:
     """Flips and shifts for model=auto's fine-tuning (in place; the note), unless the command line
-    or the config already sets train.augment's flips or shifts."""
+    names any train.augment key or an experiment, or the config already turns either on."""
     a = cfg.train.augment
     given = {k for k in command_line_overrides() if k.startswith(("train.augment", "experiment"))}
     if given or a.get("hflip") or int(a.get("shift") or 0):
