@@ -1,6 +1,6 @@
 """Data sets that are not the benchmark: the default job, a pixel floor and the audit on each.
 
-    uv run python scripts/benchmark_datasets.py            # the whole suite (about 23 min, 2 cores)
+    uv run python scripts/benchmark_datasets.py            # the whole suite (about 17 min, 2 cores)
     uv run python scripts/benchmark_datasets.py --quick    # digits and fmnist-500 (about 4)
     uv run python scripts/benchmark_datasets.py --only colour-96 --keep /tmp/suite
 
