@@ -262,3 +262,15 @@ def test_views_fitted_side_by_side_give_each_views_own_probabilities(n_per_class
     for got, want in zip(each, alone, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert which == 1 and (probs.argmax(1) == labels).mean() > 0.9  # the sharp view fits best
+
+
+def test_backbone_view_enlarges_small_images_toward_the_backbones_size():
+    from image_classifier.audit.labels import backbone_side
+
+    def side(*longer):
+        return backbone_side(np.array([[s, s * 3 // 4] for s in longer]))
+
+    assert side(28, 28, 30) == 64  # thumbnails: the floor (the pixels view judges these)
+    assert side(81, 96, 120) == 192  # small photos: twice their median side
+    assert side(400, 1000, 800) == 224  # photos: the backbone's ImageNet size at most
+    assert backbone_side(np.zeros((0, 2))) == 64

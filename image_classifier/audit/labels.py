@@ -6,7 +6,7 @@ The classifier is fitted to convergence whatever the number of images: an RBF su
 machine with libsvm's pairwise Platt probabilities up to `SVC_MAX` images, above that a logistic
 regression on a Nystroem approximation of the same kernel (linear in the number of images). Two
 views of the data, one classifier each: a pretrained backbone's features (the feature cache's
-when one matches, else computed here at the images' own size) and the pixels; of each alone and
+when one matches, else computed here at twice the images' own size) and the pixels; of each alone and
 their average, the probabilities that fit the given labels best are kept.
 
 The suspects: every image cleanlab flags (`find_label_issues`, pruned by its estimated noise
@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
-BACKBONE_SIDE = (64, 224)  # the backbone view's input side: the median longer side, within these
+BACKBONE_SIDE = (64, 224)  # the backbone view's input side: UPSCALE x the median longer side, within
+UPSCALE = 2  # ImageNet features separate small photos better enlarged toward the 224 px they were
+# trained at: colour-96 (96 px) 51 -> 55-59 % out-of-sample at 160-224 px, photos-7 (81 px) at 162 px
+# put all 10 planted flips of its 1 % copy in the first 20 rows, not 9 (docs/benchmarks.md)
 BATCH = 64
 SVC_MAX = 5000  # above this many images the SVM's quadratic cost is too high: kernel features
 NYSTROEM_COMPONENTS = 1000
@@ -157,7 +160,7 @@ def features(d, cfg, source: str):
 
     Two views when a backbone is at hand, each with its own classifier: the backbone's features
     (from a matching feature cache, else computed here by cfg.features' pretrained backbone at the
-    images' own size) and the pixels; both, side by side, for the outliers. The pixels alone
+    images' size x UPSCALE) and the pixels; both, side by side, for the outliers. The pixels alone
     with audit.features=pixels, or when no pretrained backbone can be loaded. Each view is the
     principal components (audit.feature_dims) of the standardised features, scaled as a whole:
     each component keeps its share of the variance, so the noise in the small ones is not blown
@@ -199,7 +202,7 @@ def features(d, cfg, source: str):
 
 def backbone_features(d, cfg):
     """(N, dim) features of every audited image from cfg.features' pretrained backbone, at the
-    images' median longer side within BACKBONE_SIDE; and a name for them."""
+    UPSCALE x the images' median longer side, within BACKBONE_SIDE; and a name for them."""
     import torch
     from tqdm.auto import tqdm
 
@@ -209,7 +212,7 @@ def backbone_features(d, cfg):
     fcfg = cfg.features
     if fcfg.pretrained is False or str(fcfg.pretrained).lower() == "false":
         raise UserError("features.pretrained=false: an untrained backbone says nothing of labels")
-    side = int(np.clip(np.median(d.sizes.max(1)), *BACKBONE_SIDE)) if len(d.sizes) else 64
+    side = backbone_side(d.sizes)
     net, channels = create_backbone(fcfg), int(fcfg.channels)
     out, n = [], len(d.labels)
     bar = tqdm(total=n, desc="audit: backbone features", unit="img", disable=n < 2000 or None)
@@ -220,6 +223,12 @@ def backbone_features(d, cfg):
             bar.update(len(batch))
     bar.close()
     return torch.cat(out), f"{fcfg.backbone} features at {side}x{side}"
+
+
+def backbone_side(sizes: np.ndarray) -> int:
+    """The backbone view's input side for images of these (N, 2) sizes."""
+    median = np.median(sizes.max(1)) if len(sizes) else 0
+    return int(np.clip(UPSCALE * median, *BACKBONE_SIDE))
 
 
 def _images(d, rows: range, side: int, channels: int):
