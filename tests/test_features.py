@@ -159,3 +159,21 @@ def test_packaged_efficientnet_lite0_recognises_a_known_image():
     with torch.no_grad():
         top5 = net(torch.from_numpy(load_array(path, pre))[None]).topk(5).indices[0].tolist()
     assert 652 in top5
+
+
+def test_head_training_draws_classes_equally_with_the_balanced_sampler(tmp_path):
+    """train.balanced_sampler=true weighs each cached feature by 1 / its class's count, as the
+    image data module does (it was once ignored for model=head)."""
+    from image_classifier.data.datamodule import FeatureDataModule
+
+    images = make_class_folders(tmp_path / "images", per_class=10)
+    for extra in sorted((images / "cat").glob("*"))[:5]:  # one class half the others
+        extra.unlink()
+    built = build_cache(compose_cfg(tmp_path, *_overrides(tmp_path, images)))
+    labels = np.load(Path(built["dir"]) / "train_labels.npy")
+    plain = FeatureDataModule(built["dir"], 4).loader("train", shuffle=True)
+    balanced = FeatureDataModule(built["dir"], 4, True).loader("train", shuffle=True).sampler
+    assert not hasattr(plain.sampler, "weights")
+    counts = np.bincount(labels)
+    assert counts.min() < counts.max()
+    assert balanced.weights.numpy() == pytest.approx(1 / counts[labels])

@@ -98,14 +98,7 @@ class ImageDataModule(L.LightningDataModule):
         if shuffle and self._world() == 1:
             sampler = EpochPermutation(len(ds), self.seed)
         if shuffle and self.balanced_sampler:
-            if self.info.multi_label:
-                raise UserError(
-                    "train.balanced_sampler=true balances single-label classes; this data is "
-                    "multi-label. Drop the override."
-                )
-            labels = _labels_of(ds)
-            weights = 1.0 / np.bincount(labels)[labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))
+            sampler = balanced_sampler(_labels_of(ds), self.info.multi_label)
         workers = self.num_workers if isinstance(ds, FileDataset | AugmentedDataset) else 0
         return DataLoader(
             ds,
@@ -157,7 +150,7 @@ class FeatureDataModule(L.LightningDataModule):
     def __init__(self, folder: str | Path, batch_size: int, balanced_sampler: bool = False):
         super().__init__()
         self.folder = Path(folder)
-        self.batch_size = batch_size
+        self.batch_size, self.balanced_sampler = batch_size, balanced_sampler
         manifest = read_manifest(self.folder)
         if manifest is None:
             raise UserError(
@@ -190,8 +183,15 @@ class FeatureDataModule(L.LightningDataModule):
     def loader(self, split: str, shuffle: bool = False):
         from torch.utils.data import DataLoader
 
+        ds, sampler = self.datasets[split], None
+        if shuffle and self.balanced_sampler:
+            sampler = balanced_sampler(ds.labels.numpy(), ds.labels.ndim > 1)
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=collate,
         )
 
     def train_dataloader(self):
@@ -225,6 +225,18 @@ def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None)
         seed=int(cfg.seed),
         device_budget_gb=float(t.get("device_budget_gb") or 0) if t.get("device_data") else 0.0,
     )
+
+
+def balanced_sampler(labels: np.ndarray, multi_label: bool) -> WeightedRandomSampler:
+    """train.balanced_sampler: draws every class equally often (each image weighted by
+    1 / its class's count), as many draws as images per epoch."""
+    if multi_label:
+        raise UserError(
+            "train.balanced_sampler=true balances single-label classes; this data is "
+            "multi-label. Drop the override."
+        )
+    weights = 1.0 / np.bincount(labels)[labels]
+    return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))
 
 
 def _labels_of(ds) -> np.ndarray:
