@@ -98,3 +98,16 @@ class MicroBatcher:
         if self._model is not None:
             self._model.shutdown(wait=True)
             self._model, self._loop = None, None
+
+
+def freeze_start_up_objects() -> int:
+    """Moves every object alive once the model is loaded (the modules of torch, ONNX Runtime,
+    FastAPI...) out of the garbage collector's reach (`gc.freeze`), so a full collection walks
+    only what requests allocate; returns how many were frozen. Under 64 clients on /predict, the
+    full collections over those objects were the p99: 80-86 ms against 35-39 ms frozen, p99 at 64
+    clients over p99 at 16: 5.3-8.0x against 2.5-4.2x (CPU B; docs/benchmarks.md)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from image_classifier.errors import UserError
+from image_classifier.serving.batcher import freeze_start_up_objects
 
 ENGINES = ("fastapi", "triton")  # serve.engine
 STUB_PACKAGES = ("numpy<2", "pyzmq")
@@ -212,6 +213,7 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
         try:
             triton.run()
             self_check(predictor, name, s)
+            freeze_start_up_objects()  # the infer function runs in this process
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # the model did not load in Triton's Python backend
