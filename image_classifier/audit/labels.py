@@ -6,8 +6,8 @@ The classifier is fitted to convergence whatever the number of images: an RBF su
 machine with libsvm's pairwise Platt probabilities up to `SVC_MAX` images, above that a logistic
 regression on a Nystroem approximation of the same kernel (linear in the number of images). Two
 views of the data, one classifier each: a pretrained backbone's features (the feature cache's
-when one matches, else computed here at twice the images' own size) and the pixels; of each alone and
-their average, the probabilities that fit the given labels best are kept.
+when one matches, else computed here at twice the images' own size) and the pixels; of each
+alone and their average, the probabilities that fit the given labels best are kept.
 
 The suspects: every image cleanlab flags (`find_label_issues`, pruned by its estimated noise
 rates) and every image each view's classifier puts below chance, most suspicious first
@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
-BACKBONE_SIDE = (64, 224)  # the backbone view's input side: UPSCALE x the median longer side, within
-UPSCALE = 2  # ImageNet features separate small photos better enlarged toward the 224 px they were
-# trained at: colour-96 (96 px) 51 -> 55-59 % out-of-sample at 160-224 px, photos-7 (81 px) at 162 px
-# put all 10 planted flips of its 1 % copy in the first 20 rows, not 9 (docs/benchmarks.md)
+# The backbone view's input side: UPSCALE x the images' median longer side, within BACKBONE_SIDE.
+# ImageNet features separate small photos better enlarged toward the 224 px they were trained at:
+# colour-96 (96 px) 51 -> 55-59 % out of sample at 160-224 px; photos-7 (81 px) at 162 px put all
+# 10 planted flips of its 1 % copy in the first 20 rows, not 9 (docs/benchmarks.md)
+BACKBONE_SIDE = (64, 224)
+UPSCALE = 2
 BATCH = 64
 SVC_MAX = 5000  # above this many images the SVM's quadratic cost is too high: kernel features
 NYSTROEM_COMPONENTS = 1000
