@@ -274,3 +274,20 @@ def test_backbone_view_enlarges_small_images_toward_the_backbones_size():
     assert side(81, 96, 120) == 192  # small photos: twice their median side
     assert side(400, 1000, 800) == 224  # photos: the backbone's ImageNet size at most
     assert backbone_side(np.zeros((0, 2))) == 64
+
+
+def test_a_few_alike_outliers_do_not_hide_behind_each_other():
+    """Eight near-identical images unlike the other 200 are each other's nearest neighbours; the
+    distance to the 10th neighbour still finds every one (the average over 10 did not)."""
+    import torch
+
+    from image_classifier.audit.neighbours import knn, outlier_scores, outliers
+
+    g = torch.Generator().manual_seed(0)
+    blob = torch.randn(200, 16, generator=g) + 5 * torch.eye(16)[0]
+    alike = 0.01 * torch.randn(8, 16, generator=g) + 5 * torch.eye(16)[1]
+    x = torch.cat([blob, alike])
+    dist, _ = knn(x / x.norm(dim=1, keepdim=True), 10)
+    found = outliers(outlier_scores(dist), fence=1.5, most=100)
+    assert set(range(200, 208)) <= set(found)
+    assert len(set(found) - set(range(200, 208))) <= 3  # the blob's own far tail at most

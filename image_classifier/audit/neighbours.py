@@ -111,25 +111,15 @@ def matched_difference(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 4096)
     return out
 
 
-class _Precomputed:
-    """The part of sklearn's NearestNeighbors that cleanlab's OutOfDistribution uses, over a
-    neighbour graph computed already (the data's own, so no image is its own neighbour)."""
-
-    metric = "cosine"
-
-    def __init__(self, dist: np.ndarray, idx: np.ndarray):
-        self.dist, self.idx, self.n_neighbors = dist, idx, dist.shape[1]
-
-    def kneighbors(self, features=None):
-        return self.dist, self.idx
-
-
-def outlier_scores(dist: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """cleanlab's feature-based out-of-distribution score per image (1 typical, 0 far away)."""
-    from cleanlab.outlier import OutOfDistribution
-
-    ood = OutOfDistribution(params={"knn": _Precomputed(dist, idx), "k": dist.shape[1]})
-    return ood.score(features=np.zeros((len(dist), 1), np.float32))
+def outlier_scores(dist: np.ndarray) -> np.ndarray:
+    """Per image, exp(-d / median d), d its distance to its k-th nearest neighbour (1 typical,
+    toward 0 far away). The k-th neighbour's distance, not the average over the k (cleanlab's
+    `OutOfDistribution` score, used before): a few unusual images that look alike (five digits
+    among photos) are each other's nearest neighbours and hid in the average. On the suite's
+    planted outliers (seed 0's copies): 46 of 60 found against 28, with fewer other images
+    flagged (docs/benchmarks.md)."""
+    d = dist[:, -1].astype(np.float64)
+    return np.exp(-d / max(float(np.median(d)), 1e-12))
 
 
 def outliers(scores: np.ndarray, fence: float, most: int) -> list[int]:

@@ -46,10 +46,10 @@ def run_audit(cfg) -> dict:
         )
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
-        fdist, fidx = neighbours.knn(
+        fdist, _ = neighbours.knn(
             x / x.norm(dim=1, keepdim=True).clamp_min(1e-6), int(a.neighbours)
         )
-        scores = neighbours.outlier_scores(fdist, fidx)
+        scores = neighbours.outlier_scores(fdist)
         outliers = neighbours.outliers(scores, float(a.outlier_fence), int(a.max_outliers))
     with _timed(timings, "quality"):
         flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
@@ -137,8 +137,8 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         },
         "outliers": {
             "count": len(outliers[0]),
-            "method": f"cleanlab OutOfDistribution on {a.neighbours} nearest neighbours in "
-            f"feature space; reported beyond Q3 + {a.outlier_fence} x IQR of the distance",
+            "method": f"distance to the {a.neighbours}th nearest neighbour in feature space "
+            f"(score exp(-d / median d)); reported beyond Q3 + {a.outlier_fence} x IQR of d",
             "items": [{**who(d, i), "score": round(float(outliers[1][i]), 4)} for i in outliers[0]],
         },
         "image_quality": {
