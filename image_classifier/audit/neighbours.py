@@ -9,8 +9,9 @@ Distances are cosine distances between L2-normalised vectors, found with chunked
     matched, differ by at most `audit.near_threshold` grey levels (RMS, 0-255). That scale means
     the same on every dataset: noise, JPEG re-encoding and a brightness change stay within a few
     grey levels, while two photos of similar things differ by more;
-  - outliers: cleanlab's `OutOfDistribution` score exp(-d / median d) of the average distance d to
-    the k nearest neighbours in the audit's feature space, flagged beyond Tukey's far side of
+  - outliers: the score exp(-d / median d) of the distance d to the k-th nearest neighbour in
+    the audit's feature space (not cleanlab's average over the k: see `outlier_scores`), flagged
+    beyond Tukey's far side of
     that distance's spread on this data (d / median d above Q3 + `audit.outlier_fence` x IQR), so
     the cut follows each data set's own spread instead of one absolute score. Measured on the
     suite with 5 foreign images planted (docs/benchmarks.md): the absolute cut 0.05 it replaced
