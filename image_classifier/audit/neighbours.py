@@ -11,11 +11,10 @@ Distances are cosine distances between L2-normalised vectors, found with chunked
     grey levels, while two photos of similar things differ by more;
   - outliers: the score exp(-d / median d) of the distance d to the k-th nearest neighbour in
     the audit's feature space (not cleanlab's average over the k: see `outlier_scores`), flagged
-    beyond Tukey's far side of
-    that distance's spread on this data (d / median d above Q3 + `audit.outlier_fence` x IQR), so
-    the cut follows each data set's own spread instead of one absolute score. Measured on the
-    suite with 5 foreign images planted (docs/benchmarks.md): the absolute cut 0.05 it replaced
-    found none of them on digits or Fashion-MNIST subsets.
+    beyond Tukey's far side of that distance's spread on this data (d / median d above Q3 +
+    `audit.outlier_fence` x IQR), so the cut follows each data set's own spread instead of one
+    absolute score. Measured on the suite with 5 foreign images planted (docs/benchmarks.md): the
+    absolute cut 0.05 it replaced found none of them on digits or Fashion-MNIST subsets.
 """
 
 from __future__ import annotations

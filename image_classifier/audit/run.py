@@ -137,8 +137,8 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         },
         "outliers": {
             "count": len(outliers[0]),
-            "method": f"distance to the {a.neighbours}th nearest neighbour in feature space "
-            f"(score exp(-d / median d)); reported beyond Q3 + {a.outlier_fence} x IQR of d",
+            "method": f"distance d to the k-th nearest neighbour (k = {a.neighbours}) in feature "
+            f"space, score exp(-d / median d); reported beyond Q3 + {a.outlier_fence} x IQR of d",
             "items": [{**who(d, i), "score": round(float(outliers[1][i]), 4)} for i in outliers[0]],
         },
         "image_quality": {
