@@ -100,16 +100,7 @@ class ImageDataModule(L.LightningDataModule):
         if shuffle and self.balanced_sampler:
             sampler = balanced_sampler(_labels_of(ds), self.info.multi_label)
         workers = self.num_workers if isinstance(ds, FileDataset | AugmentedDataset) else 0
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            drop_last=False,
-        )
+        return batch_loader(ds, self.batch_size, shuffle, sampler, workers)
 
     def device_batches(self, split: str, shuffle: bool = False) -> DeviceBatches | None:
         """The split as DeviceBatches on the trainer's device, or None when it must go through
@@ -181,18 +172,10 @@ class FeatureDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def loader(self, split: str, shuffle: bool = False):
-        from torch.utils.data import DataLoader
-
         ds, sampler = self.datasets[split], None
         if shuffle and self.balanced_sampler:
-            sampler = balanced_sampler(ds.labels.numpy(), ds.labels.ndim > 1)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            collate_fn=collate,
-        )
+            sampler = balanced_sampler(_labels_of(ds), ds.labels.ndim > 1)
+        return batch_loader(ds, self.batch_size, shuffle, sampler)
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
@@ -224,6 +207,20 @@ def build_datamodule(cfg, preprocessing=None, augment_preset: str | None = None)
         build_cache=training,
         seed=int(cfg.seed),
         device_budget_gb=float(t.get("device_budget_gb") or 0) if t.get("device_data") else 0.0,
+    )
+
+
+def batch_loader(ds, batch_size: int, shuffle: bool, sampler=None, workers: int = 0):
+    """A DataLoader of `collate`d batches: shuffled unless a sampler orders the draws."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=False,
     )
 
 
