@@ -94,7 +94,7 @@ def _train_rules() -> dict:
     return {
         "train.epochs": Either("auto", POSITIVE_INT),
         "train.time_budget": Number(0, open_lo=True, optional=True),
-        "train.batch_size": POSITIVE_INT,
+        "train.batch_size": Either("auto", POSITIVE_INT),
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
         "train.lr": POSITIVE,
         "train.muon_lr_scale": POSITIVE,

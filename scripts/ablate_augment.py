@@ -46,6 +46,7 @@ def run(setting: str, epochs: int, seed: int, channels, convs=None) -> tuple[lis
     from torch import nn
 
     from image_classifier.data.augment import augment_batch
+    from image_classifier.data.datamodule import train_batch_size
     from image_classifier.models.factory import create_model
     from image_classifier.models.optim import create_optimizer
     from image_classifier.training.train import label_smoothing
@@ -62,7 +63,7 @@ def run(setting: str, epochs: int, seed: int, channels, convs=None) -> tuple[lis
     spec["convs_per_stage"] = convs or spec["convs_per_stage"]
     net = create_model(cfg.model.name, num_classes=10, in_chans=1, **spec)
     net = net.to(memory_format=torch.channels_last)
-    bs = int(t.batch_size)
+    bs = train_batch_size(cfg)
     steps = math.ceil(len(x) / bs)
     opt = create_optimizer(list(net.parameters()), dict(t), net=net)
     total = epochs * steps

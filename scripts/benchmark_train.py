@@ -173,7 +173,7 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
     import lightning as L
     import torch
 
-    from image_classifier.data.datamodule import ImageDataModule
+    from image_classifier.data.datamodule import ImageDataModule, train_batch_size
     from image_classifier.models.factory import Normalized, create_model
     from image_classifier.models.optim import create_optimizer
     from image_classifier.training.train import run_train
@@ -181,7 +181,7 @@ def throughput(rounds: int, steps: int, warmup: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     base = bench_overrides(steps)
     cfg = compose(*base, f"paths.output_dir={tmp}/probe")
-    bs, threads = int(cfg.train.batch_size), torch.get_num_threads()
+    bs, threads = train_batch_size(cfg), torch.get_num_threads()
 
     def project_round(i):
         timer = Timer(warmup)

@@ -4,10 +4,12 @@ import pytest
 from conftest import compose_cfg, make_class_folders
 from omegaconf import OmegaConf
 
+from image_classifier.data.datamodule import AUTO_BATCH
 from image_classifier.data.profile import auto_size, profile_folder
 from image_classifier.training.adapt import (
     MAX_EPOCHS,
     MIN_STEPS,
+    choose_batch_size,
     choose_epochs,
     choose_model_and_size,
 )
@@ -127,3 +129,30 @@ def test_epochs_give_a_small_folder_enough_steps(tmp_path):
         tmp_path, "train.epochs=auto", "train.batch_size=128", "model=efficientnet_lite0"
     )
     assert choose_epochs(tuned, 1433)[0].train.epochs == -(-MIN_STEPS["pretrained"] // 12)
+
+
+def test_batch_size_auto_fine_tunes_in_smaller_steps_and_a_given_size_wins(tmp_path):
+    """train.batch_size=auto (the default): 32 fine-tuning a pretrained network, 128 from
+    scratch; the note says which; a number is kept as given; epochs=auto counts the steps of
+    the batch chosen."""
+    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
+    auto = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "model=auto",
+        "train.batch_size=auto",
+        "train.epochs=auto",
+    )
+    tuned, notes = choose_batch_size(choose_model_and_size(auto)[0])
+    assert tuned.train.batch_size == AUTO_BATCH["pretrained"] == 32
+    assert notes == ["train.batch_size=32 (fine-tuning a pretrained network)"]
+    epochs, notes = choose_epochs(tuned, 240)  # 8 steps an epoch
+    assert epochs.train.epochs == -(-MIN_STEPS["pretrained"] // 8) == 38
+    assert notes[0].startswith("train.epochs=38 (304 steps: at least 300 for a pretrained")
+    scratch, notes = choose_batch_size(compose_cfg(tmp_path, "model=cnn", "train.batch_size=auto"))
+    assert (scratch.train.batch_size, notes) == (128, ["train.batch_size=128 (from scratch)"])
+    given, notes = choose_batch_size(
+        compose_cfg(tmp_path, "model=efficientnet_lite0", "train.batch_size=64")
+    )
+    assert (given.train.batch_size, notes) == (64, [])

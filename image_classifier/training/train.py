@@ -22,7 +22,11 @@ from image_classifier.data.datamodule import build_datamodule
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
-from image_classifier.training.adapt import choose_epochs, choose_model_and_size
+from image_classifier.training.adapt import (
+    choose_batch_size,
+    choose_epochs,
+    choose_model_and_size,
+)
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
@@ -106,6 +110,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         keep_freed_memory()
     out = runs.output_dir(cfg)
     cfg, chosen = choose_model_and_size(cfg)
+    cfg, notes = choose_batch_size(cfg)
+    chosen += notes
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
