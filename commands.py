@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,6 +31,10 @@ COMMANDS = {
     "serve": "image_classifier.serving.app:run_serve",
     "audit": "image_classifier.audit.run:run_audit",
 }
+
+# torch deprecates the LeafSpec that Lightning 2.6 still builds; the warning names Lightning's own
+# line and means nothing to a user of this tool
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # commands whose test-time augmentation defaults to the checkpoint's recipe unless these are set
 CHECKPOINT_TTA = {"test": ("test.tta", "experiment"), "export-onnx": ("export.tta", "experiment")}
