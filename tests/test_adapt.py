@@ -30,8 +30,8 @@ def test_profile_reads_count_colour_and_median_size(tmp_path):
         ((28, 28), False, [28, 28]),  # Fashion-MNIST-like: as it is
         ((8, 8), False, [16, 16]),  # too small for three stages of pooling: up to 16
         ((480, 640), False, [48, 64]),  # photos for a scratch net: longer side 64, in proportion
-        ((80, 80), True, [96, 96]),  # pretrained: a multiple of 32 ...
-        ((28, 28), True, [64, 64]),  # ... at least 64 ...
+        ((80, 80), True, [160, 160]),  # pretrained: enlarged to at least 160 ...
+        ((100, 300), True, [160, 224]),  # ... in proportion, a multiple of 32, at most 224 ...
         ((1000, 800), True, [224, 192]),  # ... at most 224
     ],
 )
@@ -44,12 +44,12 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     auto = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "model=auto")
     cfg, notes = choose_model_and_size(auto)
     assert cfg.model.name == "tf_efficientnet_lite0" and cfg.model.pretrained
-    assert list(cfg.data.size) == [96, 96]
+    assert list(cfg.data.size) == [160, 160]
     assert list(cfg.model.mean) == [0.5, 0.5, 0.5]  # the model config's interpolations resolve
     assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80x80 px")
-    assert notes[1].startswith("data.size=[96, 96] (median 80x80 px, pretrained limits)")
-    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (True, 8)  # 1/12 of 96 px
-    assert notes[2].startswith("train.augment.hflip=true train.augment.shift=8 (fine-tuning")
+    assert notes[1].startswith("data.size=[160, 160] (median 80x80 px, pretrained limits)")
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (True, 13)  # 1/12 of 160 px
+    assert notes[2].startswith("train.augment.hflip=true train.augment.shift=13 (fine-tuning")
     assert auto.train.augment.hflip is False  # the given config is not changed
 
 
