@@ -52,8 +52,9 @@ def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
 
 
 def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
-    """[height, width] for data.size=auto: the median size, kept in proportion within the
-    model's limits, each side rounded up to the model's step."""
+    """[height, width] for data.size=auto: the median size, kept in proportion where the
+    model's limits allow (a side past them is clamped), each side rounded up to the model's
+    step."""
     limits = PRETRAINED_SIZES if pretrained else SCRATCH_SIZES
     h, w = median
     scale = min(1.0, limits["largest"] / max(h, w))
