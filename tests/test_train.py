@@ -365,6 +365,17 @@ def test_default_precision_on_a_cpu_is_float32_and_bf16_is_opt_in(features, monk
     assert trainer_kwargs(cfg, training=False)["precision"] == "bf16-mixed"
 
 
+def test_the_logging_interval_is_at_most_one_epoch(tmp_path):
+    """A folder of 2 batches an epoch logs its training loss every epoch, not once in 25 (and
+    Lightning warns when log_every_n_steps exceeds the batches in an epoch)."""
+    from image_classifier.training.train import trainer_kwargs
+
+    cfg = compose_cfg(tmp_path, "trainer.log_every_n_steps=50")  # the shipped default
+    assert trainer_kwargs(cfg, steps_per_epoch=2)["log_every_n_steps"] == 2
+    assert trainer_kwargs(cfg, steps_per_epoch=400)["log_every_n_steps"] == 50
+    assert trainer_kwargs(cfg)["log_every_n_steps"] == 50
+
+
 def test_default_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):
     from image_classifier.training.train import default_precision
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -67,14 +68,17 @@ def progress_bar(cfg) -> list:
     return [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.enable_progress_bar else []
 
 
-def trainer_kwargs(cfg, training: bool = True) -> dict:
+def trainer_kwargs(cfg, training: bool = True, steps_per_epoch: int | None = None) -> dict:
     """cfg.trainer as Lightning takes it; unset (null) options are left to Lightning's defaults,
     except precision: null means default_precision for training, and 32-true for evaluation
-    (`test` scores the weights as they are exported, in float32)."""
+    (`test` scores the weights as they are exported, in float32). With `steps_per_epoch`, the
+    logging interval is at most one epoch: a small folder's training loss is logged each epoch."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if options.get("precision") is None:
         accelerator = str(options.get("accelerator", "auto"))
         options["precision"] = default_precision(accelerator) if training else "32-true"
+    if steps_per_epoch and options.get("log_every_n_steps"):
+        options["log_every_n_steps"] = max(1, min(options["log_every_n_steps"], steps_per_epoch))
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -128,12 +132,13 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
+    steps = math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size))
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=cbs,
         logger=logger or False,
         default_root_dir=out,
-        **trainer_kwargs(cfg),
+        **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
