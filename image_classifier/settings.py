@@ -95,6 +95,7 @@ def _train_rules() -> dict:
         "train.epochs": Either("auto", POSITIVE_INT),
         "train.time_budget": Number(0, open_lo=True, optional=True),
         "train.batch_size": Either("auto", POSITIVE_INT),
+        "train.frozen_stages": Either("auto", COUNT),
         "train.optimizer": Choice(tuple(OPTIMIZERS)),
         "train.lr": POSITIVE,
         "train.muon_lr_scale": POSITIVE,

@@ -7,10 +7,12 @@ from omegaconf import OmegaConf
 from image_classifier.data.datamodule import AUTO_BATCH
 from image_classifier.data.profile import auto_size, profile_folder
 from image_classifier.training.adapt import (
+    FROZEN_STAGES,
     MAX_EPOCHS,
     MIN_STEPS,
     choose_batch_size,
     choose_epochs,
+    choose_frozen_stages,
     choose_model_and_size,
 )
 
@@ -156,3 +158,77 @@ def test_batch_size_auto_fine_tunes_in_smaller_steps_and_a_given_size_wins(tmp_p
         compose_cfg(tmp_path, "model=efficientnet_lite0", "train.batch_size=64")
     )
     assert (given.train.batch_size, notes) == (64, [])
+
+
+def test_frozen_stages_auto_keeps_a_fine_tuned_networks_first_stages_and_a_given_number_wins(
+    tmp_path,
+):
+    tuned, notes = choose_frozen_stages(compose_cfg(tmp_path, "model=efficientnet_lite0"))
+    assert tuned.train.frozen_stages == FROZEN_STAGES == 2
+    assert notes == [
+        "train.frozen_stages=2 (fine-tuning: the first 2 feature stages and the stem before "
+        "them keep their pretrained weights)"
+    ]
+    for scratch in ("model=cnn", "model=resnet18_transfer"):  # from scratch; a frozen backbone
+        cfg, notes = choose_frozen_stages(compose_cfg(tmp_path, scratch))
+        assert (cfg.train.frozen_stages, notes) == (0, [])
+    given = compose_cfg(tmp_path, "model=efficientnet_lite0", "train.frozen_stages=0")
+    assert choose_frozen_stages(given)[0].train.frozen_stages == 0
+
+
+def test_frozen_stages_get_no_gradient_and_keep_their_weights_while_the_rest_trains():
+    """A training step reaches every weight after the frozen stages and none up to them; batch
+    norm statistics in the frozen stages still follow the data."""
+    import timm
+    import torch
+
+    from image_classifier.errors import UserError
+    from image_classifier.models.pretrained import freeze_stages
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=3)
+    assert freeze_stages(net, 2) == "layer1"  # stage 1 is resnet's stem (act1), 2 is layer1
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    stats = net.layer1[0].bn1.running_mean.clone()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    loss = torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 64, 64)), torch.arange(4) % 3)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n in before if n.split(".")[0] in ("conv1", "bn1", "layer1")}
+    assert frozen and not frozen & changed and "fc.weight" in changed
+    assert {n for n, p in net.named_parameters() if p.grad is None} == frozen
+    assert not torch.equal(stats, net.layer1[0].bn1.running_mean)
+    with pytest.raises(UserError, match=r"ResNet has 5 feature stages \(act1, layer1.*up to 5"):
+        freeze_stages(net, 6)
+
+
+def test_fine_tuning_leaves_the_frozen_stages_at_their_pretrained_weights(tmp_path):
+    """Through `train`: frozen_stages=auto resolves to 2 for the pretrained network, the run
+    stores the number, and its checkpoint keeps the stem and first two stages as they were
+    loaded while the later stages moved."""
+    import torch
+
+    from image_classifier.models.checkpoint import load_module
+    from image_classifier.models.factory import create_model
+    from image_classifier.training.train import run_train
+
+    root = make_class_folders(tmp_path / "img", per_class=4, size=40, mode="RGB")
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "model=efficientnet_lite0",
+        "data.size=[32,32]",
+        "train.frozen_stages=auto",
+        "logger.enabled=false",
+    )
+    r = run_train(cfg)
+    assert "train.frozen_stages=2 (fine-tuning" in " ".join(r["chosen"])
+    trained = load_module(r["checkpoint"]).net.net.state_dict()
+    start = create_model("tf_efficientnet_lite0", num_classes=3, in_chans=3, pretrained=True)
+    start = start.state_dict()
+    same = {k for k in start if "running" not in k and "num_batches" not in k}
+    same = {k for k in same if torch.equal(start[k], trained[k])}
+    assert {"conv_stem.weight", "blocks.1.1.conv_pwl.weight"} <= same
+    assert "blocks.2.0.conv_pwl.weight" not in same and "classifier.weight" not in same

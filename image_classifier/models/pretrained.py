@@ -158,3 +158,26 @@ def _sha(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"Weights file {str(path)!r} does not exist.")
     return sha256_file(path)[:16]
+
+
+def freeze_stages(net: nn.Module, stages: int) -> str:
+    """Keep the first `stages` of a timm network's feature stages (its `feature_info`), and
+    everything before them (the stem), at their pretrained weights: no gradients, so the backward
+    pass stops there. Batch norm statistics still adapt to the data. The last frozen module's
+    name is returned; `stages` past the network's stages is refused."""
+    if stages <= 0:
+        return ""
+    info = [f["module"] for f in getattr(net, "feature_info", None) or []]
+    if stages > len(info):
+        raise UserError(
+            f"train.frozen_stages={stages}, but {type(net).__name__} has "
+            f"{len(info) or 'no'} feature stages{' (' + ', '.join(info) + ')' if info else ''}. "
+            f"Use a number up to {len(info)}, or auto."
+        )
+    last, inside = info[stages - 1], False
+    for name, p in net.named_parameters():  # in the order the modules run
+        if inside and not name.startswith(last + "."):
+            break
+        inside = inside or name.startswith(last + ".")
+        p.requires_grad_(False)
+    return last

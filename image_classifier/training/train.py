@@ -23,11 +23,8 @@ from image_classifier.data.datamodule import build_datamodule
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
-from image_classifier.training.adapt import (
-    choose_batch_size,
-    choose_epochs,
-    choose_model_and_size,
-)
+from image_classifier.models.pretrained import freeze_stages
+from image_classifier.training.adapt import choose_before_data, choose_epochs
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
@@ -113,9 +110,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     if cfg.train.get("keep_freed_memory", True):
         keep_freed_memory()
     out = runs.output_dir(cfg)
-    cfg, chosen = choose_model_and_size(cfg)
-    cfg, notes = choose_batch_size(cfg)
-    chosen += notes
+    cfg, chosen = choose_before_data(cfg)
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
@@ -238,6 +233,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
     )
     if t.channels_last:
         module = module.to(memory_format=torch.channels_last)
+    freeze_stages(module.net.net, int(t.get("frozen_stages", 0)))  # auto: resolved by run_train
     return module
 
 
