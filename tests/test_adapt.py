@@ -17,6 +17,12 @@ from image_classifier.training.adapt import (
 )
 
 
+def colour_folder_cfg(tmp_path, size: int, *overrides: str):
+    """The config for a small RGB class-folder tree of `size` px images, with `overrides`."""
+    root = make_class_folders(tmp_path / "img", per_class=4, size=size, mode="RGB")
+    return compose_cfg(tmp_path, "data=folder", f"data.root={root}", *overrides)
+
+
 def test_profile_reads_count_colour_and_median_size(tmp_path):
     make_class_folders(tmp_path / "grey", per_class=4, size=20)
     make_class_folders(tmp_path / "rgb", per_class=4, size=40, mode="RGB")
@@ -137,14 +143,8 @@ def test_batch_size_auto_fine_tunes_in_smaller_steps_and_a_given_size_wins(tmp_p
     """train.batch_size=auto (the default): 32 fine-tuning a pretrained network, 128 from
     scratch; the note says which; a number is kept as given; epochs=auto counts the steps of
     the batch chosen."""
-    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
-    auto = compose_cfg(
-        tmp_path,
-        "data=folder",
-        f"data.root={root}",
-        "model=auto",
-        "train.batch_size=auto",
-        "train.epochs=auto",
+    auto = colour_folder_cfg(
+        tmp_path, 80, "model=auto", "train.batch_size=auto", "train.epochs=auto"
     )
     tuned, notes = choose_batch_size(choose_model_and_size(auto)[0])
     assert tuned.train.batch_size == AUTO_BATCH["pretrained"] == 32
@@ -213,11 +213,9 @@ def test_fine_tuning_leaves_the_frozen_stages_at_their_pretrained_weights(tmp_pa
     from image_classifier.models.factory import create_model
     from image_classifier.training.train import run_train
 
-    root = make_class_folders(tmp_path / "img", per_class=4, size=40, mode="RGB")
-    cfg = compose_cfg(
+    cfg = colour_folder_cfg(
         tmp_path,
-        "data=folder",
-        f"data.root={root}",
+        40,
         "model=efficientnet_lite0",
         "data.size=[32,32]",
         "train.frozen_stages=auto",
