@@ -24,7 +24,11 @@ from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
 from image_classifier.models.pretrained import freeze_stages
-from image_classifier.training.adapt import choose_before_data, choose_epochs
+from image_classifier.training.adapt import (
+    choose_before_data,
+    choose_epochs,
+    choose_frozen_stages,
+)
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
 from image_classifier.training.memory import keep_freed_memory
@@ -233,7 +237,8 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
     )
     if t.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    freeze_stages(module.net.net, int(t.get("frozen_stages", 0)))  # auto: resolved by run_train
+    stages = choose_frozen_stages(cfg)[0].train.get("frozen_stages", 0)  # run_train's, or auto's
+    freeze_stages(module.net.net, int(stages))
     return module
 
 
