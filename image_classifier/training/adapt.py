@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from image_classifier import CONFIG_DIR
 from image_classifier.data.datamodule import train_batch_size
 from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
+from image_classifier.models.factory import OWN_MODELS
 from image_classifier.training.resume import command_line_overrides
 
 # train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
@@ -36,7 +37,6 @@ ANNEALED = ("onecycle", "cosine")
 # 0.6x the step time; colour-96 0.87x the training time at the same validation accuracy (79.6 %,
 # two seeds), photos-7 0.70x at 100 % against 99.05 % (docs/benchmarks.md, tenth session)
 FROZEN_STAGES = 2
-OWN_NETS = ("cnn", "head", "baseline")  # not timm networks: no feature stages to freeze
 # model=auto fine-tuning a pretrained backbone: random horizontal flips and shifts of up to this
 # fraction of the side, per batch (train.augment.hflip, .shift), unless augmentation is given
 # (fine_tuning_augment). Chosen on validation (docs/benchmarks.md): colour-96 66.0 -> 72.4 % at
@@ -132,7 +132,9 @@ def choose_frozen_stages(cfg) -> tuple[object, list[str]]:
     if not is_auto(cfg.train.get("frozen_stages")):
         return cfg, []
     m = cfg.model
-    tuned = m.get("pretrained") and not m.get("freeze_backbone") and m.name not in OWN_NETS
+    tuned = (
+        m.get("pretrained") and not m.get("freeze_backbone") and m.name not in OWN_MODELS
+    )  # no timm stages
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.frozen_stages = FROZEN_STAGES if tuned else 0
