@@ -9,7 +9,7 @@ from that model (which would train on less data, with the noise in its labels).
 The JSON is `infer`'s rows for a folder whose parent folders are the true classes. Labels of 1 %
 and 5 % of the images are moved to another class (10 draws each); for each, the planted errors
 within the first 2x rows by self-confidence (the probability of the given label), the recall and
-precision of the audit's recommended cut (audit.label_cut x chance, default 0.45) and of
+precision of the audit's recommended cut (its own `label_issues`, audit.label_cut) and of
 cleanlab's `find_label_issues`, and the best precision any cut on that ranking reaches at 80 %
 recall (#34's target: recall >= 80 % at precision >= 50 %).
 """
@@ -31,24 +31,28 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
+    """One draw of planted flips, ranked and cut by the audit's own `label_issues` (with these
+    probabilities as its only view)."""
     from cleanlab.filter import find_label_issues
+
+    from image_classifier.audit.labels import label_issues
 
     rng, c = np.random.default_rng(seed), probs.shape[1]
     k = int(round(frac * len(truth)))
     moved = rng.choice(len(truth), k, replace=False)
     given = truth.copy()
     given[moved] = (given[moved] + rng.integers(1, c, k)) % c
-    confidence = probs[np.arange(len(given)), given]
-    order = np.argsort(confidence, kind="stable")
-    planted = np.isin(order, moved)
-    at_cut = np.flatnonzero(confidence < cut / c)
+    suspects, recommended, _ = label_issues(given, probs, [probs], cut)
+    listed = np.array([i for i, _, _ in suspects], dtype=int)
     flagged = np.flatnonzero(find_label_issues(given, probs))
-    hits = np.cumsum(planted)
+    # the best any cut can do: every image ranked by the probability of its given label
+    hits = np.cumsum(np.isin(np.argsort(probs[np.arange(len(given)), given], kind="stable"), moved))
     rows_80 = int(np.argmax(hits >= np.ceil(0.8 * k))) + 1
+    found = np.isin(listed[:recommended], moved).sum()
     return [
-        planted[: 2 * k].sum() / k,
-        np.isin(at_cut, moved).sum() / k,
-        np.isin(at_cut, moved).sum() / max(1, len(at_cut)),
+        np.isin(listed[: 2 * k], moved).sum() / k,
+        found / k,
+        found / max(1, recommended),
         np.isin(flagged, moved).sum() / k,
         np.isin(flagged, moved).sum() / max(1, len(flagged)),
         np.ceil(0.8 * k) / rows_80,
@@ -58,9 +62,15 @@ def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("rows", type=Path, help="infer's JSON output for a labelled folder")
-    ap.add_argument("--cut", type=float, default=0.45, help="audit.label_cut")
+    ap.add_argument("--cut", type=float, help="audit.label_cut (default: configs/audit's)")
     ap.add_argument("--draws", type=int, default=10)
     args = ap.parse_args()
+    if args.cut is None:
+        from omegaconf import OmegaConf
+
+        from image_classifier import CONFIG_DIR
+
+        args.cut = float(OmegaConf.load(CONFIG_DIR / "audit" / "default.yaml").label_cut)
     probs, truth = read(args.rows)
     print(f"{len(truth)} images, accuracy {(probs.argmax(1) == truth).mean():.1%}")
     for frac in (0.01, 0.05):

@@ -132,9 +132,7 @@ def choose_frozen_stages(cfg) -> tuple[object, list[str]]:
     if not is_auto(cfg.train.get("frozen_stages")):
         return cfg, []
     m = cfg.model
-    tuned = (
-        m.get("pretrained") and not m.get("freeze_backbone") and m.name not in OWN_MODELS
-    )  # no timm stages
+    tuned = m.get("pretrained") and not m.get("freeze_backbone") and m.name not in OWN_MODELS
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.frozen_stages = FROZEN_STAGES if tuned else 0
