@@ -19,6 +19,7 @@ from image_classifier.config import _compose, problems
         ),
         ("train.lr=-1", "train.lr=-1 must be a number > 0."),
         ("train.batch_size=0", "train.batch_size=0 must be an integer >= 1, or 'auto'."),
+        ("train.frozen_stages=-1", "train.frozen_stages=-1 must be an integer >= 0, or 'auto'."),
         (
             "infer.output=x.xml",
             "infer.output='x.xml' must be a file name ending in .json, .csv or .parquet.",
