@@ -291,3 +291,20 @@ def test_a_few_alike_outliers_do_not_hide_behind_each_other():
     found = outliers(outlier_scores(dist), fence=1.5, most=100)
     assert set(range(200, 208)) <= set(found)
     assert len(set(found) - set(range(200, 208))) <= 3  # the blob's own far tail at most
+
+
+@pytest.mark.slow
+def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_path):
+    """The relabelling loop: audit, move the flagged image to its right class, add one, audit."""
+    first = audit(planted, tmp_path, "logger.enabled=false")["report"]["label_errors"]
+    assert "tf_efficientnet_lite0 features at 64x64" in first["features"]
+    assert " from " not in first["features"]  # all computed
+    assert {Path(i["name"]).name for i in first["items"]} == {"flipped_fox.png"}
+    train = planted / "train"
+    shutil.move(train / "cat" / "flipped_fox.png", train / "fox" / "flipped_fox.png")
+    Image.fromarray(class_image(1, np.random.default_rng(3))).save(train / "dog" / "new.png")
+    second = audit(planted, tmp_path, "logger.enabled=false")["report"]
+    n = second["data"]["images"]
+    store = tmp_path / "cache" / "features" / "by-image"
+    assert f"features at 64x64, {n - 1} of {n} from {store}" in second["label_errors"]["features"]
+    assert second["label_errors"]["items"] == []

@@ -177,3 +177,44 @@ def test_head_training_draws_classes_equally_with_the_balanced_sampler(tmp_path)
     counts = np.bincount(labels)
     assert counts.min() < counts.max()
     assert balanced.weights.numpy() == pytest.approx(1 / counts[labels])
+
+
+def test_the_per_image_store_keeps_features_by_content_and_survives_an_interrupted_write(
+    tmp_path, monkeypatch
+):
+    from omegaconf import OmegaConf
+
+    from image_classifier.data import features
+    from image_classifier.data.features import (
+        add_image_features,
+        image_store_folder,
+        read_image_features,
+    )
+
+    fcfg = OmegaConf.create(
+        {"backbone": "b", "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3, "dir": str(tmp_path)}
+    )
+    store = image_store_folder(fcfg, "package:abc", 64)
+    assert image_store_folder(fcfg, "package:abc", 96) != store  # another side, another store
+    assert image_store_folder(fcfg, "file:def", 64) != store  # other weights too
+    found, got = read_image_features(store, ["a"])
+    assert found == [] and got.size == 0
+
+    feats = np.arange(12, dtype=np.float32).reshape(3, 4)
+    add_image_features(store, ["a", "b", "c"], feats)
+    found, got = read_image_features(store, ["x", "c", "a"])
+    assert found == [1, 2] and np.array_equal(got, feats[[2, 0]])
+
+    add_image_features(store, ["c", "d"], np.full((2, 4), 7, np.float32))  # c is kept, not doubled
+    assert read_manifest(store)["images"] == 4
+    found, got = read_image_features(store, ["c", "d"])
+    assert np.array_equal(got, np.stack([feats[2], np.full(4, 7)]))
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(features, "write_manifest", fail)  # an interrupted write ...
+    with pytest.raises(OSError, match="disk full"):
+        add_image_features(store, ["e"], np.ones((1, 4), np.float32))
+    assert read_manifest(store)["images"] == 4  # ... leaves the store as it was
+    assert read_image_features(store, ["e", "d"])[0] == [1]

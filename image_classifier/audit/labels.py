@@ -6,8 +6,9 @@ The classifier is fitted to convergence whatever the number of images: an RBF su
 machine with libsvm's pairwise Platt probabilities up to `SVC_MAX` images, above that a logistic
 regression on a Nystroem approximation of the same kernel (linear in the number of images). Two
 views of the data, one classifier each: a pretrained backbone's features (the feature cache's
-when one matches, else computed here at twice the images' own size) and the pixels; of each
-alone and their average, the probabilities that fit the given labels best are kept.
+when one matches, else computed here at twice the images' own size and kept per image content,
+data/features.py) and the pixels; of each alone and their average, the probabilities that fit
+the given labels best are kept.
 
 The suspects: every image cleanlab flags (`find_label_issues`, pruned by its estimated noise
 rates) and every image each view's classifier puts below chance, most suspicious first
@@ -204,27 +205,47 @@ def features(d, cfg, source: str):
 
 def backbone_features(d, cfg):
     """(N, dim) features of every audited image from cfg.features' pretrained backbone, at the
-    UPSCALE x the images' median longer side, within BACKBONE_SIDE; and a name for them."""
+    UPSCALE x the images' median longer side, within BACKBONE_SIDE; and a name for them. Images
+    whose content the per-image store holds (data/features.py) are read from it, the others
+    computed and added to it."""
     import torch
     from tqdm.auto import tqdm
 
+    from image_classifier.data.features import (
+        add_image_features,
+        image_store_folder,
+        read_image_features,
+    )
     from image_classifier.errors import UserError
     from image_classifier.models.factory import create_backbone
+    from image_classifier.models.pretrained import weights_id
 
     fcfg = cfg.features
     if fcfg.pretrained is False or str(fcfg.pretrained).lower() == "false":
         raise UserError("features.pretrained=false: an untrained backbone says nothing of labels")
-    side = backbone_side(d.sizes)
-    net, channels = create_backbone(fcfg), int(fcfg.channels)
-    out, n = [], len(d.labels)
-    bar = tqdm(total=n, desc="audit: backbone features", unit="img", disable=n < 2000 or None)
-    with torch.inference_mode():
-        for start in range(0, n, BATCH):
-            batch = _images(d, range(start, min(n, start + BATCH)), side, channels)
-            out.append(net(batch).float())
-            bar.update(len(batch))
-    bar.close()
-    return torch.cat(out), f"{fcfg.backbone} features at {side}x{side}"
+    side, n = backbone_side(d.sizes), len(d.labels)
+    store = image_store_folder(fcfg, weights_id(fcfg), side)
+    found, stored = read_image_features(store, d.digests)
+    todo = sorted(set(range(n)) - set(found))
+    if todo:
+        net, channels, out = create_backbone(fcfg), int(fcfg.channels), []
+        bar = tqdm(total=len(todo), desc="audit: backbone features", unit="img", disable=None)
+        bar.disable = len(todo) < 2000 or bar.disable
+        with torch.inference_mode():
+            for start in range(0, len(todo), BATCH):
+                batch = _images(d, todo[start : start + BATCH], side, channels)
+                out.append(net(batch).float().numpy())
+                bar.update(len(batch))
+        bar.close()
+        computed = np.concatenate(out)
+        add_image_features(store, [d.digests[i] for i in todo], computed)
+    x = np.zeros((n, (computed if todo else stored).shape[1]), np.float32)
+    if found:
+        x[found] = stored
+    if todo:
+        x[todo] = computed
+    reused = f", {len(found)} of {n} from {store}" if found else ""
+    return torch.from_numpy(x), f"{fcfg.backbone} features at {side}x{side}{reused}"
 
 
 def backbone_side(sizes: np.ndarray) -> int:
@@ -233,13 +254,13 @@ def backbone_side(sizes: np.ndarray) -> int:
     return int(np.clip(UPSCALE * median, *BACKBONE_SIDE))
 
 
-def _images(d, rows: range, side: int, channels: int):
+def _images(d, rows: list[int], side: int, channels: int):
     """(len(rows), channels, side, side) float 0..255: array data from d.pixels, files re-read."""
     import torch
     import torch.nn.functional as F
 
     if d.pixels is not None and len(d.pixels) == len(d.labels):
-        x = torch.from_numpy(d.pixels[rows.start : rows.stop]).float()
+        x = torch.from_numpy(d.pixels[rows]).float()
         if x.shape[1] != channels:
             x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1)
         return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
