@@ -56,7 +56,7 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
     if not cfg.logger.enabled or getattr(rank_zero_only, "rank", 0) != 0:
         return None
     uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
-    check_reachable(uri, float(cfg.logger.connect_timeout))
+    experiment_id(cfg)  # created here, quietly: Lightning's logger would warn it was not found
     logger = _logger_class()(
         experiment_name=cfg.logger.experiment,
         run_name=cfg.logger.get("run_name") or run_name,

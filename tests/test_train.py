@@ -455,3 +455,12 @@ def test_ema_weights_are_validated_and_checkpointed(make_cfg, folder_data):
     assert not torch.equal(raw[name], averaged[name])
     module = load_module(r["checkpoint"])  # what test, export and serve get: the average
     torch.testing.assert_close(dict(module.state_dict())[name], averaged[name])
+
+
+def test_a_fresh_tracking_store_gets_its_experiment_without_a_warning(tmp_path, caplog):
+    from image_classifier.tracking import create_logger
+
+    logger = create_logger(compose_cfg(tmp_path), "cnn", {})
+    assert logger.run_id and not [r for r in caplog.records if "not found" in r.getMessage()]
+    client, runs = _mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [logger.run_id]
