@@ -374,6 +374,10 @@ def test_the_logging_interval_is_at_most_one_epoch(tmp_path):
     assert trainer_kwargs(cfg, steps_per_epoch=2)["log_every_n_steps"] == 2
     assert trainer_kwargs(cfg, steps_per_epoch=400)["log_every_n_steps"] == 50
     assert trainer_kwargs(cfg)["log_every_n_steps"] == 50
+    limited = compose_cfg(tmp_path, "trainer.log_every_n_steps=50", "trainer.limit_train_batches=3")
+    assert trainer_kwargs(limited, steps_per_epoch=400)["log_every_n_steps"] == 3
+    part = compose_cfg(tmp_path, "trainer.log_every_n_steps=50", "trainer.limit_train_batches=0.1")
+    assert trainer_kwargs(part, steps_per_epoch=400)["log_every_n_steps"] == 40
 
 
 def test_default_precision_on_a_gpu_follows_its_bf16_support(monkeypatch):

@@ -73,11 +73,17 @@ def trainer_kwargs(cfg, training: bool = True, steps_per_epoch: int | None = Non
     """cfg.trainer as Lightning takes it; unset (null) options are left to Lightning's defaults,
     except precision: null means default_precision for training, and 32-true for evaluation
     (`test` scores the weights as they are exported, in float32). With `steps_per_epoch`, the
-    logging interval is at most one epoch: a small folder's training loss is logged each epoch."""
+    logging interval is at most one epoch (of trainer.limit_train_batches, when set): a small
+    folder's training loss is logged each epoch."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     if options.get("precision") is None:
         accelerator = str(options.get("accelerator", "auto"))
         options["precision"] = default_precision(accelerator) if training else "32-true"
+    limit = options.get("limit_train_batches")  # Lightning's: a number of batches, or a fraction
+    if steps_per_epoch and isinstance(limit, int):
+        steps_per_epoch = min(steps_per_epoch, limit)
+    elif steps_per_epoch and isinstance(limit, float):
+        steps_per_epoch = max(1, int(steps_per_epoch * limit))
     if steps_per_epoch and options.get("log_every_n_steps"):
         options["log_every_n_steps"] = max(1, min(options["log_every_n_steps"], steps_per_epoch))
     return {k: v for k, v in options.items() if v is not None}
