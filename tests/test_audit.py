@@ -308,3 +308,12 @@ def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_pa
     store = tmp_path / "cache" / "features" / "by-image"
     assert f"features at 64x64, {n - 1} of {n} from {store}" in second["label_errors"]["features"]
     assert second["label_errors"]["items"] == []
+
+
+@pytest.mark.slow
+def test_a_store_that_cannot_be_written_costs_time_not_the_audit(planted, tmp_path, caplog):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("features.dir points at a file")
+    r = audit(planted, tmp_path, "logger.enabled=false", f"features.dir={blocked}")["report"]
+    assert {Path(i["name"]).name for i in r["label_errors"]["items"]} == {"flipped_fox.png"}
+    assert "Could not keep the backbone features in" in caplog.text

@@ -218,3 +218,15 @@ def test_the_per_image_store_keeps_features_by_content_and_survives_an_interrupt
         add_image_features(store, ["e"], np.ones((1, 4), np.float32))
     assert read_manifest(store)["images"] == 4  # ... leaves the store as it was
     assert read_image_features(store, ["e", "d"])[0] == [1]
+
+
+def test_an_unreadable_per_image_store_is_computed_again_and_replaced(tmp_path):
+    from image_classifier.data.features import add_image_features, read_image_features
+
+    store = tmp_path / "store"
+    add_image_features(store, ["a", "b"], np.ones((2, 4), np.float32))
+    (store / "features.npy").write_bytes(b"not an array")
+    found, got = read_image_features(store, ["a", "b"])
+    assert found == [] and got.size == 0
+    add_image_features(store, ["c"], np.zeros((1, 4), np.float32))
+    assert read_image_features(store, ["a", "c"])[0] == [1]

@@ -20,9 +20,12 @@ on data sets that are not the benchmark".
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
 # The backbone view's input side: UPSCALE x the images' median longer side, within BACKBONE_SIDE.
@@ -238,7 +241,10 @@ def backbone_features(d, cfg):
                 bar.update(len(batch))
         bar.close()
         computed = np.concatenate(out)
-        add_image_features(store, [d.digests[i] for i in todo], computed)
+        try:
+            add_image_features(store, [d.digests[i] for i in todo], computed)
+        except OSError as e:  # a full disk or a read-only cache costs the next audit time only
+            log.warning("Could not keep the backbone features in %s (%s)", store, e)
     x = np.zeros((n, (computed if todo else stored).shape[1]), np.float32)
     if found:
         x[found] = stored

@@ -82,12 +82,17 @@ def image_store_folder(fcfg, weights: str, side: int) -> Path:
 
 def read_image_features(folder: Path, digests: list[str]) -> tuple[list[int], np.ndarray]:
     """(the positions in `digests` the store holds, their features [m, dim] float32)."""
-    if read_manifest(folder) is None:
+    try:
+        if read_manifest(folder) is None:
+            raise OSError("no complete store")
+        stored = np.load(folder / "digests.npy")
+        features = np.load(folder / "features.npy", mmap_mode="r")
+        if len(features) != len(stored):
+            raise ValueError("digests and features differ in length")
+    except (OSError, ValueError):  # none yet, or unreadable: every image is computed again
         return [], np.zeros((0, 0), np.float32)
-    stored = np.load(folder / "digests.npy")
     row = {d: i for i, d in enumerate(stored.tolist())}
     found = [k for k, d in enumerate(digests) if d in row]
-    features = np.load(folder / "features.npy", mmap_mode="r")
     return found, np.asarray(features[[row[digests[k]] for k in found]], np.float32)
 
 
@@ -95,7 +100,7 @@ def add_image_features(folder: Path, digests: list[str], features: np.ndarray) -
     """Add these images' features to the store (written whole into a temporary folder, then
     renamed into place: an interrupted write leaves the previous store)."""
     old_digests, old = np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32)
-    if read_manifest(folder) is not None:
+    if read_image_features(folder, [])[1].shape[1:] == features.shape[1:]:  # readable, same dim
         old_digests, old = np.load(folder / "digests.npy"), np.load(folder / "features.npy")
     new = {d: i for i, d in enumerate(digests) if d not in set(old_digests.tolist())}
     with building(folder) as tmp:
