@@ -232,8 +232,8 @@ def backbone_features(d, cfg):
     todo = sorted(set(range(n)) - set(found))
     if todo:
         net, channels, out = create_backbone(fcfg), int(fcfg.channels), []
-        bar = tqdm(total=len(todo), desc="audit: backbone features", unit="img", disable=None)
-        bar.disable = len(todo) < 2000 or bar.disable
+        quiet = len(todo) < 2000 or None  # None: a bar on a terminal only
+        bar = tqdm(total=len(todo), desc="audit: backbone features", unit="img", disable=quiet)
         with torch.inference_mode():
             for start in range(0, len(todo), BATCH):
                 batch = _images(d, todo[start : start + BATCH], side, channels)

@@ -102,7 +102,8 @@ def add_image_features(folder: Path, digests: list[str], features: np.ndarray) -
     old_digests, old = np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32)
     if read_image_features(folder, [])[1].shape[1:] == features.shape[1:]:  # readable, same dim
         old_digests, old = np.load(folder / "digests.npy"), np.load(folder / "features.npy")
-    new = {d: i for i, d in enumerate(digests) if d not in set(old_digests.tolist())}
+    known = set(old_digests.tolist())
+    new = {d: i for i, d in enumerate(digests) if d not in known}
     with building(folder) as tmp:
         np.save(tmp / "digests.npy", np.concatenate([old_digests, np.array(list(new), "U32")]))
         np.save(tmp / "features.npy", np.concatenate([old, features[list(new.values())]]))
