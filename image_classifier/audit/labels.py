@@ -81,10 +81,10 @@ def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     know tiny grey images, and the average is best where both see something."""
     import os
     import warnings
-    from concurrent.futures import ThreadPoolExecutor
 
-    from sklearn.base import clone
+    from joblib import Parallel, delayed, parallel_config
     from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import SVC
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
@@ -94,34 +94,50 @@ def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
     counts = np.bincount(labels)[present]
     smallest = int((counts - np.ceil(counts / folds)).min())
     model, xs = classifier(n, smallest, seed), [np.asarray(x) for x in views]
-
-    def fit_fold(job):  # one view's classifier fitted without one fold, then asked about it
-        v, (train, test) = job
-        fitted = clone(model).fit(xs[v][train], labels[train])
-        out = np.zeros((len(test), c))  # classes absent from the training folds get 0
-        out[:, fitted.classes_] = fitted.predict_proba(xs[v][test])
-        return v, test, out
-
-    # Every (view, fold) fit in its own thread, each with one BLAS/OpenMP thread (libsvm and
-    # numpy release the GIL). Measured on 2 cores: the Nystroem logistic regression ran 2x faster
-    # with one BLAS thread than with two (small products: the hand-offs cost more than they
-    # share); fmnist-10000's two views 40 s -> 11 s, colour-96's SVMs 21 s -> 11 s.
+    # Every (view, fold) fit side by side, each with one BLAS/OpenMP thread. Measured on 2 cores:
+    # the Nystroem logistic regression ran 2x faster with one BLAS thread than with two (small
+    # products: the hand-offs cost more than they share); fmnist-10000's two views 40 s -> 11 s,
+    # colour-96's SVMs 21 s -> 11 s. The SVMs in processes: libsvm draws Platt's internal folds
+    # from one random generator per process, and SVMs fitted in threads raced on it (colour-96's
+    # list moved by a few rows from run to run); the regression has no such state: threads.
     each = [np.zeros((n, c)) for _ in xs]
-    with warnings.catch_warnings(), threadpool_limits(1):
+    loky = isinstance(model, SVC)
+    side_by_side = parallel_config(
+        backend="loky" if loky else "threading",
+        n_jobs=min(folds * len(xs), os.cpu_count() or 1),
+        **({"inner_max_num_threads": 1} if loky else {}),
+    )
+    with warnings.catch_warnings(), side_by_side, threadpool_limits(1):
         warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only k"
-        warnings.filterwarnings("ignore", "The `probability` parameter", FutureWarning)
         cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
         jobs = [(v, s) for v in range(len(xs)) for s in cv.split(np.zeros((n, 1)), labels)]
         bar = tqdm(total=len(jobs), desc="audit: label fits", unit="fit", disable=n < 2000 or None)
-        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-            for v, test, out in pool.map(fit_fold, jobs):
-                each[v][test] = out
-                bar.update()
+        fits = Parallel(return_as="generator")(
+            delayed(_fit_fold)(model, xs[v], labels, train, test, c) for v, (train, test) in jobs
+        )
+        for (v, (_, test)), out in zip(jobs, fits, strict=True):
+            each[v][test] = out
+            bar.update()
         bar.close()
     candidates = [(sum(each) / len(each), -1)] + [(p, i) for i, p in enumerate(each)]
     loss = [-np.log(np.clip(p[np.arange(n), labels], 1e-12, None)).mean() for p, _ in candidates]
     probs, which = candidates[int(np.argmin(loss))]
     return probs.astype(np.float32), which, each
+
+
+def _fit_fold(model, x: np.ndarray, labels: np.ndarray, train, test, classes: int) -> np.ndarray:
+    """(len(test), classes) probabilities from `model` fitted without the test fold (classes
+    absent from the training folds get 0)."""
+    import warnings
+
+    from sklearn.base import clone
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The `probability` parameter", FutureWarning)
+        fitted = clone(model).fit(x[train], labels[train])
+    out = np.zeros((len(test), classes))
+    out[:, fitted.classes_] = fitted.predict_proba(x[test])
+    return out
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
