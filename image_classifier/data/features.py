@@ -80,31 +80,37 @@ def image_store_folder(fcfg, weights: str, side: int) -> Path:
     return Path(fcfg.dir) / "by-image" / key
 
 
-def read_image_features(folder: Path, digests: list[str]) -> tuple[list[int], np.ndarray]:
-    """(the positions in `digests` the store holds, their features [m, dim] float32)."""
+def _load_store(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(digests, features memory-mapped) of a complete, readable store, else None."""
     try:
         if read_manifest(folder) is None:
-            raise OSError("no complete store")
-        stored = np.load(folder / "digests.npy")
+            return None
+        digests = np.load(folder / "digests.npy")
         features = np.load(folder / "features.npy", mmap_mode="r")
-        if len(features) != len(stored):
-            raise ValueError("digests and features differ in length")
-    except (OSError, ValueError):  # none yet, or unreadable: every image is computed again
+    except (OSError, ValueError):  # unreadable: every image is computed again
+        return None
+    return (digests, features) if len(features) == len(digests) else None
+
+
+def read_image_features(folder: Path, digests: list[str]) -> tuple[list[int], np.ndarray]:
+    """(the positions in `digests` the store holds, their features [m, dim] float32)."""
+    store = _load_store(folder)
+    if store is None:
         return [], np.zeros((0, 0), np.float32)
-    row = {d: i for i, d in enumerate(stored.tolist())}
+    row = {d: i for i, d in enumerate(store[0].tolist())}
     found = [k for k, d in enumerate(digests) if d in row]
-    return found, np.asarray(features[[row[digests[k]] for k in found]], np.float32)
+    return found, np.asarray(store[1][[row[digests[k]] for k in found]], np.float32)
 
 
 def add_image_features(folder: Path, digests: list[str], features: np.ndarray) -> None:
     """Add these images' features to the store (written whole into a temporary folder, then
     renamed into place: an interrupted write leaves the previous store)."""
-    old_digests, old = np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32)
-    if read_image_features(folder, [])[1].shape[1:] == features.shape[1:]:  # readable, same dim
-        old_digests, old = np.load(folder / "digests.npy"), np.load(folder / "features.npy")
-    known = set(old_digests.tolist())
+    store = _load_store(folder)
+    if store is None or store[1].shape[1:] != features.shape[1:]:  # none, or another dim
+        store = (np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32))
+    known = set(store[0].tolist())
     new = {d: i for i, d in enumerate(digests) if d not in known}
     with building(folder) as tmp:
-        np.save(tmp / "digests.npy", np.concatenate([old_digests, np.array(list(new), "U32")]))
-        np.save(tmp / "features.npy", np.concatenate([old, features[list(new.values())]]))
-        write_manifest(tmp, {"images": len(old_digests) + len(new), "dim": features.shape[1]})
+        np.save(tmp / "digests.npy", np.concatenate([store[0], np.array(list(new), "U32")]))
+        np.save(tmp / "features.npy", np.concatenate([store[1], features[list(new.values())]]))
+        write_manifest(tmp, {"images": len(store[0]) + len(new), "dim": features.shape[1]})
