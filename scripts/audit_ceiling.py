@@ -33,6 +33,7 @@ def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
     """One draw of planted flips, ranked and cut by the audit's own `label_issues` (with these
     probabilities as its only view)."""
+    from benchmark_datasets import precision_at_recall  # beside this script: on sys.path
     from cleanlab.filter import find_label_issues
 
     from image_classifier.audit.labels import label_issues
@@ -46,8 +47,8 @@ def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
     listed = np.array([i for i, _, _ in suspects], dtype=int)
     flagged = np.flatnonzero(find_label_issues(given, probs))
     # the best any cut can do: every image ranked by the probability of its given label
-    hits = np.cumsum(np.isin(np.argsort(probs[np.arange(len(given)), given], kind="stable"), moved))
-    rows_80 = int(np.argmax(hits >= np.ceil(0.8 * k))) + 1
+    ranked = np.argsort(probs[np.arange(len(given)), given], kind="stable").tolist()
+    at_80 = precision_at_recall(ranked, set(moved.tolist()), 0.8)
     found = np.isin(listed[:recommended], moved).sum()
     return [
         np.isin(listed[: 2 * k], moved).sum() / k,
@@ -55,7 +56,7 @@ def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
         found / max(1, recommended),
         np.isin(flagged, moved).sum() / k,
         np.isin(flagged, moved).sum() / max(1, len(flagged)),
-        np.ceil(0.8 * k) / rows_80,
+        at_80,
     ]
 
 
