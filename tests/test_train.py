@@ -294,6 +294,27 @@ def test_temperature_scaling_lowers_validation_ece():
     assert ece(overconfident, targets, t) < ece(overconfident, targets) / 3
 
 
+def test_calibration_keeps_t_1_when_validation_has_no_mistakes():
+    """Every validation image right: the log-loss falls as T falls, with nothing to stop it, and
+    the fit would store its floor (every later answer near 100 % sure). T stays 1, said why."""
+    from image_classifier.training.calibrate import calibrate
+
+    class Module(torch.nn.Module):
+        def _step(self, batch):
+            return batch
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.arange(13) % 4
+    logits = torch.randn(13, 4, generator=g)
+    logits[torch.arange(13), targets] += 10  # every argmax right
+    r = calibrate(Module(), [(logits, targets)])
+    assert r["temperature"] == 1.0 and r["ece_after"] == r["ece_before"]
+    assert r["note"] == "not fitted: no mistakes on the 13 validation images to fit it on"
+    logits[0] = logits[0].roll(1)  # one mistake: the log-loss has a minimum to find again
+    r = calibrate(Module(), [(logits, targets)])
+    assert r["temperature"] != 1.0 and r["note"] == "fitted on val"
+
+
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):
     """command=calibrate on a checkpoint whose temperature is 1 (trained before calibration
     existed, or with train.calibrate=false) fits it on the validation split and stores it."""

@@ -40,11 +40,19 @@ def ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -
 
 
 def calibrate(module, loader) -> dict:
-    """{"temperature", "ece_before", "ece_after"} on the loader's data (the validation split)."""
+    """{"temperature", "ece_before", "ece_after", "note"} on the loader's data (the validation
+    split). A model that makes no mistake there gives the fit nothing to stop at: the likelihood
+    only grows as T falls, and T would end at its floor, every later answer near 100 % sure.
+    Then T stays 1 and `note` says why."""
     logits, targets = validation_logits(module, loader)
+    before = ece(logits, targets)
+    if bool((logits.argmax(1) == targets).all()):
+        note = f"not fitted: no mistakes on the {len(targets)} validation images to fit it on"
+        return {"temperature": 1.0, "ece_before": before, "ece_after": before, "note": note}
     t = fit_temperature(logits, targets)
     return {
         "temperature": round(t, 4),
-        "ece_before": ece(logits, targets),
+        "ece_before": before,
         "ece_after": ece(logits, targets, t),
+        "note": "fitted on val",
     }

@@ -98,7 +98,8 @@ def run_calibrate(cfg) -> dict:
     else:
         result = calibrate_best(str(path), dm)
         done = (
-            f"temperature {result['temperature']:.3f}; validation ECE {result['ece_before']:.4f} "
+            f"temperature {result['temperature']:.3f} ({result['note']}); validation ECE "
+            f"{result['ece_before']:.4f} "
             f"-> {result['ece_after']:.4f}"
         )
     print(

@@ -104,8 +104,8 @@ def print_summary(r: dict, info) -> None:
         + ", ".join(notes)
         + ")",
         f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
-        f"  val: {val}",
-        f"  calibration: temperature {c['temperature']:.3f} fitted on val; ECE "
+        f"  last epoch: val {val}",
+        f"  calibration: temperature {c['temperature']:.3f} {c['note']}; ECE "
         f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         if (c := r.get("calibration"))
         else "",
