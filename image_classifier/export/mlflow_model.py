@@ -35,28 +35,14 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.predictor = OnnxPredictor(Path(context.artifacts["onnx"]), device="auto")
 
     def predict(self, context, model_input, params=None):
-        from image_classifier.data.images import ImageError, decode_bytes
-        from image_classifier.inference.rows import error_row, prediction_row
+        from image_classifier.inference.rows import decoded, rows_for
 
         meta = self.predictor.meta
         top_k = (params or {}).get("top_k")
         thresholds = meta.thresholds((params or {}).get("threshold"))
         items = list(_images(model_input))
-        rows, arrays, slots = [], [], []
-        for i, (name, data) in enumerate(items):
-            try:
-                arrays.append(decode_bytes(data, meta.preprocessing, name=name))
-                slots.append(i)
-                rows.append(None)
-            except ImageError as e:
-                rows.append(error_row(name, e.reason))
-        if arrays:
-            import numpy as np
-
-            probs = self.predictor.predict(np.stack(arrays))
-            for i, p in zip(slots, probs, strict=True):
-                rows[i] = prediction_row(items[i][0], p, meta.classes, top_k, thresholds)
-        return rows
+        loaded = [decoded(data, meta.preprocessing, name) for name, data in items]
+        return rows_for(self.predictor, [n for n, _ in items], loaded, top_k, thresholds)
 
 
 def _values(model_input) -> list:

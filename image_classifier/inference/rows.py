@@ -13,6 +13,7 @@ import numpy as np
 from image_classifier.data.images import (
     ImageError,
     Preprocessing,
+    decode_bytes,
     display_name,
     load_array,
     path_problem,
@@ -24,6 +25,14 @@ def _load(path: Path, pre: Preprocessing):
         return None, problem
     try:
         return load_array(path, pre), None
+    except ImageError as e:
+        return None, e.reason
+
+
+def decoded(data: bytes, pre: Preprocessing, name: str):
+    """(array, None) for an encoded image, or (None, why it cannot be used)."""
+    try:
+        return decode_bytes(data, pre, name=name), None
     except ImageError as e:
         return None, e.reason
 
@@ -51,10 +60,16 @@ def predict_paths(
 
 
 def predict_batch(predictor, paths, names, pool, top_k, thresholds) -> list[dict]:
-    """Rows for one batch of files (`names` as the rows show them), read in `pool`'s threads:
-    one model call for the readable ones, the reason for each of the others."""
+    """Rows for one batch of files (`names` as the rows show them), read in `pool`'s threads."""
     pre = predictor.meta.preprocessing
-    loaded = list(pool.map(lambda p: _load(p, pre), paths))
+    return rows_for(
+        predictor, names, list(pool.map(lambda p: _load(p, pre), paths)), top_k, thresholds
+    )
+
+
+def rows_for(predictor, names, loaded, top_k, thresholds) -> list[dict]:
+    """One row per name from `loaded` ((array, None) or (None, why)): one model call for the
+    arrays, the reason for each of the others."""
     good = [i for i, (arr, _) in enumerate(loaded) if arr is not None]
     probs = predictor.predict(np.stack([loaded[i][0] for i in good])) if good else []
     by_index = dict(zip(good, probs, strict=True))
