@@ -139,6 +139,55 @@ def test_epochs_give_a_small_folder_enough_steps(tmp_path):
     assert choose_epochs(tuned, 1433)[0].train.epochs == -(-MIN_STEPS["pretrained"] // 12)
 
 
+def test_a_tiny_folder_gets_a_smaller_batch_to_reach_its_steps(tmp_path):
+    """Under train.batch_size=auto, a folder whose MAX_EPOCHS epochs at batch 128 fall short of
+    MIN_STEPS gets the batch halved (not below 16) until they do; a given batch is kept, and a
+    note that cannot reach its steps says so instead of claiming them."""
+    cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=cnn")
+    halved, notes = choose_epochs(cfg, 80, auto_batch=True)
+    assert (halved.train.batch_size, halved.train.epochs) == (16, 200)  # 5 steps an epoch
+    assert notes[0] == (
+        "train.batch_size=16 (128 halved, not below 16: 80 train images reach 1000 steps in 250 "
+        "epochs or fewer)"
+    )
+    assert notes[1].startswith("train.epochs=200 (1000 steps: at least 1000 for a from-scratch")
+    assert choose_epochs(cfg, 500, auto_batch=True)[0].train.batch_size == 128  # 4 an epoch
+    floor, notes = choose_epochs(cfg, 10, auto_batch=True)
+    assert floor.train.batch_size == 16 and "250 steps: 1000 wanted, 250 epochs at most" in notes[1]
+    given, notes = choose_epochs(cfg, 80)
+    assert given.train.batch_size == 128 and len(notes) == 1
+    assert notes[0].startswith("train.epochs=250 (250 steps: 1000 wanted, 250 epochs at most")
+
+
+def test_train_batches_a_tiny_folder_at_the_smaller_batch(tmp_path, monkeypatch):
+    """Through `train`: the halved batch replaces the first batch note and is what the loader
+    uses (the steps taken match it)."""
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training import adapt
+    from image_classifier.training.train import run_train
+
+    monkeypatch.setattr(adapt, "MIN_STEPS", {"scratch": 8, "pretrained": 8})
+    monkeypatch.setattr(adapt, "MAX_EPOCHS", 3)
+    monkeypatch.setattr(adapt, "MIN_AUTO_BATCH", 2)
+    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "model=cnn",
+        "train.batch_size=auto",
+        "train.epochs=auto",
+        "logger.enabled=false",
+        "train.calibrate=false",
+    )
+    r = run_train(cfg)
+    notes = [n for n in r["chosen"] if n.startswith("train.batch_size=")]
+    assert len(notes) == 1 and notes[0].startswith("train.batch_size=2 (128 halved")
+    train_images = int(notes[0].split(": ")[1].split()[0])
+    steps = 3 * -(-train_images // 2)
+    assert steps >= 8 and ckpt_file.read(r["last_checkpoint"])["global_step"] == steps
+
+
 def test_batch_size_auto_fine_tunes_in_smaller_steps_and_a_given_size_wins(tmp_path):
     """train.batch_size=auto (the default): 32 fine-tuning a pretrained network, 128 from
     scratch; the note says which; a number is kept as given; epochs=auto counts the steps of
@@ -230,3 +279,12 @@ def test_fine_tuning_leaves_the_frozen_stages_at_their_pretrained_weights(tmp_pa
     same = {k for k in same if torch.equal(start[k], trained[k])}
     assert {"conv_stem.weight", "blocks.1.1.conv_pwl.weight"} <= same
     assert "blocks.2.0.conv_pwl.weight" not in same and "classifier.weight" not in same
+
+
+def test_epochs_auto_given_on_the_command_line_is_left_to_the_data(tmp_path):
+    """`train.epochs=auto` spelled out (a sweep `train.epochs=auto,20`) once crashed with
+    int('auto'); it asks for no number, so a resumed run keeps its own."""
+    from image_classifier.training.resume import asked_epochs
+
+    assert asked_epochs(compose_cfg(tmp_path, "train.epochs=auto")) is None
+    assert asked_epochs(compose_cfg(tmp_path, "train.epochs=7")) == 7

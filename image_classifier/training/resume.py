@@ -97,9 +97,12 @@ def check_resume_overrides(cfg, stored, keys: list[str], ckpt: Path) -> None:
 
 def asked_epochs(cfg) -> int | None:
     """train.epochs when the command line gives it; None when it is only the default (a resumed
-    run then keeps its own number of epochs, not the current default's)."""
+    run then keeps its own number of epochs, not the current default's) or `auto` (chosen
+    from the data later; a resumed run keeps its own)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if str(cfg.train.epochs) == "auto":
+        return None
     if not HydraConfig.initialized():  # called from Python with a composed config: take it
         return int(cfg.train.epochs)
     return int(cfg.train.epochs) if "train.epochs" in command_line_overrides() else None

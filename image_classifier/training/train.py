@@ -28,6 +28,7 @@ from image_classifier.training.adapt import (
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
+    is_auto,
 )
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
@@ -120,6 +121,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     if cfg.train.get("keep_freed_memory", True):
         keep_freed_memory()
     out = runs.output_dir(cfg)
+    auto_batch = is_auto(cfg.train.get("batch_size"))
     cfg, chosen = choose_before_data(cfg)
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
@@ -128,8 +130,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     if cfg.train.get("time_budget") and resume_from is None:  # resumed: the epochs it planned
         cfg, budget = budgeted(cfg, model_spec, info, dm, started)
     else:
-        cfg, notes = choose_epochs(cfg, info.split_sizes["train"])
-        chosen += notes
+        cfg, chosen = choose_epochs(cfg, info.split_sizes["train"], auto_batch, chosen)
+        dm.batch_size = int(cfg.train.batch_size)  # smaller for a tiny folder (adapt.py)
     epochs = int(cfg.train.epochs)
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
