@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
 SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96", "photos-7")
 QUICK = ("digits", "fmnist-500")
+CUTS = (1, 0.7, 0.5, 0.45, 0.4, 0.3, 0.25)  # audit.label_cut's candidates (x chance)
 PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
 
 
@@ -375,7 +376,9 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
     report = json.loads((folder / "report.json").read_text())
     rel = lambda name: str(Path(name).relative_to(noisy)) if Path(name).is_absolute() else name  # noqa: E731
     with open(folder / "label_issues.csv") as f:
-        listed = [rel(r["image"]) for r in csv.DictReader(f)]
+        rows = [(rel(r["image"]), float(r["self_confidence"])) for r in csv.DictReader(f)]
+    listed = [name for name, _ in rows]
+    chance = 1 / sum(1 for d in noisy.iterdir() if d.is_dir())  # class folders: classes present
     cut = int(report["label_errors"]["recommended_cut"])
     # planted outliers have no true label to judge: left out of the counts, after the cut (the
     # cut is the report's, in rows of the CSV)
@@ -398,6 +401,11 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
         "flagged_rp": rp(ranked),
         "cut_rp": rp(head),
         "top2x": len(labels & set(ranked[: 2 * len(labels)])),
+        # audit.label_cut's candidates: the rows the report would cut at each multiple of chance
+        "cuts": {
+            t: rp([n for n, q in rows if q < t * chance and n not in planted["outliers"]])
+            for t in CUTS
+        },
         "at_80": precision_at_recall(ranked, labels, 0.8),
         "seconds": seconds,
         "near_found": sum(1 for q in pairs if q & planted["near"]),
@@ -495,7 +503,20 @@ def main():
                     f"{a['near_found']} ({a['near_other']}) | "
                     f"{a['outliers_found']} ({a['outliers_other']}) |"
                 )
+    if not args.no_audit:
+        print_cuts(rows)
     print(f"\nsuite: {time.perf_counter() - started:.0f} s; data sets in {base}")
+
+
+def print_cuts(rows) -> None:
+    """Recall / precision of the rows below t x chance for each candidate audit.label_cut."""
+    print("\n| copy | " + " | ".join(f"t = {t:g}" for t in CUTS) + " |")
+    print("| --- |" + " --- |" * len(CUTS))
+    for r in rows:
+        for frac in (0.01, 0.05):
+            cuts = r[f"audit_{frac}"]["cuts"]
+            cells = " | ".join(f"{cuts[t][0]:.0%} / {cuts[t][1]:.0%}" for t in CUTS)
+            print(f"| {r['name']}, {frac:.0%} | {cells} |")
 
 
 if __name__ == "__main__":
