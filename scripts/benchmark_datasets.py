@@ -378,7 +378,8 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
     with open(folder / "label_issues.csv") as f:
         rows = [(rel(r["image"]), float(r["self_confidence"])) for r in csv.DictReader(f)]
     listed = [name for name, _ in rows]
-    chance = 1 / sum(1 for d in noisy.iterdir() if d.is_dir())  # class folders: classes present
+    per_split = report["class_counts"]["per_split"].values()
+    chance = 1 / len({c for counts in per_split for c, n in counts.items() if n})
     cut = int(report["label_errors"]["recommended_cut"])
     # planted outliers have no true label to judge: left out of the counts, after the cut (the
     # cut is the report's, in rows of the CSV)
