@@ -125,3 +125,18 @@ def test_supcon_matches_the_formula_on_a_small_batch():
     assert supcon_loss(f, y, t).item() == pytest.approx(total / 4, rel=1e-5)
     soft = torch.nn.functional.one_hot(y, 2).float() * 0.7 + 0.15  # mixed targets: argmax class
     assert supcon_loss(f, soft, t).item() == pytest.approx(total / 4, rel=1e-5)
+
+
+def test_a_compiled_network_trains_through_training_step():
+    """train.compile=true: the step chose its network with `compiled or net`, which calls len()
+    on the compiled module and raised TypeError on the first step. The compiled network (here
+    with the eager backend: the same wrapper, no code generation) now gives the net's loss."""
+    m = module({"label_smoothing": 0.0})
+    m.eval()  # dropout off: the two forwards agree
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0])
+    m.log = lambda *a, **k: None  # no trainer to log into
+    plain = m.training_step((x, y), 0)
+    object.__setattr__(m, "_compiled", torch.compile(m.net, backend="eager"))
+    compiled = m.training_step((x, y), 0)
+    assert compiled.item() == pytest.approx(plain.item(), rel=1e-5)

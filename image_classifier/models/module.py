@@ -115,9 +115,8 @@ class ClassifierModule(L.LightningModule):
             x, target = self._mix(x.float(), y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits = forward_loss(
-            self._compiled or self.net, x, target, self._loss, self.hparams.optim
-        )
+        net = self.net if self._compiled is None else self._compiled  # `or` would call len()
+        loss, logits = forward_loss(net, x, target, self._loss, self.hparams.optim)
         loss = self._train_loss(loss, logits, y)
         if not loss.requires_grad:  # the baseline has nothing to learn
             return None
