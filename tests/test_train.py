@@ -313,6 +313,10 @@ def test_calibration_keeps_t_1_when_validation_has_no_mistakes():
     logits[0] = logits[0].roll(1)  # one mistake: the log-loss has a minimum to find again
     r = calibrate(Module(), [(logits, targets)])
     assert r["temperature"] != 1.0 and r["note"] == "fitted on val"
+    wrong = torch.zeros(13, 4)
+    wrong[torch.arange(13), (targets + 1) % 4] = 10  # every answer sure and wrong: T runs up
+    r = calibrate(Module(), [(wrong, targets)])
+    assert r["temperature"] == 20.0 and r["note"].endswith("ceiling 20: the answers say little")
 
 
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
+T_RANGE = (0.05, 20.0)  # a fit that ends on a bound says so
+
 
 @torch.no_grad()
 def validation_logits(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +33,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(*T_RANGE))
 
 
 def ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
@@ -54,5 +56,6 @@ def calibrate(module, loader) -> dict:
         "temperature": round(t, 4),
         "ece_before": before,
         "ece_after": ece(logits, targets, t),
-        "note": "fitted on val",
+        "note": "fitted on val"
+        + (f", at its ceiling {T_RANGE[1]:g}: the answers say little" if t >= T_RANGE[1] else ""),
     }
