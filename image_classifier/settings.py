@@ -102,7 +102,7 @@ def _train_rules() -> dict:
         "train.weight_decay": Number(0),
         "train.momentum": FRACTION,
         "train.scheduler": Choice(tuple(SCHEDULERS)),
-        "train.warmup": Number(0, 1, open_lo=True),
+        "train.warmup": Number(0, 1, open_lo=True, open_hi=True),
         "train.step_size": POSITIVE_INT,
         "train.gamma": POSITIVE,
         "train.patience": COUNT,

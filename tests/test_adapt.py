@@ -288,3 +288,44 @@ def test_epochs_auto_given_on_the_command_line_is_left_to_the_data(tmp_path):
 
     assert asked_epochs(compose_cfg(tmp_path, "train.epochs=auto")) is None
     assert asked_epochs(compose_cfg(tmp_path, "train.epochs=7")) == 7
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "trainer.limit_train_batches=0.5",
+            "trainer.limit_train_batches=0.5 of 1 training batch(es) an epoch here is less than "
+            "one batch. Raise it to at least 1,",
+        ),
+        (
+            "trainer.val_check_interval=2",
+            "trainer.val_check_interval=2 steps is more than the 1 training batch(es) an epoch "
+            "here. Give at most 1,",
+        ),
+        (
+            "trainer.check_val_every_n_epoch=3",
+            "trainer.check_val_every_n_epoch=3 with 2 epoch(s): validation would never run",
+        ),
+    ],
+)
+def test_trainer_settings_this_data_cannot_honour_stop_before_training(tmp_path, override, message):
+    """Each once ended in a traceback from Lightning mid-setup, or (validation never run) in
+    "Checkpoint last.ckpt does not exist". Now one clear error, before any training."""
+    from image_classifier.errors import UserError
+    from image_classifier.training.train import run_train
+
+    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "train.epochs=2",
+        "train.batch_size=128",
+        "logger.enabled=false",
+        override,
+    )
+    with pytest.raises(UserError) as e:
+        run_train(cfg)
+    assert message in str(e.value)
+    assert not list((tmp_path / "out").rglob("*.ckpt"))

@@ -69,7 +69,7 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
     [
         (["train.augment.preset=randaug"], "Did you mean 'randaugment'"),
         (["train.scheduler=cosin"], "Did you mean 'cosine'"),
-        (["train.warmup=0"], "train.warmup=0 must be a number > 0 and <= 1."),
+        (["train.warmup=0"], "train.warmup=0 must be a number > 0 and < 1."),
         (["train.monitor=val/loss"], "train.monitor='val/loss' is not one of val/acc"),
         (["data.size=[28]"], "data.size=[28] must have 2 values, or 'auto'."),
         (["data.resize=fit"], "data.resize='fit' is not one of stretch, crop, pad."),
@@ -158,6 +158,7 @@ def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
     "override, message",
     [
         ("train.compile=maybe", "train.compile='maybe' is not one of True, False."),
+        ("train.warmup=1", "train.warmup=1 must be a number > 0 and < 1."),
         ("data.download.timeout=0", "data.download.timeout=0 must be a number > 0."),
         ("data.mean=[a]", "data.mean[0]='a' must be a number"),
         ("paths.search=outputs", "paths.search='outputs' must be a list."),

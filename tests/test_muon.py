@@ -142,17 +142,19 @@ def test_lr_scale_multiplies_the_muon_step_and_leaves_adamw_alone():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("warmup", [0.25, 0.999])
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8, 400])
-def test_onecycle_runs_whole_at_any_number_of_steps(total):
+def test_onecycle_runs_whole_at_any_number_of_steps(total, warmup):
     """OneCycleLR divided by zero when warmup x steps == 1: 4 steps at the default warm-up (a
-    500-image folder with train.epochs=1 crashed). Every step now gets a finite rate, rising to
-    the peak and falling after it."""
+    500-image folder with train.epochs=1 crashed), and on the last step of a warm-up of 1. Every
+    step, and the step after the last, now gets a finite rate, rising to the peak and falling
+    after it."""
     from image_classifier.models.optim import create_scheduler
 
     p = nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([p], lr=0.1)
     sched = create_scheduler(
-        opt, {"scheduler": "onecycle", "lr": 0.1, "warmup": 0.25}, lambda: total
+        opt, {"scheduler": "onecycle", "lr": 0.1, "warmup": warmup}, lambda: total
     )
     rates = []
     for _ in range(max(2, total)):

@@ -75,9 +75,10 @@ def _onecycle(opt, o: dict, steps: Callable[[], int]) -> dict:
     import torch
 
     total = max(2, steps())
-    # OneCycleLR divides by its warm-up's length, warmup x total - 1 steps: zero at 4 steps and
-    # the default 0.25 (a 500-image folder with train.epochs=1). At least 1.5 steps of warm-up.
-    warmup = max(float(o.get("warmup", 0.25)), 1.5 / total)
+    # OneCycleLR divides by each phase's length: warmup x total - 1 steps up, zero at 4 steps
+    # and the default 0.25 (a 500-image folder with train.epochs=1), and the rest down. At least
+    # 1.5 steps up, and half a step down.
+    warmup = min(max(float(o.get("warmup", 0.25)), 1.5 / total), 1 - 0.5 / total)
     s = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=o["lr"], total_steps=total, pct_start=warmup
     )

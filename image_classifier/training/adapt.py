@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from image_classifier import CONFIG_DIR
 from image_classifier.data.datamodule import train_batch_size
 from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
+from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
 from image_classifier.training.resume import command_line_overrides
 
@@ -210,3 +211,27 @@ def _epoch_notes(cfg, kind: str, train_images: int, steps_per_epoch: int, asked:
             f"train images reach {wanted} steps in {MAX_EPOCHS} epochs or fewer)",
         )
     return notes
+
+
+def check_schedule_fits(cfg, steps_per_epoch: int, epochs: int) -> None:
+    """trainer.* settings that this data's batches cannot honour, as one clear error before
+    training starts (Lightning would raise mid-setup, with a traceback)."""
+    t, fix = cfg.trainer, f"{steps_per_epoch} training batch(es) an epoch here"
+    limit = t.get("limit_train_batches")
+    if isinstance(limit, float) and 0 < limit < 1 and int(steps_per_epoch * limit) < 1:
+        raise UserError(
+            f"trainer.limit_train_batches={limit:g} of {fix} is less than one batch. Raise it "
+            f"to at least {1 / steps_per_epoch:.2g}, give a number of batches, or drop it."
+        )
+    interval, every = t.get("val_check_interval"), t.get("check_val_every_n_epoch")
+    if isinstance(interval, int) and every is not None and interval > steps_per_epoch:
+        raise UserError(
+            f"trainer.val_check_interval={interval} steps is more than the {fix}. Give at most "
+            f"{steps_per_epoch}, or a fraction of an epoch (trainer.val_check_interval=0.5)."
+        )
+    if every is not None and int(every) > epochs:
+        raise UserError(
+            f"trainer.check_val_every_n_epoch={every} with {epochs} epoch(s): validation would "
+            "never run, and train keeps its best epoch on validation and calibrates there. "
+            f"Give at most {epochs}, or more train.epochs."
+        )

@@ -25,6 +25,7 @@ from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
 from image_classifier.models.pretrained import freeze_stages
 from image_classifier.training.adapt import (
+    check_schedule_fits,
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
@@ -140,6 +141,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
     steps = math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size))
+    check_schedule_fits(cfg, steps, epochs)
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=cbs,
