@@ -32,6 +32,14 @@ def newest(root: str | Path, search: list[str], pattern: str, setting: str) -> P
     found = [p for d in search for p in (root / d).glob(f"**/checkpoints/{pattern}")]
     if not found:
         where = ", ".join(f"{root / d}/" for d in search)
+        lasts = [p for d in search for p in (root / d).glob("**/checkpoints/last.ckpt")]
+        if pattern != "last.ckpt" and lasts:  # trained, but no validation ever chose a best
+            last = max(lasts, key=lambda p: p.stat().st_mtime)
+            raise UserError(
+                f"No best checkpoint under {where}: the newest run kept only its last epoch "
+                f"({last}), as a run does when validation never ran (trainer.limit_val_batches=0)."
+                f" Name it with {setting}={last}, or train with validation."
+            )
         raise UserError(
             f"No trained checkpoint found under {where}. Train one first "
             f"(`uv run python commands.py command=train`) or name one with {setting}=PATH."

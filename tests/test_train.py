@@ -178,6 +178,29 @@ def test_test_without_any_checkpoint(make_cfg):
         run_test(make_cfg("logger.enabled=false"))
 
 
+def test_a_run_without_validation_is_named_with_its_last_checkpoint(tmp_path, capsys):
+    """Validation never ran (trainer.limit_val_batches=0): no best.ckpt, only last.ckpt. `test`
+    said "No trained checkpoint found" after `train` said "next: command=test"; now the
+    summary's next line names last.ckpt, and so does the error."""
+    images = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={images}",
+        "logger.enabled=false",
+        "trainer.limit_val_batches=0",
+        "paths.output_dir=null",
+    )
+    r = run_train(cfg)
+    last = r["checkpoint"]
+    assert Path(last).name == "last.ckpt" and f"command=test test.checkpoint={last}" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(UserError, match=r"No best checkpoint .*kept only its last epoch") as e:
+        run_test(compose_cfg(tmp_path, "logger.enabled=false", "paths.output_dir=null"))
+    assert f"test.checkpoint={last}" in str(e.value)
+
+
 def test_checkpoint_that_is_not_one(tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_text("not a checkpoint")

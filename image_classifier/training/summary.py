@@ -127,6 +127,11 @@ def print_summary(r: dict, info) -> None:
         if r["skipped_files"]
         else "",
         f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",
-        "  next: uv run python commands.py command=test",
+        "  next: uv run python commands.py command=test"
+        + (
+            ""
+            if Path(r["checkpoint"]).name.startswith("best")
+            else f" test.checkpoint={r['checkpoint']}"
+        ),
     ]
     print("\n".join(x for x in lines if x))
