@@ -329,3 +329,22 @@ def test_trainer_settings_this_data_cannot_honour_stop_before_training(tmp_path,
         run_train(cfg)
     assert message in str(e.value)
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_a_time_budget_checks_the_trainer_settings_before_its_probe(tmp_path):
+    """train.time_budget probes a Trainer first: it too raised Lightning's traceback."""
+    from image_classifier.errors import UserError
+    from image_classifier.training.train import run_train
+
+    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "train.time_budget=30",
+        "train.batch_size=128",
+        "logger.enabled=false",
+        "trainer.limit_train_batches=0.5",
+    )
+    with pytest.raises(UserError, match="limit_train_batches=0.5 of 1 training batch"):
+        run_train(cfg)

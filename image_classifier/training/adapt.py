@@ -213,9 +213,10 @@ def _epoch_notes(cfg, kind: str, train_images: int, steps_per_epoch: int, asked:
     return notes
 
 
-def check_schedule_fits(cfg, steps_per_epoch: int, epochs: int) -> None:
-    """trainer.* settings that this data's batches cannot honour, as one clear error before
-    training starts (Lightning would raise mid-setup, with a traceback)."""
+def check_schedule_fits(cfg, steps_per_epoch: int, epochs: int | None = None) -> None:
+    """trainer.* settings that this data's batches (and `epochs`, once known) cannot honour, as
+    one clear error before training starts (Lightning would raise mid-setup, with a
+    traceback)."""
     t, fix = cfg.trainer, f"{steps_per_epoch} training batch(es) an epoch here"
     limit = t.get("limit_train_batches")
     if isinstance(limit, float) and 0 < limit < 1 and int(steps_per_epoch * limit) < 1:
@@ -229,7 +230,7 @@ def check_schedule_fits(cfg, steps_per_epoch: int, epochs: int) -> None:
             f"trainer.val_check_interval={interval} steps is more than the {fix}. Give at most "
             f"{steps_per_epoch}, or a fraction of an epoch (trainer.val_check_interval=0.5)."
         )
-    if every is not None and int(every) > epochs:
+    if every is not None and epochs is not None and int(every) > epochs:
         raise UserError(
             f"trainer.check_val_every_n_epoch={every} with {epochs} epoch(s): validation would "
             "never run, and train keeps its best epoch on validation and calibrates there. "

@@ -167,6 +167,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
 
 def budgeted(cfg, model_spec: dict, info, dm, started: float):
     """(config with the epochs that fit train.time_budget, the plan); see training/budget.py."""
+    check_schedule_fits(cfg, math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size)))
     plan = fit_to_budget(
         cfg,
         lambda: build_module(cfg, model_spec, info),
