@@ -1,5 +1,7 @@
 """Defaults that follow the data (training/adapt.py, data/profile.py): model, size and epochs."""
 
+import re
+
 import pytest
 from conftest import compose_cfg, make_class_folders
 from omegaconf import OmegaConf
@@ -147,13 +149,15 @@ def test_a_tiny_folder_gets_a_smaller_batch_to_reach_its_steps(tmp_path):
     halved, notes = choose_epochs(cfg, 80, auto_batch=True)
     assert (halved.train.batch_size, halved.train.epochs) == (16, 200)  # 5 steps an epoch
     assert notes[0] == (
-        "train.batch_size=16 (128 halved, not below 16: 80 train images reach 1000 steps in 250 "
-        "epochs or fewer)"
+        "train.batch_size=16 (128 halved, not below 16: more steps for 80 train images within "
+        "250 epochs)"
     )
     assert notes[1].startswith("train.epochs=200 (1000 steps: at least 1000 for a from-scratch")
     assert choose_epochs(cfg, 500, auto_batch=True)[0].train.batch_size == 128  # 4 an epoch
-    floor, notes = choose_epochs(cfg, 10, auto_batch=True)
-    assert floor.train.batch_size == 16 and "250 steps: 1000 wanted, 250 epochs at most" in notes[1]
+    floor, notes = choose_epochs(cfg, 20, auto_batch=True)  # 2 steps an epoch at 16, 1 at 128
+    assert floor.train.batch_size == 16 and "500 steps: 1000 wanted, 250 epochs at most" in notes[1]
+    same, notes = choose_epochs(cfg, 10, auto_batch=True)  # 1 step an epoch at any batch: kept
+    assert same.train.batch_size == 128 and len(notes) == 1
     given, notes = choose_epochs(cfg, 80)
     assert given.train.batch_size == 128 and len(notes) == 1
     assert notes[0].startswith("train.epochs=250 (250 steps: 1000 wanted, 250 epochs at most")
@@ -183,7 +187,7 @@ def test_train_batches_a_tiny_folder_at_the_smaller_batch(tmp_path, monkeypatch)
     r = run_train(cfg)
     notes = [n for n in r["chosen"] if n.startswith("train.batch_size=")]
     assert len(notes) == 1 and notes[0].startswith("train.batch_size=2 (128 halved")
-    train_images = int(notes[0].split(": ")[1].split()[0])
+    train_images = int(re.search(r"for (\d+) train images", notes[0]).group(1))
     steps = 3 * -(-train_images // 2)
     assert steps >= 8 and ckpt_file.read(r["last_checkpoint"])["global_step"] == steps
 

@@ -170,6 +170,8 @@ def choose_epochs(
         and MAX_EPOCHS * -(-train_images // batch) < (MIN_STEPS[kind])
     ):
         batch = max(MIN_AUTO_BATCH, batch // 2)
+    if -(-train_images // batch) == -(-train_images // asked):  # no more steps: keep it
+        batch = asked
     steps_per_epoch = max(1, math.ceil(train_images / batch))
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / steps_per_epoch)))
     explicit = "train.early_stopping" in command_line_overrides()  # the command line's wins
@@ -207,8 +209,8 @@ def _epoch_notes(cfg, kind: str, train_images: int, steps_per_epoch: int, asked:
     if batch != asked:
         notes.insert(
             0,
-            f"train.batch_size={batch} ({asked} halved, not below {MIN_AUTO_BATCH}: {train_images} "
-            f"train images reach {wanted} steps in {MAX_EPOCHS} epochs or fewer)",
+            f"train.batch_size={batch} ({asked} halved, not below {MIN_AUTO_BATCH}: more steps "
+            f"for {train_images} train images within {MAX_EPOCHS} epochs)",
         )
     return notes
 
