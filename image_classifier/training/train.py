@@ -136,12 +136,12 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     epochs = int(cfg.train.epochs)
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
+    steps = math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size))
+    check_schedule_fits(cfg, steps, epochs)  # before an MLflow run is opened
     module = build_module(cfg, model_spec, info)
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
-    steps = math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size))
-    check_schedule_fits(cfg, steps, epochs)
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=cbs,
@@ -151,8 +151,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
-    result["batching"] = getattr(dm, "batching", "DataLoader")
-    result["time_budget"] = budget
+    result |= {"batching": getattr(dm, "batching", "DataLoader"), "time_budget": budget}
     result["chosen"] = chosen
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
