@@ -25,6 +25,14 @@ def colour_folder_cfg(tmp_path, size: int, *overrides: str):
     return compose_cfg(tmp_path, "data=folder", f"data.root={root}", *overrides)
 
 
+def grey_folder_cfg(tmp_path, *overrides: str):
+    """The config for a tiny grey class-folder tree (3 classes of 4 images, 12 px), untracked."""
+    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    return compose_cfg(
+        tmp_path, "data=folder", f"data.root={root}", "logger.enabled=false", *overrides
+    )
+
+
 def test_profile_reads_count_colour_and_median_size(tmp_path):
     make_class_folders(tmp_path / "grey", per_class=4, size=20)
     make_class_folders(tmp_path / "rgb", per_class=4, size=40, mode="RGB")
@@ -173,16 +181,8 @@ def test_train_batches_a_tiny_folder_at_the_smaller_batch(tmp_path, monkeypatch)
     monkeypatch.setattr(adapt, "MIN_STEPS", {"scratch": 8, "pretrained": 8})
     monkeypatch.setattr(adapt, "MAX_EPOCHS", 3)
     monkeypatch.setattr(adapt, "MIN_AUTO_BATCH", 2)
-    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
-    cfg = compose_cfg(
-        tmp_path,
-        "data=folder",
-        f"data.root={root}",
-        "model=cnn",
-        "train.batch_size=auto",
-        "train.epochs=auto",
-        "logger.enabled=false",
-        "train.calibrate=false",
+    cfg = grey_folder_cfg(
+        tmp_path, "model=cnn", "train.batch_size=auto", "train.epochs=auto", "train.calibrate=false"
     )
     r = run_train(cfg)
     notes = [n for n in r["chosen"] if n.startswith("train.batch_size=")]
@@ -319,16 +319,7 @@ def test_trainer_settings_this_data_cannot_honour_stop_before_training(tmp_path,
     from image_classifier.errors import UserError
     from image_classifier.training.train import run_train
 
-    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
-    cfg = compose_cfg(
-        tmp_path,
-        "data=folder",
-        f"data.root={root}",
-        "train.epochs=2",
-        "train.batch_size=128",
-        "logger.enabled=false",
-        override,
-    )
+    cfg = grey_folder_cfg(tmp_path, "train.epochs=2", "train.batch_size=128", override)
     with pytest.raises(UserError) as e:
         run_train(cfg)
     assert message in str(e.value)
@@ -340,15 +331,8 @@ def test_a_time_budget_checks_the_trainer_settings_before_its_probe(tmp_path):
     from image_classifier.errors import UserError
     from image_classifier.training.train import run_train
 
-    root = make_class_folders(tmp_path / "img", per_class=4, size=12)
-    cfg = compose_cfg(
-        tmp_path,
-        "data=folder",
-        f"data.root={root}",
-        "train.time_budget=30",
-        "train.batch_size=128",
-        "logger.enabled=false",
-        "trainer.limit_train_batches=0.5",
+    cfg = grey_folder_cfg(
+        tmp_path, "train.time_budget=30", "train.batch_size=128", "trainer.limit_train_batches=0.5"
     )
     with pytest.raises(UserError, match="limit_train_batches=0.5 of 1 training batch"):
         run_train(cfg)
