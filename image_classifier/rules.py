@@ -146,6 +146,11 @@ POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
 POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
 
 
+def is_auto(value) -> bool:
+    """A setting left to the data (`auto`, the default of several keys)."""
+    return isinstance(value, str) and value == "auto"
+
+
 def safe_name(name: str) -> str:
     """A name as one part of a metric key, a folder or a served model's name: anything but
     letters, digits, - _ . becomes _."""

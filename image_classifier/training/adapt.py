@@ -16,6 +16,7 @@ from image_classifier.data.datamodule import train_batch_size
 from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
 from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
+from image_classifier.rules import is_auto
 from image_classifier.training.resume import command_line_overrides
 
 # train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
@@ -49,10 +50,6 @@ FROZEN_STAGES = 2
 # (fine_tuning_augment). Chosen on validation (docs/benchmarks.md): colour-96 66.0 -> 72.4 % at
 # 96 px (8 px shifts), photos-7 98.1 -> 100 %.
 FINE_TUNE_SHIFT = 1 / 12
-
-
-def is_auto(value) -> bool:
-    return isinstance(value, str) and value == "auto"
 
 
 def choose_model_and_size(cfg) -> tuple[object, list[str]]:
@@ -151,6 +148,11 @@ def choose_frozen_stages(cfg) -> tuple[object, list[str]]:
     ]
 
 
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch (the last batch may be short)."""
+    return max(1, math.ceil(train_images / batch_size))
+
+
 def choose_epochs(
     cfg, train_images: int, auto_batch: bool = False, chosen: list[str] = ()
 ) -> tuple[object, list[str]]:
@@ -167,13 +169,13 @@ def choose_epochs(
     while (
         auto_batch
         and batch > MIN_AUTO_BATCH
-        and MAX_EPOCHS * -(-train_images // batch) < (MIN_STEPS[kind])
+        and MAX_EPOCHS * steps_per_epoch(train_images, batch) < MIN_STEPS[kind]
     ):
         batch = max(MIN_AUTO_BATCH, batch // 2)
-    if -(-train_images // batch) == -(-train_images // asked):  # no more steps: keep it
+    per_epoch = steps_per_epoch(train_images, batch)
+    if per_epoch == steps_per_epoch(train_images, asked):  # no more steps: keep the batch
         batch = asked
-    steps_per_epoch = max(1, math.ceil(train_images / batch))
-    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / steps_per_epoch)))
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / per_epoch)))
     explicit = "train.early_stopping" in command_line_overrides()  # the command line's wins
     annealed = str(cfg.train.get("scheduler")) in ANNEALED and not explicit
     cfg = cfg.copy()
@@ -183,21 +185,21 @@ def choose_epochs(
             cfg.train.early_stopping = 0
         elif int(cfg.train.early_stopping) > 0 and not explicit:
             cfg.train.early_stopping = max(int(cfg.train.early_stopping), math.ceil(epochs / 5))
-    notes = _epoch_notes(cfg, kind, train_images, steps_per_epoch, asked)
+    notes = _epoch_notes(cfg, kind, train_images, per_epoch, asked)
     if batch != asked:
         chosen = [c for c in chosen if not c.startswith("train.batch_size=")]
     return cfg, [*chosen, *notes]
 
 
-def _epoch_notes(cfg, kind: str, train_images: int, steps_per_epoch: int, asked: int) -> list:
-    epochs, batch, stopping = int(cfg.train.epochs), int(cfg.train.batch_size), None
+def _epoch_notes(cfg, kind: str, train_images: int, per_epoch: int, asked: int) -> list:
+    epochs, batch = int(cfg.train.epochs), int(cfg.train.batch_size)
     if str(cfg.train.scheduler) in ANNEALED and int(cfg.train.early_stopping) == 0:
         end = f"; the whole {cfg.train.scheduler} schedule, its best epoch on validation kept)"
     elif (stopping := int(cfg.train.early_stopping)) > 0:
         end = f"; early stopping after {stopping} epochs without gain)"
     else:
         end = ")"
-    steps, wanted = epochs * steps_per_epoch, MIN_STEPS[kind]
+    steps, wanted = epochs * per_epoch, MIN_STEPS[kind]
     net = "pretrained" if kind == "pretrained" else "from-scratch"
     enough = (
         f"at least {wanted}" if steps >= wanted else f"{wanted} wanted, {MAX_EPOCHS} epochs at most"
@@ -215,22 +217,22 @@ def _epoch_notes(cfg, kind: str, train_images: int, steps_per_epoch: int, asked:
     return notes
 
 
-def check_schedule_fits(cfg, steps_per_epoch: int, epochs: int | None = None) -> None:
+def check_schedule_fits(cfg, per_epoch: int, epochs: int | None = None) -> None:
     """trainer.* settings that this data's batches (and `epochs`, once known) cannot honour, as
     one clear error before training starts (Lightning would raise mid-setup, with a
     traceback)."""
-    t, fix = cfg.trainer, f"{steps_per_epoch} training batch(es) an epoch here"
+    t, fix = cfg.trainer, f"{per_epoch} training batch(es) an epoch here"
     limit = t.get("limit_train_batches")
-    if isinstance(limit, float) and 0 < limit < 1 and int(steps_per_epoch * limit) < 1:
+    if isinstance(limit, float) and 0 < limit < 1 and int(per_epoch * limit) < 1:
         raise UserError(
             f"trainer.limit_train_batches={limit:g} of {fix} is less than one batch. Raise it "
-            f"to at least {1 / steps_per_epoch:.2g}, give a number of batches, or drop it."
+            f"to at least {1 / per_epoch:.2g}, give a number of batches, or drop it."
         )
     interval, every = t.get("val_check_interval"), t.get("check_val_every_n_epoch")
-    if isinstance(interval, int) and every is not None and interval > steps_per_epoch:
+    if isinstance(interval, int) and every is not None and interval > per_epoch:
         raise UserError(
             f"trainer.val_check_interval={interval} steps is more than the {fix}. Give at most "
-            f"{steps_per_epoch}, or a fraction of an epoch (trainer.val_check_interval=0.5)."
+            f"{per_epoch}, or a fraction of an epoch (trainer.val_check_interval=0.5)."
         )
     if every is not None and epochs is not None and int(every) > epochs:
         raise UserError(

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 from image_classifier import runs
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.rules import is_auto
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def asked_epochs(cfg) -> int | None:
     from the data later; a resumed run keeps its own)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if str(cfg.train.epochs) == "auto":
+    if is_auto(cfg.train.epochs):
         return None
     if not HydraConfig.initialized():  # called from Python with a composed config: take it
         return int(cfg.train.epochs)

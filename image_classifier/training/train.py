@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,12 +23,13 @@ from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.module import ClassifierModule
 from image_classifier.models.pretrained import freeze_stages
+from image_classifier.rules import is_auto
 from image_classifier.training.adapt import (
     check_schedule_fits,
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
-    is_auto,
+    steps_per_epoch,
 )
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
@@ -136,7 +136,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     epochs = int(cfg.train.epochs)
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
-    steps = math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size))
+    steps = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
     check_schedule_fits(cfg, steps, epochs)  # before an MLflow run is opened
     module = build_module(cfg, model_spec, info)
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
@@ -166,7 +166,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
 
 def budgeted(cfg, model_spec: dict, info, dm, started: float):
     """(config with the epochs that fit train.time_budget, the plan); see training/budget.py."""
-    check_schedule_fits(cfg, math.ceil(info.split_sizes["train"] / int(cfg.train.batch_size)))
+    check_schedule_fits(cfg, steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size)))
     plan = fit_to_budget(
         cfg,
         lambda: build_module(cfg, model_spec, info),
