@@ -97,3 +97,18 @@ def test_single_class(folder_data):
     shutil.rmtree(folder_data / "fox")
     with pytest.raises(UserError, match="Only one class"):
         discover(folder_data)
+
+
+def test_classes_a_split_lacks_and_classes_too_thin_to_learn_are_named(tmp_path):
+    from image_classifier.data.splits import class_gaps
+
+    make_class_folders(tmp_path / "d" / "train", per_class=8)
+    make_class_folders(tmp_path / "d" / "test", per_class=2)
+    shutil.rmtree(tmp_path / "d" / "test" / "fox")
+    for f in sorted((tmp_path / "d" / "train" / "dog").iterdir())[3:]:
+        f.unlink()  # dog: 3 training images, fewer once val is carved out
+    s = discover(tmp_path / "d", split=(0.8, 0.2, 0.0))
+    lines = class_gaps(s)
+    assert lines[0] == "The test split has no images of fox: test reports no recall for them."
+    assert lines[1].startswith("Classes with fewer than 5 training images: dog (2). Too few")
+    assert class_gaps(discover(make_class_folders(tmp_path / "ok", per_class=8))) == []

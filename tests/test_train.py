@@ -356,6 +356,34 @@ def test_calibration_keeps_t_1_when_validation_has_no_mistakes():
     assert r["temperature"] == 20.0 and r["note"].endswith("ceiling 20: the answers say little")
 
 
+def test_a_class_without_test_images_has_no_recall_rather_than_zero():
+    """A pre-split folder whose test split lacks a class reported it at recall 0.000, the
+    "lowest recall" of the run. Undefined precision and recall are now null and named apart."""
+    from types import SimpleNamespace
+
+    from image_classifier.models.metrics import metric_set
+    from image_classifier.training.evaluate import _metric_lines, build_report
+
+    sets = metric_set(3, multi_label=False)
+    targets = torch.tensor([0, 0, 1, 1])
+    logits = torch.eye(3)[[0, 0, 0, 1]] * 5  # class 1 once right, class 2 never asked or said
+    sets["test_metrics"].update(logits, targets)
+    sets["test_ece_raw"].update(logits, targets)
+    m = {k.removeprefix("test/"): v for k, v in sets["test_metrics"].compute().items()}
+    module = SimpleNamespace(
+        hparams={}, test_ece_raw=sets["test_ece_raw"], temperature=1.0, classes=["a", "b", "c"]
+    )
+    info = SimpleNamespace(name="folder", data_hash="h")
+    report = build_report(Path("m.ckpt"), module, info, m, SimpleNamespace(callback_metrics={}), "")
+    per = report["per_class"]
+    assert per["c"] == {"precision": None, "recall": None, "support": 0}
+    assert per["b"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert per["a"]["recall"] == 1.0 and per["a"]["precision"] == pytest.approx(2 / 3)
+    lines = _metric_lines(report)
+    assert lines[1] == "  lowest recall: b 0.500, a 1.000"
+    assert lines[2] == "  no test images of c: their recall is not measured"
+
+
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):
     """command=calibrate on a checkpoint whose temperature is 1 (trained before calibration
     existed, or with train.calibrate=false) fits it on the validation split and stores it."""

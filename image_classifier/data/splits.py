@@ -26,6 +26,8 @@ from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
 
+FEW_TO_LEARN = 5  # training images below which a class is flagged as too few to learn
+
 
 def load_splits(
     c, fixed: Preprocessing | None = None, project_root=".", build_cache=False, workers=0
@@ -119,6 +121,8 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         ),
         checked=_checked_file(c),
     )
+    for line in class_gaps(samples):
+        log.warning(line)
     pre = fixed
     if pre is None:
         channels = c.channels
@@ -148,6 +152,28 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         skipped=samples.skipped,
         multi_label=samples.multi_label,
     )
+
+
+def class_gaps(samples) -> list[str]:
+    """A line for each split that lacks some classes, and one for the classes with fewer than
+    FEW_TO_LEARN training images."""
+    why = {
+        "train": "the model cannot learn them; add training images",
+        "val": "validation cannot measure them",
+        "test": "test reports no recall for them",
+    }
+    lines = []
+    for split, reason in why.items():
+        counts = samples.counts(split) if samples.splits.get(split) else []
+        if lacking := [c for c, n in zip(samples.classes, counts) if n == 0]:
+            lines.append(f"The {split} split has no images of {', '.join(lacking)}: {reason}.")
+    train = samples.counts("train")
+    if thin := [f"{c} ({n})" for c, n in zip(samples.classes, train) if 0 < n < FEW_TO_LEARN]:
+        lines.append(
+            f"Classes with fewer than {FEW_TO_LEARN} training images: {', '.join(thin)}. "
+            "Too few to learn or to audit; add images of them if you can."
+        )
+    return lines
 
 
 def _checked_file(c) -> Path | None:

@@ -178,7 +178,11 @@ def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
 
 def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> dict:
     cm = m["confusion"].numpy()
-    support = cm.sum(axis=1)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+
+    def defined(value, n: int) -> float | None:  # None: no image (or prediction) to measure
+        return float(value) if n else None
+
     return {
         "checkpoint": str(path),
         "data": {
@@ -196,8 +200,8 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
         "loss": float(trainer.callback_metrics.get("test/loss", float("nan"))),
         "per_class": {
             c: {
-                "precision": float(m["precision"][i]),
-                "recall": float(m["recall"][i]),
+                "precision": defined(m["precision"][i], predicted[i]),
+                "recall": defined(m["recall"][i], support[i]),
                 "support": int(support[i]),
             }
             for i, c in enumerate(module.classes)
@@ -264,7 +268,7 @@ def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
     metrics = {f"test/{k}": named[k] for k in keys if named.get(k) is not None}
     for c, v in report["per_class"].items():
         for k in ("precision", "recall", "ap"):
-            if k in v:
+            if v.get(k) is not None:
                 metrics[f"test/{k}/{rules.safe_name(c)}"] = v[k]
     tracking.log_metrics(logger, metrics)
     tracking.log_artifacts(logger, files)
@@ -277,13 +281,18 @@ def _metric_lines(report) -> list[str]:
         from image_classifier.training.multilabel_report import summary_lines
 
         return summary_lines(report)
-    worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["recall"])[:3]
-    return [
+    measured = [(c, v["recall"]) for c, v in report["per_class"].items() if v["support"]]
+    absent = [c for c, v in report["per_class"].items() if not v["support"]]
+    worst = sorted(measured, key=lambda cv: cv[1])[:3]
+    lines = [
         f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
-        "  lowest recall: " + ", ".join(f"{c} {v['recall']:.3f}" for c, v in worst),
+        "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst),
     ]
+    if absent:
+        lines.append(f"  no test images of {', '.join(absent)}: their recall is not measured")
+    return lines
 
 
 def _print_summary(report, result, info, hash_note, plots, shared) -> None:
