@@ -163,12 +163,11 @@ def class_gaps(samples) -> list[str]:
         "test": "test reports no recall for them",
     }
     lines = []
+    counts = {s: dict(zip(samples.classes, samples.counts(s), strict=True)) for s in why}
     for split, reason in why.items():
-        counts = samples.counts(split) if samples.splits.get(split) else []
-        if lacking := [c for c, n in zip(samples.classes, counts) if n == 0]:
+        if lacking := [c for c, n in counts[split].items() if n == 0 and samples.splits[split]]:
             lines.append(f"The {split} split has no images of {', '.join(lacking)}: {reason}.")
-    train = samples.counts("train")
-    if thin := [f"{c} ({n})" for c, n in zip(samples.classes, train) if 0 < n < FEW_TO_LEARN]:
+    if thin := [f"{c} ({n})" for c, n in counts["train"].items() if 0 < n < FEW_TO_LEARN]:
         lines.append(
             f"Classes with fewer than {FEW_TO_LEARN} training images: {', '.join(thin)}. "
             "Too few to learn or to audit; add images of them if you can."
