@@ -40,6 +40,13 @@ warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprec
 CHECKPOINT_TTA = {"test": ("test.tta", "experiment"), "export-onnx": ("export.tta", "experiment")}
 # commands that take a model file, by the setting that names it
 MODEL_SETTINGS = {"infer": "infer.model", "serve": "serve.model"}
+# the settings naming what a command writes (True: a folder), checked before any work is done
+OUTPUT_SETTINGS = {
+    "infer": {"infer.output": False, "infer.sort_into": True},
+    "export-onnx": {"export.output": False},
+    "export-trt": {"export.trt.output": False},
+    "export-triton": {"export.triton.output": True},
+}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -63,9 +70,12 @@ def _run(cfg: DictConfig):
     with open_dict(cfg):
         if cfg.paths.output_dir is None:
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    if name in MODEL_SETTINGS:  # a path, a registered model or the newest export, resolved once
-        from image_classifier import runs
+    from image_classifier import runs
 
+    for key, folder in OUTPUT_SETTINGS.get(name, {}).items():
+        if value := OmegaConf.select(cfg, key):
+            runs.check_writable(str(value), key, folder)
+    if name in MODEL_SETTINGS:  # a path, a registered model or the newest export, resolved once
         key = MODEL_SETTINGS[name]
         return fn(cfg, *runs.model_location(cfg, OmegaConf.select(cfg, key), key))
     if name in CHECKPOINT_TTA:  # what the command line does not set comes from the checkpoint

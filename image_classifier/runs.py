@@ -98,3 +98,24 @@ def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
 
         return tracking.fetch_registered(cfg, str(given))
     return model_file(cfg, given, setting), None
+
+
+def check_writable(path: str, setting: str, folder: bool = False) -> None:
+    """A UserError, before any work is done, when `path` (a file, or a folder when `folder`)
+    cannot be written: its folder is made and a scratch file is written in it and removed."""
+    import tempfile
+
+    where = Path(path).expanduser()
+    where = where if folder else where.parent
+    existing = next(p for p in [where, *where.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, "a file is in the way", str(existing))
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{setting}={str(path)!r} cannot be written: {e.strerror} ({e.filename or where}). "
+            "Give a path in a folder you can write to."
+        ) from None

@@ -70,3 +70,27 @@ def test_an_option_of_a_network_needs_the_network_named(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "The default model=auto picks the network from the data" in p.stderr
     assert "`model=cnn model.convs_per_stage=...`" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "command, setting",
+    [
+        ("export-onnx", "export.output=afile/m.onnx"),
+        ("infer", "infer.output=afile/rows.csv"),
+        ("infer", "infer.sort_into=afile/sorted"),
+        ("export-triton", "export.triton.output=afile/repo"),
+    ],
+)
+def test_an_output_that_cannot_be_written_stops_the_command_before_any_work(
+    tmp_path, command, setting
+):
+    """`infer.output=/proc/x.json` predicted every image, then ended in a FileNotFoundError
+    traceback and lost the rows. Each output setting is now checked first, with no model."""
+    (tmp_path / "afile").write_text("a file, not a folder")
+    key, value = setting.split("=")
+    p = run_cli(
+        f"command={command}", f"{key}={tmp_path / value}", "infer.input=x.png", f"paths.root={tmp_path}"
+    )
+    assert p.returncode == 2, p.stderr
+    assert f"error: {key}='{tmp_path / value}' cannot be written: a file is in the way ({tmp_path / 'afile'})" in p.stderr
+    assert "Give a path in a folder you can write to." in p.stderr and "Traceback" not in p.stderr
