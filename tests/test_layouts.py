@@ -112,3 +112,31 @@ def test_classes_a_split_lacks_and_classes_too_thin_to_learn_are_named(tmp_path)
     assert lines[0] == "The test split has no images of fox: test reports no recall for them."
     assert lines[1].startswith("Classes with fewer than 5 training images: dog (2). Too few")
     assert class_gaps(discover(make_class_folders(tmp_path / "ok", per_class=8))) == []
+
+
+def test_csv_manifest_saved_by_excel_with_semicolons_and_absolute_paths(tmp_path):
+    """Excel in many locales saves `;`-separated CSV with a byte-order mark; it was read as one
+    column named 'image;class' and refused."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["image;class"] + [
+        f"{tmp_path if i % 2 else 'imgs'}/{'imgs/' if i % 2 else ''}{c}/{i:03d}.png;{c}"
+        for c in ("cat", "dog", "fox")
+        for i in range(4)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows), encoding="utf-8-sig")
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert s.classes == ["cat", "dog", "fox"] and not s.skipped
+    assert sum(len(v) for v in s.splits.values()) == 12
+
+
+def test_csv_split_column_with_an_unknown_split_is_refused(tmp_path):
+    """A typo in the split column ('tset') put those rows in train without a word."""
+    make_class_folders(tmp_path / "imgs", per_class=2)
+    rows = ["file,label,split"] + [
+        f"imgs/{c}/{i:03d}.png,{c},{'tset' if (c, i) == ('dog', 1) else ''}"
+        for c in ("cat", "dog", "fox")
+        for i in range(2)
+    ]
+    (tmp_path / "m.csv").write_text("\n".join(rows))
+    with pytest.raises(UserError, match=r"Row 5 of m.csv names split 'tset'. Did you mean 'test'"):
+        discover(tmp_path)

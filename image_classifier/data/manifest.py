@@ -29,6 +29,7 @@ SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+DELIMITERS = ",;\t|"
 BINARY = {"0", "1", "0.0", "1.0"}
 MULTI_LABEL = ("auto", True, False)  # data.multi_label
 
@@ -36,7 +37,9 @@ MULTI_LABEL = ("auto", True, False)  # data.multi_label
 def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list | None, bool]:
     """([(image path, label name or tuple of names)], [split per row] or None, multi-label?)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+        header = f.readline()
+        f.seek(0)  # columns apart by the first of DELIMITERS the header holds (Excel: ";")
+        rows = list(csv.DictReader(f, delimiter=next((d for d in DELIMITERS if d in header), ",")))
     if not rows:
         raise UserError(f"CSV manifest {str(path)!r} has no rows.")
     columns = list(rows[0].keys())
@@ -73,8 +76,21 @@ def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list |
         p = Path(file) if Path(file).is_absolute() else path.parent / file
         labelled.append((str(p), label))
         if scol:
-            splits.append(SPLIT_ALIASES.get((row[scol] or "").strip().lower(), "train"))
+            splits.append(_split_name(row[scol], i, path))
     return labelled, (splits if scol else None), multi
+
+
+def _split_name(value: str | None, line: int, path: Path) -> str:
+    """The split a row names: train, val or test by any of SPLIT_ALIASES; empty is train."""
+    value = (value or "").strip().lower()
+    if not value:
+        return "train"
+    if value not in SPLIT_ALIASES:
+        raise UserError(
+            f"Row {line} of {path.name} names split {value!r}.{did_you_mean(value, SPLIT_ALIASES)}"
+            f" Use one of {', '.join(SPLIT_ALIASES)} (empty means train)."
+        )
+    return SPLIT_ALIASES[value]
 
 
 def _pick(path: Path, columns, lower, given, candidates, what: str, key: str) -> str:
