@@ -3,7 +3,9 @@ tuned thresholds, mAP/F1 report, and every backend returning the labels above th
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -121,7 +123,9 @@ def multi_trained(tmp_path_factory):
     cfg = compose_cfg(
         root, "data=folder", f"data.root={data}", "data.size=[16,16]", "train.epochs=3"
     )
-    trained = run_train(cfg)
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        trained = run_train(cfg)
+    trained["said"] = said.getvalue()
     onnx = root / "m.onnx"
     run_export_onnx(
         compose_cfg(root, f"export.checkpoint={trained['checkpoint']}", f"export.output={onnx}")
@@ -138,6 +142,8 @@ def test_train_tunes_thresholds_and_test_reports_multi_label_metrics(multi_train
     assert module.multi_label and module.thresholds.shape == (3,)
     assert trained["thresholds"] == pytest.approx(module.thresholds.tolist())
     assert "calibration" not in trained  # temperature scaling is for single-label models
+    named = ", ".join(f"{c} {t:.2f}" for c, t in zip(module.classes, trained["thresholds"]))
+    assert f"  thresholds: {named} (per class, tuned on val)" in trained["said"]
     r = run_test(compose_cfg(root, f"test.checkpoint={ckpt}"))
     report = json.loads(Path(r["report"]).read_text())
     assert report["multi_label"] and 0 <= report["mAP"] <= 1 and report["ece"] is None

@@ -110,7 +110,9 @@ def print_summary(r: dict, info) -> None:
         if (c := r.get("calibration"))
         else "",
         f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
-        f"  thresholds: {', '.join(f'{x:.2f}' for x in th)} (per class, tuned on val)"
+        "  thresholds: "
+        + ", ".join(f"{c} {x:.2f}" for c, x in zip(info.classes, th, strict=True))
+        + " (per class, tuned on val)"
         if (th := r.get("thresholds"))
         else "",
         f"  budget:     {b['budget_seconds']:g} s: {b['epochs']} epoch(s) planned at "
