@@ -142,7 +142,9 @@ def test_train_tunes_thresholds_and_test_reports_multi_label_metrics(multi_train
     assert module.multi_label and module.thresholds.shape == (3,)
     assert trained["thresholds"] == pytest.approx(module.thresholds.tolist())
     assert "calibration" not in trained  # temperature scaling is for single-label models
-    named = ", ".join(f"{c} {t:.2f}" for c, t in zip(module.classes, trained["thresholds"], strict=True))
+    named = ", ".join(
+        f"{c} {t:.2f}" for c, t in zip(module.classes, trained["thresholds"], strict=True)
+    )
     assert f"  thresholds: {named} (per class, tuned on val)" in trained["said"]
     r = run_test(compose_cfg(root, f"test.checkpoint={ckpt}"))
     report = json.loads(Path(r["report"]).read_text())
