@@ -172,7 +172,11 @@ def test_bad_model_and_input_paths(trained, exported, tmp_path):
         (f"infer.model={tmp_path / 'missing.onnx'}", f"infer.input={images}", "does not exist"),
         (f"infer.model={fake}", f"infer.input={images}", "not a loadable ONNX model"),
         (f"infer.model={tmp_path / 'model.pkl'}", f"infer.input={images}", "does not exist"),
-        (f"infer.model={onnx_path}", f"infer.input={tmp_path}/nothing-*.jpg", "matches no files"),
+        (
+            f"infer.model={onnx_path}",
+            f"infer.input={tmp_path}/nothing-*.jpg",
+            "matches no image files",
+        ),
     ]
     (tmp_path / "model.txt").write_text("x")
     cases.append(
@@ -231,9 +235,15 @@ def test_one_preprocessing_for_every_image_mode(trained, exported, tmp_path):
     assert pred.meta.preprocessing == module_pre
 
 
-def test_collect_inputs_forms(tmp_path):
+def test_collect_inputs_forms(tmp_path, capsys):
     make_class_folders(tmp_path / "d", per_class=2)
+    (tmp_path / "d" / "cat" / "notes.txt").write_text("a stray file train skips too")
     assert len(collect_inputs(str(tmp_path / "d"))) == 6
+    said = capsys.readouterr().err
+    assert (
+        "Skipping 1 file(s) under" in said
+        and "not image file names, as train does: cat/notes.txt" in said
+    )
     assert len(collect_inputs(str(tmp_path / "d" / "*" / "000.png"))) == 3
     assert len(collect_inputs(str(tmp_path / "d" / "**" / "*.png"))) == 6
     with pytest.raises(UserError, match="not set"):

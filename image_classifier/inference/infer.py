@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from image_classifier.data.images import is_image_name
 from image_classifier.errors import UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
@@ -24,18 +25,27 @@ SORT_MODES = ("copy", "symlink", "hardlink")
 
 
 def collect_inputs(spec: str) -> list[Path]:
-    """A file, a folder (recursive), a glob, or a .txt file with one path per line."""
+    """A file, a folder (recursive; its files with image names), a glob, or a .txt file with one
+    path per line. A file named explicitly that is not an image becomes an error row."""
     if not spec:
         raise UserError(
             "infer.input is not set: give a file, a folder, a glob or a .txt list of paths."
         )
     p = Path(spec).expanduser()
     if p.is_dir():
-        files = sorted(
+        every = sorted(
             f
             for f in p.rglob("*")
             if not f.is_dir() and not any(s.startswith(".") for s in f.relative_to(p).parts)
         )
+        files = [f for f in every if is_image_name(f)]
+        if others := [str(f.relative_to(p)) for f in every if not is_image_name(f)]:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            print(
+                f"Skipping {len(others)} file(s) under {p} that are not image file names, as "
+                f"train does: {shown}",
+                file=sys.stderr,
+            )
     elif p.is_file() and p.suffix.lower() == ".txt":
         base = p.parent
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
@@ -56,7 +66,8 @@ def collect_inputs(spec: str) -> list[Path]:
         files = []
     if not files:
         raise UserError(
-            f"infer.input={spec!r} matches no files (give a file, a folder, a glob or a .txt list)."
+            f"infer.input={spec!r} matches no image files (give a file, a folder of images, a glob "
+            "or a .txt list)."
         )
     return files
 
