@@ -558,3 +558,43 @@ def test_a_fresh_tracking_store_gets_its_experiment_without_a_warning(tmp_path, 
     assert logger.run_id and not [r for r in caplog.records if "not found" in r.getMessage()]
     client, runs = _mlflow_runs(tmp_path)
     assert [r.info.run_id for r in runs] == [logger.run_id]
+
+
+def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_path):
+    """A 16-image validation split ties on accuracy from early on; Lightning kept the first of
+    equals, so 100- and 250-epoch runs shipped their epoch 6. Ties now go to the lower loss, and
+    a better score still wins over a lower loss."""
+    import lightning as L
+
+    from image_classifier.training.callbacks import BestCheckpoint
+
+    accs, losses = [0.5, 0.75, 0.75, 0.75, 0.5], [1.0, 2.0, 1.5, 1.8, 0.1]
+
+    class Scripted(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, i):
+            e = self.current_epoch
+            self.log_dict({"val/acc": accs[e], "val/loss": losses[e]})
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)))
+    best = BestCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max")
+    trainer = L.Trainer(
+        max_epochs=5,
+        callbacks=[best],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Scripted(), data, data)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=False)["epoch"] == 2
+    assert best.tie_loss == 1.5 and best.state_dict()["tie_loss"] == 1.5

@@ -32,7 +32,13 @@ from image_classifier.training.adapt import (
     steps_per_epoch,
 )
 from image_classifier.training.budget import fit_to_budget
-from image_classifier.training.callbacks import FreezeBackbone, History, ParityImages, ema_averaging
+from image_classifier.training.callbacks import (
+    BestCheckpoint,
+    FreezeBackbone,
+    History,
+    ParityImages,
+    ema_averaging,
+)
 from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.resume import asked_epochs, resume_point
 from image_classifier.training.summary import (
@@ -307,13 +313,7 @@ def build_callbacks(cfg, ckpt_dir: Path, logger, extra: list | None):
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1)
     best = last
     if validating:
-        best = ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="best",
-            monitor=t.monitor,
-            mode="max",
-            auto_insert_metric_name=False,
-        )
+        best = BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor=t.monitor, mode="max")
     callbacks = [
         History(),
         ParityImages(),
