@@ -140,3 +140,11 @@ def test_csv_split_column_with_an_unknown_split_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows))
     with pytest.raises(UserError, match=r"Row 5 of m.csv names split 'tset'. Did you mean 'test'"):
         discover(tmp_path)
+
+
+def test_a_lone_train_folder_is_pre_split_with_val_and_test_carved_out(tmp_path):
+    """ROOT/train/<class>/ alone was read as one class named 'train' and refused."""
+    make_class_folders(tmp_path / "d" / "train", per_class=10)
+    s = discover(tmp_path / "d")
+    assert s.layout == "pre-split folders (train)" and s.classes == ["cat", "dog", "fox"]
+    assert [len(s.splits[k]) for k in ("train", "val", "test")] == [24, 3, 3]

@@ -133,7 +133,7 @@ def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: Manif
         labelled, splits, multi = read_manifest(csvs[0], manifest)
         kind = "multi-label csv manifest" if multi else "csv manifest"
         return f"{kind} {csvs[0].name}", labelled, splits
-    if "train" in presplit and len(presplit) >= 2:
+    if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve
         labelled, given_splits = [], []
         for name, folder in sorted(presplit.items()):
             items = _scan_class_folders(folder, skipped)
