@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from image_classifier.data.layouts import ManifestOptions, discover
@@ -101,7 +102,6 @@ def test_bad_manifests_name_the_row_and_the_fix(tmp_path, content, options, expe
 
 
 def test_tune_thresholds_picks_the_best_f1_per_class():
-    import torch
 
     from image_classifier.models.multilabel import tune_thresholds
 
@@ -272,3 +272,34 @@ def test_map_monitor_is_refused_for_single_label_data(tmp_path, folder_data):
     cfg = compose_cfg(tmp_path, "data=folder", f"data.root={folder_data}", "train.monitor=val/mAP")
     with pytest.raises(UserError, match=r"train.monitor=val/mAP is the multi-label metric"):
         run_train(cfg)
+
+
+def test_a_label_without_test_images_is_left_out_of_map_and_macro_f1():
+    """A label no test image carries had AP -0.000, was the "lowest AP" of the run and pulled
+    mAP down (0.79 where the measured labels averaged 0.99). It is now null and named apart."""
+    from types import SimpleNamespace
+
+    from image_classifier.models.multilabel import decide, test_metrics
+    from image_classifier.training.multilabel_report import build_report, summary_lines
+
+    probs = torch.tensor([[0.9, 0.2, 0.1], [0.8, 0.7, 0.2], [0.3, 0.6, 0.1], [0.1, 0.4, 0.6]])
+    targets = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0]])  # "c" never present
+    thresholds = torch.tensor([0.5, 0.5, 0.5])
+    decisions, ranking = test_metrics(3)
+    decisions.update(decide(probs, thresholds), targets)
+    ranking.update(probs, targets)
+    m = {**decisions.compute(), **ranking.compute()}
+    module = SimpleNamespace(
+        thresholds=thresholds, test_outputs=[(probs, targets)], hparams={}, classes=["a", "b", "c"]
+    )
+    info = SimpleNamespace(name="folder", data_hash="h")
+    r = build_report(Path("m.ckpt"), module, info, m, 0.3, "")
+    per = r["per_class"]
+    assert per["c"]["recall"] is None and per["c"]["ap"] is None and per["c"]["support"] == 0
+    assert per["c"]["precision"] == 0.0  # said once ("c" at 0.6) and wrong
+    assert per["b"]["recall"] == pytest.approx(2 / 3) and per["b"]["precision"] == 1.0
+    assert r["mAP"] == pytest.approx((per["a"]["ap"] + per["b"]["ap"]) / 2)
+    assert r["f1_macro"] == pytest.approx((1.0 + 0.8) / 2)  # a: P = R = 1; b: P 1, R 2/3
+    lines = summary_lines(r)
+    assert lines[1].startswith("  lowest AP: ") and " c " not in lines[1]
+    assert lines[2] == "  no test images of c: their recall and AP are not measured"

@@ -19,11 +19,26 @@ TOP_K = 3
 
 
 def build_report(path: Path, module, info, m: dict, loss: float, hash_note: str) -> dict:
+    """Per class, recall and AP are None where the test split holds no image of the class, and
+    precision where nothing was predicted; mAP and macro F1 average the classes measured."""
     thresholds = module.thresholds.cpu().numpy()
-    targets = (
-        np.concatenate([y.numpy() for _, y in module.test_outputs]) if module.test_outputs else None
-    )
-    support = targets.sum(0).astype(int) if targets is not None else np.zeros(len(thresholds), int)
+    outputs = module.test_outputs
+    probs = np.concatenate([p.numpy() for p, _ in outputs]) if outputs else None
+    targets = np.concatenate([y.numpy() for _, y in outputs]) if outputs else None
+    n = len(thresholds)
+    support = targets.sum(0).astype(int) if outputs else np.zeros(n, int)
+    predicted = (probs >= thresholds[None, :]).sum(0) if outputs else np.zeros(n, int)
+    per_class = {
+        c: {
+            "precision": float(m["precision"][i]) if predicted[i] else None,
+            "recall": float(m["recall"][i]) if support[i] else None,
+            "ap": float(m["ap"][i]) if support[i] else None,
+            "threshold": float(thresholds[i]),
+            "support": int(support[i]),
+        }
+        for i, c in enumerate(module.classes)
+    }
+    measured = [v for v in per_class.values() if v["support"]]
     return {
         "checkpoint": str(path),
         "multi_label": True,
@@ -35,24 +50,20 @@ def build_report(path: Path, module, info, m: dict, loss: float, hash_note: str)
             "warning": hash_note or None,
         },
         "accuracy": float(m["acc"]),  # exact match: every label of the image right
-        "f1_macro": float(m["f1_macro"]),
+        "f1_macro": float(np.mean([_f1(v) for v in measured])) if measured else 0.0,
         "f1_micro": float(m["f1_micro"]),
-        "mAP": float(m["mAP"]),
+        "mAP": float(np.mean([v["ap"] for v in measured])) if measured else 0.0,
         "ece": None,
         "loss": loss,
-        "per_class": {
-            c: {
-                "precision": float(m["precision"][i]),
-                "recall": float(m["recall"][i]),
-                "ap": float(m["ap"][i]),
-                "threshold": float(thresholds[i]),
-                "support": int(support[i]),
-            }
-            for i, c in enumerate(module.classes)
-        },
+        "per_class": per_class,
         "classes": module.classes,
         "thresholds": [round(float(t), 4) for t in thresholds],
     }
+
+
+def _f1(v: dict) -> float:
+    p, r = v["precision"] or 0.0, v["recall"]
+    return 2 * p * r / (p + r) if p + r else 0.0
 
 
 def plot_per_class(report: dict, path: Path) -> Path:
@@ -63,7 +74,7 @@ def plot_per_class(report: dict, path: Path) -> Path:
     for k, (key, label) in enumerate(
         (("precision", "precision"), ("recall", "recall"), ("ap", "AP"))
     ):
-        ax.bar(x + (k - 1) * 0.27, [per[c][key] for c in classes], width=0.27, label=label)
+        ax.bar(x + (k - 1) * 0.27, [per[c][key] or 0 for c in classes], width=0.27, label=label)
     ax.set_xticks(x, classes, rotation=45, ha="right", fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="score")
     ax.set_title(f"per class (mAP {report['mAP']:.3f}, macro F1 {report['f1_macro']:.3f})")
@@ -87,13 +98,20 @@ def write_predictions(path: Path, names, probs, targets, thresholds, classes) ->
 
 
 def summary_lines(report: dict) -> list[str]:
-    worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["ap"])[:3]
-    return [
+    measured = [(c, v["ap"]) for c, v in report["per_class"].items() if v["support"]]
+    absent = [c for c, v in report["per_class"].items() if not v["support"]]
+    worst = sorted(measured, key=lambda ca: ca[1])[:3]
+    lines = [
         f"  mAP {report['mAP']:.4f}   macro F1 {report['f1_macro']:.4f}   micro F1 "
         f"{report['f1_micro']:.4f}   exact match {report['accuracy']:.4f}",
-        "  lowest AP: " + ", ".join(f"{c} {v['ap']:.3f}" for c, v in worst),
-        "  thresholds (tuned on val): "
-        + ", ".join(
-            f"{c} {t:.2f}" for c, t in zip(report["classes"], report["thresholds"], strict=True)
-        ),
+        "  lowest AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst),
+    ]
+    if absent:
+        lines.append(
+            f"  no test images of {', '.join(absent)}: their recall and AP are not measured"
+        )
+    thresholds = zip(report["classes"], report["thresholds"], strict=True)
+    return [
+        *lines,
+        "  thresholds (tuned on val): " + ", ".join(f"{c} {t:.2f}" for c, t in thresholds),
     ]
