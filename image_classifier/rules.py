@@ -103,7 +103,9 @@ class Each:
 
     def problem(self, key: str, v) -> str | None:
         if not isinstance(v, list | tuple):
-            return f"{key}={v!r} must be a list."
+            n = self.length or 1
+            many = f" of {n} values" if self.length else ""
+            return f"{key}={v!r} must be a list{many}, e.g. {key}=[{','.join([str(v)] * n)}]."
         if self.length is not None and len(v) != self.length:
             return f"{key}={list(v)} must have {self.length} values."
         for i, item in enumerate(v):

@@ -161,7 +161,14 @@ def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
         ("train.warmup=1", "train.warmup=1 must be a number > 0 and < 1."),
         ("data.download.timeout=0", "data.download.timeout=0 must be a number > 0."),
         ("data.mean=[a]", "data.mean[0]='a' must be a number"),
-        ("paths.search=outputs", "paths.search='outputs' must be a list."),
+        (
+            "paths.search=outputs",
+            "paths.search='outputs' must be a list, e.g. paths.search=[outputs].",
+        ),
+        (
+            "data.size=64",
+            "data.size=64 must be a list of 2 values, e.g. data.size=[64,64], or 'auto'.",
+        ),
         ("infer.model=[1]", "infer.model=[1] must be a non-empty string (a path or a name)."),
         ("+normalization.mine.mean=[x]", "normalization.mine.mean[0]='x' must be a number"),
     ],
