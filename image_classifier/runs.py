@@ -52,10 +52,26 @@ def newest_best(root: str | Path, search: list[str], setting: str) -> Path:
 
 
 def checkpoint(cfg, given, setting: str) -> Path:
-    """`given` when set, else the newest best checkpoint."""
+    """`given` when set (a run folder: its best checkpoint), else the newest best checkpoint."""
     if given:
-        return Path(str(given))
+        return in_run_folder(given, setting, ("best.ckpt", "last.ckpt"))
     return newest_best(cfg.paths.root, cfg.paths.search, setting)
+
+
+def in_run_folder(given, setting: str, names: tuple[str, ...]) -> Path:
+    """`given` as a path; a run folder (or its checkpoints/) stands for the first of `names`
+    found in it."""
+    path = Path(str(given)).expanduser()
+    if not path.is_dir():
+        return path
+    for name in names:
+        for folder in (path / "checkpoints", path):
+            if (folder / name).is_file():
+                return folder / name
+    raise UserError(
+        f"{setting}={str(given)!r} is a folder with no {' or '.join(names)} in it or in its "
+        f"checkpoints/. Name the file, e.g. {setting}=<run folder>/checkpoints/{names[0]}."
+    )
 
 
 def last_checkpoint(cfg, given, setting: str) -> Path:
@@ -78,9 +94,10 @@ def requeued_checkpoint(cfg) -> Path | None:
 
 
 def model_file(cfg, given, setting: str) -> Path:
-    """`given` when set, else the .onnx that export-onnx wrote beside the newest best checkpoint."""
+    """`given` when set (a run folder: its exported model, else its checkpoint), else the .onnx
+    that export-onnx wrote beside the newest best checkpoint."""
     if given:
-        return Path(str(given))
+        return in_run_folder(given, setting, ("best.onnx", "best.ckpt", "last.ckpt"))
     onnx = newest_best(cfg.paths.root, cfg.paths.search, setting).with_suffix(".onnx")
     if not onnx.exists():
         raise UserError(

@@ -598,3 +598,23 @@ def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_pa
     trainer.fit(Scripted(), data, data)
     assert torch.load(tmp_path / "best.ckpt", weights_only=False)["epoch"] == 2
     assert best.tie_loss == 1.5 and best.state_dict()["tie_loss"] == 1.5
+
+
+def test_a_run_folder_stands_for_its_checkpoint_or_exported_model(tmp_path):
+    """`test.checkpoint=outputs/<date>/<time>` said "Checkpoint ... does not exist" of a folder
+    that exists. A run folder now stands for its best checkpoint (infer/serve: its export)."""
+    from image_classifier import runs
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"")
+    run = tmp_path / "run"
+    assert runs.checkpoint(None, run, "test.checkpoint") == ckpts / "last.ckpt"
+    (ckpts / "best.ckpt").write_bytes(b"")
+    assert runs.checkpoint(None, run, "test.checkpoint") == ckpts / "best.ckpt"
+    assert runs.model_file(None, run, "infer.model") == ckpts / "best.ckpt"
+    (ckpts / "best.onnx").write_bytes(b"")
+    assert runs.model_file(None, str(run), "infer.model") == ckpts / "best.onnx"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"infer.model='.*empty' is a folder with no best.onnx or"):
+        runs.model_file(None, tmp_path / "empty", "infer.model")

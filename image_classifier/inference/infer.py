@@ -183,9 +183,10 @@ def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, s
     """One line on stderr: how many, with what, how fast, where the outputs went."""
     errors = [r for r in rows or [] if r.get("error")]
     done = f"{n - len(errors)} of {n}" if rows is not None else f"{n}"
+    rate = n / max(seconds, 1e-9)
     print(
         f"Predicted {done} image(s) with {backend} in {seconds:.2f}s "
-        f"({n / max(seconds, 1e-9):,.0f} img/s)"
+        f"({rate:,.{1 if rate < 10 else 0}f} img/s)"
         + (f"; {len(errors)} unreadable (see their 'error' field)" if errors else "")
         + (f"; written to {c.output}" if c.get("output") else "")
         + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
