@@ -336,3 +336,17 @@ def test_a_time_budget_checks_the_trainer_settings_before_its_probe(tmp_path):
     )
     with pytest.raises(UserError, match="limit_train_batches=0.5 of 1 training batch"):
         run_train(cfg)
+
+
+def test_train_refuses_a_split_that_gives_train_or_validation_no_images():
+    from image_classifier.errors import UserError
+    from image_classifier.training.adapt import check_splits
+
+    cfg = OmegaConf.create({"data": {"split": [0, 0, 1]}, "trainer": {}})
+    with pytest.raises(UserError, match=r"No training images: data.split=\[0, 0, 1\] gives"):
+        check_splits(cfg, {"train": 0, "val": 0, "test": 30})
+    cfg.data.split = [0.9, 0, 0.1]
+    with pytest.raises(UserError, match="or train without validation: trainer.limit_val_batches=0"):
+        check_splits(cfg, {"train": 27, "val": 0, "test": 3})
+    cfg.trainer.limit_val_batches = 0
+    check_splits(cfg, {"train": 27, "val": 0, "test": 3})

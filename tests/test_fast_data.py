@@ -239,14 +239,14 @@ def test_batch_erasing_matches_random_erasing():
 
 
 def test_scan_checks_only_new_or_changed_files_and_still_reports_bad_ones(tmp_path, monkeypatch):
-    from image_classifier.data import layouts
+    from image_classifier.data import scan
 
     make_class_folders(tmp_path / "images")
     bad = tmp_path / "images" / "cat" / "broken.png"
     bad.write_bytes(b"not an image")
     checked = []
-    real = layouts._check_one
-    monkeypatch.setattr(layouts, "_check_one", lambda p: checked.append(p) or real(p))
+    real = scan._check_one
+    monkeypatch.setattr(scan, "_check_one", lambda p: checked.append(p) or real(p))
     first = _datamodule(tmp_path, "data.size=[16,16]")
     first.prepare()
     assert len(checked) == 31

@@ -3,7 +3,7 @@ import shutil
 import pytest
 from conftest import make_class_folders
 
-from image_classifier.data.layouts import discover
+from image_classifier.data.layouts import ManifestOptions, discover
 from image_classifier.errors import UserError
 
 
@@ -148,3 +148,21 @@ def test_a_lone_train_folder_is_pre_split_with_val_and_test_carved_out(tmp_path)
     s = discover(tmp_path / "d")
     assert s.layout == "pre-split folders (train)" and s.classes == ["cat", "dog", "fox"]
     assert [len(s.splits[k]) for k in ("train", "val", "test")] == [24, 3, 3]
+
+
+def test_data_classes_fixes_class_folders_too_and_names_a_folder_it_lacks(folder_data):
+    """data.classes on class folders ended in a KeyError traceback for a folder it did not list."""
+    s = discover(folder_data, manifest=ManifestOptions(classes=["fox", "dog", "cat", "owl"]))
+    assert s.classes == ["fox", "dog", "cat", "owl"] and s.counts("train")[3] == 0
+    with pytest.raises(UserError, match=r"Class 'fox' \(class folders under .*\) is not one of "):
+        discover(folder_data, manifest=ManifestOptions(classes=["cat", "dog"]))
+
+
+def test_a_zero_ratio_leaves_its_split_empty_when_asked(folder_data):
+    """data.split=[0,0,1]: every image in test, for testing a model on a whole folder; train
+    refuses it itself (training/adapt.check_splits)."""
+    s = discover(folder_data, split=(0, 0, 1))
+    assert not s.splits["train"] and not s.splits["val"] and len(s.splits["test"]) == 30
+    one_each = make_class_folders(folder_data.parent / "one", per_class=1)
+    with pytest.raises(UserError, match="The train split is empty"):  # asked for, none fit
+        discover(one_each, split=(0.01, 0.99, 0))

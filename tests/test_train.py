@@ -618,3 +618,21 @@ def test_a_run_folder_stands_for_its_checkpoint_or_exported_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"infer.model='.*empty' is a folder with no best.onnx or"):
         runs.model_file(None, tmp_path / "empty", "infer.model")
+
+
+def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tmp_path):
+    """A new labelled folder with two of the model's three classes was refused ("classes do not
+    match"), and a class-folder root was tested on its 10 % test split only. It is now read with
+    the model's class list, and data.split=[0,0,1] tests every image of it."""
+    root, ckpt, _ = trained
+    some = make_class_folders(tmp_path / "some", classes=("cat", "fox"), per_class=5)
+    cfg = compose_cfg(
+        root, "data=folder", f"data.root={some}", "data.split=[0,0,1]", f"test.checkpoint={ckpt}"
+    )
+    r = run_test(cfg, use_checkpoint_data=False)
+    report = json.loads(Path(r["report"]).read_text())
+    assert report["classes"] == ["cat", "dog", "fox"] and report["data"]["test_images"] == 10
+    assert (
+        report["per_class"]["dog"]["support"] == 0 and report["per_class"]["dog"]["recall"] is None
+    )
+    assert report["per_class"]["fox"]["support"] == 5

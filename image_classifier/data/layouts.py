@@ -9,21 +9,15 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import (
-    ImageError,
-    display_name,
-    is_image_name,
-    open_image,
-    path_problem,
-)
+from image_classifier.data import scan
+from image_classifier.data.images import display_name, is_image_name, path_problem
 from image_classifier.data.manifest import SPLIT_ALIASES
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +74,21 @@ def discover(
     manifest = manifest or ManifestOptions()
     layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest)
     if check_images:
-        keep = _check_images([p for p, _ in labelled], skipped, checked)
+        keep = scan.check_images([p for p, _ in labelled], skipped, checked)
         labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
         if given_splits is not None:
             given_splits = [g for g, ok in zip(given_splits, keep, strict=True) if ok]
     _report_skipped(root, skipped, strict)
     multi = any(isinstance(label, tuple) for _, label in labelled)
-    classes = manifest.classes or _classes(root, layout, labelled)
+    classes = _classes(root, layout, labelled, manifest.classes)
     index = {c: i for i, c in enumerate(classes)}
     pairs = [
         (p, tuple(sorted(index[x] for x in label)) if multi else index[label])
         for p, label in labelled
     ]
     splits = _split(pairs, given_splits, split, seed, multi)
-    for s in ("train", "val"):
-        if not splits[s]:
+    for s, ratio in zip(("train", "val"), split[:2], strict=True):
+        if not splits[s] and (ratio or given_splits is not None):  # ratio 0: asked for (test)
             raise UserError(
                 f"The {s} split is empty ({layout} under {str(root)!r}); add images or change "
                 "data.split."
@@ -161,8 +155,17 @@ def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
     )
 
 
-def _classes(root: Path, layout: str, labelled: list[tuple[str, str | tuple]]) -> list[str]:
+def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -> list[str]:
+    """The sorted class names found, or `given` (data.classes) when every one found is in it."""
     classes = sorted({x for _, label in labelled for x in label_parts(label)})
+    if given:
+        if unknown := [c for c in classes if c not in given]:
+            raise UserError(
+                f"Class {unknown[0]!r} ({layout} under {str(root)!r}) is not one of data.classes "
+                f"({', '.join(given)}).{did_you_mean(unknown[0], given)} Add it to data.classes, "
+                "or remove its images."
+            )
+        return list(given)
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
     if len(classes) < 2:
@@ -237,71 +240,6 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             )
         out += [(str(p), d.name) for p in images]
     return out
-
-
-def _check_one(path: str) -> str | None:
-    try:
-        open_image(path)
-        return None
-    except ImageError as e:
-        return e.reason
-
-
-def _check_images(paths: list[str], skipped: dict[str, str], checked: Path | None = None):
-    """Decode every image once (threads: PIL releases the GIL) so bad files are found up front;
-    with `checked`, only the files new or changed (size, mtime) since the last check."""
-    from tqdm.auto import tqdm
-
-    known, stamps = _read_checked(checked), {}
-    if checked is not None:
-        stamps = {p: _stamp(p) for p in paths}
-    todo = [p for p in paths if p not in known or known[p][:2] != stamps.get(p)]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        found = list(
-            tqdm(
-                pool.map(_check_one, todo, chunksize=64),
-                total=len(todo),
-                desc="checking images",
-                disable=True if len(todo) < 2000 else None,
-                leave=False,
-            )
-        )
-    fresh = {p: [*(stamps.get(p) or [None, None]), why] for p, why in zip(todo, found, strict=True)}
-    known.update(fresh)
-    if checked is not None and fresh:
-        _write_checked(checked, {p: known[p] for p in paths})
-    results = [known[p][2] for p in paths]
-    for p, why in zip(paths, results, strict=True):
-        if why is not None:
-            skipped[p] = why
-    return [why is None for why in results]
-
-
-def _stamp(path: str) -> list | None:
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _read_checked(path: Path | None) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_checked(path: Path, known: dict) -> None:
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, path)
 
 
 def _stratified_split(

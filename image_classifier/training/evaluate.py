@@ -35,9 +35,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     module.tta = chosen_tta(module, "test", cfg.test.get("tta"), use_checkpoint_tta)
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
-    dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
-    info = dm.prepare()
-    check_classes(path, module.classes, info)
+    dm, info = test_data(cfg, module, path, use_checkpoint_data)
     hash_note = data_mismatch(module.hparams, info)
     logger = tracking.create_logger(
         cfg,
@@ -134,6 +132,22 @@ def datamodule_for(cfg, hp, use_checkpoint_data: bool):
     from image_classifier.training.features import build_cache
 
     return FeatureDataModule(build_cache(cfg)["dir"], int(cfg.test.batch_size))
+
+
+def test_data(cfg, module, path: Path, use_checkpoint_data: bool):
+    """(datamodule, DataInfo) of the test data, checked against the model's classes. A folder
+    holding some of them is read again with the model's list as data.classes, so its labels
+    are the model's indices (the summary names the classes it has no image of)."""
+    dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
+    info = dm.prepare()
+    subset = set(info.classes) <= set(module.classes) and info.classes != module.classes
+    if subset and cfg.data.kind == "folder" and not cfg.data.get("classes"):
+        with open_dict(cfg):
+            cfg.data.classes = list(module.classes)
+        dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
+        info = dm.prepare()
+    check_classes(path, module.classes, info)
+    return dm, info
 
 
 def check_classes(path: Path, classes: list[str], info) -> None:

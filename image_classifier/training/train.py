@@ -26,6 +26,7 @@ from image_classifier.models.pretrained import freeze_stages
 from image_classifier.rules import is_auto
 from image_classifier.training.adapt import (
     check_schedule_fits,
+    check_splits,
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
@@ -133,6 +134,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
+    check_splits(cfg, info.split_sizes)
     budget = None
     if cfg.train.get("time_budget") and resume_from is None:  # resumed: the epochs it planned
         cfg, budget = budgeted(cfg, model_spec, info, dm, started)

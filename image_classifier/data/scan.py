@@ -1,0 +1,72 @@
+"""Every image of a data set decoded once before training (threads: PIL releases the GIL), so
+unreadable, truncated and oversized files are found up front and skipped with their reason. A JSON
+file remembers each file's result by (size, mtime): files unchanged since are not decoded again."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from image_classifier.data.images import ImageError, open_image
+
+
+def _check_one(path: str) -> str | None:
+    try:
+        open_image(path)
+        return None
+    except ImageError as e:
+        return e.reason
+
+
+def check_images(paths: list[str], skipped: dict[str, str], checked: Path | None = None):
+    """Decode every image once (threads: PIL releases the GIL) so bad files are found up front;
+    with `checked`, only the files new or changed (size, mtime) since the last check."""
+    from tqdm.auto import tqdm
+
+    known, stamps = _read_checked(checked), {}
+    if checked is not None:
+        stamps = {p: _stamp(p) for p in paths}
+    todo = [p for p in paths if p not in known or known[p][:2] != stamps.get(p)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(
+            tqdm(
+                pool.map(_check_one, todo, chunksize=64),
+                total=len(todo),
+                desc="checking images",
+                disable=True if len(todo) < 2000 else None,
+                leave=False,
+            )
+        )
+    fresh = {p: [*(stamps.get(p) or [None, None]), why] for p, why in zip(todo, found, strict=True)}
+    known.update(fresh)
+    if checked is not None and fresh:
+        _write_checked(checked, {p: known[p] for p in paths})
+    results = [known[p][2] for p in paths]
+    for p, why in zip(paths, results, strict=True):
+        if why is not None:
+            skipped[p] = why
+    return [why is None for why in results]
+
+
+def _stamp(path: str) -> list | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_checked(path: Path | None) -> dict:
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_checked(path: Path, known: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, path)
