@@ -131,13 +131,11 @@ def run_export_trt(cfg) -> dict:
     started = time.perf_counter()
     t = cfg.export.trt
     require_tensorrt()  # fail in a second, before anything else is read
-    onnx_path = runs.checkpoint(cfg, t.get("onnx"), "export.trt.onnx")
-    if not t.get("onnx"):
-        onnx_path = onnx_path.with_suffix(".onnx")
-    if not onnx_path.is_file():
+    onnx_path = runs.model_file(cfg, t.get("onnx"), "export.trt.onnx")
+    if not onnx_path.is_file() or onnx_path.suffix != ".onnx":
         raise UserError(
-            f"ONNX model {str(onnx_path)!r} does not exist: run command=export-onnx first, or set "
-            "export.trt.onnx=PATH."
+            f"export.trt.onnx={str(onnx_path)!r} is not an .onnx file: run command=export-onnx "
+            "first, or set export.trt.onnx=PATH."
         )
     engine = Path(t.output) if t.get("output") else onnx_path.with_suffix(".engine")
     ort = OnnxPredictor(onnx_path, device="cpu")
