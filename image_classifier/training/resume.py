@@ -96,6 +96,18 @@ def check_resume_overrides(cfg, stored, keys: list[str], ckpt: Path) -> None:
         )
 
 
+def check_stretch(cfg, asked: int | None) -> None:
+    """A resumed run may ask for more epochs than it stored, unless its schedule is one-cycle."""
+    stored = int(cfg.train.epochs)
+    if (asked or 0) > stored and cfg.train.scheduler == "onecycle":
+        raise UserError(
+            f"train.epochs={asked}: this run's one-cycle schedule was laid out for {stored} "
+            "epochs and cannot be stretched. Resume without train.epochs, or start a new run "
+            f"with train.epochs={asked} (schedules that can be extended: cosine, step, "
+            "plateau, none)."
+        )
+
+
 def asked_epochs(cfg) -> int | None:
     """train.epochs when the command line gives it; None when it is only the default (a resumed
     run then keeps its own number of epochs, not the current default's) or `auto` (chosen

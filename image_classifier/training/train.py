@@ -41,7 +41,7 @@ from image_classifier.training.callbacks import (
     ema_averaging,
 )
 from image_classifier.training.memory import keep_freed_memory
-from image_classifier.training.resume import asked_epochs, resume_point
+from image_classifier.training.resume import asked_epochs, check_stretch, resume_point
 from image_classifier.training.summary import (
     calibrate_best,
     log_run,
@@ -115,14 +115,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     asked = asked_epochs(cfg)
     cfg, resume_from = resume_point(cfg)
     if resume_from is not None:  # the stored config's epochs, or more when asked for
-        stored = int(cfg.train.epochs)
-        if (asked or 0) > stored and cfg.train.scheduler == "onecycle":
-            raise UserError(
-                f"train.epochs={asked}: this run's one-cycle schedule was laid out for {stored} "
-                "epochs and cannot be stretched. Resume without train.epochs, or start a new run "
-                f"with train.epochs={asked} (schedules that can be extended: cosine, step, "
-                "plateau, none)."
-            )
+        check_stretch(cfg, asked)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
