@@ -350,3 +350,16 @@ def test_train_refuses_a_split_that_gives_train_or_validation_no_images():
         check_splits(cfg, {"train": 27, "val": 0, "test": 3})
     cfg.trainer.limit_val_batches = 0
     check_splits(cfg, {"train": 27, "val": 0, "test": 3})
+
+
+def test_a_resumed_one_cycle_run_cannot_be_stretched_but_other_schedules_can():
+    from image_classifier.errors import UserError
+    from image_classifier.training.resume import check_stretch
+
+    cfg = OmegaConf.create({"train": {"epochs": 5, "scheduler": "onecycle"}})
+    check_stretch(cfg, None)
+    check_stretch(cfg, 5)
+    with pytest.raises(UserError, match=r"train.epochs=8: .* laid out for 5 epochs and cannot be"):
+        check_stretch(cfg, 8)
+    cfg.train.scheduler = "cosine"
+    check_stretch(cfg, 8)
