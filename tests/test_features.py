@@ -56,6 +56,17 @@ def test_cache_is_built_once_and_rebuilt_when_its_inputs_change(project, capsys)
     assert other["built"] and other["dir"] != first["dir"]
 
 
+def test_a_split_left_empty_on_purpose_is_cached_empty(project):
+    """`command=test` of a head model with data.split=[0,0,1] (every image of a new folder in
+    test) stopped at "The train split is empty; nothing to cache"."""
+    root, images = project
+    built = build_cache(compose_cfg(root, *_overrides(root, images, "data.split=[0,0,1]")))
+    m, folder = built["manifest"], Path(built["dir"])
+    assert m["counts"] == {"train": 0, "val": 0, "test": 24}
+    assert np.load(folder / "train_features.npy").shape == (0, m["dim"])
+    assert np.load(folder / "test_features.npy").shape == (24, m["dim"])
+
+
 def test_interrupted_build_leaves_no_complete_cache(project, tmp_path, monkeypatch):
     root, images = project
     real_save = np.save

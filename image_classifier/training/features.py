@@ -20,7 +20,6 @@ from image_classifier.data.cachedir import building, read_manifest, write_manife
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, cache_folder
 from image_classifier.data.layouts import SPLITS, write_unusable
-from image_classifier.errors import UserError
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
 
@@ -106,8 +105,12 @@ def _write_atomically(folder: Path, dm, backbone, describe, quiet: bool) -> dict
     with building(folder) as tmp:
         counts, dim = {}, None
         with torch.inference_mode():
-            for split in SPLITS:
+            for split in [s for s in SPLITS if len(dm.dataset(s))]:
                 counts[split], dim = _write_split(tmp, split, dm, backbone, quiet)
+        for split in [s for s in SPLITS if s not in counts]:  # data.split=[0,0,1]: test only
+            np.save(tmp / f"{split}_features.npy", np.zeros((0, dim), np.float16))
+            np.save(tmp / f"{split}_labels.npy", np.zeros(0, np.int64))
+            counts[split] = 0
         manifest = describe(counts, dim)
         write_manifest(tmp, manifest)
     return manifest
@@ -130,8 +133,6 @@ def _write_split(tmp: Path, split: str, dm, backbone, quiet: bool) -> tuple[int,
         feats[i : i + len(f)] = f
         labels[i : i + len(f)] = np.asarray(y)
         i += len(f)
-    if feats is None:
-        raise UserError(f"The {split} split is empty; nothing to cache.")
     dim = feats.shape[1]
     feats.flush()
     del feats
