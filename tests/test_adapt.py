@@ -363,3 +363,23 @@ def test_a_resumed_one_cycle_run_cannot_be_stretched_but_other_schedules_can():
         check_stretch(cfg, 8)
     cfg.train.scheduler = "cosine"
     check_stretch(cfg, 8)
+
+
+def test_a_run_resumes_only_on_the_classes_it_was_trained_with(tmp_path, caplog):
+    """Resuming after a class folder was added ended in a state_dict size-mismatch traceback."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from image_classifier.errors import UserError
+    from image_classifier.training.resume import check_resumed_data
+
+    last = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"classes": ["a", "b"], "data": {"hash": "h1"}}}, last)
+    check_resumed_data(last, SimpleNamespace(classes=["a", "b"], data_hash="h1"))
+    with pytest.raises(UserError, match=r"classes changed since .*last.ckpt was written; new: c\."):
+        check_resumed_data(last, SimpleNamespace(classes=["a", "b", "c"], data_hash="h2"))
+    with pytest.raises(UserError, match="Same names, another order"):
+        check_resumed_data(last, SimpleNamespace(classes=["b", "a"], data_hash="h1"))
+    check_resumed_data(last, SimpleNamespace(classes=["a", "b"], data_hash="h2"))
+    assert "Resuming on data that changed since last.ckpt was written" in caplog.text

@@ -38,7 +38,7 @@ def read(path: str | Path, map_location: str = "cpu") -> dict:
 
 # (path, mtime) -> (history, MLflow run id, stored config): what is read besides the weights,
 # kept so that a command asking for several of them (or loading the module too) reads once
-_SUMMARIES: dict[tuple[str, float], tuple[list, str | None, dict | None]] = {}
+_SUMMARIES: dict[tuple[str, float], tuple] = {}  # (history, run id, config, classes, data hash)
 
 
 def _key(path: str | Path) -> tuple[str, float]:
@@ -58,10 +58,11 @@ def _remember(key: tuple[str, float], ckpt: dict) -> tuple:
         [],
     )
     run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
-    config = ckpt.get("hyper_parameters", {}).get("config")
+    hp = ckpt.get("hyper_parameters", {})
     if len(_SUMMARIES) > 16:
         _SUMMARIES.clear()
-    _SUMMARIES[key] = (history, run_id, config)
+    data_hash = (hp.get("data") or {}).get("hash")
+    _SUMMARIES[key] = (history, run_id, hp.get("config"), hp.get("classes"), data_hash)
     return _SUMMARIES[key]
 
 
@@ -78,6 +79,11 @@ def history(path: str | Path) -> list[dict]:
 def mlflow_run_id(path: str | Path) -> str | None:
     """The MLflow run the checkpoint was trained in, when tracking was on."""
     return _cached(path)[1]
+
+
+def trained_on(path: str | Path) -> tuple[list[str] | None, str | None]:
+    """(class names, content hash) of the data the checkpoint was trained on."""
+    return _cached(path)[3:5]
 
 
 def stored_config(path: str | Path) -> dict | None:

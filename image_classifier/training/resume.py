@@ -108,6 +108,30 @@ def check_stretch(cfg, asked: int | None) -> None:
         )
 
 
+def check_resumed_data(ckpt: Path, info) -> None:
+    """A run resumes on the classes it was trained with (its weights fit no others): a clear
+    error when they changed; a warning when only the files did."""
+    classes, data_hash = ckpt_file.trained_on(ckpt)
+    if classes != info.classes:
+        added = [c for c in info.classes if c not in classes]
+        gone = [c for c in classes if c not in info.classes]
+        raise UserError(
+            f"train.resume: the data's classes changed since {ckpt} was written"
+            + (f"; new: {', '.join(added)}" if added else "")
+            + (f"; gone: {', '.join(gone)}" if gone else "")
+            + (". Same names, another order" if not added and not gone else "")
+            + ". A run resumes on the classes it was trained with: start a new run (without "
+            "train.resume) to train on these."
+        )
+    if data_hash and data_hash != info.data_hash:
+        log.warning(
+            "Resuming on data that changed since %s was written (content hash %s, was %s).",
+            ckpt.name,
+            info.data_hash,
+            data_hash,
+        )
+
+
 def asked_epochs(cfg) -> int | None:
     """train.epochs when the command line gives it; None when it is only the default (a resumed
     run then keeps its own number of epochs, not the current default's) or `auto` (chosen

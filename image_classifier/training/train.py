@@ -41,7 +41,12 @@ from image_classifier.training.callbacks import (
     ema_averaging,
 )
 from image_classifier.training.memory import keep_freed_memory
-from image_classifier.training.resume import asked_epochs, check_stretch, resume_point
+from image_classifier.training.resume import (
+    asked_epochs,
+    check_resumed_data,
+    check_stretch,
+    resume_point,
+)
 from image_classifier.training.summary import (
     calibrate_best,
     log_run,
@@ -137,6 +142,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     epochs = int(cfg.train.epochs)
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
+        check_resumed_data(resume_from, info)
     steps = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
     check_schedule_fits(cfg, steps, epochs)  # before an MLflow run is opened
     module = build_module(cfg, model_spec, info)
