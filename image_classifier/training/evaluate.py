@@ -161,8 +161,8 @@ def check_classes(path: Path, classes: list[str], info) -> None:
         + (f"; only in the data: {extra[:10]}" if extra else "")
         + (f"; only in the checkpoint: {missing[:10]}" if missing else "")
         + ("; same names, different order" if not extra and not missing else "")
-        + ". Test on the data the model was trained on (drop the data overrides), or train a new "
-        "model."
+        + ". Test on the data the model was trained on (drop the data overrides; with none, its "
+        "folder's classes changed since training), or train a new model."
     )
 
 
