@@ -166,3 +166,14 @@ def test_a_zero_ratio_leaves_its_split_empty_when_asked(folder_data):
     one_each = make_class_folders(folder_data.parent / "one", per_class=1)
     with pytest.raises(UserError, match="The train split is empty"):  # asked for, none fit
         discover(one_each, split=(0.01, 0.99, 0))
+
+
+def test_csv_manifest_written_on_windows_with_backslashes(tmp_path):
+    """`imgs\\cat\\000.png` named no file here: every row was skipped as missing."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["file,label"] + [
+        f"imgs\\{c}\\{i:03d}.png,{c}" for c in ("cat", "dog", "fox") for i in range(4)
+    ]
+    (tmp_path / "labels.csv").write_text("\r\n".join(rows))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert not s.skipped and sum(len(v) for v in s.splits.values()) == 12

@@ -74,6 +74,8 @@ def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list |
                 "remove the row."
             )
         p = Path(file) if Path(file).is_absolute() else path.parent / file
+        if "\\" in file and not p.exists():  # written on Windows: imgs\a.jpg
+            p = path.parent / file.replace("\\", "/")
         labelled.append((str(p), label))
         if scol:
             splits.append(_split_name(row[scol], i, path))
