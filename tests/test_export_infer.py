@@ -245,6 +245,11 @@ def test_collect_inputs_forms(tmp_path, capsys):
         and "not image file names, as train does: cat/notes.txt" in said
     )
     assert len(collect_inputs(str(tmp_path / "d" / "*" / "000.png"))) == 3
+    (tmp_path / "list.txt").write_text("d\\cat\\000.png\nd/dog/001.png\n")  # Windows, then not
+    assert collect_inputs(str(tmp_path / "list.txt")) == [
+        tmp_path / "d" / "cat" / "000.png",
+        tmp_path / "d" / "dog" / "001.png",
+    ]
     assert len(collect_inputs(str(tmp_path / "d" / "**" / "*.png"))) == 6
     with pytest.raises(UserError, match="not set"):
         collect_inputs("")

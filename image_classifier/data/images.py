@@ -290,5 +290,14 @@ def path_problem(path: str | Path) -> str | None:
     return None
 
 
+def listed_path(base: Path, name: str) -> Path:
+    """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
+    the separator when written on Windows (imgs\\a.jpg)."""
+    p = Path(name) if Path(name).is_absolute() else base / name
+    if "\\" in name and not p.exists():
+        p = base / name.replace("\\", "/")
+    return p
+
+
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS

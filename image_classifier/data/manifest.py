@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from image_classifier.data.images import listed_path
 from image_classifier.errors import UserError, did_you_mean
 
 FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
@@ -73,10 +74,7 @@ def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list |
                 f"Row {i} of {path.name} has no image file in column {fcol!r}; fill it in or "
                 "remove the row."
             )
-        p = Path(file) if Path(file).is_absolute() else path.parent / file
-        if "\\" in file and not p.exists():  # written on Windows: imgs\a.jpg
-            p = path.parent / file.replace("\\", "/")
-        labelled.append((str(p), label))
+        labelled.append((str(listed_path(path.parent, file)), label))
         if scol:
             splits.append(_split_name(row[scol], i, path))
     return labelled, (splits if scol else None), multi

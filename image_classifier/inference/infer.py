@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from image_classifier.data.images import is_image_name
+from image_classifier.data.images import is_image_name, listed_path
 from image_classifier.errors import UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
@@ -49,11 +49,7 @@ def collect_inputs(spec: str) -> list[Path]:
     elif p.is_file() and p.suffix.lower() == ".txt":
         base = p.parent
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-        files = [
-            Path(ln) if Path(ln).is_absolute() else base / ln
-            for ln in lines
-            if ln and not ln.startswith("#")
-        ]
+        files = [listed_path(base, ln) for ln in lines if ln and not ln.startswith("#")]
     elif p.is_file():
         files = [p]
     elif glob.has_magic(spec):
