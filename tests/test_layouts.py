@@ -177,3 +177,12 @@ def test_csv_manifest_written_on_windows_with_backslashes(tmp_path):
     (tmp_path / "labels.csv").write_text("\r\n".join(rows))
     s = discover(tmp_path, split=(0.5, 0.25, 0.25))
     assert not s.skipped and sum(len(v) for v in s.splits.values()) == 12
+
+
+def test_the_folder_unzipping_a_macos_archive_adds_is_not_a_class(folder_data):
+    """`__MACOSX/<class>/._x.png` beside the class folders stopped the command: "Class folder
+    '__MACOSX' has no images"."""
+    (folder_data / "__MACOSX" / "cat").mkdir(parents=True)
+    (folder_data / "__MACOSX" / "cat" / "._000.png").write_bytes(b"\0\5\26\7")
+    s = discover(folder_data)
+    assert s.classes == ["cat", "dog", "fox"] and not s.skipped

@@ -104,12 +104,21 @@ def _entries(root: Path) -> list[Path]:
         )
     if not root.is_dir():
         raise UserError(f"data.root={str(root)!r} is a file, not a folder.")
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in root.iterdir() if not _system(p)]
     if not entries:
         raise UserError(
             f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it."
         )
     return entries
+
+
+def _system(p: Path) -> bool:
+    """Hidden entries, and the folders that unzipping a macOS archive or a Windows drive add."""
+    return p.name.startswith(".") or p.name in (
+        "__MACOSX",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+    )
 
 
 def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: ManifestOptions):
@@ -217,7 +226,7 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
 
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
     out = []
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _system(p))
     if not class_dirs:
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
