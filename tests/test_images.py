@@ -161,3 +161,20 @@ def test_what_is_not_a_regular_file_is_named(tmp_path):
     assert path_problem(root / "a" / "pipe.png") == "not a regular file"
     skipped = {p.rsplit("/", 1)[-1]: why for p, why in discover(root).skipped.items()}
     assert skipped == {"pipe.png": "not a regular file"}
+
+
+def test_iphone_heic_photos_are_read_from_files_and_uploads(tmp_path):
+    """HEIC, the iPhone's default, was "not an image file name": a folder of iPhone photos had
+    no images. pillow-heif's opener is registered on the first image opened."""
+    from image_classifier.data.images import decode_bytes, is_image_name, open_image
+
+    open_image(_save(tmp_path, Image.new("L", (4, 4)), "first.png"))  # registers the opener
+    colours = np.zeros((32, 48, 3), np.uint8)
+    colours[:, :24] = (200, 30, 30)
+    colours[:, 24:] = (30, 30, 200)
+    path = _save(tmp_path, Image.fromarray(colours), "IMG_0001.HEIC")
+    assert is_image_name(path) and open_image(path).size == (48, 32)
+    left_right = load_array(path, RGB)[:, 4, [1, 6]].astype(int)  # (channel, column)
+    assert left_right[0, 0] > 150 > left_right[0, 1] and left_right[2, 1] > 150 > left_right[2, 0]
+    upload = decode_bytes(path.read_bytes(), RGB, "IMG_0001.HEIC")
+    assert np.abs(upload.astype(int) - load_array(path, RGB).astype(int)).max() == 0

@@ -7,6 +7,7 @@ model, so the only client-side steps are: decode, orient, convert to the model's
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,8 @@ IMAGE_EXTENSIONS = (
     ".ppm",
     ".pgm",
     ".pbm",
+    ".heic",  # iPhone photos; HEIF through pillow-heif's opener (_open)
+    ".heif",
 )
 RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
@@ -147,9 +150,19 @@ def _bomb(name: str, e: Exception) -> ImageTooLarge:
 _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+@functools.cache
+def _with_heif() -> None:
+    """PIL reads HEIC/HEIF (the iPhone's photos) once pillow-heif's opener is registered: done on
+    the first image opened, not at import, so a command that opens none does not pay for it."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
+
 def _open(source, name: str, max_pixels: int) -> Image.Image:
     """Image.open (header only) with every failure turned into an ImageError; the size is checked
     from the header, so nothing larger than `max_pixels` is ever decoded."""
+    _with_heif()
     try:
         im = Image.open(source)
     except FileNotFoundError:
