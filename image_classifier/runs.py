@@ -75,10 +75,11 @@ def in_run_folder(given, setting: str, names: tuple[str, ...]) -> Path:
 
 
 def last_checkpoint(cfg, given, setting: str) -> Path:
-    """train.resume: `last` means the newest last.ckpt, anything else is a path."""
+    """train.resume: `last` means the newest last.ckpt, anything else is a path (a run folder:
+    its last.ckpt)."""
     if given == "last":
         return newest(cfg.paths.root, cfg.paths.search, "last.ckpt", setting)
-    return Path(str(given))
+    return in_run_folder(given, setting, ("last.ckpt",))
 
 
 def requeued_checkpoint(cfg) -> Path | None:

@@ -615,6 +615,7 @@ def test_a_run_folder_stands_for_its_checkpoint_or_exported_model(tmp_path):
     assert runs.model_file(None, run, "infer.model") == ckpts / "best.ckpt"
     (ckpts / "best.onnx").write_bytes(b"")
     assert runs.model_file(None, str(run), "infer.model") == ckpts / "best.onnx"
+    assert runs.last_checkpoint(None, run, "train.resume") == ckpts / "last.ckpt"
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"infer.model='.*empty' is a folder with no best.onnx or"):
         runs.model_file(None, tmp_path / "empty", "infer.model")
