@@ -169,7 +169,9 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         f"test.checkpoint={r['checkpoint']}",
         "logger.enabled=false",
     )
-    with pytest.raises(UserError, match=r"classes do not match.*only in the data: \['wolf'\]"):
+    with pytest.raises(
+        UserError, match=r"classes do not match.*only in the data: wolf; only in the model: fox\."
+    ):
         run_test(cfg, use_checkpoint_data=False)
 
 

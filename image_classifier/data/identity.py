@@ -41,6 +41,18 @@ def relative_name(p: str, root: Path) -> str:
         return str(p)
 
 
+def class_change(model: list[str], data: list[str]) -> str:
+    """How the data's class names differ from a model's: '; only in the data: ...; only in the
+    model: ...', or '; the same names in another order'."""
+    extra = [c for c in data if c not in model]
+    missing = [c for c in model if c not in data]
+    if not extra and not missing:
+        return "; the same names in another order"
+    return (f"; only in the data: {', '.join(extra[:10])}" if extra else "") + (
+        f"; only in the model: {', '.join(missing[:10])}" if missing else ""
+    )
+
+
 def detect_channels(paths: list[str], sample: int = 200) -> int:
     """1 when every sampled image is grey, else 3."""
     from image_classifier.data.images import GREY_MODES, header

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import lineage, rules, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
+from image_classifier.data.identity import class_change
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
@@ -153,16 +154,12 @@ def test_data(cfg, module, path: Path, use_checkpoint_data: bool):
 def check_classes(path: Path, classes: list[str], info) -> None:
     if info.classes == classes:
         return
-    extra = sorted(set(info.classes) - set(classes))
-    missing = sorted(set(classes) - set(info.classes))
     raise UserError(
         f"The checkpoint's classes do not match the data's: the checkpoint {str(path)!r} knows "
         f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
-        + (f"; only in the data: {extra[:10]}" if extra else "")
-        + (f"; only in the checkpoint: {missing[:10]}" if missing else "")
-        + ("; same names, different order" if not extra and not missing else "")
-        + ". Test on the data the model was trained on (drop the data overrides; with none, its "
-        "folder's classes changed since training), or train a new model."
+        f"{class_change(classes, info.classes)}. Test on the data the model was trained on (drop "
+        "the data overrides; with none, its folder's classes changed since training), or train a "
+        "new model."
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier import runs
+from image_classifier.data.identity import class_change
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.rules import is_auto
@@ -113,15 +114,10 @@ def check_resumed_data(ckpt: Path, info) -> None:
     error when they changed; a warning when only the files did."""
     classes, data_hash = ckpt_file.trained_on(ckpt)
     if classes != info.classes:
-        added = [c for c in info.classes if c not in classes]
-        gone = [c for c in classes if c not in info.classes]
         raise UserError(
             f"train.resume: the data's classes changed since {ckpt} was written"
-            + (f"; new: {', '.join(added)}" if added else "")
-            + (f"; gone: {', '.join(gone)}" if gone else "")
-            + (". Same names, another order" if not added and not gone else "")
-            + ". A run resumes on the classes it was trained with: start a new run (without "
-            "train.resume) to train on these."
+            f"{class_change(classes, info.classes)}. A run resumes on the classes it was trained "
+            "with: start a new run (without train.resume) to train on these."
         )
     if data_hash and data_hash != info.data_hash:
         log.warning(
