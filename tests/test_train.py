@@ -600,6 +600,8 @@ def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_pa
     trainer.fit(Scripted(), data, data)
     assert torch.load(tmp_path / "best.ckpt", weights_only=False)["epoch"] == 2
     assert best.tie_loss == 1.5 and best.state_dict()["tie_loss"] == 1.5
+    before = L.pytorch.callbacks.ModelCheckpoint(filename="best", monitor="val/acc", mode="max")
+    assert best.state_key == before.state_key  # a run checkpointed before it resumes its record
 
 
 def test_a_run_folder_stands_for_its_checkpoint_or_exported_model(tmp_path):

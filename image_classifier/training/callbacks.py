@@ -83,6 +83,10 @@ class BestCheckpoint(ModelCheckpoint):
             self.tie_loss = loss
         return better
 
+    @property
+    def state_key(self) -> str:  # Lightning's own key, so runs checkpointed before resume too
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "tie_loss": self.tie_loss}
 
