@@ -634,7 +634,13 @@ def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tm
     cfg = compose_cfg(
         root, "data=folder", f"data.root={some}", "data.split=[0,0,1]", f"test.checkpoint={ckpt}"
     )
-    r = run_test(cfg, use_checkpoint_data=False)
+    from image_classifier.data.images import Preprocessing
+    from image_classifier.data.splits import load_splits
+
+    model_input = Preprocessing.from_dict(load_module(ckpt).hparams.preprocessing)
+    _, own = load_splits(cfg.data, model_input, build_cache=True)  # labels: cat 0, fox 1
+    assert own.classes == ["cat", "fox"] and own.cache  # a cache with the folder's own indices
+    r = run_test(cfg, use_checkpoint_data=False)  # must not read it: fox is 2 for the model
     report = json.loads(Path(r["report"]).read_text())
     assert report["classes"] == ["cat", "dog", "fox"] and report["data"]["test_images"] == 10
     assert (

@@ -319,7 +319,7 @@ def _cached_features(d, cfg):
     from image_classifier.data.layouts import SPLITS
     from image_classifier.models.pretrained import weights_id
 
-    folder, key = cache_folder(cfg, d.data_hash, weights_id(cfg.features))
+    folder, key = cache_folder(cfg, d.data_hash, weights_id(cfg.features), d.classes)
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("key") != key:
         return None

@@ -35,8 +35,15 @@ FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def cache_key(data_hash: str, pre: Preprocessing) -> str:
-    parts = {"format": FORMAT_VERSION, "data": data_hash, "preprocessing": pre.to_dict()}
+def cache_key(data_hash: str, pre: Preprocessing, classes: list[str]) -> str:
+    """The labels are indices into `classes`: the same files read with another class list
+    (data.classes, a model's classes in `test`) are another cache."""
+    parts = {
+        "format": FORMAT_VERSION,
+        "data": data_hash,
+        "preprocessing": pre.to_dict(),
+        "classes": list(classes),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -37,12 +37,13 @@ def backbone_preprocessing(fcfg) -> Preprocessing:
     )
 
 
-def cache_key(data_hash: str, fcfg, pre: Preprocessing, weights: str) -> str:
-    """The cache's key: everything its features depend on. `weights`: models.pretrained's
-    weights_id of the backbone."""
+def cache_key(data_hash: str, fcfg, pre: Preprocessing, weights: str, classes: list) -> str:
+    """The cache's key: everything its features and labels depend on. `weights`:
+    models.pretrained's weights_id of the backbone; `classes`: the list its labels index."""
     parts = {
         "format": FORMAT_VERSION,
         "data": data_hash,
+        "classes": list(classes),
         "backbone": fcfg.backbone,
         "weights": weights,
         "preprocessing": pre.to_dict(),
@@ -50,10 +51,10 @@ def cache_key(data_hash: str, fcfg, pre: Preprocessing, weights: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_folder(cfg, data_hash: str, weights: str) -> tuple[Path, str]:
+def cache_folder(cfg, data_hash: str, weights: str, classes: list) -> tuple[Path, str]:
     """(folder, key) where the cache for this data and cfg.features lives (built or not)."""
     fcfg = cfg.features
-    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg), weights)
+    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg), weights, classes)
     return Path(fcfg.dir) / key, key
 
 

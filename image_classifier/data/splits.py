@@ -192,7 +192,7 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
         return datasets  # off, or already uint8 arrays at the model's size: nothing to decode
     from image_classifier.data import decoded
 
-    key = decoded.cache_key(info.data_hash, info.preprocessing)
+    key = decoded.cache_key(info.data_hash, info.preprocessing, info.classes)
     folder = Path(c.cache_dir).expanduser() / key
     arrays = decoded.load(folder, key)
     if arrays is None and build:

@@ -29,7 +29,7 @@ def build_cache(cfg, quiet: bool = False) -> dict:
     started = time.perf_counter()
     dm = _datamodule(cfg)
     info = dm.prepare()
-    folder, key = cache_folder(cfg, info.data_hash, weights_id(cfg.features))
+    folder, key = cache_folder(cfg, info.data_hash, weights_id(cfg.features), info.classes)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("key") == key:
         if not quiet:
