@@ -36,7 +36,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     module.tta = chosen_tta(module, "test", cfg.test.get("tta"), use_checkpoint_tta)
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
-    dm, info = test_data(cfg, module, path, use_checkpoint_data)
+    dm, info = test_data(cfg, module, path)
     hash_note = data_mismatch(module.hparams, info)
     logger = tracking.create_logger(
         cfg,
@@ -88,7 +88,7 @@ def run_calibrate(cfg) -> dict:
     path = runs.checkpoint(cfg, cfg.calibrate.get("checkpoint"), "calibrate.checkpoint")
     module = ckpt_file.load_module(path)
     cfg = test_config(cfg, module.hparams, use_checkpoint_data=True)
-    dm = datamodule_for(cfg, module.hparams, use_checkpoint_data=True)
+    dm = datamodule_for(cfg, module.hparams)
     check_classes(path, module.classes, dm.prepare())
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
@@ -125,7 +125,7 @@ def test_config(cfg, hp, use_checkpoint_data: bool):
     return cfg
 
 
-def datamodule_for(cfg, hp, use_checkpoint_data: bool):
+def datamodule_for(cfg, hp):
     """The test images at the model's preprocessing; a head evaluates on the cached features."""
     if hp.model["name"] != "head":
         return build_datamodule(cfg, preprocessing=Preprocessing.from_dict(hp.preprocessing))
@@ -135,18 +135,22 @@ def datamodule_for(cfg, hp, use_checkpoint_data: bool):
     return FeatureDataModule(build_cache(cfg)["dir"], int(cfg.test.batch_size))
 
 
-def test_data(cfg, module, path: Path, use_checkpoint_data: bool):
-    """(datamodule, DataInfo) of the test data, checked against the model's classes. A folder
-    holding some of them is read again with the model's list as data.classes, so its labels
-    are the model's indices (the summary names the classes it has no image of)."""
-    dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
+def test_data(cfg, module, path: Path):
+    """(datamodule, DataInfo) of the test data, checked against the model's classes. A folder is
+    read with the model's class list as data.classes (unless set), so one holding some of them
+    gets the model's indices (the summary names the classes it has no image of); one with a
+    class the model does not know is refused by check_classes, which names the difference."""
+    if cfg.data.kind == "folder" and not cfg.data.get("classes"):
+        as_model = cfg.copy()
+        with open_dict(as_model):
+            as_model.data.classes = list(module.classes)
+        try:
+            dm = datamodule_for(as_model, module.hparams)
+            return dm, dm.prepare()
+        except UserError:
+            pass  # read as it is below: a class the model does not know, or the same error again
+    dm = datamodule_for(cfg, module.hparams)
     info = dm.prepare()
-    subset = set(info.classes) <= set(module.classes) and info.classes != module.classes
-    if subset and cfg.data.kind == "folder" and not cfg.data.get("classes"):
-        with open_dict(cfg):
-            cfg.data.classes = list(module.classes)
-        dm = datamodule_for(cfg, module.hparams, use_checkpoint_data)
-        info = dm.prepare()
     check_classes(path, module.classes, info)
     return dm, info
 
