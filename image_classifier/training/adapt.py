@@ -217,6 +217,11 @@ def _epoch_notes(cfg, kind: str, train_images: int, per_epoch: int, asked: int) 
     return notes
 
 
+def validates(cfg) -> bool:
+    """Whether training validates (trainer.limit_val_batches=0 turns it off)."""
+    return cfg.trainer.get("limit_val_batches") != 0
+
+
 def check_splits(cfg, sizes: dict) -> None:
     """train needs training images, and validation images unless validation is off
     (data.split may give either none: [0, 0, 1] tests a model on a whole folder)."""
@@ -226,7 +231,7 @@ def check_splits(cfg, sizes: dict) -> None:
             f"No training images: {split} gives train none. Give train a ratio above 0, e.g. "
             "data.split=[0.8,0.1,0.1] (a split of [0,0,1] is for command=test on a whole folder)."
         )
-    if not sizes["val"] and cfg.trainer.get("limit_val_batches") != 0:
+    if not sizes["val"] and validates(cfg):
         raise UserError(
             f"No validation images: {split} gives val none, and train keeps its best epoch on "
             "validation and calibrates there. Give val a ratio above 0, or train without "

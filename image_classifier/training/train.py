@@ -31,6 +31,7 @@ from image_classifier.training.adapt import (
     choose_epochs,
     choose_frozen_stages,
     steps_per_epoch,
+    validates,
 )
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import (
@@ -308,7 +309,7 @@ def create_logger(cfg, model_name: str, info, resume_from: Path | None):
 def build_callbacks(cfg, ckpt_dir: Path, logger, extra: list | None):
     """(best checkpoint, last checkpoint, all callbacks with History first)."""
     t = cfg.train
-    validating = cfg.trainer.get("limit_val_batches") != 0  # without validation: only "last"
+    validating = validates(cfg)  # without validation: only "last"
     # "last" is written after every epoch (what train.resume continues from); "best" on
     # improvement. (Lightning's save_last only refreshes last.ckpt when another one is saved.)
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1)
