@@ -97,9 +97,10 @@ def main(cfg: DictConfig):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _fail(str(e), 2 if isinstance(e, UserError) else 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _fail(
-            "interrupted. A training run continues from its last finished epoch with "
+            str(e)
+            or "interrupted. A training run continues from its last finished epoch with "
             "`uv run python commands.py command=train train.resume=last`.",
             130,
         )

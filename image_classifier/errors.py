@@ -16,6 +16,15 @@ def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during long work: `done` holds what was finished before it; the message (set by
+    whoever saved that work) says where it went. Exit code 130."""
+
+    def __init__(self, message: str = "", done=None):
+        super().__init__(message)
+        self.done = done
+
+
 class ExportError(RuntimeError):
     """An export ran but its result is wrong (parity, checker): nothing was written; exit code 1."""
 

@@ -163,6 +163,35 @@ def test_unreadable_files_become_error_rows(trained, exported, tmp_path):
     assert "no such file" in rows["gone.png"]["error"]
 
 
+def test_ctrl_c_part_way_keeps_the_finished_rows(trained, exported, tmp_path, monkeypatch):
+    from image_classifier.errors import Interrupted
+    from image_classifier.inference import infer
+
+    root, _, images = trained
+    onnx_path, _ = exported
+    predictor = load_predictor(onnx_path)
+    calls, predict = [], predictor.predict
+
+    def interrupted_on_the_third_batch(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict(x)
+
+    monkeypatch.setattr(predictor, "predict", interrupted_on_the_third_batch)
+    monkeypatch.setattr(infer, "load_predictor", lambda *a, **k: predictor)
+    out = tmp_path / "rows.csv"
+    overrides = [f"infer.model={onnx_path}", f"infer.input={images}", "infer.batch_size=5"]
+    with pytest.raises(Interrupted, match=f"after 10 of 24 image.*written to {out}"):
+        _infer(root, *overrides, f"infer.output={out}")
+    with out.open() as f:
+        kept = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in kept] == [p.name for p in collect_inputs(str(images))][
+        :10
+    ]
+    assert all(r["predicted_class"] in {"cat", "dog", "fox"} for r in kept)
+
+
 def test_bad_model_and_input_paths(trained, exported, tmp_path):
     root, _, images = trained
     onnx_path, _ = exported

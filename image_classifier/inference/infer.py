@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from image_classifier.data.images import is_image_name, listed_path
-from image_classifier.errors import UserError
+from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
 
@@ -158,13 +158,16 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
         rows, backend = predict_on_ray(cfg, paths, model)
     else:
         predictor = load_predictor(model, device=c.device)
-        rows = predict_paths(
-            predictor,
-            paths,
-            batch_size=int(c.batch_size),
-            top_k=c.get("top_k"),
-            threshold=c.get("threshold"),
-        )
+        try:
+            rows = predict_paths(
+                predictor,
+                paths,
+                batch_size=int(c.batch_size),
+                top_k=c.get("top_k"),
+                threshold=c.get("threshold"),
+            )
+        except Interrupted as e:
+            raise _saved(e.done, len(paths), c.get("output")) from None
         backend = predictor.backend
     if rows is not None:  # None: the engine wrote them where infer.output says
         write_rows(rows, c.get("output"))
@@ -173,6 +176,17 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     name = f"{c.model}, version {registered['version']}" if registered else model.name
     _summary(c, rows, len(paths), f"{backend} ({name})", seconds, sorted_n)
     return {"rows": rows, "seconds": seconds, "images": len(paths)}
+
+
+def _saved(rows: list[dict], n: int, output: str | None) -> Interrupted:
+    """Ctrl-C part-way: the rows finished so far are written where infer.output says."""
+    if rows:
+        write_rows(rows, output)
+    where = f"written to {output}" if output else "printed above"
+    return Interrupted(
+        f"infer interrupted after {len(rows)} of {n} image(s); "
+        + (f"their rows are {where}." if rows else "no rows were finished.")
+    )
 
 
 def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, sorted_n: int):

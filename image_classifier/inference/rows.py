@@ -18,6 +18,7 @@ from image_classifier.data.images import (
     load_array,
     path_problem,
 )
+from image_classifier.errors import Interrupted
 
 
 def _load(path: Path, pre: Preprocessing):
@@ -44,7 +45,8 @@ def predict_paths(
     top_k: int | None = None,
     threshold: float | None = None,
 ) -> list[dict]:
-    """One row per path, in order; a bar with a count and an ETA on stderr past a few batches."""
+    """One row per path, in order; a bar with a count and an ETA on stderr past a few batches.
+    Ctrl-C raises `Interrupted` holding the rows of the batches finished before it."""
     from tqdm.auto import tqdm
 
     thresholds = predictor.meta.thresholds(threshold)
@@ -54,7 +56,10 @@ def predict_paths(
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             names = [display_name(p) for p in chunk]
-            rows += predict_batch(predictor, chunk, names, pool, top_k, thresholds)
+            try:
+                rows += predict_batch(predictor, chunk, names, pool, top_k, thresholds)
+            except KeyboardInterrupt:
+                raise Interrupted(done=rows) from None
             bar.update(len(chunk))
     return rows
 
