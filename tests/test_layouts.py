@@ -62,16 +62,20 @@ def test_csv_manifest_with_unknown_columns(tmp_path):
 
 
 def test_stray_and_broken_files_are_skipped_and_counted(folder_data):
+    # what a Mac or a Windows drive adds is passed over without a word, at any depth
     (folder_data / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder_data / "cat" / "._000.png").write_bytes(b"\0\5\26\7" + bytes(100))
+    (folder_data / "dog" / "__MACOSX").mkdir()
+    (folder_data / "dog" / "__MACOSX" / "._x.png").write_bytes(bytes(10))
     (folder_data / "dog" / "notes.txt").write_text("to do")
     (folder_data / "fox" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     data = (folder_data / "cat" / "000.png").read_bytes()
     (folder_data / "cat" / "half.png").write_bytes(data[: len(data) // 2])
     (folder_data / "README.md").write_text("my dataset")
     s = discover(folder_data)
-    assert len(s.skipped) == 5
+    assert len(s.skipped) == 4 and not any("._" in p or "DS_Store" in p for p in s.skipped)
     assert sum(len(v) for v in s.splits.values()) == 30
-    with pytest.raises(UserError, match=r"5 file\(s\) .*data.strict=true"):
+    with pytest.raises(UserError, match=r"4 file\(s\) .*data.strict=true"):
         discover(folder_data, strict=True)
 
 

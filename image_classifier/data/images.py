@@ -314,3 +314,14 @@ def listed_path(base: Path, name: str) -> Path:
 
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+# the folders that unzipping a macOS archive or a Windows drive add
+SYSTEM_FOLDERS = ("__MACOSX", "$RECYCLE.BIN", "System Volume Information")
+
+
+def is_system(path: Path, under: Path) -> bool:
+    """A file or folder no one put there as data, passed over without a word wherever a folder
+    is read (train, test, infer): a hidden name (.DS_Store, a Mac's ._x.jpg, .git) or anything
+    in SYSTEM_FOLDERS, at any depth below `under`."""
+    return any(s.startswith(".") or s in SYSTEM_FOLDERS for s in path.relative_to(under).parts)

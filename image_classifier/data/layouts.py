@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data import scan
-from image_classifier.data.images import display_name, is_image_name, path_problem
+from image_classifier.data.images import display_name, is_image_name, is_system, path_problem
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.errors import UserError, did_you_mean
 
@@ -104,21 +104,12 @@ def _entries(root: Path) -> list[Path]:
         )
     if not root.is_dir():
         raise UserError(f"data.root={str(root)!r} is a file, not a folder.")
-    entries = [p for p in root.iterdir() if not _system(p)]
+    entries = [p for p in root.iterdir() if not is_system(p, root)]
     if not entries:
         raise UserError(
             f"Data folder {str(root)!r} is empty: put one subfolder of images per class in it."
         )
     return entries
-
-
-def _system(p: Path) -> bool:
-    """Hidden entries, and the folders that unzipping a macOS archive or a Windows drive add."""
-    return p.name.startswith(".") or p.name in (
-        "__MACOSX",
-        "$RECYCLE.BIN",
-        "System Volume Information",
-    )
 
 
 def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: ManifestOptions):
@@ -226,19 +217,19 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
 
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
     out = []
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _system(p))
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
     if not class_dirs:
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
             "files>."
         )
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if not p.is_dir())
+        files = sorted(p for p in d.rglob("*") if not p.is_dir() and not is_system(p, d))
         images = []
         for p in files:
             if problem := path_problem(p):
                 skipped[display_name(p)] = problem
-            elif p.name.startswith(".") or not is_image_name(p):
+            elif not is_image_name(p):
                 skipped[str(p)] = "not an image file name"
             else:
                 images.append(p)
