@@ -124,6 +124,20 @@ def test_clean_data_reports_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_class_of_two_images_is_named_not_ranked_first(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "clean", per_class=12)
+    (root / "owl").mkdir()
+    for i in range(2):  # a pattern of its own: bright bottom half
+        img = np.random.default_rng(i).integers(0, 60, (16, 16), dtype=np.uint8)
+        img[8:] += 150
+        Image.fromarray(img).save(root / "owl" / f"{i}.png")
+    labels = audit(root, tmp_path, "logger.enabled=false")["report"]["label_errors"]
+    assert not [e for e in labels["items"] if e["label"] == "owl"]
+    assert labels["too_few_to_rank"] == {"owl": 2}
+    assert "not ranked, too few images to learn: owl (2)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_image_quality_and_outliers_are_found(tmp_path):
     root = make_class_folders(tmp_path / "q", per_class=12, mode="RGB")
     Image.new("RGB", (16, 16), (3, 3, 3)).save(root / "cat" / "black.png")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from image_classifier.data.splits import FEW_TO_LEARN
+
 log = logging.getLogger(__name__)
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
@@ -147,7 +149,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     The suspects: every image cleanlab flags, and every image whose given label each view's
     classifier (`each`) on its own finds less likely than chance (1 / the number of classes),
     which cleanlab's pruning by estimated noise rates leaves out on classes that genuinely look
-    alike. The recommended cut: the suspects whose given label is less likely than `cut` x chance
+    alike. Images of a class with fewer than FEW_TO_LEARN images are not suspects. The
+    recommended cut: the suspects whose given label is less likely than `cut` x chance
     (audit.label_cut). Cleanlab's own estimate counts every image the classifier confidently
     assigns elsewhere, which on such classes (Fashion-MNIST's shirts and T-shirts) is several
     times the wrong labels. Both rules were chosen on planted label flips (docs/benchmarks.md)."""
@@ -167,6 +170,9 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     flagged = find_label_issues(y, p)
     rows = np.arange(len(y))
     flagged |= np.all([_rows(q[:, present])[rows, y] < chance for q in each], axis=0)
+    # a class of a few images cannot be learnt by the classifiers: its images would all come
+    # first, whatever their labels; they are left to the report's too_few_to_rank
+    flagged &= np.bincount(labels)[labels] >= FEW_TO_LEARN
     ranked = sorted(rows[flagged].tolist(), key=lambda i: scores[i])
     out = [(int(i), float(scores[i]), int(present[p[i].argmax()])) for i in ranked]
     estimate = int(num_label_issues(y, p, estimation_method="off_diagonal_calibrated"))

@@ -121,6 +121,13 @@ def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
     return logger.run_id
 
 
+def _too_few(classes: dict) -> str:
+    if not classes:
+        return ""
+    named = ", ".join(f"{c} ({n})" for c, n in classes.items())
+    return f"\n    not ranked, too few images to learn: {named}; look at them yourself"
+
+
 def summary(r: dict, out: Path, run_id: str | None) -> None:
     c, ex, near = r["class_counts"], r["exact_duplicates"], r["near_duplicates"]
     train = c["per_split"].get("train", {})
@@ -141,7 +148,8 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv, most "
         f"suspicious first; review the first {r['label_errors']['recommended_cut']} (their given "
         f"label is less likely than {r['label_errors']['cut_rule']}; cleanlab estimates "
-        f"{r['label_errors']['cleanlab_estimate']} wrong) ({r['label_errors']['features']})",
+        f"{r['label_errors']['cleanlab_estimate']} wrong) ({r['label_errors']['features']})"
+        + _too_few(r["label_errors"]["too_few_to_rank"]),
         f"  outliers: {r['outliers']['count']}",
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"

@@ -134,6 +134,13 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects
             ],
+            "too_few_to_rank": {
+                c: int(n)
+                for c, n in zip(
+                    d.classes, np.bincount(d.labels, minlength=len(d.classes)), strict=True
+                )
+                if 0 < n < label_checks.FEW_TO_LEARN
+            },
         },
         "outliers": {
             "count": len(outliers[0]),
