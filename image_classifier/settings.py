@@ -63,7 +63,8 @@ def _free_form_rules() -> dict:
         train.resume paths.root paths.data_dir paths.output_dir paths.plots"""
     flags = """train.class_weights train.compile train.calibrate train.device_data
         train.balanced_sampler train.channels_last train.keep_freed_memory data.strict
-        data.download.track logger.enabled export.mlflow_model features.pretrained"""
+        data.download.track logger.enabled export.mlflow_model features.pretrained
+        register.new_classes"""
     return {
         **dict.fromkeys(text.split(), Text()),
         **dict.fromkeys(flags.split(), FLAG),

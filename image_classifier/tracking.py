@@ -252,6 +252,17 @@ def find_version(client, name: str, alias: str | None, version: str | None):
         ) from None
 
 
+def newest_version(client, name: str):
+    """The highest version of registered model `name`, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:  # a name the filter language cannot quote: nothing to compare
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
 def register_version(client, model_uri: str, name: str, run_id: str | None, tags, description):
     """A new version of registered model `name` (created when new) from a logged model;
     `client` from `registry_client`."""

@@ -336,7 +336,7 @@ def test_resume_after_the_process_is_killed_mid_epoch_with_the_default_paths(tmp
         assert r.returncode == 0, (command, r.stderr[-3000:])
     runs = client.search_runs([exp.experiment_id])
     assert {r.info.run_name for r in runs} == {"train-cnn", "test-cnn"}
-    assert client.get_registered_model("folder-cnn").latest_versions[0].run_id == run_id
+    assert client.get_registered_model("DIGITS-cnn").latest_versions[0].run_id == run_id
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
@@ -75,26 +76,43 @@ def test_version_carries_signature_lineage_and_alias_moves(registered):
     assert where["version"] == "1" and path.suffix == ".onnx" and path.is_file()
 
 
-def test_export_onnx_registers_when_asked(tmp_path):
+def test_export_onnx_registers_when_asked_under_a_name_for_one_class_list(tmp_path):
     """Its own project (the session's trained model's run keeps only its own exports)."""
     from image_classifier.export.onnx import run_export_onnx
     from image_classifier.training.train import run_train
 
-    images = make_class_folders(tmp_path / "images", per_class=6)
-    ckpt = run_train(
-        compose_cfg(tmp_path, "data=folder", f"data.root={images}", "data.size=[16,16]")
-    )["checkpoint"]
-    r = run_export_onnx(
-        compose_cfg(
-            tmp_path,
-            f"export.checkpoint={ckpt}",
-            "export.register=true",
-            "export.parity_images=0",
+    @functools.cache
+    def trained(images):
+        return run_train(
+            compose_cfg(
+                tmp_path,
+                "data=folder",
+                f"data.root={images}",
+                "data.size=[16,16]",
+                f"paths.output_dir={images}_run",
+            )
+        )["checkpoint"]
+
+    def exported(images, *extra):
+        return run_export_onnx(
+            compose_cfg(
+                tmp_path,
+                f"export.checkpoint={trained(images)}",
+                "export.register=true",
+                "export.parity_images=0",
+                *extra,
+            )
         )
-    )
-    reg = r["registered"]
-    assert reg["name"] == "folder-cnn" and reg["uri"] == "models:/folder-cnn@champion"
+
+    r = exported(make_class_folders(tmp_path / "pets", per_class=6))
+    reg = r["registered"]  # named after the folder, not data=folder's "folder"
+    assert reg["name"] == "pets-cnn" and reg["uri"] == "models:/pets-cnn@champion"
     assert reg["model_uri"].startswith("models:/") and reg["run_id"] == r["mlflow_run_id"]
+    # another folder of the same name, other classes: it may not take pets-cnn@champion silently
+    other = make_class_folders(tmp_path / "b" / "pets", ("cat", "dog", "owl"), per_class=6)
+    with pytest.raises(UserError, match="only in this model: owl; only in version 1: fox"):
+        exported(other)
+    assert exported(other, "register.new_classes=true")["registered"]["version"] == "2"
 
 
 @pytest.mark.parametrize(

@@ -571,7 +571,7 @@ def test_open_inference_protocol_with_the_official_client(server, trained):
     client = triton.InferenceServerClient(url.removeprefix("http://"))
     predictor = load_predictor(model)
     name = predictor.meta.name
-    assert name == "folder-cnn"
+    assert name == "images-cnn"
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
     meta = client.get_model_metadata(name)
     assert meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
@@ -640,7 +640,7 @@ def test_metrics_are_scraped_after_traffic(server, trained):
         assert found, (name, labels)
         return sum(found)
 
-    model = {"model": "folder-cnn", "version": "1"}
+    model = {"model": "images-cnn", "version": "1"}
     assert value("image_classifier_requests_total", route="/predict", status="200", **model) >= 3
     assert value("image_classifier_requests_total", route="/predict", status="422") >= 1
     assert value("image_classifier_requests_total", route="/v2/models/{model}", status="404") >= 1
@@ -661,7 +661,7 @@ def test_open_inference_protocol_refuses_each_bad_request_with_its_reason(export
 
     model, _ = exported
     client = TestClient(create_app(load_predictor(model), Limits(max_images=2)))
-    url = "/v2/models/folder-cnn/infer"
+    url = "/v2/models/images-cnn/infer"
     image = {"name": "images", "datatype": "FP32", "shape": [1, 1, 16, 16], "data": [0.0] * 256}
     cases = [
         ({"outputs": []}, 400, 'needs "inputs"'),
@@ -682,7 +682,7 @@ def test_open_inference_protocol_refuses_each_bad_request_with_its_reason(export
         assert message in r.json()["error"]
     r = client.post(url, content=b"{}", headers={"Inference-Header-Content-Length": "99"})
     assert r.status_code == 400 and "beyond the body's end" in r.json()["error"]
-    r = client.get("/v2/models/folder-cnn/versions/7")
+    r = client.get("/v2/models/images-cnn/versions/7")
     assert r.status_code == 404 and "has version 1, not 7" in r.json()["error"]
     good = client.post(url, json={"inputs": [image]})
     assert good.status_code == 200 and good.json()["outputs"][0]["shape"] == [1, 3]

@@ -50,7 +50,7 @@ def triton(exported, tmp_path_factory):
         text=True,
     )
     _wait_until_serving(proc)
-    yield proc, ports, model, "folder-cnn"
+    yield proc, ports, model, "images-cnn"
     if proc.poll() is None:
         proc.kill()
         proc.communicate()

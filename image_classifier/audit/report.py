@@ -8,6 +8,7 @@ import numpy as np
 
 from image_classifier import lineage, tracking
 from image_classifier.data.layouts import SPLITS
+from image_classifier.data.splits import data_name
 
 
 def _image(d, i: int) -> np.ndarray:
@@ -96,7 +97,7 @@ def _chunks(items: list, size: int) -> list[list]:
 
 def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
     tags = {**lineage.lineage_tags(cfg.paths.root, data_hash), "command": "audit"}
-    logger = tracking.create_logger(cfg, run_name=f"audit-{cfg.data.name}", tags=tags)
+    logger = tracking.create_logger(cfg, run_name=f"audit-{data_name(cfg.data)}", tags=tags)
     if logger is None:  # logger.enabled=false
         return None
     metrics = {

@@ -17,6 +17,7 @@ from image_classifier.audit import neighbours, quality
 from image_classifier.audit.load import AuditData, load
 from image_classifier.audit.report import grids, log_mlflow, summary
 from image_classifier.data.layouts import SPLITS
+from image_classifier.data.splits import data_name
 from image_classifier.errors import UserError
 
 
@@ -113,7 +114,7 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
     a = cfg.audit
     return {
         "data": {
-            "name": cfg.data.name,
+            "name": data_name(cfg.data),
             "layout": d.layout,
             "hash": d.data_hash,
             "images": len(d.labels),

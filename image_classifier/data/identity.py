@@ -41,15 +41,15 @@ def relative_name(p: str, root: Path) -> str:
         return str(p)
 
 
-def class_change(model: list[str], data: list[str]) -> str:
+def class_change(model: list[str], data: list[str], sides=("the model", "the data")) -> str:
     """How the data's class names differ from a model's: '; only in the data: ...; only in the
-    model: ...', or '; the same names in another order'."""
+    model: ...', or '; the same names in another order' (`sides`: what to call the two)."""
     extra = [c for c in data if c not in model]
     missing = [c for c in model if c not in data]
     if not extra and not missing:
         return "; the same names in another order"
-    return (f"; only in the data: {', '.join(extra[:10])}" if extra else "") + (
-        f"; only in the model: {', '.join(missing[:10])}" if missing else ""
+    return (f"; only in {sides[1]}: {', '.join(extra[:10])}" if extra else "") + (
+        f"; only in {sides[0]}: {', '.join(missing[:10])}" if missing else ""
     )
 
 

@@ -142,7 +142,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         for p, y in items
     )
     return datasets, DataInfo(
-        name=c.name,
+        name=data_name(c),
         classes=samples.classes,
         preprocessing=pre,
         class_counts=samples.counts("train"),
@@ -152,6 +152,17 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         skipped=samples.skipped,
         multi_label=samples.multi_label,
     )
+
+
+def data_name(c) -> str:
+    """data.name, except that a folder read under data=folder's own name is called by the
+    folder's name (/photos/flowers: flowers). Runs, registered models (<data name>-<model>) and
+    served models of two folders are then not all called 'folder'."""
+    if c.name != "folder" or not c.get("root"):
+        return str(c.name)
+    from image_classifier.rules import safe_name
+
+    return safe_name(Path(c.root).expanduser().resolve().name) or "folder"
 
 
 def class_gaps(samples) -> list[str]:

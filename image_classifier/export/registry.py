@@ -83,6 +83,8 @@ def register(
         f"{len(meta['classes'])} classes ({', '.join(meta['classes'][:10])}"
         f"{', ...' if len(meta['classes']) > 10 else ''}); from {meta.get('source_checkpoint')}"
     )
+    if not cfg.register.get("new_classes"):
+        check_same_classes(client, name, meta["classes"])
     mv = tracking.register_version(
         client, model_uri, name, run_id, version_tags(meta, onnx_path, cfg), description
     )
@@ -96,6 +98,26 @@ def register(
         "run_id": run_id,
         "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
     }
+
+
+def check_same_classes(client, name: str, classes: list[str]) -> None:
+    """A registered name stands for one set of classes: a model predicting others (another
+    folder's model under the default <data name>-<model name>) would take its alias silently."""
+    newest = tracking.newest_version(client, name)
+    if newest is None or "classes" not in newest.tags:
+        return
+    theirs = json.loads(newest.tags["classes"]) if newest.tags["classes"].endswith("]") else None
+    if theirs is None or theirs == list(classes):
+        return
+    from image_classifier.data.identity import class_change
+
+    raise UserError(
+        f"Registered model {name!r} version {newest.version} predicts other classes than this "
+        f"model{class_change(theirs, list(classes), (f'version {newest.version}', 'this model'))}"
+        ". Register it under another name (register.name=NAME, or export.register=NAME "
+        f"when exporting), or, if it is meant to replace version {newest.version} for "
+        "everyone who loads this name, set register.new_classes=true."
+    )
 
 
 def promote(client, name: str, version: str, alias: str) -> dict:
