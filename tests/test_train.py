@@ -241,6 +241,8 @@ def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, 
     )
     report = json.loads(Path(t["report"]).read_text())
     assert "differs from the data this model was trained on" in report["data"]["warning"]
+    assert "Only its test split was tested (3 of 30 images" in report["data"]["warning"]
+    assert "data.split=[0,0,1] tests every one" in report["data"]["warning"]
     assert "WARNING: the test data" in capsys.readouterr().out
 
 
@@ -643,6 +645,7 @@ def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tm
     r = run_test(cfg, use_checkpoint_data=False)  # must not read it: fox is 2 for the model
     report = json.loads(Path(r["report"]).read_text())
     assert report["classes"] == ["cat", "dog", "fox"] and report["data"]["test_images"] == 10
+    assert "Only its test split" not in report["data"]["warning"]  # it was tested whole
     assert (
         report["per_class"]["dog"]["support"] == 0 and report["per_class"]["dog"]["recall"] is None
     )

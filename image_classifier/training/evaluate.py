@@ -176,6 +176,13 @@ def data_mismatch(hp, info) -> str:
         f"the test data (hash {info.data_hash}) differs from the data this model was trained on "
         f"(hash {trained_hash})"
     )
+    sizes = info.split_sizes
+    if info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values()):
+        note += (
+            f". Only its test split was tested ({sizes.get('test', 0)} of {sum(sizes.values())} "
+            "images, by data.split): if the model never saw these images, data.split=[0,0,1] "
+            "tests every one"
+        )
     log.warning("Data mismatch: %s; metrics may not be comparable.", note)
     return note
 
