@@ -100,7 +100,8 @@ def experiment_id(cfg) -> str | None:
 
 
 def sweep_runs(cfg, sweep: str) -> list:
-    """The MLflow runs of one sweep (tagged by sweep_tags), the best `best_score` first."""
+    """The MLflow runs of one sweep (tagged by sweep_tags), the best `best_score` first, and of
+    equal scores (a small validation split's accuracy ties often) the lower val/loss first."""
     exp = experiment_id(cfg)
     if exp is None:
         return []
@@ -108,7 +109,9 @@ def sweep_runs(cfg, sweep: str) -> list:
 
     uri, _ = resolve_uri(cfg.logger, cfg.paths.root)
     return mlflow.MlflowClient(tracking_uri=uri).search_runs(
-        [exp], filter_string=f"tags.sweep = '{sweep}'", order_by=["metrics.best_score DESC"]
+        [exp],
+        filter_string=f"tags.sweep = '{sweep}'",
+        order_by=["metrics.best_score DESC", "metrics.best_val_loss ASC"],
     )
 
 

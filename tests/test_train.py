@@ -95,6 +95,10 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     train_run, test_run = runs
     assert train_run.data.params["config/train/lr"] == "0.003"
     assert len(client.get_metric_history(train_run.info.run_id, "val/acc")) == 2
+    # what a sweep ranks trials by: the best score, then its epoch's val/loss
+    best_epoch = max(history["epochs"], key=lambda row: (row["val/acc"], -row["val/loss"]))
+    assert train_run.data.metrics["best_score"] == pytest.approx(best_epoch["val/acc"])
+    assert train_run.data.metrics["best_val_loss"] == pytest.approx(best_epoch["val/loss"])
     assert {"git_commit", "data_hash", "version.torch"} <= set(train_run.data.tags)
     # ... and the machine it ran on, which every timing depends on
     assert train_run.data.tags["machine.cpu_cores"] == str(len(os.sched_getaffinity(0)))

@@ -3,6 +3,7 @@ thresholds), the curves, the result dict, its MLflow record and the one-screen s
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,10 +21,12 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
     )
     curves = plot_curves(history.epochs, out / "plots" / "curves.png")
     score = checkpoint.best_model_score
+    tie_loss = getattr(checkpoint, "tie_loss", math.inf)  # BestCheckpoint's val/loss
     return {
         "checkpoint": str(best),
         "last_checkpoint": str(Path(last.dirpath) / "last.ckpt"),
         "best_score": float(score) if score is not None else None,
+        "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
         "objective": float(score) if score is not None else None,
         "metrics": {
@@ -82,8 +85,9 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
                 "val/ece_after": c["ece_after"],
             },
         )
-    if result.get("best_score") is not None:  # what a sweep's summary ranks trials by
-        tracking.log_metrics(logger, {"best_score": result["best_score"]})
+    # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
+    ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
+    tracking.log_metrics(logger, ranks)
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
     tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
     result["mlflow_run_id"] = logger.run_id
