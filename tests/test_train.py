@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,6 +138,26 @@ def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
     )
     report = json.loads(Path(t["report"]).read_text())
     assert report["per_class"]["a"]["recall"] == 1.0 and report["per_class"]["b"]["recall"] == 0.0
+
+
+def test_progress_into_a_file_is_a_line_per_epoch_with_an_eta(make_cfg, folder_data, capsys):
+    """stdout not a terminal (here pytest's capture; nohup, Slurm and CI logs): no bar redrawn
+    with carriage returns, but the epoch count, this epoch's metrics and the time left."""
+    run_train(
+        make_cfg(
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.size=[16,16]",
+            "logger.enabled=false",
+            "train.epochs=3",
+            "trainer.enable_progress_bar=true",
+        )
+    )
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split()[1] for ln in lines] == ["1/3", "3/3"]  # the first and the last
+    assert all(re.search(r"train/loss \d\.\d{4}  val/loss \d\.\d{4}  val/acc", ln) for ln in lines)
+    assert "s/epoch, about 0m00s left)" in lines[-1] and "\r" not in out
 
 
 @pytest.mark.slow

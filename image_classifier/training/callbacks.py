@@ -1,8 +1,9 @@
 """Callbacks of our own; everything else is Lightning's (checkpointing, early stopping, LR)."""
 
 import math
+import time
 
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint, ProgressBar
 
 
 class History(Callback):
@@ -184,3 +185,49 @@ def ema_averaging(decay: float) -> Callback:
                 a.copy_(c)
 
     return WeightAveraging(multi_avg_fn=update)
+
+
+class EpochLines(ProgressBar):
+    """Training's progress where stdout is not a terminal (a log file, nohup, Slurm, CI): a line
+    per epoch with the count, the metrics and an ETA, at most one each EVERY_S seconds besides
+    the first and the last, where tqdm's bar would write a redraw per refresh into the file."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, monitor: str = "val/acc"):
+        super().__init__()
+        self.shown = dict.fromkeys(("train/loss_epoch", "val/loss", monitor))
+        self.enabled, self.started, self.printed, self.first = True, 0.0, 0.0, 0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started, self.first = time.perf_counter(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        now, epoch, total = time.perf_counter(), trainer.current_epoch + 1, trainer.max_epochs
+        ends = total is not None and epoch >= total > 0
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        if not (ends or epoch == self.first + 1 or now - self.printed >= self.EVERY_S):
+            return
+        self.printed, each = now, (now - self.started) / (epoch - self.first)
+        m = {**trainer.callback_metrics, **pl_module.epoch_train_metrics()}  # this epoch's
+        values = "  ".join(
+            f"{k.removesuffix('_epoch')} {float(m[k]):.4f}" for k in self.shown if k in m
+        )
+        left = f", about {_duration(each * (total - epoch))} left" if total and total > 0 else ""
+        print(
+            f"epoch {epoch}/{total if total and total > 0 else '?'}  {values}  "
+            f"({each:.1f} s/epoch{left})",
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from image_classifier.training.adapt import (
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import (
     BestCheckpoint,
+    EpochLines,
     FreezeBackbone,
     History,
     ParityImages,
@@ -81,7 +83,12 @@ OPTIM_KEYS = (
 
 
 def progress_bar(cfg) -> list:
-    return [TQDMProgressBar(refresh_rate=10)] if cfg.trainer.enable_progress_bar else []
+    """A bar on a terminal, a line per epoch into a file (EpochLines), or none."""
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    if sys.stdout.isatty():
+        return [TQDMProgressBar(refresh_rate=10)]
+    return [EpochLines(str(cfg.train.monitor))]
 
 
 def trainer_kwargs(cfg, training: bool = True, steps_per_epoch: int | None = None) -> dict:
