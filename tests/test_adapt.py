@@ -12,10 +12,12 @@ from image_classifier.training.adapt import (
     FROZEN_STAGES,
     MAX_EPOCHS,
     MIN_STEPS,
+    annealed_runs_whole,
     choose_batch_size,
     choose_epochs,
     choose_frozen_stages,
     choose_model_and_size,
+    small_folder_batch,
 )
 
 
@@ -149,26 +151,56 @@ def test_epochs_give_a_small_folder_enough_steps(tmp_path):
     assert choose_epochs(tuned, 1433)[0].train.epochs == -(-MIN_STEPS["pretrained"] // 12)
 
 
+def test_an_annealed_schedule_runs_whole_with_given_or_budgeted_epochs(tmp_path, monkeypatch):
+    """100 images, train.epochs=100 (or train.time_budget=30): early stopping's patience of 5
+    stopped the one-cycle schedule after 6 epochs, in its warm-up, at chance (10 %). The rule
+    train.epochs=auto follows holds for any epochs: off, unless given on the command line."""
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training import adapt
+    from image_classifier.training.train import run_train
+
+    given = compose_cfg(tmp_path, "train.epochs=100", "train.early_stopping=5")
+    cfg, notes = annealed_runs_whole(given)
+    assert cfg.train.early_stopping == 0 and "onecycle schedule anneals" in notes[0]
+    stepped = compose_cfg(tmp_path, "train.epochs=100", "train.scheduler=step")
+    assert annealed_runs_whole(stepped)[0].train.early_stopping == 5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adapt, "command_line_overrides", lambda: ["train.early_stopping"])
+        assert annealed_runs_whole(given)[0].train.early_stopping == 5
+    # through train: with a patience of one epoch, all 8 epochs run, and the summary says why
+    r = run_train(grey_folder_cfg(tmp_path, "train.epochs=8", "train.early_stopping=1"))
+    assert ckpt_file.read(r["last_checkpoint"])["epoch"] == 7
+    assert any(n.startswith("train.early_stopping=0 (the onecycle") for n in r["chosen"])
+
+
 def test_a_tiny_folder_gets_a_smaller_batch_to_reach_its_steps(tmp_path):
     """Under train.batch_size=auto, a folder whose MAX_EPOCHS epochs at batch 128 fall short of
     MIN_STEPS gets the batch halved (not below 16) until they do; a given batch is kept, and a
     note that cannot reach its steps says so instead of claiming them."""
     cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=cnn")
-    halved, notes = choose_epochs(cfg, 80, auto_batch=True)
+
+    def chosen(n: int, auto_batch: bool = True):
+        halved, notes = small_folder_batch(cfg, n, auto_batch)
+        epochs, notes = choose_epochs(halved, n, notes)
+        return epochs, notes
+
+    halved, notes = chosen(80)
     assert (halved.train.batch_size, halved.train.epochs) == (16, 200)  # 5 steps an epoch
     assert notes[0] == (
-        "train.batch_size=16 (128 halved, not below 16: more steps for 80 train images within "
-        "250 epochs)"
+        "train.batch_size=16 (128 halved, not below 16: more steps an epoch for 80 train images)"
     )
     assert notes[1].startswith("train.epochs=200 (1000 steps: at least 1000 for a from-scratch")
-    assert choose_epochs(cfg, 500, auto_batch=True)[0].train.batch_size == 128  # 4 an epoch
-    floor, notes = choose_epochs(cfg, 20, auto_batch=True)  # 2 steps an epoch at 16, 1 at 128
+    assert chosen(500)[0].train.batch_size == 128  # 4 an epoch
+    floor, notes = chosen(20)  # 2 steps an epoch at 16, 1 at 128
     assert floor.train.batch_size == 16 and "500 steps: 1000 wanted, 250 epochs at most" in notes[1]
-    same, notes = choose_epochs(cfg, 10, auto_batch=True)  # 1 step an epoch at any batch: kept
+    same, notes = chosen(10)  # 1 step an epoch at any batch: kept
     assert same.train.batch_size == 128 and len(notes) == 1
-    given, notes = choose_epochs(cfg, 80)
+    given, notes = chosen(80, auto_batch=False)
     assert given.train.batch_size == 128 and len(notes) == 1
     assert notes[0].startswith("train.epochs=250 (250 steps: 1000 wanted, 250 epochs at most")
+    # whatever sets the epochs: given ones (and a time budget's) get the smaller batch too
+    fixed = compose_cfg(tmp_path, "train.epochs=100", "train.batch_size=128", "model=cnn")
+    assert small_folder_batch(fixed, 80, True)[0].train.batch_size == 16
 
 
 def test_train_batches_a_tiny_folder_at_the_smaller_batch(tmp_path, monkeypatch):

@@ -33,6 +33,9 @@ def test_plan_fills_what_is_left_with_whole_epochs():
     assert plan(603, 20, t, validations=1, sanity_steps=0)["epochs"] == 10
     assert plan(603, 20, t, validations=1)["epochs"] == 10
     assert plan(603, 20, t, validations=1, sanity_steps=-1)["epochs"] == 9
+    # last.ckpt and best.ckpt written each epoch: 2 x 2.5 s more an epoch, 95 % of 577.5 / 60
+    t.save_seconds = 2.5
+    assert plan(600, 20, t, validations=1)["epoch_seconds"] == 60.0
 
 
 def test_validations_per_epoch_follow_the_trainer_settings():

@@ -198,6 +198,7 @@ class EpochLines(ProgressBar):
         super().__init__()
         self.shown = dict.fromkeys(("train/loss_epoch", "val/loss", monitor))
         self.enabled, self.started, self.printed, self.first = True, 0.0, 0.0, 0
+        self.unprinted = ""  # the latest epoch's line, until it is printed
 
     def disable(self) -> None:
         self.enabled = False
@@ -209,23 +210,25 @@ class EpochLines(ProgressBar):
         self.started, self.first = time.perf_counter(), trainer.current_epoch
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        now, epoch, total = time.perf_counter(), trainer.current_epoch + 1, trainer.max_epochs
-        ends = total is not None and epoch >= total > 0
         if not self.enabled or not trainer.is_global_zero:
             return
-        if not (ends or epoch == self.first + 1 or now - self.printed >= self.EVERY_S):
-            return
-        self.printed, each = now, (now - self.started) / (epoch - self.first)
+        now, epoch, total = time.perf_counter(), trainer.current_epoch + 1, trainer.max_epochs
+        each = (now - self.started) / (epoch - self.first)
         m = {**trainer.callback_metrics, **pl_module.epoch_train_metrics()}  # this epoch's
         values = "  ".join(
             f"{k.removesuffix('_epoch')} {float(m[k]):.4f}" for k in self.shown if k in m
         )
-        left = f", about {_duration(each * (total - epoch))} left" if total and total > 0 else ""
-        print(
-            f"epoch {epoch}/{total if total and total > 0 else '?'}  {values}  "
-            f"({each:.1f} s/epoch{left})",
-            flush=True,
-        )
+        planned = total is not None and total > 0
+        line = f"epoch {epoch}/{total if planned else '?'}  {values}  ({each:.1f} s/epoch"
+        self.unprinted = line + ")"  # printed at the end if this epoch turns out the last
+        if epoch == self.first + 1 or now - self.printed >= self.EVERY_S:
+            left = f", about {_duration(each * (total - epoch))} left" if planned else ""
+            print(f"{line}{left})", flush=True)
+            self.printed, self.unprinted = now, ""
+
+    def on_train_end(self, trainer, pl_module) -> None:  # the last epoch, planned or stopped
+        if self.enabled and self.unprinted:
+            print(self.unprinted, flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -26,11 +26,13 @@ from image_classifier.models.module import ClassifierModule
 from image_classifier.models.pretrained import freeze_stages
 from image_classifier.rules import is_auto
 from image_classifier.training.adapt import (
+    annealed_runs_whole,
     check_schedule_fits,
     check_splits,
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
+    small_folder_batch,
     steps_per_epoch,
     validates,
 )
@@ -141,12 +143,16 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
     check_splits(cfg, info.split_sizes)
-    budget = None
+    budget, n = None, info.split_sizes["train"]
+    cfg, chosen = small_folder_batch(cfg, n, auto_batch, chosen)
+    dm.batch_size = int(cfg.train.batch_size)
     if cfg.train.get("time_budget") and resume_from is None:  # resumed: the epochs it planned
         cfg, budget = budgeted(cfg, model_spec, info, dm, started)
     else:
-        cfg, chosen = choose_epochs(cfg, info.split_sizes["train"], auto_batch, chosen)
-        dm.batch_size = int(cfg.train.batch_size)  # smaller for a tiny folder (adapt.py)
+        cfg, chosen = choose_epochs(cfg, n, chosen)
+    if resume_from is None:  # resumed: as it was stored
+        cfg, stopping = annealed_runs_whole(cfg)
+        chosen = [*chosen, *stopping]
     epochs = int(cfg.train.epochs)
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
