@@ -190,3 +190,18 @@ def test_the_folder_unzipping_a_macos_archive_adds_is_not_a_class(folder_data):
     (folder_data / "__MACOSX" / "cat" / "._000.png").write_bytes(b"\0\5\26\7")
     s = discover(folder_data)
     assert s.classes == ["cat", "dog", "fox"] and not s.skipped
+
+
+@pytest.mark.parametrize(
+    ("root", "name"),
+    [("/photos/flowers", "flowers"), ("/photos/Café crème", "Cafe_creme"), ("/x/花", "folder")],
+)
+def test_a_folder_is_called_by_its_own_name_in_ascii(root, name):
+    """Runs, registered models and served models of a folder: <its name>-<model>, not all
+    folder-cnn; in ASCII, as a URL path and a Triton model name take it."""
+    from omegaconf import OmegaConf
+
+    from image_classifier.data.splits import data_name
+
+    assert data_name(OmegaConf.create({"name": "folder", "root": root})) == name
+    assert data_name(OmegaConf.create({"name": "mine", "root": root})) == "mine"  # given: kept

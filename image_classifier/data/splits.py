@@ -157,12 +157,16 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
 def data_name(c) -> str:
     """data.name, except that a folder read under data=folder's own name is called by the
     folder's name (/photos/flowers: flowers). Runs, registered models (<data name>-<model>) and
-    served models of two folders are then not all called 'folder'."""
+    served models of two folders are then not all called 'folder'. In ASCII (/photos/Café
+    crème: Cafe_creme), as a URL path and a Triton model name take it."""
     if c.name != "folder" or not c.get("root"):
         return str(c.name)
+    import unicodedata
+
     from image_classifier.rules import safe_name
 
-    return safe_name(Path(c.root).expanduser().resolve().name) or "folder"
+    name = unicodedata.normalize("NFKD", Path(c.root).expanduser().resolve().name)
+    return safe_name(name.encode("ascii", "ignore").decode()).strip("_") or "folder"
 
 
 def class_gaps(samples) -> list[str]:

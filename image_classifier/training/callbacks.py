@@ -1,9 +1,16 @@
 """Callbacks of our own; everything else is Lightning's (checkpointing, early stopping, LR)."""
 
 import math
+import sys
 import time
 
-from lightning.pytorch.callbacks import BaseFinetuning, Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    Callback,
+    ModelCheckpoint,
+    ProgressBar,
+    TQDMProgressBar,
+)
 
 
 class History(Callback):
@@ -185,6 +192,15 @@ def ema_averaging(decay: float) -> Callback:
                 a.copy_(c)
 
     return WeightAveraging(multi_avg_fn=update)
+
+
+def progress_bar(cfg) -> list:
+    """A bar on a terminal, a line per epoch into a file (EpochLines), or none."""
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    if sys.stdout.isatty():
+        return [TQDMProgressBar(refresh_rate=10)]
+    return [EpochLines(str(cfg.train.monitor))]
 
 
 class EpochLines(ProgressBar):

@@ -20,8 +20,9 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.tta import chosen_tta, describe
+from image_classifier.training.callbacks import progress_bar
 from image_classifier.training.plots import plot_confusion, plot_curves
-from image_classifier.training.train import progress_bar, trainer_kwargs
+from image_classifier.training.train import trainer_kwargs
 
 log = logging.getLogger(__name__)
 

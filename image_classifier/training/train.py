@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from lightning.pytorch.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
-    TQDMProgressBar,
 )
 from omegaconf import OmegaConf, open_dict
 
@@ -39,11 +37,11 @@ from image_classifier.training.adapt import (
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import (
     BestCheckpoint,
-    EpochLines,
     FreezeBackbone,
     History,
     ParityImages,
     ema_averaging,
+    progress_bar,
 )
 from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.resume import (
@@ -82,15 +80,6 @@ OPTIM_KEYS = (
     "supcon_weight",
     "supcon_temperature",
 )
-
-
-def progress_bar(cfg) -> list:
-    """A bar on a terminal, a line per epoch into a file (EpochLines), or none."""
-    if not cfg.trainer.enable_progress_bar:
-        return []
-    if sys.stdout.isatty():
-        return [TQDMProgressBar(refresh_rate=10)]
-    return [EpochLines(str(cfg.train.monitor))]
 
 
 def trainer_kwargs(cfg, training: bool = True, steps_per_epoch: int | None = None) -> dict:
