@@ -141,7 +141,8 @@ def test_optuna_sweep_in_parallel_on_submitit_local(tmp_path, idx_source):
     line = _summary(p.stdout)
     runs = _sweep_runs(tmp_path, line)
     assert sorted(r.data.tags["sweep.trial"] for r in runs) == ["0", "1", "2", "3"]
-    best = max(runs, key=lambda r: r.data.metrics["best_score"])
+    m = [r.data.metrics for r in runs]  # the best score, and of equal ones the lower val/loss
+    best = runs[min(range(len(runs)), key=lambda i: (-m[i]["best_score"], m[i]["best_val_loss"]))]
     assert f"best: trial {best.data.tags['sweep.trial']} ({best.info.run_id})" in line
     sweep_dir = line.split("Sweep ", 1)[1].split(":", 1)[0]
     assert (

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.splits import FEW_TO_LEARN
-
 log = logging.getLogger(__name__)
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
@@ -157,6 +155,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
+
+    from image_classifier.data.splits import FEW_TO_LEARN
 
     present = np.unique(labels)
     if len(present) < 2:

@@ -17,7 +17,7 @@ from image_classifier.audit import neighbours, quality
 from image_classifier.audit.load import AuditData, load
 from image_classifier.audit.report import grids, log_mlflow, summary
 from image_classifier.data.layouts import SPLITS
-from image_classifier.data.splits import data_name
+from image_classifier.data.splits import FEW_TO_LEARN, data_name
 from image_classifier.errors import UserError
 
 
@@ -140,7 +140,7 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
                 for c, n in zip(
                     d.classes, np.bincount(d.labels, minlength=len(d.classes)), strict=True
                 )
-                if 0 < n < label_checks.FEW_TO_LEARN
+                if 0 < n < FEW_TO_LEARN
             },
         },
         "outliers": {
