@@ -231,3 +231,28 @@ def test_register_refuses_what_is_not_an_onnx_file(trained):
     root, ckpt, _ = trained
     p = run_cli("command=register", f"register.model={ckpt}", cwd=root)
     assert p.returncode == 2 and "must be an existing .onnx file" in p.stderr, p.stderr
+
+
+def test_a_class_list_cut_short_in_its_tag_is_not_compared(tmp_path):
+    """Version tags keep a class list of over 4,000 characters cut short (not JSON): register
+    then cannot compare and goes on, where it failed with a JSON traceback."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from image_classifier.export.registry import check_same_classes, version_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    many = [f"class_{i:04d}" for i in range(400)]
+    client.create_registered_model("big")
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    tags = version_tags({"classes": many}, onnx, compose_cfg(tmp_path))
+    with pytest.raises(ValueError):
+        json.loads(tags["classes"])  # cut short
+    client.create_model_version("big", str(tmp_path), tags={"classes": tags["classes"]})
+    check_same_classes(client, "big", ["a", "b"])  # nothing to compare: no error
+    client.create_model_version("big", str(tmp_path), tags={"classes": json.dumps(["a", "b"])})
+    with pytest.raises(UserError, match="version 2 predicts other classes .* only in this model"):
+        check_same_classes(client, "big", ["a", "c"])
