@@ -156,8 +156,6 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    from image_classifier.data.splits import FEW_TO_LEARN
-
     present = np.unique(labels)
     if len(present) < 2:
         return [], 0, 0
@@ -172,11 +170,20 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     flagged |= np.all([_rows(q[:, present])[rows, y] < chance for q in each], axis=0)
     # a class of a few images cannot be learnt by the classifiers: its images would all come
     # first, whatever their labels; they are left to the report's too_few_to_rank
-    flagged &= np.bincount(labels)[labels] >= FEW_TO_LEARN
+    flagged &= ~too_few(labels, int(labels.max()) + 1)[labels]
     ranked = sorted(rows[flagged].tolist(), key=lambda i: scores[i])
     out = [(int(i), float(scores[i]), int(present[p[i].argmax()])) for i in ranked]
     estimate = int(num_label_issues(y, p, estimation_method="off_diagonal_calibrated"))
     return out, sum(1 for _, q, _ in out if q < cut * chance), estimate
+
+
+def too_few(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Per class, whether it has images but fewer than FEW_TO_LEARN: too few for the classifiers
+    to learn, so its images would head the suspects whatever their labels."""
+    from image_classifier.data.splits import FEW_TO_LEARN  # torch: not at import (settings)
+
+    counts = np.bincount(labels, minlength=classes)
+    return (counts > 0) & (counts < FEW_TO_LEARN)
 
 
 def _rows(p: np.ndarray) -> np.ndarray:

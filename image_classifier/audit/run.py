@@ -17,7 +17,7 @@ from image_classifier.audit import neighbours, quality
 from image_classifier.audit.load import AuditData, load
 from image_classifier.audit.report import grids, log_mlflow, summary
 from image_classifier.data.layouts import SPLITS
-from image_classifier.data.splits import FEW_TO_LEARN, data_name
+from image_classifier.data.splits import data_name
 from image_classifier.errors import UserError
 
 
@@ -137,10 +137,13 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             ],
             "too_few_to_rank": {
                 c: int(n)
-                for c, n in zip(
-                    d.classes, np.bincount(d.labels, minlength=len(d.classes)), strict=True
+                for c, n, few in zip(
+                    d.classes,
+                    np.bincount(d.labels, minlength=len(d.classes)),
+                    label_checks.too_few(d.labels, len(d.classes)),
+                    strict=True,
                 )
-                if 0 < n < FEW_TO_LEARN
+                if few
             },
         },
         "outliers": {
