@@ -59,6 +59,25 @@ def test_class_weights_are_inverse_frequency_and_weight_the_cross_entropy(tmp_pa
     assert m._loss(logits, y, training=False).item() == pytest.approx(nll.mean().item())
 
 
+def test_train_summary_names_an_imbalance_of_ten_times_and_what_weights_it():
+    from types import SimpleNamespace
+
+    from image_classifier.training.summary import imbalance_line
+
+    def info(counts, multi=False):
+        return SimpleNamespace(
+            classes=["cat", "dog", "eel"], class_counts=counts, multi_label=multi
+        )
+
+    line = imbalance_line(info([400, 30, 8]), weighted=False)
+    assert "400 train images of cat, 8 of eel (50x)" in line
+    assert "train.class_weights=true weights the loss" in line
+    assert "loss weighted by inverse class frequency" in imbalance_line(info([400, 30, 8]), True)
+    assert imbalance_line(info([90, 30, 10]), weighted=False) == ""  # 9x: no line
+    assert imbalance_line(info([100, 30, 0]), weighted=False).startswith("  imbalance:  100")
+    assert imbalance_line(info([400, 30, 8], multi=True), weighted=False) == ""
+
+
 def test_balanced_sampler_draws_each_class_equally_often(tmp_path):
     root = presplit(tmp_path / "img", {"a": 30, "b": 6})
     cfg = compose_cfg(

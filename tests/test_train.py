@@ -426,10 +426,12 @@ def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, c
     shutil.copyfile(ckpt, copy)
     ckpt_file.store_buffers(copy, ckpt_file.read(copy), temperature=1.0)
     r = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
-    assert r["temperature"] != 1.0 and r["ece_after"] <= r["ece_before"] + 1e-6
+    # the fit minimises the validation NLL; ECE, binned, need not fall with it
+    assert r["temperature"] != 1.0 and r["nll_after"] <= r["nll_before"] + 1e-7
     assert float(ckpt_file.load_module(copy).temperature) == pytest.approx(r["temperature"])
     assert float(ckpt_file.load_module(ckpt).temperature) == pytest.approx(r["temperature"])
-    assert "validation ECE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}, ECE" in out
 
 
 _FAULTS_PER_STEP = """

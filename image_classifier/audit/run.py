@@ -16,6 +16,7 @@ from image_classifier.audit import labels as label_checks
 from image_classifier.audit import neighbours, quality
 from image_classifier.audit.load import AuditData, load
 from image_classifier.audit.report import grids, log_mlflow, summary
+from image_classifier.data.identity import imbalance_ratio
 from image_classifier.data.layouts import SPLITS
 from image_classifier.data.splits import data_name
 from image_classifier.errors import UserError
@@ -86,11 +87,9 @@ def class_counts(d: AuditData) -> dict:
         if mask.any():
             c = np.bincount(d.labels[mask], minlength=len(d.classes))
             out[split] = {name: int(n) for name, n in zip(d.classes, c, strict=True)}
-    train = np.array(list(out.get("train", {}).values()))
-    ratio = float(train.max() / max(train.min(), 1)) if len(train) else None
     return {
         "per_split": out,
-        "imbalance_ratio": ratio,
+        "imbalance_ratio": imbalance_ratio(out.get("train", {}).values()),
         "empty_classes": [c for c, n in out.get("train", {}).items() if n == 0],
     }
 

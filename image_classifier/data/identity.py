@@ -1,7 +1,7 @@
 """What a data set is, independent of how it is batched: what the model file records about it
 (`DataInfo`), the content hash that names it (and its caches), its files' names relative to its
 root, its channel count, and the stratified split of a training set into train and
-validation."""
+validation, and how imbalanced its classes are."""
 
 from __future__ import annotations
 
@@ -66,6 +66,16 @@ def detect_channels(paths: list[str], sample: int = 200) -> int:
         if mode not in GREY_MODES:
             return 3
     return 1
+
+
+IMBALANCED = 10  # largest/smallest train class at which train's summary says so
+
+
+def imbalance_ratio(counts) -> float | None:
+    """Images in the largest class over the smallest (an empty class counts as 1); None for no
+    classes. One figure for train's summary and the audit."""
+    counts = np.asarray(list(counts), dtype=float)
+    return float(counts.max() / max(counts.min(), 1)) if len(counts) else None
 
 
 @dataclass

@@ -84,6 +84,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
 def run_calibrate(cfg) -> dict:
     """`command=calibrate`: fit a checkpoint's temperature (multi-label: tune its thresholds) on
     the validation split of the data it was trained on; stored in the checkpoint."""
+    from image_classifier.training.calibrate import fitted_line
     from image_classifier.training.summary import calibrate_best, thresholds_for_best
 
     path = runs.checkpoint(cfg, cfg.calibrate.get("checkpoint"), "calibrate.checkpoint")
@@ -98,11 +99,7 @@ def run_calibrate(cfg) -> dict:
         )
     else:
         result = calibrate_best(str(path), dm)
-        done = (
-            f"temperature {result['temperature']:.3f} ({result['note']}); validation ECE "
-            f"{result['ece_before']:.4f} "
-            f"-> {result['ece_after']:.4f}"
-        )
+        done = fitted_line(result)
     print(
         f"Calibrated {path} on {len(dm.dataset('val'))} validation images: {done}\n"
         "  stored in the checkpoint; `command=test` reports it, and an ONNX file exported "

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 from image_classifier import lineage, tracking
+from image_classifier.data.identity import IMBALANCED, imbalance_ratio
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
 from image_classifier.training.plots import plot_curves
 
 
@@ -28,6 +30,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
         "best_score": float(score) if score is not None else None,
         "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
+        "class_weights": bool(cfg.train.get("class_weights")),
         "objective": float(score) if score is not None else None,
         "metrics": {
             k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")
@@ -48,8 +51,6 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
 def calibrate_best(path: str, dm) -> dict:
     """Fit the temperature of the best checkpoint on the validation split and store it there
     (the file read once and written once)."""
-    from image_classifier.training.calibrate import calibrate
-
     module, ckpt = ckpt_file.open_module(path)
     fitted = calibrate(module, dm.loader("val"))
     ckpt_file.store_buffers(path, ckpt, temperature=float(fitted["temperature"]))
@@ -60,7 +61,6 @@ def thresholds_for_best(path: str, dm, t) -> list[float]:
     """Multi-label: per-class thresholds tuned on the validation split (train.threshold=tune), or
     the one given for every class; stored in the best checkpoint (read once, written once)."""
     from image_classifier.models.multilabel import tune_thresholds
-    from image_classifier.training.calibrate import validation_logits
 
     module, ckpt = ckpt_file.open_module(path)
     if str(t.get("threshold", "tune")) == "tune":
@@ -81,8 +81,9 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
             logger,
             {
                 "temperature": c["temperature"],
-                "val/ece_before": c["ece_before"],
-                "val/ece_after": c["ece_after"],
+                **{
+                    f"val/{k}": c[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")
+                },
             },
         )
     # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
@@ -109,11 +110,9 @@ def print_summary(r: dict, info) -> None:
         + ")",
         f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
         f"  last epoch: val {val}",
-        f"  calibration: temperature {c['temperature']:.3f} {c['note']}; ECE "
-        f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}"
-        if (c := r.get("calibration"))
-        else "",
+        f"  calibration: {fitted_line(c)}" if (c := r.get("calibration")) else "",
         f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
+        imbalance_line(info, r.get("class_weights", False)),
         "  thresholds: "
         + ", ".join(f"{c} {x:.2f}" for c, x in zip(info.classes, th, strict=True))
         + " (per class, tuned on val)"
@@ -141,3 +140,23 @@ def print_summary(r: dict, info) -> None:
         ),
     ]
     print("\n".join(x for x in lines if x))
+
+
+def imbalance_line(info, weighted: bool) -> str:
+    """A summary line when the largest train class has IMBALANCED times the images of the
+    smallest: accuracy, and best.ckpt chosen on it, then favour the large classes."""
+    counts, ratio = info.class_counts, imbalance_ratio(info.class_counts)
+    if info.multi_label or ratio is None or ratio < IMBALANCED:
+        return ""
+    big, small = counts.index(max(counts)), counts.index(min(counts))
+    how = (
+        "the loss weighted by inverse class frequency (train.class_weights=true)"
+        if weighted
+        else "val/acc, and best.ckpt chosen on it, favour the large classes; "
+        "train.class_weights=true weights the loss by inverse class frequency, for more recall "
+        "on the small ones (docs/models-and-recipes.md)"
+    )
+    return (
+        f"  imbalance:  {counts[big]} train images of {info.classes[big]}, {counts[small]} of "
+        f"{info.classes[small]} ({ratio:.0f}x); {how}"
+    )
