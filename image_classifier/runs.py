@@ -47,6 +47,17 @@ def newest(root: str | Path, search: list[str], pattern: str, setting: str) -> P
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+def next_test(cfg, best: str | Path) -> str:
+    """The `command=test` line after `train`: bare when the newest-checkpoint search would find
+    `best` (a best checkpoint under paths.search), else naming it (a run in hydra.run.dir=/tmp/x
+    is not searched)."""
+    path, root = Path(best).resolve(), Path(cfg.paths.root).resolve()
+    found = path.name.startswith("best") and any(
+        path.is_relative_to(root / d) for d in cfg.paths.search
+    )
+    return "uv run python commands.py command=test" + ("" if found else f" test.checkpoint={best}")
+
+
 def newest_best(root: str | Path, search: list[str], setting: str) -> Path:
     return newest(root, search, "best*.ckpt", setting)
 

@@ -228,6 +228,22 @@ def test_a_run_without_validation_is_named_with_its_last_checkpoint(tmp_path, ca
     assert f"test.checkpoint={last}" in str(e.value)
 
 
+def test_the_next_test_line_names_a_checkpoint_the_search_would_not_find(tmp_path):
+    """After `train ... hydra.run.dir=/tmp/x`, "next: command=test" failed with "No trained
+    checkpoint found under outputs/, multirun/": the line now names a checkpoint outside them."""
+    from image_classifier.runs import next_test
+
+    cfg = compose_cfg(tmp_path)
+    inside = Path(cfg.paths.root) / "outputs" / "2026-12-03" / "10-00-00" / "checkpoints"
+    assert next_test(cfg, inside / "best.ckpt").endswith("command=test")
+    assert next_test(cfg, Path(cfg.paths.root) / "multirun/x/0/checkpoints/best-v1.ckpt").endswith(
+        "command=test"
+    )
+    elsewhere = tmp_path / "mine" / "checkpoints" / "best.ckpt"
+    assert next_test(cfg, elsewhere).endswith(f"command=test test.checkpoint={elsewhere}")
+    assert next_test(cfg, inside / "last.ckpt").endswith(f"test.checkpoint={inside / 'last.ckpt'}")
+
+
 def test_checkpoint_that_is_not_one(tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_text("not a checkpoint")

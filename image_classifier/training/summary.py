@@ -7,7 +7,7 @@ import math
 import time
 from pathlib import Path
 
-from image_classifier import lineage, tracking
+from image_classifier import lineage, runs, tracking
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
@@ -27,6 +27,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
     return {
         "checkpoint": str(best),
         "last_checkpoint": str(Path(last.dirpath) / "last.ckpt"),
+        "next": runs.next_test(cfg, best),
         "best_score": float(score) if score is not None else None,
         "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
@@ -132,12 +133,7 @@ def print_summary(r: dict, info) -> None:
         if r["skipped_files"]
         else "",
         f"  mlflow run: {r.get('mlflow_run_id', 'disabled')}",
-        "  next: uv run python commands.py command=test"
-        + (
-            ""
-            if Path(r["checkpoint"]).name.startswith("best")
-            else f" test.checkpoint={r['checkpoint']}"
-        ),
+        f"  next: {r['next']}",
     ]
     print("\n".join(x for x in lines if x))
 
