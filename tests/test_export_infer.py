@@ -90,7 +90,12 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
         "infer.top_k=2",
     )
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence"]
+    probs = ["prob_cat", "prob_dog", "prob_fox"]  # the model's classes, in its order
+    assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence", *probs]
+    for row in rows:  # top_k=2: the third class's cell is empty; the first is the prediction
+        cells = {p: float(row[p]) for p in probs if row[p]}
+        assert len(cells) == 2 and max(cells, key=cells.get) == f"prob_{row['predicted_class']}"
+        assert max(cells.values()) == float(row["confidence"])
     sorted_files = list((tmp_path / "sorted").rglob("*.png"))
     assert len(sorted_files) == 24
     assert {p.parent.name for p in sorted_files} <= {"cat", "dog", "fox"}

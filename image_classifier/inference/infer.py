@@ -94,7 +94,9 @@ def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
     return n
 
 
-def _csv_text(rows: list[dict]) -> str:
+def _csv_text(rows: list[dict], classes: list[str]) -> str:
+    """path, predicted_class, confidence, then one probability column per class in the model's
+    order (`prob_<class>`; empty where infer.top_k left the class out, or the image failed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     with_errors = any(r.get("error") for r in rows)
@@ -102,17 +104,19 @@ def _csv_text(rows: list[dict]) -> str:
     w.writerow(
         ["path", "predicted_class", "confidence"]
         + (["predicted_labels"] if multi else [])
+        + [f"prob_{name}" for name in classes]
         + (["error"] if with_errors else [])
     )
     for r in rows:
         confidence = "" if r["confidence"] is None else r["confidence"]
         labels = [";".join(r.get("predicted_labels") or [])] if multi else []
+        probs = [r["all_predictions"].get(name, "") for name in classes]
         errors = [r.get("error") or ""] if with_errors else []
-        w.writerow([r["path"], r["predicted_class"] or "", confidence, *labels, *errors])
+        w.writerow([r["path"], r["predicted_class"] or "", confidence, *labels, *probs, *errors])
     return buf.getvalue()
 
 
-def _json_text(rows: list[dict]) -> str:
+def _json_text(rows: list[dict], classes: list[str]) -> str:
     return json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -120,15 +124,16 @@ def _json_text(rows: list[dict]) -> str:
 WRITERS = {".json": _json_text, ".csv": _csv_text}
 
 
-def write_rows(rows: list[dict], output: str | None) -> str:
-    """JSON (one object for one image, else a list) or CSV; stdout when output is None."""
+def write_rows(rows: list[dict], output: str | None, classes: list[str]) -> str:
+    """JSON (one object for one image, else a list) or CSV; stdout when output is None.
+    `classes`: the model's, in its order (the CSV's probability columns)."""
     suffix = Path(output).suffix.lower() if output else ".json"
     if suffix not in WRITERS:
         raise UserError(
             f"infer.output={output!r}: use a file name ending in {' or '.join(WRITERS)} (or leave "
             "it unset for stdout)."
         )
-    text = WRITERS[suffix](rows)
+    text = WRITERS[suffix](rows, classes)
     if output:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +157,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
         from image_classifier.inference.ray_engine import predict_on_ray
 
         rows, backend = predict_on_ray(cfg, paths, model)
+        classes = load_predictor(model, device="cpu", threads=1).meta.classes
     else:
         predictor = load_predictor(model, device=c.device)
         try:
@@ -163,10 +169,10 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
                 threshold=c.get("threshold"),
             )
         except Interrupted as e:
-            raise _saved(e.done, len(paths), c.get("output")) from None
-        backend = predictor.backend
+            raise _saved(e.done, len(paths), c.get("output"), predictor.meta.classes) from None
+        backend, classes = predictor.backend, predictor.meta.classes
     if rows is not None:  # None: the engine wrote them where infer.output says
-        write_rows(rows, c.get("output"))
+        write_rows(rows, c.get("output"), classes)
     sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
     seconds = time.perf_counter() - started
     name = f"{c.model}, version {registered['version']}" if registered else model.name
@@ -174,10 +180,10 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     return {"rows": rows, "seconds": seconds, "images": len(paths)}
 
 
-def _saved(rows: list[dict], n: int, output: str | None) -> Interrupted:
+def _saved(rows: list[dict], n: int, output: str | None, classes: list[str]) -> Interrupted:
     """Ctrl-C part-way: the rows finished so far are written where infer.output says."""
     if rows:
-        write_rows(rows, output)
+        write_rows(rows, output, classes)
     where = f"written to {output}" if output else "printed above"
     return Interrupted(
         f"infer interrupted after {len(rows)} of {n} image(s); "
