@@ -287,6 +287,11 @@ def test_collect_inputs_forms(tmp_path, capsys):
     assert len(collect_inputs(str(tmp_path / "d" / "**" / "*.png"))) == 6
     with pytest.raises(UserError, match="not set"):
         collect_inputs("")
+    (tmp_path / "urls.txt").write_text("d/cat/000.png\nhttps://host/a.jpg\n")
+    with pytest.raises(UserError, match=r"lists 1 URL\(s\) \('https://host/a.jpg'\): download"):
+        collect_inputs(str(tmp_path / "urls.txt"))
+    with pytest.raises(UserError, match="It is a URL: download the images first"):
+        collect_inputs("https://host/a.jpg")
 
 
 def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, caplog):

@@ -55,6 +55,23 @@ def test_csv_manifest(tmp_path):
     assert any("missing.png" in p for p in s.skipped)
 
 
+def test_a_manifest_of_urls_says_to_download_them(tmp_path):
+    """A labelling tool's export lists URLs: they were skipped as "no such file" under a mangled
+    name (`root/https:/host/a.jpg`), and a manifest of URLs only ended in "no images"."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["image,label"] + [f"imgs/{c}/{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join([*rows, "https://host/a.jpg,cat"]))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert sum(len(v) for v in s.splits.values()) == 8
+    assert s.skipped == {
+        "https://host/a.jpg": "a URL, not a file: download the images first and list their "
+        "local paths (this tool reads local files)"
+    }
+    (tmp_path / "labels.csv").write_text("image,label\ns3://bucket/a.jpg,cat\ngs://b/c.png,dog\n")
+    with pytest.raises(UserError, match=r"lists URLs, not files \(row 2: 's3://bucket/a.jpg'\)"):
+        discover(tmp_path)
+
+
 def test_csv_manifest_with_unknown_columns(tmp_path):
     (tmp_path / "m.csv").write_text("a,b\nx.png,cat\n")
     with pytest.raises(UserError, match=r"Cannot tell which column .* Set data.csv_file_column"):

@@ -303,6 +303,14 @@ def path_problem(path: str | Path) -> str | None:
     return None
 
 
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, gs://, file://...
+URL_FIX = "download the images first and list their local paths (this tool reads local files)"
+
+
+def is_url(name: str) -> bool:
+    return bool(URL_PATTERN.match(name.strip()))
+
+
 def listed_path(base: Path, name: str) -> Path:
     """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
     the separator when written on Windows (imgs\\a.jpg)."""

@@ -124,7 +124,7 @@ def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: Manif
             )
         from image_classifier.data.manifest import read_manifest
 
-        labelled, splits, multi = read_manifest(csvs[0], manifest)
+        labelled, splits, multi = read_manifest(csvs[0], manifest, skipped)
         kind = "multi-label csv manifest" if multi else "csv manifest"
         return f"{kind} {csvs[0].name}", labelled, splits
     if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from image_classifier.data.images import listed_path
+from image_classifier.data.images import URL_FIX, is_url, listed_path
 from image_classifier.errors import UserError, did_you_mean
 
 FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
@@ -35,8 +35,11 @@ BINARY = {"0", "1", "0.0", "1.0"}
 MULTI_LABEL = ("auto", True, False)  # data.multi_label
 
 
-def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list | None, bool]:
-    """([(image path, label name or tuple of names)], [split per row] or None, multi-label?)."""
+def read_manifest(
+    path: Path, options, skipped: dict[str, str]
+) -> tuple[list[tuple[str, object]], list | None, bool]:
+    """([(image path, label name or tuple of names)], [split per row] or None, multi-label?).
+    A row naming a URL goes into `skipped` with the fix; a manifest of URLs only stops."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = f.readline()
         f.seek(0)  # columns apart by the first of DELIMITERS the header holds (Excel: ";")
@@ -74,9 +77,17 @@ def read_manifest(path: Path, options) -> tuple[list[tuple[str, object]], list |
                 f"Row {i} of {path.name} has no image file in column {fcol!r}; fill it in or "
                 "remove the row."
             )
+        if is_url(file):
+            skipped[file] = f"a URL, not a file: {URL_FIX}"
+            continue
         labelled.append((str(listed_path(path.parent, file)), label))
         if scol:
             splits.append(_split_name(row[scol], i, path))
+    if not labelled:  # every row was a URL
+        raise UserError(
+            f"CSV manifest {str(path)!r} lists URLs, not files (row 2: {rows[0][fcol].strip()!r})"
+            f": {URL_FIX}, relative to the CSV or absolute."
+        )
     return labelled, (splits if scol else None), multi
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from image_classifier.data.images import is_image_name, is_system, listed_path
+from image_classifier.data.images import URL_FIX, is_image_name, is_system, is_url, listed_path
 from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
@@ -45,7 +45,12 @@ def collect_inputs(spec: str) -> list[Path]:
     elif p.is_file() and p.suffix.lower() == ".txt":
         base = p.parent
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-        files = [listed_path(base, ln) for ln in lines if ln and not ln.startswith("#")]
+        listed = [ln for ln in lines if ln and not ln.startswith("#")]
+        if urls := [ln for ln in listed if is_url(ln)]:
+            raise UserError(
+                f"infer.input={spec!r} lists {len(urls)} URL(s) ({urls[0]!r}): {URL_FIX}."
+            )
+        files = [listed_path(base, ln) for ln in listed]
     elif p.is_file():
         files = [p]
     elif glob.has_magic(spec):
@@ -59,7 +64,7 @@ def collect_inputs(spec: str) -> list[Path]:
     if not files:
         raise UserError(
             f"infer.input={spec!r} matches no image files (give a file, a folder of images, a glob "
-            "or a .txt list)."
+            "or a .txt list)." + (f" It is a URL: {URL_FIX}." if is_url(spec) else "")
         )
     return files
 
