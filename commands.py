@@ -50,7 +50,7 @@ OUTPUT_SETTINGS = {
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(message if code == 130 else f"error: {message}", file=sys.stderr)  # 130: Ctrl-C
     sys.exit(code)
 
 

@@ -451,6 +451,31 @@ def test_resume_can_extend_a_finished_run_in_the_same_mlflow_run(make_cfg, folde
     assert final["epoch"] == 1 and more["mlflow_run_id"] == first["mlflow_run_id"]
 
 
+def test_ctrl_c_in_training_says_what_was_kept_and_how_to_go_on(make_cfg, folder_data, tmp_path):
+    """Lightning answers Ctrl-C with sys.exit(1): the user got exit code 1 and no word. Now
+    Interrupted (exit 130) names the checkpoints kept and the command that continues the run,
+    and that command finishes it."""
+    import lightning as L
+
+    from image_classifier.errors import Interrupted
+
+    class CtrlC(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 2:
+                raise KeyboardInterrupt
+
+    base = ("data=folder", f"data.root={folder_data}", "train.epochs=4")
+    cfg = make_cfg(*base, f"paths.output_dir={tmp_path}/run")
+    with pytest.raises(Interrupted, match="train interrupted after 2 finished epoch.s. of 4") as e:
+        run_train(cfg, callbacks=[CtrlC()])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"Kept: {last.parent / 'best.ckpt'} (best val/acc " in str(e.value)
+    assert f"command=train train.resume={last}`" in str(e.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    done = run_train(make_cfg(f"train.resume={last}"))
+    assert torch.load(done["last_checkpoint"], weights_only=True)["epoch"] == 3
+
+
 def test_a_requeued_slurm_job_continues_from_its_own_last_checkpoint(
     make_cfg, folder_data, tmp_path, monkeypatch
 ):

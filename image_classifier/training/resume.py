@@ -4,13 +4,14 @@ what the command line that resumes it may change."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier import runs
 from image_classifier.data.identity import class_change
-from image_classifier.errors import UserError
+from image_classifier.errors import Interrupted, UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.rules import is_auto
 
@@ -139,3 +140,36 @@ def asked_epochs(cfg) -> int | None:
     if not HydraConfig.initialized():  # called from Python with a composed config: take it
         return int(cfg.train.epochs)
     return int(cfg.train.epochs) if "train.epochs" in command_line_overrides() else None
+
+
+def fit(trainer, module, dm, resume_from: Path | None, checkpoint, last) -> None:
+    """trainer.fit. On Ctrl-C Lightning shuts the run down and calls sys.exit(1), which left the
+    user at a bare prompt with exit code 1; it becomes Interrupted (exit 130) naming what the
+    finished epochs kept and the command that continues the run."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    except SystemExit:
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it now
+        raise Interrupted(interrupted(trainer, checkpoint, last)) from None
+
+
+def interrupted(trainer, checkpoint, last) -> str:
+    done, last_file = trainer.current_epoch, Path(last.dirpath) / "last.ckpt"
+    said = f"train interrupted after {done} finished epoch(s) of {trainer.max_epochs}"
+    if not last_file.is_file():
+        return said + ": no epoch finished, nothing was kept."
+    best = checkpoint.best_model_path
+    kept = (
+        f"{best} (best {checkpoint.monitor} {float(checkpoint.best_model_score):.4f} so far) and "
+        if best and checkpoint.best_model_score is not None
+        else ""
+    )
+    return (
+        f"{said}. Kept: {kept}{last_file} (the last finished epoch). Continue it with `uv run "
+        f"python commands.py command=train train.resume={last_file}`"
+        + (f", or test what it has with `command=test test.checkpoint={best}`." if kept else ".")
+    )

@@ -48,6 +48,7 @@ from image_classifier.training.resume import (
     asked_epochs,
     check_resumed_data,
     check_stretch,
+    fit,
     resume_point,
 )
 from image_classifier.training.summary import (
@@ -159,7 +160,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         default_root_dir=out,
         **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    fit(trainer, module, dm, resume_from, checkpoint, last)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result |= {"batching": getattr(dm, "batching", "DataLoader"), "time_budget": budget}
     result["chosen"] = chosen
