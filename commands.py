@@ -97,13 +97,8 @@ def main(cfg: DictConfig):
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _fail(str(e), 2 if isinstance(e, UserError) else 1)
-    except KeyboardInterrupt as e:
-        _fail(
-            str(e)
-            or "interrupted. A training run continues from its last finished epoch with "
-            "`uv run python commands.py command=train train.resume=last`.",
-            130,
-        )
+    except KeyboardInterrupt as e:  # Interrupted says what was kept; a bare Ctrl-C, the command
+        _fail(str(e) or f"{cfg.command} interrupted.", 130)
 
 
 def _rewrite_model(args: list[str]) -> list[str]:

@@ -288,6 +288,28 @@ def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_in_test_exits_130_with_a_word(trained, tmp_path, monkeypatch):
+    """Lightning's sys.exit(1) on Ctrl-C inside trainer.test left exit code 1 and no word."""
+    import signal
+
+    import lightning as L
+
+    from image_classifier.errors import Interrupted
+    from image_classifier.training import evaluate
+
+    class CtrlC(L.Callback):
+        def on_test_start(self, trainer, module):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "progress_bar", lambda cfg: [CtrlC()])
+    root, ckpt, _ = trained
+    cfg = compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={tmp_path / 't'}")
+    with pytest.raises(Interrupted, match="test interrupted before its report was written"):
+        run_test(cfg)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not (tmp_path / "t" / "test_report.json").exists()
+
+
 def test_test_writes_predictions_mistakes_and_calibration(trained, tmp_path):
     """predictions.csv has one row per test image with the model's own probabilities; ECE is
     torchmetrics' and matches a by-hand computation from that file; the plots are written."""

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from image_classifier.errors import UserError
+from image_classifier.training.callbacks import interruptible
 
 SKIP_STEPS = 3  # the first steps pay for kernel selection, allocation and compilation
 TIMED_STEPS = 20
@@ -137,7 +138,14 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
         )
     python_rng, numpy_rng = random.getstate(), np.random.get_state()
     with torch.random.fork_rng():  # the CPU generator and every CUDA one
-        probe.fit(make_module(), datamodule=dm)
+        interruptible(
+            probe,
+            lambda: probe.fit(make_module(), datamodule=dm),
+            lambda: (
+                "train interrupted while it timed steps for train.time_budget: no epoch "
+                "was trained, nothing was kept."
+            ),
+        )
     random.setstate(python_rng)
     np.random.set_state(numpy_rng)
     with tempfile.TemporaryDirectory() as folder:  # the first write pays one-time costs

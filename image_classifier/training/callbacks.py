@@ -1,6 +1,7 @@
 """Callbacks of our own; everything else is Lightning's (checkpointing, early stopping, LR)."""
 
 import math
+import signal
 import sys
 import time
 
@@ -11,6 +12,23 @@ from lightning.pytorch.callbacks import (
     ProgressBar,
     TQDMProgressBar,
 )
+
+from image_classifier.errors import Interrupted
+
+
+def interruptible(trainer, call, said):
+    """`call()`, a Lightning fit or test. Lightning answers Ctrl-C by shutting the trainer down
+    and calling sys.exit(1): exit code 1 and not a word. That becomes Interrupted (exit 130)
+    with `said()`, what was kept and how to go on."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    try:
+        return call()
+    except SystemExit:
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it now
+        raise Interrupted(said()) from None
 
 
 class History(Callback):

@@ -20,7 +20,7 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.tta import chosen_tta, describe
-from image_classifier.training.callbacks import progress_bar
+from image_classifier.training.callbacks import interruptible, progress_bar
 from image_classifier.training.plots import plot_confusion, plot_curves
 from image_classifier.training.train import trainer_kwargs
 
@@ -53,7 +53,11 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     trainer = L.Trainer(
         logger=logger or False, default_root_dir=out, callbacks=progress_bar(cfg), **kwargs
     )
-    trainer.test(module, datamodule=dm, verbose=False)
+    interruptible(
+        trainer,
+        lambda: trainer.test(module, datamodule=dm, verbose=False),
+        lambda: "test interrupted before its report was written.",
+    )
     report = report_for(path, module, info, trainer, hash_note)
     report["tta"] = module.tta
     report_path, plots, shared = write_outputs(cfg, report, path, out)

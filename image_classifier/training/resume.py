@@ -4,16 +4,16 @@ what the command line that resumes it may change."""
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier import runs
 from image_classifier.data.identity import class_change
-from image_classifier.errors import Interrupted, UserError
+from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.rules import is_auto
+from image_classifier.training.callbacks import interruptible
 
 log = logging.getLogger(__name__)
 
@@ -143,18 +143,12 @@ def asked_epochs(cfg) -> int | None:
 
 
 def fit(trainer, module, dm, resume_from: Path | None, checkpoint, last) -> None:
-    """trainer.fit. On Ctrl-C Lightning shuts the run down and calls sys.exit(1), which left the
-    user at a bare prompt with exit code 1; it becomes Interrupted (exit 130) naming what the
-    finished epochs kept and the command that continues the run."""
-    from lightning.pytorch.trainer.states import TrainerStatus
-
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
-    except SystemExit:
-        if trainer.state.status != TrainerStatus.INTERRUPTED:
-            raise
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores it now
-        raise Interrupted(interrupted(trainer, checkpoint, last)) from None
+    """trainer.fit; Ctrl-C names what the finished epochs kept and the command that continues."""
+    interruptible(
+        trainer,
+        lambda: trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from or "") or None),
+        lambda: interrupted(trainer, checkpoint, last),
+    )
 
 
 def interrupted(trainer, checkpoint, last) -> str:
