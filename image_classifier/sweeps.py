@@ -5,24 +5,79 @@ which `tracking.sweep_tags` tags with the sweep's folder."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 
+def sweep_size(config) -> int | None:
+    """How many trials the sweep runs: the sweeper's n_trials (Optuna), else the product of the
+    swept values' counts (`train.lr=1e-3,3e-3 model=cnn,cnn4`: 4); None when not countable."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("n_trials"):
+        return int(sweeper.n_trials)
+    given = [
+        *config.hydra.overrides.task,
+        *(f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()),
+    ]
+    size = 1
+    try:
+        for o in OverridesParser.create().parse_overrides(given):
+            if o.is_sweep_override():
+                size *= len(list(o.sweep_string_iterator()))
+    except Exception:  # interval() and other sweeps with no count
+        return None
+    return size
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s"
+
+
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self.started: float | None = None  # set where the sweep starts: trials run here too
+        self.total: int | None = None
+        self.done = 0
+
     def on_multirun_start(self, config, **kwargs) -> None:
         from image_classifier import tracking
 
         _check_ray_address(config)
         tracking.experiment_id(config)
+        self.started, self.total = time.perf_counter(), sweep_size(config)
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        """A line after each trial: how many of how many, the time so far and an ETA. Trials a
+        launcher runs in other processes (joblib, submitit, Ray) end there, without one."""
+        if self.started is None:
+            return
+        self.done += 1
+        spent = time.perf_counter() - self.started
+        of = f" of {self.total}" if self.total else ""
+        left = (
+            f", about {_clock(spent / self.done * (self.total - self.done))} left"
+            if self.total and self.done < self.total
+            else ""
+        )
+        print(f"Sweep: {self.done}{of} trial(s) done in {_clock(spent)}{left}", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from image_classifier import tracking
 
+        sweep = str(Path(config.hydra.sweep.dir).resolve())
+        if config.command == "train" and not config.logger.enabled:
+            print(
+                f"Sweep {sweep}: each trial's run in its numbered folder (logger.enabled=false: "
+                "no MLflow runs to name the best from).",
+                flush=True,
+            )
         if not config.logger.enabled or config.command != "train":
             return
-        sweep = str(Path(config.hydra.sweep.dir).resolve())
         runs = tracking.sweep_runs(config, sweep)
         scored = [r for r in runs if "best_score" in r.data.metrics]
         if not scored:

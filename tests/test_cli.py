@@ -57,12 +57,31 @@ def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_s
         *idx_overrides(src, sums),
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "Sweep: 1 of 2 trial(s) done in " in p.stdout and ", about " in p.stdout
+    assert "Sweep: 2 of 2 trial(s) done in " in p.stdout
     ckpts = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/best.ckpt"))
     assert [c.parts[-3] for c in ckpts] == ["0", "1"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("image_classifier")
     lrs = sorted(r.data.params["config/train/lr"] for r in client.search_runs([exp.experiment_id]))
     assert lrs == ["0.001", "0.003"]
+
+
+def test_a_sweeps_size_is_its_trials_or_the_product_of_its_swept_values():
+    from omegaconf import OmegaConf
+
+    from image_classifier.sweeps import sweep_size
+
+    def size(task, **sweeper):
+        return sweep_size(
+            OmegaConf.create({"hydra": {"sweeper": sweeper, "overrides": {"task": task}}})
+        )
+
+    assert size(["train.lr=1e-3,3e-3", "model=cnn,cnn4,cnn", "seed=1"]) == 6
+    assert size(["seed=range(1,5)"]) == 4
+    assert size(["seed=1"], params={"train.lr": "1e-3,2e-3"}) == 2
+    assert size(["train.lr=interval(1e-4,1e-2)"]) is None
+    assert size(["train.lr=interval(1e-4,1e-2)"], n_trials=12) == 12
 
 
 def test_an_option_of_a_network_needs_the_network_named(tmp_path):
