@@ -24,6 +24,15 @@ def test_class_folders_split_is_stratified_and_deterministic(folder_data):
     assert len(everything) == len(set(everything)) == 30
 
 
+def test_a_class_of_one_image_is_trained_on_not_tested(tmp_path):
+    """The floor of the cumulative cuts put a class's only image in test: train had none."""
+    make_class_folders(tmp_path / "d", per_class=5)
+    for extra in list((tmp_path / "d" / "fox").iterdir())[1:]:
+        extra.unlink()
+    s = discover(tmp_path / "d")
+    assert s.counts("train")[2] == 1 and s.counts("val")[2] == s.counts("test")[2] == 0
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)
@@ -185,7 +194,9 @@ def test_a_zero_ratio_leaves_its_split_empty_when_asked(folder_data):
     s = discover(folder_data, split=(0, 0, 1))
     assert not s.splits["train"] and not s.splits["val"] and len(s.splits["test"]) == 30
     one_each = make_class_folders(folder_data.parent / "one", per_class=1)
-    with pytest.raises(UserError, match="The train split is empty"):  # asked for, none fit
+    with pytest.raises(
+        UserError, match="The val split is empty"
+    ):  # asked for, none fit: train takes the one
         discover(one_each, split=(0.01, 0.99, 0))
 
 

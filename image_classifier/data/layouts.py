@@ -245,7 +245,8 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
 def _stratified_split(
     pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
 ) -> list[list[tuple[str, int]]]:
-    """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can."""
+    """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can, and
+    train first (the floor of the cuts gave a class's only image to test)."""
     ratios = _ratios(ratios)
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[tuple[str, int]]] = {}
@@ -262,6 +263,9 @@ def _stratified_split(
         for k in range(1, len(sizes)):
             if ratios[k] > 0 and sizes[k] == 0 and sizes[0] > 1:
                 sizes[k], sizes[0] = 1, sizes[0] - 1
+        if sizes[0] == 0 and ratios[0] > 0:  # a class of one image: trained on, not tested
+            k = max(k for k in range(len(sizes)) if sizes[k])
+            sizes[k], sizes[0] = sizes[k] - 1, 1
         start = 0
         for k, size in enumerate(sizes):
             parts[k] += [items[i] for i in order[start : start + size]]
