@@ -92,11 +92,23 @@ def experiment_id(cfg) -> str | None:
 
     uri, artifacts = resolve_uri(cfg.logger, cfg.paths.root)
     check_reachable(uri, float(cfg.logger.connect_timeout))
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.logger.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(cfg.logger.experiment, artifact_location=artifacts)
+    with _creating(uri):
+        client = mlflow.MlflowClient(tracking_uri=uri)  # makes a new store's tables
+        exp = client.get_experiment_by_name(cfg.logger.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(cfg.logger.experiment, artifact_location=artifacts)
+
+
+def _creating(uri: str):
+    """For the embedded SQLite store, a file lock beside it: commands started together on a new
+    project (`for d in a b c; do ... & done`) raced to create its tables, and all but one
+    ended in alembic's "Online migration expected to match one row" traceback."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300)
 
 
 def sweep_runs(cfg, sweep: str) -> list:

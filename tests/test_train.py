@@ -629,6 +629,32 @@ def test_a_fresh_tracking_store_gets_its_experiment_without_a_warning(tmp_path, 
     assert [r.info.run_id for r in runs] == [logger.run_id]
 
 
+def test_commands_started_together_on_a_new_project_share_one_store(tmp_path):
+    """Three trainings started at once on a fresh project raced to create the embedded store's
+    tables: two ended in alembic's "Online migration expected to match one row" traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from omegaconf import OmegaConf; from image_classifier import tracking; "
+        "cfg = OmegaConf.create({'logger': {'enabled': True, 'experiment': 'e', "
+        "'connect_timeout': 5}, 'paths': {'root': sys.argv[1]}}); "
+        "print(tracking.experiment_id(cfg))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert len({out.split()[-1] for out, _ in results}) == 1  # one experiment, one id
+
+
 def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_path):
     """A 16-image validation split ties on accuracy from early on; Lightning kept the first of
     equals, so 100- and 250-epoch runs shipped their epoch 6. Ties now go to the lower loss, and
