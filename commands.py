@@ -16,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_classifier import CONFIG_DIR
 from image_classifier.errors import ExportError, UserError
+from image_classifier.runs import claim_run_dir
+
+# hydra.run.dir: outputs/<date>/<time>, or <time>-2 when another command started that second
+OmegaConf.register_new_resolver("claim", claim_run_dir)
 
 COMMANDS = {
     "download": "image_classifier.data.sources:run_download",

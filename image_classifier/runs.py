@@ -7,11 +7,34 @@ that asked, so the user knows which `key=PATH` to set.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from image_classifier.errors import UserError
 from image_classifier.rules import REGISTRY_PREFIX
+
+_CLAIMED: dict[str, str] = {}
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")  # set in each process of a distributed run
+
+
+def claim_run_dir(path: str) -> str:
+    """hydra.run.dir's default, outputs/<date>/<time>, as a folder no other command holds (the
+    `claim` resolver): two commands started in the same second shared one folder and wrote
+    over each other's last.ckpt, log and plots; the second now gets <time>-2. One process
+    always gets the same answer. The processes of one distributed run share the folder."""
+    if path in _CLAIMED or any(v in os.environ for v in RANK_VARIABLES):
+        return _CLAIMED.get(path, path)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.makedirs(candidate)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}-{n}"
+    _CLAIMED[path] = candidate
+    return candidate
 
 
 def output_dir(cfg) -> Path:

@@ -655,6 +655,26 @@ def test_commands_started_together_on_a_new_project_share_one_store(tmp_path):
     assert len({out.split()[-1] for out, _ in results}) == 1  # one experiment, one id
 
 
+def test_commands_started_in_the_same_second_get_their_own_run_folders(tmp_path, monkeypatch):
+    """outputs/<date>/<time> was shared by two commands started in the same second: their
+    last.ckpt, log and plots overwrote each other. `${claim:...}` gives the second <time>-2."""
+    from image_classifier import runs
+
+    for v in runs.RANK_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    base = str(tmp_path / "outputs" / "2026-12-03" / "10-00-00")
+    monkeypatch.setattr(runs, "_CLAIMED", {})
+    first = runs.claim_run_dir(base)
+    assert first == base and Path(base).is_dir() and runs.claim_run_dir(base) == base  # stays
+    monkeypatch.setattr(runs, "_CLAIMED", {})  # another process, the same second
+    assert runs.claim_run_dir(base) == base + "-2"
+    monkeypatch.setattr(runs, "_CLAIMED", {})
+    assert runs.claim_run_dir(base) == base + "-3"
+    monkeypatch.setattr(runs, "_CLAIMED", {})
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank of a distributed run: the shared folder
+    assert runs.claim_run_dir(base) == base
+
+
 def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_path):
     """A 16-image validation split ties on accuracy from early on; Lightning kept the first of
     equals, so 100- and 250-epoch runs shipped their epoch 6. Ties now go to the lower loss, and
