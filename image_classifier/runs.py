@@ -15,7 +15,14 @@ from image_classifier.errors import UserError
 from image_classifier.rules import REGISTRY_PREFIX
 
 _CLAIMED: dict[str, str] = {}
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID")  # set in each process of a distributed run
+RANK_VARIABLES = ("RANK", "LOCAL_RANK")  # torchrun and Lightning set them in each rank's process
+
+
+def _distributed() -> bool:
+    """A process of a run on several processes (a Slurm job array's tasks are one each)."""
+    return (
+        any(v in os.environ for v in RANK_VARIABLES) or int(os.environ.get("SLURM_NTASKS") or 1) > 1
+    )
 
 
 def claim_run_dir(path: str) -> str:
@@ -23,7 +30,7 @@ def claim_run_dir(path: str) -> str:
     `claim` resolver): two commands started in the same second shared one folder and wrote
     over each other's last.ckpt, log and plots; the second now gets <time>-2. One process
     always gets the same answer. The processes of one distributed run share the folder."""
-    if path in _CLAIMED or any(v in os.environ for v in RANK_VARIABLES):
+    if path in _CLAIMED or _distributed():
         return _CLAIMED.get(path, path)
     candidate, n = path, 1
     while True:

@@ -660,8 +660,9 @@ def test_commands_started_in_the_same_second_get_their_own_run_folders(tmp_path,
     last.ckpt, log and plots overwrote each other. `${claim:...}` gives the second <time>-2."""
     from image_classifier import runs
 
-    for v in runs.RANK_VARIABLES:
+    for v in (*runs.RANK_VARIABLES, "SLURM_NTASKS"):
         monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a task of a Slurm job array claims its own
     base = str(tmp_path / "outputs" / "2026-12-03" / "10-00-00")
     monkeypatch.setattr(runs, "_CLAIMED", {})
     first = runs.claim_run_dir(base)
@@ -671,7 +672,10 @@ def test_commands_started_in_the_same_second_get_their_own_run_folders(tmp_path,
     monkeypatch.setattr(runs, "_CLAIMED", {})
     assert runs.claim_run_dir(base) == base + "-3"
     monkeypatch.setattr(runs, "_CLAIMED", {})
-    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank of a distributed run: the shared folder
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # a task of a run on several: the shared folder
+    assert runs.claim_run_dir(base) == base
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert runs.claim_run_dir(base) == base
 
 
