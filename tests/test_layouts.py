@@ -33,6 +33,18 @@ def test_a_class_of_one_image_is_trained_on_not_tested(tmp_path):
     assert s.counts("train")[2] == 1 and s.counts("val")[2] == s.counts("test")[2] == 0
 
 
+def test_split_folders_inside_the_class_folders_are_named(tmp_path, caplog):
+    """ROOT/<class>/train|test/ was merged and re-split without a word."""
+    for split in ("train", "test"):
+        make_class_folders(tmp_path / "tmp" / split, per_class=3)
+        for c in ("cat", "dog"):
+            shutil.copytree(tmp_path / "tmp" / split / c, tmp_path / "d" / c / split)
+    s = discover(tmp_path / "d")
+    assert s.layout == "class folders" and sum(len(v) for v in s.splits.values()) == 12
+    assert f"{tmp_path / 'd'}/<class>/ holds test/train folders" in caplog.text
+    assert f"arrange {tmp_path / 'd'}/<split>/<class>/" in caplog.text
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)

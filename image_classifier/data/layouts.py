@@ -138,7 +138,23 @@ def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: Manif
     for p in entries:
         if not p.is_dir():
             skipped[display_name(p)] = "stray file beside the class folders"
+    _warn_splits_inside(root, [p for p in entries if p.is_dir()])
     return "class folders", labelled, None
+
+
+def _warn_splits_inside(root: Path, class_dirs: list[Path]) -> None:
+    """ROOT/<class>/train|test/...: the images are used, but the split folders inside the classes
+    are not read as splits; say so, with the layout that keeps them."""
+    inside = {c.name for d in class_dirs for c in d.iterdir() if c.is_dir()}
+    named = sorted(n for n in inside if n.lower() in SPLIT_ALIASES)
+    if named and all(any((d / n).is_dir() for n in named) for d in class_dirs):
+        log.warning(
+            "%s/<class>/ holds %s folders: they are read as part of each class and split again "
+            "by data.split, not kept as splits. To keep them, arrange %s/<split>/<class>/.",
+            root,
+            "/".join(named),
+            root,
+        )
 
 
 def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
