@@ -178,11 +178,6 @@ def log_metrics(logger, metrics: dict[str, float]) -> None:
         logger.experiment.log_metric(logger.run_id, k, float(v))
 
 
-def log_params(logger, params: dict) -> None:
-    for k, v in params.items():
-        logger.experiment.log_param(logger.run_id, k, v)
-
-
 def set_tags(logger, tags: dict[str, str]) -> None:
     for k, v in tags.items():
         logger.experiment.set_tag(logger.run_id, k, v)
@@ -267,15 +262,19 @@ def find_version(client, name: str, alias: str | None, version: str | None):
         ) from None
 
 
-def newest_version(client, name: str):
-    """The highest version of registered model `name`, or None when there is none."""
+def versions(client, name: str) -> list:
+    """Every version of registered model `name`, with its tags ([] when there is none)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        return list(client.search_model_versions(f"name = '{name}'"))
     except MlflowException:  # a name the filter language cannot quote: nothing to compare
-        return None
-    return max(versions, key=lambda v: int(v.version), default=None)
+        return []
+
+
+def newest_version(client, name: str):
+    """The highest version of registered model `name`, or None when there is none."""
+    return max(versions(client, name), key=lambda v: int(v.version), default=None)
 
 
 def register_version(client, model_uri: str, name: str, run_id: str | None, tags, description):

@@ -64,8 +64,22 @@ def test_version_carries_signature_lineage_and_alias_moves(registered):
     info = mlflow.models.get_model_info("models:/tiny/1")
     assert info.signature.inputs.input_names() == ["image"]
 
-    second = run_register(compose_cfg(root, f"register.model={onnx}", "register.name=tiny"))
-    assert second["version"] == "2"
+    # the same file again (a re-run): no copy, the alias stays on the version it has
+    again = run_register(compose_cfg(root, f"register.model={onnx}", "register.name=tiny"))
+    assert (
+        again["version"] == "1"
+        and again["already"]
+        and len(client.search_model_versions("name = 'tiny'")) == 1
+    )
+    import onnx as onnx_lib
+
+    other = onnx_lib.load(str(onnx))
+    other.doc_string = "another export"
+    onnx_lib.save(other, str(root / "other.onnx"))
+    second = run_register(
+        compose_cfg(root, f"register.model={root / 'other.onnx'}", "register.name=tiny")
+    )
+    assert second["version"] == "2" and not second.get("already")
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "2"
     # roll back: the alias moves to version 1, and loading by alias follows it
     run_register(

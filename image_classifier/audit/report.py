@@ -116,7 +116,7 @@ def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
     tracking.log_metrics(logger, metrics)
     params = {f"audit.{k}": v for k, v in report["settings"].items() if k != "quality"}
     params |= {f"audit.quality.{k}": v for k, v in report["settings"]["quality"].items()}
-    tracking.log_params(logger, params)
+    logger.log_hyperparams(params)
     tracking.log_artifacts(logger, [out], artifact_path="audit")
     tracking.finish(logger)
     return logger.run_id

@@ -71,6 +71,8 @@ def register(
     meta = OnnxPredictor(onnx_path, device="cpu").meta.extra
     name = name or default_name(meta)
     client = client or tracking.registry_client(cfg)
+    if same := already_registered(client, name, onnx_path, alias):
+        return same
     logger = None
     if model_uri is None:
         from image_classifier.export.mlflow_model import log_mlflow_model
@@ -97,6 +99,27 @@ def register(
         "model_uri": model_uri,
         "run_id": run_id,
         "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
+    }
+
+
+def already_registered(client, name: str, onnx_path: Path, alias: str | None) -> dict | None:
+    """The version of `name` registered from a file with these bytes (ONNX SHA-256), with
+    `alias` moved to it: registering it again (a re-run, `dvc repro`) added a copy each time."""
+    sha = sha256_file(onnx_path)
+    same = [v for v in tracking.versions(client, name) if v.tags.get("onnx_sha256") == sha]
+    if not same:
+        return None
+    mv = min(same, key=lambda v: int(v.version))
+    if alias:
+        tracking.move_alias(client, name, alias, mv.version)
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "alias": alias,
+        "model_uri": mv.source,
+        "run_id": mv.run_id,
+        "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
+        "already": True,
     }
 
 
@@ -166,7 +189,12 @@ def print_registered(result: dict, onnx_path: Path) -> None:
     print(
         "\n".join(
             [
-                f"Registered {onnx_path} as {result['name']!r} version {result['version']}{alias}",
+                f"{onnx_path} was already registered as {result['name']!r} version "
+                f"{result['version']} (the same ONNX bytes): no new version"
+                + (f"; @{result['alias']} points at it" if result["alias"] else "")
+                if result.get("already")
+                else f"Registered {onnx_path} as {result['name']!r} version "
+                f"{result['version']}{alias}",
                 f"  mlflow model: {result['model_uri']} (run {result['run_id']})",
                 f"  serve it: uv run python commands.py command=serve serve.model={result['uri']}",
                 f"  predict:  uv run python commands.py command=infer infer.model={result['uri']} "
