@@ -45,6 +45,22 @@ def test_split_folders_inside_the_class_folders_are_named(tmp_path, caplog):
     assert f"arrange {tmp_path / 'd'}/<split>/<class>/" in caplog.text
 
 
+def test_images_behind_a_symlinked_folder_are_read_once_and_a_link_loop_ends(tmp_path):
+    """`cat/batch1 -> /data/cats`: Path.rglob (Python < 3.13) does not follow a symlinked
+    folder, and the class read as "no images"."""
+    from image_classifier.inference.infer import collect_inputs
+
+    make_class_folders(tmp_path / "store", per_class=4)
+    for c in ("cat", "dog"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "batch1").symlink_to(tmp_path / "store" / c)
+    (tmp_path / "d" / "cat" / "loop").symlink_to(tmp_path / "d" / "cat")  # a link loop
+    s = discover(tmp_path / "d")
+    assert s.classes == ["cat", "dog"] and not s.skipped
+    assert sum(len(v) for v in s.splits.values()) == 8  # 4 each, the loop read once
+    assert len(collect_inputs(str(tmp_path / "d"))) == 8
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,21 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
     return path
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, through symlinked folders too (Path.rglob does not
+    follow them before Python 3.13: `cat/batch1 -> /data/cats` read as no images), each real
+    folder once (a link loop ends); hidden and system names passed over (is_system)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen or is_system(Path(top), folder):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(top) / f for f in files if not is_system(Path(top) / f, folder)]
+    return sorted(found)
+
+
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
     out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
@@ -240,7 +256,7 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             "files>."
         )
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if not p.is_dir() and not is_system(p, d))
+        files = files_under(d)
         images = []
         for p in files:
             if problem := path_problem(p):

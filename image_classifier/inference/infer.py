@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from image_classifier.data.images import URL_FIX, is_image_name, is_system, is_url, listed_path
+from image_classifier.data.images import URL_FIX, is_image_name, is_url, listed_path
+from image_classifier.data.layouts import files_under
 from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
@@ -33,7 +34,7 @@ def collect_inputs(spec: str) -> list[Path]:
         )
     p = Path(spec).expanduser()
     if p.is_dir():
-        every = sorted(f for f in p.rglob("*") if not f.is_dir() and not is_system(f, p))
+        every = files_under(p)
         files = [f for f in every if is_image_name(f)]
         if others := [str(f.relative_to(p)) for f in every if not is_image_name(f)]:
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
