@@ -90,16 +90,7 @@ def register(
     mv = tracking.register_version(
         client, model_uri, name, run_id, version_tags(meta, onnx_path, cfg), description
     )
-    if alias:
-        tracking.move_alias(client, name, alias, mv.version)
-    return {
-        "name": name,
-        "version": str(mv.version),
-        "alias": alias,
-        "model_uri": model_uri,
-        "run_id": run_id,
-        "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
-    }
+    return _aliased(client, name, alias, mv.version, model_uri=model_uri, run_id=run_id)
 
 
 def already_registered(client, name: str, onnx_path: Path, alias: str | None) -> dict | None:
@@ -110,17 +101,18 @@ def already_registered(client, name: str, onnx_path: Path, alias: str | None) ->
     if not same:
         return None
     mv = min(same, key=lambda v: int(v.version))
-    if alias:
-        tracking.move_alias(client, name, alias, mv.version)
-    return {
-        "name": name,
-        "version": str(mv.version),
-        "alias": alias,
-        "model_uri": mv.source,
-        "run_id": mv.run_id,
-        "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{mv.version}",
-        "already": True,
+    return _aliased(client, name, alias, mv.version, model_uri=mv.source, run_id=mv.run_id) | {
+        "already": True
     }
+
+
+def _aliased(client, name: str, alias: str | None, version, **more) -> dict:
+    """`alias` moved to `version` of `name` (none given: nothing moves), and what register
+    reports of it: the address to load it by."""
+    if alias:
+        tracking.move_alias(client, name, alias, version)
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    return {"name": name, "version": str(version), "alias": alias, **more, "uri": uri}
 
 
 def check_same_classes(client, name: str, classes: list[str]) -> None:
@@ -148,14 +140,9 @@ def check_same_classes(client, name: str, classes: list[str]) -> None:
 
 def promote(client, name: str, version: str, alias: str) -> dict:
     """Point `alias` at an existing version."""
-    mv = tracking.find_version(client, name, None, str(version))
-    tracking.move_alias(client, name, alias, mv.version)
-    return {
-        "name": name,
-        "version": str(mv.version),
-        "alias": alias,
-        "uri": f"models:/{name}@{alias}",
-    }
+    return _aliased(
+        client, name, alias, tracking.find_version(client, name, None, str(version)).version
+    )
 
 
 def run_register(cfg) -> dict:
