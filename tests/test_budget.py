@@ -13,7 +13,7 @@ from image_classifier.training.train import run_train
 
 def _timer(first: float, step: float, steps: int, batches: int, val: float) -> ProbeTimer:
     t = ProbeTimer()
-    t.ends = [first + step * i for i in range(steps)]  # the first step costs `first`
+    t.gaps = [first] + [step] * (steps - 1)  # the first step costs `first`
     t.train_batches, t.val_batches, t.val_seconds = batches, 10, val
     return t
 
@@ -36,6 +36,15 @@ def test_plan_fills_what_is_left_with_whole_epochs():
     # last.ckpt and best.ckpt written each epoch: 2 x 2.5 s more an epoch, 95 % of 577.5 / 60
     t.save_seconds = 2.5
     assert plan(600, 20, t, validations=1)["epoch_seconds"] == 60.0
+
+
+def test_an_epoch_of_few_steps_times_all_but_its_first():
+    """3 steps an epoch (84 images at batch 32): every step was timed, the first's warm-up with
+    them, and a 45 s budget trained 30 s."""
+    t = _timer(first=2.0, step=0.5, steps=3, batches=3, val=1.0)
+    assert t.step_seconds() == pytest.approx(0.5) and t.warmup_seconds() == pytest.approx(1.5)
+    one = _timer(first=2.0, step=0.5, steps=1, batches=1, val=1.0)  # nothing else to time
+    assert one.step_seconds() == pytest.approx(2.0) and one.warmup_seconds() == 0.0
 
 
 def test_validations_per_epoch_follow_the_trainer_settings():
