@@ -303,3 +303,22 @@ def test_a_label_without_test_images_is_left_out_of_map_and_macro_f1():
     lines = summary_lines(r)
     assert lines[1].startswith("  lowest AP: ") and " c " not in lines[1]
     assert lines[2] == "  no test images of c: their recall and AP are not measured"
+
+
+def test_a_label_without_positives_in_a_split_prints_no_raw_torchmetrics_warning():
+    """Every validation epoch printed torchmetrics' "No positive samples found in target" when a
+    label had no example in the split; the data's own warning already names that label."""
+    import warnings
+
+    from torchmetrics.classification import MultilabelAveragePrecision
+
+    from image_classifier.models.multilabel import compute_quietly
+
+    metric = MultilabelAveragePrecision(num_labels=3, average=None)
+    metric.update(
+        torch.tensor([[0.9, 0.2, 0.1], [0.3, 0.8, 0.2]]), torch.tensor([[1, 0, 0], [0, 1, 0]])
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        ap = compute_quietly(metric)
+    assert ap[:2].tolist() == [1.0, 1.0]

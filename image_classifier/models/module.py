@@ -151,7 +151,7 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
         if self.multi_label:
-            self.log("val/mAP", self.val_map.compute(), prog_bar=True)
+            self.log("val/mAP", multilabel.compute_quietly(self.val_map), prog_bar=True)
             self.val_map.reset()
 
     def on_test_epoch_start(self):

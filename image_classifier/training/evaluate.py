@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +18,7 @@ from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.multilabel import compute_quietly
 from image_classifier.models.tta import chosen_tta, describe
 from image_classifier.training.callbacks import interruptible, progress_bar
 from image_classifier.training.plots import plot_confusion, plot_curves
@@ -192,9 +192,9 @@ def data_mismatch(hp, info) -> str:
 def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
     """test_report.json's content: single-label or multi-label metrics."""
     collections = [module.test_metrics, *([module.test_ranking] if module.multi_label else [])]
-    with warnings.catch_warnings():  # a class absent from test: the report says so itself
-        warnings.filterwarnings("ignore", "No positive samples found in target")
-        m = {k.removeprefix("test/"): v.cpu() for c in collections for k, v in c.compute().items()}
+    m = {
+        k.removeprefix("test/"): v.cpu() for c in collections for k, v in compute_quietly(c).items()
+    }
     if not module.multi_label:
         return build_report(path, module, info, m, trainer, hash_note)
     from image_classifier.training import multilabel_report
