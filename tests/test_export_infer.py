@@ -292,6 +292,10 @@ def test_collect_inputs_forms(tmp_path, capsys):
         collect_inputs(str(tmp_path / "urls.txt"))
     with pytest.raises(UserError, match="It is a URL: download the images first"):
         collect_inputs("https://host/a.jpg")
+    (tmp_path / "shots.zip").write_bytes(b"PK\x03\x04")
+    for spec in (tmp_path / "shots.zip", tmp_path / "gone.tar.gz"):
+        with pytest.raises(UserError, match="It is an archive: unpack it"):
+            collect_inputs(str(spec))
 
 
 def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, caplog):

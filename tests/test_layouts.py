@@ -61,6 +61,12 @@ def test_images_behind_a_symlinked_folder_are_read_once_and_a_link_loop_ends(tmp
     assert len(collect_inputs(str(tmp_path / "d"))) == 8
 
 
+def test_an_archive_as_data_root_says_to_unpack_it(tmp_path):
+    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(UserError, match=r"is a file, not a folder\. It is an archive: unpack it"):
+        discover(tmp_path / "photos.zip")
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)

@@ -307,6 +307,16 @@ URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, gs:
 URL_FIX = "download the images first and list their local paths (this tool reads local files)"
 
 
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".7z", ".rar")
+
+
+def archive_hint(path: str | Path) -> str:
+    """ " It is an archive: unpack it ..." for a path ending like one, else ""."""
+    if not str(path).lower().endswith(ARCHIVES):
+        return ""
+    return f" It is an archive: unpack it (e.g. `unzip {path} -d FOLDER`) and give the folder."
+
+
 def is_url(name: str) -> bool:
     return bool(URL_PATTERN.match(name.strip()))
 

@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data import scan
-from image_classifier.data.images import display_name, is_image_name, is_system, path_problem
+from image_classifier.data.images import (
+    archive_hint,
+    display_name,
+    is_image_name,
+    is_system,
+    path_problem,
+)
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.errors import UserError, did_you_mean
 
@@ -104,7 +110,7 @@ def _entries(root: Path) -> list[Path]:
             "subfolders, of train/val/test folders, or with a CSV manifest."
         )
     if not root.is_dir():
-        raise UserError(f"data.root={str(root)!r} is a file, not a folder.")
+        raise UserError(f"data.root={str(root)!r} is a file, not a folder.{archive_hint(root)}")
     entries = [p for p in root.iterdir() if not is_system(p, root)]
     if not entries:
         raise UserError(

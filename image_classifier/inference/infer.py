@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from image_classifier.data.images import URL_FIX, is_image_name, is_url, listed_path
+from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url, listed_path
 from image_classifier.data.layouts import files_under
 from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import given_model, load_predictor
@@ -52,6 +52,8 @@ def collect_inputs(spec: str) -> list[Path]:
                 f"infer.input={spec!r} lists {len(urls)} URL(s) ({urls[0]!r}): {URL_FIX}."
             )
         files = [listed_path(base, ln) for ln in listed]
+    elif p.is_file() and (hint := archive_hint(spec)):
+        raise UserError(f"infer.input={spec!r} is not an image.{hint}")
     elif p.is_file():
         files = [p]
     elif glob.has_magic(spec):
@@ -65,7 +67,8 @@ def collect_inputs(spec: str) -> list[Path]:
     if not files:
         raise UserError(
             f"infer.input={spec!r} matches no image files (give a file, a folder of images, a glob "
-            "or a .txt list)." + (f" It is a URL: {URL_FIX}." if is_url(spec) else "")
+            "or a .txt list)."
+            + (f" It is a URL: {URL_FIX}." if is_url(spec) else archive_hint(spec))
         )
     return files
 
