@@ -95,7 +95,16 @@ def newest_best(root: str | Path, search: list[str], setting: str) -> Path:
 def checkpoint(cfg, given, setting: str) -> Path:
     """`given` when set (a run folder: its best checkpoint), else the newest best checkpoint."""
     if given:
-        return in_run_folder(given, setting, ("best.ckpt", "last.ckpt"))
+        path = in_run_folder(given, setting, ("best.ckpt", "last.ckpt"))
+        if path.suffix.lower() in (".onnx", ".engine", ".plan"):  # torch.load's pickle error
+            beside = path.with_suffix(".ckpt")
+            raise UserError(
+                f"{setting}={str(given)!r} is an exported model; this command reads the training "
+                "checkpoint (.ckpt)"
+                + (f": the one beside it is {beside}." if beside.is_file() else ".")
+                + f" To predict with the exported model: `command=infer infer.model={path}`."
+            )
+        return path
     return newest_best(cfg.paths.root, cfg.paths.search, setting)
 
 

@@ -244,6 +244,20 @@ def test_the_next_test_line_names_a_checkpoint_the_search_would_not_find(tmp_pat
     assert next_test(cfg, inside / "last.ckpt").endswith(f"test.checkpoint={inside / 'last.ckpt'}")
 
 
+def test_an_exported_model_given_as_the_checkpoint_names_the_one_beside_it(tmp_path):
+    """test.checkpoint=best.onnx ended in torch.load's pickle error about weights_only."""
+    from image_classifier import runs
+
+    (tmp_path / "best.onnx").write_bytes(b"onnx")
+    (tmp_path / "best.ckpt").write_bytes(b"ckpt")
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    cfg = compose_cfg(tmp_path)
+    with pytest.raises(UserError, match=f"the one beside it is {tmp_path / 'best.ckpt'}.*infer"):
+        runs.checkpoint(cfg, str(tmp_path / "best.onnx"), "test.checkpoint")
+    with pytest.raises(UserError, match=r"export.checkpoint=.*m.engine' is an exported model"):
+        runs.checkpoint(cfg, str(tmp_path / "m.engine"), "export.checkpoint")
+
+
 def test_checkpoint_that_is_not_one(tmp_path):
     bad = tmp_path / "model.ckpt"
     bad.write_text("not a checkpoint")
