@@ -67,6 +67,17 @@ def test_an_archive_as_data_root_says_to_unpack_it(tmp_path):
         discover(tmp_path / "photos.zip")
 
 
+def test_split_folders_without_train_say_how_to_test_them(tmp_path):
+    """A folder holding only test/ read as one class called 'test'."""
+    make_class_folders(tmp_path / "d" / "test", per_class=2)
+    with pytest.raises(
+        UserError,
+        match=r"holds split folders \(test\) but no train/.*"
+        r"data.root=.*/d/test data.split=\[0,0,1\]",
+    ):
+        discover(tmp_path / "d")
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)

@@ -134,6 +134,13 @@ def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: Manif
         labelled, splits, multi = read_manifest(csvs[0], manifest, skipped)
         kind = "multi-label csv manifest" if multi else "csv manifest"
         return f"{kind} {csvs[0].name}", labelled, splits
+    if presplit and "train" not in presplit and len(presplit) == len(dirs):
+        names = ", ".join(sorted(p.name for p in dirs.values()))
+        raise UserError(
+            f"{str(root)!r} holds split folders ({names}) but no train/. To test a model on "
+            f"them: data.root={sorted(presplit.values())[0]} data.split=[0,0,1] (every image "
+            "tested); to train, add a train/ folder of class folders."
+        )
     if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve
         labelled, given_splits = [], []
         for name, folder in sorted(presplit.items()):
