@@ -21,20 +21,43 @@ from image_classifier.runs import claim_run_dir
 # hydra.run.dir: outputs/<date>/<time>, or <time>-2 when another command started that second
 OmegaConf.register_new_resolver("claim", claim_run_dir)
 
+# command=NAME: (what runs it, what it does for --help)
 COMMANDS = {
-    "download": "image_classifier.data.sources:run_download",
-    "train": "image_classifier.training.train:run_train",
-    "test": "image_classifier.training.evaluate:run_test",
-    "calibrate": "image_classifier.training.evaluate:run_calibrate",
-    "cache-features": "image_classifier.training.features:run_cache_features",
-    "export-onnx": "image_classifier.export.onnx:run_export_onnx",
-    "export-trt": "image_classifier.export.tensorrt:run_export_trt",
-    "export-triton": "image_classifier.export.triton:run_export_triton",
-    "register": "image_classifier.export.registry:run_register",
-    "infer": "image_classifier.inference.infer:run_infer",
-    "serve": "image_classifier.serving.app:run_serve",
-    "audit": "image_classifier.audit.run:run_audit",
+    "download": ("image_classifier.data.sources:run_download", "fetch and verify the dataset"),
+    "train": ("image_classifier.training.train:run_train", "train; best.ckpt in the run folder"),
+    "test": ("image_classifier.training.evaluate:run_test", "a checkpoint on the test split"),
+    "calibrate": (
+        "image_classifier.training.evaluate:run_calibrate",
+        "fit a checkpoint's temperature on validation",
+    ),
+    "cache-features": (
+        "image_classifier.training.features:run_cache_features",
+        "frozen-backbone features for model=head",
+    ),
+    "export-onnx": ("image_classifier.export.onnx:run_export_onnx", "a checkpoint to ONNX"),
+    "export-trt": ("image_classifier.export.tensorrt:run_export_trt", "ONNX to TensorRT (GPU)"),
+    "export-triton": (
+        "image_classifier.export.triton:run_export_triton",
+        "a Triton model repository",
+    ),
+    "register": (
+        "image_classifier.export.registry:run_register",
+        "an export into MLflow's model registry",
+    ),
+    "infer": (
+        "image_classifier.inference.infer:run_infer",
+        "predict for a file, folder, glob or list",
+    ),
+    "serve": ("image_classifier.serving.app:run_serve", "an HTTP prediction service"),
+    "audit": (
+        "image_classifier.audit.run:run_audit",
+        "duplicates, leaks, label errors, outliers",
+    ),
 }
+# --help lists them (configs/config.yaml: hydra.help.template)
+OmegaConf.register_new_resolver(
+    "commands_help", lambda: "\n".join(f"  {k:<15} {v[1]}" for k, v in COMMANDS.items())
+)
 
 # torch deprecates the LeafSpec that Lightning 2.6 still builds; the warning names Lightning's own
 # line and means nothing to a user of this tool
@@ -69,7 +92,7 @@ def _run(cfg: DictConfig):
         )
     import importlib
 
-    module, func = COMMANDS[name].split(":")
+    module, func = COMMANDS[name][0].split(":")
     fn = getattr(importlib.import_module(module), func)
     with open_dict(cfg):
         if cfg.paths.output_dir is None:

@@ -84,6 +84,17 @@ def test_a_sweeps_size_is_its_trials_or_the_product_of_its_swept_values():
     assert size(["train.lr=interval(1e-4,1e-2)"], n_trials=12) == 12
 
 
+def test_help_lists_the_commands(tmp_path):
+    """`--help` was Hydra's "commands is powered by Hydra" and the config: no word of the
+    commands."""
+    p = run_cli("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "== Commands (command=NAME) ==" in p.stdout
+    for line in ("  train           train; best.ckpt", "  audit           duplicates, leaks"):
+        assert line in p.stdout
+    assert "powered by Hydra" not in p.stdout and "data: fashion_mnist, folder" in p.stdout
+
+
 def test_an_option_of_a_network_needs_the_network_named(tmp_path):
     p = run_cli("model.convs_per_stage=[1,2,2]", f"paths.root={tmp_path}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
