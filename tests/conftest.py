@@ -41,14 +41,19 @@ def make_class_folders(
     mode: str = "L",
     seed: int = 0,
 ) -> Path:
+    """`mode` L: grey patterns; a colour mode (RGB, RGBA...): the same patterns tinted, a colour
+    per class, so the folder reads as colour (grey pictures in a colour mode are grey)."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):
         d = root / name
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(class_image(label % 3, rng, size)).convert(mode).save(
-                d / f"{i:03d}.png"
-            )
+            img = Image.fromarray(class_image(label % 3, rng, size))
+            if mode not in ("L", "1", "I", "I;16", "F"):
+                tint = np.roll([1.0, 0.9, 0.8], label)
+                rgb = np.asarray(img, dtype=np.float32)[..., None] * tint
+                img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+            img.convert(mode).save(d / f"{i:03d}.png")
     return root
 
 

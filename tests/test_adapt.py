@@ -44,6 +44,28 @@ def test_profile_reads_count_colour_and_median_size(tmp_path):
     assert (rgb.images, rgb.colour, rgb.median_size) == (12, True, (40, 40))
 
 
+def test_grey_pictures_saved_in_a_colour_mode_are_grey(tmp_path):
+    """An X-ray or a scan saved as an RGB JPEG was 'colour' from its header: a 28 px folder was
+    fine-tuned at 160 px (118 s) where the small grey rule trains the CNN at 28 px."""
+    from PIL import Image
+
+    from image_classifier.data.identity import detect_channels
+
+    grey = make_class_folders(tmp_path / "grey", per_class=4, size=40)
+    for p in list(grey.rglob("*.png")):
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=90)
+        p.unlink()
+    profile = profile_folder(grey)
+    assert (profile.images, profile.colour) == (12, False)
+    assert detect_channels([str(p) for p in grey.rglob("*.jpg")]) == 1
+    rgb = make_class_folders(tmp_path / "rgb", per_class=4, size=40, mode="RGB")
+    one = next(rgb.rglob("*.png"))  # a single colour picture among grey ones makes it colour
+    for p in list(rgb.rglob("*.png")):
+        if p != one:
+            Image.open(p).convert("L").convert("RGB").save(p)
+    assert profile_folder(rgb).colour and detect_channels([str(p) for p in rgb.rglob("*.png")]) == 3
+
+
 @pytest.mark.parametrize(
     "median, pretrained, size",
     [

@@ -54,18 +54,20 @@ def class_change(model: list[str], data: list[str], sides=("the model", "the dat
 
 
 def detect_channels(paths: list[str], sample: int = 200) -> int:
-    """1 when every sampled image is grey, else 3."""
-    from image_classifier.data.images import GREY_MODES, header
+    """1 when the sampled images are grey (in a grey mode, or colour-mode pictures of grey
+    content: data/profile.is_colour), else 3."""
+    from image_classifier.data.images import header
+    from image_classifier.data.profile import is_colour
 
     step = max(1, len(paths) // sample)
+    seen, modes = [], []
     for p in paths[::step]:
         try:
-            mode, _ = header(p)
+            modes.append(header(p)[0])
         except ImageError:  # it decoded when the data was scanned; changed since: not a vote
             continue
-        if mode not in GREY_MODES:
-            return 3
-    return 1
+        seen.append(p)
+    return 3 if is_colour(seen, modes) else 1
 
 
 IMBALANCED = 10  # largest/smallest train class at which train's summary says so

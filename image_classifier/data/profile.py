@@ -1,6 +1,7 @@
-"""What a folder of images is like, from a sample of their headers (no decoding): how many, grey
-or colour, and their typical size; and the training size that follows from it (`data.size=auto`).
-"""
+"""What a folder of images is like, from a sample of their headers: how many, grey or colour,
+and their typical size; and the training size that follows from it (`data.size=auto`). Grey
+pictures saved in a colour mode (an X-ray or a scan as an RGB JPEG) are told apart by decoding a
+few, small (GREY_CONTENT_SAMPLE)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name
+from image_classifier.data.layouts import files_under
+
+GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
+GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)
 
 SAMPLE = 200  # headers read to judge colour and size
 # data.size=auto: the images' median size, scaled down to fit the largest side and up to the
@@ -34,21 +42,45 @@ class ImageProfile:
 def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
     """An evenly spaced sample of the image files under root (any layout); unreadable ones are
     left to the data scan, which reports them."""
-    paths = sorted(p for p in Path(root).rglob("*") if is_image_name(p) and p.is_file())
+    paths = [p for p in files_under(Path(root)) if is_image_name(p) and p.is_file()]
     step = max(1, len(paths) // sample)
-    modes, heights, widths = [], [], []
+    seen, modes, heights, widths = [], [], [], []
     for p in paths[::step]:
         try:
             mode, (w, h) = header(p)
         except ImageError:
             continue
+        seen.append(p)
         modes.append(mode)
         heights.append(h)
         widths.append(w)
     if not modes:
         return ImageProfile(len(paths), False, (28, 28))
     median = (int(sorted(heights)[len(heights) // 2]), int(sorted(widths)[len(widths) // 2]))
-    return ImageProfile(len(paths), any(m not in GREY_MODES for m in modes), median)
+    return ImageProfile(len(paths), is_colour(seen, modes), median)
+
+
+def is_colour(paths: list, modes: list[str]) -> bool:
+    """Whether the sampled images (`paths`, their header `modes`) show colour: a colour mode, and
+    pixels whose channels differ. RGB-encoded grey pictures at 28 px were fine-tuned at 160 px as
+    colour (118 s, 90.3 % on validation) where the small grey rule trains its CNN (docs)."""
+    coloured = [p for p, m in zip(paths, modes, strict=True) if m not in GREY_MODES]
+    if not coloured:
+        return False
+    step = max(1, len(coloured) // GREY_CONTENT_SAMPLE)
+    return any(_shows_colour(p) for p in coloured[::step])
+
+
+def _shows_colour(path) -> bool:
+    """More than 1 % of the pixels with channels further apart than GREY_TOLERANCE."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))  # JPEG: decode small
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+    except Exception:  # unreadable here: the data scan reports it; count it as colour
+        return True
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    return float((spread > GREY_TOLERANCE).mean()) > 0.01
 
 
 def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
