@@ -97,6 +97,8 @@ def _run(cfg: DictConfig):
     with open_dict(cfg):
         if cfg.paths.output_dir is None:
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+        if cfg.data.get("root"):  # stored in the model file: `test` from elsewhere must find it
+            cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
     from image_classifier import runs
 
     for key, folder in OUTPUT_SETTINGS.get(name, {}).items():

@@ -1,7 +1,7 @@
 """The command line itself: exit codes, messages without tracebacks, sweeps."""
 
 import pytest
-from conftest import idx_overrides, run_cli
+from conftest import idx_overrides, make_class_folders, run_cli
 
 
 def test_unknown_command_lists_the_valid_ones(tmp_path):
@@ -93,6 +93,28 @@ def test_help_lists_the_commands(tmp_path):
     for line in ("  train           train; best.ckpt", "  audit           duplicates, leaks"):
         assert line in p.stdout
     assert "powered by Hydra" not in p.stdout and "data: fashion_mnist, folder" in p.stdout
+
+
+def test_a_model_trained_on_a_relative_data_root_tests_from_anywhere(tmp_path):
+    """`data.root=images` was stored as written: `test` of that checkpoint from another folder
+    said "Data folder 'images' does not exist"."""
+    make_class_folders(tmp_path / "images", per_class=6, size=12)
+    run = tmp_path / "run"
+    common = ("logger.enabled=false", f"paths.root={tmp_path}")
+    p = run_cli(
+        "command=train",
+        "data=folder",
+        "data.root=images",
+        "train.epochs=1",
+        f"hydra.run.dir={run}",
+        *common,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(
+        "command=test", f"test.checkpoint={run}", f"hydra.run.dir={tmp_path / 't'}", *common
+    )
+    assert p.returncode == 0 and "Tested" in p.stdout, p.stderr[-2000:]
 
 
 def test_an_option_of_a_network_needs_the_network_named(tmp_path):
