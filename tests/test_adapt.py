@@ -49,7 +49,7 @@ def test_grey_pictures_saved_in_a_colour_mode_are_grey(tmp_path):
     fine-tuned at 160 px (118 s) where the small grey rule trains the CNN at 28 px."""
     from PIL import Image
 
-    from image_classifier.data.identity import detect_channels
+    from image_classifier.data.profile import detect_channels
 
     grey = make_class_folders(tmp_path / "grey", per_class=4, size=40)
     for p in list(grey.rglob("*.png")):

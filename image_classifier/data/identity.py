@@ -1,6 +1,6 @@
 """What a data set is, independent of how it is batched: what the model file records about it
 (`DataInfo`), the content hash that names it (and its caches), its files' names relative to its
-root, its channel count, and the stratified split of a training set into train and
+root, and the stratified split of a training set into train and
 validation, and how imbalanced its classes are."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import ImageError, Preprocessing
+from image_classifier.data.images import Preprocessing
 
 
 def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,23 +51,6 @@ def class_change(model: list[str], data: list[str], sides=("the model", "the dat
     return (f"; only in {sides[1]}: {', '.join(extra[:10])}" if extra else "") + (
         f"; only in {sides[0]}: {', '.join(missing[:10])}" if missing else ""
     )
-
-
-def detect_channels(paths: list[str], sample: int = 200) -> int:
-    """1 when the sampled images are grey (in a grey mode, or colour-mode pictures of grey
-    content: data/profile.is_colour), else 3."""
-    from image_classifier.data.images import header
-    from image_classifier.data.profile import is_colour
-
-    step = max(1, len(paths) // sample)
-    seen, modes = [], []
-    for p in paths[::step]:
-        try:
-            modes.append(header(p)[0])
-        except ImageError:  # it decoded when the data was scanned; changed since: not a vote
-            continue
-        seen.append(p)
-    return 3 if is_colour(seen, modes) else 1
 
 
 IMBALANCED = 10  # largest/smallest train class at which train's summary says so

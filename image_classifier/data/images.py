@@ -305,9 +305,11 @@ def path_problem(path: str | Path) -> str | None:
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, gs://, file://...
 URL_FIX = "download the images first and list their local paths (this tool reads local files)"
-
-
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".7z", ".rar")
+
+
+def is_url(name: str) -> bool:
+    return bool(URL_PATTERN.match(name.strip()))
 
 
 def archive_hint(path: str | Path) -> str:
@@ -315,10 +317,6 @@ def archive_hint(path: str | Path) -> str:
     if not str(path).lower().endswith(ARCHIVES):
         return ""
     return f" It is an archive: unpack it (e.g. `unzip {path} -d FOLDER`) and give the folder."
-
-
-def is_url(name: str) -> bool:
-    return bool(URL_PATTERN.match(name.strip()))
 
 
 def listed_path(base: Path, name: str) -> Path:

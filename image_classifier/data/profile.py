@@ -43,28 +43,37 @@ def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
     """An evenly spaced sample of the image files under root (any layout); unreadable ones are
     left to the data scan, which reports them."""
     paths = [p for p in files_under(Path(root)) if is_image_name(p) and p.is_file()]
-    step = max(1, len(paths) // sample)
-    seen, modes, heights, widths = [], [], [], []
-    for p in paths[::step]:
+    seen = sampled_headers(paths, sample)
+    if not seen:
+        return ImageProfile(len(paths), False, (28, 28))
+    heights, widths = sorted(h for _, _, (_, h) in seen), sorted(w for _, _, (w, _) in seen)
+    median = (int(heights[len(heights) // 2]), int(widths[len(widths) // 2]))
+    return ImageProfile(len(paths), is_colour(seen), median)
+
+
+def detect_channels(paths: list, sample: int = SAMPLE) -> int:
+    """data.channels=auto: 1 when the sampled images are grey (a grey mode, or colour-mode
+    pictures of grey content), else 3."""
+    return 3 if is_colour(sampled_headers(paths, sample)) else 1
+
+
+def sampled_headers(paths: list, sample: int = SAMPLE) -> list[tuple]:
+    """(path, PIL mode, (width, height)) of an evenly spaced sample of `paths`; a file whose header
+    does not read is left out (the data scan reports it)."""
+    out = []
+    for p in paths[:: max(1, len(paths) // sample)]:
         try:
-            mode, (w, h) = header(p)
+            out.append((p, *header(p)))
         except ImageError:
             continue
-        seen.append(p)
-        modes.append(mode)
-        heights.append(h)
-        widths.append(w)
-    if not modes:
-        return ImageProfile(len(paths), False, (28, 28))
-    median = (int(sorted(heights)[len(heights) // 2]), int(sorted(widths)[len(widths) // 2]))
-    return ImageProfile(len(paths), is_colour(seen, modes), median)
+    return out
 
 
-def is_colour(paths: list, modes: list[str]) -> bool:
-    """Whether the sampled images (`paths`, their header `modes`) show colour: a colour mode, and
-    pixels whose channels differ. RGB-encoded grey pictures at 28 px were fine-tuned at 160 px as
-    colour (118 s, 90.3 % on validation) where the small grey rule trains its CNN (docs)."""
-    coloured = [p for p, m in zip(paths, modes, strict=True) if m not in GREY_MODES]
+def is_colour(seen: list[tuple]) -> bool:
+    """Whether the sampled images (`sampled_headers`) show colour: a colour mode, and pixels whose
+    channels differ. RGB-encoded grey pictures at 28 px were fine-tuned at 160 px as colour
+    (118 s, 90.3 % on validation) where the small grey rule trains its CNN (docs)."""
+    coloured = [p for p, mode, _ in seen if mode not in GREY_MODES]
     if not coloured:
         return False
     step = max(1, len(coloured) // GREY_CONTENT_SAMPLE)

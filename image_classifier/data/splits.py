@@ -16,11 +16,11 @@ from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
     DataInfo,
     content_hash,
-    detect_channels,
     relative_name,
     stratified_indices,
 )
 from image_classifier.data.images import Preprocessing, normalisation
+from image_classifier.data.profile import auto_size, detect_channels, profile_folder
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 
@@ -47,8 +47,6 @@ def preprocessing_for(c, channels: int) -> Preprocessing:
     size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize."""
     size = c.size
     if size == "auto":
-        from image_classifier.data.profile import auto_size, profile_folder
-
         size = auto_size(profile_folder(c.root).median_size, pretrained=False)
     mean, std = normalisation(c.get("mean"), c.get("std"), channels)
     return Preprocessing(size=tuple(size), channels=channels, mean=mean, std=std, resize=c.resize)

@@ -64,16 +64,21 @@ class ProbeTimer(Callback):
         self.val_seconds = time.perf_counter() - self.val_start
         self.val_batches = int(sum(trainer.num_val_batches))
 
+    def warming(self) -> int:
+        """How many first steps are warm-up, not timed: SKIP_STEPS, but only the first in an
+        epoch of SKIP_STEPS steps or fewer (a small folder; timing every one, a 45 s budget of 3
+        steps an epoch planned 1.3 s an epoch and trained 30 s), none when there is one step."""
+        n = len(self.gaps)
+        return SKIP_STEPS if n > SKIP_STEPS else int(n > 1)
+
     def step_seconds(self) -> float:
-        """Seconds per training step once warm. An epoch of SKIP_STEPS steps or fewer (a small
-        folder) skips only its first: timing every one, a 45 s budget of 3 steps an epoch planned
-        1.3 s an epoch and trained 30 s."""
-        timed = self.gaps[SKIP_STEPS:] or self.gaps[1:] or self.gaps
+        """Seconds per training step once warm."""
+        timed = self.gaps[self.warming() :]
         return sum(timed) / len(timed)
 
     def warmup_seconds(self) -> float:
         """What the first steps cost beyond steady steps: paid again by the real run."""
-        first = self.gaps[: SKIP_STEPS if len(self.gaps) > SKIP_STEPS else 1]
+        first = self.gaps[: self.warming()]
         return max(0.0, sum(first) - len(first) * self.step_seconds())
 
 
