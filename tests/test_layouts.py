@@ -109,6 +109,32 @@ def test_csv_manifest(tmp_path):
     assert any("missing.png" in p for p in s.skipped)
 
 
+def test_a_file_listed_twice_is_used_once_or_stops_on_two_answers(tmp_path, caplog):
+    """A manifest merged from two exports listed files twice: the repeats were trained on twice
+    and could land in train and test at once (a leak), and a second, different label was kept as
+    if both were right."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["file,label"] + [f"imgs/{c}/{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join([*rows, "./imgs/cat/001.png,cat"]))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    listed = [p for v in s.splits.values() for p, _ in v]
+    assert len(listed) == len(set(listed)) == 8
+    assert "labels.csv lists 1 file(s) again with the same label (row 10 repeats row 3)" in (
+        caplog.text
+    )
+    (tmp_path / "labels.csv").write_text("\n".join([*rows, "imgs/cat/001.png,dog"]))
+    with pytest.raises(
+        UserError,
+        match=r"Rows 3 and 10 of labels.csv both list "
+        r"'imgs/cat/001.png', with label 'cat' and 'dog'. Keep the right row",
+    ):
+        discover(tmp_path)
+    split_rows = ["file,label,split", "imgs/cat/000.png,cat,train", "imgs/cat/000.png,cat,test"]
+    (tmp_path / "labels.csv").write_text("\n".join(split_rows))
+    with pytest.raises(UserError, match="with split 'train' and 'test'. Keep the right row"):
+        discover(tmp_path)
+
+
 def test_a_manifest_of_urls_says_to_download_them(tmp_path):
     """A labelling tool's export lists URLs: they were skipped as "no such file" under a mangled
     name (`root/https:/host/a.jpg`), and a manifest of URLs only ended in "no images"."""

@@ -13,10 +13,14 @@ columns, or forced with `data.multi_label=true|false`. A bad row (empty label, u
 from __future__ import annotations
 
 import csv
+import logging
+import os
 from pathlib import Path
 
 from image_classifier.data.images import URL_FIX, is_url, listed_path
 from image_classifier.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
 LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tags")
@@ -69,7 +73,19 @@ def read_manifest(
         labels = [_labels(row[lcol], i, path, options, multi) for i, row in enumerate(rows, 2)]
     if options.classes:
         _check_known(labels, options.classes, path, multi)
-    labelled, splits = [], []
+    labelled, splits = _items(rows, labels, (fcol, scol), path, skipped)
+    if not labelled:  # every row was a URL
+        raise UserError(
+            f"CSV manifest {str(path)!r} lists URLs, not files (row 2: {rows[0][fcol].strip()!r})"
+            f": {URL_FIX}, relative to the CSV or absolute."
+        )
+    return labelled, (splits if scol else None), multi
+
+
+def _items(rows: list[dict], labels: list, cols: tuple, path: Path, skipped: dict):
+    """([(image path, label)], [split per item]): each image once, URLs into `skipped`."""
+    fcol, scol = cols
+    labelled, splits, first, repeats = [], [], {}, []
     for i, (row, label) in enumerate(zip(rows, labels, strict=True), start=2):
         file = (row[fcol] or "").strip()
         if not file:
@@ -80,15 +96,39 @@ def read_manifest(
         if is_url(file):
             skipped[file] = f"a URL, not a file: {URL_FIX}"
             continue
-        labelled.append((str(listed_path(path.parent, file)), label))
-        if scol:
-            splits.append(_split_name(row[scol], i, path))
-    if not labelled:  # every row was a URL
-        raise UserError(
-            f"CSV manifest {str(path)!r} lists URLs, not files (row 2: {rows[0][fcol].strip()!r})"
-            f": {URL_FIX}, relative to the CSV or absolute."
+        split = _split_name(row[scol], i, path) if scol else None
+        image = os.path.normpath(listed_path(path.parent, file))
+        if image in first:
+            _check_repeat(path, file, first[image], (i, label, split))
+            repeats.append((i, first[image][0]))
+            continue
+        first[image] = (i, label, split)
+        labelled.append((image, label))
+        splits.append(split)
+    if repeats:
+        log.warning(
+            "%s lists %d file(s) again with the same label (row %d repeats row %d): each image "
+            "is used once.",
+            path.name,
+            len(repeats),
+            *repeats[0],
         )
-    return labelled, (splits if scol else None), multi
+    return labelled, splits
+
+
+def _check_repeat(path: Path, file: str, was: tuple, now: tuple) -> None:
+    """A file listed twice: the same label and split is a repeat (used once); a different label or
+    split would train on an image with two answers, or test on one seen in training."""
+    (row0, label0, split0), (row, label, split) = was, now
+    what = ("label", label0, label) if label0 != label else ("split", split0, split)
+    if what[1] == what[2]:
+        return
+    several = " (an image with several labels: one row naming them all, separated by ';')"
+    raise UserError(
+        f"Rows {row0} and {row} of {path.name} both list {file!r}, with {what[0]} {what[1]!r} "
+        f"and {what[2]!r}. Keep the right row and remove the other"
+        f"{several if what[0] == 'label' else ''}."
+    )
 
 
 def _split_name(value: str | None, line: int, path: Path) -> str:
