@@ -304,3 +304,12 @@ def test_a_folder_is_called_by_its_own_name_in_ascii(root, name):
 
     assert data_name(OmegaConf.create({"name": "folder", "root": root})) == name
     assert data_name(OmegaConf.create({"name": "mine", "root": root})) == "mine"  # given: kept
+
+
+def test_classes_that_differ_only_in_case_are_named(tmp_path, caplog):
+    """'Cat' and 'cat' (two exports spelling one label two ways) trained as two classes without a
+    word."""
+    make_class_folders(tmp_path / "d", classes=("cat", "Cat", "dog"), per_class=4)
+    s = discover(tmp_path / "d")
+    assert s.classes == ["Cat", "cat", "dog"]
+    assert "Classes 'Cat' and 'cat' (class folders) differ only in case or spaces" in caplog.text

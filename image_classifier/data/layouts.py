@@ -203,7 +203,23 @@ def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -
             f"Only one class ({classes[0]!r}) found under {str(root)!r}: a classifier needs at "
             "least two class folders (or two labels in the manifest)."
         )
+    _warn_near_names(classes, layout)
     return classes
+
+
+def _warn_near_names(classes: list[str], layout: str) -> None:
+    """'Cat' and 'cat ' are two classes (case can matter: EMNIST's 'a' and 'A'), but more often
+    two exports that spelled one label differently: say so once, with the fix."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault(c.strip().casefold(), []).append(c)
+    if near := [" and ".join(repr(c) for c in g) for g in groups.values() if len(g) > 1]:
+        log.warning(
+            "Classes %s (%s) differ only in case or spaces: each is a class of its own. If they "
+            "are one, give them one name.",
+            "; ".join(near),
+            layout,
+        )
 
 
 def _split(pairs, given_splits, split, seed: int, multi: bool = False) -> dict[str, list]:
