@@ -77,15 +77,18 @@ def newest(root: str | Path, search: list[str], pattern: str, setting: str) -> P
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def next_test(cfg, best: str | Path) -> str:
+def next_test(cfg, best: str | Path, test_images: int = 1) -> str:
     """The `command=test` line after `train`: bare when the newest-checkpoint search would find
     `best` (a best checkpoint under paths.search), else naming it (a run in hydra.run.dir=/tmp/x
-    is not searched)."""
+    is not searched); with no test split, on a folder of test images."""
     path, root = Path(best).resolve(), Path(cfg.paths.root).resolve()
     found = path.name.startswith("best") and any(
         path.is_relative_to(root / d) for d in cfg.paths.search
     )
-    return "uv run python commands.py command=test" + ("" if found else f" test.checkpoint={best}")
+    line = "uv run python commands.py command=test" + ("" if found else f" test.checkpoint={best}")
+    if not test_images:
+        return line + " data=folder data.root=TEST_FOLDER data.split=[0,0,1]  (no test split)"
+    return line
 
 
 def newest_best(root: str | Path, search: list[str], setting: str) -> Path:

@@ -779,3 +779,27 @@ def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tm
         report["per_class"]["dog"]["support"] == 0 and report["per_class"]["dog"]["recall"] is None
     )
     assert report["per_class"]["fox"]["support"] == 5
+
+
+def test_testing_data_with_no_test_split_says_how_to_test(trained, tmp_path):
+    """data.split=[0.7,0.3,0] trains with no test split; `command=test` then ended in a traceback
+    (torchmetrics' "No samples to concatenate") and train's summary still said `command=test`."""
+    root, ckpt, images = trained
+    cfg = compose_cfg(
+        root,
+        "data=folder",
+        f"data.root={images}",
+        "data.split=[0.7,0.3,0]",
+        f"test.checkpoint={ckpt}",
+    )
+    with pytest.raises(
+        UserError,
+        match=r"The test split of images holds no images \(data.split="
+        r"\[0.7, 0.3, 0\] gives it none\). Test on other images.*data.split=\[0,0,1\]",
+    ):
+        run_test(cfg, use_checkpoint_data=False)
+    from image_classifier.runs import next_test
+
+    assert next_test(cfg, ckpt, 0).endswith(
+        "data=folder data.root=TEST_FOLDER data.split=[0,0,1]  (no test split)"
+    )

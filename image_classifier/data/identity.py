@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data.images import Preprocessing
+from image_classifier.errors import UserError
 
 
 def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +51,30 @@ def class_change(model: list[str], data: list[str], sides=("the model", "the dat
         return "; the same names in another order"
     return (f"; only in {sides[1]}: {', '.join(extra[:10])}" if extra else "") + (
         f"; only in {sides[0]}: {', '.join(missing[:10])}" if missing else ""
+    )
+
+
+def check_classes(path: Path, classes: list[str], info) -> None:
+    if info.classes == classes:
+        return
+    raise UserError(
+        f"The checkpoint's classes do not match the data's: the checkpoint {str(path)!r} knows "
+        f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
+        f"{class_change(classes, info.classes)}. Test on the data the model was trained on (drop "
+        "the data overrides; with none, its folder's classes changed since training), or train a "
+        "new model."
+    )
+
+
+def check_test_split(info: DataInfo, split) -> None:
+    """`command=test` on data whose test split holds no image (data.split=[0.8,0.2,0])."""
+    if info.split_sizes.get("test"):
+        return
+    raise UserError(
+        f"The test split of {info.name} holds no images"
+        + (f" (data.split={list(split)} gives it none)" if split is not None else "")
+        + ". Test on other images, every one of them tested: data=folder data.root=FOLDER "
+        "data.split=[0,0,1]; or train again with a test share, e.g. data.split=[0.8,0.1,0.1]."
     )
 
 

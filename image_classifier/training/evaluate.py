@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import lineage, rules, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.identity import class_change
+from image_classifier.data.identity import check_classes, check_test_split
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError
@@ -38,6 +38,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     cfg = test_config(cfg, module.hparams, use_checkpoint_data)
     out = runs.output_dir(cfg)
     dm, info = test_data(cfg, module, path)
+    check_test_split(info, cfg.data.get("split"))
     hash_note = data_mismatch(module.hparams, info)
     logger = tracking.create_logger(
         cfg,
@@ -155,18 +156,6 @@ def test_data(cfg, module, path: Path):
     info = dm.prepare()
     check_classes(path, module.classes, info)
     return dm, info
-
-
-def check_classes(path: Path, classes: list[str], info) -> None:
-    if info.classes == classes:
-        return
-    raise UserError(
-        f"The checkpoint's classes do not match the data's: the checkpoint {str(path)!r} knows "
-        f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
-        f"{class_change(classes, info.classes)}. Test on the data the model was trained on (drop "
-        "the data overrides; with none, its folder's classes changed since training), or train a "
-        "new model."
-    )
 
 
 def data_mismatch(hp, info) -> str:

@@ -27,7 +27,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
     return {
         "checkpoint": str(best),
         "last_checkpoint": str(Path(last.dirpath) / "last.ckpt"),
-        "next": runs.next_test(cfg, best),
+        "next": runs.next_test(cfg, best, info.split_sizes.get("test", 1)),
         "best_score": float(score) if score is not None else None,
         "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
