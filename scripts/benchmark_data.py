@@ -2,7 +2,7 @@
 
     uv run python scripts/benchmark_data.py              # all parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_data.py --quick      # smaller folders, fewer steps
-    uv run python scripts/benchmark_data.py --parts loader   # part 1 only (loader,train,compile)
+    uv run python scripts/benchmark_data.py --parts loader   # part 1 only (loader,train,compile,photos)
 
 Part 1, loader throughput (images/s through one pass of the train split, no model): a JPEG
 folder of Fashion-MNIST images at 28x28 grey and the same images resized to 224x224 RGB, read by
@@ -16,6 +16,9 @@ alternating rounds so every variant sees the same machine load:
 The target: the folder with the cache within 10 % of the IDX arrays.
 Part 3, torch.compile of the default CNN on this device: steps/s after compiling, and the
 compile time, against eager.
+Part 4, phone photos: what the scan and the decoded cache spend on 12 MP JPEGs (4032x3024) for a
+160 px model, each JPEG decoded at the DCT scale the model needs (the default) against decoded
+whole, alternating rounds.
 """
 
 from __future__ import annotations
@@ -201,13 +204,45 @@ def compile_gain(steps: int) -> None:
     )
 
 
+def photo_decoding(tmp: Path, n: int, rounds: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from image_classifier.data.images import Preprocessing, _converted, load_array, open_image
+
+    rng, files = np.random.default_rng(0), []
+    y, x = np.mgrid[0:3024, 0:4032].astype(np.float32)
+    for i in range(n):  # smooth colour fields with sensor-like noise: about 2.5 MB at quality 90
+        base = np.stack([np.sin(x / rng.uniform(200, 900)), np.cos(y / 700), x / 4032], -1)
+        pixels = (base * 100 + 128 + rng.normal(0, 6, (3024, 4032, 3))).clip(0, 255)
+        files.append(tmp / f"photo{i}.jpg")
+        Image.fromarray(pixels.astype(np.uint8)).save(files[-1], quality=90)
+    pre = Preprocessing(size=(160, 160), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ways = {
+        "whole": lambda p: (open_image(p), _converted(open_image(p), pre, p.name)),
+        "scaled": lambda p: (open_image(p, fit=1), load_array(p, pre)),
+    }
+    took = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, read in ways.items():
+            t = time.perf_counter()
+            for p in files:
+                read(p)
+            took[k].append((time.perf_counter() - t) / n)
+    whole, scaled = (statistics.median(took[k]) for k in ways)
+    print(
+        f"  {n} JPEGs 4032x3024, scan + cache for 160 px, per image: decoded whole "
+        f"{whole * 1000:.0f} ms, at the scale needed {scaled * 1000:.0f} ms ({whole / scaled:.1f}x)"
+    )
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--parts", default="loader,train,compile", help="which parts to run")
+    ap.add_argument("--parts", default="loader,train,compile,photos", help="which parts to run")
     args = ap.parse_args()
     from image_classifier.lineage import describe_machine, machine_info
 
@@ -218,9 +253,10 @@ if __name__ == "__main__":
         tmp = Path(tmp)
         n28 = {"train": 6000, "test": 1000} if quick else {"train": 60000, "test": 10000}
         n224 = {"train": 600, "test": 100} if quick else {"train": 3000, "test": 500}
-        print("Writing the JPEG folders ...", flush=True)
-        f28 = write_jpeg_folder(tmp / "jpeg28", n28, 28, rgb=False)
-        f224 = write_jpeg_folder(tmp / "jpeg224", n224, 224, rgb=True)
+        if {"loader", "train"} & set(parts):
+            print("Writing the JPEG folders ...", flush=True)
+            f28 = write_jpeg_folder(tmp / "jpeg28", n28, 28, rgb=False)
+            f224 = write_jpeg_folder(tmp / "jpeg224", n224, 224, rgb=True)
         if "loader" in parts:
             print("Loader throughput (one pass over the train split, no model):")
             loader_throughput(tmp, f28, 28)
@@ -230,3 +266,6 @@ if __name__ == "__main__":
             training_throughput(tmp, f28, 1 if quick else args.rounds, steps, 10)
         if "compile" in parts:
             compile_gain(10 if quick else 30)
+        if "photos" in parts:
+            print("Phone photos (one thread):")
+            photo_decoding(tmp, 4 if quick else 12, 1 if quick else args.rounds)

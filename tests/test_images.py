@@ -70,6 +70,28 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert arr[:10].mean() > 200 and arr[10:].mean() < 50  # white half now on top
 
 
+def test_a_large_jpeg_is_decoded_at_the_scale_the_model_needs(tmp_path):
+    """A 12 MP photo was decoded whole twice (scan, cache) to become 160 px: libjpeg's DCT scaling
+    now decodes it at 1/2..1/8, never below the model's side, the same for a file and an upload."""
+    from image_classifier.data.images import decode_bytes
+
+    y, x = np.mgrid[0:200, 0:400]
+    im = Image.fromarray(np.stack([x * 255 // 400, y * 255 // 200, 0 * x], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 200 wide, 400 tall
+    p = tmp_path / "photo.jpg"
+    im.save(p, exif=exif, quality=95)
+    assert open_image(p).size == (200, 400)
+    assert open_image(p, fit=8).size == (25, 50)  # 1/8, oriented after decoding
+    assert open_image(p, fit=50).size == (50, 100)  # 1/4: both sides stay >= 50
+    assert open_image(p, fit=60).size == (100, 200)  # 1/2: 1/4 would leave a side of 50
+    assert open_image(_save(tmp_path, im, "photo.png"), fit=8).size == (400, 200)  # PNG: whole
+    arr = load_array(p, RGB)
+    assert np.array_equal(arr, decode_bytes(p.read_bytes(), RGB, name="upload.jpg"))
+    whole = np.asarray(open_image(p).convert("RGB").resize((8, 8), Image.Resampling.BILINEAR))
+    assert np.abs(arr.transpose(1, 2, 0).astype(int) - whole).mean() < 3  # the same picture
+
+
 def test_resize_modes(tmp_path):
     p = _save(tmp_path, Image.new("L", (40, 10), 200), "wide.png")
     for mode in ("stretch", "crop", "pad"):
@@ -99,6 +121,8 @@ def test_truncated_image(tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="truncated"):
         open_image(p)
+    with pytest.raises(ImageError, match="truncated"):  # the scan's check, at 1/8 scale
+        open_image(p, fit=1)
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -31,7 +31,7 @@ from image_classifier.data.images import Preprocessing
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: JPEGs decoded at a reduced scale (images.open_image's fit)
 SPLIT_NAMES = ("train", "val", "test")
 
 

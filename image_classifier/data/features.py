@@ -23,7 +23,7 @@ import numpy as np
 from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.images import Preprocessing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: JPEGs decoded at a reduced scale (images.open_image's fit)
 
 
 def backbone_preprocessing(fcfg) -> Preprocessing:

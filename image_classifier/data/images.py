@@ -104,8 +104,10 @@ def normalisation(mean, std, channels: int) -> tuple[tuple[float, ...], tuple[fl
     return tuple(mean), tuple(std)
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and orient an image; raise ImageError naming the file and the cause."""
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, fit: int = 0) -> Image.Image:
+    """Open, decode and orient an image; raise ImageError naming the file and the cause. `fit`:
+    the side the caller will resize to (a JPEG is decoded at 1/2 to 1/8 scale when both of its
+    sides stay at least `fit`)."""
     path = Path(path)
     name = display_name(path)
     if not path.exists():
@@ -115,7 +117,7 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         )
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(name, "empty (0 bytes)")
-    return _decode(_open(path, name, max_pixels), name)
+    return _decode(_open(path, name, max_pixels), name, fit)
 
 
 def display_name(path: str | Path) -> str:
@@ -182,9 +184,12 @@ def _open(source, name: str, max_pixels: int) -> Image.Image:
     return im
 
 
-def _decode(im: Image.Image, name: str) -> Image.Image:
-    """Decode the pixels (the first frame of an animation) and apply the EXIF orientation."""
+def _decode(im: Image.Image, name: str, fit: int = 0) -> Image.Image:
+    """Decode the pixels (an animation's first frame), apply the EXIF orientation. A JPEG is
+    decoded at the smallest DCT scale (1/1..1/8) keeping both sides >= `fit` (docs/data.md)."""
     try:
+        if fit:
+            im.draft(None, (fit, fit))
         im.load()
         return ImageOps.exif_transpose(im)
     except _BOMB as e:
@@ -259,7 +264,7 @@ def to_array(im: Image.Image, pre: Preprocessing) -> np.ndarray:
 
 
 def load_array(path: str | Path, pre: Preprocessing) -> np.ndarray:
-    return _converted(open_image(path), pre, display_name(path))
+    return _converted(open_image(path, fit=max(pre.size)), pre, display_name(path))
 
 
 def _converted(im: Image.Image, pre: Preprocessing, name: str) -> np.ndarray:
@@ -274,19 +279,21 @@ def _converted(im: Image.Image, pre: Preprocessing, name: str) -> np.ndarray:
         ) from None
 
 
-def open_bytes(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_bytes(
+    data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS, fit: int = 0
+) -> Image.Image:
     """open_image for encoded bytes already in memory (an upload, a file read once)."""
     name = display_name(name)
     if not data:
         raise ImageError(name, "empty (0 bytes)")
-    return _decode(_open(io.BytesIO(data), name, max_pixels), name)
+    return _decode(_open(io.BytesIO(data), name, max_pixels), name, fit)
 
 
 def decode_bytes(
     data: bytes, pre: Preprocessing, name: str = "image", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
     """Encoded image bytes (an upload, a base64 payload) to the model's uint8 CHW array."""
-    return _converted(open_bytes(data, name, max_pixels), pre, display_name(name))
+    return _converted(open_bytes(data, name, max_pixels, max(pre.size)), pre, display_name(name))
 
 
 def path_problem(path: str | Path) -> str | None:
