@@ -313,3 +313,25 @@ def test_classes_that_differ_only_in_case_are_named(tmp_path, caplog):
     s = discover(tmp_path / "d")
     assert s.classes == ["Cat", "cat", "dog"]
     assert "Classes 'Cat' and 'cat' (class folders) differ only in case or spaces" in caplog.text
+
+
+def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
+    """train.csv, test.csv and sample_submission.csv beside images/: "several CSV manifests; keep
+    one" left no way to choose but moving files, and ids listed without .png were 'no such file'."""
+    make_class_folders(tmp_path / "k" / "images", per_class=4)
+    ids = [f"images/{c}/{i:03d}" for c in ("cat", "dog", "fox") for i in range(4)]
+    (tmp_path / "k" / "train.csv").write_text(
+        "\n".join(["id,label"] + [f"{x},{x.split('/')[1]}" for x in ids])
+    )
+    for name in ("test.csv", "sample_submission.csv"):
+        (tmp_path / "k" / name).write_text("id\n" + "\n".join(ids))
+    with pytest.raises(
+        UserError,
+        match=r"several CSV manifests .* Name the one to read: "
+        r"data.root=.*k/train.csv",
+    ):
+        discover(tmp_path / "k")
+    s = discover(tmp_path / "k" / "train.csv", split=(0.5, 0.25, 0.25))
+    assert s.layout == "csv manifest train.csv" and s.classes == ["cat", "dog", "fox"]
+    assert not s.skipped and sum(len(v) for v in s.splits.values()) == 12
+    assert all(p.endswith(".png") for v in s.splits.values() for p, _ in v)

@@ -18,20 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL modes of grey images (the others are colour, or palettes that may be colour)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-    ".heic",  # iPhone photos; HEIF through pillow-heif's opener (_open)
-    ".heif",
+# .heic/.heif: iPhone photos, read through pillow-heif's opener (_open)
+IMAGE_EXTENSIONS = tuple(
+    ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .heic .heif".split()
 )
 RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
@@ -328,10 +317,14 @@ def archive_hint(path: str | Path) -> str:
 
 def listed_path(base: Path, name: str) -> Path:
     """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
-    the separator when written on Windows (imgs\\a.jpg)."""
+    the separator when written on Windows (imgs\\a.jpg), and an image's id without its extension
+    (Kaggle's `id` column: images/0a1b.jpg listed as images/0a1b)."""
     p = Path(name) if Path(name).is_absolute() else base / name
     if "\\" in name and not p.exists():
         p = base / name.replace("\\", "/")
+    if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.exists():
+        cased = [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
+        p = next((q for e in cased if (q := Path(f"{p}{e}")).is_file()), p)
     return p
 
 

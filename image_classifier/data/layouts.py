@@ -75,11 +75,13 @@ def discover(
     """Detect the layout under `root`, list its images, check that each decodes, split.
     `checked`: a JSON file remembering each file's check by (size, mtime); files unchanged
     since are not decoded again (the decoded cache passes one, so a cached run scans cheaply)."""
-    root = Path(root).expanduser()
+    named = Path(root).expanduser()
+    root = data_folder(named)
     entries = _entries(root)
     skipped: dict[str, str] = {}
     manifest = manifest or ManifestOptions()
-    layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest)
+    csv_named = named if root != named else None
+    layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest, csv_named)
     if check_images:
         keep = scan.check_images([p for p, _ in labelled], skipped, checked)
         labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
@@ -103,6 +105,13 @@ def discover(
     return Samples(classes, splits, layout, skipped, multi_label=multi)
 
 
+def data_folder(root: str | Path) -> Path:
+    """data.root's folder: itself, or the folder of the CSV manifest it names (a folder holding
+    train.csv and test.csv: data.root=FOLDER/train.csv)."""
+    root = Path(root).expanduser()
+    return root.parent if root.suffix.lower() == ".csv" and root.is_file() else root
+
+
 def _entries(root: Path) -> list[Path]:
     if not root.exists():
         raise UserError(
@@ -119,15 +128,17 @@ def _entries(root: Path) -> list[Path]:
     return entries
 
 
-def _read_layout(root: Path, entries: list[Path], skipped: dict, manifest: ManifestOptions):
+def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: Path | None):
     """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
-    csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
+    csvs = [csv_named] if csv_named else sorted(p for p in entries if p.suffix.lower() == ".csv")
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
     if csvs:
         if len(csvs) > 1:
             raise UserError(
-                f"Found several CSV manifests in {str(root)!r}: {[p.name for p in csvs]}; keep one."
+                f"Found several CSV manifests in {str(root)!r}: {[p.name for p in csvs]}. Name "
+                "the one to read: data.root="
+                + str(next((p for p in csvs if "train" in p.name.lower()), csvs[0]))
             )
         from image_classifier.data.manifest import read_manifest
 

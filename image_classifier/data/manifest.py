@@ -22,7 +22,17 @@ from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-FILE_COLUMNS = ("file", "filename", "filepath", "path", "image", "image_path", "img")
+FILE_COLUMNS = (
+    "file",
+    "filename",
+    "filepath",
+    "path",
+    "image",
+    "image_path",
+    "img",
+    "image_id",
+    "id",
+)
 LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tags")
 SPLIT_COLUMN = "split"
 SPLIT_ALIASES = {

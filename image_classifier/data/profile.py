@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name
-from image_classifier.data.layouts import files_under
+from image_classifier.data.layouts import data_folder, files_under
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
 GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)
@@ -42,7 +42,7 @@ class ImageProfile:
 def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
     """An evenly spaced sample of the image files under root (any layout); unreadable ones are
     left to the data scan, which reports them."""
-    paths = [p for p in files_under(Path(root)) if is_image_name(p) and p.is_file()]
+    paths = [p for p in files_under(data_folder(root)) if is_image_name(p) and p.is_file()]
     seen = sampled_headers(paths, sample)
     if not seen:
         return ImageProfile(len(paths), False, (28, 28))

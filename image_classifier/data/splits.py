@@ -98,7 +98,7 @@ def _idx(c, fixed: Preprocessing | None, project_root: Path) -> tuple[dict, Data
 
 def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
     """A user's folder: class folders, split folders or a CSV manifest (data/layouts.py)."""
-    from image_classifier.data.layouts import ManifestOptions, discover, label_parts
+    from image_classifier.data.layouts import ManifestOptions, data_folder, discover, label_parts
 
     if not c.get("root"):
         raise UserError(
@@ -129,7 +129,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         pre = preprocessing_for(c, int(channels))
     n = len(samples.classes)
     datasets = {s: FileDataset(items, pre, n) for s, items in samples.splits.items()}
-    root = Path(c.root)
+    root = data_folder(c.root)
 
     def names(y) -> str:
         return ";".join(samples.classes[i] for i in label_parts(y))
@@ -161,9 +161,10 @@ def data_name(c) -> str:
         return str(c.name)
     import unicodedata
 
+    from image_classifier.data.layouts import data_folder
     from image_classifier.rules import safe_name
 
-    name = unicodedata.normalize("NFKD", Path(c.root).expanduser().resolve().name)
+    name = unicodedata.normalize("NFKD", data_folder(c.root).resolve().name)
     return safe_name(name.encode("ascii", "ignore").decode()).strip("_") or "folder"
 
 
