@@ -2,7 +2,7 @@
 
     uv run python scripts/benchmark_data.py              # all parts (about 10 minutes on 2 cores)
     uv run python scripts/benchmark_data.py --quick      # smaller folders, fewer steps
-    uv run python scripts/benchmark_data.py --parts loader   # part 1 only (loader,train,compile,photos)
+    uv run python scripts/benchmark_data.py --parts loader   # one part: loader,train,compile,photos
 
 Part 1, loader throughput (images/s through one pass of the train split, no model): a JPEG
 folder of Fashion-MNIST images at 28x28 grey and the same images resized to 224x224 RGB, read by

@@ -329,7 +329,7 @@ def _cached_features(d, cfg):
 
     from image_classifier.data.cachedir import read_manifest
     from image_classifier.data.features import cache_folder
-    from image_classifier.data.layouts import SPLITS
+    from image_classifier.data.identity import SPLITS
     from image_classifier.models.pretrained import weights_id
 
     folder, key = cache_folder(cfg, d.data_hash, weights_id(cfg.features), d.classes)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from image_classifier.data.layouts import SPLITS
+from image_classifier.data.identity import SPLITS
 from image_classifier.errors import UserError
 
 if TYPE_CHECKING:

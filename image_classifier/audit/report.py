@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier import lineage, tracking
-from image_classifier.data.layouts import SPLITS
+from image_classifier.data.identity import SPLITS
 from image_classifier.data.splits import data_name
 
 

@@ -16,8 +16,7 @@ from image_classifier.audit import labels as label_checks
 from image_classifier.audit import neighbours, quality
 from image_classifier.audit.load import AuditData, load
 from image_classifier.audit.report import grids, log_mlflow, summary
-from image_classifier.data.identity import imbalance_ratio
-from image_classifier.data.layouts import SPLITS
+from image_classifier.data.identity import SPLITS, imbalance_ratio
 from image_classifier.data.splits import data_name
 from image_classifier.errors import UserError
 

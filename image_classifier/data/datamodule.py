@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from image_classifier.data.cachedir import read_manifest
 from image_classifier.data.datasets import ArrayDataset, AugmentedDataset, FileDataset
 from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
-from image_classifier.data.identity import DataInfo
+from image_classifier.data.identity import SPLITS, DataInfo
 from image_classifier.data.images import Preprocessing
-from image_classifier.data.layouts import SPLITS
 from image_classifier.data.splits import load_splits
 from image_classifier.errors import UserError
 

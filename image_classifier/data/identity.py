@@ -1,7 +1,7 @@
 """What a data set is, independent of how it is batched: what the model file records about it
 (`DataInfo`), the content hash that names it (and its caches), its files' names relative to its
-root, and the stratified split of a training set into train and
-validation, and how imbalanced its classes are."""
+root, how it is split (ratios per class, or given splits with what is missing carved out of
+train), and how imbalanced its classes are."""
 
 from __future__ import annotations
 
@@ -76,6 +76,77 @@ def check_test_split(info: DataInfo, split) -> None:
         + ". Test on other images, every one of them tested: data=folder data.root=FOLDER "
         "data.split=[0,0,1]; or train again with a test share, e.g. data.split=[0.8,0.1,0.1]."
     )
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_items(pairs, given_splits, split, seed: int, multi: bool = False) -> dict[str, list]:
+    """The given splits (missing val/test carved out of train, stratified), else `split` ratios.
+    Multi-label items are split at random (their label sets are too many to stratify by)."""
+    cut = _random_split if multi else _stratified_split
+    if given_splits is None or "train" not in given_splits:
+        train, val, test = cut(pairs, split, seed)
+        return {"train": train, "val": val, "test": test}
+    splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
+    missing = [s for s in ("val", "test") if not splits[s]]
+    if missing:
+        ratios = {"val": split[1], "test": split[2]}
+        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+        splits["train"] = carved[0]
+        for s, part in zip(missing, carved[1:], strict=True):
+            splits[s] = part
+    return splits
+
+
+def _stratified_split(
+    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
+) -> list[list[tuple[str, int]]]:
+    """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can, and
+    train first (the floor of the cuts gave a class's only image to test)."""
+    ratios = _ratios(ratios)
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for pr in sorted(pairs):
+        by_class.setdefault(pr[1], []).append(pr)
+    parts: list[list[tuple[str, int]]] = [[] for _ in ratios]
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = rng.permutation(len(items))
+        n = len(items)
+        cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
+        # a split with a positive ratio takes one image from train when rounding left it none
+        sizes = np.diff(np.concatenate([[0], cuts]))
+        for k in range(1, len(sizes)):
+            if ratios[k] > 0 and sizes[k] == 0 and sizes[0] > 1:
+                sizes[k], sizes[0] = 1, sizes[0] - 1
+        if sizes[0] == 0 and ratios[0] > 0:  # a class of one image: trained on, not tested
+            k = max(k for k in range(len(sizes)) if sizes[k])
+            sizes[k], sizes[0] = sizes[k] - 1, 1
+        start = 0
+        for k, size in enumerate(sizes):
+            parts[k] += [items[i] for i in order[start : start + size]]
+            start += size
+    return parts
+
+
+def _random_split(pairs: list, ratios: tuple[float, ...], seed: int) -> list[list]:
+    """Shuffle with `seed` and cut by ratios."""
+    ratios = _ratios(ratios)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    items = sorted(pairs)
+    cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
+    starts = np.concatenate([[0], cuts[:-1]])
+    return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
+
+
+def _ratios(ratios) -> np.ndarray:
+    ratios = np.asarray(ratios, dtype=float)
+    if (ratios < 0).any() or ratios.sum() <= 0:
+        raise UserError(
+            f"data.split={list(ratios)} must be non-negative ratios with a positive sum."
+        )
+    return ratios / ratios.sum()
 
 
 IMBALANCED = 10  # largest/smallest train class at which train's summary says so

@@ -18,10 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL modes of grey images (the others are colour, or palettes that may be colour)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-# .heic/.heif: iPhone photos, read through pillow-heif's opener (_open)
-IMAGE_EXTENSIONS = tuple(
-    ".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .heic .heif".split()
-)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+IMAGE_EXTENSIONS += (".pgm", ".pbm", ".heic", ".heif")  # HEIC/HEIF (iPhone): pillow-heif (_open)
 RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
 # check is ours, made on the header's size right after Image.open, and names the size it refused.

@@ -13,9 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from image_classifier.data import scan
+from image_classifier.data.identity import split_items
 from image_classifier.data.images import (
     archive_hint,
     display_name,
@@ -28,7 +27,6 @@ from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 Label = int | tuple[int, ...]  # a class index, or the indices of every label of a multi-label item
 
 
@@ -95,7 +93,7 @@ def discover(
         (p, tuple(sorted(index[x] for x in label)) if multi else index[label])
         for p, label in labelled
     ]
-    splits = _split(pairs, given_splits, split, seed, multi)
+    splits = split_items(pairs, given_splits, split, seed, multi)
     for s, ratio in zip(("train", "val"), split[:2], strict=True):
         if not splits[s] and (ratio or given_splits is not None):  # ratio 0: asked for (test)
             raise UserError(
@@ -233,24 +231,6 @@ def _warn_near_names(classes: list[str], layout: str) -> None:
         )
 
 
-def _split(pairs, given_splits, split, seed: int, multi: bool = False) -> dict[str, list]:
-    """The given splits (missing val/test carved out of train, stratified), else `split` ratios.
-    Multi-label items are split at random (their label sets are too many to stratify by)."""
-    cut = _random_split if multi else _stratified_split
-    if given_splits is None or "train" not in given_splits:
-        train, val, test = cut(pairs, split, seed)
-        return {"train": train, "val": val, "test": test}
-    splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
-    missing = [s for s in ("val", "test") if not splits[s]]
-    if missing:
-        ratios = {"val": split[1], "test": split[2]}
-        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
-        splits["train"] = carved[0]
-        for s, part in zip(missing, carved[1:], strict=True):
-            splits[s] = part
-    return splits
-
-
 def unusable_lines(skipped: dict[str, str], limit: int = 20) -> str:
     """One indented 'path: reason' line per skipped file (the first `limit`, then a count)."""
     lines = [f"  {p}: {why}" for p, why in list(skipped.items())[:limit]]
@@ -312,53 +292,3 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             )
         out += [(str(p), d.name) for p in images]
     return out
-
-
-def _stratified_split(
-    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
-) -> list[list[tuple[str, int]]]:
-    """Per class: shuffle with `seed`, cut by ratios; each split gets >= 1 image when it can, and
-    train first (the floor of the cuts gave a class's only image to test)."""
-    ratios = _ratios(ratios)
-    rng = np.random.default_rng(seed)
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for pr in sorted(pairs):
-        by_class.setdefault(pr[1], []).append(pr)
-    parts: list[list[tuple[str, int]]] = [[] for _ in ratios]
-    for label in sorted(by_class):
-        items = by_class[label]
-        order = rng.permutation(len(items))
-        n = len(items)
-        cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
-        # a split with a positive ratio takes one image from train when rounding left it none
-        sizes = np.diff(np.concatenate([[0], cuts]))
-        for k in range(1, len(sizes)):
-            if ratios[k] > 0 and sizes[k] == 0 and sizes[0] > 1:
-                sizes[k], sizes[0] = 1, sizes[0] - 1
-        if sizes[0] == 0 and ratios[0] > 0:  # a class of one image: trained on, not tested
-            k = max(k for k in range(len(sizes)) if sizes[k])
-            sizes[k], sizes[0] = sizes[k] - 1, 1
-        start = 0
-        for k, size in enumerate(sizes):
-            parts[k] += [items[i] for i in order[start : start + size]]
-            start += size
-    return parts
-
-
-def _random_split(pairs: list, ratios: tuple[float, ...], seed: int) -> list[list]:
-    """Shuffle with `seed` and cut by ratios."""
-    ratios = _ratios(ratios)
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    items = sorted(pairs)
-    cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
-    starts = np.concatenate([[0], cuts[:-1]])
-    return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
-
-
-def _ratios(ratios) -> np.ndarray:
-    ratios = np.asarray(ratios, dtype=float)
-    if (ratios < 0).any() or ratios.sum() <= 0:
-        raise UserError(
-            f"data.split={list(ratios)} must be non-negative ratios with a positive sum."
-        )
-    return ratios / ratios.sum()

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, cache_folder
-from image_classifier.data.layouts import SPLITS, write_unusable
+from image_classifier.data.identity import SPLITS
+from image_classifier.data.layouts import write_unusable
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
 
