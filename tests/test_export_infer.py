@@ -298,6 +298,29 @@ def test_collect_inputs_forms(tmp_path, capsys):
             collect_inputs(str(spec))
 
 
+def test_a_csv_lists_what_infer_predicts(tmp_path):
+    """Kaggle's test.csv (an id column, no extension) or a manifest was taken as one file that is
+    not an image: one error row. Its file column (or only column) is now the list."""
+    make_class_folders(tmp_path / "d", per_class=2)
+    (tmp_path / "test.csv").write_text("id\nd/cat/000\nd/dog/001.png\n\n")
+    assert collect_inputs(str(tmp_path / "test.csv")) == [
+        tmp_path / "d" / "cat" / "000.png",
+        tmp_path / "d" / "dog" / "001.png",
+    ]
+    (tmp_path / "m.csv").write_text("label;path\ncat;d/cat/001.png\n")  # Excel's ";"
+    assert collect_inputs(str(tmp_path / "m.csv")) == [tmp_path / "d" / "cat" / "001.png"]
+    (tmp_path / "odd.csv").write_text("a,b\nd/cat/000.png,cat\n")
+    with pytest.raises(
+        UserError,
+        match=r"Cannot tell which column of odd.csv holds the image "
+        r"files: columns are \['a', 'b'\]. Name it file or filename",
+    ):
+        collect_inputs(str(tmp_path / "odd.csv"))
+    (tmp_path / "urls.csv").write_text("image\nhttps://host/a.jpg\n")
+    with pytest.raises(UserError, match=r"urls.csv lists 1 URL\(s\) \('https://host/a.jpg'\)"):
+        collect_inputs(str(tmp_path / "urls.csv"))
+
+
 def test_cuda_provider_that_cannot_start_is_reported(exported, monkeypatch, caplog):
     """ONNX Runtime drops to the CPU quietly when its CUDA provider cannot load: we say so."""
     import onnxruntime as ort

@@ -54,14 +54,7 @@ def read_manifest(
 ) -> tuple[list[tuple[str, object]], list | None, bool]:
     """([(image path, label name or tuple of names)], [split per row] or None, multi-label?).
     A row naming a URL goes into `skipped` with the fix; a manifest of URLs only stops."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = f.readline()
-        f.seek(0)  # columns apart by the first of DELIMITERS the header holds (Excel: ";")
-        rows = list(csv.DictReader(f, delimiter=next((d for d in DELIMITERS if d in header), ",")))
-    if not rows:
-        raise UserError(f"CSV manifest {str(path)!r} has no rows.")
-    columns = list(rows[0].keys())
-    lower = {c.lower().strip(): c for c in columns}
+    rows, columns, lower = _read_rows(path)
     fcol = _pick(path, columns, lower, options.file_column, FILE_COLUMNS, "image file", "file")
     scol = lower.get(SPLIT_COLUMN)
     label_col = options.label_column or next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
@@ -90,6 +83,35 @@ def read_manifest(
             f": {URL_FIX}, relative to the CSV or absolute."
         )
     return labelled, (splits if scol else None), multi
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
+    """(rows, columns, {lower-case column: column}); columns apart by the first of DELIMITERS the
+    header holds (Excel in many locales: ";")."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = f.readline()
+        f.seek(0)
+        rows = list(csv.DictReader(f, delimiter=next((d for d in DELIMITERS if d in header), ",")))
+    if not rows:
+        raise UserError(f"CSV manifest {str(path)!r} has no rows.")
+    columns = list(rows[0].keys())
+    return rows, columns, {c.lower().strip(): c for c in columns}
+
+
+def listed_files(path: Path) -> list[Path]:
+    """infer.input=LIST.csv (a manifest, Kaggle's test.csv): the files of its file column, or of
+    its only column, relative to the CSV or absolute; empty cells passed over."""
+    rows, columns, lower = _read_rows(path)
+    fcol = next((lower[c] for c in FILE_COLUMNS if c in lower), columns[0])
+    if len(columns) > 1 and fcol not in (lower.get(c) for c in FILE_COLUMNS):
+        raise UserError(
+            f"Cannot tell which column of {path.name} holds the image files: columns are "
+            f"{columns}. Name it {' or '.join(FILE_COLUMNS[:4])}, or give a .txt list of paths."
+        )
+    files = [(row[fcol] or "").strip() for row in rows]
+    if urls := [f for f in files if is_url(f)]:
+        raise UserError(f"{path.name} lists {len(urls)} URL(s) ({urls[0]!r}): {URL_FIX}.")
+    return [listed_path(path.parent, f) for f in files if f]
 
 
 def _items(rows: list[dict], labels: list, cols: tuple, path: Path, skipped: dict):

@@ -26,11 +26,12 @@ SORT_MODES = ("copy", "symlink", "hardlink")
 
 
 def collect_inputs(spec: str) -> list[Path]:
-    """A file, a folder (recursive; its files with image names), a glob, or a .txt file with one
-    path per line. A file named explicitly that is not an image becomes an error row."""
+    """A file, a folder (recursive; its files with image names), a glob, a .txt file with one
+    path per line or a .csv (its file column). A file named explicitly that is not an image
+    becomes an error row."""
     if not spec:
         raise UserError(
-            "infer.input is not set: give a file, a folder, a glob or a .txt list of paths."
+            "infer.input is not set: give a file, a folder, a glob, or a .txt or .csv list."
         )
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -52,6 +53,10 @@ def collect_inputs(spec: str) -> list[Path]:
                 f"infer.input={spec!r} lists {len(urls)} URL(s) ({urls[0]!r}): {URL_FIX}."
             )
         files = [listed_path(base, ln) for ln in listed]
+    elif p.is_file() and p.suffix.lower() == ".csv":
+        from image_classifier.data.manifest import listed_files
+
+        files = listed_files(p)
     elif p.is_file() and (hint := archive_hint(spec)):
         raise UserError(f"infer.input={spec!r} is not an image.{hint}")
     elif p.is_file():
@@ -67,7 +72,7 @@ def collect_inputs(spec: str) -> list[Path]:
     if not files:
         raise UserError(
             f"infer.input={spec!r} matches no image files (give a file, a folder of images, a glob "
-            "or a .txt list)."
+            "or a .txt or .csv list)."
             + (f" It is a URL: {URL_FIX}." if is_url(spec) else archive_hint(spec))
         )
     return files
