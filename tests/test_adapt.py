@@ -44,6 +44,25 @@ def test_profile_reads_count_colour_and_median_size(tmp_path):
     assert (rgb.images, rgb.colour, rgb.median_size) == (12, True, (40, 40))
 
 
+def test_portrait_phone_photos_get_a_portrait_size(tmp_path):
+    """A phone stores a portrait photo landscape with an EXIF quarter turn: the profile read the
+    stored size, so data.size=auto was landscape (192x224 for these) and every photo,
+    turned upright when decoded, was squeezed into it."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 400 wide, 300 tall; shown 300 wide, 400 tall
+    for c in ("a", "b"):
+        (tmp_path / "phone" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (400, 300), (200, 40 * i, 0)).save(
+                tmp_path / "phone" / c / f"{i}.jpg", exif=exif
+            )
+    profile = profile_folder(tmp_path / "phone")
+    assert profile.median_size == (400, 300)  # (height, width) as shown
+    assert auto_size(profile.median_size, pretrained=True) == [224, 192]  # portrait
+
+
 def test_grey_pictures_saved_in_a_colour_mode_are_grey(tmp_path):
     """An X-ray or a scan saved as an RGB JPEG was 'colour' from its header: a 28 px folder was
     fine-tuned at 160 px (118 s) where the small grey rule trains the CNN at 28 px."""

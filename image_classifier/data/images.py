@@ -186,10 +186,15 @@ def _decode(im: Image.Image, name: str, fit: int = 0) -> Image.Image:
 
 
 def header(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (width, height)) from the header alone; ImageError as open_image would raise."""
+    """(PIL mode, (width, height) as shown: EXIF orientation applied) from the header alone;
+    ImageError as open_image would raise. A phone's portrait photo is stored landscape."""
     name = display_name(path)
     with _open(Path(path), name, max_pixels) as im:
-        return im.mode, im.size
+        try:
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn to show
+        except Exception:  # unreadable EXIF: open_image's exif_transpose leaves it as stored
+            turned = False
+        return im.mode, im.size[::-1] if turned else im.size
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
