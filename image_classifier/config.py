@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from image_classifier.errors import did_you_mean
+from image_classifier.errors import _flat_keys, closest_keys, did_you_mean
+from image_classifier.rules import Entries
 from image_classifier.settings import rule_table
 
 _MISSING = object()
@@ -80,6 +81,7 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
     variants = _variants(parsed, config_dir)
     for overrides in variants:
         found = problems(_compose(overrides, config_dir))
+        found += _unread_additions(parsed, overrides, config_dir)
         if found:
             raise UserError(
                 "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
@@ -105,6 +107,59 @@ def _variants(parsed, config_dir: Path) -> list[list[str]]:
     for i, key, rest in sweeps:
         variants += [[*first[:i], f"{key}={v}", *first[i + 1 :]] for v in rest]
     return variants
+
+
+SET_BY_TRAIN = ("max_epochs", "min_epochs", "max_steps", "callbacks", "logger", "default_root_dir")
+
+
+def _unread_additions(parsed, overrides: list[str], config_dir: Path) -> list[str]:
+    """`+key=value` for a key no config has: Hydra adds it and nothing reads it (+train.max_epochs=5
+    trained the default schedule), except what something reads: Lightning's Trainer options,
+    a network's own (model.*) and new entries of a mapping (normalization.NAME)."""
+    added = {
+        o.key_or_group: o
+        for o in parsed
+        if (o.is_add() or o.is_force_add())
+        and not o.is_hydra_override()
+        and not (config_dir / o.key_or_group.split("@")[0]).is_dir()
+    }
+    if not added:
+        return []
+    base = _compose([x for x in overrides if x.lstrip("+").split("=")[0] not in added], config_dir)
+    maps = [k for k, rule in rule_table().items() if isinstance(rule, Entries)]  # normalization
+    found = []
+    for key in added:
+        if OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
+            continue  # ++ on a key that exists
+        if key.startswith(("model.", *(f"{k}." for k in maps))):
+            continue  # a network's own option (timm's), or a new entry of a mapping
+        option = key.removeprefix("trainer.")
+        if option in SET_BY_TRAIN:
+            found.append(
+                f"+{key}: train sets Lightning's {option} itself; for the length of training use "
+                "train.epochs=N or train.time_budget=SECONDS."
+            )
+        elif option == key or option not in _trainer_options():
+            options = (
+                [f"trainer.{o}" for o in _trainer_options()]
+                if option != key
+                else _flat_keys(OmegaConf.to_container(base))
+            )
+            found.append(
+                f"+{key}: no setting has that name, so nothing would read it."
+                f"{closest_keys(key, options)} "
+                "`uv run python commands.py --help` lists the settings."
+            )
+    return found
+
+
+def _trainer_options() -> list[str]:
+    """lightning.Trainer's keyword arguments (read only when a +trainer.KEY is given)."""
+    import inspect
+
+    import lightning
+
+    return [p for p in inspect.signature(lightning.Trainer.__init__).parameters if p != "self"]
 
 
 def _check_group(key: str, values: list[str], config_dir: Path) -> None:

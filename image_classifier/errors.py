@@ -44,10 +44,10 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         key = m.group(1) or m.group(2)
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             base = compose(config_name="config")
-        keys = [
-            k for k in _flat_keys(OmegaConf.to_container(base)) if k.count(".") == key.count(".")
-        ]
-        hint = did_you_mean(key, keys) + " (prefix with + to add a new key)"
+        hint = (
+            closest_keys(key, _flat_keys(OmegaConf.to_container(base)))
+            + " `uv run python commands.py --help` lists the settings."
+        )
         named = any(o.lstrip("+~").startswith("model=") for o in overrides)
         if key.startswith("model.") and base.model.name == "auto" and not named:
             hint = (
@@ -58,6 +58,21 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         hint = " " + " ".join(str(e).split())
         msg = ""
     return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
+
+
+def closest_keys(key: str, keys: list[str]) -> str:
+    """did_you_mean over setting names: the whole dotted name, else the last part alone
+    (`epochs`: 'train.epochs')."""
+    same_depth = [k for k in keys if k.count(".") == key.count(".")]
+    if hint := did_you_mean(key, same_depth):
+        return hint
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.6)
+    named = [k for c in close for k in by_leaf[c]][:3]
+    return " Did you mean " + " or ".join(repr(k) for k in named) + "?" if named else ""
 
 
 def _flat_keys(d: dict, prefix: str = "") -> list[str]:

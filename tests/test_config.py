@@ -176,3 +176,41 @@ def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
 def test_switches_paths_and_lists_are_checked_too(override, message):
     found = problems(_compose([override], CONFIG_DIR))
     assert any(message in f for f in found), found
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+train.max_epochs=5",
+            "+train.max_epochs: no setting has that name, so nothing would read it. Did you mean "
+            "'train.epochs'",
+        ),
+        ("+trainer.max_epochs=5", "train sets Lightning's max_epochs itself; for the length of "),
+        ("+trainer.gradient_clip_vall=1", "Did you mean 'trainer.gradient_clip_val'"),
+        ("epochs=5", "Could not override 'epochs'. Did you mean 'train.epochs'?"),
+    ],
+)
+def test_a_key_nothing_reads_is_refused_with_the_closest(tmp_path, override, message):
+    """`+train.max_epochs=5` (as the old hint, "prefix with + to add a new key", suggested) was
+    added and never read: the default schedule ran. A Trainer option, a network's own option and a
+    new normalisation entry are read, so they pass."""
+    proc = run_cli("command=train", override, f"paths.root={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "prefix with +" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_additions_something_reads_pass():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from image_classifier.config import _unread_additions
+
+    given = [
+        "+trainer.gradient_clip_algorithm=value",
+        "model=timm",
+        "+model.drop_rate=0.2",
+        "+normalization.mine.mean=[0.5]",
+        "++train.epochs=3",
+    ]
+    parsed = OverridesParser.create().parse_overrides(given)
+    assert _unread_additions(parsed, given, CONFIG_DIR) == []
