@@ -335,3 +335,23 @@ def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
     assert s.layout == "csv manifest train.csv" and s.classes == ["cat", "dog", "fox"]
     assert not s.skipped and sum(len(v) for v in s.splits.values()) == 12
     assert all(p.endswith(".png") for v in s.splits.values() for p, _ in v)
+
+
+def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_path):
+    """credits.csv (author, license) beside the class folders stopped training with "cannot tell
+    which column holds the image file: set data.csv_file_column"."""
+    make_class_folders(tmp_path / "d", per_class=4)
+    (tmp_path / "d" / "credits.csv").write_text("author,license\nme,CC-BY\n")
+    s = discover(tmp_path / "d")
+    assert s.layout == "class folders" and s.classes == ["cat", "dog", "fox"]
+    assert (
+        "a CSV with no file column (file, filename"
+        in s.skipped[str(tmp_path / "d" / "credits.csv")]
+    )
+    (tmp_path / "d" / "labels.csv").write_text(
+        "file,label\n"
+        + "\n".join(f"cat/{i:03d}.png,cat" for i in range(4))
+        + "\n"
+        + "\n".join(f"dog/{i:03d}.png,dog" for i in range(4))
+    )
+    assert discover(tmp_path / "d").layout == "csv manifest labels.csv"  # a manifest still wins

@@ -130,6 +130,14 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
     """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
     csvs = [csv_named] if csv_named else sorted(p for p in entries if p.suffix.lower() == ".csv")
+    if len(dirs) > 1 and not csv_named:  # class folders beside a CSV that is no manifest
+        from image_classifier.data.manifest import FILE_COLUMNS, has_file_column
+
+        for p in [p for p in csvs if not has_file_column(p, manifest)]:
+            csvs.remove(p)
+            skipped[display_name(p)] = (
+                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...): not a manifest"
+            )
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
     if csvs:
         if len(csvs) > 1:
@@ -160,7 +168,7 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
     labelled = _scan_class_folders(root, skipped)
     for p in entries:
         if not p.is_dir():
-            skipped[display_name(p)] = "stray file beside the class folders"
+            skipped.setdefault(display_name(p), "stray file beside the class folders")
     _warn_splits_inside(root, [p for p in entries if p.is_dir()])
     return "class folders", labelled, None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from pathlib import Path
 
 from image_classifier.data.images import URL_FIX, is_url, listed_path
@@ -96,6 +97,19 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
         raise UserError(f"CSV manifest {str(path)!r} has no rows.")
     columns = list(rows[0].keys())
     return rows, columns, {c.lower().strip(): c for c in columns}
+
+
+def has_file_column(path: Path, options) -> bool:
+    """Whether a CSV's header names a file column (or data.csv_file_column is set)."""
+    if options.file_column:
+        return True
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    cells = re.split("[" + re.escape(DELIMITERS) + "]", header)
+    return any(c.strip().strip('"').lower() in FILE_COLUMNS for c in cells)
 
 
 def listed_files(path: Path) -> list[Path]:
