@@ -355,3 +355,15 @@ def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_pa
         + "\n".join(f"dog/{i:03d}.png,dog" for i in range(4))
     )
     assert discover(tmp_path / "d").layout == "csv manifest labels.csv"  # a manifest still wins
+
+
+def test_data_one_folder_down_is_pointed_at(tmp_path):
+    """An archive unpacked into a folder of its own name (flowers/flowers/<class>/): "only one
+    class ('flowers')" with no word of where the classes were."""
+    make_class_folders(tmp_path / "flowers" / "flowers", per_class=2)
+    with pytest.raises(
+        UserError,
+        match=r"Only one class \('flowers'\).* It holds one folder, whose "
+        r"subfolders \(cat, dog, fox\) look like the data: data.root=.*flowers/flowers$",
+    ):
+        discover(tmp_path / "flowers")

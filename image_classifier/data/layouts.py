@@ -218,10 +218,26 @@ def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -
     if len(classes) < 2:
         raise UserError(
             f"Only one class ({classes[0]!r}) found under {str(root)!r}: a classifier needs at "
-            "least two class folders (or two labels in the manifest)."
+            "least two class folders (or two labels in the manifest)." + _one_level_down(root)
         )
     _warn_near_names(classes, layout)
     return classes
+
+
+def _one_level_down(root: Path) -> str:
+    """' It holds one folder, ...: point data.root at it' when the data sits a level deeper (an
+    archive unpacked into a folder of its own name), else ''."""
+    dirs = [p for p in root.iterdir() if p.is_dir() and not is_system(p, root)]
+    inner = [p for p in dirs[0].iterdir() if p.is_dir() and not is_system(p, root)] if dirs else []
+    if len(dirs) != 1 or not (
+        len(inner) > 1 or any(p.name.lower() in SPLIT_ALIASES for p in inner)
+    ):
+        return ""
+    names = sorted(p.name for p in inner)
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (
+        f" It holds one folder, whose subfolders ({shown}) look like the data: data.root={dirs[0]}"
+    )
 
 
 def _warn_near_names(classes: list[str], layout: str) -> None:
