@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -802,4 +803,27 @@ def test_testing_data_with_no_test_split_says_how_to_test(trained, tmp_path):
 
     assert next_test(cfg, ckpt, 0).endswith(
         "data=folder data.root=TEST_FOLDER data.split=[0,0,1]  (no test split)"
+    )
+
+
+def test_testing_on_images_the_model_trained_on_says_how_many(trained, tmp_path):
+    """Images added to the folder after training re-drew the split and `test` scored training
+    images as test images (59 of 100 on a 1,000-image folder after 20 were added), saying only
+    that the data's hash differed. The checkpoint keeps its training images' digests now."""
+    root, ckpt, images = trained
+    from image_classifier.models.checkpoint import train_digests
+
+    copy = shutil.copytree(images, tmp_path / "images")
+    make_class_folders(tmp_path / "new", classes=("cat",), per_class=2, seed=7)
+    for i, p in enumerate(sorted((tmp_path / "new" / "cat").iterdir())):
+        shutil.copy(p, copy / "cat" / f"new{i}.png")
+    cfg = compose_cfg(
+        root, "data=folder", f"data.root={copy}", "data.split=[0,0,1]", f"test.checkpoint={ckpt}"
+    )
+    report = json.loads(Path(run_test(cfg, use_checkpoint_data=False)["report"]).read_text())
+    seen = len(train_digests(ckpt))
+    assert seen == 18  # the fixture's 24 images, 0.8 of them trained on after stratified cuts
+    assert (
+        f"{seen} of the 26 test images were training images of this model"
+        in (report["data"]["warning"])
     )

@@ -149,6 +149,7 @@ def _ratios(ratios) -> np.ndarray:
     return ratios / ratios.sum()
 
 
+DIGEST = 16  # hex digits of a file's SHA-256 that identify it (a checkpoint keeps its train's)
 IMBALANCED = 10  # largest/smallest train class at which train's summary says so
 
 
@@ -174,3 +175,4 @@ class DataInfo:
     source: str = ""
     multi_label: bool = False
     cache: str = ""  # the decoded-image cache folder the splits are read from, if any
+    digests: dict[str, list[str]] = field(default_factory=dict)  # per split, each file's content

@@ -14,6 +14,7 @@ import torch
 
 from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
+    DIGEST,
     DataInfo,
     content_hash,
     relative_name,
@@ -134,10 +135,11 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
     def names(y) -> str:
         return ";".join(samples.classes[i] for i in label_parts(y))
 
+    shas = {s: [sha256_file(p) for p, _ in items] for s, items in samples.splits.items()}
     parts = sorted(
-        f"{s}:{relative_name(p, root)}:{names(y)}:{sha256_file(p)}"
+        f"{s}:{relative_name(p, root)}:{names(y)}:{sha}"
         for s, items in samples.splits.items()
-        for p, y in items
+        for (p, y), sha in zip(items, shas[s], strict=True)
     )
     return datasets, DataInfo(
         name=data_name(c),
@@ -149,6 +151,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         layout=samples.layout,
         skipped=samples.skipped,
         multi_label=samples.multi_label,
+        digests={s: [h[:DIGEST] for h in v] for s, v in shas.items()},
     )
 
 

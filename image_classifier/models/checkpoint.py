@@ -38,7 +38,7 @@ def read(path: str | Path, map_location: str = "cpu") -> dict:
 
 # (path, mtime) -> (history, MLflow run id, stored config): what is read besides the weights,
 # kept so that a command asking for several of them (or loading the module too) reads once
-_SUMMARIES: dict[tuple[str, float], tuple] = {}  # (history, run id, config, classes, data hash)
+_SUMMARIES: dict[tuple[str, float], tuple] = {}  # history, run id, config, classes, hash, digests
 
 
 def _key(path: str | Path) -> tuple[str, float]:
@@ -62,7 +62,8 @@ def _remember(key: tuple[str, float], ckpt: dict) -> tuple:
     if len(_SUMMARIES) > 16:
         _SUMMARIES.clear()
     data_hash = (hp.get("data") or {}).get("hash")
-    _SUMMARIES[key] = (history, run_id, hp.get("config"), hp.get("classes"), data_hash)
+    digests = ckpt.get("image_classifier", {}).get("train_digests")
+    _SUMMARIES[key] = (history, run_id, hp.get("config"), hp.get("classes"), data_hash, digests)
     return _SUMMARIES[key]
 
 
@@ -84,6 +85,12 @@ def mlflow_run_id(path: str | Path) -> str | None:
 def trained_on(path: str | Path) -> tuple[list[str] | None, str | None]:
     """(class names, content hash) of the data the checkpoint was trained on."""
     return _cached(path)[3:5]
+
+
+def train_digests(path: str | Path) -> list[str] | None:
+    """The content digests of the images the checkpoint was trained on (a folder's; None for
+    array data and checkpoints from before they were kept)."""
+    return _cached(path)[5]
 
 
 def stored_config(path: str | Path) -> dict | None:

@@ -208,6 +208,7 @@ class ClassifierModule(L.LightningModule):
             "data": self.hparams.data,
             "mlflow_run_id": getattr(self, "mlflow_run_id", None),
             "multi_label": self.multi_label,
+            "train_digests": getattr(self, "train_digests", None),  # not an hparam: not logged
         }
 
 

@@ -39,7 +39,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     out = runs.output_dir(cfg)
     dm, info = test_data(cfg, module, path)
     check_test_split(info, cfg.data.get("split"))
-    hash_note = data_mismatch(module.hparams, info)
+    hash_note = data_mismatch(module.hparams, info, ckpt_file.train_digests(path))
     logger = tracking.create_logger(
         cfg,
         run_name=f"test-{module.hparams.model['name']}",
@@ -158,8 +158,9 @@ def test_data(cfg, module, path: Path):
     return dm, info
 
 
-def data_mismatch(hp, info) -> str:
-    """A note when the test data is not the data the model was trained on, else ''."""
+def data_mismatch(hp, info, trained: list[str] | None = None) -> str:
+    """A note when the test data is not the data the model was trained on, else '': with the
+    digests of the images it `trained` on, how many of the tested ones it has seen."""
     trained_hash = (hp.get("data") or {}).get("hash")
     if not trained_hash or trained_hash == info.data_hash:
         return ""
@@ -167,6 +168,12 @@ def data_mismatch(hp, info) -> str:
         f"the test data (hash {info.data_hash}) differs from the data this model was trained on "
         f"(hash {trained_hash})"
     )
+    tested, trained = info.digests.get("test", []), set(trained or ())
+    if seen := sum(d in trained for d in tested):
+        note += (
+            f". {seen} of the {len(tested)} test images were training images of this model "
+            "(the same content): its accuracy on them is no test"
+        )
     sizes = info.split_sizes
     if info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values()):
         note += (

@@ -260,6 +260,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
         module = module.to(memory_format=torch.channels_last)
     stages = choose_frozen_stages(cfg)[0].train.get("frozen_stages", 0)  # run_train's, or auto's
     freeze_stages(module.net.net, int(stages))
+    module.train_digests = info.digests.get("train")  # test counts these among its images
     return module
 
 
