@@ -67,17 +67,6 @@ def test_an_archive_as_data_root_says_to_unpack_it(tmp_path):
         discover(tmp_path / "photos.zip")
 
 
-def test_split_folders_without_train_say_how_to_test_them(tmp_path):
-    """A folder holding only test/ read as one class called 'test'."""
-    make_class_folders(tmp_path / "d" / "test", per_class=2)
-    with pytest.raises(
-        UserError,
-        match=r"holds split folders \(test\) but no train/.*"
-        r"data.root=.*/d/test data.split=\[0,0,1\]",
-    ):
-        discover(tmp_path / "d")
-
-
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)
@@ -357,13 +346,21 @@ def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_pa
     assert discover(tmp_path / "d").layout == "csv manifest labels.csv"  # a manifest still wins
 
 
-def test_data_one_folder_down_is_pointed_at(tmp_path):
-    """An archive unpacked into a folder of its own name (flowers/flowers/<class>/): "only one
-    class ('flowers')" with no word of where the classes were."""
-    make_class_folders(tmp_path / "flowers" / "flowers", per_class=2)
-    with pytest.raises(
-        UserError,
-        match=r"Only one class \('flowers'\).* It holds one folder, whose "
-        r"subfolders \(cat, dog, fox\) look like the data: data.root=.*flowers/flowers$",
-    ):
-        discover(tmp_path / "flowers")
+@pytest.mark.parametrize(
+    "inner, match",
+    [
+        (  # a folder holding only test/ read as one class called 'test'
+            "test",
+            r"holds split folders \(test\) but no train/.*data.root=.*/d/test data.split=\[0,0,1\]",
+        ),
+        (  # an archive unpacked into a folder of its own name: "only one class ('flowers')"
+            "flowers",
+            r"Only one class \('flowers'\).* It holds one folder, whose subfolders \(cat, dog, "
+            r"fox\) look like the data: data.root=.*/d/flowers$",
+        ),
+    ],
+)
+def test_a_folder_of_one_folder_says_where_to_point(tmp_path, inner, match):
+    make_class_folders(tmp_path / "d" / inner, per_class=2)
+    with pytest.raises(UserError, match=match):
+        discover(tmp_path / "d")
