@@ -140,13 +140,15 @@ def _random_split(pairs: list, ratios: tuple[float, ...], seed: int) -> list[lis
 
 
 def stable_order(items: list[tuple], seed: int) -> list[int]:
-    """Indices of (path, label) `items` in the order of a seeded hash of each file's name, so that
-    a file added or removed moves at most one other across each cut and none from train to test
-    (a seeded shuffle re-drew every split: 20 images added to a 1,000-image folder put 59 training
-    images in test). The name alone: moving or renaming the folders keeps the split."""
+    """Indices of (path, label) `items` in the order of a seeded hash of each file's name and its
+    folder's, so that a file added or removed moves at most one other across each cut and none
+    from train to test (a seeded shuffle re-drew every split: 20 images added to a 1,000-image
+    folder put 59 training images in test). Moving the data keeps the split; the folder's name
+    keeps classes of the same file names (0.jpg, 1.jpg...) from all being cut alike."""
 
     def key(i: int) -> tuple[bytes, str]:
-        name = f"{seed}/{Path(items[i][0]).name}".encode()
+        path = Path(items[i][0])
+        name = f"{seed}/{path.parent.name}/{path.name}".encode()
         return hashlib.blake2b(name, digest_size=8).digest(), items[i][0]
 
     return sorted(range(len(items)), key=key)
