@@ -6,6 +6,7 @@ train), and how imbalanced its classes are."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,18 +82,18 @@ def check_test_split(info: DataInfo, split) -> None:
 SPLITS = ("train", "val", "test")
 
 
-def split_items(pairs, given_splits, split, seed: int, multi: bool = False) -> dict[str, list]:
+def split_items(pairs, given_splits, split, seed: int, multi=False, root="") -> dict[str, list]:
     """The given splits (missing val/test carved out of train, stratified), else `split` ratios.
     Multi-label items are split at random (their label sets are too many to stratify by)."""
     cut = _random_split if multi else _stratified_split
     if given_splits is None or "train" not in given_splits:
-        train, val, test = cut(pairs, split, seed)
+        train, val, test = cut(pairs, split, seed, root)
         return {"train": train, "val": val, "test": test}
     splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
     missing = [s for s in ("val", "test") if not splits[s]]
     if missing:
         ratios = {"val": split[1], "test": split[2]}
-        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed)
+        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed, root)
         splits["train"] = carved[0]
         for s, part in zip(missing, carved[1:], strict=True):
             splits[s] = part
@@ -100,7 +101,7 @@ def split_items(pairs, given_splits, split, seed: int, multi: bool = False) -> d
 
 
 def _stratified_split(
-    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int
+    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int, root: str = ""
 ) -> list[list[tuple[str, int]]]:
     """Per class: order by `seed` (stable_order), cut by ratios; each split gets >= 1 image when
     it can, and train first (the floor of the cuts gave a class's only image to test)."""
@@ -111,7 +112,7 @@ def _stratified_split(
     parts: list[list[tuple[str, int]]] = [[] for _ in ratios]
     for label in sorted(by_class):
         items = by_class[label]
-        order = stable_order(items, seed)
+        order = stable_order(items, seed, root)
         n = len(items)
         cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
         # a split with a positive ratio takes one image from train when rounding left it none
@@ -129,26 +130,28 @@ def _stratified_split(
     return parts
 
 
-def _random_split(pairs: list, ratios: tuple[float, ...], seed: int) -> list[list]:
+def _random_split(pairs: list, ratios: tuple[float, ...], seed: int, root="") -> list[list]:
     """Order by `seed` (stable_order) and cut by ratios."""
     ratios = _ratios(ratios)
     items = sorted(pairs)
-    order = stable_order(items, seed)
+    order = stable_order(items, seed, root)
     cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
     starts = np.concatenate([[0], cuts[:-1]])
     return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
 
 
-def stable_order(items: list[tuple], seed: int) -> list[int]:
-    """Indices of (path, label) `items` in the order of a seeded hash of each file's name and its
-    folder's, so that a file added or removed moves at most one other across each cut and none
-    from train to test (a seeded shuffle re-drew every split: 20 images added to a 1,000-image
-    folder put 59 training images in test). Moving the data keeps the split; the folder's name
-    keeps classes of the same file names (0.jpg, 1.jpg...) from all being cut alike."""
+def stable_order(items: list[tuple], seed: int, root: str = "") -> list[int]:
+    """Indices of (path, label) `items` in the order of a seeded hash of each file's path relative
+    to the data's `root` (else its folder's name and its own), so that a file added or removed
+    moves at most one other across each cut and none from train to test (a seeded shuffle re-drew
+    every split: 20 images added to a 1,000-image folder put 59 training images in test). Moving
+    the data keeps the split; the class folder in the path keeps classes of the same file names
+    (0.jpg, 1.jpg...) from all being cut alike."""
 
     def key(i: int) -> tuple[bytes, str]:
         path = Path(items[i][0])
-        name = f"{seed}/{path.parent.name}/{path.name}".encode()
+        where = os.path.relpath(path, root) if root else f"{path.parent.name}/{path.name}"
+        name = f"{seed}/{where}".encode()
         return hashlib.blake2b(name, digest_size=8).digest(), items[i][0]
 
     return sorted(range(len(items)), key=key)

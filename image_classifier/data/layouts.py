@@ -93,7 +93,7 @@ def discover(
         (p, tuple(sorted(index[x] for x in label)) if multi else index[label])
         for p, label in labelled
     ]
-    splits = split_items(pairs, given_splits, split, seed, multi)
+    splits = split_items(pairs, given_splits, split, seed, multi, str(root))
     for s, ratio in zip(("train", "val"), split[:2], strict=True):
         if not splits[s] and (ratio or given_splits is not None):  # ratio 0: asked for (test)
             raise UserError(
