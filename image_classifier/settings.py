@@ -129,6 +129,7 @@ def _train_rules() -> dict:
 
 
 def _data_rules() -> dict:
+    from image_classifier.data.identity import SPLIT_ORDERS
     from image_classifier.data.images import RESIZE_MODES
     from image_classifier.data.manifest import MULTI_LABEL
     from image_classifier.data.sources import SOURCES
@@ -138,6 +139,7 @@ def _data_rules() -> dict:
         "data.channels": Choice((1, 3, "auto")),
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), length=3),
+        "data.split_order": Choice(SPLIT_ORDERS),
         "data.val_size": COUNT,
         "data.cache": Choice(("decoded", "none")),
         "data.cache_max_gb": Number(0),

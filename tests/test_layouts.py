@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import make_class_folders
@@ -364,3 +365,57 @@ def test_a_folder_of_one_folder_says_where_to_point(tmp_path, inner, match):
     make_class_folders(tmp_path / "d" / inner, per_class=2)
     with pytest.raises(UserError, match=match):
         discover(tmp_path / "d")
+
+
+def test_files_added_later_move_no_training_image_into_test(tmp_path):
+    """The seeded shuffle re-drew every split when a folder grew: 20 images added to a
+    1,000-image folder put 59 of its training images into the 100 of test."""
+    root = make_class_folders(tmp_path / "d", per_class=40)
+    before = discover(root)
+    make_class_folders(tmp_path / "more", classes=("cat", "dog"), per_class=5, seed=3)
+    for p in (tmp_path / "more").rglob("*.png"):
+        shutil.copy(p, root / p.parent.name / f"new{p.name}")
+    after = discover(root)
+    names = {s: {p for p, _ in v} for s, v in after.splits.items()}
+    assert not {p for p, _ in before.splits["train"]} & (names["val"] | names["test"])
+    assert not {p for p, _ in before.splits["val"]} & names["test"]
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "d")  # moving the data keeps it
+    assert [Path(p).relative_to(moved) for p, _ in discover(moved).splits["test"]] == [
+        Path(p).relative_to(root) for p, _ in after.splits["test"]
+    ]
+
+
+def test_a_checkpoint_from_before_the_hash_order_is_split_as_it_was(tmp_path):
+    """A stored data config without data.split_order (a checkpoint trained before it) is split by
+    the seeded shuffle it was trained beside, so `test` still tests its own test split."""
+    import numpy as np
+    from conftest import compose_cfg
+    from omegaconf import open_dict
+
+    from image_classifier.data.images import Preprocessing
+    from image_classifier.data.sources import sha256_file
+    from image_classifier.data.splits import load_splits
+
+    root = make_class_folders(tmp_path / "d", classes=("cat", "dog"), per_class=5)
+    old = discover(root, split=(0.6, 0.2, 0.2), seed=0, split_order="shuffle")
+    rng, names = np.random.default_rng(0), sorted(p.name for p in (root / "cat").iterdir())
+    order = [names[i] for i in rng.permutation(5)]  # the old code, by hand: cat first
+    assert [Path(p).name for p, y in old.splits["train"] if y == 0] == order[:3]
+    assert [Path(p).name for p, y in old.splits["test"] if y == 0] == order[4:]
+    cfg = compose_cfg(
+        tmp_path,
+        "data=folder",
+        f"data.root={root}",
+        "data.split=[0.6,0.2,0.2]",
+        "data.seed=0",
+        "data.cache=none",
+    )
+    with open_dict(cfg):
+        del cfg.data["split_order"]
+    pre = Preprocessing(size=(16, 16), channels=1, mean=(0.5,), std=(0.5,))
+    _, info = load_splits(cfg.data, pre, build_cache=False)
+    assert info.split_sizes == {"train": 6, "val": 2, "test": 2}
+    want = sorted(sha256_file(p)[:16] for p, _ in old.splits["test"])
+    assert sorted(info.digests["test"]) == want
+    hashed = discover(root, split=(0.6, 0.2, 0.2), seed=0)
+    assert sorted(sha256_file(p)[:16] for p, _ in hashed.splits["test"]) != want  # they differ

@@ -82,29 +82,41 @@ def check_test_split(info: DataInfo, split) -> None:
 SPLITS = ("train", "val", "test")
 
 
-def split_items(pairs, given_splits, split, seed: int, multi=False, root="") -> dict[str, list]:
-    """The given splits (missing val/test carved out of train, stratified), else `split` ratios.
-    Multi-label items are split at random (their label sets are too many to stratify by)."""
-    cut = _random_split if multi else _stratified_split
+SPLIT_ORDERS = ("hash", "shuffle")  # data.split_order; a checkpoint with none was shuffled
+
+
+def split_items(pairs, given_splits, split, seed: int, multi=False, root="", order="hash"):
+    """{split: items}: the given splits (missing val/test carved out of train, stratified), else
+    `split` ratios. Multi-label items are not stratified (their label sets are too many)."""
+    cut = _unstratified_split if multi else _stratified_split
+    ordered = _orderer(seed, root, order)
     if given_splits is None or "train" not in given_splits:
-        train, val, test = cut(pairs, split, seed, root)
+        train, val, test = cut(pairs, split, ordered)
         return {"train": train, "val": val, "test": test}
     splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
     missing = [s for s in ("val", "test") if not splits[s]]
     if missing:
         ratios = {"val": split[1], "test": split[2]}
-        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), seed, root)
+        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), ordered)
         splits["train"] = carved[0]
         for s, part in zip(missing, carved[1:], strict=True):
             splits[s] = part
     return splits
 
 
-def _stratified_split(
-    pairs: list[tuple[str, int]], ratios: tuple[float, ...], seed: int, root: str = ""
-) -> list[list[tuple[str, int]]]:
-    """Per class: order by `seed` (stable_order), cut by ratios; each split gets >= 1 image when
-    it can, and train first (the floor of the cuts gave a class's only image to test)."""
+def _orderer(seed: int, root: str, order: str):
+    """items -> the order they are cut in: `hash` (stable_order), or `shuffle`, a seeded
+    permutation per call, what checkpoints from before 2026-12-03 were split by (kept so that
+    `test` of such a checkpoint tests the split it was trained beside)."""
+    if order == "hash":
+        return lambda items: stable_order(items, seed, root)
+    rng = np.random.default_rng(seed)
+    return lambda items: rng.permutation(len(items))
+
+
+def _stratified_split(pairs: list[tuple[str, int]], ratios, ordered) -> list[list]:
+    """Per class: in `ordered`'s order, cut by ratios; each split gets >= 1 image when it can,
+    and train first (the floor of the cuts gave a class's only image to test)."""
     ratios = _ratios(ratios)
     by_class: dict[int, list[tuple[str, int]]] = {}
     for pr in sorted(pairs):
@@ -112,7 +124,7 @@ def _stratified_split(
     parts: list[list[tuple[str, int]]] = [[] for _ in ratios]
     for label in sorted(by_class):
         items = by_class[label]
-        order = stable_order(items, seed, root)
+        order = ordered(items)
         n = len(items)
         cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
         # a split with a positive ratio takes one image from train when rounding left it none
@@ -130,11 +142,11 @@ def _stratified_split(
     return parts
 
 
-def _random_split(pairs: list, ratios: tuple[float, ...], seed: int, root="") -> list[list]:
-    """Order by `seed` (stable_order) and cut by ratios."""
+def _unstratified_split(pairs: list, ratios, ordered) -> list[list]:
+    """All items in `ordered`'s order, cut by ratios."""
     ratios = _ratios(ratios)
     items = sorted(pairs)
-    order = stable_order(items, seed, root)
+    order = ordered(items)
     cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
     starts = np.concatenate([[0], cuts[:-1]])
     return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]

@@ -111,6 +111,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         split=tuple(c.split),
         seed=int(c.seed),
         strict=bool(c.strict),
+        split_order=c.get("split_order") or "shuffle",  # a checkpoint's config from before it
         manifest=ManifestOptions(
             file_column=c.get("csv_file_column"),
             label_column=c.get("csv_label_column"),
