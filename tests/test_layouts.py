@@ -325,6 +325,11 @@ def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
     assert s.layout == "csv manifest train.csv" and s.classes == ["cat", "dog", "fox"]
     assert not s.skipped and sum(len(v) for v in s.splits.values()) == 12
     assert all(p.endswith(".png") for v in s.splits.values() for p, _ in v)
+    from image_classifier.data.profile import profile_folder
+
+    make_class_folders(tmp_path / "k" / "images" / "unlabelled", classes=("x",), per_class=3)
+    assert profile_folder(tmp_path / "k").images == 15  # the folder: every image under it
+    assert profile_folder(tmp_path / "k" / "train.csv").images == 12  # the manifest's own
 
 
 def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_path):

@@ -40,9 +40,15 @@ class ImageProfile:
 
 
 def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
-    """An evenly spaced sample of the image files under root (any layout); unreadable ones are
-    left to the data scan, which reports them."""
-    paths = [p for p in files_under(data_folder(root)) if is_image_name(p) and p.is_file()]
+    """An evenly spaced sample of the image files under root (any layout), or of those the CSV
+    manifest named as data.root lists (not the unlabelled test images beside them); unreadable
+    ones are left to the data scan, which reports them."""
+    if (folder := data_folder(root)) != Path(root).expanduser():
+        from image_classifier.data.manifest import listed_files
+
+        paths = [p for p in listed_files(Path(root).expanduser()) if p.is_file()]
+    else:
+        paths = [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
     seen = sampled_headers(paths, sample)
     if not seen:
         return ImageProfile(len(paths), False, (28, 28))
