@@ -202,3 +202,18 @@ def test_iphone_heic_photos_are_read_from_files_and_uploads(tmp_path):
     assert left_right[0, 0] > 150 > left_right[0, 1] and left_right[2, 1] > 150 > left_right[2, 0]
     upload = decode_bytes(path.read_bytes(), RGB, "IMG_0001.HEIC")
     assert np.abs(upload.astype(int) - load_array(path, RGB).astype(int)).max() == 0
+
+
+@pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".avif", ".jp2"])
+def test_web_and_browser_formats_are_image_files(tmp_path, suffix):
+    """A browser saves JPEGs as .jfif, the web serves AVIF: such a folder was "not image file
+    names" throughout, so its classes were empty."""
+    from image_classifier.data.images import is_image_name
+
+    colours = np.zeros((16, 16, 3), np.uint8)
+    colours[:, :8] = (220, 20, 20)
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(colours).save(path, format={".jfif": "JPEG", ".jpe": "JPEG"}.get(suffix))
+    assert is_image_name(path)
+    left_right = load_array(path, RGB)[0, 4, [1, 6]].astype(int)  # red channel
+    assert left_right[0] > 150 > left_right[1]

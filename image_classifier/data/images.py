@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 IMAGE_EXTENSIONS += (".pgm", ".pbm", ".heic", ".heif")  # HEIC/HEIF (iPhone): pillow-heif (_open)
+IMAGE_EXTENSIONS += (".jfif", ".jpe", ".avif", ".jp2")  # a browser's saved JPEG; AVIF, JPEG 2000
 RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
 # check is ours, made on the header's size right after Image.open, and names the size it refused.
