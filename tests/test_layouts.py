@@ -424,3 +424,17 @@ def test_a_checkpoint_from_before_the_hash_order_is_split_as_it_was(tmp_path):
     assert sorted(info.digests["test"]) == want
     hashed = discover(root, split=(0.6, 0.2, 0.2), seed=0)
     assert sorted(sha256_file(p)[:16] for p, _ in hashed.splits["test"]) != want  # they differ
+
+
+def test_a_dev_folder_is_validation_and_an_unknown_one_is_named(tmp_path):
+    """train/, dev/, test/ (an NLP or speech corpus's names): dev/ was passed over without a
+    word and validation carved out of train."""
+    for split in ("train", "dev", "test"):
+        make_class_folders(tmp_path / "d" / split, per_class=2)
+    s = discover(tmp_path / "d")
+    assert s.layout == "pre-split folders (test, train, val)" and len(s.splits["val"]) == 6
+    (tmp_path / "d" / "dev").rename(tmp_path / "d" / "extra")
+    s = discover(tmp_path / "d")
+    assert s.skipped[str(tmp_path / "d" / "extra")] == (
+        "a folder beside the split folders, not read: rename it train, val or test"
+    )

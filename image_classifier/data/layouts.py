@@ -165,6 +165,10 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
             items = _scan_class_folders(folder, skipped)
             labelled += items
             given_splits += [name] * len(items)
+        for p in [p for p in dirs.values() if p.name.lower() not in SPLIT_ALIASES]:
+            skipped[display_name(p)] = (
+                "a folder beside the split folders, not read: rename it train, val or test"
+            )
         return "pre-split folders (" + ", ".join(sorted(presplit)) + ")", labelled, given_splits
     labelled = _scan_class_folders(root, skipped)
     for p in entries:

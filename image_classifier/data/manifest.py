@@ -42,6 +42,8 @@ SPLIT_ALIASES = {
     "val": "val",
     "valid": "val",
     "validation": "val",
+    "dev": "val",  # the dev set of NLP and speech corpora
+    "development": "val",
     "test": "test",
     "testing": "test",
 }
