@@ -438,3 +438,18 @@ def test_a_dev_folder_is_validation_and_an_unknown_one_is_named(tmp_path):
     assert s.skipped[str(tmp_path / "d" / "extra")] == (
         "a folder beside the split folders, not read: rename it train, val or test"
     )
+
+
+def test_unlabelled_test_images_beside_train_say_what_to_do(tmp_path):
+    """Kaggle's layout, train/<class>/ beside a test/ of unlabelled images, stopped with "test
+    has no class subfolders" and no way forward."""
+    make_class_folders(tmp_path / "d" / "train", per_class=4)
+    (tmp_path / "d" / "test").mkdir()
+    shutil.copy(tmp_path / "d" / "train" / "cat" / "000.png", tmp_path / "d" / "test" / "a.png")
+    with pytest.raises(
+        UserError,
+        match=r"Its images have no labels: to train on the rest, data.root=.*/d/train \(val and "
+        r"test carved out of it\); to predict them, command=infer infer.input=.*/d/test\.",
+    ):
+        discover(tmp_path / "d")
+    assert discover(tmp_path / "d" / "train").layout == "class folders"

@@ -300,9 +300,16 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
     out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
     if not class_dirs:
+        unlabelled = ""
+        if folder.name.lower() in SPLIT_ALIASES and any(map(is_image_name, folder.iterdir())):
+            unlabelled = (  # Kaggle: train/<class>/ beside a test/ of unlabelled images
+                f" Its images have no labels: to train on the rest, data.root={folder.parent}/"
+                f"train (val and test carved out of it); to predict them, command=infer "
+                f"infer.input={folder}."
+            )
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
-            "files>."
+            f"files>.{unlabelled}"
         )
     for d in class_dirs:
         files = files_under(d)
