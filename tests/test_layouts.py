@@ -453,3 +453,14 @@ def test_unlabelled_test_images_beside_train_say_what_to_do(tmp_path):
     ):
         discover(tmp_path / "d")
     assert discover(tmp_path / "d" / "train").layout == "class folders"
+
+
+def test_a_manifest_written_on_a_case_blind_disk_finds_its_files(tmp_path):
+    """A manifest made on Windows or macOS lists cat/000.PNG for cat/000.png: on Linux every such
+    row was 'no such file'."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    rows = ["file,label"] + [f"imgs/{c}/{i:03d}.PNG,{c}" for c in ("cat", "dog") for i in range(4)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert not s.skipped and sum(len(v) for v in s.splits.values()) == 8
+    assert all(p.endswith(".png") for v in s.splits.values() for p, _ in v)

@@ -319,19 +319,6 @@ def archive_hint(path: str | Path) -> str:
     return f" It is an archive: unpack it (e.g. `unzip {path} -d FOLDER`) and give the folder."
 
 
-def listed_path(base: Path, name: str) -> Path:
-    """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
-    the separator when written on Windows (imgs\\a.jpg), and an image's id without its extension
-    (Kaggle's `id` column: images/0a1b.jpg listed as images/0a1b)."""
-    p = Path(name) if Path(name).is_absolute() else base / name
-    if "\\" in name and not p.exists():
-        p = base / name.replace("\\", "/")
-    if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.exists():
-        cased = [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
-        p = next((q for e in cased if (q := Path(f"{p}{e}")).is_file()), p)
-    return p
-
-
 def is_image_name(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 

@@ -13,12 +13,13 @@ columns, or forced with `data.multi_label=true|false`. A bad row (empty label, u
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
 from pathlib import Path
 
-from image_classifier.data.images import URL_FIX, is_url, listed_path
+from image_classifier.data.images import IMAGE_EXTENSIONS, URL_FIX, is_url
 from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,30 @@ SPLIT_ALIASES = {
 DELIMITERS = ",;\t|"
 BINARY = {"0", "1", "0.0", "1.0"}
 MULTI_LABEL = ("auto", True, False)  # data.multi_label
+
+
+def listed_path(base: Path, name: str) -> Path:
+    """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
+    the separator when written on Windows (imgs\\a.jpg), and an image's id without its extension
+    (Kaggle's `id` column: images/0a1b.jpg listed as images/0a1b), and its name in another case."""
+    p = Path(name) if Path(name).is_absolute() else base / name
+    if "\\" in name and not p.exists():
+        p = base / name.replace("\\", "/")
+    if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.exists():
+        cased = [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
+        p = next((q for e in cased if (q := Path(f"{p}{e}")).is_file()), p)
+    if not p.exists() and (found := _names_by_case(str(p.parent)).get(p.name.casefold())):
+        p = p.parent / found  # IMG_1.JPG listed as img_1.jpg by a case-blind Windows or macOS
+    return p
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_by_case(folder: str) -> dict[str, str]:
+    """{casefolded name: name} of a folder's files, read once per folder."""
+    try:
+        return {n.casefold(): n for n in os.listdir(folder)}
+    except OSError:
+        return {}
 
 
 def read_manifest(

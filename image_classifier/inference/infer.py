@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url, listed_path
+from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
 from image_classifier.data.layouts import files_under
+from image_classifier.data.manifest import listed_files, listed_path
 from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
@@ -54,8 +55,6 @@ def collect_inputs(spec: str) -> list[Path]:
             )
         files = [listed_path(base, ln) for ln in listed]
     elif p.is_file() and p.suffix.lower() == ".csv":
-        from image_classifier.data.manifest import listed_files
-
         files = listed_files(p)
     elif p.is_file() and (hint := archive_hint(spec)):
         raise UserError(f"infer.input={spec!r} is not an image.{hint}")
