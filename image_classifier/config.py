@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from image_classifier.errors import _flat_keys, closest_keys, did_you_mean
+from image_classifier.errors import closest_keys, did_you_mean, flat_keys
 from image_classifier.rules import Entries
 from image_classifier.settings import rule_table
 
@@ -143,7 +143,7 @@ def _unread_additions(parsed, overrides: list[str], config_dir: Path) -> list[st
             options = (
                 [f"trainer.{o}" for o in _trainer_options()]
                 if option != key
-                else _flat_keys(OmegaConf.to_container(base))
+                else flat_keys(OmegaConf.to_container(base))
             )
             found.append(
                 f"+{key}: no setting has that name, so nothing would read it."

@@ -45,7 +45,7 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             base = compose(config_name="config")
         hint = (
-            closest_keys(key, _flat_keys(OmegaConf.to_container(base)))
+            closest_keys(key, flat_keys(OmegaConf.to_container(base)))
             + " `uv run python commands.py --help` lists the settings."
         )
         named = any(o.lstrip("+~").startswith("model=") for o in overrides)
@@ -75,11 +75,11 @@ def closest_keys(key: str, keys: list[str]) -> str:
     return " Did you mean " + " or ".join(repr(k) for k in named) + "?" if named else ""
 
 
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+def flat_keys(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in d.items():
         key = f"{prefix}{k}"
         keys.append(key)
         if isinstance(v, dict):
-            keys += _flat_keys(v, key + ".")
+            keys += flat_keys(v, key + ".")
     return keys

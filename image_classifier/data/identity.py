@@ -85,7 +85,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_ORDERS = ("hash", "shuffle")  # data.split_order; a checkpoint with none was shuffled
 
 
-def split_items(pairs, given_splits, split, seed: int, multi=False, root="", order="hash"):
+def split_items(pairs, given_splits, split, seed: int, multi: bool, root: str, order: str):
     """{split: items}: the given splits (missing val/test carved out of train, stratified), else
     `split` ratios. Multi-label items are not stratified (their label sets are too many)."""
     cut = _unstratified_split if multi else _stratified_split
@@ -152,18 +152,16 @@ def _unstratified_split(pairs: list, ratios, ordered) -> list[list]:
     return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
 
 
-def stable_order(items: list[tuple], seed: int, root: str = "") -> list[int]:
+def stable_order(items: list[tuple], seed: int, root: str) -> list[int]:
     """Indices of (path, label) `items` in the order of a seeded hash of each file's path relative
-    to the data's `root` (else its folder's name and its own), so that a file added or removed
+    to the data's `root`, so that a file added or removed
     moves at most one other across each cut and none from train to test (a seeded shuffle re-drew
     every split: 20 images added to a 1,000-image folder put 59 training images in test). Moving
     the data keeps the split; the class folder in the path keeps classes of the same file names
     (0.jpg, 1.jpg...) from all being cut alike."""
 
     def key(i: int) -> tuple[bytes, str]:
-        path = Path(items[i][0])
-        where = os.path.relpath(path, root) if root else f"{path.parent.name}/{path.name}"
-        name = f"{seed}/{where}".encode()
+        name = f"{seed}/{os.path.relpath(items[i][0], root)}".encode()
         return hashlib.blake2b(name, digest_size=8).digest(), items[i][0]
 
     return sorted(range(len(items)), key=key)

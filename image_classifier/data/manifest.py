@@ -16,7 +16,6 @@ import csv
 import functools
 import logging
 import os
-import re
 from pathlib import Path
 
 from image_classifier.data.images import IMAGE_EXTENSIONS, URL_FIX, is_url
@@ -131,12 +130,10 @@ def has_file_column(path: Path, options) -> bool:
     if options.file_column:
         return True
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = f.readline()
-    except (OSError, UnicodeDecodeError):
+        _, _, lower = _read_rows(path)
+    except (UserError, OSError, UnicodeDecodeError, csv.Error):  # no rows, unreadable
         return False
-    cells = re.split("[" + re.escape(DELIMITERS) + "]", header)
-    return any(c.strip().strip('"').lower() in FILE_COLUMNS for c in cells)
+    return any(c in lower for c in FILE_COLUMNS)
 
 
 def listed_files(path: Path) -> list[Path]:

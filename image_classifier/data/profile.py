@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name
+from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name, open_image
 from image_classifier.data.layouts import data_folder, files_under
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
@@ -88,11 +87,9 @@ def is_colour(seen: list[tuple]) -> bool:
 
 def _shows_colour(path) -> bool:
     """More than 1 % of the pixels with channels further apart than GREY_TOLERANCE."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))  # JPEG: decode small
-            rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
-    except Exception:  # unreadable here: the data scan reports it; count it as colour
+    try:  # a JPEG at 1/8 of its size
+        rgb = np.asarray(open_image(path, fit=1).convert("RGB"), dtype=np.int16)
+    except (ImageError, ValueError, OSError):  # the data scan reports it; count it as colour
         return True
     spread = rgb.max(axis=2) - rgb.min(axis=2)
     return float((spread > GREY_TOLERANCE).mean()) > 0.01
