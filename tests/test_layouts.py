@@ -464,3 +464,12 @@ def test_a_manifest_written_on_a_case_blind_disk_finds_its_files(tmp_path):
     s = discover(tmp_path, split=(0.5, 0.25, 0.25))
     assert not s.skipped and sum(len(v) for v in s.splits.values()) == 8
     assert all(p.endswith(".png") for v in s.splits.values() for p, _ in v)
+
+
+def test_two_folders_for_one_split_stop_and_name_both(tmp_path):
+    """val/ beside dev/: one of them was read as the validation split, the other passed over
+    without a word."""
+    for split in ("train", "val", "dev"):
+        make_class_folders(tmp_path / "d" / split, per_class=2)
+    with pytest.raises(UserError, match=r"two folders for the val split: 'dev' and 'val'\. Merge"):
+        discover(tmp_path / "d")

@@ -140,6 +140,13 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
                 f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...): not a manifest"
             )
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
+    named = sorted((SPLIT_ALIASES.get(p.name.lower(), ""), p.name) for p in entries if p.is_dir())
+    for (split, a), (again, b) in zip(named, named[1:]):
+        if split and split == again:  # val/ and dev/, or Train/ and train/: one was passed over
+            raise UserError(
+                f"{str(root)!r} has two folders for the {split} split: {a!r} and {b!r}. Merge "
+                f"them into one, or rename the other if it does not hold {split} images."
+            )
     if csvs:
         if len(csvs) > 1:
             raise UserError(
