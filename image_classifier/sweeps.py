@@ -92,6 +92,29 @@ class SweepSummary(Callback):
             f"{best.data.params.get('config/paths/output_dir', '?')}/checkpoints/best.ckpt",
             flush=True,
         )
+        if line := _ties(scored, config.train.monitor):
+            print(line, flush=True)
+
+
+def _ties(scored: list, monitor: str) -> str | None:
+    """A line when other trials score within two standard errors of the best's score (as a
+    proportion of the validation images, and at least one image): on a small validation split
+    a sweep's best is then one of several, not a finding."""
+    import math
+
+    n = int(scored[0].data.metrics.get("val_images", 0))
+    best = scored[0].data.metrics["best_score"]
+    if not n or "loss" in monitor or len(scored) < 2 or not 0 <= best <= 1:
+        return None
+    margin = max(1 / n, 2 * math.sqrt(best * (1 - best) / n))
+    near = [r for r in scored[1:] if best - r.data.metrics["best_score"] < margin - 1e-9]
+    if not near:
+        return None
+    return (
+        f"  {len(near)} other trial(s) score within {margin:.4f} of the best (two standard "
+        f"errors of {monitor} on {n} validation images, at least one image): not clearly worse. "
+        "More validation images tell trials apart (data.split, or a val/ folder)."
+    )
 
 
 def _check_ray_address(config) -> None:

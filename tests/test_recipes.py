@@ -398,7 +398,8 @@ def test_optuna_sweep_prints_the_best_trial(tmp_path, idx_source):
     assert "Best parameters" in p.stdout + p.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("image_classifier")
-    assert len(client.search_runs([exp.experiment_id])) == 2
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 and all(r.data.metrics["val_images"] > 0 for r in runs)
     results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
     assert results and "best_params" in results[0].read_text()
 

@@ -355,3 +355,26 @@ def test_a_sweeps_best_trial_among_equal_scores_is_the_lower_val_loss(tmp_path):
             client.log_metric(run.info.run_id, "best_val_loss", loss)
     ranked = [r.data.tags["sweep.trial"] for r in tracking.sweep_runs(cfg, "/s")]
     assert ranked == ["b", "a", "d", "c"]
+
+
+def test_a_sweep_says_which_trials_its_validation_split_cannot_tell_from_the_best(tmp_path):
+    """On 16 validation images one image is 6 points of val/acc: a sweep's best of 15 of 16
+    against 14 of 16 is not a finding, and the summary said nothing of it."""
+    import mlflow
+
+    from image_classifier import tracking
+    from image_classifier.sweeps import _ties
+
+    cfg = compose_cfg(tmp_path)
+    uri, _ = tracking.resolve_uri(cfg.logger, cfg.paths.root)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = tracking.experiment_id(cfg)
+    for name, score in {"a": 0.9375, "b": 0.875, "c": 0.5}.items():
+        run = client.create_run(exp, tags={"sweep": "/s", "sweep.trial": name})
+        for key, value in {"best_score": score, "val_images": 16}.items():
+            client.log_metric(run.info.run_id, key, value)
+    runs = tracking.sweep_runs(cfg, "/s")
+    line = _ties(runs, "val/acc")
+    assert line.startswith("  1 other trial(s) score within 0.1210 of the best")
+    assert "on 16 validation images" in line and "data.split" in line
+    assert _ties(runs, "val/loss") is None and _ties(runs[:1], "val/acc") is None

@@ -89,6 +89,7 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
         )
     # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
     ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
+    ranks["val_images"] = data_meta["split_sizes"].get("val", 0)  # how finely trials differ
     tracking.log_metrics(logger, ranks)
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
     tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
