@@ -331,3 +331,22 @@ def test_a_store_that_cannot_be_written_costs_time_not_the_audit(planted, tmp_pa
     r = audit(planted, tmp_path, "logger.enabled=false", f"features.dir={blocked}")["report"]
     assert {Path(i["name"]).name for i in r["label_errors"]["items"]} == {"flipped_fox.png"}
     assert "Could not keep the backbone features in" in caplog.text
+
+
+def test_a_large_photo_is_read_at_a_reduced_scale_with_its_own_size(tmp_path):
+    """The audit decoded every 12 MP phone photo in full for a 32 px thumbnail: it now asks the
+    JPEG decoder for 1/8 scale, and still reports the size the photo has as shown."""
+    from PIL import ImageOps
+
+    from image_classifier.audit.load import THUMB, _file_entry
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (75, 100, 3), dtype=np.uint8)).resize((1600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    big.save(tmp_path / "p.jpg", quality=90, exif=exif)
+    digest, thumb, size, grey, why = _file_entry(str(tmp_path / "p.jpg"))
+    assert why is None and size == (1200, 1600) and not grey
+    full = ImageOps.exif_transpose(Image.open(tmp_path / "p.jpg")).convert("L")
+    want = np.asarray(full.resize((THUMB, THUMB), Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(thumb - want).mean() < 3  # of 255: the same thumbnail, from 1/64 of the pixels

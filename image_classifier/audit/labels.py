@@ -306,7 +306,7 @@ def _images(d, rows: list[int], side: int, channels: int):
     from image_classifier.data.images import open_bytes, to_model_mode
 
     def read(i):
-        im = open_bytes(Path(d.names[i]).read_bytes(), d.names[i])
+        im = open_bytes(Path(d.names[i]).read_bytes(), d.names[i], fit=side)
         im = to_model_mode(im, channels).resize((side, side), Image.Resampling.BILINEAR)
         a = np.asarray(im, dtype=np.float32)
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)

@@ -57,12 +57,19 @@ def _file_entry(path: str):
     """(hash, thumbnail, (w, h), grey, None) or (None, None, None, None, why)."""
     from PIL import Image
 
-    from image_classifier.data.images import GREY_MODES, ImageError, open_bytes, to_model_mode
+    from image_classifier.data.images import (
+        GREY_MODES,
+        ImageError,
+        header,
+        open_bytes,
+        to_model_mode,
+    )
 
     try:
         data = Path(path).read_bytes()
-        im = open_bytes(data, path)
-        size, grey = im.size, im.mode in GREY_MODES
+        mode, size = header(path, data=data)
+        im = open_bytes(data, path, fit=THUMB)  # a JPEG decoded at up to 1/8 scale
+        grey = mode in GREY_MODES
         thumb = to_model_mode(im, 1).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     except OSError as e:  # gone or unreadable since the scan
         return None, None, None, None, f"{path}: cannot read ({e.strerror or e})"

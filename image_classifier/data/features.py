@@ -23,7 +23,8 @@ import numpy as np
 from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.images import Preprocessing
 
-FORMAT_VERSION = 2  # 2: JPEGs decoded at a reduced scale (images.open_image's fit)
+# 2: JPEGs decoded at a reduced scale (images.open_image's fit); 3: the audit's decoded so too
+FORMAT_VERSION = 3
 
 
 def backbone_preprocessing(fcfg) -> Preprocessing:

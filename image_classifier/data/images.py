@@ -186,11 +186,14 @@ def _decode(im: Image.Image, name: str, fit: int = 0) -> Image.Image:
         raise ImageError(name, f"corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
-def header(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (width, height) as shown: EXIF orientation applied) from the header alone;
-    ImageError as open_image would raise. A phone's portrait photo is stored landscape."""
+def header(
+    path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None
+) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (width, height) as shown: EXIF orientation applied) from the header alone (of
+    `data` when the file was read already); ImageError as open_image would raise. A phone's
+    portrait photo is stored landscape."""
     name = display_name(path)
-    with _open(Path(path), name, max_pixels) as im:
+    with _open(Path(path) if data is None else io.BytesIO(data), name, max_pixels) as im:
         try:
             turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn to show
         except Exception:  # unreadable EXIF: open_image's exif_transpose leaves it as stored

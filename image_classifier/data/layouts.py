@@ -141,7 +141,7 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
             )
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
     named = sorted((SPLIT_ALIASES.get(p.name.lower(), ""), p.name) for p in entries if p.is_dir())
-    for (split, a), (again, b) in zip(named, named[1:]):
+    for (split, a), (again, b) in zip(named, named[1:], strict=False):
         if split and split == again:  # val/ and dev/, or Train/ and train/: one was passed over
             raise UserError(
                 f"{str(root)!r} has two folders for the {split} split: {a!r} and {b!r}. Merge "
