@@ -464,6 +464,9 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     lines = _metric_lines(report)
     assert lines[1] == "  lowest recall: b 0.500, a 1.000"
     assert lines[2] == "  no test images of c: their recall is not measured"
+    full = {"precision": 1.0, "recall": 1.0, "support": 2}  # not "lowest recall: a 1.000, b 1.000"
+    perfect = {**report, "per_class": {"a": full, "b": full}}
+    assert _metric_lines(perfect)[1] == "  recall 1.000 for every class tested (2)"
 
 
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):

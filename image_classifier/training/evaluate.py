@@ -311,7 +311,9 @@ def _metric_lines(report) -> list[str]:
         f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
-        "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst),
+        "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst)
+        if worst and worst[0][1] < 1
+        else f"  recall 1.000 for every class tested ({len(measured)})",
     ]
     if absent:
         lines.append(f"  no test images of {', '.join(absent)}: their recall is not measured")
