@@ -196,7 +196,9 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         "logger.enabled=false",
     )
     with pytest.raises(
-        UserError, match=r"classes do not match.*only in the data: wolf; only in the model: fox\."
+        UserError,
+        match=r"classes do not match.*only in the data: wolf; only in the model: fox\. The model "
+        r"cannot predict wolf: move those images out of the data",
     ):
         run_test(cfg, use_checkpoint_data=False)
 

@@ -61,9 +61,14 @@ def check_classes(path: Path, classes: list[str], info) -> None:
     raise UserError(
         f"The checkpoint's classes do not match the data's: the checkpoint {str(path)!r} knows "
         f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
-        f"{class_change(classes, info.classes)}. Test on the data the model was trained on (drop "
-        "the data overrides; with none, its folder's classes changed since training), or train a "
-        "new model."
+        f"{class_change(classes, info.classes)}. "
+        + (
+            f"The model cannot predict {', '.join(extra[:10])}: move those images out of the "
+            "data to test it on the classes it knows, or train a model that knows them."
+            if (extra := [c for c in info.classes if c not in classes])
+            else "Test on the data the model was trained on (drop the data overrides; with none, "
+            "its folder's classes changed since training), or train a new model."
+        )
     )
 
 
