@@ -5,7 +5,10 @@ for 70,000 images), so the same measures run here on the thumbnails the audit al
   dark            the brightest pixels are dim: 99th-percentile brightness / 255 below `dark`
   light           the darkest pixels are bright: 5th-percentile brightness / 255 above `light`
   low_information the grey-level histogram's entropy / 8 bits below `low_information`
-  blurry          the variance of the Laplacian below `blurry` x the data's median
+  blurry          the variance of the Laplacian below `blurry` x the median of the image's class
+                  (of the data, for a class of fewer than MIN_CLASS images): a class that is smooth
+                  by nature (a moon's surface, sky) is not blurry, an image blurrier than its
+                  classmates is
   odd_size        sqrt(width x height) more than `odd_size` times off the data's median
   odd_aspect_ratio min(w/h, h/w) below `odd_aspect_ratio`
   grey_in_colour  a grey file in a colour data set
@@ -16,7 +19,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def scores(thumbs: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+MIN_CLASS = 10
+
+
+def _relative(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """x / the median of x over the image's class (over all, for a class under MIN_CLASS)."""
+    ref = np.full(len(x), max(float(np.median(x)), 1e-9)) if len(x) else x
+    for k in np.unique(labels):
+        if (inside := labels == k).sum() >= MIN_CLASS:
+            ref[inside] = max(float(np.median(x[inside])), 1e-9)
+    return x / ref
+
+
+def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     flat = thumbs.reshape(len(thumbs), -1)
     hist = np.stack([np.bincount(r, minlength=256) for r in flat.clip(0, 255).astype(np.int64)])
     p = hist / hist.sum(1, keepdims=True)
@@ -34,15 +49,15 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
         "dark": np.percentile(flat, 99, axis=1) / 255.0,
         "light": np.percentile(flat, 5, axis=1) / 255.0,
         "low_information": entropy,
-        "blurry": sharp / max(float(np.median(sharp)), 1e-9),
+        "blurry": _relative(sharp, labels),
         "odd_size": np.maximum(side / np.median(side), np.median(side) / np.maximum(side, 1)),
         "odd_aspect_ratio": np.minimum(sizes[:, 0] / sizes[:, 1], sizes[:, 1] / sizes[:, 0]),
     }
 
 
-def find(thumbs, sizes, grey, colour_data: bool, limits: dict) -> dict[str, list[int]]:
+def find(thumbs, sizes, labels, grey, colour_data: bool, limits: dict) -> dict[str, list[int]]:
     """Check name -> indices of the images it flags (each list sorted, worst first)."""
-    s = scores(thumbs, sizes)
+    s = scores(thumbs, sizes, labels)
     flagged = {
         "dark": np.flatnonzero(s["dark"] < limits["dark"]),
         "light": np.flatnonzero(s["light"] > limits["light"]),

@@ -53,7 +53,7 @@ def run_audit(cfg) -> dict:
         scores = neighbours.outlier_scores(fdist)
         outliers = neighbours.outliers(scores, float(a.outlier_fence), int(a.max_outliers))
     with _timed(timings, "quality"):
-        flags = quality.find(d.thumbs, d.sizes, d.grey, d.colour_data, dict(a.quality))
+        flags = quality.find(d.thumbs, d.sizes, d.labels, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
     report["label_errors"]["recommended_cut"] = cut
     report["label_errors"]["cut_rule"] = f"{float(a.label_cut):g} x chance"
