@@ -48,16 +48,40 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
             closest_keys(key, flat_keys(OmegaConf.to_container(base)))
             + " `uv run python commands.py --help` lists the settings."
         )
-        named = any(o.lstrip("+~").startswith("model=") for o in overrides)
-        if key.startswith("model.") and base.model.name == "auto" and not named:
+        group, _, rest = key.partition(".")
+        named = any(o.lstrip("+~").startswith(f"{group}=") for o in overrides)
+        having = [] if named else _group_options_with(config_dir, group, rest)
+        if group == "model" and base.model.name == "auto" and not named:
             hint = (
                 f" The default model=auto picks the network from the data and has no {key}: "
-                f"name the network whose option it is, e.g. `model=cnn {key}=...`."
+                f"name the network whose option it is, e.g. `model={(having or ['cnn'])[0]} "
+                f"{key}=...`."
+            )
+        elif having:
+            hint = (
+                f" {key} is a setting of {group}={' or '.join(having[:4])}: name the option "
+                f"first, e.g. `{group}={having[0]} {key}=...`."
             )
     elif "Could not find" in str(e):
         hint = " " + " ".join(str(e).split())
         msg = ""
     return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
+
+
+def _group_options_with(config_dir, group: str, key: str) -> list[str]:
+    """The options of config group `group` (configs/GROUP/*.yaml) that have `key`: data.root is
+    data=folder's, not the default data=fashion_mnist's."""
+    from omegaconf import OmegaConf
+
+    folder = config_dir / group
+    options = sorted(folder.glob("*.yaml")) if group and folder.is_dir() else []
+    absent = object()
+    return [
+        p.stem
+        for p in options
+        if OmegaConf.select(OmegaConf.load(p), key, default=absent, throw_on_missing=False)
+        is not absent
+    ]
 
 
 def closest_keys(key: str, keys: list[str]) -> str:

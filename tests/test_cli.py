@@ -150,3 +150,11 @@ def test_an_output_that_cannot_be_written_stops_the_command_before_any_work(
     in_the_way = f"cannot be written: a file is in the way ({tmp_path / 'afile'})"
     assert f"error: {key}='{tmp_path / value}' {in_the_way}" in p.stderr
     assert "Give a path in a folder you can write to." in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_setting_of_another_group_option_says_which_to_name(tmp_path):
+    """`data.root=PATH` without `data=folder` suggested paths.root, data.std or data.dir."""
+    p = run_cli("data.root=/some/folder", f"paths.root={tmp_path}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "data.root is a setting of data=folder: name the option first, e.g. " in p.stderr
+    assert "`data=folder data.root=...`" in p.stderr and "paths.root" not in p.stderr
