@@ -148,17 +148,12 @@ def requeued_checkpoint(cfg) -> Path | None:
 
 
 def model_file(cfg, given, setting: str) -> Path:
-    """`given` when set (a run folder: its exported model, else its checkpoint), else the .onnx
-    that export-onnx wrote beside the newest best checkpoint."""
+    """`given` when set (a run folder: its exported model, else its checkpoint), else the newest
+    best checkpoint's export (the .onnx export-onnx wrote beside it), else that checkpoint."""
     if given:
         return in_run_folder(given, setting, ("best.onnx", "best.ckpt", "last.ckpt"))
-    onnx = newest_best(cfg.paths.root, cfg.paths.search, setting).with_suffix(".onnx")
-    if not onnx.exists():
-        raise UserError(
-            f"{setting} is not set and {onnx} does not exist: export it first "
-            f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
-        )
-    return onnx
+    best = newest_best(cfg.paths.root, cfg.paths.search, setting)
+    return onnx if (onnx := best.with_suffix(".onnx")).exists() else best
 
 
 def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:

@@ -762,6 +762,22 @@ def test_a_run_folder_stands_for_its_checkpoint_or_exported_model(tmp_path):
         runs.model_file(None, tmp_path / "empty", "infer.model")
 
 
+def test_infer_without_a_model_takes_the_newest_export_else_its_checkpoint(tmp_path):
+    """`command=infer` without infer.model stopped with "best.onnx does not exist: export it
+    first" where the newest run's checkpoint predicts as well (with PyTorch)."""
+    from omegaconf import OmegaConf
+
+    from image_classifier import runs
+
+    cfg = OmegaConf.create({"paths": {"root": str(tmp_path), "search": ["outputs"]}})
+    ckpts = tmp_path / "outputs" / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best.ckpt").write_bytes(b"")
+    assert runs.model_file(cfg, None, "infer.model") == ckpts / "best.ckpt"
+    (ckpts / "best.onnx").write_bytes(b"")
+    assert runs.model_file(cfg, None, "infer.model") == ckpts / "best.onnx"
+
+
 def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tmp_path):
     """A new labelled folder with two of the model's three classes was refused ("classes do not
     match"), and a class-folder root was tested on its 10 % test split only. It is now read with
