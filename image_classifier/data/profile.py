@@ -5,6 +5,7 @@ few, small (GREY_CONTENT_SAMPLE)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,8 @@ def _shows_colour(path) -> bool:
 
 def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
     """[height, width] for data.size=auto: the median size, kept in proportion where the
-    model's limits allow (a side past them is clamped), each side rounded to the nearest of the
-    model's steps (rounded up, a median of 110x111 px became 160x192 for a pretrained model:
-    the images stretched by a fifth)."""
+    model's limits allow (a side past them is clamped), each side rounded up to the model's
+    step."""
     limits = PRETRAINED_SIZES if pretrained else SCRATCH_SIZES
     h, w = median
     scale = min(1.0, limits["largest"] / max(h, w))
@@ -106,6 +106,6 @@ def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
     step = limits["step"]
 
     def side(x: int) -> int:
-        return min(limits["largest"], max(step, round(x * scale / step) * step))
+        return min(limits["largest"], max(step, math.ceil(x * scale / step) * step))
 
     return [side(h), side(w)]
