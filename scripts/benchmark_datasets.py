@@ -17,6 +17,9 @@ built from what installs offline:
   seven colour photographs scikit-image ships (astronaut, cat, coffee, Hubble deep field,
   immunohistochemistry, retina, rocket), the class being the photograph; JPEG, in class folders
   (split 80/10/10 by the tool), 1,050 images.
+- shapes-10 (only with --only: it is for choosing data.resize, not part of the suite): the items
+  of colour-96 on photo crops of mixed shapes, width / height from 1/2 to 2, 96-160 px (1,000
+  train, 300 val, 500 test; JPEG).
 
 For each: the default job exactly as a user runs it (`uv run python commands.py command=train
 data=folder data.root=D`, then `command=test`), its training time and test accuracy (reported
@@ -47,6 +50,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
 SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96", "photos-7")
+EXTRA = ("shapes-10",)  # built and run only when named with --only
 QUICK = ("digits", "fmnist-500")
 CUTS = (1, 0.7, 0.5, 0.45, 0.4, 0.3, 0.25)  # audit.label_cut's candidates (x chance)
 PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
@@ -186,6 +190,48 @@ def build_photos(dest: Path, per_class: int = 150, seed: int = 0) -> None:
     write(dest, crops, labels, list(PHOTOS), "jpg")  # one numbering: no two files share a name
 
 
+def shaped(item: np.ndarray, photos: list[np.ndarray], rng) -> np.ndarray:
+    """composite() on a canvas of its own shape: width / height log-uniform in [1/2, 2], the
+    longer side 96-160 px, the item 40-80 px placed near the middle (a normal about it with a
+    quarter of the free room as its spread), as product photos of mixed shapes are."""
+    aspect = np.exp(rng.uniform(np.log(0.5), np.log(2)))
+    long = int(rng.integers(96, 161))
+    h, w = (
+        (long, max(48, int(long * aspect))) if aspect < 1 else (max(48, int(long / aspect)), long)
+    )
+    photo = photos[int(rng.integers(len(photos)))]
+    zoom = rng.uniform(1, 2.5)
+    ch, cw = min(int(h * zoom), photo.shape[0]), min(int(w * zoom), photo.shape[1])
+    top, left = (
+        int(rng.integers(0, photo.shape[0] - ch + 1)),
+        int(rng.integers(0, photo.shape[1] - cw + 1)),
+    )
+    bg = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((w, h))
+    bg = np.asarray(bg, np.float32) * rng.uniform(0.6, 1.2, 3)
+    side = int(rng.integers(40, min(81, min(h, w) + 1)))
+    shade = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
+    alpha = np.clip(shade * 4, 0, 1)[..., None]
+    colour = rng.uniform(40, 255, 3) * (0.35 + 0.65 * shade[..., None])
+    y = int(np.clip(rng.normal((h - side) / 2, (h - side) / 4 + 1e-6), 0, h - side))
+    x = int(np.clip(rng.normal((w - side) / 2, (w - side) / 4 + 1e-6), 0, w - side))
+    bg[y : y + side, x : x + side] = bg[y : y + side, x : x + side] * (1 - alpha) + colour * alpha
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def build_shapes(dest: Path) -> None:
+    """shapes-10: Fashion-MNIST items on photo crops of mixed shapes (1,000 train, 300 val, 500
+    test; JPEG), for choosing data.resize (stretch, crop, pad) where it matters."""
+    xtr, ytr, xte, yte = fashion_mnist()
+    rng = np.random.default_rng(7)
+    train = stratified(ytr, 1000, rng)
+    val = stratified(ytr, 300, rng, exclude=train)
+    test = stratified(yte, 500, np.random.default_rng(8))
+    photos = photo_backgrounds()
+    parts = (("train", xtr, ytr, train), ("val", xtr, ytr, val), ("test", xte, yte, test))
+    for split, x, y, idx in parts:
+        write(dest / split, [shaped(x[i], photos, rng) for i in idx], y[idx], FMNIST_CLASSES, "jpg")
+
+
 def build(name: str, dest: Path) -> Path:
     if dest.exists():
         return dest
@@ -197,6 +243,8 @@ def build(name: str, dest: Path) -> Path:
         build_colour(tmp)
     elif name == "photos-7":
         build_photos(tmp)
+    elif name == "shapes-10":
+        build_shapes(tmp)
     else:
         build_fmnist(tmp, int(name.split("-")[1]))
     tmp.rename(dest)
@@ -421,7 +469,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    ap.add_argument("--only", nargs="+", choices=SUITE)
+    ap.add_argument("--only", nargs="+", choices=SUITE + EXTRA)
     ap.add_argument("--keep", type=Path, help="build (and reuse) the data sets here")
     ap.add_argument("--no-audit", action="store_true")
     ap.add_argument("--audit-only", action="store_true", help="skip the default job and floor")
