@@ -8,6 +8,14 @@ class UserError(Exception):
     """Bad usage or bad input: printed without a traceback, exit code 2."""
 
 
+def listed(names: list[str], most: int = 10) -> str:
+    """'a, b, c' or, past `most`, 'a, b, ... (and 90 more)': a folder of 100 classes filled a
+    screen with one warning."""
+    names = [str(n) for n in names]
+    more = f" (and {len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
     """' Did you mean 'a' or 'b'?' for the options closest to `value`, or ''."""
     close = difflib.get_close_matches(str(value), list(options), n=n, cutoff=0.6)

@@ -205,6 +205,16 @@ def test_classes_a_split_lacks_and_classes_too_thin_to_learn_are_named(tmp_path)
     assert class_gaps(discover(make_class_folders(tmp_path / "ok", per_class=8))) == []
 
 
+def test_a_hundred_thin_classes_are_named_ten_and_counted(tmp_path):
+    """A folder of 100 species of 6 photos each: the warning listed all 100 names on one line."""
+    from image_classifier.data.splits import class_gaps
+
+    names = tuple(f"species_{k:03d}" for k in range(100))
+    s = discover(make_class_folders(tmp_path / "many", classes=names, per_class=6, size=8))
+    thin = next(line for line in class_gaps(s) if line.startswith("Classes with fewer"))
+    assert "species_009 (4) (and 90 more). Too few" in thin and "species_010" not in thin
+
+
 def test_csv_manifest_saved_by_excel_with_semicolons_and_absolute_paths(tmp_path):
     """Excel in many locales saves `;`-separated CSV with a byte-order mark; it was read as one
     column named 'image;class' and refused."""

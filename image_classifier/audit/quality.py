@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 MIN_CLASS = 10
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data.images import Preprocessing
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, listed
 
 
 def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +50,8 @@ def class_change(model: list[str], data: list[str], sides=("the model", "the dat
     missing = [c for c in model if c not in data]
     if not extra and not missing:
         return "; the same names in another order"
-    return (f"; only in {sides[1]}: {', '.join(extra[:10])}" if extra else "") + (
-        f"; only in {sides[0]}: {', '.join(missing[:10])}" if missing else ""
+    return (f"; only in {sides[1]}: {listed(extra)}" if extra else "") + (
+        f"; only in {sides[0]}: {listed(missing)}" if missing else ""
     )
 
 
@@ -63,7 +63,7 @@ def check_classes(path: Path, classes: list[str], info) -> None:
         f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
         f"{class_change(classes, info.classes)}. "
         + (
-            f"The model cannot predict {', '.join(extra[:10])}: move those images out of the "
+            f"The model cannot predict {listed(extra)}: move those images out of the "
             "data to test it on the classes it knows, or train a model that knows them."
             if (extra := [c for c in info.classes if c not in classes])
             else "Test on the data the model was trained on (drop the data overrides; with none, "

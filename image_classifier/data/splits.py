@@ -23,7 +23,7 @@ from image_classifier.data.identity import (
 from image_classifier.data.images import Preprocessing, normalisation
 from image_classifier.data.profile import auto_size, detect_channels, profile_folder
 from image_classifier.data.sources import sha256_file
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, listed
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,10 @@ def class_gaps(samples) -> list[str]:
     counts = {s: dict(zip(samples.classes, samples.counts(s), strict=True)) for s in why}
     for split, reason in why.items():
         if lacking := [c for c, n in counts[split].items() if n == 0 and samples.splits[split]]:
-            lines.append(f"The {split} split has no images of {', '.join(lacking)}: {reason}.")
+            lines.append(f"The {split} split has no images of {listed(lacking)}: {reason}.")
     if thin := [f"{c} ({n})" for c, n in counts["train"].items() if 0 < n < FEW_TO_LEARN]:
         lines.append(
-            f"Classes with fewer than {FEW_TO_LEARN} training images: {', '.join(thin)}. "
+            f"Classes with fewer than {FEW_TO_LEARN} training images: {listed(thin)}. "
             "Too few to learn or to audit; add images of them if you can."
         )
     return lines

@@ -16,7 +16,7 @@ from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.identity import check_classes, check_test_split
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, listed
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.multilabel import compute_quietly
 from image_classifier.models.tta import chosen_tta, describe
@@ -316,7 +316,7 @@ def _metric_lines(report) -> list[str]:
         else f"  recall 1.000 for every class tested ({len(measured)})",
     ]
     if absent:
-        lines.append(f"  no test images of {', '.join(absent)}: their recall is not measured")
+        lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
     return lines
 
 

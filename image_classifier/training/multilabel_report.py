@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from image_classifier.errors import listed
 from image_classifier.training.plots import plt, save_figure
 
 TOP_K = 3
@@ -102,9 +103,7 @@ def summary_lines(report: dict) -> list[str]:
         "  lowest AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst),
     ]
     if absent:
-        lines.append(
-            f"  no test images of {', '.join(absent)}: their recall and AP are not measured"
-        )
+        lines.append(f"  no test images of {listed(absent)}: their recall and AP are not measured")
     thresholds = zip(report["classes"], report["thresholds"], strict=True)
     return [
         *lines,
