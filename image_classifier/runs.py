@@ -147,13 +147,20 @@ def requeued_checkpoint(cfg) -> Path | None:
     return last if last.is_file() else None
 
 
-def model_file(cfg, given, setting: str) -> Path:
-    """`given` when set (a run folder: its exported model, else its checkpoint), else the newest
-    best checkpoint's export (the .onnx export-onnx wrote beside it), else that checkpoint."""
+def model_file(cfg, given, setting: str, exported: bool = True) -> Path:
+    """`given` when set (a run folder: its exported model, else its checkpoint), else the .onnx
+    export-onnx wrote beside the newest best checkpoint; without one, that checkpoint when not
+    `exported` (infer and serve predict with it; export-trt, export-triton and register need
+    the ONNX file)."""
     if given:
         return in_run_folder(given, setting, ("best.onnx", "best.ckpt", "last.ckpt"))
     best = newest_best(cfg.paths.root, cfg.paths.search, setting)
-    return onnx if (onnx := best.with_suffix(".onnx")).exists() else best
+    if (onnx := best.with_suffix(".onnx")).exists() or not exported:
+        return onnx if onnx.exists() else best
+    raise UserError(
+        f"{setting} is not set and {onnx} does not exist: export it first "
+        f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
+    )
 
 
 def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
@@ -163,7 +170,7 @@ def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
         from image_classifier import tracking
 
         return tracking.fetch_registered(cfg, str(given))
-    return model_file(cfg, given, setting), None
+    return model_file(cfg, given, setting, exported=False), None
 
 
 def check_writable(path: str, setting: str, folder: bool = False) -> None:

@@ -773,9 +773,12 @@ def test_infer_without_a_model_takes_the_newest_export_else_its_checkpoint(tmp_p
     ckpts = tmp_path / "outputs" / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     (ckpts / "best.ckpt").write_bytes(b"")
-    assert runs.model_file(cfg, None, "infer.model") == ckpts / "best.ckpt"
+    assert runs.model_location(cfg, None, "infer.model") == (ckpts / "best.ckpt", None)
+    with pytest.raises(UserError, match=r"export.triton.onnx is not set and .*best.onnx does not"):
+        runs.model_file(cfg, None, "export.triton.onnx")  # exporting and registering need ONNX
     (ckpts / "best.onnx").write_bytes(b"")
-    assert runs.model_file(cfg, None, "infer.model") == ckpts / "best.onnx"
+    assert runs.model_location(cfg, None, "infer.model") == (ckpts / "best.onnx", None)
+    assert runs.model_file(cfg, None, "export.triton.onnx") == ckpts / "best.onnx"
 
 
 def test_a_folder_holding_some_of_the_models_classes_is_tested_whole(trained, tmp_path):
