@@ -132,25 +132,41 @@ def composite(item: np.ndarray, photos: list[np.ndarray], rng, size: int = 96) -
     bg = Image.fromarray(photo[top : top + crop, left : left + crop]).resize((size, size))
     bg = np.asarray(bg, np.float32) * rng.uniform(0.6, 1.2, 3)
     side = int(rng.integers(40, 81))
-    shade = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
-    alpha = np.clip(shade * 4, 0, 1)[..., None]  # the item's silhouette, soft-edged
-    colour = rng.uniform(40, 255, 3) * (0.35 + 0.65 * shade[..., None])
+    alpha, colour = tinted(item, side, rng)
     y, x = rng.integers(0, size - side + 1, 2)
+    return pasted(bg, alpha, colour, y, x)
+
+
+def tinted(item: np.ndarray, side: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(the item's soft-edged silhouette, its tinted pixels with its own shading) at `side` px."""
+    shade = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
+    return np.clip(shade * 4, 0, 1)[..., None], rng.uniform(40, 255, 3) * (
+        0.35 + 0.65 * shade[..., None]
+    )
+
+
+def pasted(bg: np.ndarray, alpha: np.ndarray, colour: np.ndarray, y: int, x: int) -> np.ndarray:
+    side = len(alpha)
     bg[y : y + side, x : x + side] = bg[y : y + side, x : x + side] * (1 - alpha) + colour * alpha
     return np.clip(bg, 0, 255).astype(np.uint8)
 
 
 def build_colour(dest: Path, seed: int = 0) -> None:
+    build_composites(dest, composite, (2000, 250, 1000), seed, test_seed=1)
+
+
+def build_composites(dest: Path, make, sizes: tuple, seed: int, test_seed: int) -> None:
+    """Fashion-MNIST items drawn by `make` onto photo crops: (train, val, test) = `sizes`
+    images, stratified; JPEG, pre-split."""
     xtr, ytr, xte, yte = fashion_mnist()
     rng = np.random.default_rng(seed)
-    train = stratified(ytr, 2000, rng)
-    val = stratified(ytr, 250, rng, exclude=train)
-    test = stratified(yte, 1000, np.random.default_rng(1))
+    train = stratified(ytr, sizes[0], rng)
+    val = stratified(ytr, sizes[1], rng, exclude=train)
+    test = stratified(yte, sizes[2], np.random.default_rng(test_seed))
     photos = photo_backgrounds()
     parts = (("train", xtr, ytr, train), ("val", xtr, ytr, val), ("test", xte, yte, test))
     for split, x, y, idx in parts:
-        images = [composite(x[i], photos, rng) for i in idx]
-        write(dest / split, images, y[idx], FMNIST_CLASSES, "jpg")
+        write(dest / split, [make(x[i], photos, rng) for i in idx], y[idx], FMNIST_CLASSES, "jpg")
 
 
 def build_digits(dest: Path) -> None:
@@ -209,27 +225,16 @@ def shaped(item: np.ndarray, photos: list[np.ndarray], rng) -> np.ndarray:
     bg = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((w, h))
     bg = np.asarray(bg, np.float32) * rng.uniform(0.6, 1.2, 3)
     side = int(rng.integers(40, min(81, min(h, w) + 1)))
-    shade = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR)) / 255.0
-    alpha = np.clip(shade * 4, 0, 1)[..., None]
-    colour = rng.uniform(40, 255, 3) * (0.35 + 0.65 * shade[..., None])
+    alpha, colour = tinted(item, side, rng)
     y = int(np.clip(rng.normal((h - side) / 2, (h - side) / 4 + 1e-6), 0, h - side))
     x = int(np.clip(rng.normal((w - side) / 2, (w - side) / 4 + 1e-6), 0, w - side))
-    bg[y : y + side, x : x + side] = bg[y : y + side, x : x + side] * (1 - alpha) + colour * alpha
-    return np.clip(bg, 0, 255).astype(np.uint8)
+    return pasted(bg, alpha, colour, y, x)
 
 
 def build_shapes(dest: Path) -> None:
     """shapes-10: Fashion-MNIST items on photo crops of mixed shapes (1,000 train, 300 val, 500
     test; JPEG), for choosing data.resize (stretch, crop, pad) where it matters."""
-    xtr, ytr, xte, yte = fashion_mnist()
-    rng = np.random.default_rng(7)
-    train = stratified(ytr, 1000, rng)
-    val = stratified(ytr, 300, rng, exclude=train)
-    test = stratified(yte, 500, np.random.default_rng(8))
-    photos = photo_backgrounds()
-    parts = (("train", xtr, ytr, train), ("val", xtr, ytr, val), ("test", xte, yte, test))
-    for split, x, y, idx in parts:
-        write(dest / split, [shaped(x[i], photos, rng) for i in idx], y[idx], FMNIST_CLASSES, "jpg")
+    build_composites(dest, shaped, (1000, 300, 500), 7, test_seed=8)
 
 
 def build(name: str, dest: Path) -> Path:
