@@ -71,7 +71,16 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["train.scheduler=cosin"], "Did you mean 'cosine'"),
         (["train.warmup=0"], "train.warmup=0 must be a number > 0 and < 1."),
         (["train.monitor=val/loss"], "train.monitor='val/loss' is not one of val/acc"),
-        (["data.size=[28]"], "data.size=[28] must have 2 values, or 'auto'."),
+        (
+            ["data.size=[28]"],
+            "data.size=[28] must have 2 values (height, width), e.g. data.size=[128,128], or "
+            "'auto'.",
+        ),
+        (
+            ["data=folder", "data.split=[0.7,0.3]"],
+            "data.split=[0.7, 0.3] must have 3 values (train, val, test shares), e.g. "
+            "data.split=[0.8,0.1,0.1].",
+        ),
         (["data.resize=fit"], "data.resize='fit' is not one of stretch, crop, pad."),
         (["data.download.sources=[local,ftp]"], "data.download.sources[1]='ftp' is not one of"),
         (["infer.device=gpu"], "infer.device='gpu' is not one of auto, cpu, cuda."),
