@@ -100,7 +100,8 @@ class Each:
 
     rule: object
     length: int | None = None
-    means: str = ""  # what the items are, with an example: "train, val, test: [0.8,0.1,0.1]"
+    means: str = ""  # what the items are ("height, width") ...
+    example: str = ""  # ... and a value of the right length ("[128,128]")
 
     def problem(self, key: str, v) -> str | None:
         if not isinstance(v, list | tuple):
@@ -108,9 +109,8 @@ class Each:
             many = f" of {n} values" if self.length else ""
             return f"{key}={v!r} must be a list{many}, e.g. {key}=[{','.join([str(v)] * n)}]."
         if self.length is not None and len(v) != self.length:
-            what, _, e = self.means.partition(": ")
             return f"{key}={list(v)} must have {self.length} values" + (
-                f" ({what}), e.g. {key}={e}." if self.means else "."
+                f" ({self.means}), e.g. {key}={self.example}." if self.means else "."
             )
         for i, item in enumerate(v):
             if why := self.rule.problem(f"{key}[{i}]", item):

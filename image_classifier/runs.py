@@ -155,8 +155,10 @@ def model_file(cfg, given, setting: str, exported: bool = True) -> Path:
     if given:
         return in_run_folder(given, setting, ("best.onnx", "best.ckpt", "last.ckpt"))
     best = newest_best(cfg.paths.root, cfg.paths.search, setting)
-    if (onnx := best.with_suffix(".onnx")).exists() or not exported:
-        return onnx if onnx.exists() else best
+    if (onnx := best.with_suffix(".onnx")).exists():
+        return onnx
+    if not exported:
+        return best
     raise UserError(
         f"{setting} is not set and {onnx} does not exist: export it first "
         f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."

@@ -135,17 +135,17 @@ def _data_rules() -> dict:
     from image_classifier.data.sources import SOURCES
 
     return {
-        "data.size": Either("auto", Each(POSITIVE_INT, 2, "height, width: [128,128]")),
+        "data.size": Either("auto", Each(POSITIVE_INT, 2, "height, width", "[128,128]")),
         "data.channels": Choice((1, 3, "auto")),
         "data.resize": Choice(RESIZE_MODES),
-        "data.split": Each(Number(0), 3, "train, val, test shares: [0.8,0.1,0.1]"),
+        "data.split": Each(Number(0), 3, "train, val, test shares", "[0.8,0.1,0.1]"),
         "data.split_order": Choice(SPLIT_ORDERS),
         "data.val_size": COUNT,
         "data.cache": Choice(("decoded", "none")),
         "data.cache_max_gb": Number(0),
         "data.multi_label": Choice(MULTI_LABEL),
         "data.download.sources": Each(Choice(tuple(SOURCES))),
-        "features.size": Each(POSITIVE_INT, 2, "height, width: [224,224]"),
+        "features.size": Each(POSITIVE_INT, 2, "height, width", "[224,224]"),
         "features.channels": Choice((1, 3)),
         "features.batch_size": POSITIVE_INT,
     }

@@ -23,7 +23,7 @@ MIN_CLASS = 10
 
 def _relative(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """x / the median of x over the image's class (over all, for a class under MIN_CLASS)."""
-    ref = np.full(len(x), max(float(np.median(x)), 1e-9)) if len(x) else x
+    ref = np.full(len(x), max(float(np.median(x)), 1e-9) if len(x) else 1.0)
     for k in np.unique(labels):
         if (inside := labels == k).sum() >= MIN_CLASS:
             ref[inside] = max(float(np.median(x[inside])), 1e-9)
