@@ -96,14 +96,21 @@ class Either:
 
 @dataclass(frozen=True)
 class Each:
-    """Every item of a list passes `rule`; `length` fixes how many there are."""
+    """Every item of a list passes `rule`; `length` fixes how many there are. `one_for_all`: a
+    single value stands for every item (data.size=128 is [128,128]; see `items`)."""
 
     rule: object
     length: int | None = None
     means: str = ""  # what the items are ("height, width") ...
     example: str = ""  # ... and a value of the right length ("[128,128]")
+    one_for_all: bool = False
 
     def problem(self, key: str, v) -> str | None:
+        if self.one_for_all and not isinstance(v, list | tuple):
+            why = self.rule.problem(key, v)
+            return why and f"{why.rstrip('.')}, or {self.length} values ({self.means}), e.g. " + (
+                f"{key}={self.example}."
+            )
         if not isinstance(v, list | tuple):
             n = self.length or 1
             many = f" of {n} values" if self.length else ""
@@ -150,6 +157,11 @@ FLAG = Choice((True, False))
 
 POSITIVE_INT, COUNT = Number(1, integer=True), Number(0, integer=True)
 POSITIVE, FRACTION = Number(0, open_lo=True), Number(0, 1)
+
+
+def items(value, length: int) -> list:
+    """A setting of `Each(..., one_for_all=True)` as its list: one value repeated `length` times."""
+    return [value] * length if isinstance(value, int | float | str) else list(value)
 
 
 def is_auto(value) -> bool:

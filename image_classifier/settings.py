@@ -135,7 +135,9 @@ def _data_rules() -> dict:
     from image_classifier.data.sources import SOURCES
 
     return {
-        "data.size": Either("auto", Each(POSITIVE_INT, 2, "height, width", "[128,128]")),
+        "data.size": Either(
+            "auto", Each(POSITIVE_INT, 2, "height, width", "[128,128]", one_for_all=True)
+        ),
         "data.channels": Choice((1, 3, "auto")),
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), 3, "train, val, test shares", "[0.8,0.1,0.1]"),

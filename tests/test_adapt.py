@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from image_classifier.data.datamodule import AUTO_BATCH
 from image_classifier.data.profile import auto_size, profile_folder
+from image_classifier.data.splits import preprocessing_for
 from image_classifier.training.adapt import (
     FROZEN_STAGES,
     MAX_EPOCHS,
@@ -151,6 +152,11 @@ def test_small_grey_folder_gets_the_cnn_and_explicit_values_win(tmp_path):
     cfg, notes = choose_model_and_size(given)
     assert notes == [] and cfg.model.name == "cnn" and list(cfg.data.size) == [32, 32]
     assert OmegaConf.select(given, "model.channels") == OmegaConf.select(cfg, "model.channels")
+    # one number is a square, for training and for the commands that only read the data
+    square = compose_cfg(tmp_path, "data=folder", f"data.root={root}", "data.size=24")
+    assert preprocessing_for(square.data, 1).size == (24, 24)
+    cfg, notes = choose_model_and_size(square)
+    assert list(cfg.data.size) == [24, 24]
 
 
 def test_fashion_mnist_default_job_keeps_the_cnn_and_three_epochs(tmp_path):

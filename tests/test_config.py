@@ -175,8 +175,9 @@ def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
             "paths.search='outputs' must be a list, e.g. paths.search=[outputs].",
         ),
         (
-            "data.size=64",
-            "data.size=64 must be a list of 2 values, e.g. data.size=[64,64], or 'auto'.",
+            "data.size=big",
+            "data.size='big' must be an integer >= 1, or 2 values (height, width), e.g. "
+            "data.size=[128,128], or 'auto'.",
         ),
         ("infer.model=[1]", "infer.model=[1] must be a non-empty string (a path or a name)."),
         ("+normalization.mine.mean=[x]", "normalization.mine.mean[0]='x' must be a number"),

@@ -24,6 +24,7 @@ from image_classifier.data.images import Preprocessing, normalisation
 from image_classifier.data.profile import auto_size, detect_channels, profile_folder
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError, listed
+from image_classifier.rules import is_auto, items
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,11 @@ def load_splits(
 def preprocessing_for(c, channels: int) -> Preprocessing:
     """The preprocessing the data settings ask for: data.size (`auto`: from the images' median
     size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize."""
-    size = c.size
-    if size == "auto":
-        size = auto_size(profile_folder(c.root).median_size, pretrained=False)
+    size = (
+        auto_size(profile_folder(c.root).median_size, pretrained=False)
+        if is_auto(c.size)
+        else items(c.size, 2)
+    )
     mean, std = normalisation(c.get("mean"), c.get("std"), channels)
     return Preprocessing(size=tuple(size), channels=channels, mean=mean, std=std, resize=c.resize)
 

@@ -16,7 +16,7 @@ from image_classifier.data.datamodule import train_batch_size
 from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
 from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
-from image_classifier.rules import is_auto
+from image_classifier.rules import is_auto, items
 from image_classifier.training.resume import command_line_overrides
 
 # train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
@@ -58,7 +58,7 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
     needs_model = cfg.model.get("name") == "auto"
     needs_size = is_auto(cfg.data.get("size"))
     if not (needs_model or needs_size):
-        return cfg, []
+        return _square_size(cfg), []
     profile = profile_folder(cfg.data.root) if cfg.data.get("root") else None
     cfg = cfg.copy()
     notes = []
@@ -80,8 +80,16 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
                 f"{'pretrained' if cfg.model.get('pretrained') else 'from scratch'} limits)"
             )
         if needs_model and cfg.model.get("pretrained"):
-            notes += fine_tuning_augment(cfg)
-    return cfg, notes
+            notes += fine_tuning_augment(_square_size(cfg))
+    return _square_size(cfg), notes
+
+
+def _square_size(cfg):
+    """data.size=128 as [128,128] (in place), so the run and the model file state both sides."""
+    if isinstance(cfg.data.get("size"), int):
+        with open_dict(cfg):
+            cfg.data.size = items(cfg.data.size, 2)
+    return cfg
 
 
 def fine_tuning_augment(cfg) -> list[str]:
