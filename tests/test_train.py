@@ -851,3 +851,18 @@ def test_testing_on_images_the_model_trained_on_says_how_many(trained, tmp_path)
         f"{seen} of the 26 test images were training images of this model"
         in (report["data"]["warning"])
     )
+
+
+@pytest.mark.parametrize("n", [10, 100, 400])
+def test_the_confusion_matrix_of_many_classes_stays_an_image_one_can_open(tmp_path, n):
+    """A 100-class matrix drew at 0.55 in a class: a 6270x5329 PNG. Past 30 classes the cells
+    lose their counts and the side shrinks to 0.2 in a class, never over 30 in."""
+    from PIL import Image
+
+    from image_classifier.training.plots import MAX_INCHES, plot_confusion
+
+    cm = np.eye(n, dtype=int) * 5 + 1
+    path = plot_confusion(cm, [f"class {i}" for i in range(n)], tmp_path / "cm.png")
+    width, height = Image.open(path).size
+    assert width <= MAX_INCHES * 110 and height < width
+    assert width >= {10: 600, 100: 2000, 400: 3000}[n]  # still room for the class names

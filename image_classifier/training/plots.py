@@ -34,19 +34,27 @@ def plot_curves(history: list[dict], path: str | Path) -> Path | None:
     return save_figure(fig, path)
 
 
+# the confusion matrix: counts in the cells up to this many classes; names on the axes up to
+# NAMED (beyond, a name would be under 2 pt tall); the side never over MAX_INCHES (3,300 px)
+ANNOTATED, NAMED, MAX_INCHES = 30, 150, 30.0
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path) -> Path:
     """Row-normalised colours (recall per class), raw counts in the cells."""
     cm = np.asarray(cm)
     n = len(classes)
-    size = max(5.0, 0.55 * n + 2)
+    size = min(max(5.0, (0.55 if n <= ANNOTATED else 0.2) * n + 2), MAX_INCHES)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
+    if n <= NAMED:
+        font = None if n <= ANNOTATED else 6
+        turn = (45, "right") if n <= ANNOTATED else (90, "center")
+        ax.set_xticks(range(n), classes, rotation=turn[0], ha=turn[1], fontsize=font)
+        ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set_xlabel("predicted" if n <= NAMED else "predicted (classes in the model's order)")
     ax.set_ylabel("true")
-    if n <= 30:
+    if n <= ANNOTATED:
         for i in range(n):
             for j in range(n):
                 ax.text(
