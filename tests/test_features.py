@@ -116,6 +116,7 @@ def test_head_on_cache_trains_tests_exports_and_infers_as_one_model(project, tmp
         )
     )
     assert max(e["parity"].values()) <= 1e-4
+    assert set(e["parity"]) == {"random", "real"}  # the cache kept validation images for it
     rows_onnx = run_infer(
         compose_cfg(
             root,

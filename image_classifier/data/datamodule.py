@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from image_classifier.data.cachedir import read_manifest
 from image_classifier.data.datasets import ArrayDataset, AugmentedDataset, FileDataset
 from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
+from image_classifier.data.features import PARITY_FILE
 from image_classifier.data.identity import SPLITS, DataInfo
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.splits import load_splits
@@ -152,6 +153,8 @@ class FeatureDataModule(L.LightningDataModule):
                 f"{self.folder} is not a complete feature cache; run command=cache-features."
             )
         self.manifest = manifest
+        parity = self.folder / PARITY_FILE
+        self.parity_images = torch.from_numpy(np.load(parity)) if parity.exists() else None
         self.datasets = {
             s: ArrayDataset(
                 torch.from_numpy(np.load(self.folder / f"{s}_features.npy").astype(np.float32)),

@@ -3,8 +3,10 @@
 Building it (running a backbone) is `image_classifier/training/features.py`. Format: one folder
 per cache key under `features.dir`, holding `<split>_features.npy` (float16, [n, dim];
 `np.load(..., mmap_mode="r")` maps it without reading) and `<split>_labels.npy`, plus
-`manifest.json`. The key hashes everything the features depend on: the data's content hash, the
-backbone, its weights, the preprocessing and this code's format version. A build writes into a
+`manifest.json` and `parity_images.npy` (up to 64 validation images, uint8 at the backbone's
+input size: a head's checkpoint carries them, so its ONNX export is checked on real images).
+The key hashes everything the features depend on: the data's content hash, the backbone, its
+weights, the preprocessing and this code's format version. A build writes into a
 temporary folder and renames it into place after the manifest, so an interrupted build never
 leaves a cache that reads as complete; a second run with nothing changed does nothing and says so.
 Training reads it through `FeatureDataModule` (data/datamodule.py); this module imports neither
@@ -25,6 +27,7 @@ from image_classifier.data.images import Preprocessing
 
 # 2: JPEGs decoded at a reduced scale (images.open_image's fit); 3: the audit's decoded so too
 FORMAT_VERSION = 3
+PARITY_FILE = "parity_images.npy"  # absent from caches built before 2026-12-04
 
 
 def backbone_preprocessing(fcfg) -> Preprocessing:

@@ -124,32 +124,39 @@ class BestCheckpoint(ModelCheckpoint):
 class ParityImages(Callback):
     """A few validation images (uint8, at the model's input size) carried in every checkpoint
     under "parity_images", so `export-onnx` checks its graph against PyTorch on real images
-    without reading the training data again: up to 64, about 1 MB at most."""
-
-    MOST, BYTES = 64, 1_000_000
+    without reading the training data again. A head on cached features (model=head) gets those
+    its feature cache kept."""
 
     def __init__(self):
         self.images = None
 
-    def _pick(self, trainer):
-        import torch
-
-        dm = trainer.datamodule
-        ds = next((d for s in ("val", "train") if len(d := dm.dataset(s))), None)
-        if ds is None:
-            return None
-        first = torch.as_tensor(ds[0][0])
-        if first.dtype != torch.uint8:  # cached features (model=head), not images
-            return None
-        n = min(len(ds), self.MOST, max(4, self.BYTES // max(1, first.numel())))
-        idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
-        return torch.stack([torch.as_tensor(ds[i][0]) for i in idx])
-
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if self.images is None and getattr(trainer, "datamodule", None) is not None:
-            self.images = self._pick(trainer)
+        dm = getattr(trainer, "datamodule", None)
+        if self.images is None and dm is not None:
+            self.images = getattr(dm, "parity_images", None)
+            if self.images is None:
+                self.images = pick_parity_images(dm)
         if self.images is not None:
             checkpoint["parity_images"] = self.images
+
+
+PARITY_MOST, PARITY_BYTES = 64, 1_000_000  # up to 64 images, about 1 MB at most
+
+
+def pick_parity_images(dm):
+    """Up to PARITY_MOST images of the validation split (else train), evenly spaced, as one
+    uint8 tensor; None when the data holds none or its items are not images (features)."""
+    import torch
+
+    ds = next((d for s in ("val", "train") if len(d := dm.dataset(s))), None)
+    if ds is None:
+        return None
+    first = torch.as_tensor(ds[0][0])
+    if first.dtype != torch.uint8:  # cached features (model=head), not images
+        return None
+    n = min(len(ds), PARITY_MOST, max(4, PARITY_BYTES // max(1, first.numel())))
+    idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
+    return torch.stack([torch.as_tensor(ds[i][0]) for i in idx])
 
 
 class FreezeBackbone(BaseFinetuning):

@@ -18,11 +18,17 @@ from omegaconf import OmegaConf
 
 from image_classifier.data.cachedir import building, read_manifest, write_manifest
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.features import FORMAT_VERSION, backbone_preprocessing, cache_folder
+from image_classifier.data.features import (
+    FORMAT_VERSION,
+    PARITY_FILE,
+    backbone_preprocessing,
+    cache_folder,
+)
 from image_classifier.data.identity import SPLITS
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
+from image_classifier.training.callbacks import pick_parity_images
 
 
 def build_cache(cfg, quiet: bool = False) -> dict:
@@ -112,6 +118,8 @@ def _write_atomically(folder: Path, dm, backbone, describe, quiet: bool) -> dict
             np.save(tmp / f"{split}_features.npy", np.zeros((0, dim), np.float16))
             np.save(tmp / f"{split}_labels.npy", np.zeros(0, np.int64))
             counts[split] = 0
+        if (images := pick_parity_images(dm)) is not None:  # the head's export checks on them
+            np.save(tmp / PARITY_FILE, images.numpy())
         manifest = describe(counts, dim)
         write_manifest(tmp, manifest)
     return manifest
