@@ -251,12 +251,28 @@ def test_a_lone_train_folder_is_pre_split_with_val_and_test_carved_out(tmp_path)
     assert [len(s.splits[k]) for k in ("train", "val", "test")] == [24, 3, 3]
 
 
-def test_data_classes_fixes_class_folders_too_and_names_a_folder_it_lacks(folder_data):
-    """data.classes on class folders ended in a KeyError traceback for a folder it did not list."""
+def test_data_classes_fixes_the_order_and_chooses_the_classes(folder_data, tmp_path):
+    """data.classes on class folders ended in a KeyError traceback for a folder it did not list;
+    then in "Class 'fox' is not one of data.classes". It chooses: the others are left out."""
     s = discover(folder_data, manifest=ManifestOptions(classes=["fox", "dog", "cat", "owl"]))
     assert s.classes == ["fox", "dog", "cat", "owl"] and s.counts("train")[3] == 0
-    with pytest.raises(UserError, match=r"Class 'fox' \(class folders under .*\) is not one of "):
-        discover(folder_data, manifest=ManifestOptions(classes=["cat", "dog"]))
+    s = discover(folder_data, manifest=ManifestOptions(classes=["dog", "cat"]))
+    assert s.classes == ["dog", "cat"] and s.left_out == {"fox": 10}
+    assert sum(len(v) for v in s.splits.values()) == 20
+    # a listed name that no image has, beside left-out classes: a misspelling, refused
+    with pytest.raises(
+        UserError,
+        match=r"data.classes lists dgo, which no image has \(class folders under .*\); "
+        r"the data's other classes are dog, fox\. Did you mean 'dog'\? Fix the name",
+    ):
+        discover(folder_data, manifest=ManifestOptions(classes=["cat", "dgo"]))
+    # a CSV manifest's rows of unlisted labels, the same way
+    rows = ["file,label"] + [
+        f"images/{c}/{i:03d}.png,{c}" for c in ("cat", "dog", "fox") for i in range(10)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path, manifest=ManifestOptions(classes=["cat", "fox"]))
+    assert s.classes == ["cat", "fox"] and s.left_out == {"dog": 10}
 
 
 def test_a_zero_ratio_leaves_its_split_empty_when_asked(folder_data):

@@ -201,6 +201,30 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         r"cannot predict wolf: move those images out of the data",
     ):
         run_test(cfg, use_checkpoint_data=False)
+    # every class the model knows and one more: still refused, not tested with wolf left out
+    more = make_class_folders(tmp_path / "more", classes=("cat", "dog", "fox", "wolf"))
+    with pytest.raises(UserError, match=r"only in the data: wolf\. The model cannot predict wolf"):
+        run_test(
+            make_cfg("data=folder", f"data.root={more}", f"test.checkpoint={r['checkpoint']}"),
+            use_checkpoint_data=False,
+        )
+
+
+@pytest.mark.slow
+def test_data_classes_trains_and_tests_on_the_classes_it_lists(make_cfg, folder_data, capsys):
+    """data.classes=[cat,dog] on a folder of cat, dog and fox stopped with "Class 'fox' is not
+    one of data.classes": now fox is left out, and both summaries say so."""
+    listed = ("data=folder", f"data.root={folder_data}", "data.classes=[dog,cat]")
+    r = run_train(make_cfg(*listed, "logger.enabled=false", "train.epochs=1"))
+    assert load_module(r["checkpoint"]).classes == ["dog", "cat"]
+    assert "left out:   10 images of 1 class(es) not in data.classes: fox (10)" in (
+        capsys.readouterr().out
+    )
+    t = run_test(make_cfg("logger.enabled=false", f"test.checkpoint={r['checkpoint']}"))
+    assert "left out:   10 images of 1 class(es) not in data.classes: fox (10)" in (
+        capsys.readouterr().out
+    )
+    assert json.loads(Path(t["report"]).read_text())["classes"] == ["dog", "cat"]
 
 
 def test_test_without_any_checkpoint(make_cfg):

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from image_classifier.data.images import Preprocessing
-from image_classifier.errors import UserError, listed
+from image_classifier.errors import UserError, did_you_mean, listed
 
 
 def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +70,39 @@ def check_classes(path: Path, classes: list[str], info) -> None:
             else "Test on the data the model was trained on (drop the data overrides; with none, "
             "its folder's classes changed since training), or train a new model."
         )
+    )
+
+
+def only_listed(labelled: list, splits: list | None, classes: list[str], where: str):
+    """data.classes chooses the classes: images of any other class are left out. (labelled,
+    splits, {class: images left out}). A listed class that no image has, beside left-out ones,
+    is most likely a misspelling: refused, naming the closest. The summaries say what was left
+    out (left_out_line); `test` refuses the classes its model does not know instead."""
+    keep = [isinstance(label, tuple) or label in classes for _, label in labelled]
+    left = Counter(label for (_, label), k in zip(labelled, keep, strict=True) if not k)
+    if not left:
+        return labelled, splits, {}
+    kept = [label for (_, label), k in zip(labelled, keep, strict=True) if k]
+    present = {x for label in kept for x in (label if isinstance(label, tuple) else (label,))}
+    if missing := [c for c in classes if c not in present]:
+        raise UserError(
+            f"data.classes lists {listed(missing)}, which no image has ({where}); the data's "
+            f"other classes are {listed(sorted(left))}.{did_you_mean(missing[0], left)} Fix the "
+            "name in data.classes."
+        )
+    labelled = [x for x, k in zip(labelled, keep, strict=True) if k]
+    splits = None if splits is None else [s for s, k in zip(splits, keep, strict=True) if k]
+    return labelled, splits, dict(sorted(left.items()))
+
+
+def left_out_line(left_out: dict[str, int]) -> str:
+    """The summary line of only_listed's leaving out ('' when nothing was)."""
+    if not left_out:
+        return ""
+    shown = listed([f"{c} ({n})" for c, n in left_out.items()])
+    return (
+        f"  left out:   {sum(left_out.values())} images of {len(left_out)} class(es) not in "
+        f"data.classes: {shown}"
     )
 
 
@@ -208,3 +242,4 @@ class DataInfo:
     multi_label: bool = False
     cache: str = ""  # the decoded-image cache folder the splits are read from, if any
     digests: dict[str, list[str]] = field(default_factory=dict)  # per split, each file's content
+    left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from image_classifier.data import scan
-from image_classifier.data.identity import split_items
+from image_classifier.data.identity import only_listed, split_items
 from image_classifier.data.images import (
     archive_hint,
     display_name,
@@ -23,7 +23,7 @@ from image_classifier.data.images import (
     path_problem,
 )
 from image_classifier.data.manifest import SPLIT_ALIASES
-from image_classifier.errors import UserError, did_you_mean
+from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Samples:
     layout: str
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     multi_label: bool = False
+    left_out: dict[str, int] = field(default_factory=dict)  # class not in data.classes -> images
 
     def counts(self, split: str) -> list[int]:
         """Images per class (multi-label: images that carry the label)."""
@@ -81,6 +82,12 @@ def discover(
     manifest = manifest or ManifestOptions()
     csv_named = named if root != named else None
     layout, labelled, given_splits = _read_layout(root, entries, skipped, manifest, csv_named)
+    left_out = {}
+    if manifest.classes:
+        where = f"{layout} under {str(root)!r}"
+        labelled, given_splits, left_out = only_listed(
+            labelled, given_splits, manifest.classes, where
+        )
     if check_images:
         keep = scan.check_images([p for p, _ in labelled], skipped, checked)
         labelled = [x for x, ok in zip(labelled, keep, strict=True) if ok]
@@ -101,7 +108,7 @@ def discover(
                 f"The {s} split is empty ({layout} under {str(root)!r}); add images or change "
                 "data.split."
             )
-    return Samples(classes, splits, layout, skipped, multi_label=multi)
+    return Samples(classes, splits, layout, skipped, multi_label=multi, left_out=left_out)
 
 
 def data_folder(root: str | Path) -> Path:
@@ -215,16 +222,10 @@ def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
 
 
 def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -> list[str]:
-    """The sorted class names found, or `given` (data.classes) when every one found is in it."""
-    classes = sorted({x for _, label in labelled for x in label_parts(label)})
+    """The sorted class names found, or `given` (data.classes: discover kept only its classes)."""
     if given:
-        if unknown := [c for c in classes if c not in given]:
-            raise UserError(
-                f"Class {unknown[0]!r} ({layout} under {str(root)!r}) is not one of data.classes "
-                f"({', '.join(given)}).{did_you_mean(unknown[0], given)} Add it to data.classes, "
-                "or remove its images."
-            )
         return list(given)
+    classes = sorted({x for _, label in labelled for x in label_parts(label)})
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
     if len(classes) < 2:

@@ -101,8 +101,8 @@ def read_manifest(
             and any(options.separator in (r[lcol] or "") for r in rows)
         )
         labels = [_labels(row[lcol], i, path, options, multi) for i, row in enumerate(rows, 2)]
-    if options.classes:
-        _check_known(labels, options.classes, path, multi)
+    if options.classes and multi:  # one label: discover leaves out the classes not listed
+        _check_known(labels, options.classes, path)
     labelled, splits = _items(rows, labels, (fcol, scol), path, skipped)
     if not labelled:  # every row was a URL
         raise UserError(
@@ -277,10 +277,10 @@ def _labels(value: str | None, line: int, path: Path, options, multi: bool):
     return tuple(sorted(set(parts)))
 
 
-def _check_known(labels: list, classes: list[str], path: Path, multi: bool) -> None:
+def _check_known(labels: list, classes: list[str], path: Path) -> None:
     known = set(classes)
     for line, label in enumerate(labels, start=2):
-        for x in label if multi else (label,):
+        for x in label:
             if x not in known:
                 raise UserError(
                     f"Row {line} of {path.name}: unknown label {x!r}; data.classes lists "

@@ -156,6 +156,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         skipped=samples.skipped,
         multi_label=samples.multi_label,
         digests={s: [h[:DIGEST] for h in v] for s, v in shas.items()},
+        left_out=samples.left_out,
     )
 
 

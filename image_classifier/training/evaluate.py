@@ -13,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import lineage, rules, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.identity import check_classes, check_test_split
+from image_classifier.data.identity import check_classes, check_test_split, left_out_line
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError, listed
@@ -149,7 +149,8 @@ def test_data(cfg, module, path: Path):
             as_model.data.classes = list(module.classes)
         try:
             dm = datamodule_for(as_model, module.hparams)
-            return dm, dm.prepare()
+            if not (info := dm.prepare()).left_out:
+                return dm, info
         except UserError:
             pass  # read as it is below: a class the model does not know, or the same error again
     dm = datamodule_for(cfg, module.hparams)
@@ -327,6 +328,7 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
         + (f" with {describe(report['tta'])}" if report.get("tta") else ""),
         *_metric_lines(report),
         *([f"  WARNING: {hash_note}"] if hash_note else []),
+        *([line] if (line := left_out_line(info.left_out)) else []),
         *(
             [
                 f"  unusable: {len(info.skipped)} file(s) skipped, each with its reason in "

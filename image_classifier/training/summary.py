@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from image_classifier import lineage, runs, tracking
-from image_classifier.data.identity import IMBALANCED, imbalance_ratio
+from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
@@ -115,6 +115,7 @@ def print_summary(r: dict, info) -> None:
         f"  calibration: {fitted_line(c)}" if (c := r.get("calibration")) else "",
         f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
         imbalance_line(info, r.get("class_weights", False)),
+        left_out_line(info.left_out),
         "  thresholds: "
         + ", ".join(f"{c} {x:.2f}" for c, x in zip(info.classes, th, strict=True))
         + " (per class, tuned on val)"
