@@ -258,6 +258,13 @@ def test_label_suspects_and_the_recommended_cut():
     assert [i for i, _, _ in out][:2] == [0, 25] and out[0][2] == 1  # suggested: class 1
     assert cut == 1  # 0.25 is below chance but above 0.4 x chance
     assert label_issues(labels, probs, [probs, probs], cut=1.0)[1] == 2
+    # inside the cut by the kept probabilities, with no class confident enough for cleanlab and
+    # the other view above chance: listed too (photos-7 left such flips out of the CSV)
+    probs[40] = [0.49, 0.49, 0.02]  # a class-2 image
+    other = probs.copy()
+    other[40] = [0.25, 0.25, 0.5]
+    out, cut, _ = label_issues(labels, probs, [probs, other], cut=0.4)
+    assert 40 in [i for i, _, _ in out][:cut]
 
 
 @pytest.mark.parametrize("n_per_class", [20, 1700])  # the SVM, and the Nystroem regression above

@@ -11,7 +11,8 @@ data/features.py) and the pixels; of each alone and their average, the probabili
 the given labels best are kept.
 
 The suspects: every image cleanlab flags (`find_label_issues`, pruned by its estimated noise
-rates) and every image each view's classifier puts below chance, most suspicious first
+rates), every image each view's classifier puts below chance and every image inside the
+recommended cut, most suspicious first
 (cleanlab's self-confidence: the out-of-sample probability of the given label). The recommended
 cut is the suspects whose given label is less likely than audit.label_cut x chance; cleanlab's
 own count is reported beside it. Measured on planted label flips: docs/benchmarks.md, "The audit
@@ -144,10 +145,11 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     """([(index, self-confidence, suggested class)] the suspects, most suspicious first; the
     recommended cut; cleanlab's calibrated estimate of how many labels are wrong).
 
-    The suspects: every image cleanlab flags, and every image whose given label each view's
+    The suspects: every image cleanlab flags, every image whose given label each view's
     classifier (`each`) on its own finds less likely than chance (1 / the number of classes),
     which cleanlab's pruning by estimated noise rates leaves out on classes that genuinely look
-    alike. Images of a class with fewer than FEW_TO_LEARN images are not suspects. The
+    alike, and every image inside the recommended cut (one view sure of another class is
+    enough: a cat's eye labelled astronaut, 0.05 by the backbone, 0.18 by the pixels). Images of a class with fewer than FEW_TO_LEARN images are not suspects. The
     recommended cut: the suspects whose given label is less likely than `cut` x chance
     (audit.label_cut). Cleanlab's own estimate counts every image the classifier confidently
     assigns elsewhere, which on such classes (Fashion-MNIST's shirts and T-shirts) is several
@@ -168,6 +170,7 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     flagged = find_label_issues(y, p)
     rows = np.arange(len(y))
     flagged |= np.all([_rows(q[:, present])[rows, y] < chance for q in each], axis=0)
+    flagged |= scores < cut * chance  # all the recommended cut says to review, flagged or not
     # a class of a few images cannot be learnt by the classifiers: its images would all come
     # first, whatever their labels; they are left to the report's too_few_to_rank
     flagged &= ~too_few(labels, int(labels.max()) + 1)[labels]
