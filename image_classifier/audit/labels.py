@@ -149,11 +149,12 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, each: list, cut: float):
     classifier (`each`) on its own finds less likely than chance (1 / the number of classes),
     which cleanlab's pruning by estimated noise rates leaves out on classes that genuinely look
     alike, and every image inside the recommended cut (one view sure of another class is
-    enough: a cat's eye labelled astronaut, 0.05 by the backbone, 0.18 by the pixels). Images of a class with fewer than FEW_TO_LEARN images are not suspects. The
-    recommended cut: the suspects whose given label is less likely than `cut` x chance
-    (audit.label_cut). Cleanlab's own estimate counts every image the classifier confidently
-    assigns elsewhere, which on such classes (Fashion-MNIST's shirts and T-shirts) is several
-    times the wrong labels. Both rules were chosen on planted label flips (docs/benchmarks.md)."""
+    enough: a cat's eye labelled astronaut, 0.05 by the backbone, 0.18 by the pixels). Images
+    of a class with fewer than FEW_TO_LEARN images are not suspects. The recommended cut: the
+    suspects whose given label is less likely than `cut` x chance (audit.label_cut). Cleanlab's
+    own estimate counts every image the classifier confidently assigns elsewhere, which on such
+    classes (Fashion-MNIST's shirts and T-shirts) is several times the wrong labels. Both rules
+    were chosen on planted label flips (docs/benchmarks.md)."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores

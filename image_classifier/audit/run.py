@@ -127,8 +127,9 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             "features": source,
             "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
             f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view "
-            "(each view and their average compared by log loss); every flagged image and every "
-            "image each view puts below chance, ranked by self-confidence",
+            "(each view and their average compared by log loss); every flagged image, every "
+            "image each view puts below chance and every image inside the recommended cut, "
+            "ranked by self-confidence",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
                 for i, q, s in suspects
