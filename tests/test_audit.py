@@ -110,9 +110,10 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_clean_data_reports_nothing(tmp_path):
+def test_clean_data_reports_nothing(tmp_path, capsys):
     root = make_class_folders(tmp_path / "clean", per_class=12)
     r = audit(root, tmp_path, "logger.enabled=false")["report"]
+    assert r["data"]["left_out"] == {}
     assert r["unusable_files"] == []
     assert r["exact_duplicates"]["groups"] == 0
     assert r["near_duplicates"]["pairs"] == 0
@@ -120,6 +121,13 @@ def test_clean_data_reports_nothing(tmp_path):
     # Tukey's fence marks the far tail of any data set (about 1 % of the suite's images): here at
     # most the one or two images farthest from the rest, never a share of the data
     assert r["outliers"]["count"] <= 2
+    # data.classes audits the classes it lists, and says which images it did not look at
+    capsys.readouterr()
+    r = audit(root, tmp_path, "logger.enabled=false", "data.classes=[cat,dog]")["report"]
+    assert r["data"]["images"] == 24 and r["data"]["left_out"] == {"fox": 12}
+    assert "left out:   12 images of 1 class(es) not in data.classes: fox (12)" in (
+        capsys.readouterr().out
+    )
     assert {k: v["count"] for k, v in r["image_quality"].items() if v["count"]} == {}
 
 

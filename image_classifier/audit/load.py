@@ -35,6 +35,7 @@ class AuditData:
     data_hash: str = ""
     layout: str = ""
     pixels: np.ndarray | None = None  # array data: (N, C, H, W) uint8 for the example grids
+    left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
 
 
 def _digest(b: bytes) -> str:
@@ -107,6 +108,7 @@ def load(cfg) -> AuditData:
         data_hash=info.data_hash,
         layout=info.layout,
         pixels=np.concatenate(pixels) if pixels else None,
+        left_out=info.left_out,
     )
 
 

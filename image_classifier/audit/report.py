@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier import lineage, tracking
-from image_classifier.data.identity import SPLITS
+from image_classifier.data.identity import SPLITS, left_out_line
 from image_classifier.data.splits import data_name
 
 
@@ -140,6 +140,7 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         + ", ".join(f"{s} {sum(v.values()):,}" for s, v in c["per_split"].items())
         + (f"; train imbalance {c['imbalance_ratio']:.1f}x (largest/smallest)" if train else "")
         + (f"; EMPTY classes: {', '.join(c['empty_classes'])}" if c["empty_classes"] else ""),
+        *([line] if (line := left_out_line(r["data"]["left_out"])) else []),
         f"  unusable files: {len(r['unusable_files'])}"
         + "".join(f"\n    {Path(u['path']).name}: {u['reason']}" for u in r["unusable_files"][:5]),
         f"  exact duplicates: {ex['groups']} groups ({ex['extra_copies']} extra copies), "
