@@ -54,6 +54,15 @@ def test_cache_is_built_once_and_rebuilt_when_its_inputs_change(project, capsys)
     assert "up to date" in capsys.readouterr().out
     other = build_cache(compose_cfg(root, *_overrides(root, images, "features.size=[40,40]")))
     assert other["built"] and other["dir"] != first["dir"]
+    # data.classes: a cache of the listed classes, and the command says what it left out
+    from image_classifier.training.features import run_cache_features
+
+    capsys.readouterr()
+    two = run_cache_features(compose_cfg(root, *_overrides(root, images, "data.classes=[fox,cat]")))
+    assert read_manifest(Path(two["dir"]))["classes"] == ["fox", "cat"]
+    assert "left out:   8 images of 1 class(es) not in data.classes: dog (8)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_split_left_empty_on_purpose_is_cached_empty(project):

@@ -24,7 +24,7 @@ from image_classifier.data.features import (
     backbone_preprocessing,
     cache_folder,
 )
-from image_classifier.data.identity import SPLITS
+from image_classifier.data.identity import SPLITS, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
@@ -50,6 +50,7 @@ def build_cache(cfg, quiet: bool = False) -> dict:
             "built": False,
             "seconds": 0.0,
             "skipped": info.skipped,
+            "left_out": info.left_out,
         }
     import lightning as L
 
@@ -73,6 +74,7 @@ def build_cache(cfg, quiet: bool = False) -> dict:
         "built": True,
         "seconds": seconds,
         "skipped": info.skipped,
+        "left_out": info.left_out,
     }
 
 
@@ -151,6 +153,8 @@ def _write_split(tmp: Path, split: str, dm, backbone, quiet: bool) -> tuple[int,
 
 def run_cache_features(cfg) -> dict:
     result = build_cache(cfg)
+    if line := left_out_line(result["left_out"]):
+        print(line)
     if skipped := result["skipped"]:
         listed = write_unusable(skipped, cfg.paths.output_dir or result["dir"])
         print(f"  unusable: {len(skipped)} file(s) skipped, each with its reason in {listed}")
