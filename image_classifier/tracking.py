@@ -169,10 +169,6 @@ def log_artifacts(logger, paths, artifact_path: str | None = None) -> None:
             logger.experiment.log_artifact(logger.run_id, str(p), artifact_path=artifact_path)
 
 
-def log_dict(logger, data: dict, name: str) -> None:
-    logger.experiment.log_dict(logger.run_id, data, name)
-
-
 def log_metrics(logger, metrics: dict[str, float]) -> None:
     for k, v in metrics.items():
         logger.experiment.log_metric(logger.run_id, k, float(v))

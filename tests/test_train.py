@@ -110,6 +110,10 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     assert r["machine"] == describe_machine(machine_info())
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"best.ckpt", "curves.png", "train_summary.json"} <= artifacts
+    # the run folder keeps the summary too, with the MLflow run it went to
+    kept = json.loads(Path(r["summary"]).read_text())
+    assert Path(r["summary"]).parent == Path(r["output_dir"])
+    assert kept["mlflow_run_id"] == train_run.info.run_id and kept["checkpoint"] == r["checkpoint"]
     assert test_run.data.metrics["test/acc"] == pytest.approx(report["accuracy"])
     assert test_run.data.tags["train_run_id"] == train_run.info.run_id
     assert "test_report.json" in {a.path for a in client.list_artifacts(test_run.info.run_id)}

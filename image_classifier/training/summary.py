@@ -3,6 +3,7 @@ thresholds), the curves, the result dict, its MLflow record and the one-screen s
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -74,26 +75,25 @@ def thresholds_for_best(path: str, dm, t) -> list[float]:
 
 
 def log_run(logger, result: dict, data_meta: dict) -> None:
-    """The checkpoint, curves and a summary into the training run."""
-    if logger is None:
-        return
-    if c := result.get("calibration"):
-        tracking.log_metrics(
-            logger,
-            {
-                "temperature": c["temperature"],
-                **{
-                    f"val/{k}": c[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")
-                },
-            },
-        )
-    # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
-    ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
-    ranks["val_images"] = data_meta["split_sizes"].get("val", 0)  # how finely trials differ
-    tracking.log_metrics(logger, ranks)
-    tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
-    tracking.log_dict(logger, {**result, "data": data_meta}, "train_summary.json")
-    result["mlflow_run_id"] = logger.run_id
+    """The summary into the run folder (train_summary.json); it, the checkpoint and the curves
+    into the training run."""
+    path = Path(result["output_dir"]) / "train_summary.json"
+    result["summary"] = str(path)
+    if logger is not None:
+        if c := result.get("calibration"):
+            nll_ece = ("nll_before", "nll_after", "ece_before", "ece_after")
+            calibration = {"temperature": c["temperature"], **{f"val/{k}": c[k] for k in nll_ece}}
+            tracking.log_metrics(logger, calibration)
+        # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
+        ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
+        ranks["val_images"] = data_meta["split_sizes"].get("val", 0)  # how finely trials differ
+        tracking.log_metrics(logger, ranks)
+        tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
+        result["mlflow_run_id"] = logger.run_id
+    summary = {**result, "data": data_meta}
+    path.write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
+    if logger is not None:
+        tracking.log_artifacts(logger, [path])
 
 
 def print_summary(r: dict, info) -> None:
@@ -130,6 +130,9 @@ def print_summary(r: dict, info) -> None:
         f"  machine:    {r['machine']}",
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
+        f"  summary:    {r['summary']} (what this summary says, and more)"
+        if "summary" in r
+        else "",
         f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
         f"{r['unusable_files']}"
         if r["skipped_files"]
