@@ -205,6 +205,12 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         r"cannot predict wolf: move those images out of the data",
     ):
         run_test(cfg, use_checkpoint_data=False)
+    # data.classes naming some of the model's classes: the fix is to drop it
+    some = ("data=folder", f"data.root={folder_data}", "data.classes=[cat,dog]")
+    with pytest.raises(
+        UserError, match=r"only in the model: fox\. If data.classes chose them, drop"
+    ):
+        run_test(make_cfg(*some, f"test.checkpoint={r['checkpoint']}"), use_checkpoint_data=False)
     # every class the model knows and one more: still refused, not tested with wolf left out
     more = make_class_folders(tmp_path / "more", classes=("cat", "dog", "fox", "wolf"))
     with pytest.raises(UserError, match=r"only in the data: wolf\. The model cannot predict wolf"):

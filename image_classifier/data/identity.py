@@ -67,8 +67,10 @@ def check_classes(path: Path, classes: list[str], info) -> None:
             f"The model cannot predict {listed(extra)}: move those images out of the "
             "data to test it on the classes it knows, or train a model that knows them."
             if (extra := [c for c in info.classes if c not in classes])
-            else "Test on the data the model was trained on (drop the data overrides; with none, "
-            "its folder's classes changed since training), or train a new model."
+            else "If data.classes chose them, drop it: test reads a folder with the model's "
+            "classes, and one holding only some of them is tested on those. Otherwise test on the "
+            "data the model was trained on (drop the data overrides; with none, its folder's "
+            "classes changed since training), or train a new model."
         )
     )
 
