@@ -338,9 +338,7 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
             else []
         ),
         f"  report: {result['report']}",
-        f"  predictions: {result['predictions']} (one row per image"
-        + ("" if report.get("multi_label") else "; mistakes.png, reliability.png beside the plots")
-        + ")",
+        f"  predictions: {result['predictions']} (one row per image)",
         f"  plots:  {', '.join(str(p) for p in plots)} (copies in {shared}/)",
         f"  mlflow run: {result.get('mlflow_run_id', 'disabled')}",
     ]

@@ -130,9 +130,7 @@ def print_summary(r: dict, info) -> None:
         f"  machine:    {r['machine']}",
         f"  checkpoint: {r['checkpoint']}",
         f"  plots:      {', '.join(r['plots']) or '-'}",
-        f"  summary:    {r['summary']} (this summary as JSON)"
-        if "summary" in r
-        else "",
+        f"  summary:    {r['summary']} (this summary as JSON)" if "summary" in r else "",
         f"  unusable:   {r['skipped_files']} file(s) skipped, each with its reason in "
         f"{r['unusable_files']}"
         if r["skipped_files"]
