@@ -90,7 +90,7 @@ def test_version_carries_signature_lineage_and_alias_moves(registered):
     assert where["version"] == "1" and path.suffix == ".onnx" and path.is_file()
 
 
-def test_export_onnx_registers_when_asked_under_a_name_for_one_class_list(tmp_path):
+def test_export_onnx_registers_when_asked_under_a_name_for_one_class_list(tmp_path, capfd):
     """Its own project (the session's trained model's run keeps only its own exports)."""
     from image_classifier.export.onnx import run_export_onnx
     from image_classifier.training.train import run_train
@@ -118,7 +118,14 @@ def test_export_onnx_registers_when_asked_under_a_name_for_one_class_list(tmp_pa
             )
         )
 
-    r = exported(make_class_folders(tmp_path / "pets", per_class=6))
+    pets = make_class_folders(tmp_path / "pets", per_class=6)
+    trained(pets)
+    capfd.readouterr()
+    r = exported(pets)
+    # the export's summary first: MLflow's own lines (copied lock files, pip's version, a type
+    # hint advice, a download bar) came before it
+    out, err = capfd.readouterr()
+    assert out.startswith("Exported ") and "mlflow" not in err.lower(), err
     reg = r["registered"]  # named after the folder, not data=folder's "folder"
     assert reg["name"] == "pets-cnn" and reg["uri"] == "models:/pets-cnn@champion"
     assert reg["model_uri"].startswith("models:/") and reg["run_id"] == r["mlflow_run_id"]

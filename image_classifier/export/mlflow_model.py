@@ -18,11 +18,14 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
+import logging
+import os
 import re
 import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 ARTIFACT_NAME = "image_classifier"
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
@@ -34,7 +37,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
         self.predictor = OnnxPredictor(Path(context.artifacts["onnx"]), device="auto")
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        """`model_input`: a DataFrame as pyfunc passes it (a list or one value when called
+        directly). The hint is one MLflow infers no schema from: the signature below is given."""
         from image_classifier.inference.rows import decoded, rows_for
 
         meta = self.predictor.meta
@@ -102,16 +107,24 @@ def log_mlflow_model(onnx_path: Path, name: str = ARTIFACT_NAME) -> str:
         for pkg in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu")
         if (v := _version(pkg))
     ]
-    with warnings.catch_warnings():  # advice about type hints and input examples, not problems
-        warnings.simplefilter("ignore", UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=ImageClassifierModel(),
-            artifacts={"onnx": str(onnx_path)},
-            code_paths=[str(package)],
-            signature=signature,
-            pip_requirements=requirements,
-        )
+    # MLflow's own lines (the lock files it copied, pip's missing version, CloudPickle advice,
+    # a download bar) came before the export's summary; its errors still raise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet, level = logging.getLogger("mlflow"), logging.getLogger("mlflow").level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # advice about input examples, not problems
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=ImageClassifierModel(),
+                artifacts={"onnx": str(onnx_path)},
+                code_paths=[str(package)],
+                signature=signature,
+                pip_requirements=requirements,
+            )
+    finally:
+        quiet.setLevel(level)
     return info.model_uri
 
 

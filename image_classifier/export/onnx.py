@@ -136,7 +136,8 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
     print(
         "\n".join(
-            [
+            line
+            for line in [
                 f"Exported {checkpoint} -> {output} ({output.stat().st_size / 1e6:.1f} MB, opset "
                 f"{e.opset}, dynamic batch) in {time.perf_counter() - started:.0f}s",
                 f"  parity ONNX Runtime vs PyTorch, max |dp|: {parity} (8 random, {n_real} real "
@@ -146,9 +147,14 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
                 + (f"; {describe(module.tta)} in the graph" if module.tta else ""),
                 "  mlflow: "
                 + (f"artifact of run {run_id}" if run_id else "not logged (no training run)"),
+                f"  mlflow model (takes image bytes): {model_uri}; serve it with "
+                f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`"
+                if model_uri
+                else "",
                 f"  next: uv run python commands.py command=infer infer.model={output} "
                 "infer.input=PATH",
             ]
+            if line
         )
     )
     result = {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
@@ -175,10 +181,6 @@ def _log_to_mlflow(cfg, checkpoint: Path, output: Path) -> tuple[str | None, str
 
             with tracking.active_run(logger):
                 model_uri = log_mlflow_model(output)
-            print(
-                f"  mlflow model (takes image bytes): {model_uri}; serve it with "
-                f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`"
-            )
     except Exception as err:  # the export itself succeeded; tracking is best effort here
         log.warning("Could not log %s to MLflow run %s: %s", output, run_id, err)
         return None, None
