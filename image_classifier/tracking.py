@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -306,6 +307,8 @@ def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        print(f"Fetching {uri} (version {mv.version}) once into {folder}", file=sys.stderr)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar a file
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{mv.version}",
             dst_path=str(tmp),
