@@ -96,6 +96,19 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
         tracking.log_artifacts(logger, [path])
 
 
+def start_line(module, name: str, info, batch: int, epochs: int, steps: int) -> str:
+    """What is about to train, in one line (in place of Lightning's table of layers)."""
+    params = sum(p.numel() for p in module.parameters())
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    sizes = info.split_sizes
+    return (
+        f"Training {name} ({params / 1e6:.2f} M parameters"
+        + (f", {frozen / 1e6:.2f} M of them frozen" if frozen else "")
+        + f") on {info.name}: {sizes['train']} train and {sizes.get('val', 0)} validation "
+        f"images, {epochs} epoch(s) of {steps} step(s) in batches of {batch}"
+    )
+
+
 def print_summary(r: dict, info) -> None:
     m = r["metrics"]
     notes = [f"{len(info.classes)} classes", f"{info.split_sizes['train']} train images"]
