@@ -64,17 +64,24 @@ def _combination_problems(cfg) -> list[str]:
 def check_command_line(args: list[str], config_dir: Path) -> None:
     """Parse and compose the overrides once, and validate the result: a bad key, group or value
     raises UserError (exit 2) in a second or two, before any work starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     from image_classifier.errors import UserError
 
     plain = [a for a in args if not a.startswith("-")]
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(plain)
-    except HydraException as e:
-        raise UserError(f"Cannot parse the overrides: {e}") from None
+    parser = OverridesParser.create()
+    for one in plain:  # each alone, so the message can name the one that does not parse
+        try:
+            parsed = parser.parse_overrides([one])
+        except HydraException as e:
+            raise UserError(f"Cannot parse the override {one!r}: {e}.{_quote(one)}") from None
+        if parsed[0].is_sweep_override() and not {"-m", "--multirun"} & set(args):
+            raise UserError(
+                f"{one!r}: Hydra reads a comma as a list of values to sweep.{_quote(one)} To "
+                "sweep, add -m."
+            )
+    parsed = parser.parse_overrides(plain)
     from image_classifier.sweeps import check_launcher
 
     check_launcher(parsed)
@@ -86,6 +93,17 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
             raise UserError(
                 "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
             )
+
+
+def _quote(override: str) -> str:
+    """The fix for a value that holds Hydra's special characters (a folder `photos (1)` or
+    `set,v2`): the value in single quotes, and the whole override in double quotes."""
+    key, sep, value = override.partition("=")
+    if not sep or not set(value) & set(" ,()[]{}'\"=:\\"):
+        return ""
+    if "'" in value:
+        return f' If it is one value, quote it: {key}="..." with the value\'s quote escaped.'
+    return f" If it is one value (a path, a name), quote it: \"{key}='{value}'\"."
 
 
 def _variants(parsed, config_dir: Path) -> list[list[str]]:

@@ -27,6 +27,25 @@ def test_unknown_config_group_option(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_named_with_a_comma_or_brackets_gets_the_quoting_that_reads_it(tmp_path):
+    """`data.root=.../set,v2` stopped with Hydra's "Ambiguous value" and its stack trace advice;
+    `.../photos (1)` (a copy's name on Windows and macOS) with "mismatched input ' ('" alone."""
+    for name in ("set,v2", "photos (1)"):
+        folder = make_class_folders(tmp_path / name, per_class=4)
+        p = run_cli("command=audit", "data=folder", f"data.root={folder}", f"paths.root={tmp_path}")
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert f'''quote it: "data.root='{folder}'"''' in p.stderr, p.stderr
+        p = run_cli(
+            "command=audit",
+            "data=folder",
+            f"data.root='{folder}'",
+            f"paths.root={tmp_path}",
+            "logger.enabled=false",
+        )
+        assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.slow
 def test_bad_data_folder_exits_2_without_traceback(tmp_path):
     p = run_cli(
         "data=folder",
