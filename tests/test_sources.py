@@ -57,3 +57,14 @@ def test_download_command_on_folder_data_explains(make_cfg, folder_data):
     cfg = make_cfg("data=folder", f"data.root={folder_data}")
     with pytest.raises(UserError, match="nothing to download"):
         run_download(cfg)
+
+
+def test_data_classes_on_a_packaged_data_set_says_it_names_every_label(make_cfg, idx_source):
+    """`data.classes=[Trouser,Bag]` on Fashion-MNIST said only "lists 2 names but labels reach
+    9": on class folders it chooses classes, here it names every label."""
+    from image_classifier.data.splits import load_splits
+
+    src, sums = idx_source
+    cfg = make_cfg(*idx_overrides(src, sums), "data.classes=[Trouser,Bag]")
+    with pytest.raises(UserError, match=r"lists 2 names, but fashion_mnist's labels run 0 to 9: "):
+        load_splits(cfg.data, project_root=cfg.paths.root)

@@ -86,7 +86,9 @@ def _idx(c, fixed: Preprocessing | None, project_root: Path) -> tuple[dict, Data
     classes = list(c.classes)
     if int(y_train.max()) >= len(classes):
         raise UserError(
-            f"data.classes lists {len(classes)} names but labels reach {y_train.max()}."
+            f"data.classes lists {len(classes)} names, but {c.name}'s labels run 0 to "
+            f"{y_train.max()}: for a packaged data set it names every label in order (drop the "
+            "override). To train on some of its classes, give them as class folders (data=folder)."
         )
     return datasets, DataInfo(
         name=c.name,
