@@ -52,10 +52,10 @@ from image_classifier.training.resume import (
     resume_point,
 )
 from image_classifier.training.summary import (
+    announce,
     calibrate_best,
     log_run,
     print_summary,
-    start_line,
     summarise,
     thresholds_for_best,
 )
@@ -161,7 +161,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         default_root_dir=out,
         **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
-    print(start_line(module, model_spec["name"], info, int(cfg.train.batch_size), epochs, steps))
+    announce(trainer, module, model_spec["name"], info, int(cfg.train.batch_size), steps)
     fit(trainer, module, dm, resume_from, checkpoint, last)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result |= {"batching": getattr(dm, "batching", "DataLoader"), "time_budget": budget}
