@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import sys
 import urllib.error
@@ -280,8 +281,10 @@ def register_version(client, model_uri: str, name: str, run_id: str | None, tags
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        version = mlflow.register_model(model_uri, name, tags=tags)
+    try:  # quietly: MLflow's "Successfully registered model" / "Created version" lines came
+        # before the command's own summary, which says the same
+        with contextlib.redirect_stderr(io.StringIO()):
+            version = mlflow.register_model(model_uri, name, tags=tags)
     except MlflowException as e:
         raise UserError(f"Could not register {model_uri} as {name!r}: {e.message}") from None
     client.update_model_version(name, version.version, description=description)
