@@ -378,3 +378,12 @@ def test_a_sweep_says_which_trials_its_validation_split_cannot_tell_from_the_bes
     assert line.startswith("  1 other trial(s) score within 0.1210 of the best")
     assert "on 16 validation images" in line and "data.split" in line
     assert _ties(runs, "val/loss") is None and _ties(runs[:1], "val/acc") is None
+
+
+def test_ray_infer_gives_every_actor_a_block_and_large_inputs_blocks_of_several_batches():
+    """180 images at batch 32 made one block: the second actor sat idle and Ray warned."""
+    from image_classifier.inference.ray_engine import _blocks
+
+    assert _blocks(180, 32, 2) == 2 and _blocks(3, 32, 2) == 2 and _blocks(1, 32, 4) == 1
+    assert _blocks(60_000, 32, 2) == 29  # 64 batches a block (2,048 images): not Ray's 200
+    assert _blocks(2_000, 32, 2) == 8  # 4 blocks an actor

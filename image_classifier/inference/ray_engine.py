@@ -138,8 +138,7 @@ def _run(ray, c, items: list[dict], model: Path, workers: int, local: dict) -> l
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its bar stays; its notes go
     threads = max(1, int(c.cpus_per_worker))
     batch = int(c.batch_size)
-    # blocks of several batches each (Ray's default of 200 small blocks cost a third of the time)
-    blocks = max(1, min(len(items) // (4 * batch), max(4 * workers, len(items) // (64 * batch))))
+    blocks = _blocks(len(items), batch, workers)
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         Predict,
         fn_constructor_kwargs={
@@ -165,6 +164,14 @@ def _run(ray, c, items: list[dict], model: Path, workers: int, local: dict) -> l
     for r in ds.take_all():
         rows[int(r["index"])] = json.loads(r["row"])
     return [rows[i] for i in range(len(rows))]
+
+
+def _blocks(n: int, batch: int, workers: int) -> int:
+    """How many blocks Ray Data cuts n inputs into: several batches each (Ray's default of 200
+    small blocks cost a third of the time), and at least one per actor (180 images in one block
+    left the second actor idle, and Ray warned of it)."""
+    blocks = max(1, min(n // (4 * batch), max(4 * workers, n // (64 * batch))))
+    return max(blocks, min(workers, n))
 
 
 def _columns(batch: dict):
