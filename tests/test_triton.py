@@ -4,6 +4,7 @@ compared with in-process ONNX Runtime; and the `export-triton` repository read b
 binary, as far as its backends go."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,14 +50,14 @@ def triton(exported, tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_until_serving(proc)
-    yield proc, ports, model, "images-cnn"
+    startup = _wait_until_serving(proc)
+    yield proc, ports, model, "images-cnn", startup
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
 
 
-def _wait_until_serving(proc) -> None:
+def _wait_until_serving(proc) -> str:
     """Read stderr until the service announces itself; an exit first is a failure (or, off CI,
     a skip when this machine's Python cannot host the stub: the test names why)."""
     deadline = time.time() + 180
@@ -72,7 +73,7 @@ def _wait_until_serving(proc) -> None:
             raise AssertionError(f"serve.engine=triton exited {proc.returncode}:\n{err[-3000:]}")
         seen.append(line)
         if line.startswith("Serving "):
-            return
+            return "".join(seen)
     proc.kill()
     raise AssertionError("Triton did not announce the model within 180 s:\n" + "".join(seen))
 
@@ -81,7 +82,12 @@ def test_triton_serves_the_model_file_like_onnx_runtime(triton, trained):
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    _, (port, grpc_port, metrics_port), model, name = triton
+    _, (port, grpc_port, metrics_port), model, name, startup = triton
+    # Triton's own log goes to the run folder: about a hundred lines of tables and CUDA notes
+    # came before the service's line
+    assert "Repository Agent" not in startup and "pytriton" not in startup, startup
+    log = Path(re.search(r"its log in (\S+tritonserver\.log)", startup).group(1))
+    assert "server_version" in log.read_text()
     predictor = load_predictor(model)
     client = http.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
     assert client.is_server_live() and client.is_model_ready(name)

@@ -190,6 +190,7 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
             "dev environment `uv sync`."
         ) from None
     s = cfg.serve
+    logging.getLogger("pytriton").setLevel(logging.WARNING)  # its start-up notes; our line says it
     prepare_stub(pathlib.Path(cfg.paths.root) / "cache")
     config = TritonConfig(
         http_address=str(s.host),
@@ -199,6 +200,9 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
         metrics_port=int(s.metrics_port),
         allow_metrics=True,
         exit_on_error=True,
+        # Triton's own log (its tables, CUDA and NVML notes on a machine without a GPU: about
+        # a hundred lines before the first answer) in the run folder, not on the console
+        log_file=log if (log := _log_file(cfg)) else None,
     )
     got: dict = {}
 
@@ -217,13 +221,16 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # the model did not load in Triton's Python backend
-            raise UserError(_stub_failure(f"{type(e).__name__}: {str(e)[:300]}")) from None
+            why = f"{type(e).__name__}: {str(e)[:300]}" + (f" (Triton's log: {log})" if log else "")
+            raise UserError(_stub_failure(why)) from None
         print(
             f"Serving {model} ({predictor.backend}, {len(predictor.meta.classes)} classes) in "
             f"Triton Inference Server as {name!r}: http://{s.host}:{s.port} and grpc "
             f"{s.host}:{s.grpc_port} (Open Inference Protocol: POST /v2/models/{name}/infer, "
             f"inputs `images` FP32 {list(shape)} or `image_bytes` BYTES), Triton's metrics on "
-            f"http://{s.host}:{s.metrics_port}/metrics; Ctrl+C stops",
+            f"http://{s.host}:{s.metrics_port}/metrics"
+            + (f", its log in {log}" if log else "")
+            + "; Ctrl+C stops",
             file=sys.stderr,
             flush=True,
         )
@@ -231,6 +238,13 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
     how = f" on {got['signal']}" if got else ""
     print(f"Stopped cleanly{how}: Triton server stopped.", file=sys.stderr, flush=True)
     return {"model": str(model), "engine": "triton", "name": name}
+
+
+def _log_file(cfg) -> pathlib.Path | None:
+    """tritonserver.log in the command's run folder (None for a caller without one: the log
+    stays on the console)."""
+    out = cfg.paths.get("output_dir")
+    return pathlib.Path(out) / "tritonserver.log" if out else None
 
 
 def prepare_stub(cache: pathlib.Path) -> None:
