@@ -104,6 +104,8 @@ class Each:
     means: str = ""  # what the items are ("height, width") ...
     example: str = ""  # ... and a value of the right length ("[128,128]")
     one_for_all: bool = False
+    least: int = 0  # at least this many items ...
+    distinct: bool = False  # ... each named once
 
     def problem(self, key: str, v) -> str | None:
         if self.one_for_all and not isinstance(v, list | tuple):
@@ -122,6 +124,12 @@ class Each:
         for i, item in enumerate(v):
             if why := self.rule.problem(f"{key}[{i}]", item):
                 return why
+        if v and len(v) < self.least:
+            return (
+                f"{key}={list(v)} must list at least {self.least}{self.means and ' ' + self.means}."
+            )
+        if self.distinct and (twice := [x for i, x in enumerate(v) if x in v[:i]]):
+            return f"{key}={list(v)} names {twice[0]!r} twice: list each once."
         return None
 
 

@@ -73,7 +73,10 @@ def _free_form_rules() -> dict:
         "data.kind": Choice(("idx", "folder")),
         "data.seed": Number(integer=True),
         "data.files": Entries(Text(optional=False)),
-        "data.classes": Either(None, Each(Text(optional=False))),
+        # a classifier tells two classes apart at least ([] or null: every class the data has)
+        "data.classes": Either(
+            None, Each(Text(optional=False), means="classes", least=2, distinct=True)
+        ),
         "data.label_separator": Text(optional=False),
         "data.download.urls": Each(Text(optional=False)),
         "data.download.timeout": POSITIVE,

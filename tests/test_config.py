@@ -180,6 +180,9 @@ def test_every_key_has_one_rule_or_names_where_it_is_checked(overrides):
             "data.size=[128,128], or 'auto'.",
         ),
         ("infer.model=[1]", "infer.model=[1] must be a non-empty string (a path or a name)."),
+        # a model of one class, and one with two outputs named alike, trained without a word
+        ("data.classes=[cat]", "data.classes=['cat'] must list at least 2 classes"),
+        ("data.classes=[cat,dog,cat]", "data.classes=['cat', 'dog', 'cat'] names 'cat' twice"),
         ("+normalization.mine.mean=[x]", "normalization.mine.mean[0]='x' must be a number"),
     ],
 )
