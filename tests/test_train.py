@@ -902,3 +902,15 @@ def test_the_confusion_matrix_of_many_classes_stays_an_image_one_can_open(tmp_pa
     width, height = Image.open(path).size
     assert width <= MAX_INCHES * 110 and height < width
     assert width >= {10: 600, 100: 2000, 400: 3000}[n]  # still room for the class names
+
+
+def test_a_size_the_network_pools_to_nothing_is_named_with_the_smallest_it_takes(tmp_path):
+    """data.size=2 on the CNN ended in torch's "Output size is too small" traceback."""
+    images = make_class_folders(tmp_path / "img", per_class=4, size=12)
+    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={images}", "model=cnn", "data.size=4")
+    with pytest.raises(
+        UserError,
+        match=r"data.size=\[4, 4\] is too small for model=cnn: .* It "
+        r"takes 8x8 px or more: data.size=8 or larger, or data.size=auto",
+    ):
+        run_train(cfg)

@@ -197,3 +197,37 @@ def create_backbone(fcfg, pretrained=None) -> nn.Module:
     p = fcfg.pretrained if pretrained is None else pretrained
     net = create_model(fcfg.backbone, num_classes=0, in_chans=pre.channels, pretrained=p)
     return Normalized(net, pre.mean, pre.std).eval()
+
+
+PROBED_BELOW = 64  # sides from which a network is tried on a blank image before training
+
+
+def check_input_size(net: nn.Module, pre, name: str) -> None:
+    """A network that pools an image down to nothing failed deep in torch ("Output size is too
+    small") after the data was read: try small sizes on one blank image first, and name the
+    smallest square the network takes. (A head on cached features takes features: not tried.)"""
+    channels, size = int(pre.channels), tuple(pre.size)
+    if name == "head" or min(size) >= PROBED_BELOW:
+        return
+
+    def fits(h: int, w: int) -> bool:
+        try:
+            with torch.no_grad():
+                net(torch.zeros(1, channels, h, w))
+            return True
+        except RuntimeError:
+            return False
+
+    was_training = net.training
+    net.eval()
+    try:
+        if fits(*size):
+            return
+        smallest = next((s for s in range(2, PROBED_BELOW + 1) if fits(s, s)), PROBED_BELOW)
+    finally:
+        net.train(was_training)
+    raise UserError(
+        f"data.size={list(size)} is too small for model={name}: its pooling leaves nothing of "
+        f"the image. It takes {smallest}x{smallest} px or more: data.size={smallest} or larger, "
+        "or data.size=auto."
+    )

@@ -20,6 +20,7 @@ from image_classifier import lineage, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.factory import check_input_size
 from image_classifier.models.module import ClassifierModule
 from image_classifier.models.pretrained import freeze_stages
 from image_classifier.rules import is_auto
@@ -262,6 +263,7 @@ def build_module(cfg, model_spec: dict, info) -> ClassifierModule:
         module = module.to(memory_format=torch.channels_last)
     stages = choose_frozen_stages(cfg)[0].train.get("frozen_stages", 0)  # run_train's, or auto's
     freeze_stages(module.net.net, int(stages))
+    check_input_size(module.net, info.preprocessing, model_spec["name"])
     module.train_digests = info.digests.get("train")  # test counts these among its images
     return module
 
