@@ -8,6 +8,7 @@ the closest match.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -82,6 +83,7 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
                 "sweep, add -m."
             )
     parsed = parser.parse_overrides(plain)
+    _note_unused_preprocessing(parsed)
     from image_classifier.sweeps import check_launcher
 
     check_launcher(parsed)
@@ -93,6 +95,23 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
             raise UserError(
                 "Bad configuration value" + ("s" if len(found) > 1 else "") + ": " + " ".join(found)
             )
+
+
+# what a model file fixes: the commands that read images with it do not read these settings
+MODEL_PREPROCESSING = ("data.size", "data.channels", "data.resize", "data.mean", "data.std")
+WITH_A_MODEL = ("test", "calibrate", "export-onnx", "infer", "serve")
+
+
+def _note_unused_preprocessing(parsed) -> None:
+    """`command=test data.size=64` tested at the model's own size without a word: say so."""
+    given = {o.key_or_group: o for o in parsed}
+    command = given["command"].value() if "command" in given else None
+    if command in WITH_A_MODEL and (unused := [k for k in MODEL_PREPROCESSING if k in given]):
+        print(
+            f"note: {', '.join(unused)} not used: {command} reads images with the model's own "
+            "preprocessing (the size, channels, resize, mean and std its file records).",
+            file=sys.stderr,
+        )
 
 
 def _quote(override: str) -> str:

@@ -177,3 +177,12 @@ def test_a_setting_of_another_group_option_says_which_to_name(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "data.root is a setting of data=folder: name the option first, e.g. " in p.stderr
     assert "`data=folder data.root=...`" in p.stderr and "paths.root" not in p.stderr
+
+
+def test_a_preprocessing_setting_a_model_command_does_not_read_is_named(tmp_path):
+    """`command=test data.size=64` tested at the model's own size without a word."""
+    p = run_cli("command=test", "data.size=64", "data.resize=crop", f"paths.root={tmp_path}")
+    assert "note: data.size, data.resize not used: test reads images with the model's own" in (
+        p.stderr
+    )
+    assert "not used" not in run_cli("command=test", f"paths.root={tmp_path}").stderr
