@@ -7,6 +7,7 @@ were chosen on the validation splits of scripts/benchmark_datasets.py (docs/benc
 
 from __future__ import annotations
 
+import logging
 import math
 
 from omegaconf import OmegaConf, open_dict
@@ -18,6 +19,8 @@ from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
 from image_classifier.rules import is_auto, items
 from image_classifier.training.resume import command_line_overrides
+
+log = logging.getLogger(__name__)
 
 # train.epochs=auto: enough epochs for at least this many optimizer steps (a network trained from
 # scratch at batch 128, a pretrained one fine-tuned at 32: train.batch_size=auto), and never fewer
@@ -58,7 +61,7 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
     needs_model = cfg.model.get("name") == "auto"
     needs_size = is_auto(cfg.data.get("size"))
     if not (needs_model or needs_size):
-        return _square_size(cfg), []
+        return _note_enlarged(_square_size(cfg)), []
     profile = profile_folder(cfg.data.root) if cfg.data.get("root") else None
     cfg = cfg.copy()
     notes = []
@@ -82,6 +85,30 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
         if needs_model and cfg.model.get("pretrained"):
             notes += fine_tuning_augment(_square_size(cfg))
     return _square_size(cfg), notes
+
+
+# a given data.size this many times the pixels of what data.size=auto would take gets a warning
+ENLARGED = 16
+
+
+def _note_enlarged(cfg):
+    """data.size=5000 for 40x50 px images (a typo for 500?) built a 4.5 GB decoded cache of 60
+    images before the first step: a warning first, with the size auto would take."""
+    if cfg.data.get("kind") != "folder" or not cfg.data.get("root"):
+        return cfg
+    median = profile_folder(cfg.data.root).median_size
+    auto = auto_size(median, bool(cfg.model.get("pretrained")))
+    h, w = (int(x) for x in cfg.data.size)
+    if h * w > ENLARGED * auto[0] * auto[1]:
+        log.warning(
+            "data.size=%s is %.0fx the pixels data.size=auto would take (%s, from the images' "
+            "median %dx%d px): the decoded cache and every step grow with it.",
+            [h, w],
+            h * w / (auto[0] * auto[1]),
+            auto,
+            *median,
+        )
+    return cfg
 
 
 def _square_size(cfg):
