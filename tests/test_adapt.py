@@ -469,10 +469,10 @@ def test_a_run_resumes_only_on_the_classes_it_was_trained_with(tmp_path, caplog)
 def test_a_given_size_far_past_what_auto_takes_is_warned_of(tmp_path, caplog):
     """data.size=5000 for 40x50 px images (a typo for 500?) built a 4.5 GB cache unasked."""
     root = make_class_folders(tmp_path / "img", per_class=4, size=20)
-    for size, warned in (("400", True), ("32", False)):
-        caplog.clear()
+    for model, size, warned in (("cnn", "400", True), ("cnn", "32", False), ("auto", "400", True)):
+        caplog.clear()  # model=auto, the folder default, chooses the network first
         cfg = compose_cfg(
-            tmp_path, "data=folder", f"data.root={root}", "model=cnn", f"data.size={size}"
+            tmp_path, "data=folder", f"data.root={root}", f"model={model}", f"data.size={size}"
         )
         choose_model_and_size(cfg)
         assert ("400x the pixels data.size=auto would take ([20, 20]" in caplog.text) is warned

@@ -60,10 +60,10 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
     has anything to choose from; packaged data sets fix their size."""
     needs_model = cfg.model.get("name") == "auto"
     needs_size = is_auto(cfg.data.get("size"))
-    if not (needs_model or needs_size):
-        return _note_enlarged(_square_size(cfg)), []
     profile = profile_folder(cfg.data.root) if cfg.data.get("root") else None
-    cfg = cfg.copy()
+    if not (needs_model or needs_size):
+        return _note_enlarged(_square_size(cfg), profile), []
+    cfg = _square_size(cfg.copy())
     notes = []
     with open_dict(cfg):
         if needs_model:
@@ -83,20 +83,20 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
                 f"{'pretrained' if cfg.model.get('pretrained') else 'from scratch'} limits)"
             )
         if needs_model and cfg.model.get("pretrained"):
-            notes += fine_tuning_augment(_square_size(cfg))
-    return _square_size(cfg), notes
+            notes += fine_tuning_augment(cfg)
+    return (cfg if needs_size else _note_enlarged(cfg, profile)), notes
 
 
 # a given data.size this many times the pixels of what data.size=auto would take gets a warning
 ENLARGED = 16
 
 
-def _note_enlarged(cfg):
+def _note_enlarged(cfg, profile: ImageProfile | None):
     """data.size=5000 for 40x50 px images (a typo for 500?) built a 4.5 GB decoded cache of 60
     images before the first step: a warning first, with the size auto would take."""
-    if cfg.data.get("kind") != "folder" or not cfg.data.get("root"):
+    if profile is None or cfg.model.get("name") == "head":
         return cfg
-    median = profile_folder(cfg.data.root).median_size
+    median = profile.median_size
     auto = auto_size(median, bool(cfg.model.get("pretrained")))
     h, w = (int(x) for x in cfg.data.size)
     if h * w > ENLARGED * auto[0] * auto[1]:
