@@ -70,19 +70,17 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
 
     from image_classifier.errors import UserError
 
-    plain = [a for a in args if not a.startswith("-")]
-    parser = OverridesParser.create()
-    for one in plain:  # each alone, so the message can name the one that does not parse
+    parser, parsed = OverridesParser.create(), []
+    for one in [a for a in args if not a.startswith("-")]:  # each alone: a message names it
         try:
-            parsed = parser.parse_overrides([one])
+            parsed += parser.parse_overrides([one])
         except HydraException as e:
             raise UserError(f"Cannot parse the override {one!r}: {e}.{_quote(one)}") from None
-        if parsed[0].is_sweep_override() and not {"-m", "--multirun"} & set(args):
+        if parsed[-1].is_sweep_override() and not {"-m", "--multirun"} & set(args):
             raise UserError(
                 f"{one!r}: Hydra reads a comma as a list of values to sweep.{_quote(one)} To "
                 "sweep, add -m."
             )
-    parsed = parser.parse_overrides(plain)
     _note_unused_preprocessing(parsed)
     from image_classifier.sweeps import check_launcher
 

@@ -75,6 +75,11 @@ def check_classes(path: Path, classes: list[str], info) -> None:
     )
 
 
+def label_parts(label) -> tuple:
+    """Every label of an item: the tuple of a multi-label item, (label,) for a single one."""
+    return label if isinstance(label, tuple) else (label,)
+
+
 def only_listed(labelled: list, splits: list | None, classes: list[str], where: str):
     """data.classes chooses the classes: images of any other class are left out. (labelled,
     splits, {class: images left out}). A listed class that no image has, beside left-out ones,
@@ -85,7 +90,7 @@ def only_listed(labelled: list, splits: list | None, classes: list[str], where: 
     if not left:
         return labelled, splits, {}
     kept = [label for (_, label), k in zip(labelled, keep, strict=True) if k]
-    present = {x for label in kept for x in (label if isinstance(label, tuple) else (label,))}
+    present = {x for label in kept for x in label_parts(label)}
     if missing := [c for c in classes if c not in present]:
         raise UserError(
             f"data.classes lists {listed(missing)}, which no image has ({where}); the data's "

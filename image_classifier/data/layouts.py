@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from image_classifier.data import scan
-from image_classifier.data.identity import only_listed, split_items
+from image_classifier.data.identity import label_parts, only_listed, split_items
 from image_classifier.data.images import (
     archive_hint,
     display_name,
@@ -28,11 +28,6 @@ from image_classifier.errors import UserError
 log = logging.getLogger(__name__)
 
 Label = int | tuple[int, ...]  # a class index, or the indices of every label of a multi-label item
-
-
-def label_parts(label) -> tuple:
-    """Every label of an item: the tuple of a multi-label item, (label,) for a single one."""
-    return label if isinstance(label, tuple) else (label,)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from image_classifier.data.identity import (
     DIGEST,
     DataInfo,
     content_hash,
+    label_parts,
     relative_name,
     stratified_indices,
 )
@@ -104,7 +105,7 @@ def _idx(c, fixed: Preprocessing | None, project_root: Path) -> tuple[dict, Data
 
 def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
     """A user's folder: class folders, split folders or a CSV manifest (data/layouts.py)."""
-    from image_classifier.data.layouts import ManifestOptions, data_folder, discover, label_parts
+    from image_classifier.data.layouts import ManifestOptions, data_folder, discover
 
     if not c.get("root"):
         raise UserError(

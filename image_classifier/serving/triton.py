@@ -202,7 +202,7 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
         exit_on_error=True,
         # Triton's own log (its tables, CUDA and NVML notes on a machine without a GPU: about
         # a hundred lines before the first answer) in the run folder, not on the console
-        log_file=log if (log := _log_file(cfg)) else None,
+        log_file=(log := _log_file(cfg)),
     )
     got: dict = {}
 

@@ -80,20 +80,21 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
     path = Path(result["output_dir"]) / "train_summary.json"
     result["summary"] = str(path)
     if logger is not None:
-        if c := result.get("calibration"):
-            nll_ece = ("nll_before", "nll_after", "ece_before", "ece_after")
-            calibration = {"temperature": c["temperature"], **{f"val/{k}": c[k] for k in nll_ece}}
-            tracking.log_metrics(logger, calibration)
-        # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
-        ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
-        ranks["val_images"] = data_meta["split_sizes"].get("val", 0)  # how finely trials differ
-        tracking.log_metrics(logger, ranks)
-        tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"]])
         result["mlflow_run_id"] = logger.run_id
-    summary = {**result, "data": data_meta}
-    path.write_text(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
-    if logger is not None:
-        tracking.log_artifacts(logger, [path])
+    path.write_text(
+        json.dumps({**result, "data": data_meta}, indent=2, default=str, ensure_ascii=False)
+    )
+    if logger is None:
+        return
+    if c := result.get("calibration"):
+        nll_ece = ("nll_before", "nll_after", "ece_before", "ece_after")
+        calibration = {"temperature": c["temperature"], **{f"val/{k}": c[k] for k in nll_ece}}
+        tracking.log_metrics(logger, calibration)
+    # what a sweep's summary ranks trials by: the score, then the lower val/loss among ties
+    ranks = {k: result[k] for k in ("best_score", "best_val_loss") if result.get(k) is not None}
+    ranks["val_images"] = data_meta["split_sizes"].get("val", 0)  # how finely trials differ
+    tracking.log_metrics(logger, ranks)
+    tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"], path])
 
 
 def announce(trainer, module, name: str, info, batch: int, steps: int) -> None:
