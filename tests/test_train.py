@@ -451,28 +451,41 @@ def test_temperature_scaling_lowers_validation_ece():
     assert ece(overconfident, targets, t) < ece(overconfident, targets) / 3
 
 
-def test_calibration_keeps_t_1_when_validation_has_no_mistakes():
-    """Every validation image right: the log-loss falls as T falls, with nothing to stop it, and
-    the fit would store its floor (every later answer near 100 % sure). T stays 1, said why."""
-    from image_classifier.training.calibrate import calibrate
+def test_the_temperature_prior_holds_a_small_split_near_1_and_lets_a_large_one_speak():
+    """The fit minimises the mean log-loss + PRIOR / (2 n) * log(T)^2: checked against that
+    objective minimised by brute force, and for what it does: a split the model gets all right
+    (where the plain log-loss only falls as T falls) stops short of T's floor, and a large
+    split recovers its temperature as without the prior."""
+    from image_classifier.training.calibrate import PRIOR, T_RANGE, calibrate, fit_temperature
 
     class Module(torch.nn.Module):
         def _step(self, batch):
             return batch
 
     g = torch.Generator().manual_seed(0)
+    logits = torch.randn(30, 4, generator=g)
+    targets = torch.multinomial(torch.softmax(3 * logits, 1), 1, generator=g).squeeze(1)
+    grid = torch.linspace(-3, 3, 6001)
+    objective = [
+        float(torch.nn.functional.cross_entropy(logits / t.exp(), targets))
+        + PRIOR / (2 * 30) * float(t) ** 2
+        for t in grid
+    ]
+    best = float(grid[int(np.argmin(objective))].exp())
+    assert fit_temperature(logits, targets) == pytest.approx(best, rel=2e-3)
+    plain = fit_temperature(logits, targets, prior=0.0)
+    assert plain < fit_temperature(logits, targets) < 1.0  # pulled from the plain fit toward 1
+
     targets = torch.arange(13) % 4
     logits = torch.randn(13, 4, generator=g)
-    logits[torch.arange(13), targets] += 10  # every argmax right
+    logits[torch.arange(13), targets] += 3  # every argmax right, the answers unsure
     r = calibrate(Module(), [(logits, targets)])
-    assert r["temperature"] == 1.0 and r["ece_after"] == r["ece_before"]
-    assert r["note"] == "not fitted: no mistakes on the 13 validation images to fit it on"
-    logits[0] = logits[0].roll(1)  # one mistake: the log-loss has a minimum to find again
-    r = calibrate(Module(), [(logits, targets)])
-    assert r["temperature"] != 1.0 and r["note"] == "fitted on val"
-    wrong = torch.zeros(13, 4)
-    wrong[torch.arange(13), (targets + 1) % 4] = 10  # every answer sure and wrong: T runs up
-    r = calibrate(Module(), [(wrong, targets)])
+    assert T_RANGE[0] * 2 < r["temperature"] < 1.0  # sharper, not at the floor
+    assert r["nll_after"] < r["nll_before"]
+    assert r["note"] == "fitted on 13 val images"
+    wrong = torch.zeros(1000, 4)
+    wrong[torch.arange(1000), (torch.arange(1000) + 1) % 4] = 10  # sure and wrong: T runs up
+    r = calibrate(Module(), [(wrong, torch.arange(1000) % 4)])
     assert r["temperature"] == 20.0 and r["note"].endswith("ceiling 20: the answers say little")
 
 

@@ -99,14 +99,14 @@ def run_calibrate(cfg) -> dict:
     check_classes(path, module.classes, dm.prepare())
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
-        done = "thresholds " + ", ".join(
+        done = f"on {len(dm.dataset('val'))} validation images: thresholds " + ", ".join(
             f"{c} {t:.2f}" for c, t in zip(module.classes, result["thresholds"], strict=True)
         )
     else:
         result = calibrate_best(str(path), dm)
         done = fitted_line(result)
     print(
-        f"Calibrated {path} on {len(dm.dataset('val'))} validation images: {done}\n"
+        f"Calibrated {path}: {done}\n"
         "  stored in the checkpoint; `command=test` reports it, and an ONNX file exported "
         "before now needs `command=export-onnx` again"
     )
