@@ -327,7 +327,7 @@ def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_pa
     """The relabelling loop: audit, move the flagged image to its right class, add one, audit."""
     first = audit(planted, tmp_path, "logger.enabled=false")["report"]["label_errors"]
     assert "tf_efficientnet_lite0 features at 64x64" in first["features"]
-    assert " from " not in first["features"]  # all computed
+    assert " read from " not in first["features"]  # all computed
     assert {Path(i["name"]).name for i in first["items"]} == {"flipped_fox.png"}
     train = planted / "train"
     shutil.move(train / "cat" / "flipped_fox.png", train / "fox" / "flipped_fox.png")
@@ -335,7 +335,9 @@ def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_pa
     second = audit(planted, tmp_path, "logger.enabled=false")["report"]
     n = second["data"]["images"]
     store = tmp_path / "cache" / "features" / "by-image"
-    assert f"features at 64x64, {n - 1} of {n} from {store}" in second["label_errors"]["features"]
+    assert (
+        f"features at 64x64 ({n - 1} of {n} read from {store}" in second["label_errors"]["features"]
+    )
     assert second["label_errors"]["items"] == []
 
 

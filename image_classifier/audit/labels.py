@@ -69,9 +69,9 @@ def describe_views(names: list[str], which: int) -> str:
     if len(names) == 1:
         return names[0]
     if which < 0:
-        return " + ".join(names) + ", one classifier each, averaged (the best fit of the labels)"
+        return " + ".join(names) + ", one classifier each, averaged: the best fit of the labels"
     others = " or ".join(names[:which] + names[which + 1 :])
-    return f"{names[which]} (fits the labels better than {others} or the average)"
+    return f"{names[which]}, which fit the labels better than {others} or both averaged"
 
 
 def out_of_sample_probs(views: list, labels: np.ndarray, folds: int, seed: int):
@@ -283,7 +283,7 @@ def backbone_features(d, cfg):
         x[found] = stored
     if todo:
         x[todo] = computed
-    reused = f", {len(found)} of {n} from {store}" if found else ""
+    reused = f" ({len(found):,} of {n:,} read from {store})" if found else ""
     return torch.from_numpy(x), f"{fcfg.backbone} features at {side}x{side}{reused}"
 
 

@@ -150,8 +150,8 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv, most "
         f"suspicious first; review the first {r['label_errors']['recommended_cut']} (their given "
         f"label is less likely than {r['label_errors']['cut_rule']}; cleanlab estimates "
-        f"{r['label_errors']['cleanlab_estimate']} wrong) ({r['label_errors']['features']})"
-        + _too_few(r["label_errors"]["too_few_to_rank"]),
+        f"{r['label_errors']['cleanlab_estimate']} wrong)\n    probabilities from "
+        f"{r['label_errors']['features']}" + _too_few(r["label_errors"]["too_few_to_rank"]),
         f"  outliers: {r['outliers']['count']}",
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"
