@@ -111,10 +111,35 @@ def test_pretrained_from_the_hub_offline_is_a_clear_error(monkeypatch):
         raise OSError("We couldn't connect to the model hub")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy: no probe first
     with pytest.raises(
         UserError, match=r"Could not fetch pretrained weights for 'resnet18'.*model.pretrained=PATH"
     ):
         create_model("resnet18", num_classes=3, in_chans=3, pretrained=True)
+
+
+def test_an_unreachable_hub_stops_before_the_clients_retries(monkeypatch):
+    """Weights on the hub, not cached, the hub's host refusing: one clear line at once, where
+    huggingface_hub retried for 52 s with ten warning lines before timm's error."""
+    import huggingface_hub.constants
+    import timm
+
+    from image_classifier.errors import UserError
+    from image_classifier.models.factory import create_model
+
+    def never(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(timm, "create_model", never)
+    with pytest.raises(UserError) as e:
+        create_model("resnet18", num_classes=3, in_chans=3, pretrained=True)
+    assert "'resnet18' come from the model hub (127.0.0.1), which this machine cannot reach" in (
+        str(e.value)
+    )
+    assert "not in its local cache" in str(e.value) and "model.pretrained=PATH" in str(e.value)
 
 
 def test_local_weights_file_for_any_timm_model(tmp_path):

@@ -109,6 +109,12 @@ def file_state(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+OFFLINE_HINT = (
+    "Offline, use model.pretrained=PATH to a local weights file, the packaged "
+    "model=efficientnet_lite0, or model.pretrained=false."
+)
+
+
 def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
     """`pretrained`: True (packaged weights where we have them, else timm's hub) or a file path."""
     import timm
@@ -118,15 +124,13 @@ def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
 
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
         os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+        check_hub_reachable(name)
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
             raise UserError(
                 f"Could not fetch pretrained weights for {name!r} from the model hub "
-                f"({type(e).__name__}: "
-                f"{str(e)[:200]}). Offline, use model.pretrained=PATH to a local weights file, the "
-                "packaged "
-                "model=efficientnet_lite0, or model.pretrained=false."
+                f"({type(e).__name__}: {str(e)[:200]}). {OFFLINE_HINT}"
             ) from None
     model = timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is True:
@@ -135,6 +139,34 @@ def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
     else:
         load_state(model, file_state(str(pretrained)), by_position=False, source=str(pretrained))
     return model
+
+
+def check_hub_reachable(name: str) -> None:
+    """Stop in a second, not after the hub client's minute of retries and warnings, when the
+    weights of `name` are on the Hugging Face hub, not in its local cache, and the hub's host
+    cannot be reached. Behind a proxy (HTTPS_PROXY, ALL_PROXY) the client is left to find out."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    repo = getattr(get_pretrained_cfg(name, allow_unregistered=True), "hf_hub_id", None)
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    files = ("model.safetensors", "pytorch_model.bin")
+    if not repo or proxied or any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        socket.create_connection(address, timeout=5).close()
+    except OSError as e:
+        raise UserError(
+            f"The pretrained weights of {name!r} come from the model hub ({url.hostname}), which "
+            f"this machine cannot reach ({type(e).__name__}: {e}), and they are not in its local "
+            f"cache ({constants.HF_HUB_CACHE}). {OFFLINE_HINT}"
+        ) from None
 
 
 def weights_id(fcfg) -> str:
