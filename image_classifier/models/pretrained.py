@@ -110,8 +110,10 @@ def file_state(path: str) -> dict:
 
 
 OFFLINE_HINT = (
-    "Offline, use model.pretrained=PATH to a local weights file, the packaged "
-    "model=efficientnet_lite0, or model.pretrained=false."
+    "Offline, give a local weights file (model.pretrained=PATH, or features.pretrained=PATH for "
+    "cache-features, audit and model=head), use the packaged EfficientNet-Lite0 "
+    "(model=efficientnet_lite0, features.backbone=tf_efficientnet_lite0), or "
+    "model.pretrained=false."
 )
 
 
