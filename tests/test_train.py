@@ -489,6 +489,23 @@ def test_the_temperature_prior_holds_a_small_split_near_1_and_lets_a_large_one_s
     assert r["temperature"] == 20.0 and r["note"].endswith("ceiling 20: the answers say little")
 
 
+def test_top5_accuracy_is_measured_for_more_than_5_classes_only():
+    """Top-5 accuracy against a hand count on a fixed batch: the true class among the five
+    highest logits. 5 classes or fewer: no top-5 (it would be 1 by construction)."""
+    from image_classifier.models.metrics import metric_set
+    from image_classifier.training.evaluate import _metric_lines
+
+    logits = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 0, 1]])
+    targets = torch.tensor([4, 0, 6])  # 5th highest (in), lowest (out), highest (in)
+    metrics = metric_set(7, multi_label=False)["test_metrics"]
+    metrics.update(logits, targets)
+    assert float(metrics.compute()["test/acc_top5"]) == pytest.approx(2 / 3)
+    assert "test/acc_top5" not in metric_set(5, multi_label=False)["test_metrics"]
+    report = {"accuracy": 1 / 3, "accuracy_top5": 2 / 3, "f1_macro": 0.2, "ece": 0.1}
+    report |= {"temperature": 1.0, "ece_uncalibrated": 0.1, "per_class": {}}
+    assert _metric_lines(report)[0].startswith("  accuracy 0.3333 (top-5 0.6667)   macro F1")
+
+
 def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     """A pre-split folder whose test split lacks a class reported it at recall 0.000, the
     "lowest recall" of the run. Undefined precision and recall are now null and named apart."""

@@ -1,7 +1,7 @@
 """The torchmetrics a ClassifierModule keeps per stage: accuracy and macro F1 while training and
-validating; per-class precision and recall, the confusion matrix and the calibration error
-(with and without the temperature) when testing. Multi-label data gets thresholded metrics and
-ranking metrics (models/multilabel.py)."""
+validating; per-class precision and recall, the confusion matrix, the calibration error (with
+and without the temperature) and, for more than 5 classes, the top-5 accuracy when testing.
+Multi-label data gets thresholded metrics and ranking metrics (models/multilabel.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from torchmetrics.classification import (
 )
 
 from image_classifier.models import multilabel
+
+TOP_K = 5  # the test report's top-5 accuracy, for more than 5 classes
 
 
 def metric_set(n: int, multi_label: bool) -> dict[str, Metric | MetricCollection]:
@@ -43,6 +45,7 @@ def metric_set(n: int, multi_label: bool) -> dict[str, Metric | MetricCollection
         "recall": MulticlassRecall(n, average="none"),
         "confusion": MulticlassConfusionMatrix(n),
         "ece": MulticlassCalibrationError(n, n_bins=15, norm="l1"),
+        **({"acc_top5": MulticlassAccuracy(n, top_k=TOP_K, average="micro")} if n > TOP_K else {}),
     }
     return {
         "train_metrics": metrics.clone(prefix="train/"),

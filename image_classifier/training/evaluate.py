@@ -217,6 +217,7 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
             "warning": hash_note or None,
         },
         "accuracy": float(m["acc"]),
+        "accuracy_top5": float(m["acc_top5"]) if "acc_top5" in m else None,
         "f1_macro": float(m["f1_macro"]),
         "ece": float(m["ece"]),
         "ece_uncalibrated": float(module.test_ece_raw.compute()),
@@ -287,8 +288,8 @@ def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
 
 
 def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
-    keys = ("acc", "f1_macro", "f1_micro", "mAP", "ece", "ece_uncalibrated")
-    named = {**report, "acc": report["accuracy"]}
+    keys = ("acc", "acc_top5", "f1_macro", "f1_micro", "mAP", "ece", "ece_uncalibrated")
+    named = {**report, "acc": report["accuracy"], "acc_top5": report.get("accuracy_top5")}
     metrics = {f"test/{k}": named[k] for k in keys if named.get(k) is not None}
     for c, v in report["per_class"].items():
         for k in ("precision", "recall", "ap"):
@@ -309,7 +310,9 @@ def _metric_lines(report) -> list[str]:
     absent = [c for c, v in report["per_class"].items() if not v["support"]]
     worst = sorted(measured, key=lambda cv: cv[1])[:3]
     lines = [
-        f"  accuracy {report['accuracy']:.4f}   macro F1 {report['f1_macro']:.4f}   "
+        f"  accuracy {report['accuracy']:.4f}"
+        + (f" (top-5 {top5:.4f})" if (top5 := report.get("accuracy_top5")) is not None else "")
+        + f"   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
         "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst)
