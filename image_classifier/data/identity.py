@@ -227,10 +227,11 @@ IMBALANCED = 10  # largest/smallest train class at which train's summary says so
 
 
 def imbalance_ratio(counts) -> float | None:
-    """Images in the largest class over the smallest (an empty class counts as 1); None for no
-    classes. One figure for train's summary and the audit."""
-    counts = np.asarray(list(counts), dtype=float)
-    return float(counts.max() / max(counts.min(), 1)) if len(counts) else None
+    """Images in the largest class over the smallest, of the classes that have any (an empty
+    class is named as such, not as a ratio); None for none. One figure for train's summary and
+    the audit."""
+    counts = np.asarray([c for c in counts if c], dtype=float)
+    return float(counts.max() / counts.min()) if len(counts) else None
 
 
 @dataclass

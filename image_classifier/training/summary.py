@@ -164,7 +164,7 @@ def imbalance_line(info, weighted: bool) -> str:
     counts, ratio = info.class_counts, imbalance_ratio(info.class_counts)
     if info.multi_label or ratio is None or ratio < IMBALANCED:
         return ""
-    big, small = counts.index(max(counts)), counts.index(min(counts))
+    big, small = counts.index(max(counts)), counts.index(min(c for c in counts if c))
     how = (
         "the loss weighted by inverse class frequency (train.class_weights=true)"
         if weighted
