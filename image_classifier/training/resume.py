@@ -4,6 +4,7 @@ what the command line that resumes it may change."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
@@ -57,7 +58,10 @@ def resume_point(cfg):
         for key in overrides:
             if key != "paths" and not key.startswith(("paths.", "hydra")) and may_change(key):
                 OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
-    log.warning("Resuming %s from %s", resumed.paths.output_dir, ckpt)
+    print(f"Resuming {resumed.paths.output_dir} from {ckpt}")
+    # the resumed run writes into its own checkpoints/ on purpose: Lightning's warning that the
+    # folder "exists and is not empty" is for runs that would mix with another's
+    warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
     return resumed, ckpt
 
 
