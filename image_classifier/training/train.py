@@ -61,7 +61,6 @@ from image_classifier.training.summary import (
     thresholds_for_best,
 )
 
-log = logging.getLogger(__name__)
 for _name in ("lightning.pytorch", "lightning.fabric"):  # no tips and device banners
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -192,11 +191,9 @@ def budgeted(cfg, model_spec: dict, info, dm, started: float):
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.epochs = plan["epochs"]  # stored with the run: train.epochs=N repeats it
-    log.warning(
-        "train.time_budget=%gs: %d epoch(s) of about %.1f s fit on this machine",
-        plan["budget_seconds"],
-        plan["epochs"],
-        plan["epoch_seconds"],
+    print(
+        f"train.time_budget={plan['budget_seconds']:g}s: {plan['epochs']} epoch(s) of about "
+        f"{plan['epoch_seconds']:.1f} s fit on this machine"
     )
     return cfg, plan
 
