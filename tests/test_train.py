@@ -940,7 +940,7 @@ def test_a_size_the_network_pools_to_nothing_is_named_with_the_smallest_it_takes
     cfg = compose_cfg(tmp_path, "data=folder", f"data.root={images}", "model=cnn", "data.size=4")
     with pytest.raises(
         UserError,
-        match=r"data.size=\[4, 4\] is too small for model=cnn: .* It "
+        match=r"data.size=\[4, 4\] is too small for model.name=cnn: .* It "
         r"takes 8x8 px or more: data.size=8 or larger, or data.size=auto",
     ):
         run_train(cfg)

@@ -227,7 +227,7 @@ def check_input_size(net: nn.Module, pre, name: str) -> None:
     finally:
         net.train(was_training)
     raise UserError(
-        f"data.size={list(size)} is too small for model={name}: its pooling leaves nothing of "
+        f"data.size={list(size)} is too small for model.name={name}: its pooling leaves nothing of "
         f"the image. It takes {smallest}x{smallest} px or more: data.size={smallest} or larger, "
         "or data.size=auto."
     )
