@@ -25,7 +25,7 @@ from image_classifier.data.images import ImageError, ImageTooLarge, decode_bytes
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError
 from image_classifier.inference.rows import prediction_row
-from image_classifier.serving.batcher import freeze_start_up_objects
+from image_classifier.serving.batcher import start_up_objects_frozen
 from image_classifier.serving.requests import BodyLimit, Limits, RequestError, read_images
 
 PAGE = Path(__file__).with_name("page.html")
@@ -150,9 +150,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        freeze_start_up_objects()
-        yield
-        await service.batcher.close()
+        with start_up_objects_frozen():
+            yield
+            await service.batcher.close()
 
     from image_classifier.serving import v2
     from image_classifier.serving.metrics import MetricsMiddleware

@@ -16,6 +16,7 @@ Runtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -100,14 +101,20 @@ class MicroBatcher:
             self._model, self._loop = None, None
 
 
-def freeze_start_up_objects() -> int:
+@contextlib.contextmanager
+def start_up_objects_frozen():
     """Moves every object alive once the model is loaded (the modules of torch, ONNX Runtime,
-    FastAPI...) out of the garbage collector's reach (`gc.freeze`), so a full collection walks
-    only what requests allocate; returns how many were frozen. Under 64 clients on /predict, the
-    full collections over those objects were the p99: 80-86 ms against 35-39 ms frozen, p99 at 64
-    clients over p99 at 16: 5.3-8.0x against 2.5-4.2x (CPU B; docs/benchmarks.md)."""
+    FastAPI...) out of the garbage collector's reach (`gc.freeze`) while the service runs, so a
+    full collection walks only what requests allocate. Under 64 clients on /predict, the full
+    collections over those objects were the p99: 80-86 ms against 35-39 ms frozen, p99 at 64
+    clients over p99 at 16: 5.3-8.0x against 2.5-4.2x (CPU B; docs/benchmarks.md). They are put
+    back on the way out: frozen, they outlived the interpreter's teardown, and Triton's compiler
+    bindings (imported by torch) printed some 30 lines of "nanobind: leaked" at every stop."""
     import gc
 
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    try:
+        yield gc.get_freeze_count()
+    finally:
+        gc.unfreeze()

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from image_classifier.errors import UserError
-from image_classifier.serving.batcher import freeze_start_up_objects
+from image_classifier.serving.batcher import start_up_objects_frozen
 
 ENGINES = ("fastapi", "triton")  # serve.engine
 STUB_PACKAGES = ("numpy<2", "pyzmq")
@@ -217,7 +217,6 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
         try:
             triton.run()
             self_check(predictor, name, s)
-            freeze_start_up_objects()  # the infer function runs in this process
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # the model did not load in Triton's Python backend
@@ -234,7 +233,8 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
             file=sys.stderr,
             flush=True,
         )
-        triton.serve()
+        with start_up_objects_frozen():  # the infer function runs in this process
+            triton.serve()
     how = f" on {got['signal']}" if got else ""
     print(f"Stopped cleanly{how}: Triton server stopped.", file=sys.stderr, flush=True)
     return {"model": str(model), "engine": "triton", "name": name}
