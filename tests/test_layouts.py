@@ -481,6 +481,22 @@ def test_unlabelled_test_images_beside_train_say_what_to_do(tmp_path):
     assert discover(tmp_path / "d" / "train").layout == "class folders"
 
 
+def test_a_folder_of_unlabelled_images_says_how_to_label_or_predict_them(tmp_path):
+    """Images straight in data.root, no class folders: the message said what was expected, not
+    how to get there from here."""
+    make_class_folders(tmp_path / "src", per_class=3)
+    (tmp_path / "flat").mkdir()
+    for p in (tmp_path / "src").rglob("*.png"):
+        shutil.copy(p, tmp_path / "flat" / f"{p.parent.name}_{p.name}")
+    with pytest.raises(
+        UserError,
+        match=r"has no class subfolders: .* It holds 9 image\(s\) directly, without labels: put "
+        r"each in a folder named after its class, or name them in a CSV manifest .*; to predict "
+        r"them, command=infer infer.input=.*/flat\.",
+    ):
+        discover(tmp_path / "flat")
+
+
 def test_a_manifest_written_on_a_case_blind_disk_finds_its_files(tmp_path):
     """A manifest made on Windows or macOS lists cat/000.PNG for cat/000.png: on Linux every such
     row was 'no such file'."""

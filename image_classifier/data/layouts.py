@@ -310,6 +310,12 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
                 f"train (val and test carved out of it); to predict them, command=infer "
                 f"infer.input={folder}."
             )
+        elif n := sum(map(is_image_name, folder.iterdir())):
+            unlabelled = (
+                f" It holds {n} image(s) directly, without labels: put each in a folder named "
+                f"after its class, or name them in a CSV manifest (docs/data.md); to predict "
+                f"them, command=infer infer.input={folder}."
+            )
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
             f"files>.{unlabelled}"
