@@ -211,13 +211,26 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         UserError, match=r"only in the model: fox\. If data.classes chose them, drop"
     ):
         run_test(make_cfg(*some, f"test.checkpoint={r['checkpoint']}"), use_checkpoint_data=False)
-    # every class the model knows and one more: still refused, not tested with wolf left out
+    # every class the model knows and one more: still refused, not tested with wolf left out;
+    # the message names the data.classes that leaves wolf out, and that is tested
     more = make_class_folders(tmp_path / "more", classes=("cat", "dog", "fox", "wolf"))
-    with pytest.raises(UserError, match=r"only in the data: wolf\. The model cannot predict wolf"):
+    with pytest.raises(
+        UserError,
+        match=r"only in the data: wolf\. The model cannot predict wolf: leave them out with "
+        r"'data.classes=\[cat,dog,fox\]', move",
+    ):
         run_test(
             make_cfg("data=folder", f"data.root={more}", f"test.checkpoint={r['checkpoint']}"),
             use_checkpoint_data=False,
         )
+    chosen = make_cfg(
+        "data=folder",
+        f"data.root={more}",
+        "data.classes=[cat,dog,fox]",
+        f"test.checkpoint={r['checkpoint']}",
+    )
+    report = json.loads(Path(run_test(chosen, use_checkpoint_data=False)["report"]).read_text())
+    assert report["classes"] == ["cat", "dog", "fox"] and report["data"]["test_images"] > 0
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,19 +60,31 @@ def class_change(model: list[str], data: list[str], sides=("the model", "the dat
 def check_classes(path: Path, classes: list[str], info) -> None:
     if info.classes == classes:
         return
+    extra = [c for c in info.classes if c not in classes]
     raise UserError(
         f"The checkpoint's classes do not match the data's: the checkpoint {str(path)!r} knows "
         f"{len(classes)} classes, the data ({info.name}) has {len(info.classes)}"
         f"{class_change(classes, info.classes)}. "
         + (
-            f"The model cannot predict {listed(extra)}: move those images out of the "
-            "data to test it on the classes it knows, or train a model that knows them."
-            if (extra := [c for c in info.classes if c not in classes])
+            _unknown_classes_hint(classes, info.classes, extra)
+            if extra
             else "If data.classes chose them, drop it: test reads a folder with the model's "
             "classes, and one holding only some of them is tested on those. Otherwise test on the "
             "data the model was trained on (drop the data overrides; with none, its folder's "
             "classes changed since training), or train a new model."
         )
+    )
+
+
+def _unknown_classes_hint(classes: list[str], data: list[str], extra: list[str]) -> str:
+    """The data holds classes the model cannot predict: data.classes leaves them out when the
+    data has every class of the model (names an override can spell unquoted)."""
+    choose = ""
+    if set(classes) <= set(data) and all(re.fullmatch(r"[\w.-]+", c) for c in classes):
+        choose = f"leave them out with 'data.classes=[{','.join(classes)}]', "
+    return (
+        f"The model cannot predict {listed(extra)}: {choose}move those images out of the data to "
+        "test it on the classes it knows, or train a model that knows them."
     )
 
 
