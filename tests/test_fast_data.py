@@ -176,7 +176,7 @@ def test_training_batches_on_the_device_and_says_so(tmp_path, capsys):
     assert "batches on the device (cpu" in capsys.readouterr().out
     loader = ("train.device_data=false", f"paths.output_dir={tmp_path}/o2")
     r = run_train(compose_cfg(tmp_path, *base, *loader))
-    assert r["batching"] == "DataLoader"
+    assert r["batching"] == "from a DataLoader"
 
 
 # -- whole-batch augmentation matches torchvision's per-image transforms in distribution ------

@@ -55,7 +55,7 @@ class ImageDataModule(L.LightningDataModule):
         self.build_cache = build_cache
         self.seed = int(seed)
         self.device_budget_gb = float(device_budget_gb)
-        self.batching = "DataLoader"  # what train_dataloader chose, for the run summary
+        self.batching = "from a DataLoader"  # what train_dataloader chose, for the run summary
         self.cfg = data_cfg
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -164,7 +164,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     announce(trainer, module, model_spec["name"], info, int(cfg.train.batch_size), steps)
     fit(trainer, module, dm, resume_from, checkpoint, last)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
-    result |= {"batching": getattr(dm, "batching", "DataLoader"), "time_budget": budget}
+    result |= {"batching": getattr(dm, "batching", "from a DataLoader"), "time_budget": budget}
     result["chosen"] = chosen
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
