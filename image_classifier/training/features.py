@@ -42,7 +42,7 @@ def build_cache(cfg, quiet: bool = False) -> dict:
         if not quiet:
             print(
                 f"Feature cache {folder} is up to date (key {key}: same data, backbone, weights "
-                "and preprocessing); nothing to do."
+                "and preprocessing): read, not computed again."
             )
         return {
             "dir": str(folder),
