@@ -312,10 +312,16 @@ def test_a_csv_lists_what_infer_predicts(tmp_path):
     (tmp_path / "odd.csv").write_text("a,b\nd/cat/000.png,cat\n")
     with pytest.raises(
         UserError,
-        match=r"Cannot tell which column of odd.csv holds the image "
-        r"files: columns are \['a', 'b'\]. Name it file or filename",
+        match=r"Cannot tell which column of odd.csv holds the image files: columns are "
+        r"\['a', 'b'\]. Set infer.file_column=<column>, name it file or filename",
     ):
         collect_inputs(str(tmp_path / "odd.csv"))
+    # infer.file_column names it: the list is read; a name it does not have is named back
+    assert collect_inputs(str(tmp_path / "odd.csv"), "a") == [tmp_path / "d" / "cat" / "000.png"]
+    with pytest.raises(
+        UserError, match=r"infer.file_column='A ' is not a column of odd.csv; columns: \['a', 'b'\]"
+    ):
+        collect_inputs(str(tmp_path / "odd.csv"), "A ")
     (tmp_path / "urls.csv").write_text("image\nhttps://host/a.jpg\n")
     with pytest.raises(UserError, match=r"urls.csv lists 1 URL\(s\) \('https://host/a.jpg'\)"):
         collect_inputs(str(tmp_path / "urls.csv"))

@@ -356,6 +356,13 @@ def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
     make_class_folders(tmp_path / "k" / "images" / "unlabelled", classes=("x",), per_class=3)
     assert profile_folder(tmp_path / "k").images == 15  # the folder: every image under it
     assert profile_folder(tmp_path / "k" / "train.csv").images == 12  # the manifest's own
+    # a file column of another name, given as data.csv_file_column: data.size=auto's profile
+    # stopped with "Cannot tell which column" though the manifest itself was read with it
+    rows = (tmp_path / "k" / "train.csv").read_text().replace("id,", "photo,", 1)
+    (tmp_path / "k" / "train.csv").write_text(rows)
+    assert profile_folder(tmp_path / "k" / "train.csv", file_column="photo").images == 12
+    with pytest.raises(UserError, match=r"Set data.csv_file_column=<column>"):
+        profile_folder(tmp_path / "k" / "train.csv")
 
 
 def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_path):

@@ -136,15 +136,22 @@ def has_file_column(path: Path, options) -> bool:
     return any(c in lower for c in FILE_COLUMNS)
 
 
-def listed_files(path: Path) -> list[Path]:
-    """infer.input=LIST.csv (a manifest, Kaggle's test.csv): the files of its file column, or of
-    its only column, relative to the CSV or absolute; empty cells passed over."""
+def listed_files(path: Path, column: str | None = None, key: str = "infer.file_column"):
+    """infer.input=LIST.csv (a manifest, Kaggle's test.csv): the files of `column` (the setting
+    `key` names it), else of its file column or its only column, relative to the CSV or absolute;
+    empty cells passed over."""
     rows, columns, lower = _read_rows(path)
-    fcol = next((lower[c] for c in FILE_COLUMNS if c in lower), columns[0])
-    if len(columns) > 1 and fcol not in (lower.get(c) for c in FILE_COLUMNS):
+    if column and column not in columns:
+        raise UserError(
+            f"{key}={column!r} is not a column of {path.name}; columns: "
+            f"{columns}.{did_you_mean(column, columns)}"
+        )
+    fcol = column or next((lower[c] for c in FILE_COLUMNS if c in lower), columns[0])
+    if len(columns) > 1 and fcol not in (column, *(lower.get(c) for c in FILE_COLUMNS)):
         raise UserError(
             f"Cannot tell which column of {path.name} holds the image files: columns are "
-            f"{columns}. Name it {' or '.join(FILE_COLUMNS[:4])}, or give a .txt list of paths."
+            f"{columns}. Set {key}=<column>, name it {' or '.join(FILE_COLUMNS[:4])}, or give a "
+            ".txt list of paths."
         )
     files = [(row[fcol] or "").strip() for row in rows]
     if urls := [f for f in files if is_url(f)]:

@@ -38,14 +38,18 @@ class ImageProfile:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, median {h}x{w} px"
 
 
-def profile_folder(root: str | Path, sample: int = SAMPLE) -> ImageProfile:
+def profile_folder(
+    root: str | Path, sample: int = SAMPLE, file_column: str | None = None
+) -> ImageProfile:
     """An evenly spaced sample of the image files under root (any layout), or of those the CSV
-    manifest named as data.root lists (not the unlabelled test images beside them); unreadable
-    ones are left to the data scan, which reports them."""
+    manifest named as data.root lists in `file_column` (data.csv_file_column; None: guessed), not
+    the unlabelled test images beside them; unreadable ones are left to the data scan, which
+    reports them."""
     if (folder := data_folder(root)) != Path(root).expanduser():
         from image_classifier.data.manifest import listed_files
 
-        paths = [p for p in listed_files(Path(root).expanduser()) if p.is_file()]
+        listed = listed_files(Path(root).expanduser(), file_column, "data.csv_file_column")
+        paths = [p for p in listed if p.is_file()]
     else:
         paths = [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
     seen = sampled_headers(paths, sample)

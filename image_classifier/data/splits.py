@@ -49,7 +49,10 @@ def preprocessing_for(c, channels: int) -> Preprocessing:
     """The preprocessing the data settings ask for: data.size (`auto`: from the images' median
     size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize."""
     size = (
-        auto_size(profile_folder(c.root).median_size, pretrained=False)
+        auto_size(
+            profile_folder(c.root, file_column=c.get("csv_file_column")).median_size,
+            pretrained=False,
+        )
         if is_auto(c.size)
         else items(c.size, 2)
     )

@@ -26,10 +26,10 @@ from image_classifier.inference.rows import predict_paths
 SORT_MODES = ("copy", "symlink", "hardlink")
 
 
-def collect_inputs(spec: str) -> list[Path]:
+def collect_inputs(spec: str, file_column: str | None = None) -> list[Path]:
     """A file, a folder (recursive; its files with image names), a glob, a .txt file with one
-    path per line or a .csv (its file column). A file named explicitly that is not an image
-    becomes an error row."""
+    path per line or a .csv (its `file_column`, infer.file_column; None: guessed). A file named
+    explicitly that is not an image becomes an error row."""
     if not spec:
         raise UserError(
             "infer.input is not set: give a file, a folder, a glob, or a .txt or .csv list."
@@ -55,7 +55,7 @@ def collect_inputs(spec: str) -> list[Path]:
             )
         files = [listed_path(base, ln) for ln in listed]
     elif p.is_file() and p.suffix.lower() == ".csv":
-        files = listed_files(p)
+        files = listed_files(p, file_column)
     elif p.is_file() and (hint := archive_hint(spec)):
         raise UserError(f"infer.input={spec!r} is not an image.{hint}")
     elif p.is_file():
@@ -164,7 +164,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     library caller may leave it to infer.model when that is a file's path."""
     started = time.perf_counter()
     c = cfg.infer
-    paths = collect_inputs(c.input)  # bad input fails before any model is loaded
+    paths = collect_inputs(c.input, c.get("file_column"))  # bad input fails before the model loads
     model = given_model(model, c.get("model"), "infer.model")
     if c.engine == "ray":
         from image_classifier.inference.ray_engine import predict_on_ray

@@ -60,7 +60,8 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
     has anything to choose from; packaged data sets fix their size."""
     needs_model = cfg.model.get("name") == "auto"
     needs_size = is_auto(cfg.data.get("size"))
-    profile = profile_folder(cfg.data.root) if cfg.data.get("root") else None
+    column = cfg.data.get("csv_file_column")
+    profile = profile_folder(cfg.data.root, file_column=column) if cfg.data.get("root") else None
     if not (needs_model or needs_size):
         return _note_enlarged(_square_size(cfg), profile), []
     cfg = _square_size(cfg.copy())
