@@ -363,6 +363,11 @@ def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
     assert profile_folder(tmp_path / "k" / "train.csv", file_column="photo").images == 12
     with pytest.raises(UserError, match=r"Set data.csv_file_column=<column>"):
         profile_folder(tmp_path / "k" / "train.csv")
+    # a folder holding only a manifest whose images lie elsewhere: its images are profiled (the
+    # profile saw none, and model=auto chose the CNN at 28 px for colour photos)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "labels.csv").write_text(rows.replace("images/", "../k/images/"))
+    assert profile_folder(tmp_path / "m", file_column="photo").images == 12
 
 
 def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_path):

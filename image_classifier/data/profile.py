@@ -38,6 +38,19 @@ class ImageProfile:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, median {h}x{w} px"
 
 
+def _manifest(named: Path, folder: Path, file_column: str | None) -> Path | None:
+    """The CSV manifest data.root names, or the one CSV with a file column in its folder (as the
+    layout reads it: its images may lie outside the folder)."""
+    from image_classifier.data.layouts import ManifestOptions
+    from image_classifier.data.manifest import has_file_column
+
+    if named != folder:
+        return named
+    csvs = [p for p in folder.iterdir() if p.suffix.lower() == ".csv"] if folder.is_dir() else []
+    options = ManifestOptions(file_column=file_column)
+    return csvs[0] if len(csvs) == 1 and has_file_column(csvs[0], options) else None
+
+
 def profile_folder(
     root: str | Path, sample: int = SAMPLE, file_column: str | None = None
 ) -> ImageProfile:
@@ -45,10 +58,11 @@ def profile_folder(
     manifest named as data.root lists in `file_column` (data.csv_file_column; None: guessed), not
     the unlabelled test images beside them; unreadable ones are left to the data scan, which
     reports them."""
-    if (folder := data_folder(root)) != Path(root).expanduser():
-        from image_classifier.data.manifest import listed_files
+    from image_classifier.data.manifest import listed_files
 
-        listed = listed_files(Path(root).expanduser(), file_column, "data.csv_file_column")
+    folder = data_folder(root)
+    if manifest := _manifest(Path(root).expanduser(), folder, file_column):
+        listed = listed_files(manifest, file_column, "data.csv_file_column")
         paths = [p for p in listed if p.is_file()]
     else:
         paths = [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
