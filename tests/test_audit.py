@@ -387,3 +387,17 @@ def test_a_class_smooth_by_nature_is_not_blurry_but_a_blurred_image_is():
     limits |= {"odd_size": 10, "odd_aspect_ratio": 0.5}
     flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, limits)
     assert flags["blurry"] == [19, 32]  # not the 12 smooth images of class 1
+
+
+def test_an_audit_without_label_suspects_says_none():
+    """0 suspects read "0 ranked in label_issues.csv, most suspicious first; review the first 0"."""
+    from image_classifier.audit.report import _label_line
+
+    errors = {"suspects": 0, "recommended_cut": 0, "cut_rule": "0.45 x chance"}
+    errors |= {"cleanlab_estimate": 0, "features": "pixels", "too_few_to_rank": {}}
+    assert _label_line(errors) == (
+        "  label issues: none (no given label less likely than 0.45 x chance, none flagged by "
+        "cleanlab)\n    probabilities from pixels"
+    )
+    errors |= {"suspects": 3, "recommended_cut": 2, "cleanlab_estimate": 1}
+    assert _label_line(errors).startswith("  label issues: 3 ranked in label_issues.csv")

@@ -129,6 +129,19 @@ def _too_few(classes: dict) -> str:
     return f"\n    not ranked, too few images to learn: {named}; look at them yourself"
 
 
+def _label_line(e: dict) -> str:
+    found = (
+        f"{e['suspects']} ranked in label_issues.csv, most suspicious first; review the first "
+        f"{e['recommended_cut']} (their given label is less likely than {e['cut_rule']}; "
+        f"cleanlab estimates {e['cleanlab_estimate']} wrong)"
+        if e["suspects"]
+        else f"none (no given label less likely than {e['cut_rule']}, none flagged by cleanlab)"
+    )
+    return f"  label issues: {found}\n    probabilities from {e['features']}" + _too_few(
+        e["too_few_to_rank"]
+    )
+
+
 def summary(r: dict, out: Path, run_id: str | None) -> None:
     c, ex, near = r["class_counts"], r["exact_duplicates"], r["near_duplicates"]
     train = c["per_split"].get("train", {})
@@ -147,11 +160,7 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"{ex['across_splits']} across splits, {ex['conflicting_labels']} with conflicting labels",
         f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
         f"{near['leaks_train_to_eval']} leak train into val/test",
-        f"  label issues: {r['label_errors']['suspects']} ranked in label_issues.csv, most "
-        f"suspicious first; review the first {r['label_errors']['recommended_cut']} (their given "
-        f"label is less likely than {r['label_errors']['cut_rule']}; cleanlab estimates "
-        f"{r['label_errors']['cleanlab_estimate']} wrong)\n    probabilities from "
-        f"{r['label_errors']['features']}" + _too_few(r["label_errors"]["too_few_to_rank"]),
+        _label_line(r["label_errors"]),
         f"  outliers: {r['outliers']['count']}",
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"
