@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name, open_image
-from image_classifier.data.layouts import data_folder, files_under
+from image_classifier.data.layouts import data_folder, files_under, is_system
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
 GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)
@@ -46,7 +46,9 @@ def _manifest(named: Path, folder: Path, file_column: str | None) -> Path | None
 
     if named != folder:
         return named
-    csvs = [p for p in folder.iterdir() if p.suffix.lower() == ".csv"] if folder.is_dir() else []
+    if not folder.is_dir():
+        return None
+    csvs = [p for p in folder.iterdir() if p.suffix.lower() == ".csv" and not is_system(p, folder)]
     options = ManifestOptions(file_column=file_column)
     return csvs[0] if len(csvs) == 1 and has_file_column(csvs[0], options) else None
 

@@ -144,7 +144,7 @@ def create_pretrained_timm(name: str, pretrained, **kwargs) -> nn.Module:
 
 
 def check_hub_reachable(name: str) -> None:
-    """Stop in a second, not after the hub client's minute of retries and warnings, when the
+    """Stop in seconds, not after the hub client's minute of retries and warnings, when the
     weights of `name` are on the Hugging Face hub, not in its local cache, and the hub's host
     cannot be reached. Behind a proxy (HTTPS_PROXY, ALL_PROXY) the client is left to find out."""
     import os
@@ -156,7 +156,7 @@ def check_hub_reachable(name: str) -> None:
 
     repo = getattr(get_pretrained_cfg(name, allow_unregistered=True), "hf_hub_id", None)
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
-    files = ("model.safetensors", "pytorch_model.bin")
+    files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
     if not repo or proxied or any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
         return
     url = urlparse(constants.ENDPOINT)

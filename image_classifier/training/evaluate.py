@@ -99,8 +99,12 @@ def run_calibrate(cfg) -> dict:
     check_classes(path, module.classes, dm.prepare())
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
-        done = f"on {len(dm.dataset('val'))} validation images: thresholds " + ", ".join(
-            f"{c} {t:.2f}" for c, t in zip(module.classes, result["thresholds"], strict=True)
+        done = (
+            f"thresholds tuned on {len(dm.dataset('val'))} validation images ("
+            + ", ".join(
+                f"{c} {t:.2f}" for c, t in zip(module.classes, result["thresholds"], strict=True)
+            )
+            + ")"
         )
     else:
         result = calibrate_best(str(path), dm)
