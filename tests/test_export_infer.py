@@ -322,6 +322,8 @@ def test_a_csv_lists_what_infer_predicts(tmp_path):
         UserError, match=r"infer.file_column='A ' is not a column of odd.csv; columns: \['a', 'b'\]"
     ):
         collect_inputs(str(tmp_path / "odd.csv"), "A ")
+    with pytest.raises(UserError, match=r"infer.file_column='a' names a column of a CSV list"):
+        collect_inputs(str(tmp_path / "d"), "a")  # a folder: the setting would be ignored
     (tmp_path / "urls.csv").write_text("image\nhttps://host/a.jpg\n")
     with pytest.raises(UserError, match=r"urls.csv lists 1 URL\(s\) \('https://host/a.jpg'\)"):
         collect_inputs(str(tmp_path / "urls.csv"))

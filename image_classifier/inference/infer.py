@@ -35,6 +35,11 @@ def collect_inputs(spec: str, file_column: str | None = None) -> list[Path]:
             "infer.input is not set: give a file, a folder, a glob, or a .txt or .csv list."
         )
     p = Path(spec).expanduser()
+    if file_column and p.suffix.lower() != ".csv":
+        raise UserError(
+            f"infer.file_column={file_column!r} names a column of a CSV list, but infer.input="
+            f"{spec!r} is not a .csv: drop infer.file_column, or give the .csv."
+        )
     if p.is_dir():
         every = files_under(p)
         files = [f for f in every if is_image_name(f)]
