@@ -99,13 +99,9 @@ def run_calibrate(cfg) -> dict:
     check_classes(path, module.classes, dm.prepare())
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
-        done = (
-            f"thresholds tuned on {len(dm.dataset('val'))} validation images ("
-            + ", ".join(
-                f"{c} {t:.2f}" for c, t in zip(module.classes, result["thresholds"], strict=True)
-            )
-            + ")"
-        )
+        tuned = zip(module.classes, result["thresholds"], strict=True)
+        each = ", ".join(f"{c} {t:.2f}" for c, t in tuned)
+        done = f"thresholds tuned on {len(dm.dataset('val'))} validation images ({each})"
     else:
         result = calibrate_best(str(path), dm)
         done = fitted_line(result)
