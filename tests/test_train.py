@@ -467,8 +467,8 @@ def test_temperature_scaling_lowers_validation_ece():
 def test_the_temperature_prior_holds_a_small_split_near_1_and_lets_a_large_one_speak():
     """The fit minimises the mean log-loss + PRIOR / (2 n) * log(T)^2: checked against that
     objective minimised by brute force, and for what it does: a split the model gets all right
-    (where the plain log-loss only falls as T falls) stops short of T's floor, and a large
-    split recovers its temperature as without the prior."""
+    (where the plain log-loss only falls as T falls) stops short of T's floor. (On 4,000 images
+    the prior leaves the fit its temperature: the test above recovers the 4 applied.)"""
     from image_classifier.training.calibrate import PRIOR, T_RANGE, calibrate, fit_temperature
 
     class Module(torch.nn.Module):
