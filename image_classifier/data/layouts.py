@@ -132,15 +132,7 @@ def _entries(root: Path) -> list[Path]:
 def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: Path | None):
     """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
-    csvs = [csv_named] if csv_named else sorted(p for p in entries if p.suffix.lower() == ".csv")
-    if len(dirs) > 1 and not csv_named:  # class folders beside a CSV that is no manifest
-        from image_classifier.data.manifest import FILE_COLUMNS, has_file_column
-
-        for p in [p for p in csvs if not has_file_column(p, manifest)]:
-            csvs.remove(p)
-            skipped[display_name(p)] = (
-                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...): not a manifest"
-            )
+    csvs = [csv_named] if csv_named else manifest_csvs(entries, manifest, skipped)
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
     named = sorted((SPLIT_ALIASES.get(p.name.lower(), ""), p.name) for p in entries if p.is_dir())
     for (split, a), (again, b) in zip(named, named[1:], strict=False):
@@ -185,6 +177,21 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
             skipped.setdefault(display_name(p), "stray file beside the class folders")
     _warn_splits_inside(root, [p for p in entries if p.is_dir()])
     return "class folders", labelled, None
+
+
+def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
+    """The CSVs among a folder's entries that are read as its manifest: beside several folders
+    (class folders), only those with a file column; the others go into `skipped`."""
+    from image_classifier.data.manifest import FILE_COLUMNS, has_file_column
+
+    csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
+    if sum(p.is_dir() for p in entries) > 1:  # class folders beside a CSV that is no manifest
+        for p in [p for p in csvs if not has_file_column(p, manifest)]:
+            csvs.remove(p)
+            skipped[display_name(p)] = (
+                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...): not a manifest"
+            )
+    return csvs
 
 
 def _warn_splits_inside(root: Path, class_dirs: list[Path]) -> None:

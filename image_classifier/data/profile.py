@@ -11,8 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.images import GREY_MODES, ImageError, header, is_image_name, open_image
-from image_classifier.data.layouts import data_folder, files_under, is_system
+from image_classifier.data.images import (
+    GREY_MODES,
+    ImageError,
+    header,
+    is_image_name,
+    is_system,
+    open_image,
+)
+from image_classifier.data.layouts import ManifestOptions, data_folder, files_under, manifest_csvs
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
 GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)
@@ -38,19 +45,14 @@ class ImageProfile:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, median {h}x{w} px"
 
 
-def _manifest(named: Path, folder: Path, file_column: str | None) -> Path | None:
-    """The CSV manifest data.root names, or the one CSV with a file column in its folder (as the
-    layout reads it: its images may lie outside the folder)."""
-    from image_classifier.data.layouts import ManifestOptions
-    from image_classifier.data.manifest import has_file_column
-
-    if named != folder:
-        return named
+def _folder_manifest(folder: Path, file_column: str | None) -> Path | None:
+    """The CSV manifest a folder's layout is read from, if it is one (its images may lie outside
+    the folder); None for folders of images and for none or several CSVs."""
     if not folder.is_dir():
         return None
-    csvs = [p for p in folder.iterdir() if p.suffix.lower() == ".csv" and not is_system(p, folder)]
-    options = ManifestOptions(file_column=file_column)
-    return csvs[0] if len(csvs) == 1 and has_file_column(csvs[0], options) else None
+    entries = [p for p in folder.iterdir() if not is_system(p, folder)]
+    csvs = manifest_csvs(entries, ManifestOptions(file_column=file_column), {})
+    return csvs[0] if len(csvs) == 1 else None
 
 
 def profile_folder(
@@ -62,8 +64,8 @@ def profile_folder(
     reports them."""
     from image_classifier.data.manifest import listed_files
 
-    folder = data_folder(root)
-    if manifest := _manifest(Path(root).expanduser(), folder, file_column):
+    named, folder = Path(root).expanduser(), data_folder(root)
+    if manifest := named if named != folder else _folder_manifest(folder, file_column):
         listed = listed_files(manifest, file_column, "data.csv_file_column")
         paths = [p for p in listed if p.is_file()]
     else:
