@@ -43,7 +43,7 @@ def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
     moved = rng.choice(len(truth), k, replace=False)
     given = truth.copy()
     given[moved] = (given[moved] + rng.integers(1, c, k)) % c
-    suspects, recommended, _ = label_issues(given, probs, [probs], cut)
+    suspects, recommended, _ = label_issues(given, probs, cut)
     listed = np.array([i for i, _, _ in suspects], dtype=int)
     flagged = np.flatnonzero(find_label_issues(given, probs))
     # the best any cut can do: every image ranked by the probability of its given label

@@ -85,7 +85,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     labels = r["label_errors"]
     assert names(labels["items"]) == {"flipped_fox.png"}
     assert labels["items"][0]["label"] == "cat" and labels["items"][0]["suggested"] == "fox"
-    assert "tf_efficientnet_lite0 features at 64x64" in labels["features"]
+    assert "tf_efficientnet_lite0's last 2 stages at 64x64" in labels["features"]
     assert labels["recommended_cut"] == 1 and labels["cleanlab_estimate"] >= 1
 
     out = Path(result["dir"])
@@ -251,8 +251,8 @@ def test_matched_difference_ignores_brightness_and_contrast_not_content():
 
 
 def test_label_suspects_and_the_recommended_cut():
-    """Every image each view puts below chance is listed, most suspicious first; the cut takes
-    those below audit.label_cut x chance."""
+    """Every image whose given label is less likely than chance is listed, most suspicious
+    first, whether cleanlab flags it or not; the cut takes those below audit.label_cut x chance."""
     from image_classifier.audit.labels import label_issues
 
     rng = np.random.default_rng(0)
@@ -260,19 +260,20 @@ def test_label_suspects_and_the_recommended_cut():
     probs = np.full((60, 3), 0.04)
     probs[np.arange(60), labels] = 0.92
     probs += rng.uniform(0, 0.01, probs.shape)
-    probs[0] = [0.03, 0.95, 0.02]  # a class-0 image both views call class 1: far below chance
+    probs[0] = [0.03, 0.95, 0.02]  # a class-0 image called class 1: far below chance
     probs[25] = [0.5, 0.25, 0.25]  # a class-1 image a little below chance (1/3)
-    out, cut, _ = label_issues(labels, probs, [probs, probs], cut=0.4)
+    out, cut, _ = label_issues(labels, probs, cut=0.4)
     assert [i for i, _, _ in out][:2] == [0, 25] and out[0][2] == 1  # suggested: class 1
     assert cut == 1  # 0.25 is below chance but above 0.4 x chance
-    assert label_issues(labels, probs, [probs, probs], cut=1.0)[1] == 2
-    # inside the cut by the kept probabilities, with no class confident enough for cleanlab and
-    # the other view above chance: listed too (photos-7 left such flips out of the CSV)
+    assert label_issues(labels, probs, cut=1.0)[1] == 2
+    # no class confident enough for cleanlab's noise-rate pruning to flag these: listed all the
+    # same (photos-7 left such flips out of the CSV), inside the cut and below chance outside it
     probs[40] = [0.49, 0.49, 0.02]  # a class-2 image
-    other = probs.copy()
-    other[40] = [0.25, 0.25, 0.5]
-    out, cut, _ = label_issues(labels, probs, [probs, other], cut=0.4)
-    assert 40 in [i for i, _, _ in out][:cut]
+    probs[45] = [0.4, 0.4, 0.2]
+    out, cut, _ = label_issues(labels, probs, cut=0.4)
+    listed = [i for i, _, _ in out]
+    assert 40 in listed[:cut] and 45 in listed[cut:]
+    assert set(listed) == {0, 25, 40, 45}  # and nothing above chance
 
 
 @pytest.mark.parametrize("n_per_class", [20, 1700])  # the SVM, and the Nystroem regression above
@@ -293,8 +294,24 @@ def test_views_fitted_side_by_side_give_each_views_own_probabilities(n_per_class
     assert which == 1 and (probs.argmax(1) == labels).mean() > 0.9  # the sharp view fits best
 
 
+def test_one_view_replaces_the_average_only_when_it_fits_the_labels_clearly_better():
+    """Log losses by hand: labels [0, 1]; a view that gives the given label 0.8 and 0.8 has loss
+    -ln 0.8 = 0.223; averaged with one at 0.5, 0.5 (loss 0.693), 0.65: loss 0.431."""
+    from image_classifier.audit.labels import SINGLE_VIEW_GAIN, choose_view
+
+    labels = np.array([0, 1])
+    sharp, flat = np.array([[0.8, 0.2], [0.2, 0.8]]), np.full((2, 2), 0.5)
+    probs, which = choose_view([flat, sharp], labels)
+    assert which == 1 and probs is sharp  # 0.223 < 0.9 x 0.431
+    # 0.67 and 0.63 average to 0.65 too; -ln 0.67 = 0.400 is not below 0.9 x 0.431 = 0.388
+    near, other = np.array([[0.67, 0.33], [0.33, 0.67]]), np.array([[0.63, 0.37], [0.37, 0.63]])
+    assert -np.log(0.67) > (1 - SINGLE_VIEW_GAIN) * -np.log(0.65)
+    probs, which = choose_view([near, other], labels)
+    assert which == -1 and np.allclose(probs, 0.5 * (near + other))
+
+
 def test_backbone_view_enlarges_small_images_toward_the_backbones_size():
-    from image_classifier.audit.labels import backbone_side
+    from image_classifier.audit.backbone import backbone_side
 
     def side(*longer):
         return backbone_side(np.array([[s, s * 3 // 4] for s in longer]))
@@ -326,7 +343,7 @@ def test_a_few_alike_outliers_do_not_hide_behind_each_other():
 def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_path):
     """The relabelling loop: audit, move the flagged image to its right class, add one, audit."""
     first = audit(planted, tmp_path, "logger.enabled=false")["report"]["label_errors"]
-    assert "tf_efficientnet_lite0 features at 64x64" in first["features"]
+    assert "tf_efficientnet_lite0's last 2 stages at 64x64" in first["features"]
     assert " read from " not in first["features"]  # all computed
     assert {Path(i["name"]).name for i in first["items"]} == {"flipped_fox.png"}
     train = planted / "train"
@@ -336,7 +353,8 @@ def test_a_second_audit_computes_only_the_images_it_has_not_seen(planted, tmp_pa
     n = second["data"]["images"]
     store = tmp_path / "cache" / "features" / "by-image"
     assert (
-        f"features at 64x64 ({n - 1} of {n} read from {store}" in second["label_errors"]["features"]
+        f"last 2 stages at 64x64 ({n - 1} of {n} read from {store}"
+        in second["label_errors"]["features"]
     )
     assert second["label_errors"]["items"] == []
 

@@ -215,9 +215,10 @@ def test_the_per_image_store_keeps_features_by_content_and_survives_an_interrupt
     fcfg = OmegaConf.create(
         {"backbone": "b", "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3, "dir": str(tmp_path)}
     )
-    store = image_store_folder(fcfg, "package:abc", 64)
-    assert image_store_folder(fcfg, "package:abc", 96) != store  # another side, another store
-    assert image_store_folder(fcfg, "file:def", 64) != store  # other weights too
+    store = image_store_folder(fcfg, "package:abc", 64, "last 2 stages")
+    assert image_store_folder(fcfg, "package:abc", 96, "last 2 stages") != store  # another side
+    assert image_store_folder(fcfg, "file:def", 64, "last 2 stages") != store  # other weights
+    assert image_store_folder(fcfg, "package:abc", 64, "pooled") != store  # other outputs
     found, got = read_image_features(store, ["a"])
     assert found == [] and got.size == 0
 

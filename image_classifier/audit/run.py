@@ -38,13 +38,9 @@ def run_audit(cfg) -> dict:
         )
     with _timed(timings, "labels"):
         views, x, names = label_checks.features(d, cfg, str(a.features))
-        probs, which, each = label_checks.out_of_sample_probs(
-            views, d.labels, int(a.folds), cfg.seed
-        )
+        probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
         source = label_checks.describe_views(names, which)
-        suspects, cut, estimate = label_checks.label_issues(
-            d.labels, probs, each, float(a.label_cut)
-        )
+        suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, _ = neighbours.knn(
@@ -128,8 +124,8 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             "features": source,
             "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
             f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view "
-            "(each view and their average compared by log loss); every flagged image, every "
-            "image each view puts below chance and every image inside the recommended cut, "
+            "(their average, or one view where it fits the labels clearly better by log loss); "
+            "every flagged image and every image whose given label is less likely than chance, "
             "ranked by self-confidence",
             "items": [
                 {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}

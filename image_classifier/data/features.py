@@ -67,13 +67,14 @@ def cache_folder(cfg, data_hash: str, weights: str, classes: list) -> tuple[Path
 # image's bytes, the backbone, its weights and the input side, not on the image's label, name or
 # folder; kept under `<features.dir>/by-image/<key>/` by content hash, the audit that follows a
 # relabelling (move a file to its right class, audit again) computes only the images it has not
-# seen. 5 KB an image for EfficientNet-Lite0 (1,280 float32 values); delete the folder to
-# reclaim the space.
-def image_store_folder(fcfg, weights: str, side: int) -> Path:
+# seen. 2 KB an image for EfficientNet-Lite0 (432 float32 values: its last two stages); delete the
+# folder to reclaim the space.
+def image_store_folder(fcfg, weights: str, side: int, view: str) -> Path:
     """The per-image store for cfg.features' backbone with these weights (weights_id) at this
-    input side."""
+    input side; `view` names which of its outputs are kept."""
     parts = {
         "format": FORMAT_VERSION,
+        "view": view,
         "backbone": fcfg.backbone,
         "weights": weights,
         "side": int(side),
