@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,22 @@ def test_label_suspects_and_the_recommended_cut():
     assert set(listed) == {0, 25, 40, 45}  # and nothing above chance
 
 
+def test_a_class_of_one_image_prints_no_warning_from_cleanlab(capfd):
+    """cleanlab warns from its worker processes that it "may not flag all label issues" in a
+    class of one image; the report names such classes already (too_few_to_rank)."""
+    from image_classifier.audit.labels import label_issues
+
+    labels = np.array([0] * 20 + [1] * 20 + [2])
+    probs = np.full((41, 3), 0.05)
+    probs[np.arange(41), labels] = 0.9
+    probs[0], probs[20] = probs[20].copy(), probs[0].copy()  # a wrong label in each big class
+    with warnings.catch_warnings():  # as on a console: pytest records warnings, lost in a fork
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: sys.stderr.write(f"{message}\n")
+        label_issues(labels, probs, cut=0.45)
+    assert "May not flag" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("n_per_class", [20, 1700])  # the SVM, and the Nystroem regression above
 def test_views_fitted_side_by_side_give_each_views_own_probabilities(n_per_class):
     """The views' classifiers run in threads (one BLAS thread each): each view's probabilities
@@ -414,8 +432,8 @@ def test_an_audit_without_label_suspects_says_none():
     errors = {"suspects": 0, "recommended_cut": 0, "cut_rule": "0.45 x chance"}
     errors |= {"cleanlab_estimate": 0, "features": "pixels", "too_few_to_rank": {}}
     assert _label_line(errors) == (
-        "  label issues: none (no given label less likely than 0.45 x chance, none flagged by "
-        "cleanlab)\n    probabilities from pixels"
+        "  label issues: none (no given label is less likely than chance, and cleanlab flags "
+        "none)\n    probabilities from pixels"
     )
     errors |= {"suspects": 3, "recommended_cut": 2, "cleanlab_estimate": 1}
     assert _label_line(errors).startswith("  label issues: 3 ranked in label_issues.csv")

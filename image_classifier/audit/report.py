@@ -135,7 +135,7 @@ def _label_line(e: dict) -> str:
         f"{e['recommended_cut']} (their given label is less likely than {e['cut_rule']}; "
         f"cleanlab estimates {e['cleanlab_estimate']} wrong)"
         if e["suspects"]
-        else f"none (no given label less likely than {e['cut_rule']}, none flagged by cleanlab)"
+        else "none (no given label is less likely than chance, and cleanlab flags none)"
     )
     return f"  label issues: {found}\n    probabilities from {e['features']}" + _too_few(
         e["too_few_to_rank"]
