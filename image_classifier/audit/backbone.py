@@ -74,12 +74,10 @@ def backbone_features(d, cfg):
 
 def stage_features(net, x):
     """(B, dim) the average-pooled outputs of the backbone's last STAGES feature stages (timm's
-    `forward_intermediates`), side by side; its pooled output where it has no such method. `net`:
-    a models.factory.Normalized backbone."""
+    `forward_intermediates`, which every network of timm 1.0.31 that builds has), side by side.
+    `net`: a models.factory.Normalized backbone."""
     import torch
 
-    if not hasattr(net.net, "forward_intermediates"):
-        return net(x).float()
     maps = net.net.forward_intermediates(net.normalize(x), indices=STAGES, intermediates_only=True)
     return torch.cat([m.float().mean((2, 3)) for m in maps], 1)
 
