@@ -131,9 +131,9 @@ def _too_few(classes: dict) -> str:
 
 def _label_line(e: dict) -> str:
     found = (
-        f"{e['suspects']} ranked in label_issues.csv, most suspicious first; review the first "
-        f"{e['recommended_cut']} (their given label is less likely than {e['cut_rule']}; "
-        f"cleanlab estimates {e['cleanlab_estimate']} wrong)"
+        f"{e['suspects']:,} ranked in label_issues.csv, most suspicious first; review the first "
+        f"{e['recommended_cut']:,} (their given label is less likely than {e['cut_rule']}; "
+        f"cleanlab estimates {e['cleanlab_estimate']:,} wrong)"
         if e["suspects"]
         else "none (no given label is less likely than chance, and cleanlab flags none)"
     )
