@@ -328,6 +328,24 @@ def test_one_view_replaces_the_average_only_when_it_fits_the_labels_clearly_bett
     assert which == -1 and np.allclose(probs, 0.5 * (near + other))
 
 
+def test_the_backbone_view_pools_its_last_two_stages_not_its_head():
+    import timm
+    import torch
+
+    from image_classifier.audit.backbone import stage_features
+    from image_classifier.models.factory import Normalized
+
+    net = Normalized(timm.create_model("test_efficientnet", num_classes=0), [0.5] * 3, [0.25] * 3)
+    x = torch.rand(2, 3, 64, 64) * 255
+    got = stage_features(net.eval(), x)
+    last_two = [f["num_chs"] for f in net.net.feature_info[-2:]]
+    assert got.shape == (2, sum(last_two)) and sum(last_two) != net.net.num_features
+    z = net.net.bn1(net.net.conv_stem(net.normalize(x)))  # the stages by hand, head left out
+    for stage in net.net.blocks:
+        z = stage(z)
+    assert torch.allclose(got[:, last_two[0] :], z.mean((2, 3)), atol=1e-5)
+
+
 def test_backbone_view_enlarges_small_images_toward_the_backbones_size():
     from image_classifier.audit.backbone import backbone_side
 
