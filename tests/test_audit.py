@@ -225,8 +225,9 @@ def test_files_that_change_after_the_scan_are_reported_not_raised(tmp_path):
     from image_classifier.audit.load import _file_entry
 
     good = make_class_folders(tmp_path / "imgs", per_class=1) / "cat" / "000.png"
-    digest, thumb, size, grey, why = _file_entry(str(good))
-    assert why is None and thumb.shape == (32, 32) and len(digest) == 32
+    digest, thumb, colour, size, grey, why = _file_entry(str(good))
+    assert why is None and thumb.shape == (32, 32) and colour.shape == (3, 16, 16)
+    assert len(digest) == 32
     assert size == (16, 16) and grey
     gone = tmp_path / "gone.png"
     assert _file_entry(str(gone))[-1] == f"{gone}: cannot read (No such file or directory)"
@@ -250,6 +251,48 @@ def test_matched_difference_ignores_brightness_and_contrast_not_content():
     assert d[0] < 1e-3  # brightness and contrast only
     assert 3.0 < d[1] < 5.0  # noise sigma 4 reads as about 4 grey levels
     assert d[2] > 40 and d[3] > 40  # another image; a flat one is not a shrunken copy
+
+
+def test_a_shape_set_apart_only_by_its_colour_is_not_a_near_duplicate(tmp_path):
+    """A teal disc on a green ground of the same grey level: the grey thumbnails of the disc
+    and of the bare ground matched within 1-2 grey levels, and every such pair was reported as a
+    near-duplicate (leaks into val/test among them). The colour channels now tell them apart; a
+    real copy (brightened, noised, re-encoded as JPEG) is still found."""
+    root, rng = tmp_path / "colour", np.random.default_rng(0)
+    ground, disc = np.array([120, 160, 60]), np.array([60, 170, 170])  # grey 137 and 137
+    for name in ("plain", "disc"):
+        (root / name).mkdir(parents=True)
+    yy, xx = np.mgrid[:48, :48]
+    inside = ((yy - 26) ** 2 + (xx - 24) ** 2 < 14**2)[..., None]
+    for i in range(12):
+        for name in ("plain", "disc"):
+            # a texture the same in every channel; the first three discs share their ground's
+            if name == "plain" or i >= 3:
+                texture = rng.integers(0, 80, (6, 6), dtype=np.uint8)
+                shade = np.asarray(Image.fromarray(texture).resize((48, 48)), "f4")[..., None] - 40
+            colour = np.where(inside, disc, ground) if name == "disc" else ground
+            noisy = colour + shade + rng.normal(0, 2, (48, 48, 3))
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    copy = np.asarray(Image.open(root / "disc" / "0.png"), np.float32) + 10
+    copy += rng.normal(0, 2, copy.shape)
+    Image.fromarray(np.clip(copy, 0, 255).astype(np.uint8)).save(root / "disc" / "copy.jpg")
+    near = audit(root, tmp_path, "logger.enabled=false", "audit.features=pixels")["report"]
+    pairs = [{Path(e[k]["name"]).name for k in "ab"} for e in near["near_duplicates"]["items"]]
+    assert pairs == [{"0.png", "copy.jpg"}]
+
+
+def test_array_data_gets_colour_thumbnails_only_in_colour():
+    import torch
+
+    from image_classifier.audit.load import _thumbs_from_arrays
+
+    rgb = torch.zeros(2, 3, 20, 20, dtype=torch.uint8)
+    rgb[:, 0] = 200  # red: grey 0.299 x 200
+    grey, colour = _thumbs_from_arrays(rgb)
+    assert grey.shape == (2, 32, 32) and np.allclose(grey, 59.8, atol=0.1)
+    assert colour.dtype == np.uint8 and colour.shape == (2, 3, 16, 16)
+    assert (colour[:, 0] == 200).all() and (colour[:, 1:] == 0).all()
+    assert _thumbs_from_arrays(rgb[:, :1])[1] is None
 
 
 def test_label_suspects_and_the_recommended_cut():
@@ -416,7 +459,7 @@ def test_a_large_photo_is_read_at_a_reduced_scale_with_its_own_size(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown portrait
     big.save(tmp_path / "p.jpg", quality=90, exif=exif)
-    digest, thumb, size, grey, why = _file_entry(str(tmp_path / "p.jpg"))
+    digest, thumb, _, size, grey, why = _file_entry(str(tmp_path / "p.jpg"))
     assert why is None and size == (1200, 1600) and not grey
     full = ImageOps.exif_transpose(Image.open(tmp_path / "p.jpg")).convert("L")
     want = np.asarray(full.resize((THUMB, THUMB), Image.Resampling.BILINEAR), np.float32)

@@ -1,5 +1,6 @@
 """Every image of every split, as the training data module sees it, read once: content hash,
-grey 32x32 thumbnail, original size and mode (for the image-quality checks)."""
+grey 32x32 thumbnail (and, for colour data, a 16x16 colour one), original size and mode (for the
+image-quality checks)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 THUMB = 32
+COLOUR_THUMB = 16  # the colour thumbnail's side: the near-duplicate check's colour channels
 
 
 @dataclass
@@ -27,6 +29,7 @@ class AuditData:
     splits: np.ndarray  # split index into SPLITS, per image
     labels: np.ndarray
     thumbs: np.ndarray  # (N, 32, 32) float32 grey, 0..255
+    colour: np.ndarray | None  # colour data: (N, 3, 16, 16) uint8 RGB; grey data: None
     digests: list[str]  # content hashes
     sizes: np.ndarray  # (N, 2) original width, height
     grey: np.ndarray  # (N,) bool: the file itself is grey
@@ -42,20 +45,25 @@ def _digest(b: bytes) -> str:
     return hashlib.blake2b(b, digest_size=16).hexdigest()
 
 
-def _thumbs_from_arrays(images: torch.Tensor) -> np.ndarray:
+def _thumbs_from_arrays(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """(grey thumbnails, colour thumbnails or None) of (N, C, H, W) arrays."""
     import torch
 
+    def shrink(x, side: int):
+        return torch.nn.functional.interpolate(
+            x, size=(side, side), mode="bilinear", antialias=True, align_corners=False
+        )
+
     x = images.float()
-    if x.shape[1] == 3:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    x = torch.nn.functional.interpolate(
-        x, size=(THUMB, THUMB), mode="bilinear", antialias=True, align_corners=False
-    )
-    return x[:, 0].numpy()
+    if x.shape[1] != 3:
+        return shrink(x, THUMB)[:, 0].numpy(), None
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    colour = shrink(x, COLOUR_THUMB).round().clamp(0, 255).to(torch.uint8).numpy()
+    return shrink(grey, THUMB)[:, 0].numpy(), colour
 
 
 def _file_entry(path: str):
-    """(hash, thumbnail, (w, h), grey, None) or (None, None, None, None, why)."""
+    """(hash, grey thumbnail, colour thumbnail, (w, h), grey, None), or Nones and why."""
     from PIL import Image
 
     from image_classifier.data.images import (
@@ -72,11 +80,14 @@ def _file_entry(path: str):
         im = open_bytes(data, path, fit=THUMB)  # a JPEG decoded at up to 1/8 scale
         grey = mode in GREY_MODES
         thumb = to_model_mode(im, 1).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+        side = (COLOUR_THUMB, COLOUR_THUMB)
+        colour = to_model_mode(im, 3).resize(side, Image.Resampling.BILINEAR)
     except OSError as e:  # gone or unreadable since the scan
-        return None, None, None, None, f"{path}: cannot read ({e.strerror or e})"
+        return None, None, None, None, None, f"{path}: cannot read ({e.strerror or e})"
     except ImageError as e:  # changed since the scan
-        return None, None, None, None, str(e)
-    return _digest(data), np.asarray(thumb, dtype=np.float32), size, grey, None
+        return None, None, None, None, None, str(e)
+    colour = np.asarray(colour, dtype=np.uint8).transpose(2, 0, 1)
+    return _digest(data), np.asarray(thumb, dtype=np.float32), colour, size, grey, None
 
 
 def load(cfg) -> AuditData:
@@ -94,6 +105,7 @@ def load(cfg) -> AuditData:
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("splits", "labels", "thumbs")}
     cat |= {k: np.concatenate([p[k] for p in parts]) for k in ("sizes", "grey")}
     pixels = [p["pixels"] for p in parts if p["pixels"] is not None]
+    colour_data = info.preprocessing.channels == 3
     return AuditData(
         classes=list(info.classes),
         names=merged["names"],
@@ -101,9 +113,10 @@ def load(cfg) -> AuditData:
         splits=cat["splits"],
         labels=cat["labels"].astype(np.int64),
         thumbs=cat["thumbs"],
+        colour=np.concatenate([p["colour"] for p in parts]) if colour_data else None,
         sizes=cat["sizes"],
         grey=cat["grey"].astype(bool),
-        colour_data=info.preprocessing.channels == 3,
+        colour_data=colour_data,
         skipped=skipped,
         data_hash=info.data_hash,
         layout=info.layout,
@@ -118,12 +131,14 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
     if isinstance(ds, ArrayDataset) and ds.items is None:  # arrays, not decoded files
         arr = ds.images.numpy()
         n, c, h, w = arr.shape
+        thumbs, colour = _thumbs_from_arrays(ds.images)
         return {
             "names": [f"{split}[{i}]" for i in range(n)],
             "digests": [_digest(a.tobytes()) for a in arr],
             "splits": np.full(n, s),
             "labels": ds.labels.numpy(),
-            "thumbs": _thumbs_from_arrays(ds.images),
+            "thumbs": thumbs,
+            "colour": colour,
             "sizes": np.tile([w, h], (n, 1)),
             "grey": np.full(n, c == 1),
             "pixels": arr,
@@ -133,11 +148,12 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
     with ThreadPoolExecutor(max_workers=4) as pool:
         entries = list(pool.map(_file_entry, [p for p, _ in ds.items]))
     keep = []
-    for (path, y), (digest, thumb, size, grey, why) in zip(ds.items, entries, strict=True):
+    for (path, y), (digest, thumb, colour, size, grey, why) in zip(ds.items, entries, strict=True):
         if thumb is None:
             skipped[path] = why
         else:
-            keep.append((path, y, digest, thumb, size, grey))
+            keep.append((path, y, digest, thumb, size, grey, colour))
+    side = (COLOUR_THUMB, COLOUR_THUMB)
     return {
         "names": [k[0] for k in keep],
         "digests": [k[2] for k in keep],
@@ -146,5 +162,6 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
         "thumbs": np.stack([k[3] for k in keep]) if keep else np.zeros((0, THUMB, THUMB), "f4"),
         "sizes": np.array([k[4] for k in keep], dtype=np.int64).reshape(-1, 2),
         "grey": np.array([k[5] for k in keep], dtype=bool),
+        "colour": np.stack([k[6] for k in keep]) if keep else np.zeros((0, 3, *side), "u1"),
         "pixels": None,
     }

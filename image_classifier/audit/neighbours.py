@@ -6,8 +6,10 @@ Distances are cosine distances between L2-normalised vectors, found with chunked
     per image, so a brightness shift does not hide a copy) closer than `audit.near_candidates` x
     the data's median nearest-neighbour distance (cleanlab's calibrated near-duplicate scale);
     a candidate is a near-duplicate when its two thumbnails, once brightness and contrast are
-    matched, differ by at most `audit.near_threshold` grey levels (RMS, 0-255). That scale means
-    the same on every dataset: noise, JPEG re-encoding and a brightness change stay within a few
+    matched, differ by at most `audit.near_threshold` grey levels (RMS, 0-255), and, for colour
+    data, so do their colour thumbnails, each channel matched on its own: a star and the
+    background it is drawn on can have one grey level and two colours. That scale means the
+    same on every dataset: noise, JPEG re-encoding and a brightness change stay within a few
     grey levels, while two photos of similar things differ by more;
   - outliers: the score exp(-d / median d) of the distance d to the k-th nearest neighbour in
     the audit's feature space (not cleanlab's average over the k: see `outlier_scores`), flagged
@@ -74,8 +76,10 @@ def near_duplicates(
     candidates: float,
     threshold: float,
     exact: set,
+    colour: np.ndarray | None = None,
 ) -> list:
-    """[(i, j, grey-level difference)] with i < j, not exact copies (see the module's text)."""
+    """[(i, j, grey-level difference)] with i < j, not exact copies (see the module's text);
+    the difference is the larger of the grey one and, given colour thumbnails, the colour one."""
     median = max(float(np.median(dist[:, 0])), 1e-9)
     rows, cols = np.nonzero(dist < candidates * median)
     pairs = {
@@ -85,9 +89,22 @@ def near_duplicates(
     if not pairs:
         return []
     diff = matched_difference(thumbs, np.array(pairs))
+    if colour is not None:
+        diff = np.maximum(diff, colour_difference(colour, np.array(pairs)))
     return [
         (i, j, round(float(d), 2)) for (i, j), d in zip(pairs, diff, strict=True) if d <= threshold
     ]
+
+
+def colour_difference(colour: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """RMS over the three channels of each channel's matched difference (`matched_difference`
+    on (N, 3, h, w) colour thumbnails): a tint or white-balance change is matched away, a shape
+    that only its colour sets apart from its background is not."""
+    n, channels = colour.shape[:2]
+    rows = colour.reshape(n * channels, -1)
+    each = (pairs[:, None, :] * channels + np.arange(channels)[None, :, None]).reshape(-1, 2)
+    d = matched_difference(rows, each).reshape(len(pairs), channels)
+    return np.sqrt((d.astype(np.float64) ** 2).mean(1)).astype(np.float32)
 
 
 def matched_difference(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -34,7 +34,13 @@ def run_audit(cfg) -> dict:
     with _timed(timings, "near"):
         dist, idx = neighbours.knn(neighbours.pixel_vectors(d.thumbs), k=5)
         near = neighbours.near_duplicates(
-            d.thumbs, dist, idx, float(a.near_candidates), float(a.near_threshold), exact_pairs
+            d.thumbs,
+            dist,
+            idx,
+            float(a.near_candidates),
+            float(a.near_threshold),
+            exact_pairs,
+            d.colour,
         )
     with _timed(timings, "labels"):
         views, x, names = label_checks.features(d, cfg, str(a.features))
