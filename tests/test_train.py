@@ -569,6 +569,15 @@ def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, c
     assert float(ckpt_file.load_module(ckpt).temperature) == pytest.approx(r["temperature"])
     out = capsys.readouterr().out
     assert f"NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}, ECE" in out
+    # a temperature that moves asks for a new export; the second time nothing moves, and it
+    # says so rather than asking for one
+    ckpt_file.store_buffers(copy, ckpt_file.read(copy), temperature=2.0)
+    run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
+    assert "now needs `command=export-onnx` again" in capsys.readouterr().out
+    again = run_calibrate(compose_cfg(root, f"calibrate.checkpoint={copy}"))
+    assert again["temperature"] == pytest.approx(r["temperature"], abs=5e-4)
+    out = capsys.readouterr().out
+    assert "the same as the checkpoint held" in out and "export-onnx" not in out
 
 
 _FAULTS_PER_STEP = """

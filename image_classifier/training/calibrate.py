@@ -82,3 +82,15 @@ def fitted_line(c: dict) -> str:
         f"temperature {c['temperature']:.3f} ({c['note']}); NLL {c['nll_before']:.4f} -> "
         f"{c['nll_after']:.4f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
     )
+
+
+def stored_line(before, after) -> str:
+    """What `command=calibrate` changed: a temperature (or thresholds) that moved by less than
+    the summary's rounding changes nothing downstream."""
+    same = torch.tensor(before, dtype=torch.float64) - torch.tensor(after, dtype=torch.float64)
+    if same.abs().max() < 5e-4:
+        return "the same as the checkpoint held: exports and registered models made from it stand"
+    return (
+        "stored in the checkpoint; `command=test` reports it, and an ONNX file exported before "
+        "now needs `command=export-onnx` again"
+    )

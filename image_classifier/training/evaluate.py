@@ -89,7 +89,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
 def run_calibrate(cfg) -> dict:
     """`command=calibrate`: fit a checkpoint's temperature (multi-label: tune its thresholds) on
     the validation split of the data it was trained on; stored in the checkpoint."""
-    from image_classifier.training.calibrate import fitted_line
+    from image_classifier.training.calibrate import fitted_line, stored_line
     from image_classifier.training.summary import calibrate_best, thresholds_for_best
 
     path = runs.checkpoint(cfg, cfg.calibrate.get("checkpoint"), "calibrate.checkpoint")
@@ -97,6 +97,7 @@ def run_calibrate(cfg) -> dict:
     cfg = test_config(cfg, module.hparams, use_checkpoint_data=True)
     dm = datamodule_for(cfg, module.hparams)
     check_classes(path, module.classes, dm.prepare())
+    before = module.thresholds.tolist() if module.multi_label else float(module.temperature)
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
         tuned = zip(module.classes, result["thresholds"], strict=True)
@@ -105,11 +106,8 @@ def run_calibrate(cfg) -> dict:
     else:
         result = calibrate_best(str(path), dm)
         done = fitted_line(result)
-    print(
-        f"Calibrated {path}: {done}\n"
-        "  stored in the checkpoint; `command=test` reports it, and an ONNX file exported "
-        "before now needs `command=export-onnx` again"
-    )
+    after = result.get("thresholds", result.get("temperature"))
+    print(f"Calibrated {path}: {done}\n  {stored_line(before, after)}")
     return {"checkpoint": str(path), **result}
 
 
