@@ -361,6 +361,10 @@ def test_a_kaggle_folder_of_several_csvs_and_extensionless_ids(tmp_path):
     rows = (tmp_path / "k" / "train.csv").read_text().replace("id,", "photo,", 1)
     (tmp_path / "k" / "train.csv").write_text(rows)
     assert profile_folder(tmp_path / "k" / "train.csv", file_column="photo").images == 12
+    # a row repeated is one image, as the scan reads it (the chosen: line counted it twice)
+    with (tmp_path / "k" / "train.csv").open("a") as f:
+        f.write(f"\n{ids[0]},cat")
+    assert profile_folder(tmp_path / "k" / "train.csv", file_column="photo").images == 12
     with pytest.raises(UserError, match=r"Set data.csv_file_column=<column>"):
         profile_folder(tmp_path / "k" / "train.csv")
     # a folder holding only a manifest whose images lie elsewhere: its images are profiled (the

@@ -67,7 +67,7 @@ def profile_folder(
     named, folder = Path(root).expanduser(), data_folder(root)
     if manifest := named if named != folder else _folder_manifest(folder, file_column):
         listed = listed_files(manifest, file_column, "data.csv_file_column")
-        paths = [p for p in listed if p.is_file()]
+        paths = [p for p in dict.fromkeys(listed) if p.is_file()]  # a repeated row is one image
     else:
         paths = [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
     seen = sampled_headers(paths, sample)
