@@ -192,18 +192,7 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
     s = cfg.serve
     logging.getLogger("pytriton").setLevel(logging.WARNING)  # its start-up notes; our line says it
     prepare_stub(pathlib.Path(cfg.paths.root) / "cache")
-    config = TritonConfig(
-        http_address=str(s.host),
-        http_port=int(s.port),
-        grpc_address=str(s.host),
-        grpc_port=int(s.grpc_port),
-        metrics_port=int(s.metrics_port),
-        allow_metrics=True,
-        exit_on_error=True,
-        # Triton's own log (its tables, CUDA and NVML notes on a machine without a GPU: about
-        # a hundred lines before the first answer) in the run folder, not on the console
-        log_file=(log := _log_file(cfg)),
-    )
+    config, log = triton_config(cfg, TritonConfig)
     got: dict = {}
 
     def on_signal(sig, _frame):  # SIGINT and SIGTERM both end serve() and stop the server
@@ -238,6 +227,29 @@ def run_triton(cfg, predictor, model, registry, name: str, version: str) -> dict
     how = f" on {got['signal']}" if got else ""
     print(f"Stopped cleanly{how}: Triton server stopped.", file=sys.stderr, flush=True)
     return {"model": str(model), "engine": "triton", "name": name}
+
+
+def triton_config(cfg, config_class) -> tuple:
+    """(PyTriton's TritonConfig for serve.*, the file Triton logs to)."""
+    from image_classifier.inference.predictor import has_nvidia_gpu
+
+    s, log = cfg.serve, _log_file(cfg)
+    config = config_class(
+        http_address=str(s.host),
+        http_port=int(s.port),
+        grpc_address=str(s.host),
+        grpc_port=int(s.grpc_port),
+        metrics_port=int(s.metrics_port),
+        allow_metrics=True,
+        # GPU metrics start NVML, which prints "Error: Failed to initialize NVML" to the
+        # console of a machine without an NVIDIA GPU
+        allow_gpu_metrics=has_nvidia_gpu(),
+        exit_on_error=True,
+        # Triton's own log (its tables, CUDA notes on a machine without a GPU: about a hundred
+        # lines before the first answer) in the run folder, not on the console
+        log_file=log,
+    )
+    return config, log
 
 
 def _log_file(cfg) -> pathlib.Path | None:
