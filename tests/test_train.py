@@ -243,7 +243,10 @@ def test_data_classes_trains_and_tests_on_the_classes_it_lists(make_cfg, folder_
     out = capsys.readouterr().out
     assert "left out:   10 images of 1 class(es) not in data.classes: fox (10)" in out
     # one line says what trains, in place of Lightning's table of layers (FLOPs 0 on a CPU)
-    assert re.search(r"Training cnn \(0\.\d\d M parameters\) on images: 16 train and 2 valid", out)
+    assert re.search(
+        r"Training cnn from random weights \(0\.\d\d M parameters\) on images: 16 train and 2 valid",
+        out,
+    )
     assert "FLOPs" not in out
     t = run_test(make_cfg("logger.enabled=false", f"test.checkpoint={r['checkpoint']}"))
     assert "left out:   10 images of 1 class(es) not in data.classes: fox (10)" in (
@@ -966,3 +969,27 @@ def test_a_size_the_network_pools_to_nothing_is_named_with_the_smallest_it_takes
         r"takes 8x8 px or more: data.size=8 or larger, or data.size=auto",
     ):
         run_train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "says"),
+    [
+        (False, "resnet50 from random weights ("),
+        (True, "resnet50 from pretrained weights ("),
+        ("/w/resnet50_a1.safetensors", "resnet50 from resnet50_a1.safetensors ("),
+    ],
+)
+def test_the_first_line_says_which_weights_training_starts_from(capsys, pretrained, says):
+    """`model=resnet50` starts from random weights unless model.pretrained says otherwise; the
+    line said only "Training resnet50 (23.52 M parameters)", and 224 photos trained to 25 %."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from image_classifier.training.summary import announce
+
+    trainer = SimpleNamespace(is_global_zero=True, max_epochs=3)
+    info = SimpleNamespace(name="shapes", split_sizes={"train": 224, "val": 28})
+    spec = {"name": "resnet50", "pretrained": pretrained}
+    announce(trainer, torch.nn.Linear(1000, 1000), spec, info, 32, 7)
+    assert capsys.readouterr().out.startswith(f"Training {says}1.00 M parameters) on shapes")

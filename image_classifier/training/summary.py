@@ -97,16 +97,26 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"], path])
 
 
-def announce(trainer, module, name: str, info, batch: int, steps: int) -> None:
-    """What is about to train, in one line (in place of Lightning's table of layers), printed by
-    the first process of a distributed run only."""
+def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
+    """What is about to train and from which weights, in one line (in place of Lightning's table
+    of layers), printed by the first process of a distributed run only."""
     if not trainer.is_global_zero:
         return
     params = sum(p.numel() for p in module.parameters())
     frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
     sizes = info.split_sizes
+    given = spec.get("pretrained")
+    start = (
+        ""  # model=head: its backbone's weights are the feature cache's
+        if spec["name"] == "head"
+        else " from random weights"
+        if not given
+        else " from pretrained weights"
+        if given is True
+        else f" from {Path(str(given)).name}"
+    )
     print(
-        f"Training {name} ({params / 1e6:.2f} M parameters"
+        f"Training {spec['name']}{start} ({params / 1e6:.2f} M parameters"
         + (f", {frozen / 1e6:.2f} M of them frozen" if frozen else "")
         + f") on {info.name}: {sizes['train']} train and {sizes.get('val', 0)} validation "
         f"images, {trainer.max_epochs} epoch(s) of {steps} step(s) in batches of {batch}"

@@ -161,7 +161,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         default_root_dir=out,
         **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
-    announce(trainer, module, model_spec["name"], info, int(cfg.train.batch_size), steps)
+    announce(trainer, module, model_spec, info, int(cfg.train.batch_size), steps)
     fit(trainer, module, dm, resume_from, checkpoint, last)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result |= {"batching": getattr(dm, "batching", "from a DataLoader"), "time_budget": budget}
