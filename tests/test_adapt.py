@@ -476,3 +476,21 @@ def test_a_given_size_far_past_what_auto_takes_is_warned_of(tmp_path, caplog):
         )
         choose_model_and_size(cfg)
         assert ("400x the pixels data.size=auto would take ([20, 20]" in caplog.text) is warned
+
+
+def test_a_pretrained_network_given_a_side_under_its_stride_is_warned_of(tmp_path, caplog):
+    """data.size=[7,7] fine-tuned EfficientNet-Lite0 without a word, to chance (25 % of 4)."""
+    root = make_class_folders(tmp_path / "img", per_class=4, size=40, mode="RGB")
+    for model, size, warned in (
+        ("efficientnet_lite0", 7, True),
+        ("efficientnet_lite0", 32, False),
+        ("cnn", 8, False),
+    ):
+        caplog.clear()
+        cfg = compose_cfg(
+            tmp_path, "data=folder", f"data.root={root}", f"model={model}", f"data.size={size}"
+        )
+        choose_model_and_size(cfg)
+        said = f"data.size=[{size}, {size}] is under the 32 px stride of the pretrained network"
+        assert (said in caplog.text) is warned, caplog.text
+        assert ("data.size=auto takes [160, 160] for these images" in caplog.text) is warned

@@ -14,7 +14,12 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import CONFIG_DIR
 from image_classifier.data.datamodule import train_batch_size
-from image_classifier.data.profile import ImageProfile, auto_size, profile_folder
+from image_classifier.data.profile import (
+    PRETRAINED_SIZES,
+    ImageProfile,
+    auto_size,
+    profile_folder,
+)
 from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
 from image_classifier.rules import is_auto, items
@@ -94,12 +99,22 @@ ENLARGED = 16
 
 def _note_enlarged(cfg, profile: ImageProfile | None):
     """data.size=5000 for 40x50 px images (a typo for 500?) built a 4.5 GB decoded cache of 60
-    images before the first step: a warning first, with the size auto would take."""
+    images before the first step: a warning first, with the size auto would take. A pretrained
+    network given a side under its stride (32 px) trained on less than a pixel of its last stage:
+    a warning too."""
     if profile is None or cfg.model.get("name") == "head":
         return cfg
     median = profile.median_size
     auto = auto_size(median, bool(cfg.model.get("pretrained")))
     h, w = (int(x) for x in cfg.data.size)
+    if cfg.model.get("pretrained") and min(h, w) < PRETRAINED_SIZES["step"]:
+        log.warning(
+            "data.size=%s is under the %d px stride of the pretrained network's last stage: "
+            "it sees less than one pixel of it. data.size=auto takes %s for these images.",
+            [h, w],
+            PRETRAINED_SIZES["step"],
+            auto,
+        )
     if h * w > ENLARGED * auto[0] * auto[1]:
         log.warning(
             "data.size=%s is %.0fx the pixels data.size=auto would take (%s, from the images' "
