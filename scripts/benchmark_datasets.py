@@ -446,6 +446,9 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
 
     pairs = [{rel(e["a"]["name"]), rel(e["b"]["name"])} for e in report["near_duplicates"]["items"]]
     outliers = {rel(e["name"]) for e in report["outliers"]["items"]}
+    with open(folder / "outliers.csv") as f:
+        order = [rel(r["image"]) for r in csv.DictReader(f)]
+    last = max((order.index(o) + 1 for o in planted["outliers"] if o in order), default=0)
     shutil.rmtree(noisy, ignore_errors=True)
     return {
         "planted": len(labels),
@@ -466,6 +469,7 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
         "near_other": sum(1 for q in pairs if not q & planted["near"]),
         "outliers_found": len(outliers & planted["outliers"]),
         "outliers_other": len(outliers - planted["outliers"]),
+        "outliers_last_row": last,  # the planted outliers' lowest row in outliers.csv
     }
 
 
@@ -521,7 +525,8 @@ def main():
                     f"precision {a['at_80']:.0%} at 80 % recall; "
                     f"near-duplicates {a['near_found']}/{PLANTED_EXTRA} found, {a['near_other']} "
                     f"other pairs; outliers {a['outliers_found']}/{PLANTED_EXTRA} found, "
-                    f"{a['outliers_other']} others; {a['seconds']:.0f} s",
+                    f"{a['outliers_other']} others, all planted in the first "
+                    f"{a['outliers_last_row']} rows of outliers.csv; {a['seconds']:.0f} s",
                     flush=True,
                 )
         shutil.rmtree(work, ignore_errors=True)
@@ -543,9 +548,10 @@ def main():
             "(recall / precision) | cleanlab's estimate | planted in first 2x rows | "
             "precision at 80 % recall | "
             f"near-duplicates found of {PLANTED_EXTRA} (other pairs) | "
-            f"outliers found of {PLANTED_EXTRA} (others) |"
+            f"outliers found of {PLANTED_EXTRA} (others) | planted outliers: last row in "
+            "outliers.csv |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- " * 11 + "|")
         for r in rows:
             for frac in (0.01, 0.05):
                 a = r[f"audit_{frac}"]
@@ -555,7 +561,7 @@ def main():
                     f"({a['cut_rp'][0]:.0%} / {a['cut_rp'][1]:.0%}) | {a['cleanlab_estimate']} | "
                     f"{a['top2x']}/{a['planted']} | {a['at_80']:.0%} | "
                     f"{a['near_found']} ({a['near_other']}) | "
-                    f"{a['outliers_found']} ({a['outliers_other']}) |"
+                    f"{a['outliers_found']} ({a['outliers_other']}) | {a['outliers_last_row']} |"
                 )
     if not args.no_audit:
         print_cuts(rows)

@@ -1,5 +1,6 @@
 """command=audit on tiny data with each problem planted: every one is found, nothing else is."""
 
+import csv
 import json
 import shutil
 import sys
@@ -161,7 +162,8 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     Image.fromarray(class_image(2, np.random.default_rng(5), 16)).save(root / "fox" / "grey.png")
     noise = np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(noise).save(root / "fox" / "noise.png")
-    r = audit(root, tmp_path, "logger.enabled=false", "data.split=[1,0.5,0]")["report"]
+    result = audit(root, tmp_path, "logger.enabled=false", "data.split=[1,0.5,0]")
+    r = result["report"]
     flagged = {k: {Path(n).name for n in v["items"]} for k, v in r["image_quality"].items()}
     assert flagged["dark"] == {"black.png"}
     assert flagged["light"] == {"white.png"}
@@ -173,6 +175,15 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     odd = {"black.png", "white.png", "wide.png", "huge.png", "grey.png", "noise.png"}
     assert {"noise.png", "black.png", "white.png"} <= outliers, outliers
     assert len(outliers - odd) <= 1, outliers  # the fence's far tail, not a share of the data
+    # every image ranked, most unusual first; those beyond the fence are the report's, on top
+    with open(Path(result["dir"]) / "outliers.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == r["data"]["images"] and [int(x["rank"]) for x in rows[:2]] == [1, 2]
+    scores = [float(x["score"]) for x in rows]
+    assert scores == sorted(scores)
+    beyond = [Path(x["image"]).name for x in rows if x["beyond_fence"] == "True"]
+    assert beyond == [Path(i["name"]).name for i in r["outliers"]["items"]]
+    assert {Path(x["image"]).name for x in rows[: len(beyond)]} == set(beyond)
 
 
 @pytest.mark.slow

@@ -161,7 +161,8 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
         f"{near['leaks_train_to_eval']} leak train into val/test",
         _label_line(r["label_errors"]),
-        f"  outliers: {r['outliers']['count']}",
+        f"  outliers: {r['outliers']['count']} beyond the fence; every image ranked in "
+        "outliers.csv, most unusual first",
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"
         + (f"; mlflow run {run_id}" if run_id else ""),

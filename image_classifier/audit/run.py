@@ -64,6 +64,8 @@ def run_audit(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
     write_near_csv(report, out / "near_duplicates.csv")
+    beyond = neighbours.outliers(scores, float(a.outlier_fence), len(scores))  # uncapped
+    write_outlier_csv(d, scores, beyond, out / "outliers.csv")
     with _timed(timings, "grids"):
         made = grids(d, groups, near, suspects, outliers, out, int(a.examples))
     timings["total"] = time.perf_counter() - started
@@ -151,7 +153,8 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         "outliers": {
             "count": len(outliers[0]),
             "method": f"distance d to the k-th nearest neighbour (k = {a.neighbours}) in feature "
-            f"space, score exp(-d / median d); reported beyond Q3 + {a.outlier_fence} x IQR of d",
+            f"space, score exp(-d / median d); reported beyond Q3 + {a.outlier_fence} x IQR of d; "
+            "every image ranked by score in outliers.csv",
             "items": [{**who(d, i), "score": round(float(outliers[1][i]), 4)} for i in outliers[0]],
         },
         "image_quality": {
@@ -199,7 +202,8 @@ def _near_report(d: AuditData, near, a) -> dict:
         "leaks_train_to_eval": sum(1 for e in items if e["leak"]),
         "method": f"pixel neighbours closer than {a.near_candidates} x the median nearest-"
         f"neighbour cosine distance, whose thumbnails differ by at most {a.near_threshold} grey "
-        "levels (RMS, 0-255) once brightness and contrast are matched",
+        "levels (RMS, 0-255) once brightness and contrast are matched (colour data: in grey and "
+        "in each colour channel)",
         "items": items,
     }
 
@@ -244,4 +248,19 @@ def write_near_csv(report: dict, path: Path) -> None:
                     e["leak"],
                     e["grey_level_difference"],
                 ]
+            )
+
+
+def write_outlier_csv(d: AuditData, scores: np.ndarray, beyond: list[int], path: Path) -> None:
+    """Every image, most unusual first: a few odd images alike are each other's neighbours and
+    can stay under the fence (five digits among photo crops ranked 1st-25th of 1,060, none
+    beyond it), so the ranking is there to read past the fence."""
+    flagged = set(beyond)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "image", "split", "label", "score", "beyond_fence"])
+        for rank, i in enumerate(np.argsort(scores, kind="stable"), 1):
+            e = who(d, int(i))
+            w.writerow(
+                [rank, e["name"], e["split"], e["label"], round(float(scores[i]), 4), i in flagged]
             )
