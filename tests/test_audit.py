@@ -184,6 +184,21 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     beyond = [Path(x["image"]).name for x in rows if x["beyond_fence"] == "True"]
     assert beyond == [Path(i["name"]).name for i in r["outliers"]["items"]]
     assert {Path(x["image"]).name for x in rows[: len(beyond)]} == set(beyond)
+    assert r["outliers"]["beyond_fence"] == len(beyond)
+
+
+def test_the_outlier_line_says_when_the_report_lists_only_the_first():
+    """All 70,000 Fashion-MNIST images: "outliers: 100", the cap, where 1,014 are beyond the
+    fence."""
+    from image_classifier.audit.report import _outlier_line
+
+    assert _outlier_line({"count": 100, "beyond_fence": 1014}) == (
+        "  outliers: 1,014 beyond the fence (report.json lists the first 100: "
+        "audit.max_outliers); every image ranked in outliers.csv, most unusual first"
+    )
+    assert _outlier_line({"count": 3, "beyond_fence": 3}).startswith(
+        "  outliers: 3 beyond the fence; every image"
+    )
 
 
 @pytest.mark.slow

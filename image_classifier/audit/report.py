@@ -108,7 +108,7 @@ def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
         "near_duplicate_pairs": report["near_duplicates"]["pairs"],
         "near_duplicate_leaks": report["near_duplicates"]["leaks_train_to_eval"],
         "suspected_label_errors": report["label_errors"]["suspects"],
-        "outliers": report["outliers"]["count"],
+        "outliers": report["outliers"]["beyond_fence"],
         "imbalance_ratio": report["class_counts"]["imbalance_ratio"] or 0.0,
         "seconds": report["seconds"]["total"],
         **{f"quality_{k}": v["count"] for k, v in report["image_quality"].items()},
@@ -161,10 +161,18 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
         f"{near['leaks_train_to_eval']} leak train into val/test",
         _label_line(r["label_errors"]),
-        f"  outliers: {r['outliers']['count']} beyond the fence; every image ranked in "
-        "outliers.csv, most unusual first",
+        _outlier_line(r["outliers"]),
         f"  image quality: {quality or 'nothing flagged'}",
         f"  report: {out / 'report.json'}; grids: {out}/*.png"
         + (f"; mlflow run {run_id}" if run_id else ""),
     ]
     print("\n".join(lines))
+
+
+def _outlier_line(o: dict) -> str:
+    more = o["beyond_fence"] > o["count"]
+    return (
+        f"  outliers: {o['beyond_fence']:,} beyond the fence"
+        + (f" (report.json lists the first {o['count']}: audit.max_outliers)" if more else "")
+        + "; every image ranked in outliers.csv, most unusual first"
+    )

@@ -53,7 +53,8 @@ def run_audit(cfg) -> dict:
             x / x.norm(dim=1, keepdim=True).clamp_min(1e-6), int(a.neighbours)
         )
         scores = neighbours.outlier_scores(fdist)
-        outliers = neighbours.outliers(scores, float(a.outlier_fence), int(a.max_outliers))
+        beyond = neighbours.outliers(scores, float(a.outlier_fence), len(scores))
+        outliers = beyond[: int(a.max_outliers)]
     with _timed(timings, "quality"):
         flags = quality.find(d.thumbs, d.sizes, d.labels, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
@@ -64,7 +65,7 @@ def run_audit(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
     write_near_csv(report, out / "near_duplicates.csv")
-    beyond = neighbours.outliers(scores, float(a.outlier_fence), len(scores))  # uncapped
+    report["outliers"]["beyond_fence"] = len(beyond)  # the items stop at audit.max_outliers
     write_outlier_csv(d, scores, beyond, out / "outliers.csv")
     with _timed(timings, "grids"):
         made = grids(d, groups, near, suspects, outliers, out, int(a.examples))
