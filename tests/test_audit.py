@@ -524,3 +524,27 @@ def test_an_audit_without_label_suspects_says_none():
     )
     errors |= {"suspects": 3, "recommended_cut": 2, "cleanlab_estimate": 1}
     assert _label_line(errors).startswith("  label issues: 3 ranked in label_issues.csv")
+
+
+def test_multi_label_data_is_audited_with_each_label_set_as_a_class(tmp_path, capsys):
+    """A multi-label manifest stopped the audit with numpy's "inhomogeneous shape" traceback.
+    Each combination of labels is now audited as a class (the label powerset): a picture
+    given another image's label set is ranked first."""
+    root, rng = tmp_path / "tags", np.random.default_rng(0)
+    root.mkdir()
+    rows = ["file,tags"]
+    for i in range(40):
+        look = i % 2  # pattern 0 is tagged "cat", pattern 1 "cat;indoor"
+        Image.fromarray(class_image(look, rng)).save(root / f"{i:02d}.png")
+        tags = "cat;indoor" if look else "cat"
+        rows.append(f"{i:02d}.png,{'cat' if i in (1, 3) else tags}")  # two lose their 'indoor'
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = audit(root, tmp_path, "logger.enabled=false", "audit.features=pixels")
+    r = result["report"]
+    assert r["data"]["multi_label"] == ["cat", "indoor"]
+    assert r["data"]["classes"] == ["cat", "cat;indoor"]
+    first = [(Path(e["name"]).name, e["label"], e["suggested"]) for e in r["label_errors"]["items"]]
+    assert sorted(first[:2]) == [("01.png", "cat", "cat;indoor"), ("03.png", "cat", "cat;indoor")]
+    assert (
+        "40 images, 2 labels in 2 combinations, each audited as a class" in capsys.readouterr().out
+    )

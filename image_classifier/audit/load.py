@@ -39,6 +39,7 @@ class AuditData:
     layout: str = ""
     pixels: np.ndarray | None = None  # array data: (N, C, H, W) uint8 for the example grids
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
+    multi_label: list[str] | None = None  # multi-label data: its labels (classes: their sets)
 
 
 def _digest(b: bytes) -> str:
@@ -101,17 +102,19 @@ def load(cfg) -> AuditData:
         ds = datasets[split]
         if len(ds):
             parts.append(_split_entries(ds, split, s, skipped))
-    merged = {k: [x for p in parts for x in p[k]] for k in ("names", "digests")}
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("splits", "labels", "thumbs")}
+    merged = {k: [x for p in parts for x in p[k]] for k in ("names", "digests", "labels")}
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("splits", "thumbs")}
     cat |= {k: np.concatenate([p[k] for p in parts]) for k in ("sizes", "grey")}
     pixels = [p["pixels"] for p in parts if p["pixels"] is not None]
     colour_data = info.preprocessing.channels == 3
+    classes, labels = list(info.classes), merged["labels"]
+    classes, labels = label_sets(classes, labels) if info.multi_label else (classes, labels)
     return AuditData(
-        classes=list(info.classes),
+        classes=classes,
         names=merged["names"],
         digests=merged["digests"],
         splits=cat["splits"],
-        labels=cat["labels"].astype(np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
         thumbs=cat["thumbs"],
         colour=np.concatenate([p["colour"] for p in parts]) if colour_data else None,
         sizes=cat["sizes"],
@@ -122,7 +125,18 @@ def load(cfg) -> AuditData:
         layout=info.layout,
         pixels=np.concatenate(pixels) if pixels else None,
         left_out=info.left_out,
+        multi_label=list(info.classes) if info.multi_label else None,
     )
+
+
+def label_sets(classes: list[str], labels: list[tuple]) -> tuple[list[str], np.ndarray]:
+    """Multi-label data audited as one class per combination of labels ("cat;dog"), the label
+    powerset: duplicates with other labels, per-class sharpness and the label check then read
+    a combination as a class, and a label set unlike its image's neighbours' is a suspect."""
+    names = [";".join(classes[j] for j in sorted(t)) or "(no label)" for t in labels]
+    combos = sorted(set(names))
+    index = {c: i for i, c in enumerate(combos)}
+    return combos, np.array([index[n] for n in names], dtype=np.int64)
 
 
 def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
@@ -136,7 +150,7 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
             "names": [f"{split}[{i}]" for i in range(n)],
             "digests": [_digest(a.tobytes()) for a in arr],
             "splits": np.full(n, s),
-            "labels": ds.labels.numpy(),
+            "labels": ds.labels.tolist(),
             "thumbs": thumbs,
             "colour": colour,
             "sizes": np.tile([w, h], (n, 1)),
@@ -158,7 +172,7 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
         "names": [k[0] for k in keep],
         "digests": [k[2] for k in keep],
         "splits": np.full(len(keep), s),
-        "labels": np.array([k[1] for k in keep], dtype=np.int64),
+        "labels": [k[1] for k in keep],
         "thumbs": np.stack([k[3] for k in keep]) if keep else np.zeros((0, THUMB, THUMB), "f4"),
         "sizes": np.array([k[4] for k in keep], dtype=np.int64).reshape(-1, 2),
         "grey": np.array([k[5] for k in keep], dtype=bool),

@@ -148,7 +148,13 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
     quality = ", ".join(f"{k} {v['count']}" for k, v in r["image_quality"].items() if v["count"])
     lines = [
         f"Audit of {r['data']['name']} ({r['data']['layout']}): {r['data']['images']:,} images, "
-        f"{len(r['data']['classes'])} classes, in {r['seconds']['total']:.1f}s",
+        + (
+            f"{len(r['data']['classes'])} classes"
+            if not (labels := r["data"]["multi_label"])
+            else f"{len(labels)} labels in {len(r['data']['classes'])} combinations, each "
+            "audited as a class"
+        )
+        + f", in {r['seconds']['total']:.1f}s",
         "  splits: "
         + ", ".join(f"{s} {sum(v.values()):,}" for s, v in c["per_split"].items())
         + (f"; train imbalance {c['imbalance_ratio']:.1f}x (largest/smallest)" if train else "")

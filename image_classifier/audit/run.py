@@ -123,6 +123,7 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
             "images": len(d.labels),
             "classes": d.classes,
             "left_out": d.left_out,  # images of classes not in data.classes, not audited
+            "multi_label": d.multi_label,  # its labels; "classes" are then their combinations
         },
         "class_counts": class_counts(d),
         "unusable_files": [{"path": p, "reason": why} for p, why in sorted(d.skipped.items())],
