@@ -93,7 +93,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
 
     out = Path(result["dir"])
     assert json.loads((out / "report.json").read_text())["exact_duplicates"]["groups"] == 1
-    for png in ("exact_duplicates.png", "near_duplicates.png", "label_errors.png"):
+    for png in ("exact_duplicates.png", "near_duplicates.png", "label_errors.png", "outliers.png"):
         assert (out / png).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "unusable files: 3" in printed and "exact duplicates: 1 groups" in printed

@@ -38,6 +38,8 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
         return i, short(i) + f"\n→ {d.classes[s]}? (p={q:.3f})"
 
     leaks_first = sorted(near, key=lambda e: (d.splits[e[0]] == d.splits[e[1]], e[2]))
+    ranked, beyond = outliers  # every image, most unusual first; how many are beyond the fence
+    unusual = list(enumerate(int(i) for i in ranked[: n * 4]))
     made = [
         _grid(
             d,
@@ -59,8 +61,8 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
         ),
         _grid(
             d,
-            _chunks([(i, short(i)) for i in outliers[: n * 4]], 4),
-            "Outliers",
+            _chunks([(i, short(i) + "\nbeyond the fence" * (k < beyond)) for k, i in unusual], 4),
+            f"Most unusual first ({beyond:,} beyond the outlier fence)",
             out / "outliers.png",
         ),
     ]
@@ -85,7 +87,7 @@ def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str |
             axes[r][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
             axes[r][c].set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # 0.4 in for the title
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return str(path)

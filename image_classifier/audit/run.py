@@ -68,7 +68,8 @@ def run_audit(cfg) -> dict:
     report["outliers"]["beyond_fence"] = len(beyond)  # the items stop at audit.max_outliers
     write_outlier_csv(d, scores, beyond, out / "outliers.csv")
     with _timed(timings, "grids"):
-        made = grids(d, groups, near, suspects, outliers, out, int(a.examples))
+        ranked = np.argsort(scores, kind="stable")
+        made = grids(d, groups, near, suspects, (ranked, len(beyond)), out, int(a.examples))
     timings["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
