@@ -548,3 +548,14 @@ def test_multi_label_data_is_audited_with_each_label_set_as_a_class(tmp_path, ca
     assert (
         "40 images, 2 labels in 2 combinations, each audited as a class" in capsys.readouterr().out
     )
+
+
+def test_the_classes_too_few_to_rank_are_named_up_to_ten():
+    """Multi-label data with many rare label combinations named each on one line."""
+    from image_classifier.audit.report import _too_few
+
+    line = _too_few({f"c{i}": 2 for i in range(13)})
+    assert line.endswith(
+        "c8 (2), c9 (2) and 3 more (report.json: too_few_to_rank); look at them yourself"
+    )
+    assert "c10" not in line and _too_few({}) == ""

@@ -124,10 +124,12 @@ def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
     return logger.run_id
 
 
-def _too_few(classes: dict) -> str:
+def _too_few(classes: dict, most: int = 10) -> str:
     if not classes:
         return ""
-    named = ", ".join(f"{c} ({n})" for c, n in classes.items())
+    named = ", ".join(f"{c} ({n})" for c, n in list(classes.items())[:most])
+    if len(classes) > most:  # rare label combinations of multi-label data can be hundreds
+        named += f" and {len(classes) - most:,} more (report.json: too_few_to_rank)"
     return f"\n    not ranked, too few images to learn: {named}; look at them yourself"
 
 
