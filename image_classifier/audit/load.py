@@ -40,6 +40,7 @@ class AuditData:
     pixels: np.ndarray | None = None  # array data: (N, C, H, W) uint8 for the example grids
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
     multi_label: list[str] | None = None  # multi-label data: its labels (classes: their sets)
+    label_sets: list[tuple] | None = None  # multi-label data: each image's labels, by index
 
 
 def _digest(b: bytes) -> str:
@@ -126,6 +127,7 @@ def load(cfg) -> AuditData:
         pixels=np.concatenate(pixels) if pixels else None,
         left_out=info.left_out,
         multi_label=list(info.classes) if info.multi_label else None,
+        label_sets=merged["labels"] if info.multi_label else None,
     )
 
 

@@ -134,6 +134,8 @@ def _too_few(classes: dict, most: int = 10) -> str:
 
 
 def _label_line(e: dict) -> str:
+    if e.get("not_checked"):
+        return f"  label issues: {e['not_checked']}"
     found = (
         f"{e['suspects']:,} ranked in label_issues.csv, most suspicious first; review the first "
         f"{e['recommended_cut']:,} (their given label is less likely than {e['cut_rule']}; "
@@ -155,12 +157,11 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         + (
             f"{len(r['data']['classes'])} classes"
             if not (labels := r["data"]["multi_label"])
-            else f"{len(labels)} labels in {len(r['data']['classes'])} combinations, each "
-            "audited as a class"
+            else f"{len(labels)} labels in {len(r['data']['classes'])} label sets (multi-label)"
         )
         + f", in {r['seconds']['total']:.1f}s",
         "  splits: "
-        + ", ".join(f"{s} {sum(v.values()):,}" for s, v in c["per_split"].items())
+        + ", ".join(f"{s} {c['images_per_split'][s]:,}" for s in c["per_split"])
         + (f"; train imbalance {c['imbalance_ratio']:.1f}x (largest/smallest)" if train else "")
         + (f"; EMPTY classes: {', '.join(c['empty_classes'])}" if c["empty_classes"] else ""),
         *([line] if (line := left_out_line(r["data"]["left_out"])) else []),

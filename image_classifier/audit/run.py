@@ -43,10 +43,7 @@ def run_audit(cfg) -> dict:
             d.colour,
         )
     with _timed(timings, "labels"):
-        views, x, names = label_checks.features(d, cfg, str(a.features))
-        probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
-        source = label_checks.describe_views(names, which)
-        suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
+        x, suspects, cut, estimate, source = _label_checks(d, cfg)
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, _ = neighbours.knn(
@@ -61,6 +58,8 @@ def run_audit(cfg) -> dict:
     report["label_errors"]["recommended_cut"] = cut
     report["label_errors"]["cut_rule"] = f"{float(a.label_cut):g} x chance"
     report["label_errors"]["cleanlab_estimate"] = estimate
+    if source.startswith("not checked"):
+        report["label_errors"] |= {"not_checked": source, "too_few_to_rank": {}}
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
@@ -78,6 +77,18 @@ def run_audit(cfg) -> dict:
     return {"report": report, "dir": str(out), "mlflow_run_id": run_id, "grids": made}
 
 
+def _label_checks(d: AuditData, cfg) -> tuple:
+    """(features for the outliers, suspects, recommended cut, cleanlab's estimate, where the
+    probabilities came from, or why the labels were not checked)."""
+    a = cfg.audit
+    views, x, names = label_checks.features(d, cfg, str(a.features))
+    if d.multi_label and (why := label_checks.too_many_sets(d.labels, len(d.classes))):
+        return x, [], 0, 0, f"not checked: {why}"
+    probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
+    suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
+    return x, suspects, cut, estimate, label_checks.describe_views(names, which)
+
+
 @contextlib.contextmanager
 def _timed(timings: dict, name: str):
     t = time.perf_counter()
@@ -86,14 +97,22 @@ def _timed(timings: dict, name: str):
 
 
 def class_counts(d: AuditData) -> dict:
+    """Images per class and split; for multi-label data, images per label (not per label set)."""
     out = {}
+    names = d.multi_label or d.classes
     for s, split in enumerate(SPLITS):
         mask = d.splits == s
-        if mask.any():
-            c = np.bincount(d.labels[mask], minlength=len(d.classes))
-            out[split] = {name: int(n) for name, n in zip(d.classes, c, strict=True)}
+        if not mask.any():
+            continue
+        if d.label_sets is None:
+            c = np.bincount(d.labels[mask], minlength=len(names))
+        else:
+            held = [j for t, m in zip(d.label_sets, mask, strict=True) if m for j in t]
+            c = np.bincount(np.asarray(held, dtype=np.int64), minlength=len(names))
+        out[split] = {name: int(n) for name, n in zip(names, c, strict=True)}
     return {
         "per_split": out,
+        "images_per_split": {k: int((d.splits == s).sum()) for s, k in enumerate(SPLITS)},
         "imbalance_ratio": imbalance_ratio(out.get("train", {}).values()),
         "empty_classes": [c for c, n in out.get("train", {}).items() if n == 0],
     }
