@@ -562,25 +562,26 @@ def test_the_classes_too_few_to_rank_are_named_up_to_ten():
     assert "c10" not in line and _too_few({}) == ""
 
 
-def test_multi_label_data_of_many_rare_label_sets_is_not_label_checked(tmp_path, capsys):
+def test_multi_label_data_of_many_rare_label_sets_is_checked_per_label(tmp_path, capsys):
     """2x2 mosaics of Fashion-MNIST items carry hundreds of label sets, most too rare to learn:
-    ranked as classes, their planted errors came no earlier than chance. The check says why it
-    does not run; the other checks do."""
+    ranked as classes, their planted errors came no earlier than chance. Each label gets its own
+    out-of-sample probabilities, and cleanlab's multi-label quality ranks the images."""
     root, rng = tmp_path / "rare", np.random.default_rng(0)
     root.mkdir()
     rows = ["file,tags"]
-    for i in range(30):
-        Image.fromarray(class_image(i % 3, rng)).save(root / f"{i:02d}.png")
-        tags = [t for t in "abcdef" if rng.random() < 0.5] or ["a"]
+    for i in range(60):  # three tiles of three patterns each: 27 label sets for 60 images
+        looks = rng.integers(0, 3, 3)
+        tiles = [class_image(int(k), rng) for k in looks]
+        Image.fromarray(np.hstack(tiles)).save(root / f"{i:02d}.png")
+        tags = [f"{side}{k}" for side, k in zip("LMR", looks, strict=True)]
+        if i in (2, 4):
+            tags[0] = f"L{(looks[0] + 1) % 3}"  # the left tile's tag moved to another pattern's
         rows.append(f"{i:02d}.png,{';'.join(tags)}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     r = audit(root, tmp_path, "logger.enabled=false", "audit.features=pixels")["report"]
     e = r["label_errors"]
-    assert e["not_checked"].endswith(
-        "too rare to learn each set as a class (the multi-label "
-        "check ranks data whose images share a few label sets)"
-    )
-    assert e["items"] == [] and e["too_few_to_rank"] == {}
+    assert len(r["data"]["classes"]) > 15  # label sets, most of a few images
+    assert {Path(x["name"]).name for x in e["items"][:2]} == {"02.png", "04.png"}
+    assert e["recommended_cut"] is None and e["too_few_to_rank"] == {}
     out = capsys.readouterr().out
-    assert "  label issues: not checked: " in out and "not ranked, too few" not in out
-    assert "outliers: " in out and "near-duplicates: " in out
+    assert "most suspicious first (cleanlab's multi-label label quality; no recommended cut)" in out

@@ -192,24 +192,61 @@ def label_issues(labels: np.ndarray, probs: np.ndarray, cut: float):
     return out, sum(1 for _, q, _ in out if q < cut * chance), estimate
 
 
-# multi-label data is audited as one class per label set; past this share of its images in
-# sets too rare to learn, the check is not run (2x2 Fashion-MNIST mosaics, 2,500 images in 375
-# sets, 13 % in rare ones: 23 of 125 planted wrong sets in the first 250 rows, chance 12.5)
-MAX_RARE_SETS = 0.1
+def multi_label_issues(views: list, sets: list[tuple], names: list[str], folds: int, seed: int):
+    """Multi-label data: ([(index, label quality, suggested labels)], cleanlab's count). Per
+    label, out-of-sample probabilities of a logistic regression on each view, averaged;
+    cleanlab's multi-label quality score ranks the images its `find_label_issues(multi_label=
+    True)` flags, lowest first. Ranking each label set as a class instead put 23 of 125 planted
+    wrong sets in the first 250 rows of 2x2 Fashion-MNIST mosaics (docs/benchmarks.md)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification import get_label_quality_scores
 
-
-def too_many_sets(labels: np.ndarray, sets: int) -> str | None:
-    """Why multi-label data's label sets are too many to check as classes, or None."""
-    from image_classifier.data.splits import FEW_TO_LEARN
-
-    rare = too_few(labels, sets)[labels].mean()
-    if rare <= MAX_RARE_SETS:
-        return None
-    return (
-        f"{sets:,} label sets among {len(labels):,} images, {rare:.0%} of them in sets of fewer "
-        f"than {FEW_TO_LEARN} images: too rare to learn each set as a class (the multi-label "
-        "check ranks data whose images share a few label sets)"
+    y = np.zeros((len(sets), len(names)), dtype=np.int64)
+    for i, t in enumerate(sets):
+        y[i, list(t)] = 1
+    held = y.sum(0)
+    varies, always = (
+        (held > 0) & (held < len(sets)),
+        [names[j] for j in np.flatnonzero(held == len(sets))],
     )
+    if not varies.any():  # a label every image holds, or none, says nothing to check
+        return [], 0
+    y, names = y[:, varies], [n for n, v in zip(names, varies, strict=True) if v]
+    each = [_per_label_probs(np.asarray(v), y, folds, seed) for v in views]
+    probs, given = sum(each) / len(each), [list(np.flatnonzero(row)) for row in y]
+    if y.shape[1] == 1:  # one label varies: a yes/no question, cleanlab's single-label check
+        from cleanlab.rank import get_label_quality_scores as single
+
+        two = np.hstack([1 - probs, probs])
+        quality, flagged = single(y[:, 0], two), find_label_issues(y[:, 0], two)
+    else:
+        quality = get_label_quality_scores(given, probs)
+        flagged = find_label_issues(given, probs, multi_label=True)
+    flagged = np.flatnonzero(flagged)
+    order = flagged[np.argsort(quality[flagged], kind="stable")]
+    return [
+        (int(i), float(quality[i]), ";".join(sorted(always + [names[j] for j in likely])))
+        for i in order
+        for likely in [np.flatnonzero(probs[i] >= 0.5)]
+    ], len(flagged)
+
+
+def _per_label_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N, labels) out-of-sample probabilities, a logistic regression per label, its folds
+    stratified by that label; a label on fewer images than two folds need gets its share."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    out = np.empty(y.shape, dtype=np.float64)
+    for j in range(y.shape[1]):
+        k = min(folds, int(y[:, j].sum()), int(len(y) - y[:, j].sum()))
+        if k < 2:
+            out[:, j] = y[:, j].mean()
+            continue
+        cv = StratifiedKFold(k, shuffle=True, random_state=seed)
+        model = LogisticRegression(max_iter=2000)
+        out[:, j] = cross_val_predict(model, x, y[:, j], cv=cv, method="predict_proba")[:, 1]
+    return out
 
 
 def too_few(labels: np.ndarray, classes: int) -> np.ndarray:

@@ -132,9 +132,9 @@ def load(cfg) -> AuditData:
 
 
 def label_sets(classes: list[str], labels: list[tuple]) -> tuple[list[str], np.ndarray]:
-    """Multi-label data audited as one class per combination of labels ("cat;dog"), the label
-    powerset: duplicates with other labels, per-class sharpness and the label check then read
-    a combination as a class, and a label set unlike its image's neighbours' is a suspect."""
+    """Multi-label data's classes as its label sets ("cat;dog"): what the report names per image,
+    what duplicates with other labels and per-class sharpness compare. The counts and the label
+    check read each label (`AuditData.label_sets`)."""
     names = [";".join(classes[j] for j in sorted(t)) or "(no label)" for t in labels]
     combos = sorted(set(names))
     index = {c: i for i, c in enumerate(combos)}

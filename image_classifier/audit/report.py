@@ -35,7 +35,7 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
 
     def suspect(e):
         i, q, s = e
-        return i, short(i) + f"\n→ {d.classes[s]}? (p={q:.3f})"
+        return i, short(i) + f"\n→ {s if isinstance(s, str) else d.classes[s]}? (q={q:.3f})"
 
     leaks_first = sorted(near, key=lambda e: (d.splits[e[0]] == d.splits[e[1]], e[2]))
     ranked, beyond = outliers  # every image, most unusual first; how many are beyond the fence
@@ -134,8 +134,15 @@ def _too_few(classes: dict, most: int = 10) -> str:
 
 
 def _label_line(e: dict) -> str:
-    if e.get("not_checked"):
-        return f"  label issues: {e['not_checked']}"
+    if e["cut_rule"] is None:  # multi-label: ranked by cleanlab's label quality, no cut
+        found = (
+            f"{e['suspects']:,} ranked in label_issues.csv, most suspicious first (cleanlab's "
+            "multi-label label quality; no recommended cut)"
+            if e["suspects"]
+            else "none (cleanlab flags none)"
+        )
+        views = e["features"].removeprefix("multi-label: ")
+        return f"  label issues: {found}\n    probabilities per label from {views}"
     found = (
         f"{e['suspects']:,} ranked in label_issues.csv, most suspicious first; review the first "
         f"{e['recommended_cut']:,} (their given label is less likely than {e['cut_rule']}; "

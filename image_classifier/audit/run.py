@@ -56,10 +56,12 @@ def run_audit(cfg) -> dict:
         flags = quality.find(d.thumbs, d.sizes, d.labels, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
     report["label_errors"]["recommended_cut"] = cut
-    report["label_errors"]["cut_rule"] = f"{float(a.label_cut):g} x chance"
+    report["label_errors"]["cut_rule"] = (
+        f"{float(a.label_cut):g} x chance" if cut is not None else None
+    )
     report["label_errors"]["cleanlab_estimate"] = estimate
-    if source.startswith("not checked"):
-        report["label_errors"] |= {"not_checked": source, "too_few_to_rank": {}}
+    if d.multi_label:  # ranked per label: no label set is too rare
+        report["label_errors"]["too_few_to_rank"] = {}
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
@@ -82,8 +84,12 @@ def _label_checks(d: AuditData, cfg) -> tuple:
     probabilities came from, or why the labels were not checked)."""
     a = cfg.audit
     views, x, names = label_checks.features(d, cfg, str(a.features))
-    if d.multi_label and (why := label_checks.too_many_sets(d.labels, len(d.classes))):
-        return x, [], 0, 0, f"not checked: {why}"
+    if d.multi_label:
+        suspects, estimate = label_checks.multi_label_issues(
+            views, d.label_sets, d.multi_label, int(a.folds), cfg.seed
+        )
+        views_named = " and ".join(names) + (", averaged" if len(names) > 1 else "")
+        return x, suspects, None, estimate, f"multi-label: {views_named}"
     probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
     suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
     return x, suspects, cut, estimate, label_checks.describe_views(names, which)
@@ -125,6 +131,11 @@ def exact_duplicates(d: AuditData) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def suggestion(d: AuditData, s) -> str:
+    """The suggested class (an index) or, for multi-label data, labels (a string)."""
+    return s if isinstance(s, str) else d.classes[s]
+
+
 def who(d: AuditData, i: int) -> dict:
     return {
         "name": d.names[i],
@@ -152,13 +163,17 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
         "label_errors": {
             "suspects": len(suspects),
             "features": source,
-            "method": f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
+            "method": f"cleanlab's find_label_issues(multi_label=True) on {a.folds}-fold "
+            "cross-validated probabilities of a logistic regression per label and feature view, "
+            "averaged; the flagged images ranked by cleanlab's label quality score"
+            if d.multi_label
+            else f"cleanlab's find_label_issues on {a.folds}-fold cross-validated "
             f"probabilities of {label_checks.describe(len(d.labels))}, one per feature view "
             "(their average, or one view where it fits the labels clearly better by log loss); "
             "every flagged image and every image whose given label is less likely than chance, "
             "ranked by self-confidence",
             "items": [
-                {**who(d, i), "suggested": d.classes[s], "self_confidence": round(q, 6)}
+                {**who(d, i), "suggested": suggestion(d, s), "self_confidence": round(q, 6)}
                 for i, q, s in suspects
             ],
             "too_few_to_rank": {
@@ -234,7 +249,8 @@ def write_label_csv(report: dict, path: Path) -> None:
     """The ranked label suspects, one row each, for a person to open and go through."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "image", "split", "given_label", "suggested_label", "self_confidence"])
+        score = "label_quality" if report["data"]["multi_label"] else "self_confidence"
+        w.writerow(["rank", "image", "split", "given_label", "suggested_label", score])
         for rank, e in enumerate(report["label_errors"]["items"], 1):
             w.writerow(
                 [rank, e["name"], e["split"], e["label"], e["suggested"], e["self_confidence"]]
