@@ -552,7 +552,7 @@ def test_multi_label_data_is_audited_with_each_label_set_as_a_class(tmp_path, ca
 
 
 def test_the_classes_too_few_to_rank_are_named_up_to_ten():
-    """Multi-label data with many rare label combinations named each on one line."""
+    """A folder of many small classes named each on one line."""
     from image_classifier.audit.report import _too_few
 
     line = _too_few({f"c{i}": 2 for i in range(13)})

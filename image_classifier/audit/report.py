@@ -35,7 +35,9 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
 
     def suspect(e):
         i, q, s = e
-        return i, short(i) + f"\n→ {s if isinstance(s, str) else d.classes[s]}? (q={q:.3f})"
+        if isinstance(s, str):  # multi-label: the labels suggested, cleanlab's label quality
+            return i, short(i) + f"\n→ {s}? (quality {q:.3f})"
+        return i, short(i) + f"\n→ {d.classes[s]}? (p={q:.3f})"
 
     leaks_first = sorted(near, key=lambda e: (d.splits[e[0]] == d.splits[e[1]], e[2]))
     ranked, beyond = outliers  # every image, most unusual first; how many are beyond the fence
@@ -128,7 +130,7 @@ def _too_few(classes: dict, most: int = 10) -> str:
     if not classes:
         return ""
     named = ", ".join(f"{c} ({n})" for c, n in list(classes.items())[:most])
-    if len(classes) > most:  # rare label combinations of multi-label data can be hundreds
+    if len(classes) > most:  # a folder of many small classes named each on one line
         named += f" and {len(classes) - most:,} more (report.json: too_few_to_rank)"
     return f"\n    not ranked, too few images to learn: {named}; look at them yourself"
 

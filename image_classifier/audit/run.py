@@ -80,8 +80,8 @@ def run_audit(cfg) -> dict:
 
 
 def _label_checks(d: AuditData, cfg) -> tuple:
-    """(features for the outliers, suspects, recommended cut, cleanlab's estimate, where the
-    probabilities came from, or why the labels were not checked)."""
+    """(features for the outliers, suspects, recommended cut (None for multi-label data),
+    cleanlab's estimate, where the probabilities came from)."""
     a = cfg.audit
     views, x, names = label_checks.features(d, cfg, str(a.features))
     if d.multi_label:
@@ -291,8 +291,8 @@ def write_near_csv(report: dict, path: Path) -> None:
 
 def write_outlier_csv(d: AuditData, scores: np.ndarray, beyond: list[int], path: Path) -> None:
     """Every image, most unusual first: a few odd images alike are each other's neighbours and
-    can stay under the fence (five digits among photo crops ranked 1st-25th of 1,060, none
-    beyond it), so the ranking is there to read past the fence."""
+    can stay under the fence (five digits among 1,060 photo crops, all in the first 26-28 rows,
+    none beyond it), so the ranking is there to read past the fence."""
     flagged = set(beyond)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
