@@ -585,3 +585,14 @@ def test_multi_label_data_of_many_rare_label_sets_is_checked_per_label(tmp_path,
     assert e["recommended_cut"] is None and e["too_few_to_rank"] == {}
     out = capsys.readouterr().out
     assert "most suspicious first (cleanlab's multi-label label quality; no recommended cut)" in out
+
+
+def test_a_multi_label_suggestion_is_never_empty():
+    """A suspect whose labels all came out below 0.5 was suggested "" (an empty cell): it now
+    gets the likeliest label, as `infer`'s predicted_class, beside those every image holds."""
+    from image_classifier.audit.labels import suggested
+
+    names = ["circle", "round", "square"]
+    assert suggested(np.array([0.7, 0.6, 0.1]), names, []) == "circle;round"
+    assert suggested(np.array([0.3, 0.2, 0.4]), names, []) == "square"
+    assert suggested(np.array([0.3, 0.2, 0.4]), names, ["photo"]) == "photo;square"

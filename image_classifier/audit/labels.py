@@ -224,11 +224,15 @@ def multi_label_issues(views: list, sets: list[tuple], names: list[str], folds: 
         flagged = find_label_issues(given, probs, multi_label=True)
     flagged = np.flatnonzero(flagged)
     order = flagged[np.argsort(quality[flagged], kind="stable")]
-    return [
-        (int(i), float(quality[i]), ";".join(sorted(always + [names[j] for j in likely])))
-        for i in order
-        for likely in [np.flatnonzero(probs[i] >= 0.5)]
-    ], len(flagged)
+    out = [(int(i), float(quality[i]), suggested(probs[i], names, always)) for i in order]
+    return out, len(flagged)
+
+
+def suggested(p: np.ndarray, names: list[str], always: list[str]) -> str:
+    """The labels at 0.5 or more, or else the likeliest one (as `infer`'s predicted_class), and
+    those every image holds, as "a;b"."""
+    likely = np.flatnonzero(p >= 0.5) if p.max() >= 0.5 else [int(p.argmax())]
+    return ";".join(sorted(always + [names[j] for j in likely]))
 
 
 def _per_label_probs(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
