@@ -58,7 +58,9 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
         _grid(
             d,
             _chunks([suspect(e) for e in suspects[: n * 4]], 4),
-            "Label issues: given label → suggested (out-of-sample p of the given label)",
+            "Label issues: given labels → suggested (cleanlab's label quality)"
+            if d.multi_label
+            else "Label issues: given label → suggested (out-of-sample p of the given label)",
             out / "label_errors.png",
         ),
         _grid(
@@ -80,7 +82,8 @@ def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str |
     import matplotlib.pyplot as plt
 
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.4 * len(rows)), squeeze=False)
+    # 2.7 in a row: the image and a caption of up to three lines
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.7 * len(rows)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, row in enumerate(rows):
@@ -89,7 +92,7 @@ def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str |
             axes[r][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
             axes[r][c].set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # 0.4 in for the title
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()), h_pad=2.5)  # 0.4 in: title
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return str(path)
