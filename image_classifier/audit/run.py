@@ -60,16 +60,14 @@ def run_audit(cfg) -> dict:
         f"{float(a.label_cut):g} x chance" if cut is not None else None
     )
     report["label_errors"]["cleanlab_estimate"] = estimate
-    if d.multi_label:  # ranked per label: no label set is too rare
-        report["label_errors"]["too_few_to_rank"] = {}
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
     write_near_csv(report, out / "near_duplicates.csv")
     report["outliers"]["beyond_fence"] = len(beyond)  # the items stop at audit.max_outliers
-    write_outlier_csv(d, scores, beyond, out / "outliers.csv")
+    ranked = np.argsort(scores, kind="stable")  # every image, most unusual first
+    write_outlier_csv(d, scores, ranked, set(beyond), out / "outliers.csv")
     with _timed(timings, "grids"):
-        ranked = np.argsort(scores, kind="stable")
         made = grids(d, groups, near, suspects, (ranked, len(beyond)), out, int(a.examples))
     timings["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
@@ -184,7 +182,7 @@ def build_report(cfg, d, groups, near, suspects, outliers, flags, source: str) -
                     label_checks.too_few(d.labels, len(d.classes)),
                     strict=True,
                 )
-                if few
+                if few and not d.multi_label  # multi-label: ranked per label, not per set
             },
         },
         "outliers": {
@@ -289,16 +287,15 @@ def write_near_csv(report: dict, path: Path) -> None:
             )
 
 
-def write_outlier_csv(d: AuditData, scores: np.ndarray, beyond: list[int], path: Path) -> None:
+def write_outlier_csv(d: AuditData, scores, ranked, beyond: set, path: Path) -> None:
     """Every image, most unusual first: a few odd images alike are each other's neighbours and
     can stay under the fence (five digits among 1,060 photo crops, all in the first 26-28 rows,
     none beyond it), so the ranking is there to read past the fence."""
-    flagged = set(beyond)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["rank", "image", "split", "label", "score", "beyond_fence"])
-        for rank, i in enumerate(np.argsort(scores, kind="stable"), 1):
+        for rank, i in enumerate(ranked, 1):
             e = who(d, int(i))
             w.writerow(
-                [rank, e["name"], e["split"], e["label"], round(float(scores[i]), 4), i in flagged]
+                [rank, e["name"], e["split"], e["label"], round(float(scores[i]), 4), i in beyond]
             )
