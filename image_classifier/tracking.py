@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import os
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -86,8 +87,7 @@ def sweep_tags() -> dict[str, str]:
 
 
 def experiment_id(cfg) -> str | None:
-    """The configured MLflow experiment's id, created if it does not exist yet (None when
-    tracking is off)."""
+    """The configured MLflow experiment's id, created when new (None when tracking is off)."""
     if not cfg.logger.enabled:
         return None
     import mlflow
@@ -158,8 +158,7 @@ def _logger_class():
 
 # -- one style for every command: Lightning's MLFlowLogger, and its client for the rest ----------
 def open_run(cfg, run_id: str):
-    """A logger attached to an existing run (export adds to the training run), or None when
-    tracking is disabled."""
+    """A logger on an existing run (export adds to the training run); None: tracking is off."""
     return create_logger(cfg, run_name="", tags={}, run_id=run_id)
 
 
@@ -281,8 +280,7 @@ def register_version(client, model_uri: str, name: str, run_id: str | None, tags
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:  # quietly: MLflow's "Successfully registered model" / "Created version" lines came
-        # before the command's own summary, which says the same
+    try:  # quietly: MLflow's "Created version" lines said what the command's summary says
         with contextlib.redirect_stderr(io.StringIO()):
             version = mlflow.register_model(model_uri, name, tags=tags)
     except MlflowException as e:
@@ -305,10 +303,7 @@ def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
     folder = Path(cfg.paths.root) / "mlruns" / "registry" / safe_name(name) / str(mv.version)
     if not folder.is_dir():
         tmp = folder.with_name(f".{folder.name}.partial")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         print(f"Fetching {uri} (version {mv.version}) once into {folder}", file=sys.stderr)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar a file
@@ -329,21 +324,27 @@ def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
     return found[0], {**info, "run_id": mv.run_id, "uri": uri}
 
 
-def move_alias(client, name: str, alias: str, version: str) -> None:
-    """Point `alias` of registered model `name` at `version` (promotion and rollback)."""
+def move_alias(client, name: str, alias: str, version: str):
+    """Point `alias` of registered model `name` at `version` (promotion and rollback); the
+    version it pointed at before, or None for a new alias."""
     from mlflow.exceptions import MlflowException
 
+    try:
+        before = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        before = None
     try:
         client.set_registered_model_alias(name, alias, str(version))
     except MlflowException as e:
         raise UserError(f"Cannot set alias @{alias} of {name!r}: {e.message}") from None
+    return before
 
 
-def run_exists(client, run_id: str) -> bool:
+def run_data(client, run_id: str | None):
+    """The params, metrics and tags of run `run_id`, or None when this store has no such run."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
-        return True
+        return client.get_run(run_id).data if run_id else None
     except MlflowException:
-        return False
+        return None

@@ -80,6 +80,8 @@ def test_version_carries_signature_lineage_and_alias_moves(registered):
         compose_cfg(root, f"register.model={root / 'other.onnx'}", "register.name=tiny")
     )
     assert second["version"] == "2" and not second.get("already")
+    # the alias left version 1, whose training run is this one's: the same score on both sides
+    assert second["before"] == "1" and second["scores"][1] == second["scores"][2]
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == "2"
     # roll back: the alias moves to version 1, and loading by alias follows it
     run_register(
@@ -278,3 +280,48 @@ def test_a_class_list_cut_short_in_its_tag_is_not_compared(tmp_path):
     client.create_model_version("big", str(tmp_path), tags={"classes": json.dumps(["a", "b"])})
     with pytest.raises(UserError, match="version 2 predicts other classes .* only in this model"):
         check_same_classes(client, "big", ["a", "c"])
+
+
+def test_an_alias_moved_to_a_lower_score_on_the_same_split_is_warned_of(tmp_path, caplog):
+    """Two training runs' best validation scores are compared only when they scored the same
+    split (data hash, split seed) on the same metric; a move to the lower one is warned of, with
+    the command that moves the alias back."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from image_classifier.export.registry import alias_lines, compared_scores, warn_if_lower
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+
+    def version(score: float, **changed) -> SimpleNamespace:
+        run = client.create_run(experiment).info.run_id
+        same = {"data/hash": "abc", "config/data/seed": "42", "optim/monitor": "val/acc"}
+        for k, v in (same | changed).items():
+            client.log_param(run, k, v)
+        client.log_metric(run, "best_score", score)
+        return SimpleNamespace(run_id=run)
+
+    good = version(0.9)
+    assert compared_scores(client, good, version(0.6)) == ("val/acc", 0.9, 0.6)
+    for other in ({"config/data/seed": "1"}, {"data/hash": "def"}, {"optim/monitor": "val/f1"}):
+        assert compared_scores(client, good, version(0.6, **other)) is None, other
+    assert compared_scores(client, good, SimpleNamespace(run_id=None)) is None  # not in the store
+
+    result = {"name": "m", "alias": "champion", "version": "2", "before": "1"}
+    lower = result | {"scores": ("val/acc", 0.9, 0.6)}
+    assert "register.name=m register.version=1 register.alias=champion" in alias_lines(lower)[0]
+    assert (
+        "val/acc" in alias_lines(lower)[1]
+        and "version 1 0.9000, version 2 0.6000" in (alias_lines(lower)[1])
+    )
+    assert len(alias_lines(result)) == 1  # not comparable: the way back, no scores
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="image_classifier.export.registry"):
+        warn_if_lower(result)
+        warn_if_lower(result | {"scores": ("val/acc", 0.6, 0.9)})  # higher: nothing to warn of
+        assert not caplog.records
+        warn_if_lower(lower)
+    assert "scored lower on the same validation split than version 1" in caplog.text
+    assert "register.version=1 register.alias=champion" in caplog.text

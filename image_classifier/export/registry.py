@@ -51,7 +51,7 @@ def version_tags(meta: dict, onnx_path: Path, cfg) -> dict[str, str]:
 def _run_for(cfg, client, meta: dict, name: str):
     """The checkpoint's training run when this store has it, else a new run for the registration."""
     run_id = meta.get("mlflow_run_id")
-    if run_id and tracking.run_exists(client, run_id):
+    if run_id and tracking.run_data(client, run_id) is not None:
         return tracking.open_run(cfg, run_id)
     if run_id:  # a run of another store: register from a run of this one
         log.info("Training run %s is not in this MLflow store; logging a new run.", run_id)
@@ -108,11 +108,75 @@ def already_registered(client, name: str, onnx_path: Path, alias: str | None) ->
 
 def _aliased(client, name: str, alias: str | None, version, **more) -> dict:
     """`alias` moved to `version` of `name` (none given: nothing moves), and what register
-    reports of it: the address to load it by."""
-    if alias:
-        tracking.move_alias(client, name, alias, version)
+    reports of it: the address to load it by, and the version the alias leaves (`before`), with
+    the two training runs' validation scores when they scored the same split."""
+    before = tracking.move_alias(client, name, alias, version) if alias else None
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
-    return {"name": name, "version": str(version), "alias": alias, **more, "uri": uri}
+    moved = {}
+    if before is not None and str(before.version) != str(version):
+        now = tracking.find_version(client, name, None, str(version))
+        moved = {"before": str(before.version), "scores": compared_scores(client, before, now)}
+    return {"name": name, "version": str(version), "alias": alias, **more, **moved, "uri": uri}
+
+
+# what makes two training runs' best validation scores comparable: the same files in the same
+# splits (a folder's data hash covers its split; an IDX data set's split is data.seed and
+# data.val_size) and the same monitored metric
+SAME_VALIDATION = ("data/hash", "config/data/seed", "config/data/val_size", "optim/monitor")
+
+
+def compared_scores(client, before, after) -> tuple[str, float, float] | None:
+    """(monitored metric, its best value in `before`'s training run, in `after`'s) when both
+    runs are in this store and scored the same validation split; None otherwise."""
+    runs = [tracking.run_data(client, v.run_id) for v in (before, after)]
+    if any(r is None or "best_score" not in r.metrics for r in runs):
+        return None
+    if any(runs[0].params.get(k) != runs[1].params.get(k) for k in SAME_VALIDATION):
+        return None
+    metric = runs[0].params.get("optim/monitor", "the monitored metric")
+    return metric, runs[0].metrics["best_score"], runs[1].metrics["best_score"]
+
+
+def alias_lines(result: dict) -> list[str]:
+    """What moving the alias did: the version it left, how to move it back, and both training
+    runs' validation scores when they scored the same split."""
+    if "before" not in result:
+        return []
+    lines = [
+        f"  @{result['alias']} was version {result['before']}; to move it back: {_back(result)}"
+    ]
+    if (scores := result.get("scores")) is not None:
+        metric, old, new = scores
+        lines.append(
+            f"  validation ({metric}, best epoch of each training run, the same split): "
+            f"version {result['before']} {old:.4f}, version {result['version']} {new:.4f}"
+        )
+    return lines
+
+
+def _back(result: dict) -> str:
+    return (
+        f"uv run python commands.py command=register register.name={result['name']} "
+        f"register.version={result['before']} register.alias={result['alias']}"
+    )
+
+
+def warn_if_lower(result: dict) -> None:
+    """A warning when the alias moved to a version that scored lower on the same validation
+    split than the version it left: it still moves (the user asked), and the fix is named."""
+    if (scores := result.get("scores")) is not None and scores[2] < scores[1]:
+        log.warning(
+            "@%s of %r now points at version %s, which scored lower on the same validation split "
+            "than version %s did (%s %.4f < %.4f). To move it back: %s",
+            result["alias"],
+            result["name"],
+            result["version"],
+            result["before"],
+            scores[0],
+            scores[2],
+            scores[1],
+            _back(result),
+        )
 
 
 def check_same_classes(client, name: str, classes: list[str]) -> None:
@@ -157,8 +221,11 @@ def run_register(cfg) -> dict:
         result = promote(client, str(r.name), str(r.version), str(r.alias))
         print(
             f"Alias @{result['alias']} of {result['name']!r} now points at version "
-            f"{result['version']}: {result['uri']}"
+            f"{result['version']}: {result['uri']}",
+            *alias_lines(result),
+            sep="\n",
         )
+        warn_if_lower(result)
         return result
     onnx_path = runs.model_file(cfg, r.get("model"), "register.model")
     if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
@@ -183,9 +250,11 @@ def print_registered(result: dict, onnx_path: Path) -> None:
                 else f"Registered {onnx_path} as {result['name']!r} version "
                 f"{result['version']}{alias}",
                 f"  mlflow model: {result['model_uri']} (run {result['run_id']})",
+                *alias_lines(result),
                 f"  serve it: uv run python commands.py command=serve serve.model={result['uri']}",
                 f"  predict:  uv run python commands.py command=infer infer.model={result['uri']} "
                 "infer.input=PATH",
             ]
         )
     )
+    warn_if_lower(result)
