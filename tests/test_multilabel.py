@@ -301,6 +301,8 @@ def test_a_label_without_test_images_is_left_out_of_map_and_macro_f1():
     assert r["mAP"] == pytest.approx((per["a"]["ap"] + per["b"]["ap"]) / 2)
     assert r["f1_macro"] == pytest.approx((1.0 + 0.8) / 2)  # a: P = R = 1; b: P 1, R 2/3
     lines = summary_lines(r)
+    assert r["accuracy"] == pytest.approx(3 / 4)  # exact match: all but the last image
+    assert lines[0].endswith("exact match 0.7500 (95 % interval 0.3006-0.9544 on 4 images)")
     assert lines[1].startswith("  lowest AP: ") and " c " not in lines[1]
     assert lines[2] == "  no test images of c: their recall and AP are not measured"
 

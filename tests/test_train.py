@@ -91,6 +91,10 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     with torch.no_grad():
         pred = module(torch.from_numpy(x[:, None].copy())).argmax(1).numpy()
     assert np.isclose((pred == y).mean(), report["accuracy"])
+    from image_classifier.models.metrics import wilson_interval
+
+    # its interval counts the 60 images tested
+    assert report["accuracy_interval"] == pytest.approx(wilson_interval(report["accuracy"], 60))
 
     # MLflow: one train run and one test run, with config, metrics per epoch, artifacts, lineage
     client, runs = _mlflow_runs(tmp_path)
@@ -519,7 +523,24 @@ def test_top5_accuracy_is_measured_for_more_than_5_classes_only():
     assert "test/acc_top5" not in metric_set(5, multi_label=False)["test_metrics"]
     report = {"accuracy": 1 / 3, "accuracy_top5": 2 / 3, "f1_macro": 0.2, "ece": 0.1}
     report |= {"temperature": 1.0, "ece_uncalibrated": 0.1, "per_class": {}}
-    assert _metric_lines(report)[0].startswith("  accuracy 0.3333 (top-5 0.6667)   macro F1")
+    report |= {"accuracy_interval": [0.0615, 0.7923], "data": {"test_images": 3}}
+    assert _metric_lines(report)[0].startswith(
+        "  accuracy 0.3333 (95 % interval 0.0615-0.7923 on 3 images; top-5 0.6667)   macro F1"
+    )
+
+
+def test_test_accuracy_comes_with_its_wilson_interval():
+    """The interval against hand computations: all 30 of 30 right gives 30 / (30 + 1.96^2) as its
+    lower end (the normal approximation's would be 1 to 1), 6 of 8 gives 0.409-0.929, and the
+    interval narrows with the number of images."""
+    from image_classifier.models.metrics import interval_text, wilson_interval
+
+    assert wilson_interval(1.0, 30) == pytest.approx((30 / (30 + 1.96**2), 1.0))
+    assert wilson_interval(0.75, 8) == pytest.approx((0.4093, 0.9285), abs=1e-4)
+    low, high = wilson_interval(0.75, 8000)
+    assert 0.74 < low < 0.75 < high < 0.76
+    assert wilson_interval(0.0, 0) == (0.0, 1.0)
+    assert interval_text((0.4093, 0.9285), 1200) == "95 % interval 0.4093-0.9285 on 1,200 images"
 
 
 def test_a_class_without_test_images_has_no_recall_rather_than_zero():

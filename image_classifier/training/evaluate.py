@@ -18,6 +18,7 @@ from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError, listed
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.metrics import interval_text, wilson_interval
 from image_classifier.models.multilabel import compute_quietly
 from image_classifier.models.tta import chosen_tta, describe
 from image_classifier.training.callbacks import interruptible, progress_bar
@@ -215,6 +216,7 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
             "warning": hash_note or None,
         },
         "accuracy": float(m["acc"]),
+        "accuracy_interval": list(wilson_interval(float(m["acc"]), int(support.sum()))),
         "accuracy_top5": float(m["acc_top5"]) if "acc_top5" in m else None,
         "f1_macro": float(m["f1_macro"]),
         "ece": float(m["ece"]),
@@ -308,9 +310,10 @@ def _metric_lines(report) -> list[str]:
     absent = [c for c, v in report["per_class"].items() if not v["support"]]
     worst = sorted(measured, key=lambda cv: cv[1])[:3]
     lines = [
-        f"  accuracy {report['accuracy']:.4f}"
-        + (f" (top-5 {top5:.4f})" if (top5 := report.get("accuracy_top5")) is not None else "")
-        + f"   macro F1 {report['f1_macro']:.4f}   "
+        f"  accuracy {report['accuracy']:.4f} ("
+        + interval_text(report["accuracy_interval"], report["data"]["test_images"])
+        + (f"; top-5 {top5:.4f}" if (top5 := report.get("accuracy_top5")) is not None else "")
+        + f")   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
         "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from image_classifier.errors import listed
+from image_classifier.models.metrics import interval_text, wilson_interval
 from image_classifier.training.plots import plt, save_figure
 
 TOP_K = 3
@@ -26,7 +27,7 @@ def build_report(path: Path, module, info, m: dict, loss: float, hash_note: str)
     outputs = module.test_outputs
     probs = np.concatenate([p.numpy() for p, _ in outputs]) if outputs else None
     targets = np.concatenate([y.numpy() for _, y in outputs]) if outputs else None
-    n = len(thresholds)
+    n, tested = len(thresholds), 0 if targets is None else len(targets)
     support = targets.sum(0).astype(int) if outputs else np.zeros(n, int)
     predicted = (probs >= thresholds[None, :]).sum(0) if outputs else np.zeros(n, int)
     per_class = {
@@ -46,11 +47,12 @@ def build_report(path: Path, module, info, m: dict, loss: float, hash_note: str)
         "data": {
             "name": info.name,
             "hash": info.data_hash,
-            "test_images": 0 if targets is None else len(targets),
+            "test_images": tested,
             "trained_on_hash": (module.hparams.get("data") or {}).get("hash"),
             "warning": hash_note or None,
         },
         "accuracy": float(m["acc"]),  # exact match: every label of the image right
+        "accuracy_interval": list(wilson_interval(float(m["acc"]), tested)),
         "f1_macro": float(m["f1"][measured].mean()) if measured else 0.0,
         "f1_micro": float(m["f1_micro"]),
         "mAP": float(m["ap"][measured].mean()) if measured else 0.0,
@@ -99,7 +101,9 @@ def summary_lines(report: dict) -> list[str]:
     worst = sorted(measured, key=lambda ca: ca[1])[:3]
     lines = [
         f"  mAP {report['mAP']:.4f}   macro F1 {report['f1_macro']:.4f}   micro F1 "
-        f"{report['f1_micro']:.4f}   exact match {report['accuracy']:.4f}",
+        f"{report['f1_micro']:.4f}   exact match {report['accuracy']:.4f} ("
+        + interval_text(report["accuracy_interval"], report["data"]["test_images"])
+        + ")",
         "  lowest AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst),
     ]
     if absent:
