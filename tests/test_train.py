@@ -543,6 +543,15 @@ def test_test_accuracy_comes_with_its_wilson_interval():
     assert interval_text((0.4093, 0.9285), 1200) == "95 % interval 0.4093-0.9285 on 1,200 images"
 
 
+def test_the_best_validation_accuracy_is_printed_with_its_interval():
+    from image_classifier.training.summary import best_line
+
+    r = {"best_score": 0.5, "monitor": "val/acc"}
+    assert best_line(r, 12) == "  best val/acc = 0.5000 (95 % interval 0.2538-0.7462 on 12 images)"
+    assert best_line(r | {"monitor": "val/f1_macro"}, 12) == "  best val/f1_macro = 0.5000"
+    assert best_line(r | {"best_score": None}, 12) == ""
+
+
 def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     """A pre-split folder whose test split lacks a class reported it at recall 0.000, the
     "lowest recall" of the run. Undefined precision and recall are now null and named apart."""

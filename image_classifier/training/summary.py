@@ -12,6 +12,7 @@ from image_classifier import lineage, runs, tracking
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models.metrics import interval_text, wilson_interval
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
 from image_classifier.training.plots import plot_curves
 
@@ -123,6 +124,17 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     )
 
 
+def best_line(r: dict, n_val: int) -> str:
+    """The best validation score; an accuracy with its 95 % interval on the validation images
+    (on a small folder's split: how far apart two epochs or runs must be to differ)."""
+    if r["best_score"] is None:
+        return ""
+    line = f"  best {r['monitor']} = {r['best_score']:.4f}"
+    if r["monitor"] == "val/acc" and n_val:
+        line += f" ({interval_text(wilson_interval(r['best_score'], n_val), n_val)})"
+    return line
+
+
 def print_summary(r: dict, info) -> None:
     m = r["metrics"]
     notes = [f"{len(info.classes)} classes", f"{info.split_sizes['train']} train images"]
@@ -137,7 +149,7 @@ def print_summary(r: dict, info) -> None:
         f"Trained {r['epochs']} epoch(s) in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
         + ", ".join(notes)
         + ")",
-        f"  best {r['monitor']} = {r['best_score']:.4f}" if r["best_score"] is not None else "",
+        best_line(r, info.split_sizes.get("val", 0)),
         f"  last epoch: val {val}",
         f"  calibration: {fitted_line(c)}" if (c := r.get("calibration")) else "",
         f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
