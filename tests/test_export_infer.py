@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, compose_cfg, make_class_folders
 from PIL import Image
 
+from image_classifier import runs
 from image_classifier.data.datasets import FileDataset
 from image_classifier.data.images import Preprocessing, load_array
 from image_classifier.errors import ExportError, UserError
@@ -110,6 +111,16 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
     )
     listed = json.loads(js.read_text())
     assert len(listed) == 6 and all(len(x["all_predictions"]) == 1 for x in listed)
+
+
+def test_infer_without_a_model_names_the_newest_it_found(trained, exported, capsys):
+    """Without infer.model, infer takes the newest best checkpoint's export: its summary named
+    only `best.onnx`, which every run has, so which run answered was not said."""
+    root, _, images = trained
+    cfg = compose_cfg(root, f"infer.input={images / 'dog' / '001.png'}", "paths.search=[out]")
+    model, registered = runs.model_location(cfg, cfg.infer.model, "infer.model")
+    run_infer(cfg, model, registered)
+    assert f"(the newest, {model})" in capsys.readouterr().err and model.suffix == ".onnx"
 
 
 def test_onnx_and_checkpoint_backends_agree(trained, exported):

@@ -194,6 +194,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
     seconds = time.perf_counter() - started
     name = f"{c.model}, version {registered['version']}" if registered else model.name
+    name = name if c.get("model") else f"the newest, {model}"  # which run's, when found
     _summary(c, rows, len(paths), f"{backend} ({name})", seconds, sorted_n)
     return {"rows": rows, "seconds": seconds, "images": len(paths)}
 
