@@ -342,6 +342,7 @@ def default_job(root: Path, work: Path, extra: list[str]) -> dict:
     report = json.loads(Path(re.search(r"report: (\S+\.json)", test).group(1)).read_text())
     return {
         "accuracy": report["accuracy"],
+        "interval": report["accuracy_interval"],
         "train_s": float(trained.group(2)),
         "wall_s": wall,
         "epochs": int(trained.group(1)),
@@ -506,7 +507,8 @@ def main():
             row |= {**job, "floor": floor(root)}
             print(
                 f"[{k}/{len(names)}] {name}: default job best val {job['best_val']:.2%}, "
-                f"{job['accuracy']:.2%} test accuracy in "
+                f"{job['accuracy']:.2%} test accuracy (95 % interval {job['interval'][0]:.1%}-"
+                f"{job['interval'][1]:.1%}) in "
                 f"{job['train_s']:.0f} s of training ({job['epochs']} epochs; {job['chosen']}); "
                 f"pixel logistic regression {row['floor']:.2%}; "
                 f"{time.perf_counter() - started:.0f} s so far",
