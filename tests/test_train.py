@@ -989,6 +989,39 @@ def test_the_confusion_matrix_of_many_classes_stays_an_image_one_can_open(tmp_pa
     assert width >= {10: 600, 100: 2000, 400: 3000}[n]  # still room for the class names
 
 
+def test_class_names_no_font_draws_are_said_once_and_fallback_fonts_draw_the_rest(
+    tmp_path, monkeypatch, caplog
+):
+    """A class named 猫 drew as a box, with matplotlib's "Glyph 29483 missing from font(s)
+    DejaVu Sans" once per character and plot. A fallback font that is installed draws what
+    DejaVu Sans lacks (STIXGeneral, shipped with matplotlib, stands in for a CJK font: it has
+    U+1D81); a character no font has is named once per command, with the fix."""
+    import warnings
+
+    from image_classifier import plotting
+    from image_classifier.training.plots import plot_confusion
+
+    monkeypatch.setattr(plotting, "FALLBACK", ("STIXGeneral",))
+    monkeypatch.setattr(plotting, "_said", set())
+    families, _ = plotting._fonts(plotting.FALLBACK)
+    assert families == ["DejaVu Sans", "STIXGeneral"]
+    fig, ax = plotting.plt.subplots()
+    ax.set_title("\u1d81", fontfamily=families)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fig.canvas.draw()  # matplotlib's own fallback draws it: no "Glyph ... missing"
+    assert plotting.missing_characters(fig) == [] and not [w for w in seen if "Glyph" in str(w)]
+    plotting.plt.close(fig)
+
+    unassigned = "\u0378"  # in no font anywhere
+    with caplog.at_level("WARNING", logger="image_classifier.plotting"):
+        plot_confusion(np.eye(2, dtype=int), ["\u1d81 ok", f"cat {unassigned}"], tmp_path / "a.png")
+        plot_confusion(np.eye(2, dtype=int), ["x", f"cat {unassigned}"], tmp_path / "b.png")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"({unassigned}; first in a.png)" in said[0], said
+    assert "fonts-noto-cjk" in said[0] and (tmp_path / "b.png").stat().st_size > 0
+
+
 def test_a_size_the_network_pools_to_nothing_is_named_with_the_smallest_it_takes(tmp_path):
     """data.size=2 on the CNN ended in torch's "Output size is too small" traceback."""
     images = make_class_folders(tmp_path / "img", per_class=4, size=12)

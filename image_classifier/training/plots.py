@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from image_classifier.plotting import plt, save
 
 CURVES = (
     ("loss", "train/loss_epoch", "val/loss"),
@@ -72,9 +70,4 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path) -> Path
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
