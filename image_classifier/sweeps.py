@@ -97,23 +97,24 @@ class SweepSummary(Callback):
 
 
 def _ties(scored: list, monitor: str) -> str | None:
-    """A line when other trials score within two standard errors of the best's score (as a
-    proportion of the validation images, and at least one image): on a small validation split
-    a sweep's best is then one of several, not a finding."""
-    import math
+    """A line when other trials score inside the 95 % interval of the best's score (Wilson's,
+    as a proportion of the validation images; at least one image below it): on a small
+    validation split a sweep's best is then one of several, not a finding. (Two standard errors
+    put 10 of 12 outside a best of 12 of 12, whose interval reaches down to 0.76.)"""
+    from image_classifier.models.metrics import wilson_interval
 
     n = int(scored[0].data.metrics.get("val_images", 0))
     best = scored[0].data.metrics["best_score"]
     if not n or "loss" in monitor or len(scored) < 2 or not 0 <= best <= 1:
         return None
-    margin = max(1 / n, 2 * math.sqrt(best * (1 - best) / n))
+    margin = max(1 / n, best - wilson_interval(best, n)[0])
     near = [r for r in scored[1:] if best - r.data.metrics["best_score"] < margin - 1e-9]
     if not near:
         return None
     return (
-        f"  {len(near)} other trial(s) score within {margin:.4f} of the best (two standard "
-        f"errors of {monitor} on {n} validation images, at least one image): not clearly worse. "
-        "More validation images tell trials apart (data.split, or a val/ folder)."
+        f"  {len(near)} other trial(s) score within {margin:.4f} of the best (inside the 95 % "
+        f"interval of {monitor} on {n} validation images, at least one image): not clearly "
+        "worse. More validation images tell trials apart (data.split, or a val/ folder)."
     )
 
 

@@ -375,9 +375,17 @@ def test_a_sweep_says_which_trials_its_validation_split_cannot_tell_from_the_bes
             client.log_metric(run.info.run_id, key, value)
     runs = tracking.sweep_runs(cfg, "/s")
     line = _ties(runs, "val/acc")
-    assert line.startswith("  1 other trial(s) score within 0.1210 of the best")
+    assert line.startswith("  1 other trial(s) score within 0.2208 of the best")  # Wilson
     assert "on 16 validation images" in line and "data.split" in line
     assert _ties(runs, "val/loss") is None and _ties(runs[:1], "val/acc") is None
+    # a perfect best on 12 images: two standard errors are 0 there, its interval is not
+    for name, score in {"p": 1.0, "q": 10 / 12}.items():
+        run = client.create_run(exp, tags={"sweep": "/t", "sweep.trial": name})
+        for key, value in {"best_score": score, "val_images": 12}.items():
+            client.log_metric(run.info.run_id, key, value)
+    assert "1 other trial(s) score within 0.2425" in _ties(
+        tracking.sweep_runs(cfg, "/t"), "val/acc"
+    )
 
 
 def test_ray_infer_gives_every_actor_a_block_and_large_inputs_blocks_of_several_batches():
