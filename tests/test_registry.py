@@ -284,8 +284,8 @@ def test_a_class_list_cut_short_in_its_tag_is_not_compared(tmp_path):
 
 def test_an_alias_moved_to_a_lower_score_on_the_same_split_is_warned_of(tmp_path, caplog):
     """Two training runs' best validation scores are compared only when they scored the same
-    split (data hash, split seed) on the same metric; a move to the lower one is warned of, with
-    the command that moves the alias back."""
+    split (data hash, split seed) on the same metric; a move to one below the other's 95 %
+    interval is warned of, with the command that moves the alias back."""
     from types import SimpleNamespace
 
     from mlflow.tracking import MlflowClient
@@ -301,26 +301,27 @@ def test_an_alias_moved_to_a_lower_score_on_the_same_split_is_warned_of(tmp_path
         for k, v in (same | changed).items():
             client.log_param(run, k, v)
         client.log_metric(run, "best_score", score)
+        client.log_metric(run, "val_images", 100)
         return SimpleNamespace(run_id=run)
 
     good = version(0.9)
-    assert compared_scores(client, good, version(0.6)) == ("val/acc", 0.9, 0.6)
+    assert compared_scores(client, good, version(0.6)) == ("val/acc", 0.9, 0.6, 100)
     for other in ({"config/data/seed": "1"}, {"data/hash": "def"}, {"optim/monitor": "val/f1"}):
         assert compared_scores(client, good, version(0.6, **other)) is None, other
     assert compared_scores(client, good, SimpleNamespace(run_id=None)) is None  # not in the store
 
     result = {"name": "m", "alias": "champion", "version": "2", "before": "1"}
-    lower = result | {"scores": ("val/acc", 0.9, 0.6)}
+    lower = result | {"scores": ("val/acc", 0.9, 0.6, 100)}
+    near = result | {"scores": ("val/acc", 0.9, 0.85, 100)}  # 0.9 on 100: 0.826-0.945
     assert "register.name=m register.version=1 register.alias=champion" in alias_lines(lower)[0]
-    assert (
-        "val/acc" in alias_lines(lower)[1]
-        and "version 1 0.9000, version 2 0.6000" in (alias_lines(lower)[1])
-    )
+    assert alias_lines(lower)[1].endswith("100 images): version 1 0.9000, version 2 0.6000")
+    assert alias_lines(near)[1].endswith("version 2 0.8500 (inside the 95 % interval)")
     assert len(alias_lines(result)) == 1  # not comparable: the way back, no scores
     caplog.clear()
     with caplog.at_level("WARNING", logger="image_classifier.export.registry"):
         warn_if_lower(result)
-        warn_if_lower(result | {"scores": ("val/acc", 0.6, 0.9)})  # higher: nothing to warn of
+        warn_if_lower(result | {"scores": ("val/acc", 0.6, 0.9, 100)})  # higher
+        warn_if_lower(near)  # lower, but not clearly
         assert not caplog.records
         warn_if_lower(lower)
     assert "scored lower on the same validation split than version 1" in caplog.text

@@ -125,16 +125,26 @@ def _aliased(client, name: str, alias: str | None, version, **more) -> dict:
 SAME_VALIDATION = ("data/hash", "config/data/seed", "config/data/val_size", "optim/monitor")
 
 
-def compared_scores(client, before, after) -> tuple[str, float, float] | None:
-    """(monitored metric, its best value in `before`'s training run, in `after`'s) when both
-    runs are in this store and scored the same validation split; None otherwise."""
+def compared_scores(client, before, after) -> tuple[str, float, float, int] | None:
+    """(monitored metric, its best value in `before`'s training run, in `after`'s, validation
+    images) when both runs are in this store and scored the same validation split; else None."""
     runs = [tracking.run_data(client, v.run_id) for v in (before, after)]
     if any(r is None or "best_score" not in r.metrics for r in runs):
         return None
     if any(runs[0].params.get(k) != runs[1].params.get(k) for k in SAME_VALIDATION):
         return None
     metric = runs[0].params.get("optim/monitor", "the monitored metric")
-    return metric, runs[0].metrics["best_score"], runs[1].metrics["best_score"]
+    n = int(runs[0].metrics.get("val_images", 0))
+    return metric, runs[0].metrics["best_score"], runs[1].metrics["best_score"], n
+
+
+def clearly_lower(scores) -> bool:
+    """The new score below the 95 % interval of the old one on these validation images (a
+    proportion's Wilson interval, as a sweep tells its trials apart)."""
+    from image_classifier.models.metrics import wilson_interval  # torch: only when comparing
+
+    _, old, new, n = scores
+    return new < (wilson_interval(old, n)[0] if n and 0 <= old <= 1 else old)
 
 
 def alias_lines(result: dict) -> list[str]:
@@ -146,10 +156,11 @@ def alias_lines(result: dict) -> list[str]:
         f"  @{result['alias']} was version {result['before']}; to move it back: {_back(result)}"
     ]
     if (scores := result.get("scores")) is not None:
-        metric, old, new = scores
+        metric, old, new, n = scores
         lines.append(
-            f"  validation ({metric}, best epoch of each training run, the same split): "
+            f"  validation ({metric}, best epoch of each training run, the same {n} images): "
             f"version {result['before']} {old:.4f}, version {result['version']} {new:.4f}"
+            + ("" if new >= old or clearly_lower(scores) else " (inside the 95 % interval)")
         )
     return lines
 
@@ -162,9 +173,10 @@ def _back(result: dict) -> str:
 
 
 def warn_if_lower(result: dict) -> None:
-    """A warning when the alias moved to a version that scored lower on the same validation
-    split than the version it left: it still moves (the user asked), and the fix is named."""
-    if (scores := result.get("scores")) is not None and scores[2] < scores[1]:
+    """A warning when the alias moved to a version that scored clearly lower on the same
+    validation split than the version it left: it still moves (the user asked), and the fix
+    is named."""
+    if (scores := result.get("scores")) is not None and clearly_lower(scores):
         log.warning(
             "@%s of %r now points at version %s, which scored lower on the same validation split "
             "than version %s did (%s %.4f < %.4f). To move it back: %s",
