@@ -99,6 +99,20 @@ def test_csv_manifest(tmp_path):
     assert any("missing.png" in p for p in s.skipped)
 
 
+@pytest.mark.parametrize(
+    "header", ["file_name,label", "File Name,Class Name", "image-path;Label", "IMAGE_ID,class_name"]
+)
+def test_column_names_are_matched_without_case_spaces_or_underscores(tmp_path, header):
+    """Hugging Face's imagefolder metadata.csv names its column file_name: the manifest stopped
+    with "Cannot tell which column holds the image file" though `filename` was known."""
+    make_class_folders(tmp_path / "imgs", per_class=4)
+    sep = ";" if ";" in header else ","
+    rows = [f"imgs/{c}/{i:03d}.png{sep}{c}" for c in ("cat", "dog") for i in range(4)]
+    (tmp_path / "metadata.csv").write_text("\n".join([header, *rows]))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert s.classes == ["cat", "dog"] and sum(len(v) for v in s.splits.values()) == 8
+
+
 def test_a_file_listed_twice_is_used_once_or_stops_on_two_answers(tmp_path, caplog):
     """A manifest merged from two exports listed files twice: the repeats were trained on twice
     and could land in train and test at once (a leak), and a second, different label was kept as

@@ -23,18 +23,20 @@ from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
+# column names as `column_key` writes them: "file_name" (Hugging Face's imagefolder), "File Name"
+# and "filename" are one name
 FILE_COLUMNS = (
     "file",
     "filename",
     "filepath",
     "path",
     "image",
-    "image_path",
+    "imagepath",
     "img",
-    "image_id",
+    "imageid",
     "id",
 )
-LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "target", "y", "tags")
+LABEL_COLUMNS = ("label", "labels", "class", "classname", "category", "target", "y", "tags")
 SPLIT_COLUMN = "split"
 SPLIT_ALIASES = {
     "train": "train",
@@ -113,7 +115,7 @@ def read_manifest(
 
 
 def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
-    """(rows, columns, {lower-case column: column}); columns apart by the first of DELIMITERS the
+    """(rows, columns, {column_key(column): column}); columns apart by the first of DELIMITERS the
     header holds (Excel in many locales: ";")."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         header = f.readline()
@@ -122,7 +124,12 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
     if not rows:
         raise UserError(f"CSV manifest {str(path)!r} has no rows.")
     columns = list(rows[0].keys())
-    return rows, columns, {c.lower().strip(): c for c in columns}
+    return rows, columns, {column_key(c): c for c in columns}
+
+
+def column_key(name: str) -> str:
+    """A column's name without case, spaces, underscores or hyphens."""
+    return "".join(ch for ch in name.lower() if ch not in " _-\t")
 
 
 def has_file_column(path: Path, options) -> bool:
