@@ -406,6 +406,14 @@ def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_pa
         + "\n".join(f"dog/{i:03d}.png,dog" for i in range(4))
     )
     assert discover(tmp_path / "d").layout == "csv manifest labels.csv"  # a manifest still wins
+    # Hugging Face's metadata.csv names the files, not their classes: the folders do
+    (tmp_path / "d" / "labels.csv").unlink()
+    (tmp_path / "d" / "metadata.csv").write_text("file_name,text\ncat/000.png,a grey cat\n")
+    s = discover(tmp_path / "d")
+    assert (
+        s.layout == "class folders"
+        and "or no labels" in s.skipped[str(tmp_path / "d" / "metadata.csv")]
+    )
 
 
 @pytest.mark.parametrize(

@@ -181,15 +181,16 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
 
 def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
     """The CSVs among a folder's entries that are read as its manifest: beside several folders
-    (class folders), only those with a file column; the others go into `skipped`."""
-    from image_classifier.data.manifest import FILE_COLUMNS, has_file_column
+    (class folders), only those naming files and labels; the others go into `skipped`."""
+    from image_classifier.data.manifest import FILE_COLUMNS, is_manifest
 
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
     if sum(p.is_dir() for p in entries) > 1:  # class folders beside a CSV that is no manifest
-        for p in [p for p in csvs if not has_file_column(p, manifest)]:
+        for p in [p for p in csvs if not is_manifest(p, manifest)]:
             csvs.remove(p)
             skipped[display_name(p)] = (
-                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...): not a manifest"
+                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...) or no labels: "
+                "not a manifest"
             )
     return csvs
 
