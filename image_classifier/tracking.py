@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from image_classifier.errors import UserError
 from image_classifier.rules import safe_name
+
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ..."
 
 
 def resolve_uri(logger_cfg, root: str | Path) -> tuple[str, str | None]:
@@ -73,8 +76,7 @@ def create_logger(cfg, run_name: str, tags: dict[str, str], run_id: str | None =
 
 
 def sweep_tags() -> dict[str, str]:
-    """In a Hydra multirun: the sweep's folder and this trial's number, so one query finds the
-    sweep's runs (image_classifier/sweeps.py names the best at the end)."""
+    """In a Hydra multirun: the sweep's folder and trial number (sweeps.py finds its runs)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -104,8 +106,7 @@ def experiment_id(cfg) -> str | None:
 
 def _creating(uri: str):
     """For the embedded SQLite store, a file lock beside it: commands started together on a new
-    project (`for d in a b c; do ... & done`) raced to create its tables, and all but one
-    ended in alembic's "Online migration expected to match one row" traceback."""
+    project raced to create its tables, and all but one ended in alembic's traceback."""
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     from filelock import FileLock
@@ -164,10 +165,10 @@ def open_run(cfg, run_id: str):
 
 def log_artifacts(logger, paths, artifact_path: str | None = None) -> None:
     for p in paths:
-        if Path(p).is_dir():
-            logger.experiment.log_artifacts(logger.run_id, str(p), artifact_path=artifact_path)
-        else:
-            logger.experiment.log_artifact(logger.run_id, str(p), artifact_path=artifact_path)
+        e = logger.experiment
+        (e.log_artifacts if Path(p).is_dir() else e.log_artifact)(
+            logger.run_id, str(p), artifact_path=artifact_path
+        )
 
 
 def log_metrics(logger, metrics: dict[str, float]) -> None:
@@ -292,8 +293,7 @@ def register_version(client, model_uri: str, name: str, run_id: str | None, tags
 
 
 def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
-    """The ONNX file of a registered model version (downloaded once into mlruns/registry/) and
-    what the registry says about it: {name, version, aliases, run_id}."""
+    """A registered version's ONNX file (downloaded once into mlruns/registry/) and its facts."""
     import mlflow
     import mlflow.artifacts
 

@@ -77,6 +77,8 @@ def test_multirun_sweep_gives_each_run_its_folder_and_mlflow_run(tmp_path, idx_s
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Sweep: 1 of 2 trial(s) done in " in p.stdout and ", about " in p.stdout
+    # a new project's store is made without MLflow's "Creating initial MLflow database tables"
+    assert "database tables" not in p.stdout + p.stderr
     assert "Sweep: 2 of 2 trial(s) done in " in p.stdout
     ckpts = sorted(tmp_path.glob("multirun/*/*/*/checkpoints/best.ckpt"))
     assert [c.parts[-3] for c in ckpts] == ["0", "1"]
