@@ -410,10 +410,12 @@ def test_a_csv_that_is_not_a_manifest_beside_class_folders_is_passed_over(tmp_pa
     (tmp_path / "d" / "labels.csv").unlink()
     (tmp_path / "d" / "metadata.csv").write_text("file_name,text\ncat/000.png,a grey cat\n")
     s = discover(tmp_path / "d")
-    assert (
-        s.layout == "class folders"
-        and "or no labels" in s.skipped[str(tmp_path / "d" / "metadata.csv")]
-    )
+    skipped = s.skipped[str(tmp_path / "d" / "metadata.csv")]
+    assert s.layout == "class folders" and "a metadata.csv with no label column" in skipped
+    # any other CSV that names files is the manifest: its label column, if unknown, is asked for
+    (tmp_path / "d" / "metadata.csv").rename(tmp_path / "d" / "train.csv")
+    with pytest.raises(UserError, match="Set data.csv_label_column"):
+        discover(tmp_path / "d")
 
 
 @pytest.mark.parametrize(

@@ -181,7 +181,7 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
 
 def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
     """The CSVs among a folder's entries that are read as its manifest: beside several folders
-    (class folders), only those naming files and labels; the others go into `skipped`."""
+    (class folders), only those naming files (`is_manifest`); the others go into `skipped`."""
     from image_classifier.data.manifest import FILE_COLUMNS, is_manifest
 
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
@@ -189,8 +189,8 @@ def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
         for p in [p for p in csvs if not is_manifest(p, manifest)]:
             csvs.remove(p)
             skipped[display_name(p)] = (
-                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...) or no labels: "
-                "not a manifest"
+                f"a CSV with no file column ({', '.join(FILE_COLUMNS[:4])}...), or a metadata.csv "
+                "with no label column: not a manifest"
             )
     return csvs
 

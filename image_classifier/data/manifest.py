@@ -134,21 +134,18 @@ def column_key(name: str) -> str:
 
 def is_manifest(path: Path, options) -> bool:
     """Whether a CSV beside class folders is their manifest: it names its files (a file column,
-    or data.csv_file_column) and their labels (a label column, data.csv_label_column, or 0/1
-    columns per class). Hugging Face's metadata.csv (file_name and a caption) is not one."""
+    or data.csv_file_column). Hugging Face's imagefolder `metadata.csv` names files and their
+    captions: without a label column it is not one, and the folders label the images."""
     if options.file_column:
         return True
     try:
-        rows, columns, lower = _read_rows(path)
+        _, _, lower = _read_rows(path)
     except (UserError, OSError, UnicodeDecodeError, csv.Error):  # no rows, unreadable
         return False
-    fcol = next((lower[c] for c in FILE_COLUMNS if c in lower), None)
-    if fcol is None:
+    if not any(c in lower for c in FILE_COLUMNS):
         return False
-    if options.label_column or any(c in lower for c in LABEL_COLUMNS):
-        return True
-    others = [c for c in columns if c not in (fcol, lower.get(SPLIT_COLUMN))]
-    return len(others) >= 2 and _non_binary(rows, others) is None
+    labelled = options.label_column or any(c in lower for c in LABEL_COLUMNS)
+    return path.name.lower() != "metadata.csv" or bool(labelled)
 
 
 def listed_files(path: Path, column: str | None = None, key: str = "infer.file_column"):
