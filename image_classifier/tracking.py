@@ -106,7 +106,7 @@ def experiment_id(cfg) -> str | None:
 
 def _creating(uri: str):
     """For the embedded SQLite store, a file lock beside it: commands started together on a new
-    project raced to create its tables, and all but one ended in alembic's traceback."""
+    project raced to create its tables ("Online migration expected to match one row")."""
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     from filelock import FileLock
@@ -164,8 +164,8 @@ def open_run(cfg, run_id: str):
 
 
 def log_artifacts(logger, paths, artifact_path: str | None = None) -> None:
+    e = logger.experiment
     for p in paths:
-        e = logger.experiment
         (e.log_artifacts if Path(p).is_dir() else e.log_artifact)(
             logger.run_id, str(p), artifact_path=artifact_path
         )
@@ -293,7 +293,8 @@ def register_version(client, model_uri: str, name: str, run_id: str | None, tags
 
 
 def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
-    """A registered version's ONNX file (downloaded once into mlruns/registry/) and its facts."""
+    """A registered version's ONNX file (fetched once into mlruns/registry/) and its facts:
+    {name, version, aliases, run_id, uri}."""
     import mlflow
     import mlflow.artifacts
 
@@ -325,8 +326,7 @@ def fetch_registered(cfg, uri: str) -> tuple[Path, dict]:
 
 
 def move_alias(client, name: str, alias: str, version: str):
-    """Point `alias` of registered model `name` at `version` (promotion and rollback); the
-    version it pointed at before, or None for a new alias."""
+    """Point `alias` of model `name` at `version`; the version it left (None: a new alias)."""
     from mlflow.exceptions import MlflowException
 
     try:
