@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,10 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
         "infer.top_k=2",
     )
     rows = list(csv.DictReader(out.open()))
+    # the summary counts what the folder came out as, most predicted first
+    counts = Counter(r["predicted_class"] for r in rows).most_common()
+    err = capsys.readouterr().err
+    assert "  predicted classes: " + ", ".join(f"{c} {k}" for c, k in counts) in err, err
     probs = ["prob_cat", "prob_dog", "prob_fox"]  # the model's classes, in its order
     assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence", *probs]
     for row in rows:  # top_k=2: the third class's cell is empty; the first is the prediction
@@ -121,6 +126,21 @@ def test_infer_without_a_model_names_the_newest_it_found(trained, exported, caps
     model, registered = runs.model_location(cfg, cfg.infer.model, "infer.model")
     run_infer(cfg, model, registered)
     assert f"(the newest, {model})" in capsys.readouterr().err and model.suffix == ".onnx"
+
+
+def test_the_infer_summary_counts_each_label_of_multi_label_rows(capsys):
+    from omegaconf import OmegaConf
+
+    from image_classifier.inference.infer import _summary
+
+    rows = [
+        {"path": "a.png", "predicted_class": "x", "predicted_labels": ["x", "y"]},
+        {"path": "b.png", "predicted_class": "y", "predicted_labels": ["y"]},
+        {"path": "c.png", "error": "empty (0 bytes)"},
+    ]
+    _summary(OmegaConf.create({"output": None, "sort_into": None}), rows, 3, "m", 1.0, 0)
+    err = capsys.readouterr().err
+    assert "Predicted 2 of 3 image(s)" in err and "  predicted labels: y 2, x 1\n" in err
 
 
 def test_onnx_and_checkpoint_backends_agree(trained, exported):

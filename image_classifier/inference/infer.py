@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
@@ -223,5 +224,14 @@ def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, s
         + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
         file=sys.stderr,
     )
+    answered = [r for r in rows or [] if not r.get("error")]
+    if len(answered) > 1:  # what a folder came out as, most predicted first
+        counts = Counter(
+            c for r in answered for c in r.get("predicted_labels", [r["predicted_class"]])
+        )
+        top = ", ".join(f"{c} {k:,}" for c, k in counts.most_common(10))
+        more = f", and {len(counts) - 10} more classes" if len(counts) > 10 else ""
+        what = "labels" if "predicted_labels" in answered[0] else "classes"
+        print(f"  predicted {what}: {top}{more}", file=sys.stderr)
     for r in errors[:20]:
         print(f"  {r['path']}: {r['error']}", file=sys.stderr)
