@@ -255,6 +255,7 @@ def test_files_that_change_after_the_scan_are_reported_not_raised(tmp_path):
     assert why is None and thumb.shape == (32, 32) and colour.shape == (3, 16, 16)
     assert len(digest) == 32
     assert size == (16, 16) and grey
+    assert _file_entry(str(good), colour_data=False)[2] is None  # grey data: no colour thumbnail
     gone = tmp_path / "gone.png"
     assert _file_entry(str(gone))[-1] == f"{gone}: cannot read (No such file or directory)"
     cut = tmp_path / "cut.png"

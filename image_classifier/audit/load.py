@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,8 +65,9 @@ def _thumbs_from_arrays(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | 
     return shrink(grey, THUMB)[:, 0].numpy(), colour
 
 
-def _file_entry(path: str):
-    """(hash, grey thumbnail, colour thumbnail, (w, h), grey, None), or Nones and why."""
+def _file_entry(path: str, colour_data: bool = True):
+    """(hash, grey thumbnail, colour thumbnail (None for grey data), (w, h), grey, None), or
+    Nones and why."""
     from PIL import Image
 
     from image_classifier.data.images import (
@@ -83,12 +85,14 @@ def _file_entry(path: str):
         grey = mode in GREY_MODES
         thumb = to_model_mode(im, 1).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
         side = (COLOUR_THUMB, COLOUR_THUMB)
-        colour = to_model_mode(im, 3).resize(side, Image.Resampling.BILINEAR)
+        colour = (
+            to_model_mode(im, 3).resize(side, Image.Resampling.BILINEAR) if colour_data else None
+        )
     except OSError as e:  # gone or unreadable since the scan
         return None, None, None, None, None, f"{path}: cannot read ({e.strerror or e})"
     except ImageError as e:  # changed since the scan
         return None, None, None, None, None, str(e)
-    colour = np.asarray(colour, dtype=np.uint8).transpose(2, 0, 1)
+    colour = None if colour is None else np.asarray(colour, dtype=np.uint8).transpose(2, 0, 1)
     return _digest(data), np.asarray(thumb, dtype=np.float32), colour, size, grey, None
 
 
@@ -102,7 +106,7 @@ def load(cfg) -> AuditData:
     for s, split in enumerate(SPLITS):
         ds = datasets[split]
         if len(ds):
-            parts.append(_split_entries(ds, split, s, skipped))
+            parts.append(_split_entries(ds, split, s, skipped, info.preprocessing.channels == 3))
     merged = {k: [x for p in parts for x in p[k]] for k in ("names", "digests", "labels")}
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("splits", "thumbs")}
     cat |= {k: np.concatenate([p[k] for p in parts]) for k in ("sizes", "grey")}
@@ -141,7 +145,7 @@ def label_sets(classes: list[str], labels: list[tuple]) -> tuple[list[str], np.n
     return combos, np.array([index[n] for n in names], dtype=np.int64)
 
 
-def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
+def _split_entries(ds, split: str, s: int, skipped: dict, colour_data: bool) -> dict:
     from image_classifier.data.datasets import ArrayDataset, FileDataset
 
     if isinstance(ds, ArrayDataset) and ds.items is None:  # arrays, not decoded files
@@ -162,7 +166,9 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
     if not isinstance(ds, FileDataset | ArrayDataset):
         raise UserError(f"audit cannot read a {type(ds).__name__} dataset.")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        entries = list(pool.map(_file_entry, [p for p, _ in ds.items]))
+        entries = list(
+            pool.map(partial(_file_entry, colour_data=colour_data), [p for p, _ in ds.items])
+        )
     keep = []
     for (path, y), (digest, thumb, colour, size, grey, why) in zip(ds.items, entries, strict=True):
         if thumb is None:
@@ -178,6 +184,8 @@ def _split_entries(ds, split: str, s: int, skipped: dict) -> dict:
         "thumbs": np.stack([k[3] for k in keep]) if keep else np.zeros((0, THUMB, THUMB), "f4"),
         "sizes": np.array([k[4] for k in keep], dtype=np.int64).reshape(-1, 2),
         "grey": np.array([k[5] for k in keep], dtype=bool),
-        "colour": np.stack([k[6] for k in keep]) if keep else np.zeros((0, 3, *side), "u1"),
+        "colour": np.stack([k[6] for k in keep])
+        if keep and colour_data
+        else np.zeros((0, 3, *side), "u1"),
         "pixels": None,
     }
