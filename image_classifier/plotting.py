@@ -80,6 +80,12 @@ def _look_for_new_fonts() -> None:
     plt.rcParams["font.family"] = _fonts(FALLBACK)[0]
 
 
+def gallery_layout(fig) -> None:
+    """tight_layout for a grid of images with captions under a suptitle: 0.4 in for the title, and
+    room between rows for two-line captions (plain tight_layout let them cover the row above)."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()), h_pad=2.5)
+
+
 def save(fig, path: str | Path, dpi: int, layout=None) -> Path:
     """`fig` written to `path` (its folder made), laid out by `layout` (fig -> None; default:
     tight_layout), and closed."""

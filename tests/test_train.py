@@ -576,7 +576,7 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     assert per["b"] == {"precision": 1.0, "recall": 0.5, "support": 2}
     assert per["a"]["recall"] == 1.0 and per["a"]["precision"] == pytest.approx(2 / 3)
     lines = _metric_lines(report)
-    assert lines[1] == "  lowest recall: b 0.500, a 1.000"
+    assert lines[1] == "  lowest recall: b 0.500 (1 of 2), a 1.000 (2 of 2)"
     assert lines[2] == "  no test images of c: their recall is not measured"
     full = {"precision": 1.0, "recall": 1.0, "support": 2}  # not "lowest recall: a 1.000, b 1.000"
     perfect = {**report, "per_class": {"a": full, "b": full}}
@@ -1056,3 +1056,26 @@ def test_the_first_line_says_which_weights_training_starts_from(capsys, pretrain
     spec = {"name": "resnet50", "pretrained": pretrained}
     announce(trainer, torch.nn.Linear(1000, 1000), spec, info, 32, 7)
     assert capsys.readouterr().out.startswith(f"Training {says}1.00 M parameters) on shapes")
+
+
+def test_mistakes_gallery_captions_do_not_cover_the_row_above(tmp_path, monkeypatch):
+    """mistakes.png on a 40-class folder: the second row's two-line captions ("true green_ring /
+    pred yellow_ring (0.30)") were drawn over the first row's images."""
+    from image_classifier import plotting
+    from image_classifier.training import predictions
+
+    kept = []
+    monkeypatch.setattr(plotting.plt, "close", kept.append)
+    dataset = [(np.full((3, 71, 71), 90, np.uint8), 0)] * 9
+    probs = np.tile(np.eye(3)[1] * 0.8 + 0.1, (9, 1))
+    predictions.plot_mistakes(
+        dataset, list(range(9)), probs, np.zeros(9, int), ["a", "b", "c"], tmp_path / "mistakes.png"
+    )
+    fig = kept[0]
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    for above, below in zip(axes[:3], axes[6:9], strict=True):  # columns with an image in both rows
+        picture = above.get_window_extent(renderer)
+        caption = below.title.get_window_extent(renderer)
+        assert caption.y1 <= picture.y0, (caption, picture)
+    assert (tmp_path / "mistakes.png").is_file()

@@ -76,7 +76,7 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
 def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str | None:
     if not rows:
         return None
-    from image_classifier.plotting import plt, save
+    from image_classifier.plotting import gallery_layout, plt, save
 
     cols = max(len(r) for r in rows)
     # 2.7 in a row: the image and a caption of up to three lines
@@ -89,11 +89,7 @@ def _grid(d, rows: list[list[tuple[int, str]]], title: str, path: Path) -> str |
             axes[r][c].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
             axes[r][c].set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=10)
-
-    def layout(f) -> None:  # 0.4 in for the title
-        f.tight_layout(rect=(0, 0, 1, 1 - 0.4 / f.get_figheight()), h_pad=2.5)
-
-    return str(save(fig, path, dpi=80, layout=layout))
+    return str(save(fig, path, dpi=80, layout=gallery_layout))
 
 
 def _chunks(items: list, size: int) -> list[list]:

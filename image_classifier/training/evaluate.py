@@ -306,9 +306,11 @@ def _metric_lines(report) -> list[str]:
         from image_classifier.training.multilabel_report import summary_lines
 
         return summary_lines(report)
-    measured = [(c, v["recall"]) for c, v in report["per_class"].items() if v["support"]]
+    measured = [
+        (c, v["recall"], v["support"]) for c, v in report["per_class"].items() if v["support"]
+    ]
     absent = [c for c, v in report["per_class"].items() if not v["support"]]
-    worst = sorted(measured, key=lambda cv: cv[1])[:3]
+    worst = sorted(measured, key=lambda crs: crs[1])[:3]
     lines = [
         f"  accuracy {report['accuracy']:.4f} ("
         + interval_text(report["accuracy_interval"], report["data"]["test_images"])
@@ -316,7 +318,8 @@ def _metric_lines(report) -> list[str]:
         + f")   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
-        "  lowest recall: " + ", ".join(f"{c} {r:.3f}" for c, r in worst)
+        "  lowest recall: "
+        + ", ".join(f"{c} {r:.3f} ({round(r * n):,} of {n:,})" for c, r, n in worst)
         if worst and worst[0][1] < 1
         else f"  recall 1.000 for every class tested ({len(measured)})",
     ]

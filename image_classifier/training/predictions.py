@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from image_classifier.plotting import gallery_layout, save
 from image_classifier.training.plots import plt, save_figure
 
 TOP_K = 3
@@ -79,7 +80,7 @@ def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) 
             f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})", fontsize=7
         )
     fig.suptitle("Most confident mistakes, then each class's worst", fontsize=10)
-    return save_figure(fig, path)
+    return save(fig, path, dpi=110, layout=gallery_layout)
 
 
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, ece: float, path: Path) -> Path:
