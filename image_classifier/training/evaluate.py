@@ -46,12 +46,8 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
         run_name=f"test-{module.hparams.model['name']}",
         tags={**lineage.lineage_tags(cfg.paths.root, info.data_hash), "checkpoint": str(path)},
     )
-    kwargs = {
-        **trainer_kwargs(cfg, training=False),
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",
-    }
+    kwargs = {**trainer_kwargs(cfg, training=False), "devices": 1, "num_nodes": 1}
+    kwargs["strategy"] = "auto"  # one process tests, whatever trained
     trainer = L.Trainer(
         logger=logger or False, default_root_dir=out, callbacks=progress_bar(cfg), **kwargs
     )
@@ -301,16 +297,18 @@ def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
         tracking.set_tags(logger, {"train_run_id": train_run})
 
 
+def _of(row) -> str:  # "0.774 (774 of 1,000)": a recall of 0 on 1 image is not one on 100
+    return f"{row['recall']:.3f} ({round(row['recall'] * row['support']):,} of {row['support']:,})"
+
+
 def _metric_lines(report) -> list[str]:
     if report.get("multi_label"):
         from image_classifier.training.multilabel_report import summary_lines
 
         return summary_lines(report)
-    measured = [
-        (c, v["recall"], v["support"]) for c, v in report["per_class"].items() if v["support"]
-    ]
-    absent = [c for c, v in report["per_class"].items() if not v["support"]]
-    worst = sorted(measured, key=lambda crs: crs[1])[:3]
+    per = report["per_class"]
+    absent = [c for c in per if not per[c]["support"]]
+    worst = sorted((c for c in per if c not in absent), key=lambda c: per[c]["recall"])[:3]
     lines = [
         f"  accuracy {report['accuracy']:.4f} ("
         + interval_text(report["accuracy_interval"], report["data"]["test_images"])
@@ -318,10 +316,9 @@ def _metric_lines(report) -> list[str]:
         + f")   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
         f"{report['ece_uncalibrated']:.4f})",
-        "  lowest recall: "
-        + ", ".join(f"{c} {r:.3f} ({round(r * n):,} of {n:,})" for c, r, n in worst)
-        if worst and worst[0][1] < 1
-        else f"  recall 1.000 for every class tested ({len(measured)})",
+        "  lowest recall: " + ", ".join(f"{c} {_of(per[c])}" for c in worst)
+        if worst and per[worst[0]]["recall"] < 1
+        else f"  recall 1.000 for every class tested ({len(per) - len(absent)})",
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
