@@ -177,6 +177,12 @@ def is_auto(value) -> bool:
     return isinstance(value, str) and value == "auto"
 
 
+def fine_tunes(model_cfg) -> bool:
+    """Whether a model config starts from trained weights (pretrained ones, or a checkpoint's:
+    train.init_from), which decides the schedule, batch size, frozen stages and optimizer."""
+    return bool(model_cfg.get("pretrained") or model_cfg.get("init_from"))
+
+
 def safe_name(name: str) -> str:
     """A name as one part of a metric key, a folder or a served model's name: anything but
     letters, digits, - _ . becomes _."""

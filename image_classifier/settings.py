@@ -60,7 +60,8 @@ def _free_form_rules() -> dict:
         export.checkpoint export.trt.onnx export.trt.output export.triton.onnx
         export.triton.output export.triton.name register.model register.name register.alias
         infer.model infer.sort_into infer.file_column serve.model test.checkpoint
-        calibrate.checkpoint train.resume paths.root paths.data_dir paths.output_dir paths.plots"""
+        calibrate.checkpoint train.resume train.init_from paths.root paths.data_dir
+        paths.output_dir paths.plots"""
     flags = """train.class_weights train.compile train.calibrate train.device_data
         train.balanced_sampler train.channels_last train.keep_freed_memory data.strict
         data.download.track logger.enabled export.mlflow_model features.pretrained

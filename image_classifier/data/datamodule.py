@@ -24,6 +24,7 @@ from image_classifier.data.identity import SPLITS, DataInfo
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.splits import load_splits
 from image_classifier.errors import UserError
+from image_classifier.rules import fine_tunes
 
 # train.batch_size=auto: a pretrained network fine-tuned takes more, smaller steps. Chosen on
 # validation (docs/benchmarks.md): at 32 with 300 steps, colour-96's subsets of 300 and 1,000
@@ -195,10 +196,10 @@ class FeatureDataModule(L.LightningDataModule):
 
 
 def train_batch_size(cfg) -> int:
-    """cfg.train.batch_size, with `auto` resolved by whether cfg.model is pretrained."""
+    """cfg.train.batch_size, with `auto` resolved by whether cfg.model is fine-tuned."""
     size = cfg.train.batch_size
     if isinstance(size, str) and size == "auto":
-        return AUTO_BATCH["pretrained" if cfg.model.get("pretrained") else "scratch"]
+        return AUTO_BATCH["pretrained" if fine_tunes(cfg.model) else "scratch"]
     return int(size)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from image_classifier.errors import UserError
@@ -138,3 +139,38 @@ def store_buffers(path: str | Path, ckpt: dict, **values) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """What `train.init_from` takes from a checkpoint: read once, copied into the new network."""
+
+    path: Path
+    config: dict  # the resolved training config it was trained with
+    classes: list[str]
+    preprocessing: dict
+    state: dict  # the network's tensors (the module's `net.net.*`)
+
+
+def starting_point(path: str | Path) -> StartingPoint:
+    """A checkpoint `train` wrote, as the start of a new run on other data; a UserError for a
+    file that is not one, or a model with nothing to start from."""
+    ckpt = read(path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if not hp.get("config") or "classes" not in hp or "state_dict" not in ckpt:
+        raise UserError(
+            f"train.init_from: {str(path)!r} is not a checkpoint written by this tool's train."
+        )
+    name = hp["model"]["name"]
+    if name in ("head", "baseline"):
+        raise UserError(
+            f"train.init_from: {str(path)!r} is a model={name}, which has no network of its own "
+            "to start from (a head's backbone is the feature cache's). Start from a checkpoint "
+            "of an image model, or train model=head again."
+        )
+    state = {
+        k.removeprefix("net.net."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("net.net.")
+    }
+    return StartingPoint(Path(path), hp["config"], list(hp["classes"]), hp["preprocessing"], state)

@@ -13,9 +13,10 @@ from image_classifier.models.losses import forward_loss, task_loss
 from image_classifier.models.metrics import metric_set
 from image_classifier.models.optim import create_optimizer, create_scheduler
 from image_classifier.models.tta import tta_views
+from image_classifier.rules import fine_tunes
 
 # model config keys that steer training, not the architecture
-TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std")
+TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std", "init_from")
 
 
 class ClassifierModule(L.LightningModule):
@@ -190,7 +191,7 @@ class ClassifierModule(L.LightningModule):
         if not params:
             return None
         # Muon suits weights trained from scratch; pretrained ones are fine-tuned with AdamW
-        scratch = None if self.hparams.model.get("pretrained") else self.net.net
+        scratch = None if fine_tunes(self.hparams.model) else self.net.net
         opt = create_optimizer(params, o, net=scratch)
         sched = create_scheduler(opt, o, lambda: int(self.trainer.estimated_stepping_batches))
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}

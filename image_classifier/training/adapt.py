@@ -22,7 +22,7 @@ from image_classifier.data.profile import (
 )
 from image_classifier.errors import UserError
 from image_classifier.models.factory import OWN_MODELS
-from image_classifier.rules import is_auto, items
+from image_classifier.rules import fine_tunes, is_auto, items
 from image_classifier.training.resume import command_line_overrides
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,10 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
             )
         elif needs_size:
             median = profile.median_size if profile else (28, 28)
-            cfg.data.size = auto_size(median, bool(cfg.model.get("pretrained")))
+            cfg.data.size = auto_size(median, fine_tunes(cfg.model))
             notes.append(
                 f"data.size={list(cfg.data.size)} (median {median[0]}x{median[1]} px, "
-                f"{'pretrained' if cfg.model.get('pretrained') else 'from scratch'} limits)"
+                f"{'pretrained' if fine_tunes(cfg.model) else 'from scratch'} limits)"
             )
         if needs_model and cfg.model.get("pretrained"):
             notes += fine_tuning_augment(cfg)
@@ -105,9 +105,9 @@ def _note_enlarged(cfg, profile: ImageProfile | None):
     if profile is None or cfg.model.get("name") == "head":
         return cfg
     median = profile.median_size
-    auto = auto_size(median, bool(cfg.model.get("pretrained")))
+    auto = auto_size(median, fine_tunes(cfg.model))
     h, w = (int(x) for x in cfg.data.size)
-    if cfg.model.get("pretrained") and min(h, w) < PRETRAINED_SIZES["step"]:
+    if fine_tunes(cfg.model) and min(h, w) < PRETRAINED_SIZES["step"]:
         log.warning(
             "data.size=%s is under the %d px stride of the pretrained network's last stage: "
             "it sees less than one pixel of it. data.size=auto takes %s for these images.",
@@ -160,10 +160,11 @@ def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
     return str(auto.small_grey), f"{profile.describe()}: small and grey, trained from scratch"
 
 
-def choose_before_data(cfg) -> tuple[object, list[str]]:
-    """(config, notes) with every `auto` that the images' headers decide resolved: model,
-    data.size, the fine-tuning augmentation, train.batch_size and train.frozen_stages."""
-    cfg, chosen = choose_model_and_size(cfg)
+def choose_before_data(cfg, chosen: list[str]) -> tuple[object, list[str]]:
+    """(config, `chosen` and more notes) with every `auto` that the images' headers decide
+    resolved: model, data.size, the fine-tuning augmentation, batch size and frozen stages."""
+    cfg, notes = choose_model_and_size(cfg)
+    chosen = [*chosen, *notes]
     for choose in (choose_batch_size, choose_frozen_stages):
         cfg, notes = choose(cfg)
         chosen += notes
@@ -177,7 +178,7 @@ def choose_batch_size(cfg) -> tuple[object, list[str]]:
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.batch_size = train_batch_size(cfg)
-    why = "fine-tuning a pretrained network" if cfg.model.get("pretrained") else "from scratch"
+    why = "fine-tuning a pretrained network" if fine_tunes(cfg.model) else "from scratch"
     return cfg, [f"train.batch_size={cfg.train.batch_size} ({why})"]
 
 
@@ -187,7 +188,7 @@ def choose_frozen_stages(cfg) -> tuple[object, list[str]]:
     if not is_auto(cfg.train.get("frozen_stages")):
         return cfg, []
     m = cfg.model
-    tuned = m.get("pretrained") and not m.get("freeze_backbone") and m.name not in OWN_MODELS
+    tuned = fine_tunes(m) and not m.get("freeze_backbone") and m.name not in OWN_MODELS
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.train.frozen_stages = FROZEN_STAGES if tuned else 0
@@ -214,7 +215,7 @@ def small_folder_batch(
     note in `chosen`. Under train.time_budget=30, 80 train images, mean best validation accuracy
     of three seeds at batch 16 / 128: digits 96.1 / 93.3 %, Fashion-MNIST 75.9 / 69.1 %
     (docs/benchmarks.md, fourteenth session)."""
-    kind = "pretrained" if cfg.model.get("pretrained") else "scratch"
+    kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
     asked = batch = int(cfg.train.batch_size)
     while (
         auto_batch
@@ -242,7 +243,7 @@ def choose_epochs(cfg, train_images: int, chosen: list[str] = ()) -> tuple[objec
     as it is."""
     if not is_auto(cfg.train.get("epochs")):
         return cfg, list(chosen)
-    kind = "pretrained" if cfg.model.get("pretrained") else "scratch"
+    kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
     per_epoch = steps_per_epoch(train_images, int(cfg.train.batch_size))
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS[kind] / per_epoch)))
     cfg = cfg.copy()

@@ -1,5 +1,6 @@
 """`train.resume`: which checkpoint a run continues, with the config it was trained with, and
-what the command line that resumes it may change."""
+what the command line that resumes it may change; `train.init_from`: the checkpoint a new run
+starts from, on data of its own."""
 
 from __future__ import annotations
 
@@ -63,6 +64,54 @@ def resume_point(cfg):
     # folder "exists and is not empty" is for runs that would mix with another's
     warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
     return resumed, ckpt
+
+
+def init_point(cfg):
+    """(config, models/checkpoint.StartingPoint or None, notes) for train.init_from=PATH (a
+    checkpoint or run folder): a new run on this data, from that model's network. Its
+    architecture (the model config), input size, normalisation and augmentation come with it; a
+    model= naming another network is refused; data.size, data.channels and train.augment given on
+    the command line win."""
+    given = cfg.train.get("init_from")
+    if not given:
+        return cfg, None, []
+    if cfg.train.get("resume"):
+        raise UserError(
+            "train.resume continues an interrupted run; train.init_from starts a new one from a "
+            "trained model's weights. Give one of them."
+        )
+    start = ckpt_file.starting_point(runs.checkpoint(cfg, given, "train.init_from"))
+    model, pre = start.config["model"], start.preprocessing
+    given_keys = command_line_overrides()
+    asked = [k for k in given_keys if k == "model" or k.startswith("model.")]
+    if asked and cfg.model.get("name") not in ("auto", model["name"]):
+        raise UserError(
+            f"train.init_from={given} holds a {model['name']} network, and model="
+            f"{cfg.model.get('name')} asks for another. Drop the model override (the network "
+            "comes from the checkpoint), or drop train.init_from to train that model."
+        )
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.model = {**model, "pretrained": False, "init_from": str(start.path)}
+        notes = [f"model={model['name']} (train.init_from: the network of {start.path})"]
+        for key in ("size", "channels"):
+            if is_auto(cfg.data.get(key)):
+                cfg.data[key] = pre[key]
+                notes.append(f"data.{key}={pre[key]} (what it was trained with)")
+        if cfg.data.channels == pre["channels"]:
+            cfg.data.mean, cfg.data.std = pre["mean"], pre["std"]
+        was = start.config["train"]["augment"]
+        if not any(k.startswith(("train.augment", "experiment")) for k in given_keys):
+            now = OmegaConf.to_container(cfg.train.augment)
+            if changed := {k: v for k, v in was.items() if now.get(k) != v}:
+                cfg.train.augment = was
+                said = " ".join(f"train.augment.{k}={_text(v)}" for k, v in changed.items())
+                notes.append(f"{said} (what it was trained with)")
+    return cfg, start, notes
+
+
+def _text(value) -> str:  # as it is typed on the command line
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def command_line_overrides() -> list[str]:

@@ -110,6 +110,8 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     start = (
         ""  # model=head: its backbone's weights are the feature cache's
         if spec["name"] == "head"
+        else f" from the weights of {spec['init_from']}"
+        if spec.get("init_from")
         else " from random weights"
         if not given
         else " from pretrained weights"

@@ -22,7 +22,7 @@ from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.factory import check_input_size
 from image_classifier.models.module import ClassifierModule
-from image_classifier.models.pretrained import freeze_stages
+from image_classifier.models.pretrained import freeze_stages, start_from
 from image_classifier.rules import is_auto
 from image_classifier.training.adapt import (
     annealed_runs_whole,
@@ -50,6 +50,7 @@ from image_classifier.training.resume import (
     check_resumed_data,
     check_stretch,
     fit,
+    init_point,
     resume_point,
 )
 from image_classifier.training.summary import (
@@ -64,24 +65,9 @@ from image_classifier.training.summary import (
 for _name in ("lightning.pytorch", "lightning.fabric"):  # no tips and device banners
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-OPTIM_KEYS = (
-    "optimizer",
-    "monitor",
-    "lr",
-    "muon_lr_scale",
-    "weight_decay",
-    "momentum",
-    "scheduler",
-    "warmup",
-    "step_size",
-    "gamma",
-    "patience",
-    "label_smoothing",
-    "channels_last",
-    "compile",
-    "supcon_weight",
-    "supcon_temperature",
-)
+OPTIM_KEYS = ("optimizer", "monitor", "lr", "muon_lr_scale", "weight_decay", "momentum")
+OPTIM_KEYS += ("scheduler", "warmup", "step_size", "gamma", "patience", "label_smoothing")
+OPTIM_KEYS += ("channels_last", "compile", "supcon_weight", "supcon_temperature")
 
 
 def trainer_kwargs(cfg, training: bool = True, steps_per_epoch: int | None = None) -> dict:
@@ -122,14 +108,11 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     cfg, resume_from = resume_point(cfg)
     if resume_from is not None:  # the stored config's epochs, or more when asked for
         check_stretch(cfg, asked)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if cfg.train.get("threads"):
-        torch.set_num_threads(int(cfg.train.threads))
-    if cfg.train.get("keep_freed_memory", True):
-        keep_freed_memory()
+    set_up_process(cfg)
     out = runs.output_dir(cfg)
     auto_batch = is_auto(cfg.train.get("batch_size"))
-    cfg, chosen = choose_before_data(cfg)
+    cfg, start, chosen = init_point(cfg) if resume_from is None else (cfg, None, [])
+    cfg, chosen = choose_before_data(cfg, chosen)
     cfg, model_spec = model_normalisation(cfg)
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
@@ -151,6 +134,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     steps = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
     check_schedule_fits(cfg, steps, epochs)  # before an MLflow run is opened
     module = build_module(cfg, model_spec, info)
+    start_note = start_from(module.net.net, start, info.classes) if start else ""
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
@@ -162,6 +146,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
     announce(trainer, module, model_spec, info, int(cfg.train.batch_size), steps)
+    if start_note and trainer.is_global_zero:
+        print(start_note)
     fit(trainer, module, dm, resume_from, checkpoint, last)
     result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
     result |= {"batching": getattr(dm, "batching", "from a DataLoader"), "time_budget": budget}
@@ -175,6 +161,15 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         log_run(logger, result, module.hparams.data)
         print_summary(result, info)
     return result
+
+
+def set_up_process(cfg) -> None:
+    """Seeds, torch's threads and the allocator, before anything is built."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
+    if cfg.train.get("keep_freed_memory", True):
+        keep_freed_memory()
 
 
 def budgeted(cfg, model_spec: dict, info, dm, started: float):
