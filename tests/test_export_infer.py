@@ -96,6 +96,15 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
     counts = Counter(r["predicted_class"] for r in rows).most_common()
     err = capsys.readouterr().err
     assert "  predicted classes: " + ", ".join(f"{c} {k}" for c, k in counts) in err, err
+    # images in folders named after the classes: how often the folder is the prediction, and how
+    # to test the model on them
+    same = sum(Path(r["path"]).parent.name == r["predicted_class"] for r in rows)
+    assert (
+        f"  in folders named after a class: 24 images, {same} ({100 * same / 24:.1f} %) predicted "
+        "as their folder; the full report on them: uv run python commands.py command=test "
+        f"test.checkpoint={onnx_path.with_suffix('.ckpt')} data=folder data.root={images} "
+        "data.split=[0,0,1]"
+    ) in err, err
     probs = ["prob_cat", "prob_dog", "prob_fox"]  # the model's classes, in its order
     assert len(rows) == 24 and list(rows[0]) == ["path", "predicted_class", "confidence", *probs]
     for row in rows:  # top_k=2: the third class's cell is empty; the first is the prediction
@@ -695,3 +704,21 @@ def test_test_and_export_follow_the_recipes_tta_stored_in_the_checkpoint(trained
     )
     assert p.returncode == 0, p.stderr
     assert load_predictor(recipe.with_suffix(".onnx")).meta.extra["tta"] == "hflip"
+
+
+def test_infer_says_how_often_folder_names_agree_only_where_they_name_classes(tmp_path):
+    from image_classifier.inference.infer import folder_agreement
+
+    def rows(*pairs):
+        return [{"path": f"in/{f}/{i}.png", "predicted_class": p} for i, (f, p) in enumerate(pairs)]
+
+    model = tmp_path / "m.onnx"  # no .ckpt beside it: no test command to offer
+    some = rows(("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("owl", "cat"))
+    assert folder_agreement(some, ["cat", "dog"], "in", model) == (
+        "  in folders named after a class: 3 images, 2 (66.7 %) predicted as their folder; 1 in "
+        "folders of no class (owl)"
+    )
+    flat = rows(("photos", "cat"), ("photos", "dog"), ("cat", "cat"))  # one image in "cat"
+    assert folder_agreement(flat, ["cat", "dog"], "in", model) == ""
+    many = [{**r, "predicted_labels": ["cat"]} for r in some]
+    assert folder_agreement(many, ["cat", "dog"], "in", model) == ""  # multi-label

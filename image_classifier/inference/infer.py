@@ -20,7 +20,7 @@ from pathlib import Path
 from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
 from image_classifier.data.layouts import files_under
 from image_classifier.data.manifest import listed_files, listed_path
-from image_classifier.errors import Interrupted, UserError
+from image_classifier.errors import Interrupted, UserError, listed
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
 
@@ -197,6 +197,8 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     name = f"{c.model}, version {registered['version']}" if registered else model.name
     name = name if c.get("model") else f"the newest, {model}"  # which run's, when found
     _summary(c, rows, len(paths), f"{backend} ({name})", seconds, sorted_n)
+    if line := folder_agreement(rows or [], classes, str(c.input), model):
+        print(line, file=sys.stderr)
     return {"rows": rows, "seconds": seconds, "images": len(paths)}
 
 
@@ -235,3 +237,28 @@ def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, s
         print(f"  predicted {what}: {top}{more}", file=sys.stderr)
     for r in errors[:20]:
         print(f"  {r['path']}: {r['error']}", file=sys.stderr)
+
+
+def folder_agreement(rows: list[dict], classes: list[str], given: str, model: Path) -> str:
+    """When most images sit in folders named after the model's classes (a labelled folder run
+    through infer), how often the prediction is the folder's name, and the command that tests
+    the model on them properly; '' otherwise (and for multi-label models)."""
+    answered = [r for r in rows if not r.get("error")]
+    named = [r for r in answered if Path(r["path"]).parent.name in classes]
+    if len(named) < 2 or 2 * len(named) < len(rows) or "predicted_labels" in named[0]:
+        return ""
+    same = sum(Path(r["path"]).parent.name == r["predicted_class"] for r in named)
+    other = sorted({Path(r["path"]).parent.name for r in answered} - set(classes))
+    line = (
+        f"  in folders named after a class: {len(named):,} images, {same:,} "
+        f"({100 * same / len(named):.1f} %) predicted as their folder"
+    )
+    ckpt = model if model.suffix == ".ckpt" else model.with_suffix(".ckpt")
+    if other:
+        line += f"; {len(answered) - len(named):,} in folders of no class ({listed(other)})"
+    elif Path(given).expanduser().is_dir() and ckpt.is_file():
+        line += (
+            "; the full report on them: uv run python commands.py command=test "
+            f"test.checkpoint={ckpt} data=folder data.root={given} data.split=[0,0,1]"
+        )
+    return line
