@@ -118,6 +118,7 @@ def test_train_init_from_a_file_it_cannot_start_from_says_why(trained, tmp_path)
         head: "is a model=head, which has no network of its own to start from",
         onnx: "is an exported model; this command reads the training checkpoint",
         tmp_path / "none.ckpt": "does not exist",
+        "models:/shapes-cnn@champion": "is a registered model, an ONNX export without the training",
     }
     for path, said in cases.items():
         cfg = compose_cfg(root, "data=folder", f"data.root={images}", f"train.init_from={path}")

@@ -14,7 +14,7 @@ from image_classifier import runs
 from image_classifier.data.identity import class_change
 from image_classifier.errors import UserError
 from image_classifier.models import checkpoint as ckpt_file
-from image_classifier.rules import is_auto
+from image_classifier.rules import REGISTRY_PREFIX, is_auto
 from image_classifier.training.callbacks import interruptible
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def init_point(cfg):
         raise UserError(
             "train.resume continues an interrupted run; train.init_from starts a new one from a "
             "trained model's weights. Give one of them."
+        )
+    if str(given).startswith(REGISTRY_PREFIX):
+        raise UserError(
+            f"train.init_from={given} is a registered model, an ONNX export without the training "
+            "weights. Give the run folder or best.ckpt it was exported from."
         )
     start = ckpt_file.starting_point(runs.checkpoint(cfg, given, "train.init_from"))
     model, pre = start.config["model"], start.preprocessing
