@@ -53,11 +53,12 @@ def _combination_problems(cfg) -> list[str]:
             f"infer.output={output!r}: Parquet is written by the Ray engine (infer.engine=ray); "
             "with infer.engine=local use a .csv or .json file."
         )
-    if parquet and OmegaConf.select(cfg, "infer.sort_into"):
-        found.append(
-            "infer.sort_into needs the rows on this machine; with infer.output=*.parquet they "
-            "stay on the cluster. Use a .csv or .json output to sort the images."
-        )
+    for key in ("infer.sort_into", "infer.min_confidence"):
+        if parquet and OmegaConf.select(cfg, key) is not None:
+            found.append(
+                f"{key} needs the rows on this machine; with infer.output=*.parquet they stay on "
+                "the cluster. Use a .csv or .json output."
+            )
     return found
 
 

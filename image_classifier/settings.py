@@ -174,6 +174,7 @@ def _inference_rules() -> dict:
         "infer.sort_mode": Choice(SORT_MODES),
         "infer.device": Choice(DEVICES),
         "infer.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
+        "infer.min_confidence": Number(0, 1, open_lo=True, optional=True),
         "serve.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
         "serve.device": Choice(DEVICES),
         "serve.port": Number(0, 65535, integer=True),

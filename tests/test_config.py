@@ -33,6 +33,12 @@ from image_classifier.config import _compose, problems
             "infer.sort_into needs the rows on this machine; with infer.output=*.parquet they "
             "stay on the cluster.",
         ),
+        (
+            "infer.engine=ray infer.output=x.parquet infer.min_confidence=0.9",
+            "infer.min_confidence needs the rows on this machine; with infer.output=*.parquet "
+            "they stay on the cluster.",
+        ),
+        ("infer.min_confidence=0", "infer.min_confidence=0 must be a number > 0 and <= 1."),
     ],
 )
 def test_bad_value_exits_2_before_any_work(tmp_path, override, message):

@@ -722,3 +722,44 @@ def test_infer_says_how_often_folder_names_agree_only_where_they_name_classes(tm
     assert folder_agreement(flat, ["cat", "dog"], "in", model) == ""
     many = [{**r, "predicted_labels": ["cat"]} for r in some]
     assert folder_agreement(many, ["cat", "dog"], "in", model) == ""  # multi-label
+
+
+def test_infer_min_confidence_marks_rows_below_it_and_sorts_them_aside(
+    trained, exported, tmp_path, capsys
+):
+    """Rows below infer.min_confidence keep their prediction and say `uncertain`; sort_into
+    puts those images in _uncertain/, and the summary counts them. The floor is the tiny
+    model's median confidence, so both sides hold images."""
+    root, _, images = trained
+    onnx_path, _ = exported
+    out, review = tmp_path / "preds.csv", tmp_path / "review"
+    overrides = [f"infer.model={onnx_path}", f"infer.input={images}", f"infer.output={out}"]
+    floor = round(float(np.median([x["confidence"] for x in _infer(root, *overrides)["rows"]])), 6)
+    r = _infer(root, *overrides, f"infer.min_confidence={floor}", f"infer.sort_into={review}")
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0])[:4] == ["path", "predicted_class", "confidence", "uncertain"]
+    below = [row for row in rows if float(row["confidence"]) < floor]
+    assert 0 < len(below) < len(rows)
+    assert [row["uncertain"] for row in rows] == [
+        "true" if float(row["confidence"]) < floor else "false" for row in rows
+    ]
+    assert [x["uncertain"] for x in r["rows"]] == [float(x["confidence"]) < floor for x in rows]
+    assert len(list((review / "_uncertain").glob("*.png"))) == len(below)
+    assert len(list(review.rglob("*.png"))) == len(rows)
+    assert f"; {len(below)} uncertain (below {floor}); " in capsys.readouterr().err
+
+
+def test_infer_min_confidence_is_refused_for_a_multi_label_model_before_predicting():
+    from types import SimpleNamespace
+
+    from image_classifier.inference.infer import check_floor
+
+    meta = SimpleNamespace(multi_label=True, classes=["a", "b"])
+    with pytest.raises(
+        UserError,
+        match=r"min_confidence=0.8 is for single-label models; .* set "
+        r"infer.threshold instead",
+    ):
+        check_floor(meta, SimpleNamespace(min_confidence=0.8, get=lambda k: 0.8))
+    single = SimpleNamespace(multi_label=False, classes=["a", "b"])
+    assert check_floor(single, SimpleNamespace(get=lambda k: 0.8)) == ["a", "b"]

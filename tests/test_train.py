@@ -1079,3 +1079,19 @@ def test_mistakes_gallery_captions_do_not_cover_the_row_above(tmp_path, monkeypa
         caption = below.title.get_window_extent(renderer)
         assert caption.y1 <= picture.y0, (caption, picture)
     assert (tmp_path / "mistakes.png").is_file()
+
+
+def test_test_reports_what_each_confidence_floor_keeps_and_its_accuracy():
+    """Four images: confidences 0.95 (right), 0.85 (wrong), 0.6 (right), 0.4 (wrong)."""
+    from image_classifier.models.metrics import by_confidence, confidence_text
+
+    probs = np.array([[0.95, 0.05], [0.15, 0.85], [0.6, 0.4], [0.4, 0.3]])
+    rows = by_confidence(probs, np.array([0, 0, 0, 1]), levels=(0.5, 0.9, 0.99))
+    assert rows == [
+        {"min_confidence": 0.5, "answered": 0.75, "accuracy": pytest.approx(2 / 3)},
+        {"min_confidence": 0.9, "answered": 0.25, "accuracy": 1.0},
+        {"min_confidence": 0.99, "answered": 0.0, "accuracy": None},
+    ]
+    assert (
+        confidence_text(rows) == "0.5 75.0 % (66.7 % right), 0.9 25.0 % (100.0 % right), 0.99 0.0 %"
+    )

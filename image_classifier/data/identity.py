@@ -6,6 +6,7 @@ train), and how imbalanced its classes are."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections import Counter
@@ -16,6 +17,8 @@ import numpy as np
 
 from image_classifier.data.images import Preprocessing
 from image_classifier.errors import UserError, did_you_mean, listed
+
+log = logging.getLogger(__name__)
 
 
 def stratified_indices(labels: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,3 +267,30 @@ class DataInfo:
     cache: str = ""  # the decoded-image cache folder the splits are read from, if any
     digests: dict[str, list[str]] = field(default_factory=dict)  # per split, each file's content
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
+
+
+def data_mismatch(hp, info, trained: list[str] | None = None) -> str:
+    """A note when the test data is not the data the model was trained on, else '': with the
+    digests of the images it `trained` on, how many of the tested ones it has seen."""
+    trained_hash = (hp.get("data") or {}).get("hash")
+    if not trained_hash or trained_hash == info.data_hash:
+        return ""
+    note = (
+        f"the test data (hash {info.data_hash}) differs from the data this model was trained on "
+        f"(hash {trained_hash})"
+    )
+    tested, trained = info.digests.get("test", []), set(trained or ())
+    if seen := sum(d in trained for d in tested):
+        note += (
+            f". {seen} of the {len(tested)} test images were training images of this model "
+            "(the same content): its accuracy on them is no test"
+        )
+    sizes = info.split_sizes
+    if info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values()):
+        note += (
+            f". Only its test split was tested ({sizes.get('test', 0)} of {sum(sizes.values())} "
+            "images, by data.split): if the model never saw these images, data.split=[0,0,1] "
+            "tests every one"
+        )
+    log.warning("Data mismatch: %s; metrics may not be comparable.", note)
+    return note

@@ -96,7 +96,9 @@ def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
         if row.get("error"):
             continue
         src = Path(row["path"]).resolve()
-        dest_dir = folder / _safe_dir_name(row["predicted_class"])
+        dest_dir = folder / (
+            "_uncertain" if row.get("uncertain") else _safe_dir_name(row["predicted_class"])
+        )
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / src.name
         i = 1
@@ -113,6 +115,26 @@ def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
     return n
 
 
+def check_floor(meta, c) -> list[str]:
+    """The model's classes, once infer.min_confidence is known to suit it (before predicting)."""
+    if c.get("min_confidence") is not None and meta.multi_label:
+        raise UserError(
+            f"infer.min_confidence={c.min_confidence} is for single-label models; this "
+            "multi-label one decides each label by its threshold: set infer.threshold instead."
+        )
+    return meta.classes
+
+
+def mark_uncertain(rows: list[dict], floor: float | None) -> None:
+    """infer.min_confidence: each answered row gets `uncertain`, whether its confidence is below
+    the floor (its predicted_class stays: the row says what the model thought)."""
+    if floor is None:
+        return
+    for r in rows:
+        if not r.get("error"):
+            r["uncertain"] = r["confidence"] < floor
+
+
 def _csv_text(rows: list[dict], classes: list[str]) -> str:
     """path, predicted_class, confidence, then one probability column per class in the model's
     order (`prob_<class>`; empty where infer.top_k left the class out, or the image failed)."""
@@ -120,15 +142,18 @@ def _csv_text(rows: list[dict], classes: list[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     with_errors = any(r.get("error") for r in rows)
     multi = any("predicted_labels" in r for r in rows)  # multi-label: ';'-joined labels
+    floor = any("uncertain" in r for r in rows)  # infer.min_confidence: true or false
     w.writerow(
         ["path", "predicted_class", "confidence"]
         + (["predicted_labels"] if multi else [])
+        + (["uncertain"] if floor else [])
         + [f"prob_{name}" for name in classes]
         + (["error"] if with_errors else [])
     )
     for r in rows:
         confidence = "" if r["confidence"] is None else r["confidence"]
         labels = [";".join(r.get("predicted_labels") or [])] if multi else []
+        labels += [str(r.get("uncertain", "")).lower()] if floor else []
         probs = [r["all_predictions"].get(name, "") for name in classes]
         errors = [r.get("error") or ""] if with_errors else []
         w.writerow([r["path"], r["predicted_class"] or "", confidence, *labels, *probs, *errors])
@@ -175,10 +200,11 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     if c.engine == "ray":
         from image_classifier.inference.ray_engine import predict_on_ray
 
+        classes = check_floor(load_predictor(model, device="cpu", threads=1).meta, c)
         rows, backend = predict_on_ray(cfg, paths, model)
-        classes = load_predictor(model, device="cpu", threads=1).meta.classes
     else:
         predictor = load_predictor(model, device=c.device)
+        check_floor(predictor.meta, c)
         try:
             rows = predict_paths(
                 predictor,
@@ -191,6 +217,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
             raise _saved(e.done, len(paths), c.get("output"), predictor.meta.classes) from None
         backend, classes = predictor.backend, predictor.meta.classes
     if rows is not None:  # None: the engine wrote them where infer.output says
+        mark_uncertain(rows, c.get("min_confidence"))
         write_rows(rows, c.get("output"), classes)
     sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
     seconds = time.perf_counter() - started
@@ -217,13 +244,17 @@ def _summary(c, rows: list[dict] | None, n: int, backend: str, seconds: float, s
     """One line on stderr: how many, with what, how fast, where the outputs went."""
     errors = [r for r in rows or [] if r.get("error")]
     done = f"{n - len(errors)} of {n}" if rows is not None else f"{n}"
+    floor = c.get("min_confidence") is not None and rows is not None
+    unsure = sum(bool(r.get("uncertain")) for r in rows) if floor else None
     rate = n / max(seconds, 1e-9)
     print(
         f"Predicted {done} image(s) with {backend} in {seconds:.2f}s "
         f"({rate:,.{1 if rate < 10 else 0}f} img/s)"
         + (f"; {len(errors)} unreadable (see their 'error' field)" if errors else "")
         + (f"; written to {c.output}" if c.get("output") else "")
-        + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else ""),
+        + (f"; {unsure:,} uncertain (below {c.min_confidence})" if unsure is not None else "")
+        + (f"; {sorted_n} {c.sort_mode} into {c.sort_into}/<class>/" if c.get("sort_into") else "")
+        + (" and _uncertain/" if c.get("sort_into") and unsure else ""),
         file=sys.stderr,
     )
     answered = [r for r in rows or [] if not r.get("error")]

@@ -72,3 +72,30 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:
     """'95 % interval 0.4093-0.9285 on 8 images': how the test report states it."""
     return f"95 % interval {interval[0]:.4f}-{interval[1]:.4f} on {n:,} images"
+
+
+# the confidence floors `test` reports accuracy above, for choosing infer.min_confidence
+CONFIDENCE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+def by_confidence(probs, targets, levels=CONFIDENCE_LEVELS) -> list[dict]:
+    """For each floor: the share of images whose top probability reaches it (`answered`) and
+    the accuracy on those (None when none does): what a confidence floor keeps and gains."""
+
+    conf, right = probs.max(1), probs.argmax(1) == targets
+    rows = []
+    for level in levels:
+        kept = conf >= level
+        acc = float(right[kept].mean()) if kept.any() else None
+        rows.append({"min_confidence": level, "answered": float(kept.mean()), "accuracy": acc})
+    return rows
+
+
+def confidence_text(rows: list[dict]) -> str:
+    """'0.9 82.0 % (98.6 % right), ...': at each floor, the share of images answered and the
+    accuracy on them, as the test summary states it."""
+    return ", ".join(
+        f"{r['min_confidence']:g} {100 * r['answered']:.1f} %"
+        + (f" ({100 * r['accuracy']:.1f} % right)" if r["accuracy"] is not None else "")
+        for r in rows
+    )

@@ -9,16 +9,27 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier import lineage, rules, runs, tracking
 from image_classifier.data.datamodule import build_datamodule
-from image_classifier.data.identity import check_classes, check_test_split, left_out_line
+from image_classifier.data.identity import (
+    check_classes,
+    check_test_split,
+    data_mismatch,
+    left_out_line,
+)
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError, listed
 from image_classifier.models import checkpoint as ckpt_file
-from image_classifier.models.metrics import interval_text, wilson_interval
+from image_classifier.models.metrics import (
+    by_confidence,
+    confidence_text,
+    interval_text,
+    wilson_interval,
+)
 from image_classifier.models.multilabel import compute_quietly
 from image_classifier.models.tta import chosen_tta, describe
 from image_classifier.training.callbacks import interruptible, progress_bar
@@ -154,33 +165,6 @@ def test_data(cfg, module, path: Path):
     return dm, info
 
 
-def data_mismatch(hp, info, trained: list[str] | None = None) -> str:
-    """A note when the test data is not the data the model was trained on, else '': with the
-    digests of the images it `trained` on, how many of the tested ones it has seen."""
-    trained_hash = (hp.get("data") or {}).get("hash")
-    if not trained_hash or trained_hash == info.data_hash:
-        return ""
-    note = (
-        f"the test data (hash {info.data_hash}) differs from the data this model was trained on "
-        f"(hash {trained_hash})"
-    )
-    tested, trained = info.digests.get("test", []), set(trained or ())
-    if seen := sum(d in trained for d in tested):
-        note += (
-            f". {seen} of the {len(tested)} test images were training images of this model "
-            "(the same content): its accuracy on them is no test"
-        )
-    sizes = info.split_sizes
-    if info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values()):
-        note += (
-            f". Only its test split was tested ({sizes.get('test', 0)} of {sum(sizes.values())} "
-            "images, by data.split): if the model never saw these images, data.split=[0,0,1] "
-            "tests every one"
-        )
-    log.warning("Data mismatch: %s; metrics may not be comparable.", note)
-    return note
-
-
 def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
     """test_report.json's content: single-label or multi-label metrics."""
     collections = [module.test_metrics, *([module.test_ranking] if module.multi_label else [])]
@@ -188,7 +172,9 @@ def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
         k.removeprefix("test/"): v.cpu() for c in collections for k, v in compute_quietly(c).items()
     }
     if not module.multi_label:
-        return build_report(path, module, info, m, trainer, hash_note)
+        report = build_report(path, module, info, m, trainer, hash_note)
+        probs, targets = (torch.cat(t).numpy() for t in zip(*module.test_outputs, strict=True))
+        return {**report, "by_confidence": by_confidence(probs, targets)}
     from image_classifier.training import multilabel_report
 
     loss = float(trainer.callback_metrics.get("test/loss", float("nan")))
@@ -257,8 +243,6 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
     """[predictions.csv, reliability.png, mistakes.png (image models only)]; multi-label:
     [predictions.csv]."""
-    import torch
-
     from image_classifier.training import predictions
 
     probs = torch.cat([p for p, _ in module.test_outputs]).numpy()
@@ -322,6 +306,8 @@ def _metric_lines(report) -> list[str]:
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
+    if rows := report.get("by_confidence"):
+        lines.append(f"  answered at a confidence floor: {confidence_text(rows)}")
     return lines
 
 
