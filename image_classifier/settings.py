@@ -55,6 +55,7 @@ def _free_form_rules() -> dict:
     numbers = Either(None, Each(Number()))
     text = """data.name data.dir data.train_images data.train_labels data.test_images
         data.test_labels data.cache_dir data.root data.csv_file_column data.csv_label_column
+        data.label_pattern
         data.download.system_dir data.download.apt_package data.download.record
         features.backbone features.dir logger.tracking_uri logger.experiment logger.run_name
         export.checkpoint export.trt.onnx export.trt.output export.triton.onnx

@@ -555,3 +555,64 @@ def test_two_folders_for_one_split_stop_and_name_both(tmp_path):
         make_class_folders(tmp_path / "d" / split, per_class=2)
     with pytest.raises(UserError, match=r"two folders for the val split: 'dev' and 'val'\. Merge"):
         discover(tmp_path / "d")
+
+
+def _flatten(src: Path, dest: Path, name) -> Path:
+    """The images of class folders `src` in one folder, each named by `name(class, i)`."""
+    dest.mkdir(parents=True)
+    for d in sorted(src.iterdir()):
+        for i, p in enumerate(sorted(d.iterdir())):
+            shutil.copy(p, dest / name(d.name, i))
+    return dest
+
+
+def test_labels_in_file_names_read_by_data_label_pattern(tmp_path):
+    """Kaggle's cat.12.png and the Oxford pets' great_pyrenees_7.png: the pattern's first group is
+    the label, at any depth; a name it gives no label to is skipped with that reason."""
+    from image_classifier.data.named_files import LABEL_THEN_NUMBER
+
+    src = make_class_folders(tmp_path / "src", ("cat", "great_pyrenees"), per_class=10)
+    flat = _flatten(src, tmp_path / "flat", lambda c, i: f"{c}{'.' if c == 'cat' else '_'}{i}.png")
+    (flat / "more").mkdir()
+    shutil.move(flat / "cat.9.png", flat / "more" / "cat.9.png")
+    shutil.copy(flat / "cat.0.png", flat / "cover.png")  # no number: no label
+    s = discover(
+        flat, split=(0.6, 0.2, 0.2), manifest=ManifestOptions(label_pattern=LABEL_THEN_NUMBER)
+    )
+    assert s.classes == ["cat", "great_pyrenees"]
+    assert s.layout == rf"labels in file names ({LABEL_THEN_NUMBER})"
+    assert sum(s.counts(split)[0] for split in s.splits) == 10  # more/cat.9.png too
+    assert list(s.skipped) == [str(flat / "cover.png")]
+    assert "does not give a label by data.label_pattern" in s.skipped[str(flat / "cover.png")]
+    whole = discover(flat, manifest=ManifestOptions(label_pattern=r"^[a-z]+"))  # no group
+    assert whole.classes == ["cat", "cover", "great"]
+
+
+def test_a_flat_folder_of_labelled_names_is_told_the_pattern_and_a_bad_one_why(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from image_classifier.data.named_files import LABEL_THEN_NUMBER, TYPED
+
+    src = make_class_folders(tmp_path / "src", ("cat", "dog"), per_class=4)
+    flat = _flatten(src, tmp_path / "flat", lambda c, i: f"{c}.{i}.png")
+    with pytest.raises(UserError, match=r"has no class subfolders") as e:
+        discover(flat)
+    assert str(e.value).endswith(
+        f" Their names look like a label and a number (cat 4, dog 4): {TYPED} labels them by name "
+        "(docs/data.md)."
+    )
+    # the suggestion, as a shell hands it to Hydra, is the pattern itself
+    override = OverridesParser.create().parse_override(TYPED.strip("'"))
+    assert override.value() == LABEL_THEN_NUMBER
+    camera = _flatten(
+        src, tmp_path / "camera", lambda c, i: f"IMG_{(c == 'dog') * 100 + i:04d}.png"
+    )
+    with pytest.raises(UserError) as e:
+        discover(camera)
+    assert "look like a label" not in str(e.value)  # IMG_0000.png ... IMG_0103.png: one "label"
+    with pytest.raises(UserError, match=r"'\^\(\.\+\?\)\[' is not a regular expression"):
+        discover(flat, manifest=ManifestOptions(label_pattern="^(.+?)["))
+    with pytest.raises(
+        UserError, match=r"gives no label from the names of the 8 image\(s\) under "
+    ):
+        discover(flat, manifest=ManifestOptions(label_pattern=r"^x(\d)"))

@@ -1,4 +1,5 @@
-"""Users' own data: class folders, pre-split folders or a CSV manifest, detected automatically.
+"""Users' own data: class folders, pre-split folders or a CSV manifest, detected automatically
+(or labels in file names, when data.label_pattern says how).
 Every layout ends as the same `Samples`: sorted class names and, per split, (path, class index)
 pairs. Files that are not readable images are skipped and counted (or refused with strict=True).
 A multi-label CSV manifest (`shirt;bag` in one column, or one 0/1 column per class) gives each
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +20,9 @@ from image_classifier.data.images import (
     display_name,
     is_image_name,
     is_system,
-    path_problem,
 )
 from image_classifier.data.manifest import SPLIT_ALIASES
+from image_classifier.data.named_files import name_hint, read_named
 from image_classifier.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ManifestOptions:
     multi_label: str | bool = "auto"
     separator: str = ";"
     classes: list[str] | None = None
+    label_pattern: str | None = None  # data.label_pattern: labels from file names instead
 
 
 def discover(
@@ -131,6 +132,8 @@ def _entries(root: Path) -> list[Path]:
 
 def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: Path | None):
     """(layout name, [(path, label name)], [split per item] or None when not pre-split)."""
+    if manifest.label_pattern:  # asked for: whatever else the folder holds
+        return read_named(root, manifest.label_pattern, skipped)
     dirs = {p.name.lower(): p for p in entries if p.is_dir()}
     csvs = [csv_named] if csv_named else manifest_csvs(entries, manifest, skipped)
     presplit = {SPLIT_ALIASES[n]: p for n, p in dirs.items() if n in SPLIT_ALIASES}
@@ -292,21 +295,6 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
     return path
 
 
-def files_under(folder: Path) -> list[Path]:
-    """Every file below `folder`, sorted, through symlinked folders too (Path.rglob does not
-    follow them before Python 3.13: `cat/batch1 -> /data/cats` read as no images), each real
-    folder once (a link loop ends); hidden and system names passed over (is_system)."""
-    found, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen or is_system(Path(top), folder):
-            dirs[:] = []
-            continue
-        seen.add(real)
-        found += [Path(top) / f for f in files if not is_system(Path(top) / f, folder)]
-    return sorted(found)
-
-
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
     out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
@@ -318,27 +306,19 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
                 f"train (val and test carved out of it); to predict them, command=infer "
                 f"infer.input={folder}."
             )
-        elif n := sum(map(is_image_name, folder.iterdir())):
+        elif images := [p for p in folder.iterdir() if is_image_name(p)]:
             unlabelled = (
-                f" It holds {n} image(s) directly, without labels: put each in a folder named "
-                f"after its class, or name them in a CSV manifest (docs/data.md); to predict "
-                f"them, command=infer infer.input={folder}."
+                f" It holds {len(images)} image(s) directly, without labels: put each in a folder "
+                f"named after its class, or name them in a CSV manifest (docs/data.md); to "
+                f"predict them, command=infer infer.input={folder}." + name_hint(images)
             )
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "
             f"files>.{unlabelled}"
         )
     for d in class_dirs:
-        files = files_under(d)
-        images = []
-        for p in files:
-            if problem := path_problem(p):
-                skipped[display_name(p)] = problem
-            elif not is_image_name(p):
-                skipped[str(p)] = "not an image file name"
-            else:
-                images.append(p)
-        if not images:
+        files = scan.files_under(d)
+        if not (images := scan.image_files(files, skipped)):
             raise UserError(
                 f"Class folder {str(d)!r} has no images ({len(files)} other file(s)). Add images "
                 "to it or remove the folder."

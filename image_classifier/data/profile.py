@@ -19,7 +19,8 @@ from image_classifier.data.images import (
     is_system,
     open_image,
 )
-from image_classifier.data.layouts import ManifestOptions, data_folder, files_under, manifest_csvs
+from image_classifier.data.layouts import ManifestOptions, data_folder, manifest_csvs
+from image_classifier.data.scan import files_under
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
 GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)

@@ -1,6 +1,7 @@
-"""Every image of a data set decoded once before training (threads: PIL releases the GIL), so
-unreadable, truncated and oversized files are found up front and skipped with their reason. A JSON
-file remembers each file's result by (size, mtime): files unchanged since are not decoded again."""
+"""The image files of a data set (`files_under`, `image_files`), each decoded once before training
+(threads: PIL releases the GIL), so unreadable, truncated and oversized files are found up front
+and skipped with their reason. A JSON file remembers each file's result by (size, mtime): files
+unchanged since are not decoded again."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from image_classifier.data.images import ImageError, open_image
+from image_classifier.data.images import (
+    ImageError,
+    display_name,
+    is_image_name,
+    is_system,
+    open_image,
+    path_problem,
+)
 
 
 def _check_one(path: str) -> str | None:
@@ -70,3 +78,32 @@ def _write_checked(path: Path, known: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(known))
     os.replace(tmp, path)
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, through symlinked folders too (Path.rglob does not
+    follow them before Python 3.13: `cat/batch1 -> /data/cats` read as no images), each real
+    folder once (a link loop ends); hidden and system names passed over (is_system)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen or is_system(Path(top), folder):
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(top) / f for f in files if not is_system(Path(top) / f, folder)]
+    return sorted(found)
+
+
+def image_files(files: list[Path], skipped: dict[str, str]) -> list[Path]:
+    """The files among `files` that are named as images; each other goes into `skipped` with
+    its reason (a path problem, or not an image file name)."""
+    images = []
+    for p in files:
+        if problem := path_problem(p):
+            skipped[display_name(p)] = problem
+        elif not is_image_name(p):
+            skipped[str(p)] = "not an image file name"
+        else:
+            images.append(p)
+    return images

@@ -127,6 +127,7 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
             multi_label=c.get("multi_label", "auto"),
             separator=str(c.get("label_separator") or ";"),
             classes=list(c.classes) if c.get("classes") else None,
+            label_pattern=c.get("label_pattern"),
         ),
         checked=_checked_file(c),
     )

@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
-from image_classifier.data.layouts import files_under
 from image_classifier.data.manifest import listed_files, listed_path
+from image_classifier.data.scan import files_under
 from image_classifier.errors import Interrupted, UserError, listed
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
