@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import class_image, run_cli
+from conftest import class_image, make_class_folders, run_cli
 from PIL import Image
 
 from image_classifier.data.images import MAX_PIXELS, ImageError, display_name, open_image
@@ -326,3 +326,23 @@ def test_test_cache_features_audit_and_infer_commands_on_a_bad_folder(tmp_path, 
             assert "20000x20000 exceeds the pixel limit" in written
         elif kind in ("folder", "glob"):
             _assert_named(written, expected)
+
+
+def test_a_class_folder_named_in_another_encoding_is_named_with_the_fix(tmp_path):
+    """It said "has no images (12 other file(s))": each of its images was skipped as a file
+    whose name is not UTF-8, though the folder's name was the one to fix."""
+    from image_classifier.data.images import path_problem
+    from image_classifier.data.layouts import discover
+    from image_classifier.errors import UserError
+
+    root = make_class_folders(tmp_path / "d", ("cat", "dog"), per_class=3)
+    latin = root / os.fsdecode(b"caf\xe9")
+    (root / "dog").rename(latin)
+    with pytest.raises(UserError) as e:
+        discover(root)
+    assert str(e.value) == (
+        f"Class folder '{root}/caf\\udce9': its name is not valid UTF-8. Rename it."
+    )
+    assert path_problem(latin / "000.png") == (
+        "a folder's name in its path is not valid UTF-8 (rename the folder)"
+    )

@@ -297,8 +297,10 @@ def path_problem(path: str | Path) -> str | None:
     a name that is not UTF-8 (it could not be written to a JSON, CSV or MLflow record), a broken
     symlink or symlink loop, or something that is not a regular file."""
     path = Path(path)
-    if display_name(path) != str(path):
+    if display_name(path.name) != path.name:
         return "file name is not valid UTF-8 (rename the file)"
+    if display_name(path) != str(path):
+        return "a folder's name in its path is not valid UTF-8 (rename the folder)"
     if path.is_symlink() and not path.exists():
         return "broken symlink or symlink loop"
     if path.exists() and not path.is_file():

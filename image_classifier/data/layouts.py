@@ -317,6 +317,10 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             f"files>.{unlabelled}"
         )
     for d in class_dirs:
+        if display_name(d.name) != d.name:  # a class name goes into the model, JSON, CSV, MLflow
+            raise UserError(
+                f"Class folder '{display_name(d)}': its name is not valid UTF-8. Rename it."
+            )
         files = scan.files_under(d)
         if not (images := scan.image_files(files, skipped)):
             raise UserError(
