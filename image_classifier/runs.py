@@ -105,7 +105,8 @@ def checkpoint(cfg, given, setting: str) -> Path:
                 f"{setting}={str(given)!r} is an exported model; this command reads the training "
                 "checkpoint (.ckpt)"
                 + (f": the one beside it is {beside}." if beside.is_file() else ".")
-                + f" To predict with the exported model: `command=infer infer.model={path}`."
+                + f" To predict with the exported model: `command=infer infer.model={path}`"
+                + " (on images in class folders it also says how often it names their folder)."
             )
         return path
     return newest_best(cfg.paths.root, cfg.paths.search, setting)
