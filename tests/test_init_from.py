@@ -127,11 +127,11 @@ def test_train_init_from_a_file_it_cannot_start_from_says_why(trained, tmp_path)
     assert Path(ckpt).is_file()
 
 
-def test_train_init_from_carries_the_augmentation_unless_the_command_line_names_one(
+def test_train_init_from_carries_the_augmentation_and_model_options_unless_asked_otherwise(
     trained, tmp_path, monkeypatch
 ):
     """A model fine-tuned with flips and shifts goes on with them; train.augment.* or an
-    experiment on the command line is the user's choice instead."""
+    experiment on the command line is the user's choice instead, and so is a model.* option."""
     from image_classifier.training import resume
 
     root, ckpt, images = trained
@@ -148,6 +148,19 @@ def test_train_init_from_carries_the_augmentation_unless_the_command_line_names_
     mine, _, notes = resume.init_point(cfg)
     assert (mine.train.augment.hflip, mine.train.augment.shift) == (False, 0)
     assert not [n for n in notes if "augment" in n]
+    # a model option on the command line goes on top of the checkpoint's model config
+    keys = ["model", "model.dropout"]
+    monkeypatch.setattr(resume, "command_line_overrides", lambda: keys)
+    cfg = compose_cfg(
+        root,
+        "data=folder",
+        f"data.root={images}",
+        f"train.init_from={flipped}",
+        "model.dropout=0.3",
+    )
+    tuned, _, _ = resume.init_point(cfg)
+    assert tuned.model.dropout == 0.3 and tuned.model.channels == config["model"]["channels"]
+    assert tuned.model.init_from == str(flipped)
 
 
 def test_model_pretrained_given_a_checkpoint_of_this_tool_names_train_init_from(trained):

@@ -70,8 +70,8 @@ def init_point(cfg):
     """(config, models/checkpoint.StartingPoint or None, notes) for train.init_from=PATH (a
     checkpoint or run folder): a new run on this data, from that model's network. Its
     architecture (the model config), input size, normalisation and augmentation come with it; a
-    model= naming another network is refused; data.size, data.channels and train.augment given on
-    the command line win."""
+    model= naming another network is refused; model.* options, data.size, data.channels and
+    train.augment given on the command line win."""
     given = cfg.train.get("init_from")
     if not given:
         return cfg, None, []
@@ -95,9 +95,16 @@ def init_point(cfg):
             f"{cfg.model.get('name')} asks for another. Drop the model override (the network "
             "comes from the checkpoint), or drop train.init_from to train that model."
         )
+    mine = {
+        k: OmegaConf.select(cfg, k)
+        for k in asked
+        if k.startswith("model.") and k not in ("model.name", "model.pretrained")
+    }
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.model = {**model, "pretrained": False, "init_from": str(start.path)}
+        for key, value in mine.items():  # model.drop_rate=0.3...: the command line's, on top
+            OmegaConf.update(cfg, key, value, force_add=True)
         notes = [f"model={model['name']} (train.init_from: the network of {start.path})"]
         for key in ("size", "channels"):
             if is_auto(cfg.data.get(key)):
