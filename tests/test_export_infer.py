@@ -228,13 +228,17 @@ def test_ctrl_c_part_way_keeps_the_finished_rows(trained, exported, tmp_path, mo
     out = tmp_path / "rows.csv"
     overrides = [f"infer.model={onnx_path}", f"infer.input={images}", "infer.batch_size=5"]
     with pytest.raises(Interrupted, match=f"after 10 of 24 image.*written to {out}"):
-        _infer(root, *overrides, f"infer.output={out}")
+        _infer(root, *overrides, f"infer.output={out}", "infer.min_confidence=0.5")
     with out.open() as f:
         kept = list(csv.DictReader(f))
     assert [Path(r["path"]).name for r in kept] == [p.name for p in collect_inputs(str(images))][
         :10
     ]
     assert all(r["predicted_class"] in {"cat", "dog", "fox"} for r in kept)
+    # the finished rows are marked as a full run marks them
+    assert [r["uncertain"] for r in kept] == [
+        str(float(r["confidence"]) < 0.5).lower() for r in kept
+    ]
 
 
 def test_bad_model_and_input_paths(trained, exported, tmp_path):

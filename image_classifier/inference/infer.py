@@ -214,6 +214,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
                 threshold=c.get("threshold"),
             )
         except Interrupted as e:
+            mark_uncertain(e.done, c.get("min_confidence"))
             raise _saved(e.done, len(paths), c.get("output"), predictor.meta.classes) from None
         backend, classes = predictor.backend, predictor.meta.classes
     if rows is not None:  # None: the engine wrote them where infer.output says
