@@ -25,7 +25,7 @@ OmegaConf.register_new_resolver("claim", claim_run_dir)
 COMMANDS = {
     "download": ("image_classifier.data.sources:run_download", "fetch and verify the dataset"),
     "train": ("image_classifier.training.train:run_train", "train; best.ckpt in the run folder"),
-    "test": ("image_classifier.training.evaluate:run_test", "a checkpoint on the test split"),
+    "test": ("image_classifier.training.test_export:run_any_test", "a model on the test split"),
     "calibrate": (
         "image_classifier.training.evaluate:run_calibrate",
         "fit a checkpoint's temperature on validation",

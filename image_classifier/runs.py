@@ -99,14 +99,18 @@ def checkpoint(cfg, given, setting: str) -> Path:
     """`given` when set (a run folder: its best checkpoint), else the newest best checkpoint."""
     if given:
         path = in_run_folder(given, setting, ("best.ckpt", "last.ckpt"))
-        if path.suffix.lower() in (".onnx", ".engine", ".plan"):  # torch.load's pickle error
+        if path.suffix.lower() in EXPORTS:  # torch.load's pickle error
             beside = path.with_suffix(".ckpt")
             raise UserError(
                 f"{setting}={str(given)!r} is an exported model; this command reads the training "
                 "checkpoint (.ckpt)"
                 + (f": the one beside it is {beside}." if beside.is_file() else ".")
                 + f" To predict with the exported model: `command=infer infer.model={path}`"
-                + " (on images in class folders it also says how often it names their folder)."
+                + (
+                    f"; to test it: `command=test test.checkpoint={path}`."
+                    if setting != "test.checkpoint"
+                    else "."
+                )
             )
         return path
     return newest_best(cfg.paths.root, cfg.paths.search, setting)
@@ -164,6 +168,15 @@ def model_file(cfg, given, setting: str, exported: bool = True) -> Path:
         f"{setting} is not set and {onnx} does not exist: export it first "
         f"(`uv run python commands.py command=export-onnx`) or pass {setting}=PATH."
     )
+
+
+EXPORTS = (".onnx", ".engine", ".plan")  # model files that are not training checkpoints
+
+
+def is_export(given) -> bool:
+    """Whether a model address names an exported model: a registered one or an export file."""
+    text = str(given or "")
+    return text.startswith(REGISTRY_PREFIX) or Path(text).suffix.lower() in EXPORTS
 
 
 def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:

@@ -102,7 +102,7 @@ def test_infer_json_csv_topk_and_sorting(trained, exported, tmp_path, capsys):
     assert (
         f"  in folders named after a class: 24 images, {same} ({100 * same / 24:.1f} %) predicted "
         "as their folder; the full report on them: uv run python commands.py command=test "
-        f"test.checkpoint={onnx_path.with_suffix('.ckpt')} data=folder data.root={images} "
+        f"test.checkpoint={onnx_path} data=folder data.root={images} "
         "data.split=[0,0,1]"
     ) in err, err
     probs = ["prob_cat", "prob_dog", "prob_fox"]  # the model's classes, in its order
@@ -716,7 +716,7 @@ def test_infer_says_how_often_folder_names_agree_only_where_they_name_classes(tm
     def rows(*pairs):
         return [{"path": f"in/{f}/{i}.png", "predicted_class": p} for i, (f, p) in enumerate(pairs)]
 
-    model = tmp_path / "m.onnx"  # no .ckpt beside it: no test command to offer
+    model = tmp_path / "m.onnx"  # "in" is no folder here: no test command to offer
     some = rows(("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("owl", "cat"))
     assert folder_agreement(some, ["cat", "dog"], "in", model) == (
         "  in folders named after a class: 3 images, 2 (66.7 %) predicted as their folder; 1 in "
@@ -767,3 +767,56 @@ def test_infer_min_confidence_is_refused_for_a_multi_label_model_before_predicti
         check_floor(meta, SimpleNamespace(min_confidence=0.8, get=lambda k: 0.8))
     single = SimpleNamespace(multi_label=False, classes=["a", "b"])
     assert check_floor(single, SimpleNamespace(get=lambda k: 0.8)) == ["a", "b"]
+
+
+def test_command_test_on_an_export_reports_what_its_checkpoint_does(trained, exported, tmp_path):
+    """test.checkpoint=best.onnx was refused ("this command reads the training checkpoint").
+    Through ONNX Runtime on the split its metadata names, the report is the checkpoint's, less
+    what only training keeps: the loss and the ECE without the temperature."""
+    import onnx
+
+    from image_classifier.training.test_export import run_any_test
+
+    root, ckpt, images = trained
+    onnx_path, _ = exported
+    a = run_any_test(compose_cfg(root, f"test.checkpoint={ckpt}", f"paths.output_dir={tmp_path}/a"))
+    b = run_any_test(
+        compose_cfg(root, f"test.checkpoint={onnx_path}", f"paths.output_dir={tmp_path}/b")
+    )
+    ra, rb = (json.loads(Path(r["report"]).read_text()) for r in (a, b))
+    assert rb["data"]["test_images"] == ra["data"]["test_images"] > 0
+    assert rb["confusion_matrix"] == ra["confusion_matrix"]
+    assert rb["per_class"] == ra["per_class"]
+    assert rb["accuracy"] == pytest.approx(ra["accuracy"]) and rb["ece"] == pytest.approx(
+        ra["ece"], abs=1e-4
+    )
+    assert rb["loss"] is None and rb["ece_uncalibrated"] is None and ra["loss"] is not None
+    assert [r["answered"] for r in rb["by_confidence"]] == [
+        pytest.approx(r["answered"]) for r in ra["by_confidence"]
+    ]
+    assert (
+        Path(b["predictions"]).is_file() and not (tmp_path / "b" / "plots" / "curves.png").exists()
+    )
+
+    # an export from before exports carried their data config: the data must be named
+    old = onnx.load(str(onnx_path))
+    meta = json.loads(old.metadata_props[0].value)
+    meta.pop("data_config")
+    old.metadata_props[0].value = json.dumps(meta)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    cfg = compose_cfg(root, f"test.checkpoint={tmp_path / 'old.onnx'}")
+    with pytest.raises(
+        UserError, match=r"exported before exports carried their data config: name "
+    ):
+        run_any_test(cfg)
+    named = compose_cfg(
+        root,
+        f"test.checkpoint={tmp_path / 'old.onnx'}",
+        "data=folder",
+        f"data.root={images}",
+        "data.split=[0,0,1]",
+        f"paths.output_dir={tmp_path}/c",
+    )
+    assert run_any_test(named, use_checkpoint_data=False)["accuracy"] >= 0
+    with pytest.raises(UserError, match=r"test.tta=true applies to a checkpoint; .* Drop test.tta"):
+        run_any_test(compose_cfg(root, f"test.checkpoint={onnx_path}", "test.tta=true"))

@@ -570,7 +570,7 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
         hparams={}, test_ece_raw=sets["test_ece_raw"], temperature=1.0, classes=["a", "b", "c"]
     )
     info = SimpleNamespace(name="folder", data_hash="h")
-    report = build_report(Path("m.ckpt"), module, info, m, SimpleNamespace(callback_metrics={}), "")
+    report = build_report(Path("m.ckpt"), module, info, m, None, "")
     per = report["per_class"]
     assert per["c"] == {"precision": None, "recall": None, "support": 0}
     assert per["b"] == {"precision": 1.0, "recall": 0.5, "support": 2}

@@ -285,12 +285,11 @@ def folder_agreement(rows: list[dict], classes: list[str], given: str, model: Pa
         f"  in folders named after a class: {len(named):,} images, {same:,} "
         f"({100 * same / len(named):.1f} %) predicted as their folder"
     )
-    ckpt = model if model.suffix == ".ckpt" else model.with_suffix(".ckpt")
     if other:
         line += f"; {len(answered) - len(named):,} in folders of no class ({listed(other)})"
-    elif Path(given).expanduser().is_dir() and ckpt.is_file():
+    elif Path(given).expanduser().is_dir():
         line += (
             "; the full report on them: uv run python commands.py command=test "
-            f"test.checkpoint={ckpt} data=folder data.root={given} data.split=[0,0,1]"
+            f"test.checkpoint={model} data=folder data.root={given} data.split=[0,0,1]"
         )
     return line

@@ -25,6 +25,7 @@ def model_description(module, source) -> dict:
         "source_checkpoint": str(source),
         "data_hash": (hp.get("data") or {}).get("hash"),
         "data_name": (hp.get("data") or {}).get("name"),
+        "data_config": (hp.get("config") or {}).get("data"),  # test on an export: the same split
         "mlflow_run_id": getattr(module, "mlflow_run_id", None),
         "input": "image: float32 [batch, channels, height, width], pixel values 0..255",
         "output": "probabilities: float32 [batch, classes], in the order of `classes`"

@@ -67,7 +67,20 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
         lambda: trainer.test(module, datamodule=dm, verbose=False),
         lambda: "test interrupted before its report was written.",
     )
-    report = report_for(path, module, info, trainer, hash_note)
+    loss = trainer.callback_metrics.get("test/loss")
+    run = {"logger": logger, "train_run": ckpt_file.mlflow_run_id(path), "started": started}
+    run |= {"hash_note": hash_note, "loss": None if loss is None else float(loss)}
+    return finish(cfg, path, module, dm, info, out, run)
+
+
+def finish(cfg, path: Path, module, dm, info, out: Path, run: dict) -> dict:
+    """The report, its files, the MLflow run and the summary, once `module` (a ClassifierModule
+    after trainer.test, or test_export's ExportedModel) holds the test metrics and outputs.
+    `run`: logger, train_run (its MLflow id), started (perf_counter), hash_note, loss (None for
+    an export)."""
+    logger, train_run, started = run["logger"], run["train_run"], run["started"]
+    hash_note, loss = run["hash_note"], run["loss"]
+    report = report_for(path, module, info, loss, hash_note)
     report["tta"] = module.tta
     report_path, plots, shared = write_outputs(cfg, report, path, out)
     per_image = write_per_image(out, dm, module, report)
@@ -88,7 +101,7 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     plots += per_image[1:]
     if logger is not None:
         files = [*plots, report_path, per_image[0]]
-        log_run(logger, report, files, ckpt_file.mlflow_run_id(path))
+        log_run(logger, report, files, train_run)
         result["mlflow_run_id"] = logger.run_id
     _print_summary(report, result, info, hash_note, plots, shared)
     return result
@@ -165,24 +178,23 @@ def test_data(cfg, module, path: Path):
     return dm, info
 
 
-def report_for(path: Path, module, info, trainer, hash_note: str) -> dict:
+def report_for(path: Path, module, info, loss: float | None, hash_note: str) -> dict:
     """test_report.json's content: single-label or multi-label metrics."""
     collections = [module.test_metrics, *([module.test_ranking] if module.multi_label else [])]
     m = {
         k.removeprefix("test/"): v.cpu() for c in collections for k, v in compute_quietly(c).items()
     }
     if not module.multi_label:
-        report = build_report(path, module, info, m, trainer, hash_note)
+        report = build_report(path, module, info, m, loss, hash_note)
         probs, targets = (torch.cat(t).numpy() for t in zip(*module.test_outputs, strict=True))
         return {**report, "by_confidence": by_confidence(probs, targets)}
     from image_classifier.training import multilabel_report
 
-    loss = float(trainer.callback_metrics.get("test/loss", float("nan")))
     return multilabel_report.build_report(path, module, info, m, loss, hash_note)
 
 
-def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> dict:
-    cm = m["confusion"].numpy()
+def build_report(path: Path, module, info, m: dict, loss: float | None, hash_note: str) -> dict:
+    cm, raw = m["confusion"].numpy(), module.test_ece_raw
     support, predicted = cm.sum(axis=1), cm.sum(axis=0)
 
     def defined(value, n: int) -> float | None:  # None: no image (or prediction) to measure
@@ -202,9 +214,9 @@ def build_report(path: Path, module, info, m: dict, trainer, hash_note: str) -> 
         "accuracy_top5": float(m["acc_top5"]) if "acc_top5" in m else None,
         "f1_macro": float(m["f1_macro"]),
         "ece": float(m["ece"]),
-        "ece_uncalibrated": float(module.test_ece_raw.compute()),
+        "ece_uncalibrated": None if raw is None else float(raw.compute()),  # None: an export
         "temperature": float(module.temperature),
-        "loss": float(trainer.callback_metrics.get("test/loss", float("nan"))),
+        "loss": loss,
         "per_class": {
             c: {
                 "precision": defined(m["precision"][i], predicted[i]),
@@ -231,7 +243,8 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
     else:
         cm = np.asarray(report["confusion_matrix"])
         plots = [plot_confusion(cm, report["classes"], out / "plots" / "confusion_matrix.png")]
-    if curves := plot_curves(ckpt_file.history(path), out / "plots" / "curves.png"):
+    history = ckpt_file.history(path) if path.suffix == ".ckpt" else []  # an export has none
+    if curves := plot_curves(history, out / "plots" / "curves.png"):
         plots.append(curves)
     shared = Path(cfg.paths.plots)
     shared.mkdir(parents=True, exist_ok=True)
@@ -298,8 +311,8 @@ def _metric_lines(report) -> list[str]:
         + interval_text(report["accuracy_interval"], report["data"]["test_images"])
         + (f"; top-5 {top5:.4f}" if (top5 := report.get("accuracy_top5")) is not None else "")
         + f")   macro F1 {report['f1_macro']:.4f}   "
-        f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}; without it "
-        f"{report['ece_uncalibrated']:.4f})",
+        f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}"
+        + (f"; without it {raw:.4f})" if (raw := report["ece_uncalibrated"]) is not None else ")"),
         "  lowest recall: " + ", ".join(f"{c} {_of(per[c])}" for c in worst)
         if worst and per[worst[0]]["recall"] < 1
         else f"  recall 1.000 for every class tested ({len(per) - len(absent)})",
