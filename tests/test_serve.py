@@ -165,6 +165,7 @@ def test_health_and_metadata_describe_the_model(server):
     assert meta["preprocessing"]["size"] == [16, 16] and meta["preprocessing"]["channels"] == 1
     assert meta["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     assert meta["model"]["source"]["source_checkpoint"].endswith("best.ckpt")
+    assert "data_config" not in meta["model"]["source"]  # where the training images lie
     assert meta["limits"]["max_images"] == 8
 
 

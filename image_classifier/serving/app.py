@@ -41,6 +41,9 @@ def served_name(meta, registry: dict | None) -> tuple[str, str]:
 INLINE_DECODE_BYTES = 16 * 1024  # a noisy 160x160 JPEG: decoded in 0.6 ms on CPU C (2026-12-02)
 
 
+HIDDEN_FROM_CLIENTS = ("classes", "preprocessing", "data_config")  # /metadata "source"
+
+
 class Service:
     """What the routes share: the predictor, its micro-batcher, the limits and the counters."""
 
@@ -67,8 +70,8 @@ class Service:
             "backend": predictor.backend,
             "providers": getattr(predictor, "providers", None),
             "registry": registry,  # name, version, aliases when loaded from models:/...
-            "source": {
-                k: v for k, v in self.meta.extra.items() if k not in ("classes", "preprocessing")
+            "source": {  # not data_config: where the training images lie is not the clients'
+                k: v for k, v in self.meta.extra.items() if k not in HIDDEN_FROM_CLIENTS
             },
         }
         self.started, self.requests, self.errors_4xx = time.time(), 0, 0
