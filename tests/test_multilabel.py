@@ -324,3 +324,25 @@ def test_a_label_without_positives_in_a_split_prints_no_raw_torchmetrics_warning
         warnings.simplefilter("error")  # any warning fails the test
         ap = compute_quietly(metric)
     assert ap[:2].tolist() == [1.0, 1.0]
+
+
+def test_command_test_on_a_multi_label_export_reports_what_its_checkpoint_does(
+    multi_trained, tmp_path
+):
+    """Decisions at the export's own thresholds, rankings on its probabilities: the ONNX file's
+    report is its checkpoint's, less the loss."""
+    from image_classifier.training.test_export import run_any_test
+
+    root, ckpt, onnx, _, _ = multi_trained
+    reports = []
+    for name, model in (("a", ckpt), ("b", onnx)):
+        r = run_any_test(
+            compose_cfg(root, f"test.checkpoint={model}", f"paths.output_dir={tmp_path}/{name}")
+        )
+        reports.append(json.loads(Path(r["report"]).read_text()))
+    a, b = reports
+    assert b["multi_label"] and b["data"]["test_images"] == a["data"]["test_images"] > 0
+    assert b["accuracy"] == pytest.approx(a["accuracy"]) and b["mAP"] == pytest.approx(a["mAP"])
+    for c, row in a["per_class"].items():
+        assert b["per_class"][c] == pytest.approx(row), c
+    assert b["loss"] is None and a["loss"] is not None

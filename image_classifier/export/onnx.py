@@ -158,6 +158,7 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
         )
     )
     result = {"output": str(output), "parity": diffs, "mlflow_run_id": run_id}
+    result["mlflow_model"] = model_uri  # this export's pyfunc model (None when not logged)
     if e.get("register"):
         from image_classifier.export.registry import print_registered, register
 

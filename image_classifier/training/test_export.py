@@ -17,17 +17,17 @@ from image_classifier.data.identity import check_test_split, data_mismatch
 from image_classifier.errors import Interrupted, UserError
 from image_classifier.inference.predictor import load_predictor
 from image_classifier.models.metrics import metric_set
+from image_classifier.models.multilabel import decide
 from image_classifier.training.evaluate import finish, run_test, test_config, test_data
 
 
 class ExportedModel:
     """What the report code reads from a module after trainer.test, for an exported model."""
 
-    multi_label = False
     test_ece_raw = None  # the temperature is inside the graph: no ECE without it
 
     def __init__(self, meta):
-        extra = meta.extra
+        extra, self.multi_label = meta.extra, meta.multi_label
         self.classes, self.tta = list(meta.classes), extra.get("tta")
         self.temperature = float(extra.get("temperature") or 1.0)
         self.hparams = AttributeDict(
@@ -38,7 +38,9 @@ class ExportedModel:
             data={"hash": extra.get("data_hash"), "name": extra.get("data_name")},
             config={"data": extra["data_config"]} if extra.get("data_config") else {},
         )
-        self.test_metrics = metric_set(len(self.classes), multi_label=False)["test_metrics"]
+        sets = metric_set(len(self.classes), multi_label=self.multi_label)
+        self.test_metrics, self.test_ranking = sets["test_metrics"], sets.get("test_ranking")
+        self.thresholds = torch.tensor(meta.thresholds() or [], dtype=torch.float32)
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def score(self, predictor, dataset, batch_size: int) -> None:
@@ -50,12 +52,16 @@ class ExportedModel:
             for start in range(0, n, batch_size):
                 items = [dataset[i] for i in range(start, min(start + batch_size, n))]
                 x = np.stack([np.asarray(image) for image, _ in items])
-                y = torch.tensor([int(label) for _, label in items])
+                y = torch.stack([torch.as_tensor(label) for _, label in items])
                 try:
                     probs = torch.from_numpy(np.asarray(predictor.predict(x), dtype=np.float32))
                 except KeyboardInterrupt:
                     raise Interrupted("test interrupted before its report was written.") from None
-                self.test_metrics.update(probs, y)
+                if self.multi_label:  # as ClassifierModule.test_step: decisions, then rankings
+                    self.test_metrics.update(decide(probs, self.thresholds), y.int())
+                    self.test_ranking.update(probs, y.int())
+                else:
+                    self.test_metrics.update(probs, y)
                 self.test_outputs.append((probs, y))
                 bar.update(len(items))
 
@@ -74,11 +80,6 @@ def run_test_export(cfg, use_checkpoint_data: bool = True) -> dict:
     given = cfg.test.checkpoint
     path, registered = runs.model_location(cfg, given, "test.checkpoint")
     predictor = load_predictor(path)
-    if predictor.meta.multi_label:
-        raise UserError(
-            f"test.checkpoint={given}: testing an exported multi-label model is not built; test "
-            f"its checkpoint ({predictor.meta.extra.get('source_checkpoint') or 'best.ckpt'})."
-        )
     if tta := cfg.test.get("tta"):
         raise UserError(
             f"test.tta={str(tta).lower()} applies to a checkpoint; an export's test-time "
