@@ -503,6 +503,14 @@ def test_the_temperature_prior_holds_a_small_split_near_1_and_lets_a_large_one_s
     assert T_RANGE[0] * 2 < r["temperature"] < 1.0  # sharper, not at the floor
     assert r["nll_after"] < r["nll_before"]
     assert r["note"] == "fitted on 13 val images"
+    # the confidence floors on validation, at the fitted temperature
+    sure, said = torch.softmax(logits / r["temperature"], 1).max(1)
+    kept = sure >= 0.5
+    assert r["by_confidence"][0] == {
+        "min_confidence": 0.5,
+        "answered": pytest.approx(float(kept.float().mean())),
+        "accuracy": pytest.approx(float((said == targets)[kept].float().mean())),
+    }
     wrong = torch.zeros(1000, 4)
     wrong[torch.arange(1000), (torch.arange(1000) + 1) % 4] = 10  # sure and wrong: T runs up
     r = calibrate(Module(), [(wrong, torch.arange(1000) % 4)])

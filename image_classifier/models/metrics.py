@@ -81,7 +81,6 @@ CONFIDENCE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
 def by_confidence(probs, targets, levels=CONFIDENCE_LEVELS) -> list[dict]:
     """For each floor: the share of images whose top probability reaches it (`answered`) and
     the accuracy on those (None when none does): what a confidence floor keeps and gains."""
-
     conf, right = probs.max(1), probs.argmax(1) == targets
     rows = []
     for level in levels:

@@ -12,7 +12,7 @@ from image_classifier import lineage, runs, tracking
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
-from image_classifier.models.metrics import interval_text, wilson_interval
+from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
 from image_classifier.training.plots import plot_curves
 
@@ -154,6 +154,9 @@ def print_summary(r: dict, info) -> None:
         best_line(r, info.split_sizes.get("val", 0)),
         f"  last epoch: val {val}",
         f"  calibration: {fitted_line(c)}" if (c := r.get("calibration")) else "",
+        f"  confidence: on validation, answered at a floor: {confidence_text(c['by_confidence'])}"
+        if c
+        else "",
         f"  chosen:     {'; '.join(r['chosen'])}" if r.get("chosen") else "",
         imbalance_line(info, r.get("class_weights", False)),
         left_out_line(info.left_out),
