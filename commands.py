@@ -48,6 +48,10 @@ COMMANDS = {
         "image_classifier.inference.infer:run_infer",
         "predict for a file, folder, glob or list",
     ),
+    "explain": (
+        "image_classifier.inference.explain:run_explain",
+        "where in each image the network looked (Grad-CAM)",
+    ),
     "serve": ("image_classifier.serving.app:run_serve", "an HTTP prediction service"),
     "audit": (
         "image_classifier.audit.run:run_audit",
@@ -67,9 +71,12 @@ warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprec
 CHECKPOINT_TTA = {"test": ("test.tta", "experiment"), "export-onnx": ("export.tta", "experiment")}
 # commands that take a model file, by the setting that names it
 MODEL_SETTINGS = {"infer": "infer.model", "serve": "serve.model"}
+# commands that need the network of a training checkpoint (an export names the .ckpt beside it)
+NETWORK_SETTINGS = {"explain": "explain.model"}
 # the settings naming what a command writes (True: a folder), checked before any work is done
 OUTPUT_SETTINGS = {
     "infer": {"infer.output": False, "infer.sort_into": True},
+    "explain": {"explain.output": True},
     "export-onnx": {"export.output": False},
     "export-trt": {"export.trt.output": False},
     "export-triton": {"export.triton.output": True},
@@ -107,6 +114,9 @@ def _run(cfg: DictConfig):
     if name in MODEL_SETTINGS:  # a path, a registered model or the newest export, resolved once
         key = MODEL_SETTINGS[name]
         return fn(cfg, *runs.model_location(cfg, OmegaConf.select(cfg, key), key))
+    if name in NETWORK_SETTINGS:
+        key = NETWORK_SETTINGS[name]
+        return fn(cfg, runs.network_checkpoint(cfg, OmegaConf.select(cfg, key), key))
     if name in CHECKPOINT_TTA:  # what the command line does not set comes from the checkpoint
         given = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
         kwargs = {"use_checkpoint_tta": not any(o.startswith(CHECKPOINT_TTA[name]) for o in given)}

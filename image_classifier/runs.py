@@ -116,6 +116,21 @@ def checkpoint(cfg, given, setting: str) -> Path:
     return newest_best(cfg.paths.root, cfg.paths.search, setting)
 
 
+def network_checkpoint(cfg, given, setting: str) -> Path:
+    """The checkpoint of a command that needs the network itself (explain: gradients): as
+    `checkpoint`, with an export standing for the .ckpt beside it and a registered model refused."""
+    text = str(given or "")
+    if text.startswith(REGISTRY_PREFIX):
+        raise UserError(
+            f"{setting}={text!r} is a registered export; this command needs the network's "
+            "gradients, which only the training checkpoint has: give the run folder or its "
+            "best.ckpt (`uv run mlflow ui` shows the run each version came from)."
+        )
+    if is_export(text) and (beside := Path(text).expanduser().with_suffix(".ckpt")).is_file():
+        return beside
+    return checkpoint(cfg, given, setting)
+
+
 def in_run_folder(given, setting: str, names: tuple[str, ...]) -> Path:
     """`given` as a path; a run folder (or its checkpoints/) stands for the first of `names`
     found in it."""

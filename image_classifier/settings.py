@@ -61,6 +61,7 @@ def _free_form_rules() -> dict:
         export.checkpoint export.trt.onnx export.trt.output export.triton.onnx
         export.triton.output export.triton.name register.model register.name register.alias
         infer.model infer.sort_into infer.file_column serve.model test.checkpoint
+        explain.model explain.input explain.file_column explain.output
         calibrate.checkpoint train.resume train.init_from paths.root paths.data_dir
         paths.output_dir paths.plots"""
     flags = """train.class_weights train.compile train.calibrate train.device_data
@@ -176,6 +177,10 @@ def _inference_rules() -> dict:
         "infer.device": Choice(DEVICES),
         "infer.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
         "infer.min_confidence": Number(0, 1, open_lo=True, optional=True),
+        "explain.target": Text(optional=False),
+        "explain.batch_size": POSITIVE_INT,
+        "explain.gallery": COUNT,
+        "explain.device": Choice(DEVICES),
         "serve.threshold": Number(0, 1, open_lo=True, open_hi=True, optional=True),
         "serve.device": Choice(DEVICES),
         "serve.port": Number(0, 65535, integer=True),

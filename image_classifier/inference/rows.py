@@ -21,7 +21,8 @@ from image_classifier.data.images import (
 from image_classifier.errors import Interrupted
 
 
-def _load(path: Path, pre: Preprocessing):
+def load_image(path: Path, pre: Preprocessing):
+    """(the model's uint8 CHW array, None) for a usable image file, or (None, why it is not)."""
     if problem := path_problem(path):
         return None, problem
     try:
@@ -68,7 +69,7 @@ def predict_batch(predictor, paths, names, pool, top_k, thresholds) -> list[dict
     """Rows for one batch of files (`names` as the rows show them), read in `pool`'s threads."""
     pre = predictor.meta.preprocessing
     return rows_for(
-        predictor, names, list(pool.map(lambda p: _load(p, pre), paths)), top_k, thresholds
+        predictor, names, list(pool.map(lambda p: load_image(p, pre), paths)), top_k, thresholds
     )
 
 

@@ -254,8 +254,8 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 
 
 def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
-    """[predictions.csv, reliability.png, mistakes.png (image models only)]; multi-label:
-    [predictions.csv]."""
+    """[predictions.csv, reliability.png, mistakes.png and mistakes_explained.png (image models
+    only)]; multi-label: [predictions.csv]."""
     from image_classifier.training import predictions
 
     probs = torch.cat([p for p, _ in module.test_outputs]).numpy()
@@ -272,11 +272,7 @@ def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
         predictions.plot_reliability(probs, targets, ece, out / "plots" / "reliability.png"),
     ]
     if module.hparams.model["name"] != "head":  # a head's test set is features, not images
-        chosen = predictions.mistakes(probs, targets)
-        gallery = predictions.plot_mistakes(
-            dataset, chosen, probs, targets, classes, out / "plots" / "mistakes.png"
-        )
-        made += [gallery] if gallery else []
+        made += predictions.mistake_galleries(module, dataset, probs, targets, out / "plots")
     return made
 
 

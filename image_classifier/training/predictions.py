@@ -3,6 +3,7 @@
 predictions.csv    one row per test image: image (path, or test[i] for array data), true
                    label, predicted label, confidence, correct, the top 3 classes
 mistakes.png       the most confident mistakes, then each class's worst confusion
+mistakes_explained.png  the same under the Grad-CAM map of the class each was taken for
 reliability.png    accuracy against confidence in 15 bins, with the expected calibration
                    error (ECE, torchmetrics' MulticlassCalibrationError, L1)
 """
@@ -62,8 +63,43 @@ def mistakes(probs: np.ndarray, targets: np.ndarray, n: int = 12) -> list[int]:
     return chosen
 
 
+def mistake_galleries(module, dataset, probs, targets, folder: Path) -> list[Path]:
+    """mistakes.png, and mistakes_explained.png for a checkpoint's network (an export, which
+    `test` also scores, has no gradients to explain with)."""
+    shown = (dataset, mistakes(probs, targets), probs, targets, module.classes)
+    made = [plot_mistakes(*shown, folder / "mistakes.png")]
+    if hasattr(module, "net"):
+        made.append(explain_mistakes(module, *shown, folder / "mistakes_explained.png"))
+    return [m for m in made if m]
+
+
 def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) -> Path | None:
     """Image, true label, predicted label and confidence for each chosen mistake."""
+    images = [np.asarray(dataset[i][0]) for i in idx]
+    title = "Most confident mistakes, then each class's worst"
+    return _gallery(images, idx, probs, targets, classes, path, title)
+
+
+def explain_mistakes(module, dataset, idx, probs, targets, classes, path: Path) -> Path | None:
+    """The same mistakes under the Grad-CAM map of the class each was taken for: what in the
+    picture made the network say it (None for a network with no feature map, model=baseline)."""
+    from image_classifier.errors import UserError
+    from image_classifier.inference.explain import Explainer, overlay
+
+    if not idx:
+        return None
+    try:
+        explainer = Explainer(module, str(module.device))
+    except UserError:
+        return None
+    images = np.stack([np.asarray(dataset[i][0]) for i in idx])
+    heat, _, _ = explainer(images, [int(probs[i].argmax()) for i in idx])
+    pictures = [overlay(im, h).transpose(2, 0, 1) for im, h in zip(images, heat, strict=True)]
+    title = "The same mistakes: where the network saw the class it predicted (Grad-CAM)"
+    return _gallery(pictures, idx, probs, targets, classes, path, title)
+
+
+def _gallery(images, idx, probs, targets, classes, path: Path, title: str) -> Path | None:
     if not idx:
         return None
     cols = 6
@@ -71,15 +107,14 @@ def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) 
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, idx, strict=False):
-        img = np.asarray(dataset[i][0])
+    for ax, img, i in zip(axes.flat, images, idx, strict=False):
         img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         p = int(probs[i].argmax())
         ax.set_title(
             f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})", fontsize=7
         )
-    fig.suptitle("Most confident mistakes, then each class's worst", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=110, layout=gallery_layout)
 
 
