@@ -146,6 +146,38 @@ def test_explain_writes_an_overlay_per_image_a_table_and_a_gallery(
     assert not (tmp_path / "fox" / "explanations.png").exists()
 
 
+def test_own_output_inside_the_input_is_not_read_again(trained, exported, tmp_path, capsys):
+    """explain.output and infer.sort_into inside the input folder: a second run reads the same
+    images, not the first run's overlays or sorted copies."""
+    from image_classifier.inference.infer import run_infer
+
+    root, ckpt, images = trained
+    folder = tmp_path / "in"
+    shutil.copytree(images, folder)
+    for _ in range(2):
+        given = (f"explain.input={folder}", f"explain.output={folder / 'maps'}")
+        r = _explain(compose_cfg(root, *given, f"explain.model={ckpt}"))
+        assert len(r["rows"]) == 24
+    err = capsys.readouterr().err
+    assert "Leaving out 26 file(s) under explain.output=" in err, err[-3000:]
+    assert "not image file names" not in err  # its table was left out before that count
+    onnx, _ = exported
+    for _ in range(2):
+        r = run_infer(
+            compose_cfg(
+                root,
+                f"infer.model={onnx}",
+                f"infer.input={folder}",
+                f"infer.sort_into={folder / 'sorted'}",
+                f"infer.output={tmp_path / 'p.csv'}",
+            ),
+            onnx,
+        )
+        assert r["images"] == 24 + 24 + 1  # the images, explain's overlays and gallery
+    err = capsys.readouterr().err
+    assert "Leaving out 49 file(s) under infer.sort_into=" in err, err
+
+
 def test_explain_refuses_what_it_cannot_explain_with_the_fix(trained, tmp_path):
     root, ckpt, images = trained
     cases = [

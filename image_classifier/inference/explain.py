@@ -258,14 +258,15 @@ def run_explain(cfg, checkpoint: Path | None = None) -> dict:
 
     started = time.perf_counter()
     c = cfg.explain
-    paths = collect_inputs(c.input, c.get("file_column"))  # bad input fails before the model loads
+    out = Path(c.output or Path(cfg.paths.output_dir) / "explanations").expanduser()
+    own = ("explain.output", str(out))
+    paths = collect_inputs(c.input, c.get("file_column"), own)  # bad input fails before loading
     ckpt = given_model(checkpoint, c.get("model"), "explain.model")
     device = "cuda" if c.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if c.device == "cuda" and device != "cuda":
         raise UserError("explain.device=cuda was asked for, but torch sees no GPU here: use cpu.")
     explainer = Explainer(load_module(ckpt, map_location=device), device)
     target = target_index(str(c.target), explainer.module.classes)
-    out = Path(c.output or Path(cfg.paths.output_dir) / "explanations").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     root = os.path.commonpath([os.path.abspath(p.parent) for p in paths])  # mirrored in out
     try:

@@ -27,10 +27,13 @@ from image_classifier.inference.rows import predict_paths
 SORT_MODES = ("copy", "symlink", "hardlink")
 
 
-def collect_inputs(spec: str, file_column: str | None = None) -> list[Path]:
+def collect_inputs(
+    spec: str, file_column: str | None = None, own: tuple[str, str | None] = ("", None)
+) -> list[Path]:
     """A file, a folder (recursive; its files with image names), a glob, a .txt file with one
     path per line or a .csv (its `file_column`, infer.file_column; None: guessed). A file named
-    explicitly that is not an image becomes an error row."""
+    explicitly that is not an image becomes an error row. `own`: (setting, folder) of what the
+    command writes, left out when it lies inside the input (`outside`)."""
     if not spec:
         raise UserError(
             "infer.input is not set: give a file, a folder, a glob, or a .txt or .csv list."
@@ -42,7 +45,7 @@ def collect_inputs(spec: str, file_column: str | None = None) -> list[Path]:
             f"{spec!r} is not a .csv: drop infer.file_column, or give the .csv."
         )
     if p.is_dir():
-        every = files_under(p)
+        every = outside(files_under(p), *own)
         files = [f for f in every if is_image_name(f)]
         if others := [str(f.relative_to(p)) for f in every if not is_image_name(f)]:
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
@@ -80,7 +83,25 @@ def collect_inputs(spec: str, file_column: str | None = None) -> list[Path]:
             "or a .txt or .csv list)."
             + (f" It is a URL: {URL_FIX}." if is_url(spec) else archive_hint(spec))
         )
-    return files
+    return files if p.is_dir() else outside(files, *own)
+
+
+def outside(paths: list[Path], setting: str, folder: str | None) -> list[Path]:
+    """`paths` less the files under `folder`, this command's own output (`infer.sort_into`,
+    `explain.output`) when it lies inside the input: a second run would read its own copies."""
+    if not folder:
+        return paths
+    where = os.path.abspath(os.path.expanduser(folder))
+    kept = [p for p in paths if not os.path.abspath(p).startswith(where + os.sep)]
+    if len(kept) < len(paths):
+        print(
+            f"Leaving out {len(paths) - len(kept)} file(s) under {setting}={folder}: this "
+            "command's own output, inside the input.",
+            file=sys.stderr,
+        )
+    if paths and not kept:
+        raise UserError(f"Every input file lies under {setting}={folder}: nothing else to read.")
+    return kept
 
 
 def _safe_dir_name(name: str) -> str:
@@ -195,7 +216,8 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     library caller may leave it to infer.model when that is a file's path."""
     started = time.perf_counter()
     c = cfg.infer
-    paths = collect_inputs(c.input, c.get("file_column"))  # bad input fails before the model loads
+    own = ("infer.sort_into", c.get("sort_into"))
+    paths = collect_inputs(c.input, c.get("file_column"), own)  # bad input fails before loading
     model = given_model(model, c.get("model"), "infer.model")
     if c.engine == "ray":
         from image_classifier.inference.ray_engine import predict_on_ray
