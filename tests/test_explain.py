@@ -61,14 +61,15 @@ def test_maps_equal_grad_cam_by_hand_for_the_predicted_and_a_named_class():
 
 
 @pytest.mark.parametrize(
-    "name, size, grid",
+    "name, size, grid, spec",
     [
-        ("resnet10t", (64, 48), (2, 2)),  # NCHW, stride 32
-        ("swin_tiny_patch4_window7_224", (224, 224), (7, 7)),  # NHWC
+        ("resnet10t", (64, 48), (2, 2), {}),  # NCHW, stride 32
+        ("swin_tiny_patch4_window7_224", (224, 224), (7, 7), {}),  # NHWC
+        ("head", (64, 64), (2, 2), {"backbone": "resnet10t", "dim": 512}),  # backbone, then head
     ],
 )
-def test_each_layout_keeps_the_networks_answer_and_maps_its_grid(name, size, grid):
-    module = _module(name, size=size, in_chans=3)
+def test_each_layout_keeps_the_networks_answer_and_maps_its_grid(name, size, grid, spec):
+    module = _module(name, size=size, in_chans=3, **spec)
     explainer = Explainer(module)
     assert explainer.split.map_shape == grid
     images = np.random.default_rng(1).integers(0, 255, (2, 3, *size), dtype=np.uint8)

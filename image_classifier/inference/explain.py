@@ -46,7 +46,8 @@ class Split(nn.Module):
             )
         channels = int(normalized.scale.shape[1])
         with torch.no_grad():
-            probe = self.features.forward_features(torch.zeros(1, channels, *size))
+            blank = torch.zeros(1, channels, *size, device=normalized.scale.device)
+            probe = self.features.forward_features(blank)
         self.nhwc = _channels_last(self.features, probe, name)
         self.map = nn.Identity()
         self.map_shape = tuple(self._forth(probe).shape[-2:])
