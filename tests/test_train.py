@@ -360,6 +360,37 @@ def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, 
     assert "WARNING: the test data" in capsys.readouterr().out
 
 
+def test_new_data_the_command_line_names_is_a_note_not_a_warning(trained, tmp_path, caplog):
+    """What infer suggests for a labelled folder (command=test ... data.root=NEW
+    data.split=[0,0,1]) is what the user asked for: an INFO line, unless part of it was seen in
+    training or only part of it is tested."""
+    caplog.set_level("INFO", logger="image_classifier.data.identity")
+    root, ckpt, images = trained
+    new = make_class_folders(tmp_path / "new", per_class=4, size=16, seed=5)
+    shutil.copy(images / "cat" / "000.png", new / "cat" / "seen.png")
+    given = ["logger.enabled=false", f"test.checkpoint={ckpt}", "data=folder"]
+    cases = [  # (split, images the model trained on, a warning expected)
+        ("[0,0,1]", False, False),
+        ("[0,0,1]", True, True),
+        ("[0.5,0.25,0.25]", False, True),
+    ]
+    for split, with_seen, warned in cases:
+        if not with_seen:
+            (new / "cat" / "seen.png").unlink(missing_ok=True)
+        else:
+            shutil.copy(images / "cat" / "000.png", new / "cat" / "seen.png")
+        caplog.clear()
+        out = tmp_path / f"t{split}{with_seen}"
+        cfg = compose_cfg(root, *given, f"data.root={new}", f"data.split={split}")
+        cfg.paths.output_dir = str(out)
+        report = json.loads(Path(run_test(cfg, use_checkpoint_data=False)["report"]).read_text())
+        assert bool(report["data"]["warning"]) is warned, (split, with_seen, report["data"])
+        noted = "Testing on the data the command line names" in caplog.text
+        assert noted is not warned
+        if noted:
+            assert "none of its 12 images is one the model trained on" in caplog.text
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_test_exits_130_with_a_word(trained, tmp_path, monkeypatch):
     """Lightning's sys.exit(1) on Ctrl-C inside trainer.test left exit code 1 and no word."""

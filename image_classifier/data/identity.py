@@ -269,9 +269,11 @@ class DataInfo:
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
 
 
-def data_mismatch(hp, info, trained: list[str] | None = None) -> str:
+def data_mismatch(hp, info, trained: list[str] | None = None, asked: bool = False) -> str:
     """A note when the test data is not the data the model was trained on, else '': with the
-    digests of the images it `trained` on, how many of the tested ones it has seen."""
+    digests of the images it `trained` on, how many of the tested ones it has seen. Data the
+    command line `asked` for, every image of it tested and none a training image, is what the
+    user meant: an INFO line says so, and '' comes back."""
     trained_hash = (hp.get("data") or {}).get("hash")
     if not trained_hash or trained_hash == info.data_hash:
         return ""
@@ -286,11 +288,24 @@ def data_mismatch(hp, info, trained: list[str] | None = None) -> str:
             "(the same content): its accuracy on them is no test"
         )
     sizes = info.split_sizes
-    if info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values()):
+    partial = info.layout == "class folders" and sizes.get("test", 0) < sum(sizes.values())
+    if partial:
         note += (
             f". Only its test split was tested ({sizes.get('test', 0)} of {sum(sizes.values())} "
             "images, by data.split): if the model never saw these images, data.split=[0,0,1] "
             "tests every one"
         )
+    if asked and not seen and not partial:
+        log.info(
+            "Testing on the data the command line names, not the model's training data (hash "
+            "%s, trained on %s)%s.",
+            info.data_hash,
+            trained_hash,
+            f"; none of its {len(tested)} images is one the model trained on"
+            if trained
+            else "; the model file lists no training images (an export does not; its training "
+            "checkpoint does), so whether any of these were among them is not known",
+        )
+        return ""
     log.warning("Data mismatch: %s; metrics may not be comparable.", note)
     return note

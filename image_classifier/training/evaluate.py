@@ -51,7 +51,8 @@ def run_test(cfg, use_checkpoint_data: bool = True, use_checkpoint_tta: bool = F
     out = runs.output_dir(cfg)
     dm, info = test_data(cfg, module, path)
     check_test_split(info, cfg.data.get("split"))
-    hash_note = data_mismatch(module.hparams, info, ckpt_file.train_digests(path))
+    digests = ckpt_file.train_digests(path)
+    hash_note = data_mismatch(module.hparams, info, digests, asked=not use_checkpoint_data)
     logger = tracking.create_logger(
         cfg,
         run_name=f"test-{module.hparams.model['name']}",

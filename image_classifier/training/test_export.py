@@ -98,7 +98,7 @@ def run_test_export(cfg, use_checkpoint_data: bool = True) -> dict:
     out = runs.output_dir(cfg)
     dm, info = test_data(cfg, model, path)
     check_test_split(info, cfg.data.get("split"))
-    hash_note = data_mismatch(model.hparams, info)
+    hash_note = data_mismatch(model.hparams, info, asked=not use_checkpoint_data)
     name = (predictor.meta.extra.get("model") or {}).get("name", "model")
     tags = {"model_file": str(path), **({"registered": str(given)} if registered else {})}
     logger = tracking.create_logger(
