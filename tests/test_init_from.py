@@ -42,10 +42,12 @@ def test_a_new_network_takes_the_weights_and_the_classifier_rows_by_class_name(t
     )
 
 
-def test_train_init_from_a_run_folder_trains_its_network_on_new_data(trained, tmp_path, capsys):
+def test_train_init_from_a_run_folder_trains_its_network_on_new_data(
+    trained, tmp_path, capsys, caplog
+):
     """The run folder stands for its best.ckpt; architecture, size and channels come from it
-    (the new folder's 24x20 colour images are read at the model's 16x16 grey), and the new
-    checkpoint records where it started."""
+    (the new folder's 24x20 colour images are read at the model's 16x16 grey, with no warning
+    about sizes meant for ImageNet networks), and the new checkpoint records where it started."""
     from image_classifier.models.checkpoint import read
     from image_classifier.training.train import run_train
 
@@ -56,6 +58,7 @@ def test_train_init_from_a_run_folder_trains_its_network_on_new_data(trained, tm
         compose_cfg(tmp_path, "data=folder", f"data.root={images}", f"train.init_from={run}")
     )
     out = capsys.readouterr().out
+    assert "stride" not in caplog.text and "data.size=auto" not in caplog.text, caplog.text
     assert f"Training cnn from the weights of {ckpt} (" in out
     assert (
         "classifier rows kept for 1 of the 2 classes (by name); new, learnt from scratch: owl"

@@ -101,13 +101,14 @@ def _note_enlarged(cfg, profile: ImageProfile | None):
     """data.size=5000 for 40x50 px images (a typo for 500?) built a 4.5 GB decoded cache of 60
     images before the first step: a warning first, with the size auto would take. A pretrained
     network given a side under its stride (32 px) trained on less than a pixel of its last stage:
-    a warning too."""
-    if profile is None or cfg.model.get("name") == "head":
+    a warning too. (train.init_from's size is its network's: neither applies to it.)"""
+    if profile is None or cfg.model.get("name") == "head" or cfg.model.get("init_from"):
         return cfg
     median = profile.median_size
     auto = auto_size(median, fine_tunes(cfg.model))
     h, w = (int(x) for x in cfg.data.size)
-    if fine_tunes(cfg.model) and min(h, w) < PRETRAINED_SIZES["step"]:
+    timm = cfg.model.get("name") not in OWN_MODELS
+    if fine_tunes(cfg.model) and timm and min(h, w) < PRETRAINED_SIZES["step"]:
         log.warning(
             "data.size=%s is under the %d px stride of the pretrained network's last stage: "
             "it sees less than one pixel of it. data.size=auto takes %s for these images.",
