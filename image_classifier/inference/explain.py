@@ -224,7 +224,8 @@ def gallery_rows(rows: list[dict], n: int) -> list[dict]:
 
 def plot_gallery(rows: list[dict], path: Path, n: int) -> Path | None:
     """Up to n of the written overlays (each image and its map), with the file's name, the
-    prediction and, when another, the explained class."""
+    prediction and, when another, the explained class with its probability (a map is scaled to
+    its own maximum: for a class of probability 0.00 it shows where the little evidence is)."""
     from PIL import Image
 
     from image_classifier.plotting import gallery_layout, plt, save
@@ -234,7 +235,7 @@ def plot_gallery(rows: list[dict], path: Path, n: int) -> Path | None:
         return None
     cols = min(4, len(shown))
     lines = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols, 2.2 * lines), squeeze=False)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols, 2.5 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, shown, strict=False):
@@ -243,7 +244,7 @@ def plot_gallery(rows: list[dict], path: Path, n: int) -> Path | None:
         name = "/".join(Path(r["path"]).parts[-2:])
         name = name if len(name) <= 36 else "..." + name[-33:]
         other = r["explained_class"] != r["predicted_class"]
-        why = f", map: {r['explained_class']}" if other else ""
+        why = f", map: {r['explained_class']} ({r['explained_probability']:.2f})" if other else ""
         ax.set_title(f"{name}\n{r['predicted_class']} ({r['confidence']:.2f}){why}", fontsize=7)
     fig.suptitle("Where the network looked (Grad-CAM; red: most evidence)", fontsize=10)
     return save(fig, path, dpi=110, layout=gallery_layout)
