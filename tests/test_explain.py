@@ -2,6 +2,7 @@
 computation, the layouts of the networks it takes, and the command's outputs and refusals."""
 
 import csv
+import os
 import shutil
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from conftest import compose_cfg, run_cli
 
 from image_classifier import runs
+from image_classifier.data.images import display_name
 from image_classifier.errors import UserError
 from image_classifier.inference.explain import Explainer, Split, gallery_rows, run_explain
 from image_classifier.models.factory import MostFrequentClass, Normalized
@@ -105,6 +107,8 @@ def test_explain_writes_an_overlay_per_image_a_table_and_a_gallery(
     folder = tmp_path / "in"
     shutil.copytree(images, folder)
     (folder / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    latin1 = folder / "dog" / os.fsdecode(b"caf\xe9.png")  # a name that is not UTF-8
+    shutil.copy(images / "dog" / "000.png", latin1)
     out = tmp_path / "maps"
     onnx, _ = exported
     r = _explain(
@@ -113,14 +117,15 @@ def test_explain_writes_an_overlay_per_image_a_table_and_a_gallery(
         )
     )
     files = sorted(p for p in folder.rglob("*.png"))
-    assert len(r["rows"]) == len(files) == 25
+    assert len(r["rows"]) == len(files) == 26
     said = capsys.readouterr().err
-    assert "Explained 24 of 25 image(s) with Grad-CAM" in said and "1 unreadable" in said
+    assert "Explained 24 of 26 image(s) with Grad-CAM" in said and "2 unreadable" in said
     assert "broken.png: " in said and f"overlays:  {out}/" in said, said
     assert f"gallery:   {out / 'explanations.png'}" in said
     with open(out / "explanations.csv", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
-    assert [t["path"] for t in table] == [str(p) for p in files]
+    assert [t["path"] for t in table] == [display_name(p) for p in files]
+    assert next(t for t in table if "caf" in t["path"])["error"]
     broken = next(t for t in table if t["path"].endswith("broken.png"))
     assert broken["error"] and not broken["overlay"]
     good = [t for t in table if not t["error"]]
@@ -143,7 +148,7 @@ def test_explain_writes_an_overlay_per_image_a_table_and_a_gallery(
             "explain.gallery=0",
         )
     )
-    assert {row["explained_class"] for row in r["rows"]} == {"fox"}
+    assert {row.get("explained_class") for row in r["rows"] if "error" not in row} == {"fox"}
     assert not (tmp_path / "fox" / "explanations.png").exists()
 
 

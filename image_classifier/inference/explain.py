@@ -163,15 +163,13 @@ def explain_paths(explainer, paths, out: Path, root: str, target, batch_size: in
             except KeyboardInterrupt:
                 raise Interrupted(done=rows) from None
             bar.update(len(chunk))
-    for r in rows:
-        r["path"] = display_name(r["path"])
     return rows
 
 
 def _explain_batch(explainer, chunk, pre, classes, out, root, target) -> list[dict]:
     loaded = [load_image(p, pre) for p in chunk]
     good = [i for i, (arr, _) in enumerate(loaded) if arr is not None]
-    rows = [{"path": str(p), "error": loaded[i][1]} for i, p in enumerate(chunk)]
+    rows = [{"path": display_name(p), "error": loaded[i][1]} for i, p in enumerate(chunk)]
     if not good:
         return rows
     batch = np.stack([loaded[i][0] for i in good])
@@ -182,7 +180,7 @@ def _explain_batch(explainer, chunk, pre, classes, out, root, target) -> list[di
         side_by_side(batch[j], heat[j]).save(picture)
         p = int(probs[j].argmax())
         rows[i] = {
-            "path": str(chunk[i]),
+            "path": display_name(chunk[i]),
             "predicted_class": classes[p],
             "confidence": round(float(probs[j, p]), 6),
             "explained_class": classes[chosen[j]],
