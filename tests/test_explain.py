@@ -184,6 +184,30 @@ def test_own_output_inside_the_input_is_not_read_again(trained, exported, tmp_pa
     assert "Leaving out 49 file(s) under infer.sort_into=" in err, err
 
 
+def test_ctrl_c_part_way_keeps_the_finished_overlays_and_rows(trained, tmp_path, monkeypatch):
+    from image_classifier.errors import Interrupted
+    from image_classifier.inference import explain
+
+    root, ckpt, images = trained
+    calls, explain_batch = [], explain._explain_batch
+
+    def interrupted_on_the_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return explain_batch(*args)
+
+    monkeypatch.setattr(explain, "_explain_batch", interrupted_on_the_third_batch)
+    out = tmp_path / "maps"
+    given = [f"explain.input={images}", f"explain.output={out}", f"explain.model={ckpt}"]
+    with pytest.raises(Interrupted, match=f"after 10 of 24 image.*in {out}/ \\(explanations"):
+        _explain(compose_cfg(root, *given, "explain.batch_size=5"))
+    with open(out / "explanations.csv", encoding="utf-8") as f:
+        kept = list(csv.DictReader(f))
+    assert len(kept) == 10 and all(t["overlay"] for t in kept)
+    assert len(list(out.rglob("*.png.png"))) == 10
+
+
 def test_explain_refuses_what_it_cannot_explain_with_the_fix(trained, tmp_path):
     root, ckpt, images = trained
     cases = [
