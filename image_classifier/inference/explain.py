@@ -114,17 +114,21 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     matplotlib's `jet` colours (red: where the evidence for the explained class is)."""
     from matplotlib import colormaps
 
-    rgb = np.repeat(image, 3, 0) if image.shape[0] == 1 else image
-    rgb = rgb.transpose(1, 2, 0).astype(np.float32)
+    rgb = _rgb(image).astype(np.float32)
     hot = colormaps["jet"](heat)[..., :3] * 255
     return (rgb * (1 - OVERLAY_ALPHA) + hot * OVERLAY_ALPHA).clip(0, 255).astype(np.uint8)
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A CHW uint8 image, grey or colour, as HxWx3."""
+    return (np.repeat(image, 3, 0) if image.shape[0] == 1 else image).transpose(1, 2, 0)
 
 
 def side_by_side(image: np.ndarray, heat: np.ndarray):
     """The image and its overlay next to each other (PIL), enlarged to MIN_SIDE when small."""
     from PIL import Image
 
-    plain = (np.repeat(image, 3, 0) if image.shape[0] == 1 else image).transpose(1, 2, 0)
+    plain = _rgb(image)
     gap = np.full((plain.shape[0], max(2, plain.shape[1] // 32), 3), 255, np.uint8)
     picture = Image.fromarray(np.concatenate([plain, gap, overlay(image, heat)], axis=1))
     scale = MIN_SIDE / min(image.shape[1:])

@@ -65,22 +65,26 @@ def mistakes(probs: np.ndarray, targets: np.ndarray, n: int = 12) -> list[int]:
 
 def mistake_galleries(module, dataset, probs, targets, folder: Path) -> list[Path]:
     """mistakes.png, and mistakes_explained.png for a checkpoint's network (an export, which
-    `test` also scores, has no gradients to explain with)."""
-    shown = (dataset, mistakes(probs, targets), probs, targets, module.classes)
-    made = [plot_mistakes(*shown, folder / "mistakes.png")]
+    `test` also scores, has no gradients to explain with); each image read once for both."""
+    idx = mistakes(probs, targets)
+    images = [np.asarray(dataset[i][0]) for i in idx]
+    shown = (idx, probs, targets, module.classes)
+    made = [_gallery(images, *shown, folder / "mistakes.png", MISTAKES)]
     if hasattr(module, "net"):
-        made.append(explain_mistakes(module, *shown, folder / "mistakes_explained.png"))
+        made.append(explain_mistakes(module, images, *shown, folder / "mistakes_explained.png"))
     return [m for m in made if m]
+
+
+MISTAKES = "Most confident mistakes, then each class's worst"
 
 
 def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) -> Path | None:
     """Image, true label, predicted label and confidence for each chosen mistake."""
     images = [np.asarray(dataset[i][0]) for i in idx]
-    title = "Most confident mistakes, then each class's worst"
-    return _gallery(images, idx, probs, targets, classes, path, title)
+    return _gallery(images, idx, probs, targets, classes, path, MISTAKES)
 
 
-def explain_mistakes(module, dataset, idx, probs, targets, classes, path: Path) -> Path | None:
+def explain_mistakes(module, images, idx, probs, targets, classes, path: Path) -> Path | None:
     """The same mistakes under the Grad-CAM map of the class each was taken for: what in the
     picture made the network say it (None for a network with no feature map, model=baseline)."""
     from image_classifier.errors import UserError
@@ -92,8 +96,7 @@ def explain_mistakes(module, dataset, idx, probs, targets, classes, path: Path) 
         explainer = Explainer(module, str(module.device))
     except UserError:
         return None
-    images = np.stack([np.asarray(dataset[i][0]) for i in idx])
-    heat, _, _ = explainer(images, [int(probs[i].argmax()) for i in idx])
+    heat, _, _ = explainer(np.stack(images), [int(probs[i].argmax()) for i in idx])
     pictures = [overlay(im, h).transpose(2, 0, 1) for im, h in zip(images, heat, strict=True)]
     title = "The same mistakes: where the network saw the class it predicted (Grad-CAM)"
     return _gallery(pictures, idx, probs, targets, classes, path, title)
