@@ -182,6 +182,9 @@ def test_own_output_inside_the_input_is_not_read_again(trained, exported, tmp_pa
         assert r["images"] == 24 + 24 + 1  # the images, explain's overlays and gallery
     err = capsys.readouterr().err
     assert "Leaving out 49 file(s) under infer.sort_into=" in err, err
+    inside = [f"explain.input={folder / 'maps'}", f"explain.output={folder}"]
+    with pytest.raises(UserError, match="Every input file lies under explain.output=.*nothing"):
+        _explain(compose_cfg(root, *inside, f"explain.model={ckpt}"))
 
 
 def test_ctrl_c_part_way_keeps_the_finished_overlays_and_rows(trained, tmp_path, monkeypatch):
@@ -220,6 +223,11 @@ def test_explain_refuses_what_it_cannot_explain_with_the_fix(trained, tmp_path):
         ),
         ([f"explain.model={tmp_path / 'x.ckpt'}"], "does not exist"),
         ([f"explain.input={tmp_path / 'none'}"], "matches no image files"),
+        *(
+            []
+            if torch.cuda.is_available()
+            else [(["explain.device=cuda"], "explain.device=cuda was asked for.*use cpu")]
+        ),
     ]
     for overrides, message in cases:
         cfg = compose_cfg(root, f"explain.input={images}", f"explain.model={ckpt}", *overrides)
