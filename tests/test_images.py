@@ -9,6 +9,7 @@ from image_classifier.data.images import (
     ImageError,
     ImageTooLarge,
     Preprocessing,
+    decode_bytes,
     load_array,
     open_image,
 )
@@ -154,6 +155,21 @@ def test_bomb_limit_is_configurable(tmp_path):
     p = _save(tmp_path, Image.new("L", (100, 100)), "big.png")
     with pytest.raises(ImageTooLarge, match="exceeds the pixel limit"):
         open_image(p, max_pixels=5000)
+
+
+def test_the_limit_counts_the_pixels_a_jpeg_decodes_at_the_models_size(tmp_path):
+    """A 48 MP phone photo for a 192 px model decodes at 1/8 (0.75 MP): the service's 40 MP limit
+    must not refuse it. Here 400x400 for 16 px decodes at 50x50, under 5,000 pixels."""
+    big = Image.new("RGB", (400, 400), (20, 120, 200))
+    data = {ext: _save(tmp_path, big, f"big.{ext}").read_bytes() for ext in ("jpg", "png")}
+    assert decode_bytes(data["jpg"], RGB, max_pixels=5000).shape == (3, 8, 8)
+    assert open_image(tmp_path / "big.jpg", max_pixels=5000, fit=16).size == (50, 50)
+    with pytest.raises(ImageTooLarge, match=r"400x400 exceeds the pixel limit \(160,000 > 5,000"):
+        decode_bytes(data["png"], RGB, max_pixels=5000)  # a PNG decodes whole
+    with pytest.raises(ImageTooLarge, match=r"400x400 exceeds the pixel limit \(160,000"):
+        open_image(tmp_path / "big.jpg", max_pixels=5000)  # no size asked: decoded whole
+    with pytest.raises(ImageTooLarge, match=r"even decoded at 1/8 \(2,500 > 1,000 pixels"):
+        decode_bytes(data["jpg"], RGB, max_pixels=1000)
 
 
 def test_unreadable_file_is_refused_with_its_reason(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS, fit: int = 0) -> 
         )
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(name, "empty (0 bytes)")
-    return _decode(_open(path, name, max_pixels), name, fit)
+    return _decode(_open(path, name, max_pixels, fit), name)
 
 
 def display_name(path: str | Path) -> str:
@@ -113,11 +113,13 @@ def display_name(path: str | Path) -> str:
     return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _refused(name: str, size: tuple[int, int], max_pixels: int) -> ImageTooLarge:
-    w, h = size
+def _refused(name: str, size: tuple[int, int], limit: int, shown: tuple[int, int]) -> ImageTooLarge:
+    """`size` as stored; `shown`, as it would be decoded (a JPEG at 1/2..1/8: `_open`)."""
+    (w, h), pixels = size, shown[0] * shown[1]
+    scaled = f" even decoded at 1/{round(w / shown[0])}" if shown != size else ""
     return ImageTooLarge(
         name,
-        f"refused: {w}x{h} exceeds the pixel limit ({w * h:,} > {max_pixels:,} pixels; "
+        f"refused: {w}x{h} exceeds the pixel limit{scaled} ({pixels:,} > {limit:,} pixels; "
         "a possible decompression bomb, not decoded)",
     )
 
@@ -149,9 +151,12 @@ def _with_heif() -> None:
     register_heif_opener()
 
 
-def _open(source, name: str, max_pixels: int) -> Image.Image:
-    """Image.open (header only) with every failure turned into an ImageError; the size is checked
-    from the header, so nothing larger than `max_pixels` is ever decoded."""
+def _open(source, name: str, max_pixels: int, fit: int = 0) -> Image.Image:
+    """Image.open (header only) with every failure turned into an ImageError. `fit`: the side the
+    caller will resize to; a JPEG is then set to decode at the smallest DCT scale (1/1..1/8)
+    keeping both sides >= `fit` (docs/data.md). The pixels it will decode are checked from the
+    header, so nothing larger than `max_pixels` is ever decoded (a 48 MP phone photo decoded at
+    1/8 is 0.75 MP), nor anything stored larger than MAX_PIXELS."""
     _with_heif()
     try:
         im = Image.open(source)
@@ -165,19 +170,22 @@ def _open(source, name: str, max_pixels: int) -> Image.Image:
         raise _bomb(name, e) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(name, f"cannot open ({e})") from None
-    w, h = im.size
-    if w * h > max_pixels:
+    size = im.size
+    if size[0] * size[1] > MAX_PIXELS:  # whatever the scale: no camera makes one
         im.close()
-        raise _refused(name, (w, h), max_pixels)
+        raise _refused(name, size, MAX_PIXELS, size)
+    if fit:
+        im.draft(None, (fit, fit))  # JPEG only; other formats decode whole
+    if im.size[0] * im.size[1] > max_pixels:
+        im.close()
+        raise _refused(name, size, max_pixels, im.size)
     return im
 
 
-def _decode(im: Image.Image, name: str, fit: int = 0) -> Image.Image:
-    """Decode the pixels (an animation's first frame), apply the EXIF orientation. A JPEG is
-    decoded at the smallest DCT scale (1/1..1/8) keeping both sides >= `fit` (docs/data.md)."""
+def _decode(im: Image.Image, name: str) -> Image.Image:
+    """Decode the pixels (an animation's first frame, a JPEG at the scale _open set), apply the
+    EXIF orientation."""
     try:
-        if fit:
-            im.draft(None, (fit, fit))
         im.load()
         return ImageOps.exif_transpose(im)
     except _BOMB as e:
@@ -282,7 +290,7 @@ def open_bytes(
     name = display_name(name)
     if not data:
         raise ImageError(name, "empty (0 bytes)")
-    return _decode(_open(io.BytesIO(data), name, max_pixels), name, fit)
+    return _decode(_open(io.BytesIO(data), name, max_pixels, fit), name)
 
 
 def decode_bytes(
