@@ -104,7 +104,7 @@ class ImageDataModule(L.LightningDataModule):
         if shuffle and self._world() == 1:
             sampler = EpochPermutation(len(ds), self.seed)
         if shuffle and self.balanced_sampler:
-            sampler = balanced_sampler(_labels_of(ds), self.info.multi_label)
+            sampler = balanced_sampler(labels_of(ds), self.info.multi_label)
         workers = self.num_workers if isinstance(ds, FileDataset | AugmentedDataset) else 0
         return batch_loader(ds, self.batch_size, shuffle, sampler, workers)
 
@@ -182,7 +182,7 @@ class FeatureDataModule(L.LightningDataModule):
     def loader(self, split: str, shuffle: bool = False):
         ds, sampler = self.datasets[split], None
         if shuffle and self.balanced_sampler:
-            sampler = balanced_sampler(_labels_of(ds), ds.labels.ndim > 1)
+            sampler = balanced_sampler(labels_of(ds), ds.labels.ndim > 1)
         return batch_loader(ds, self.batch_size, shuffle, sampler)
 
     def train_dataloader(self):
@@ -252,7 +252,8 @@ def balanced_sampler(labels: np.ndarray, multi_label: bool) -> WeightedRandomSam
     return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels))
 
 
-def _labels_of(ds) -> np.ndarray:
+def labels_of(ds) -> np.ndarray:
+    """A split's labels (class indices; multi-label: 0/1 rows) without reading its images."""
     if isinstance(ds, AugmentedDataset):
         ds = ds.base
     if isinstance(ds, ArrayDataset):

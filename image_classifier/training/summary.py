@@ -8,16 +8,22 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from image_classifier import lineage, runs, tracking
+from image_classifier.data.datamodule import labels_of
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
+from image_classifier.rules import fine_tunes
+from image_classifier.training.adapt import MIN_STEPS, steps_per_epoch, validates
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
 from image_classifier.training.plots import plot_curves
 
 
-def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started: float) -> dict:
+def summarise(cfg, trainer, checkpoint, last, history, dm, out: Path, started: float) -> dict:
+    info = dm.info
     best = (
         Path(checkpoint.best_model_path)
         if checkpoint.best_model_path
@@ -33,6 +39,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
         "best_score": float(score) if score is not None else None,
         "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
+        "at_chance": at_chance(cfg, dm, score, trainer.current_epoch),
         "class_weights": bool(cfg.train.get("class_weights")),
         "objective": float(score) if score is not None else None,
         "metrics": {
@@ -46,6 +53,7 @@ def summarise(cfg, trainer, checkpoint, last, history, info, out: Path, started:
         "data_source": info.source,
         "decoded_cache": info.cache,
         "precision": str(trainer.precision),
+        "batching": getattr(dm, "batching", "from a DataLoader"),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": lineage.describe_machine(lineage.machine_info()),
     }
@@ -126,6 +134,50 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     )
 
 
+def at_chance(cfg, dm, score, epochs: int) -> dict | None:
+    """When the best val/acc is not clearly better than always answering the validation split's
+    largest class (that rate inside the score's 95 % interval): the rate, the class, the optimizer
+    steps taken in `epochs` and the steps a network of this kind wants. None otherwise, and for
+    multi-label data, another monitor or no validation."""
+    info = dm.info
+    if info.multi_label or cfg.train.monitor != "val/acc" or score is None or not validates(cfg):
+        return None
+    labels = labels_of(dm.dataset("val"))
+    if not len(labels):
+        return None
+    counts = np.bincount(labels, minlength=len(info.classes))
+    rate = float(counts.max() / len(labels))
+    if wilson_interval(float(score), len(labels))[0] > rate:
+        return None
+    kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
+    per_epoch = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
+    return {
+        "rate": rate,
+        "class": info.classes[int(counts.argmax())],
+        "val_images": len(labels),
+        "steps": per_epoch * epochs,  # epochs trained (early stopping: fewer than planned)
+        "steps_wanted": MIN_STEPS[kind],
+    }
+
+
+def chance_line(r: dict) -> str:
+    """at_chance's finding as a warning line with its likely cause and the fix."""
+    if not (c := r.get("at_chance")):
+        return ""
+    why = (
+        f"it took {c['steps']} optimizer steps, where a network like this wants about "
+        f"{c['steps_wanted']}: train.epochs=auto chooses enough for the data"
+        if c["steps"] < c["steps_wanted"]
+        else "check the labels (command=audit); a pretrained model (model=efficientnet_lite0) "
+        "learns from fewer images"
+    )
+    return (
+        f"  WARNING:    best val/acc {r['best_score']:.4f} is not clearly better than always "
+        f"answering {c['class']!r} ({c['rate']:.4f} of the {c['val_images']} validation "
+        f"images): the network has not learned to tell the classes apart; {why}"
+    )
+
+
 def best_line(r: dict, n_val: int) -> str:
     """The best validation score; an accuracy with its 95 % interval on the validation images
     (on a small folder's split: how far apart two epochs or runs must be to differ)."""
@@ -152,6 +204,7 @@ def print_summary(r: dict, info) -> None:
         + ", ".join(notes)
         + ")",
         best_line(r, info.split_sizes.get("val", 0)),
+        chance_line(r),
         f"  last epoch: val {val}",
         f"  calibration: {fitted_line(c)}" if (c := r.get("calibration")) else "",
         f"  confidence: on validation, answered at a floor: {confidence_text(c['by_confidence'])}"

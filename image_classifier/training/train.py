@@ -149,9 +149,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     if start_note and trainer.is_global_zero:
         print(start_note)
     fit(trainer, module, dm, resume_from, checkpoint, last)
-    result = summarise(cfg, trainer, checkpoint, last, cbs[0], info, out, started)
-    result |= {"batching": getattr(dm, "batching", "from a DataLoader"), "time_budget": budget}
-    result["chosen"] = chosen
+    result = summarise(cfg, trainer, checkpoint, last, cbs[0], dm, out, started)
+    result |= {"time_budget": budget, "chosen": chosen}
     if trainer.is_global_zero and checkpoint is not last:
         if info.multi_label:
             result["thresholds"] = thresholds_for_best(result["checkpoint"], dm, cfg.train)
