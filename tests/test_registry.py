@@ -255,6 +255,8 @@ def test_register_refuses_what_is_not_an_onnx_file(trained):
     root, ckpt, _ = trained
     p = run_cli("command=register", f"register.model={ckpt}", cwd=root)
     assert p.returncode == 2 and "must be an existing .onnx file" in p.stderr, p.stderr
+    fix = f"export it first: uv run python commands.py command=export-onnx export.checkpoint={ckpt}"
+    assert fix in " ".join(p.stderr.split()), p.stderr  # the message is folded to the terminal
 
 
 def test_a_class_list_cut_short_in_its_tag_is_not_compared(tmp_path):

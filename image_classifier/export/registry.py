@@ -241,9 +241,15 @@ def run_register(cfg) -> dict:
         return result
     onnx_path = runs.model_file(cfg, r.get("model"), "register.model")
     if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
+        fix = (
+            f"export it first: uv run python commands.py command=export-onnx "
+            f"export.checkpoint={onnx_path}, then register.model={onnx_path.with_suffix('.onnx')}"
+            if onnx_path.suffix.lower() == ".ckpt" and onnx_path.is_file()
+            else "give one, or a run folder holding one"
+        )
         raise UserError(
             f"register.model={str(onnx_path)!r} must be an existing .onnx file written by "
-            "`command=export-onnx`."
+            f"`command=export-onnx`: {fix}."
         )
     result = register(cfg, onnx_path, r.get("name"), r.get("alias"), client=client)
     print_registered(result, onnx_path)
