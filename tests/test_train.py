@@ -1139,7 +1139,7 @@ def test_test_reports_what_each_confidence_floor_keeps_and_its_accuracy():
 def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys):
     """A run whose best val/acc is inside the interval of always answering the validation split's
     largest class warns, with the steps it took against those wanted (a network that has not
-    moved: lr 1e-9); the same data learned in 15 epochs does not."""
+    moved: lr 1e-9), and so does its test; the same data learned in 15 epochs does not."""
     from image_classifier.training.summary import chance_line
 
     images = make_class_folders(tmp_path / "images", per_class=20)
@@ -1147,13 +1147,21 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     r = run_train(compose_cfg(tmp_path / "a", *common, "train.lr=1e-9"))
     out = capsys.readouterr().out
     assert r["at_chance"]["steps"] == 6 and r["at_chance"]["steps_wanted"] == 1000
-    assert r["at_chance"]["rate"] < 0.5 and r["at_chance"]["val_images"] == 6
+    assert r["at_chance"]["rate"] < 0.5 and r["at_chance"]["images"] == 6
     assert "is not clearly better than always answering" in out
     assert "it took 6 optimizer steps, where a network like this wants about 1000" in out
+    run_test(compose_cfg(tmp_path / "a", *common, f"test.checkpoint={r['checkpoint']}"))
+    assert re.search(
+        r"WARNING: accuracy 0\.\d+ is not clearly better than always answering "
+        r"'\w+' \(0\.\d+ of the \d+ test images\)",
+        capsys.readouterr().out,
+    )
     r = run_train(compose_cfg(tmp_path / "b", *common, "train.epochs=15"))
     assert r["at_chance"] is None and r["best_score"] == 1.0
     assert "not clearly better" not in capsys.readouterr().out
-    enough = {"best_score": 0.3, "at_chance": {"rate": 0.3, "class": "cat", "val_images": 10}}
+    run_test(compose_cfg(tmp_path / "b", *common, f"test.checkpoint={r['checkpoint']}"))
+    assert "not clearly better" not in capsys.readouterr().out
+    enough = {"best_score": 0.3, "at_chance": {"rate": 0.3, "class": "cat", "images": 10}}
     enough["at_chance"] |= {"steps": 1200, "steps_wanted": 1000}
     assert chance_line(enough).endswith(
         "check the labels (command=audit); a pretrained model "

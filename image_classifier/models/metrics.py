@@ -74,6 +74,25 @@ def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:
     return f"95 % interval {interval[0]:.4f}-{interval[1]:.4f} on {n:,} images"
 
 
+def at_chance(accuracy: float, counts, classes: list[str]) -> dict | None:
+    """When `accuracy`, measured on images of these class `counts`, is not clearly better than
+    always answering the largest class (its rate inside the accuracy's 95 % interval): that
+    rate, the class and the number of images; None otherwise."""
+    n = sum(counts)
+    if not n or wilson_interval(accuracy, n)[0] > max(counts) / n:
+        return None
+    largest = max(range(len(counts)), key=counts.__getitem__)
+    return {"rate": max(counts) / n, "class": classes[largest], "images": n}
+
+
+def chance_text(score: str, c: dict, split: str) -> str:
+    """at_chance's finding in words."""
+    return (
+        f"{score} is not clearly better than always answering {c['class']!r} ({c['rate']:.4f} "
+        f"of the {c['images']} {split} images): the network does not tell the classes apart"
+    )
+
+
 # the confidence floors `test` reports accuracy above, for choosing infer.min_confidence
 CONFIDENCE_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
 

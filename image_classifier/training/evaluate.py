@@ -25,7 +25,9 @@ from image_classifier.data.layouts import write_unusable
 from image_classifier.errors import UserError, listed
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.metrics import (
+    at_chance,
     by_confidence,
+    chance_text,
     confidence_text,
     interval_text,
     wilson_interval,
@@ -316,6 +318,8 @@ def _metric_lines(report) -> list[str]:
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
+    if c := at_chance(acc := report["accuracy"], [per[c]["support"] for c in per], list(per)):
+        lines.append("  WARNING: " + chance_text(f"accuracy {acc:.4f}", c, "test"))
     if rows := report.get("by_confidence"):
         lines.append(f"  answered at a confidence floor: {confidence_text(rows)}")
     return lines

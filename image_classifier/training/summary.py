@@ -15,6 +15,7 @@ from image_classifier.data.datamodule import labels_of
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
 from image_classifier.models import checkpoint as ckpt_file
+from image_classifier.models import metrics
 from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
 from image_classifier.rules import fine_tunes
 from image_classifier.training.adapt import MIN_STEPS, steps_per_epoch, validates
@@ -135,29 +136,18 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
 
 
 def at_chance(cfg, dm, score, epochs: int) -> dict | None:
-    """When the best val/acc is not clearly better than always answering the validation split's
-    largest class (that rate inside the score's 95 % interval): the rate, the class, the optimizer
-    steps taken in `epochs` and the steps a network of this kind wants. None otherwise, and for
-    multi-label data, another monitor or no validation."""
+    """metrics.at_chance for the best val/acc (single-label data, validated, monitored on
+    val/acc), with the optimizer steps taken in `epochs` and those a network of this kind wants."""
     info = dm.info
     if info.multi_label or cfg.train.monitor != "val/acc" or score is None or not validates(cfg):
         return None
-    labels = labels_of(dm.dataset("val"))
-    if not len(labels):
-        return None
-    counts = np.bincount(labels, minlength=len(info.classes))
-    rate = float(counts.max() / len(labels))
-    if wilson_interval(float(score), len(labels))[0] > rate:
+    counts = np.bincount(labels_of(dm.dataset("val")), minlength=len(info.classes)).tolist()
+    if not (found := metrics.at_chance(float(score), counts, info.classes)):
         return None
     kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
     per_epoch = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
-    return {
-        "rate": rate,
-        "class": info.classes[int(counts.argmax())],
-        "val_images": len(labels),
-        "steps": per_epoch * epochs,  # epochs trained (early stopping: fewer than planned)
-        "steps_wanted": MIN_STEPS[kind],
-    }
+    # epochs trained (early stopping: fewer than planned)
+    return found | {"steps": per_epoch * epochs, "steps_wanted": MIN_STEPS[kind]}
 
 
 def chance_line(r: dict) -> str:
@@ -171,11 +161,8 @@ def chance_line(r: dict) -> str:
         else "check the labels (command=audit); a pretrained model (model=efficientnet_lite0) "
         "learns from fewer images"
     )
-    return (
-        f"  WARNING:    best val/acc {r['best_score']:.4f} is not clearly better than always "
-        f"answering {c['class']!r} ({c['rate']:.4f} of the {c['val_images']} validation "
-        f"images): the network has not learned to tell the classes apart; {why}"
-    )
+    score = f"best val/acc {r['best_score']:.4f}"
+    return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}; {why}"
 
 
 def best_line(r: dict, n_val: int) -> str:
