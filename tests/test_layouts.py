@@ -62,10 +62,17 @@ def test_images_behind_a_symlinked_folder_are_read_once_and_a_link_loop_ends(tmp
     assert len(collect_inputs(str(tmp_path / "d"))) == 8
 
 
-def test_an_archive_as_data_root_says_to_unpack_it(tmp_path):
-    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
-    with pytest.raises(UserError, match=r"is a file, not a folder\. It is an archive: unpack it"):
-        discover(tmp_path / "photos.zip")
+@pytest.mark.parametrize(
+    "name, how",
+    [("photos.zip", "unzip {} -d FOLDER"), ("photos.tar.gz", "mkdir FOLDER && tar xf {} -C")],
+)
+def test_an_archive_as_data_root_says_to_unpack_it(tmp_path, name, how):
+    (tmp_path / name).write_bytes(b"PK\x03\x04")
+    with pytest.raises(
+        UserError, match=r"is a file, not a folder\. It is an archive: unpack it"
+    ) as e:
+        discover(tmp_path / name)
+    assert how.format(tmp_path / name) in str(e.value)  # its own tool: tar is not unzipped
 
 
 def test_presplit_folders(tmp_path):

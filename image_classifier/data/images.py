@@ -327,9 +327,17 @@ def is_url(name: str) -> bool:
 
 def archive_hint(path: str | Path) -> str:
     """ " It is an archive: unpack it ..." for a path ending like one, else ""."""
-    if not str(path).lower().endswith(ARCHIVES):
+    name = str(path).lower()
+    if not name.endswith(ARCHIVES):
         return ""
-    return f" It is an archive: unpack it (e.g. `unzip {path} -d FOLDER`) and give the folder."
+    how = (
+        f"unzip {path} -d FOLDER"
+        if name.endswith(".zip")
+        else f"mkdir FOLDER && tar xf {path} -C FOLDER"
+        if ".tar" in name or name.endswith(".tgz")
+        else f"7z x {path} -oFOLDER"
+    )
+    return f" It is an archive: unpack it (e.g. `{how}`) and give the folder."
 
 
 def is_image_name(path: str | Path) -> bool:
