@@ -820,3 +820,28 @@ def test_command_test_on_an_export_reports_what_its_checkpoint_does(trained, exp
     assert run_any_test(named, use_checkpoint_data=False)["accuracy"] >= 0
     with pytest.raises(UserError, match=r"test.tta=true applies to a checkpoint; .* Drop test.tta"):
         run_any_test(compose_cfg(root, f"test.checkpoint={onnx_path}", "test.tta=true"))
+
+
+def test_a_grey_model_given_colour_images_says_it_sees_them_in_grey(tmp_path, trained, capsys):
+    """The tour's mistake: a model trained on grey images run on colour photos answers with
+    confidence all the same. Colour inputs get a warning; grey pictures saved in a colour mode
+    (RGB JPEGs) do not, nor does a colour model."""
+    from image_classifier.inference.infer import colour_note
+    from image_classifier.inference.meta import ModelMeta
+
+    root, ckpt, _ = trained
+    colour = make_class_folders(tmp_path / "colour", per_class=4, mode="RGB")
+    _infer(root, f"infer.model={ckpt}", f"infer.input={colour}")
+    err = capsys.readouterr().err
+    assert (
+        "WARNING: 12 of 12 sampled images are in colour, and images-cnn was trained on grey" in err
+    )
+    grey_rgb = make_class_folders(tmp_path / "grey", per_class=4)
+    for p in grey_rgb.rglob("*.png"):
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=80)
+        p.unlink()
+    _infer(root, f"infer.model={ckpt}", f"infer.input={grey_rgb}")
+    assert "sampled images are in colour" not in capsys.readouterr().err
+    paths = sorted(colour.rglob("*.png"))
+    rgb = ModelMeta(["a"], Preprocessing((16, 16), 3, (0.5,) * 3, (0.5,) * 3), {})
+    assert colour_note(paths, rgb) == ""

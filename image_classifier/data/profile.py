@@ -105,15 +105,16 @@ def is_colour(seen: list[tuple]) -> bool:
     if not coloured:
         return False
     step = max(1, len(coloured) // GREY_CONTENT_SAMPLE)
-    return any(_shows_colour(p) for p in coloured[::step])
+    return any(shows_colour(p) for p in coloured[::step])
 
 
-def _shows_colour(path) -> bool:
-    """More than 1 % of the pixels with channels further apart than GREY_TOLERANCE."""
+def shows_colour(path, unreadable: bool = True) -> bool:
+    """More than 1 % of the pixels with channels further apart than GREY_TOLERANCE; a file that
+    cannot be read counts as `unreadable` says (the data scan reports it)."""
     try:  # a JPEG at 1/8 of its size
         rgb = np.asarray(open_image(path, fit=1).convert("RGB"), dtype=np.int16)
-    except (ImageError, ValueError, OSError):  # the data scan reports it; count it as colour
-        return True
+    except (ImageError, ValueError, OSError):
+        return unreadable
     spread = rgb.max(axis=2) - rgb.min(axis=2)
     return float((spread > GREY_TOLERANCE).mean()) > 0.01
 
