@@ -272,3 +272,20 @@ def test_test_explains_its_mistakes_with_a_checkpoint_not_an_export(trained, tmp
     export = type("Export", (), {"classes": module.classes})()  # what `test` has for an .onnx
     made = predictions.mistake_galleries(export, dataset, probs, targets, tmp_path / "b")
     assert [p.name for p in made] == ["mistakes.png"]
+
+
+def test_explain_with_no_readable_input_writes_its_table_and_exits_2(trained, tmp_path):
+    root, ckpt, _ = trained
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "maps"
+    cfg = compose_cfg(
+        root, f"explain.input={tmp_path / 'in'}", f"explain.output={out}", f"explain.model={ckpt}"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"None of the 1 input\(s\) could be read as an image; "
+        f"each row, written to {out / 'explanations.csv'}, holds its reason",
+    ):
+        _explain(cfg)
+    assert "a.png" in (out / "explanations.csv").read_text()

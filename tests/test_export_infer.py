@@ -845,3 +845,24 @@ def test_a_grey_model_given_colour_images_says_it_sees_them_in_grey(tmp_path, tr
     paths = sorted(colour.rglob("*.png"))
     rgb = ModelMeta(["a"], Preprocessing((16, 16), 3, (0.5,) * 3, (0.5,) * 3), {})
     assert colour_note(paths, rgb) == ""
+
+
+def test_infer_with_no_readable_input_writes_the_rows_and_exits_2(tmp_path, trained):
+    """Every input unreadable ended with exit 0, as if the folder had been predicted: now the
+    rows with their reasons are written first, then the run stops as bad input does (exit 2)."""
+    root, ckpt, _ = trained
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not an image")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "rows.csv"
+    with pytest.raises(
+        UserError,
+        match=r"None of the 2 input\(s\) could be read as an image; each "
+        f"row, written to {out}, holds its reason",
+    ):
+        _infer(root, f"infer.model={ckpt}", f"infer.input={bad}", f"infer.output={out}")
+    rows = list(csv.DictReader(out.open()))
+    assert [r["error"] != "" for r in rows] == [True, True]
+    (bad / "c.png").write_bytes((root / "images" / "cat" / "000.png").read_bytes())
+    assert len(_infer(root, f"infer.model={ckpt}", f"infer.input={bad}")["rows"]) == 3  # one read

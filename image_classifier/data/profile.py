@@ -119,6 +119,13 @@ def shows_colour(path, unreadable: bool = True) -> bool:
     return float((spread > GREY_TOLERANCE).mean()) > 0.01
 
 
+def colour_sample(paths: list) -> tuple[int, int]:
+    """(how many show colour, how many were looked at) of up to GREY_CONTENT_SAMPLE `paths`
+    taken evenly; unreadable ones count as grey."""
+    sample = paths[:: max(1, len(paths) // GREY_CONTENT_SAMPLE)][:GREY_CONTENT_SAMPLE]
+    return sum(shows_colour(p, unreadable=False) for p in sample), len(sample)
+
+
 def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
     """[height, width] for data.size=auto: the median size, kept in proportion where the
     model's limits allow (a side past them is clamped), each side rounded up to the model's

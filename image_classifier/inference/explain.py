@@ -257,7 +257,7 @@ def run_explain(cfg, checkpoint: Path | None = None) -> dict:
     `checkpoint`: what explain.model names, as commands.py resolves it (`runs.network_checkpoint`:
     a run folder, an export's checkpoint, the newest); a library caller may leave it to
     explain.model when that is a .ckpt's path."""
-    from image_classifier.inference.infer import collect_inputs
+    from image_classifier.inference.infer import collect_inputs, none_read
     from image_classifier.models.checkpoint import load_module
 
     started = time.perf_counter()
@@ -285,6 +285,7 @@ def run_explain(cfg, checkpoint: Path | None = None) -> dict:
     gallery = plot_gallery(rows, out / "explanations.png", int(c.gallery)) if c.gallery else None
     seconds = time.perf_counter() - started
     _summary(rows, ckpt, explainer, out, table, gallery, seconds)
+    none_read(rows, str(table))
     return {"rows": rows, "output": str(out)}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
 from image_classifier.data.manifest import listed_files, listed_path
-from image_classifier.data.profile import GREY_CONTENT_SAMPLE, shows_colour
+from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
 from image_classifier.errors import Interrupted, UserError, listed
 from image_classifier.inference.predictor import given_model, load_predictor
@@ -255,7 +255,19 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     ):
         if line:
             print(line, file=sys.stderr)
+    none_read(rows, c.get("output"))
     return {"rows": rows, "seconds": seconds, "images": len(paths)}
+
+
+def none_read(rows: list[dict] | None, output: str | None) -> None:
+    """Not one input could be read (each row holds its reason, written already): exit 2, as for
+    any bad input, so that a script sees it; one readable image is a run that did its work."""
+    if rows and all(r.get("error") for r in rows):
+        where = f"written to {output}" if output else "printed above"
+        raise UserError(
+            f"None of the {len(rows)} input(s) could be read as an image; each row, {where}, "
+            "holds its reason. Give image files (infer.input: a file, folder, glob or list)."
+        )
 
 
 def _saved(rows: list[dict], n: int, output: str | None, classes: list[str]) -> Interrupted:
@@ -303,14 +315,10 @@ def colour_note(paths: list[Path], meta) -> str:
     """A model trained on grey images sees colour ones in grey: when most of a sample of the
     inputs show colour, a warning ('' otherwise, and for colour models). A Fashion-MNIST model
     answered 'Bag' at 0.77-0.98 for every drawn colour shape (the tour: train, then infer)."""
-    if meta.preprocessing.channels != 1 or not paths:
-        return ""
-    sample = paths[:: max(1, len(paths) // GREY_CONTENT_SAMPLE)][:GREY_CONTENT_SAMPLE]
-    colour = sum(shows_colour(p, unreadable=False) for p in sample)
-    if 2 * colour <= len(sample):
+    if meta.preprocessing.channels != 1 or 2 * (colour := colour_sample(paths))[0] <= colour[1]:
         return ""
     return (
-        f"  WARNING: {colour} of {len(sample)} sampled images are in colour, and {meta.name} was "
+        f"  WARNING: {colour[0]} of {colour[1]} sampled images are in colour, and {meta.name} was "
         "trained on grey images: it sees them in grey, and its predictions on images unlike its "
         "training images may mean little. A model for them: uv run python commands.py "
         "command=train data=folder data.root=FOLDER (class folders of images like these)"
