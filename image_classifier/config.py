@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from image_classifier.errors import closest_keys, did_you_mean, flat_keys
+from image_classifier.errors import closest_keys, did_you_mean, flat_keys, hydra_quoted, override
 from image_classifier.rules import Entries
 from image_classifier.settings import rule_table
 
@@ -113,15 +113,13 @@ def _note_unused_preprocessing(parsed) -> None:
         )
 
 
-def _quote(override: str) -> str:
-    """The fix for a value that holds Hydra's special characters (a folder `photos (1)` or
-    `set,v2`): the value in single quotes, and the whole override in double quotes."""
-    key, sep, value = override.partition("=")
-    if not sep or not set(value) & set(" ,()[]{}'\"=:\\"):
+def _quote(given: str) -> str:
+    """The fix for a value that holds Hydra's special characters (a folder `photos (1)`, `set,v2`
+    or `café`): the override as a shell word that Hydra reads back (errors.override)."""
+    key, sep, value = given.partition("=")
+    if not sep or hydra_quoted(value) == value:
         return ""
-    if "'" in value:
-        return f' If it is one value, quote it: {key}="..." with the value\'s quote escaped.'
-    return f" If it is one value (a path, a name), quote it: \"{key}='{value}'\"."
+    return f" If it is one value (a path, a name), quote it: {override(key, value)}."
 
 
 def _variants(parsed, config_dir: Path) -> list[list[str]]:

@@ -1,6 +1,8 @@
 """Errors that reach the user as one clear paragraph and an exit code (see docs/commands.md)."""
 
 import difflib
+import re
+import shlex
 from collections.abc import Iterable
 
 
@@ -22,6 +24,30 @@ def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+# what Hydra's override grammar reads unquoted (ASCII only: `café` is a token error there)
+_PLAIN = re.compile(r"[\w/.\-+$%*@?|: ]*", re.ASCII)
+
+
+def hydra_quoted(value) -> str:
+    """`value` as Hydra's override grammar reads it back: as it is when the grammar takes it,
+    else in single quotes, its quotes and the backslashes before them (or at its end) escaped."""
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text == text.strip():
+        return text
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text) + "'"
+
+
+def override(key: str, value) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value`, for the commands messages
+    suggest: a path with a space, a comma (a sweep to Hydra), brackets or an accent pasted bare
+    broke the command."""
+    word = f"{key}={hydra_quoted(value)}"
+    if "'" in word and not re.search(r'["$`!\\]', word):
+        return f'"{word}"'  # "a='b,c'" reads better than shlex's '"'"'
+    return shlex.quote(word)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, override
 from image_classifier.rules import REGISTRY_PREFIX
 
 _CLAIMED: dict[str, str] = {}
@@ -85,7 +85,8 @@ def next_test(cfg, best: str | Path, test_images: int = 1) -> str:
     found = path.name.startswith("best") and any(
         path.is_relative_to(root / d) for d in cfg.paths.search
     )
-    line = "uv run python commands.py command=test" + ("" if found else f" test.checkpoint={best}")
+    line = "uv run python commands.py command=test"
+    line += "" if found else f" {override('test.checkpoint', best)}"
     if not test_images:
         return line + " data=folder data.root=TEST_FOLDER data.split=[0,0,1]  (no test split)"
     return line
@@ -105,9 +106,10 @@ def checkpoint(cfg, given, setting: str) -> Path:
                 f"{setting}={str(given)!r} is an exported model; this command reads the training "
                 "checkpoint (.ckpt)"
                 + (f": the one beside it is {beside}." if beside.is_file() else ".")
-                + f" To predict with the exported model: `command=infer infer.model={path}`"
+                + f" To predict with the exported model: `command=infer "
+                f"{override('infer.model', path)}`"
                 + (
-                    f"; to test it: `command=test test.checkpoint={path}`."
+                    f"; to test it: `command=test {override('test.checkpoint', path)}`."
                     if setting != "test.checkpoint"
                     else "."
                 )

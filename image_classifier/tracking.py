@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, override
 from image_classifier.rules import safe_name
 
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ..."
@@ -255,7 +255,7 @@ def find_version(client, name: str, alias: str | None, version: str | None):
         what = f"alias @{alias}" if alias is not None else f"version {version}"
         raise UserError(
             f"Registered model {name!r} has no {what} (it has {aliases}; versions 1..{latest}). "
-            f"Move an alias with `command=register register.name={name} "
+            f"Move an alias with `command=register {override('register.name', name)} "
             "register.version=N register.alias=ALIAS`."
         ) from None
 

@@ -188,3 +188,57 @@ def test_a_preprocessing_setting_a_model_command_does_not_read_is_named(tmp_path
         p.stderr
     )
     assert "not used" not in run_cli("command=test", f"paths.root={tmp_path}").stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/tmp/my photos",
+        "/tmp/set,v2",
+        "/tmp/photos (1)",
+        "/tmp/café/狗",
+        "/tmp/it's",
+        "C:\\x\\",
+        "/tmp/a#b;c&d!",
+        "/tmp/$HOME,x",
+        " lead",
+        "models:/shapes-cnn@champion",
+        "/a/b-1.ckpt",
+    ],
+)
+def test_a_suggested_override_reads_back_through_the_shell_and_hydra(value):
+    """What a message tells the user to paste: one shell word, which Hydra parses back to the
+    value; a value Hydra takes as it is stays readable (no quotes)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from image_classifier.errors import override
+
+    word = override("data.root", value)
+    (arg,) = shlex.split(word)
+    assert OverridesParser.create().parse_override(arg).value() == value
+    if value.startswith(("models:", "/a/")):
+        assert word == f"data.root={value}"
+
+
+@pytest.mark.slow
+def test_the_test_command_infer_suggests_runs_as_pasted_on_a_folder_with_a_space_and_comma(
+    tmp_path, trained
+):
+    """infer on a labelled folder names the command that tests the model on it; with the folder
+    `my photos, 2` pasted bare it was three shell words and a Hydra sweep."""
+    import shlex
+    import shutil
+
+    root, ckpt, images = trained
+    folder = tmp_path / "my photos, 2"
+    shutil.copytree(images, folder)
+    p = run_cli("command=infer", f"infer.model={ckpt}", f"infer.input='{folder}'", cwd=root)
+    assert p.returncode == 0, p.stderr
+    suggested = p.stderr.split("the full report on them: ")[1].splitlines()[0]
+    words = shlex.split(suggested)
+    assert words[:4] == ["uv", "run", "python", "commands.py"], suggested
+    p = run_cli(*words[4:], "logger.enabled=false", cwd=root)
+    assert p.returncode == 0, p.stderr
+    assert f"Tested {ckpt} on 24 my_photos__2 test images" in p.stdout, p.stdout

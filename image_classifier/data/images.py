@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -318,7 +319,9 @@ def path_problem(path: str | Path) -> str | None:
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, gs://, file://...
 URL_FIX = "download the images first and list their local paths (this tool reads local files)"
-ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".7z", ".rar")
+TAR = "mkdir FOLDER && tar xf {} -C FOLDER"  # each archive's unpacking command, for its hint
+ARCHIVES = {".zip": "unzip {} -d FOLDER", ".7z": "7z x {} -oFOLDER", ".rar": "7z x {} -oFOLDER"}
+ARCHIVES |= dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2"), TAR)
 
 
 def is_url(name: str) -> bool:
@@ -326,18 +329,10 @@ def is_url(name: str) -> bool:
 
 
 def archive_hint(path: str | Path) -> str:
-    """ " It is an archive: unpack it ..." for a path ending like one, else ""."""
-    name = str(path).lower()
-    if not name.endswith(ARCHIVES):
-        return ""
-    how = (
-        f"unzip {path} -d FOLDER"
-        if name.endswith(".zip")
-        else f"mkdir FOLDER && tar xf {path} -C FOLDER"
-        if ".tar" in name or name.endswith(".tgz")
-        else f"7z x {path} -oFOLDER"
-    )
-    return f" It is an archive: unpack it (e.g. `{how}`) and give the folder."
+    """ " It is an archive: unpack it (e.g. `its command`) ..." for a path ending like one."""
+    how = next((v for k, v in ARCHIVES.items() if str(path).lower().endswith(k)), "")
+    how = how.format(shlex.quote(str(path)))
+    return f" It is an archive: unpack it (e.g. `{how}`) and give the folder." if how else ""
 
 
 def is_image_name(path: str | Path) -> bool:

@@ -23,7 +23,7 @@ from image_classifier.data.images import (
 )
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.data.named_files import name_hint, read_named
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, override
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
         names = ", ".join(sorted(p.name for p in dirs.values()))
         raise UserError(
             f"{str(root)!r} holds split folders ({names}) but no train/. To test a model on "
-            f"them: data.root={sorted(presplit.values())[0]} data.split=[0,0,1] (every image "
+            f"them: {override('data.root', sorted(presplit.values())[0])} data.split=[0,0,1] "
+            "(every image "
             "tested); to train, add a train/ folder of class folders."
         )
     if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve
@@ -254,8 +255,8 @@ def _one_level_down(root: Path) -> str:
         return ""
     names = sorted(p.name for p in inner)
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return (
-        f" It holds one folder, whose subfolders ({shown}) look like the data: data.root={dirs[0]}"
+    return f" It holds one folder, whose subfolders ({shown}) look like the data: " + override(
+        "data.root", dirs[0]
     )
 
 
@@ -302,15 +303,16 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
         unlabelled = ""
         if folder.name.lower() in SPLIT_ALIASES and any(map(is_image_name, folder.iterdir())):
             unlabelled = (  # Kaggle: train/<class>/ beside a test/ of unlabelled images
-                f" Its images have no labels: to train on the rest, data.root={folder.parent}/"
-                f"train (val and test carved out of it); to predict them, command=infer "
-                f"infer.input={folder}."
+                " Its images have no labels: to train on the rest, "
+                f"{override('data.root', folder.parent / 'train')} (val and test carved out of "
+                f"it); to predict them, command=infer {override('infer.input', folder)}."
             )
         elif images := [p for p in folder.iterdir() if is_image_name(p)]:
             unlabelled = (
                 f" It holds {len(images)} image(s) directly, without labels: put each in a folder "
                 f"named after its class, or name them in a CSV manifest (docs/data.md); to "
-                f"predict them, command=infer infer.input={folder}." + name_hint(images)
+                f"predict them, command=infer {override('infer.input', folder)}."
+                + name_hint(images)
             )
         raise UserError(
             f"{str(folder)!r} has no class subfolders: expected {folder}/<class name>/<image "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from image_classifier import runs, tracking
-from image_classifier.errors import ExportError, UserError
+from image_classifier.errors import ExportError, UserError, override
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.description import model_description
@@ -151,8 +151,8 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
                 f"`uv run mlflow models serve -m {model_uri} --env-manager local -p 5001`"
                 if model_uri
                 else "",
-                f"  next: uv run python commands.py command=infer infer.model={output} "
-                "infer.input=PATH",
+                "  next: uv run python commands.py command=infer "
+                f"{override('infer.model', output)} infer.input=PATH",
             ]
             if line
         )

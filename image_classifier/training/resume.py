@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from image_classifier import runs
 from image_classifier.data.identity import class_change
-from image_classifier.errors import UserError
+from image_classifier.errors import UserError, override
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.rules import REGISTRY_PREFIX, is_auto
 from image_classifier.training.callbacks import interruptible
@@ -229,6 +229,10 @@ def interrupted(trainer, checkpoint, last) -> str:
     )
     return (
         f"{said}. Kept: {kept}{last_file} (the last finished epoch). Continue it with `uv run "
-        f"python commands.py command=train train.resume={last_file}`"
-        + (f", or test what it has with `command=test test.checkpoint={best}`." if kept else ".")
+        f"python commands.py command=train {override('train.resume', last_file)}`"
+        + (
+            f", or test what it has with `command=test {override('test.checkpoint', best)}`."
+            if kept
+            else "."
+        )
     )
