@@ -89,7 +89,8 @@ def chance_text(score: str, c: dict, split: str) -> str:
     """at_chance's finding in words."""
     return (
         f"{score} is not clearly better than always answering {c['class']!r} ({c['rate']:.4f} "
-        f"of the {c['images']} {split} images): the network does not tell the classes apart"
+        f"of the {c['images']} {split} images): the network has not shown that it tells the "
+        "classes apart"
     )
 
 
