@@ -44,9 +44,13 @@ def override(key: str, value) -> str:
     """`key=value` as one shell word that Hydra reads back as `value`, for the commands messages
     suggest: a path with a space, a comma (a sweep to Hydra), brackets or an accent pasted bare
     broke the command."""
-    word = f"{key}={hydra_quoted(value)}"
+    return shell_word(f"{key}={hydra_quoted(value)}")
+
+
+def shell_word(word: str) -> str:
+    """`word` quoted for a POSIX shell where it needs it (shlex), "a='b,c'" where that is safe."""
     if "'" in word and not re.search(r'["$`!\\]', word):
-        return f'"{word}"'  # "a='b,c'" reads better than shlex's '"'"'
+        return f'"{word}"'  # reads better than shlex's '"'"'
     return shlex.quote(word)
 
 

@@ -291,6 +291,12 @@ def test_test_cache_features_audit_and_infer_commands_on_a_bad_folder(tmp_path, 
     out = _assert_clean(proc)
     assert f"unusable: {len(expected)} file(s) skipped" in out
     _assert_named((tmp_path / "features" / "unusable_files.csv").read_text("utf-8"), expected)
+    # the head trains on this cache with the same data, features and paths settings, as typed
+    assert (
+        "  next: uv run python commands.py command=train model=head features.backbone=resnet18 "
+        f"features.pretrained=false 'features.size=[32,32]' features.dir={tmp_path / 'cache'} "
+        f"data=folder data.root={data} paths.root={tmp_path}\n"
+    ) in out, out
 
     proc = run_cli("command=audit", *common, f"hydra.run.dir={tmp_path / 'audit'}")
     out = _assert_clean(proc)

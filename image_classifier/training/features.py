@@ -26,9 +26,11 @@ from image_classifier.data.features import (
 )
 from image_classifier.data.identity import SPLITS, left_out_line
 from image_classifier.data.layouts import write_unusable
+from image_classifier.errors import shell_word
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
 from image_classifier.training.callbacks import pick_parity_images
+from image_classifier.training.resume import given_overrides
 
 
 def build_cache(cfg, quiet: bool = False) -> dict:
@@ -158,4 +160,6 @@ def run_cache_features(cfg) -> dict:
     if skipped := result["skipped"]:
         listed = write_unusable(skipped, cfg.paths.output_dir or result["dir"])
         print(f"  unusable: {len(skipped)} file(s) skipped, each with its reason in {listed}")
+    same = " ".join(shell_word(o) for o in given_overrides("data", "features", "paths", "seed"))
+    print(f"  next: uv run python commands.py command=train model=head {same}".rstrip())
     return result

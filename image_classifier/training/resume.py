@@ -135,6 +135,17 @@ def command_line_overrides() -> list[str]:
     return [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
 
 
+def given_overrides(*keys: str) -> list[str]:
+    """This process's command-line overrides, as typed, of these top-level keys (`data` takes
+    data=folder and data.root=...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    task = HydraConfig.get().overrides.task
+    return [o for o in task if o.lstrip("+~").split("=")[0].split(".")[0] in keys]
+
+
 def may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
 
