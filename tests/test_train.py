@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import re
@@ -209,12 +210,21 @@ def test_checkpoint_whose_classes_do_not_match_the_data(make_cfg, folder_data, t
         r"cannot predict wolf: move those images out of the data",
     ):
         run_test(cfg, use_checkpoint_data=False)
-    # data.classes naming some of the model's classes: the fix is to drop it
-    some = ("data=folder", f"data.root={folder_data}", "data.classes=[cat,dog]")
-    with pytest.raises(
-        UserError, match=r"only in the model: fox\. If data.classes chose them, drop"
-    ):
-        run_test(make_cfg(*some, f"test.checkpoint={r['checkpoint']}"), use_checkpoint_data=False)
+    # data.classes naming some of the model's classes, in another order: those are tested, each
+    # label renumbered as the model's (it was refused: "If data.classes chose them, drop it")
+    some = ("data=folder", f"data.root={other}", "data.classes=[fox,cat]", "data.split=[0,0,1]")
+    other_fox = make_class_folders(other, classes=("cat", "dog", "fox"), per_class=6, seed=1)
+    assert other_fox == other and len(list((other / "fox").iterdir())) == 6
+    t = run_test(make_cfg(*some, f"test.checkpoint={r['checkpoint']}"), use_checkpoint_data=False)
+    report = json.loads(Path(t["report"]).read_text())
+    assert report["classes"] == ["cat", "dog", "fox"]
+    supports = {c: report["per_class"][c]["support"] for c in report["classes"]}
+    assert supports == {"cat": 6, "dog": 0, "fox": 6}, supports
+    rows = list(csv.DictReader(Path(t["predictions"]).read_text().splitlines()))
+    assert {(Path(x["image"]).parent.name, x["true"]) for x in rows} == {
+        ("cat", "cat"),
+        ("fox", "fox"),
+    }
     # every class the model knows and one more: still refused, not tested with wolf left out;
     # the message names the data.classes that leaves wolf out, and that is tested
     more = make_class_folders(tmp_path / "more", classes=("cat", "dog", "fox", "wolf"))

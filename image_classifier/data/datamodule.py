@@ -9,6 +9,7 @@ yields for evaluation is exactly what `infer` and `serve` feed the exported mode
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -85,6 +86,24 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None):
         self.prepare()
+
+    def use_classes(self, classes: list[str]) -> DataInfo:
+        """Single-label data read with some of `classes` (`test` with data.classes): each label
+        becomes its class's index in `classes`, a model's indices; returns the DataInfo."""
+        if self.prepare().multi_label:
+            return self.info
+        index = [classes.index(c) for c in self.info.classes]
+        for ds in self.datasets.values():
+            ds = ds.base if isinstance(ds, AugmentedDataset) else ds
+            if isinstance(ds, ArrayDataset):
+                ds.labels = torch.as_tensor(index)[ds.labels]
+            if getattr(ds, "items", None) is not None:
+                ds.items = [(p, index[y]) for p, y in ds.items]
+        counts = [0] * len(classes)
+        for k, n in zip(index, self.info.class_counts, strict=True):
+            counts[k] = n
+        self.info = replace(self.info, classes=list(classes), class_counts=counts)
+        return self.info
 
     # -- access -----------------------------------------------------------------------------
     def dataset(self, split: str) -> Dataset:

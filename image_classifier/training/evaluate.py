@@ -161,11 +161,11 @@ def datamodule_for(cfg, hp):
 
 
 def test_data(cfg, module, path: Path):
-    """(datamodule, DataInfo) of the test data, checked against the model's classes. A folder is
-    read with the model's class list as data.classes (unless set), so one holding some of them
-    gets the model's indices (the summary names the classes it has no image of); one with a
-    class the model does not know is refused by check_classes, which names the difference."""
-    if cfg.data.kind == "folder" and not cfg.data.get("classes"):
+    """(datamodule, DataInfo) of the test data in the model's class indices: a folder is read
+    with the model's classes as data.classes, or with the data.classes given (some of them),
+    its labels renumbered (use_classes); a class the model does not know, check_classes refuses."""
+    given = cfg.data.get("classes")
+    if cfg.data.kind == "folder" and not given:
         as_model = cfg.copy()
         with open_dict(as_model):
             as_model.data.classes = list(module.classes)
@@ -177,6 +177,8 @@ def test_data(cfg, module, path: Path):
             pass  # read as it is below: a class the model does not know, or the same error again
     dm = datamodule_for(cfg, module.hparams)
     info = dm.prepare()
+    if given and set(given) <= set(module.classes) and hasattr(dm, "use_classes"):
+        info = dm.use_classes(list(module.classes))  # not a feature cache's fixed labels
     check_classes(path, module.classes, info)
     return dm, info
 
@@ -235,8 +237,6 @@ def build_report(path: Path, module, info, m: dict, loss: float | None, hash_not
 
 def write_outputs(cfg, report: dict, path: Path, out: Path):
     """test_report.json and the plots in the run folder, with copies in paths.plots."""
-    import numpy as np
-
     report_path = out / "test_report.json"
     report_path.write_text(json.dumps(report, indent=2))
     if report.get("multi_label"):
@@ -244,7 +244,7 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 
         plots = [plot_per_class(report, out / "plots" / "per_class.png")]
     else:
-        cm = np.asarray(report["confusion_matrix"])
+        cm = torch.tensor(report["confusion_matrix"]).numpy()
         plots = [plot_confusion(cm, report["classes"], out / "plots" / "confusion_matrix.png")]
     history = ckpt_file.history(path) if path.suffix == ".ckpt" else []  # an export has none
     if curves := plot_curves(history, out / "plots" / "curves.png"):
