@@ -1172,8 +1172,10 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     run_test(compose_cfg(tmp_path / "b", *common, f"test.checkpoint={r['checkpoint']}"))
     assert "not clearly better" not in capsys.readouterr().out
     enough = {"best_score": 0.3, "at_chance": {"rate": 0.3, "class": "cat", "images": 10}}
-    enough["at_chance"] |= {"steps": 1200, "steps_wanted": 1000}
+    enough["at_chance"] |= {"steps": 1200, "steps_wanted": 1000, "kind": "scratch"}
     assert chance_line(enough).endswith(
         "check the labels (command=audit); a pretrained model "
         "(model=efficientnet_lite0) learns from fewer images"
     )
+    enough["at_chance"]["kind"] = "pretrained"  # it is one already: the labels are what is left
+    assert chance_line(enough).endswith("; check the labels (command=audit)")

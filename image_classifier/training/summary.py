@@ -147,7 +147,7 @@ def at_chance(cfg, dm, score, epochs: int) -> dict | None:
     kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
     per_epoch = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
     # epochs trained (early stopping: fewer than planned)
-    return found | {"steps": per_epoch * epochs, "steps_wanted": MIN_STEPS[kind]}
+    return found | {"steps": per_epoch * epochs, "steps_wanted": MIN_STEPS[kind], "kind": kind}
 
 
 def chance_line(r: dict) -> str:
@@ -158,8 +158,12 @@ def chance_line(r: dict) -> str:
         f"it took {c['steps']} optimizer steps, where a network like this wants about "
         f"{c['steps_wanted']}: train.epochs=auto chooses enough for the data"
         if c["steps"] < c["steps_wanted"]
-        else "check the labels (command=audit); a pretrained model (model=efficientnet_lite0) "
-        "learns from fewer images"
+        else "check the labels (command=audit)"
+        + (
+            ""
+            if c.get("kind") == "pretrained"
+            else "; a pretrained model (model=efficientnet_lite0) learns from fewer images"
+        )
     )
     score = f"best val/acc {r['best_score']:.4f}"
     return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}; {why}"
