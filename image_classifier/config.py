@@ -13,7 +13,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from image_classifier.errors import closest_keys, did_you_mean, flat_keys, hydra_quoted, override
+from image_classifier.errors import (
+    closest_keys,
+    did_you_mean,
+    flat_keys,
+    hydra_quoted,
+    override,
+    shell_word,
+)
 from image_classifier.rules import Entries
 from image_classifier.settings import rule_table
 
@@ -115,8 +122,12 @@ def _note_unused_preprocessing(parsed) -> None:
 
 def _quote(given: str) -> str:
     """The fix for a value that holds Hydra's special characters (a folder `photos (1)`, `set,v2`
-    or `café`): the override as a shell word that Hydra reads back (errors.override)."""
+    or `café`): the override as a shell word that Hydra reads back (errors.override); a list
+    (`data.classes=[chat noir,café]`) with each item quoted, so that it stays a list."""
     key, sep, value = given.partition("=")
+    if value.startswith("[") and value.endswith("]") and "'" not in value and '"' not in value:
+        items = ",".join(hydra_quoted(x.strip()) for x in value[1:-1].split(","))
+        return f" If it is a list of names, quote each: {shell_word(f'{key}=[{items}]')}."
     if not sep or hydra_quoted(value) == value:
         return ""
     return f" If it is one value (a path, a name), quote it: {override(key, value)}."

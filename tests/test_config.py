@@ -233,3 +233,20 @@ def test_additions_something_reads_pass():
     ]
     parsed = OverridesParser.create().parse_overrides(given)
     assert _unread_additions(parsed, given, CONFIG_DIR) == []
+
+
+def test_a_list_that_hydra_cannot_read_gets_each_item_quoted_and_stays_a_list():
+    """`data.classes=[chat noir,café]` was told to quote it whole, which makes it one string."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from image_classifier.config import check_command_line
+    from image_classifier.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        check_command_line(["command=train", "data.classes=[chat noir,café]"], CONFIG_DIR)
+    fix = str(e.value).split("quote each: ")[1].rstrip(".")
+    assert fix == "\"data.classes=[chat noir,'café']\""
+    (word,) = shlex.split(fix)
+    assert OverridesParser.create().parse_override(word).value() == ["chat noir", "café"]
