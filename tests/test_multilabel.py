@@ -156,6 +156,22 @@ def test_train_tunes_thresholds_and_test_reports_multi_label_metrics(multi_train
     assert len(rows) == report["data"]["test_images"] > 0
     assert set(rows[0]) == {"image", "true", "predicted", "exact_match", "top3"}
     assert all(set(filter(None, row["true"].split(";"))) <= set(LABELS) for row in rows)
+    # the mistakes gallery exactly when some image's labels were decided wrong
+    wrong = any(row["exact_match"] == "0" for row in rows)
+    assert (Path(r["report"]).parent / "plots" / "mistakes.png").exists() == wrong
+
+
+def test_the_multi_label_mistakes_are_the_wrong_decisions_furthest_from_their_labels():
+    from image_classifier.training.multilabel_report import mistakes
+
+    targets = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=np.float32)
+    probs = np.array([[0.9, 0.1], [0.6, 0.2], [0.1, 0.55], [0.45, 0.5]], dtype=np.float32)
+    # decided at 0.5 / 0.5: row 0 right; row 1 misses b (|d| 0.4 + 0.8 = 1.2); row 2 right
+    # (0.55 >= 0.5); row 3 says b (0.45 + 0.5 = 0.95)
+    assert mistakes(probs, targets, [0.5, 0.5]) == [1, 3]
+    # b at 0.6: row 2 misses b (0.1 + 0.45 = 0.55), row 3 says nothing (right)
+    assert mistakes(probs, targets, [0.5, 0.6]) == [1, 2]
+    assert mistakes(probs, targets, [0.5, 0.6], n=1) == [1]
 
 
 def test_every_backend_returns_the_labels_above_their_thresholds(multi_trained):

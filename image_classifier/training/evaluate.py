@@ -258,23 +258,23 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 
 def write_per_image(out: Path, dm, module, report: dict) -> list[Path]:
     """[predictions.csv, reliability.png, mistakes.png and mistakes_explained.png (image models
-    only)]; multi-label: [predictions.csv]."""
+    only)]; multi-label: [predictions.csv, mistakes.png (image models)]."""
     from image_classifier.training import predictions
 
     probs = torch.cat([p for p, _ in module.test_outputs]).numpy()
     targets = torch.cat([y for _, y in module.test_outputs]).numpy()
     dataset, classes, ece = dm.dataset("test"), module.classes, report["ece"]
     names = predictions.image_names(dataset, len(targets))
+    images = module.hparams.model["name"] != "head"  # a head's test set is features
     if module.multi_label:
-        from image_classifier.training.multilabel_report import write_predictions
+        from image_classifier.training.multilabel_report import per_image
 
-        path = out / "predictions.csv"
-        return [write_predictions(path, names, probs, targets, report["thresholds"], classes)]
+        return per_image(out, dataset, names, probs, targets, report["thresholds"], classes, images)
     made = [
         predictions.write_predictions(out / "predictions.csv", names, probs, targets, classes),
         predictions.plot_reliability(probs, targets, ece, out / "plots" / "reliability.png"),
     ]
-    if module.hparams.model["name"] != "head":  # a head's test set is features, not images
+    if images:
         made += predictions.mistake_galleries(module, dataset, probs, targets, out / "plots")
     return made
 

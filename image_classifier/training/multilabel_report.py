@@ -4,6 +4,7 @@ precision/recall/AP at the tuned thresholds, a per-class plot and a per-image pr
 predictions.csv   image, true labels, predicted labels (every label at or above its threshold),
                   exact match, the 3 most probable labels with their probabilities
 per_class.png     precision, recall and AP of every class
+mistakes.png      the wrong decisions furthest from their labels (image models: `mistakes`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from image_classifier.errors import listed
 from image_classifier.models.metrics import interval_text, wilson_interval
 from image_classifier.training.plots import plt, save_figure
+from image_classifier.training.predictions import gallery
 
 TOP_K = 3
 
@@ -79,6 +81,36 @@ def plot_per_class(report: dict, path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def per_image(out: Path, dataset, names, probs, targets, thresholds, classes, images: bool):
+    """[predictions.csv, and plots/mistakes.png when the test set is images]."""
+    made = [write_predictions(out / "predictions.csv", names, probs, targets, thresholds, classes)]
+    if images:
+        made.append(plot_mistakes(dataset, probs, targets, thresholds, classes, out / "plots"))
+    return [m for m in made if m]
+
+
+def mistakes(probs, targets, thresholds, n: int = 18) -> list[int]:
+    """The `n` images with a wrong label decision whose probabilities are furthest from their
+    labels (the distance summed over the classes), furthest first."""
+    decided = probs >= np.asarray(thresholds)[None, :]
+    wrong = (decided != (targets > 0.5)).any(1)
+    furthest = np.argsort(-np.abs(probs - targets).sum(1), kind="stable")
+    return [int(i) for i in furthest if wrong[i]][:n]
+
+
+def plot_mistakes(dataset, probs, targets, thresholds, classes, folder: Path) -> Path | None:
+    """mistakes.png: each of `mistakes` with its true and predicted labels."""
+    idx, decided = mistakes(probs, targets, thresholds), probs >= np.asarray(thresholds)[None, :]
+
+    def labels(row) -> str:
+        return ";".join(classes[j] for j in np.flatnonzero(row)) or "none"
+
+    captions = [f"true {labels(targets[i] > 0.5)}\npred {labels(decided[i])}" for i in idx]
+    images = [np.asarray(dataset[i][0]) for i in idx]
+    title = "Furthest from their labels: the images whose label decisions were wrong"
+    return gallery(images, captions, folder / "mistakes.png", title)
 
 
 def write_predictions(path: Path, names, probs, targets, thresholds, classes) -> Path:

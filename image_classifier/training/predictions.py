@@ -103,20 +103,26 @@ def explain_mistakes(module, images, idx, probs, targets, classes, path: Path) -
 
 
 def _gallery(images, idx, probs, targets, classes, path: Path, title: str) -> Path | None:
-    if not idx:
+    def caption(i: int) -> str:
+        p = int(probs[i].argmax())
+        return f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})"
+
+    return gallery(images, [caption(i) for i in idx], path, title)
+
+
+def gallery(images, captions: list[str], path: Path, title: str) -> Path | None:
+    """Images (uint8 CHW, grey or colour) in rows of six, each with its caption."""
+    if not captions:
         return None
     cols = 6
-    rows = (len(idx) + cols - 1) // cols
+    rows = (len(captions) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, i in zip(axes.flat, images, idx, strict=False):
+    for ax, img, caption in zip(axes.flat, images, captions, strict=False):
         img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-        p = int(probs[i].argmax())
-        ax.set_title(
-            f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})", fontsize=7
-        )
+        ax.set_title(caption, fontsize=7)
     fig.suptitle(title, fontsize=10)
     return save(fig, path, dpi=110, layout=gallery_layout)
 
