@@ -1089,6 +1089,8 @@ def test_a_size_the_network_pools_to_nothing_is_named_with_the_smallest_it_takes
         (False, "resnet50 from random weights ("),
         (True, "resnet50 from pretrained weights ("),
         ("/w/resnet50_a1.safetensors", "resnet50 from resnet50_a1.safetensors ("),
+        # train.resume: the weights are the checkpoint's (it said "from random weights")
+        ("resumed", "resnet50 from /run/checkpoints/last.ckpt, resumed ("),
     ],
 )
 def test_the_first_line_says_which_weights_training_starts_from(capsys, pretrained, says):
@@ -1103,6 +1105,8 @@ def test_the_first_line_says_which_weights_training_starts_from(capsys, pretrain
     trainer = SimpleNamespace(is_global_zero=True, max_epochs=3)
     info = SimpleNamespace(name="shapes", split_sizes={"train": 224, "val": 28})
     spec = {"name": "resnet50", "pretrained": pretrained}
+    if pretrained == "resumed":
+        spec = {"name": "resnet50", "pretrained": False, "resumed": "/run/checkpoints/last.ckpt"}
     announce(trainer, torch.nn.Linear(1000, 1000), spec, info, 32, 7)
     assert capsys.readouterr().out.startswith(f"Training {says}1.00 M parameters) on shapes")
 

@@ -117,7 +117,9 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     sizes = info.split_sizes
     given = spec.get("pretrained")
     start = (
-        ""  # model=head: its backbone's weights are the feature cache's
+        f" from {spec['resumed']}, resumed"
+        if spec.get("resumed")
+        else ""  # model=head: its backbone's weights are the feature cache's
         if spec["name"] == "head"
         else f" from the weights of {spec['init_from']}"
         if spec.get("init_from")

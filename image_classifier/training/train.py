@@ -145,7 +145,8 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         default_root_dir=out,
         **trainer_kwargs(cfg, steps_per_epoch=steps),
     )
-    announce(trainer, module, model_spec, info, int(cfg.train.batch_size), steps)
+    spec = model_spec | {"resumed": str(resume_from or "")}  # what the announcement says
+    announce(trainer, module, spec, info, int(cfg.train.batch_size), steps)
     if start_note and trainer.is_global_zero:
         print(start_note)
     fit(trainer, module, dm, resume_from, checkpoint, last)
