@@ -148,6 +148,7 @@ def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
     )
     report = json.loads(Path(t["report"]).read_text())
     assert report["per_class"]["a"]["recall"] == 1.0 and report["per_class"]["b"]["recall"] == 0.0
+    assert b["at_chance"] is None and report["at_chance"] is None  # it is that rule: no warning
 
 
 def test_progress_into_a_file_is_a_line_per_epoch_with_an_eta(make_cfg, folder_data, capsys):

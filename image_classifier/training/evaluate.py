@@ -232,6 +232,9 @@ def build_report(path: Path, module, info, m: dict, loss: float | None, hash_not
         },
         "classes": module.classes,
         "confusion_matrix": cm.astype(int).tolist(),
+        "at_chance": None  # model=baseline is that rule
+        if (module.hparams.get("model") or {}).get("name") == "baseline"
+        else at_chance(float(m["acc"]), support.tolist(), module.classes),
     }
 
 
@@ -318,8 +321,8 @@ def _metric_lines(report) -> list[str]:
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
-    if c := at_chance(acc := report["accuracy"], [per[c]["support"] for c in per], list(per)):
-        lines.append("  WARNING: " + chance_text(f"accuracy {acc:.4f}", c, "test"))
+    if c := report.get("at_chance"):
+        lines.append("  WARNING: " + chance_text(f"accuracy {report['accuracy']:.4f}", c, "test"))
     if rows := report.get("by_confidence"):
         lines.append(f"  answered at a confidence floor: {confidence_text(rows)}")
     return lines
@@ -331,19 +334,15 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
         f"images in {result['seconds']:.0f}s"
         + (f" with {describe(report['tta'])}" if report.get("tta") else ""),
         *_metric_lines(report),
-        *([f"  WARNING: {hash_note}"] if hash_note else []),
-        *([line] if (line := left_out_line(info.left_out)) else []),
-        *(
-            [
-                f"  unusable: {len(info.skipped)} file(s) skipped, each with its reason in "
-                f"{result['unusable_files']}"
-            ]
-            if info.skipped
-            else []
-        ),
+        f"  WARNING: {hash_note}" if hash_note else "",
+        left_out_line(info.left_out),
+        f"  unusable: {len(info.skipped)} file(s) skipped, each with its reason in "
+        f"{result['unusable_files']}"
+        if info.skipped
+        else "",
         f"  report: {result['report']}",
         f"  predictions: {result['predictions']} (one row per image)",
         f"  plots:  {', '.join(str(p) for p in plots)} (copies in {shared}/)",
         f"  mlflow run: {result.get('mlflow_run_id', 'disabled')}",
     ]
-    print("\n".join(lines))
+    print("\n".join(x for x in lines if x))

@@ -139,9 +139,12 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
 
 def at_chance(cfg, dm, score, epochs: int) -> dict | None:
     """metrics.at_chance for the best val/acc (single-label data, validated, monitored on
-    val/acc), with the optimizer steps taken in `epochs` and those a network of this kind wants."""
+    val/acc; not model=baseline, which is that rule), with the optimizer steps taken in `epochs`
+    and those a network of this kind wants."""
     info = dm.info
     if info.multi_label or cfg.train.monitor != "val/acc" or score is None or not validates(cfg):
+        return None
+    if cfg.model.name == "baseline":
         return None
     counts = np.bincount(labels_of(dm.dataset("val")), minlength=len(info.classes)).tolist()
     if not (found := metrics.at_chance(float(score), counts, info.classes)):
