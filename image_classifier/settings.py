@@ -160,10 +160,11 @@ def _data_rules() -> dict:
 
 
 def _inference_rules() -> dict:
-    from image_classifier.inference.infer import SORT_MODES, WRITERS
+    from image_classifier.inference.infer import WRITERS
     from image_classifier.inference.predictor import DEVICES
     from image_classifier.inference.ray_engine import ENGINES as INFER_ENGINES
     from image_classifier.inference.ray_engine import PARQUET
+    from image_classifier.inference.sorting import SORT_MODES
     from image_classifier.serving.triton import ENGINES
 
     return {

@@ -478,15 +478,6 @@ def test_bad_export_and_infer_settings(trained, exported, tmp_path):
             f"infer.input={images}",
             f"infer.output={tmp_path}/o.txt",
         )
-    with pytest.raises(UserError, match="infer.sort_mode='move' is not one of"):
-        _infer(
-            root,
-            f"infer.model={onnx_path}",
-            f"infer.input={images}",
-            f"infer.output={tmp_path}/o.json",
-            f"infer.sort_into={tmp_path}/s",
-            "infer.sort_mode=move",
-        )
 
 
 def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
@@ -866,3 +857,27 @@ def test_infer_with_no_readable_input_writes_the_rows_and_exits_2(tmp_path, trai
     assert [r["error"] != "" for r in rows] == [True, True]
     (bad / "c.png").write_bytes((root / "images" / "cat" / "000.png").read_bytes())
     assert len(_infer(root, f"infer.model={ckpt}", f"infer.input={bad}")["rows"]) == 3  # one read
+
+
+def test_sort_into_gives_classes_that_would_share_a_folder_one_each(tmp_path):
+    """`Cat` and `cat` are one folder on macOS's and Windows' disks, `a/b` and `a_b` one anywhere,
+    and a class named `_uncertain` would take the unsure images' folder: each gets its own."""
+    from image_classifier.inference.sorting import class_dirs, sort_into
+
+    classes = ["Cat", "cat", "a/b", "a_b", "_uncertain", "dog"]
+    dirs = class_dirs(classes)
+    assert dirs == {
+        "Cat": "Cat",
+        "cat": "cat (2)",
+        "a/b": "a_b",
+        "a_b": "a_b (2)",
+        "_uncertain": "_uncertain (2)",
+        "dog": "dog",
+    }
+    src = tmp_path / "x.png"
+    Image.new("L", (4, 4)).save(src)
+    rows = [{"path": str(src), "predicted_class": c} for c in classes]
+    rows.append({"path": str(src), "predicted_class": "dog", "uncertain": True})
+    assert sort_into(rows, tmp_path / "out", "copy", classes) == 7
+    made = sorted(p.parent.name for p in (tmp_path / "out").rglob("x.png"))
+    assert made == sorted([*dirs.values(), "_uncertain"])

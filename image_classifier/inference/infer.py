@@ -11,7 +11,6 @@ import glob
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -24,8 +23,7 @@ from image_classifier.data.scan import files_under
 from image_classifier.errors import Interrupted, UserError, listed, override
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
-
-SORT_MODES = ("copy", "symlink", "hardlink")
+from image_classifier.inference.sorting import sort_into
 
 
 def collect_inputs(
@@ -103,38 +101,6 @@ def outside(paths: list[Path], setting: str, folder: str | None) -> list[Path]:
     if paths and not kept:
         raise UserError(f"Every input file lies under {setting}={folder}: nothing else to read.")
     return kept
-
-
-def _safe_dir_name(name: str) -> str:
-    return "".join(c if c not in '/\\:*?"<>|' else "_" for c in name).strip(". ") or "_"
-
-
-def sort_into(rows: list[dict], folder: Path, mode: str) -> int:
-    """Copy (or link) each predicted image into folder/<predicted class>/; returns how many."""
-    if mode not in SORT_MODES:
-        raise UserError(f"infer.sort_mode={mode!r} is not one of {', '.join(SORT_MODES)}.")
-    n = 0
-    for row in rows:
-        if row.get("error"):
-            continue
-        src = Path(row["path"]).resolve()
-        dest_dir = folder / (
-            "_uncertain" if row.get("uncertain") else _safe_dir_name(row["predicted_class"])
-        )
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        dest = dest_dir / src.name
-        i = 1
-        while dest.exists() or dest.is_symlink():
-            dest = dest_dir / f"{src.stem}_{i}{src.suffix}"
-            i += 1
-        if mode == "copy":
-            shutil.copy2(src, dest)
-        elif mode == "symlink":
-            dest.symlink_to(src)
-        else:
-            os.link(src, dest)
-        n += 1
-    return n
 
 
 def check_floor(meta, c) -> list[str]:
@@ -244,7 +210,7 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
     if rows is not None:  # None: the engine wrote them where infer.output says
         mark_uncertain(rows, c.get("min_confidence"))
         write_rows(rows, c.get("output"), classes)
-    sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode) if c.get("sort_into") else 0
+    sorted_n = sort_into(rows, Path(c.sort_into), c.sort_mode, classes) if c.get("sort_into") else 0
     seconds = time.perf_counter() - started
     name = f"{c.model}, version {registered['version']}" if registered else model.name
     name = name if c.get("model") else f"the newest, {model}"  # which run's, when found
