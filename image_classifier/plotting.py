@@ -86,6 +86,23 @@ def gallery_layout(fig) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()), h_pad=2.5)
 
 
+def gallery(images, captions: list[str], path, title: str, cols: int = 6, cell=(2.1, 2.4)):
+    """Images (uint8 CHW, grey or colour) in rows of `cols`, each with its caption, under
+    `title`; `cell`: inches a picture and its caption take. None when there is none to show."""
+    if not captions:
+        return None
+    rows = (len(captions) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, caption in zip(axes.flat, images, captions, strict=False):
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, path, dpi=110, layout=gallery_layout)
+
+
 def save(fig, path: str | Path, dpi: int, layout=None) -> Path:
     """`fig` written to `path` (its folder made), laid out by `layout` (fig -> None; default:
     tight_layout), and closed."""

@@ -1122,8 +1122,10 @@ def test_mistakes_gallery_captions_do_not_cover_the_row_above(tmp_path, monkeypa
     monkeypatch.setattr(plotting.plt, "close", kept.append)
     dataset = [(np.full((3, 71, 71), 90, np.uint8), 0)] * 9
     probs = np.tile(np.eye(3)[1] * 0.8 + 0.1, (9, 1))
+    images = [x for x, _ in dataset]
+    classes = ["a", "b", "c"]
     predictions.plot_mistakes(
-        dataset, list(range(9)), probs, np.zeros(9, int), ["a", "b", "c"], tmp_path / "mistakes.png"
+        images, list(range(9)), probs, np.zeros(9, int), classes, tmp_path / "mistakes.png"
     )
     fig = kept[0]
     renderer = fig.canvas.get_renderer()

@@ -230,26 +230,20 @@ def plot_gallery(rows: list[dict], path: Path, n: int) -> Path | None:
     its own maximum: for a class of probability 0.00 it shows where the little evidence is)."""
     from PIL import Image
 
-    from image_classifier.plotting import gallery_layout, plt, save
+    from image_classifier.plotting import gallery
 
     shown = gallery_rows(rows, n)
-    if not shown:
-        return None
-    cols = min(4, len(shown))
-    lines = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols, 2.5 * lines), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, shown, strict=False):
+    pictures, captions = [], []
+    for r in shown:
         with Image.open(r["overlay"]) as im:
-            ax.imshow(np.asarray(im))
+            pictures.append(np.asarray(im.convert("RGB")).transpose(2, 0, 1))
         name = "/".join(Path(r["path"]).parts[-2:])
         name = name if len(name) <= 36 else "..." + name[-33:]
         other = r["explained_class"] != r["predicted_class"]
         why = f", map: {r['explained_class']} ({r['explained_probability']:.2f})" if other else ""
-        ax.set_title(f"{name}\n{r['predicted_class']} ({r['confidence']:.2f}){why}", fontsize=7)
-    fig.suptitle("Where the network looked (Grad-CAM; red: most evidence)", fontsize=10)
-    return save(fig, path, dpi=110, layout=gallery_layout)
+        captions.append(f"{name}\n{r['predicted_class']} ({r['confidence']:.2f}){why}")
+    title = "Where the network looked (Grad-CAM; red: most evidence)"
+    return gallery(pictures, captions, path, title, cols=min(4, len(shown) or 1), cell=(3.2, 2.5))
 
 
 def run_explain(cfg, checkpoint: Path | None = None) -> dict:

@@ -16,8 +16,8 @@ import numpy as np
 
 from image_classifier.errors import listed
 from image_classifier.models.metrics import interval_text, wilson_interval
+from image_classifier.plotting import gallery
 from image_classifier.training.plots import plt, save_figure
-from image_classifier.training.predictions import gallery
 
 TOP_K = 3
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.plotting import gallery_layout, save
+from image_classifier.plotting import gallery
 from image_classifier.training.plots import plt, save_figure
 
 TOP_K = 3
@@ -69,19 +69,13 @@ def mistake_galleries(module, dataset, probs, targets, folder: Path) -> list[Pat
     idx = mistakes(probs, targets)
     images = [np.asarray(dataset[i][0]) for i in idx]
     shown = (idx, probs, targets, module.classes)
-    made = [_gallery(images, *shown, folder / "mistakes.png", MISTAKES)]
+    made = [plot_mistakes(images, *shown, folder / "mistakes.png")]
     if hasattr(module, "net"):
         made.append(explain_mistakes(module, images, *shown, folder / "mistakes_explained.png"))
     return [m for m in made if m]
 
 
 MISTAKES = "Most confident mistakes, then each class's worst"
-
-
-def plot_mistakes(dataset, idx: list[int], probs, targets, classes, path: Path) -> Path | None:
-    """Image, true label, predicted label and confidence for each chosen mistake."""
-    images = [np.asarray(dataset[i][0]) for i in idx]
-    return _gallery(images, idx, probs, targets, classes, path, MISTAKES)
 
 
 def explain_mistakes(module, images, idx, probs, targets, classes, path: Path) -> Path | None:
@@ -99,32 +93,18 @@ def explain_mistakes(module, images, idx, probs, targets, classes, path: Path) -
     heat, _, _ = explainer(np.stack(images), [int(probs[i].argmax()) for i in idx])
     pictures = [overlay(im, h).transpose(2, 0, 1) for im, h in zip(images, heat, strict=True)]
     title = "The same mistakes: where the network saw the class it predicted (Grad-CAM)"
-    return _gallery(pictures, idx, probs, targets, classes, path, title)
+    return plot_mistakes(pictures, idx, probs, targets, classes, path, title)
 
 
-def _gallery(images, idx, probs, targets, classes, path: Path, title: str) -> Path | None:
+def plot_mistakes(images, idx, probs, targets, classes, path: Path, title: str = MISTAKES):
+    """Each chosen mistake's image (uint8 CHW) with its true label, predicted label and
+    confidence."""
+
     def caption(i: int) -> str:
         p = int(probs[i].argmax())
         return f"true {classes[targets[i]]}\npred {classes[p]} ({probs[i, p]:.2f})"
 
     return gallery(images, [caption(i) for i in idx], path, title)
-
-
-def gallery(images, captions: list[str], path: Path, title: str) -> Path | None:
-    """Images (uint8 CHW, grey or colour) in rows of six, each with its caption."""
-    if not captions:
-        return None
-    cols = 6
-    rows = (len(captions) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, caption in zip(axes.flat, images, captions, strict=False):
-        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
-        ax.set_title(caption, fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return save(fig, path, dpi=110, layout=gallery_layout)
 
 
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, ece: float, path: Path) -> Path:

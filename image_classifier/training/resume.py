@@ -128,22 +128,18 @@ def _text(value) -> str:  # as it is typed on the command line
 
 def command_line_overrides() -> list[str]:
     """The keys this process's command line overrides ([] when called from Python)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return [o.split("=")[0].lstrip("+~") for o in given_overrides()]
 
 
 def given_overrides(*keys: str) -> list[str]:
-    """This process's command-line overrides, as typed, of these top-level keys (`data` takes
-    data=folder and data.root=...)."""
+    """This process's command-line overrides, as typed ([] when called from Python); with
+    `keys`, those of these top-level keys (`data` takes data=folder and data.root=...)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
     task = HydraConfig.get().overrides.task
-    return [o for o in task if o.lstrip("+~").split("=")[0].split(".")[0] in keys]
+    return [o for o in task if not keys or o.lstrip("+~").split("=")[0].split(".")[0] in keys]
 
 
 def may_change(key: str) -> bool:
