@@ -61,6 +61,7 @@ def test_portrait_phone_photos_get_a_portrait_size(tmp_path):
             )
     profile = profile_folder(tmp_path / "phone")
     assert profile.median_size == (400, 300)  # (height, width) as shown
+    assert profile.describe().endswith("median 300 px wide, 400 high")  # said as a viewer says it
     assert auto_size(profile.median_size, pretrained=True) == [224, 192]  # portrait
 
 
@@ -108,8 +109,8 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     assert cfg.model.name == "tf_efficientnet_lite0" and cfg.model.pretrained
     assert list(cfg.data.size) == [160, 160]
     assert list(cfg.model.mean) == [0.5, 0.5, 0.5]  # the model config's interpolations resolve
-    assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80x80 px")
-    assert notes[1].startswith("data.size=[160, 160] (median 80x80 px, pretrained limits)")
+    assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80 px wide")
+    assert notes[1].startswith("data.size=[160, 160] (median 80 px wide, 80 high; pretrained")
     assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (True, 13)  # 1/12 of 160 px
     assert notes[2].startswith("train.augment.hflip=true train.augment.shift=13 (fine-tuning")
     assert auto.train.augment.hflip is False  # the given config is not changed

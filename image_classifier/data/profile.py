@@ -39,11 +39,16 @@ PRETRAINED_SIZES = {"smallest": 160, "largest": 224, "step": 32}
 class ImageProfile:
     images: int
     colour: bool
-    median_size: tuple[int, int]  # (height, width)
+    median_size: tuple[int, int]  # (height, width), as data.size
 
     def describe(self) -> str:
-        h, w = self.median_size
-        return f"{self.images} {'colour' if self.colour else 'grey'} images, median {h}x{w} px"
+        return f"{self.images} {'colour' if self.colour else 'grey'} images, {median_text(self)}"
+
+
+def median_text(profile: ImageProfile) -> str:
+    """Width first, as image viewers say it, and named: data.size is [height, width]."""
+    h, w = profile.median_size
+    return f"median {w} px wide, {h} high"
 
 
 def _folder_manifest(folder: Path, file_column: str | None) -> Path | None:

@@ -18,6 +18,7 @@ from image_classifier.data.profile import (
     PRETRAINED_SIZES,
     ImageProfile,
     auto_size,
+    median_text,
     profile_folder,
 )
 from image_classifier.errors import UserError
@@ -82,10 +83,10 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
                 f"data.size={list(cfg.data.size)} (model=head: the backbone's features.size)"
             )
         elif needs_size:
-            median = profile.median_size if profile else (28, 28)
-            cfg.data.size = auto_size(median, fine_tunes(cfg.model))
+            profile = profile or ImageProfile(0, False, (28, 28))
+            cfg.data.size = auto_size(profile.median_size, fine_tunes(cfg.model))
             notes.append(
-                f"data.size={list(cfg.data.size)} (median {median[0]}x{median[1]} px, "
+                f"data.size={list(cfg.data.size)} ({median_text(profile)}; "
                 f"{'pretrained' if fine_tunes(cfg.model) else 'from scratch'} limits)"
             )
         if needs_model and cfg.model.get("pretrained"):
@@ -119,11 +120,11 @@ def _note_enlarged(cfg, profile: ImageProfile | None):
     if h * w > ENLARGED * auto[0] * auto[1]:
         log.warning(
             "data.size=%s is %.0fx the pixels data.size=auto would take (%s, from the images' "
-            "median %dx%d px): the decoded cache and every step grow with it.",
+            "%s): the decoded cache and every step grow with it.",
             [h, w],
             h * w / (auto[0] * auto[1]),
             auto,
-            *median,
+            median_text(profile),
         )
     return cfg
 
