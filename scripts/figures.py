@@ -413,6 +413,14 @@ def cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def headline(value: str) -> str:
+    """The figure without its parenthesised detail (ranges, seeds' spread, what it was before):
+    README's table is short, docs/figures.md has the rest."""
+    while (shorter := re.sub(r"\s*\([^()]*\)", "", value)) != value:
+        value = shorter
+    return value
+
+
 def render(store: dict, now: dict) -> tuple[str, str]:
     """(docs/figures.md, README's table) from the stored rows."""
     labels = store.get("machines", {})
@@ -450,9 +458,10 @@ def render(store: dict, now: dict) -> tuple[str, str]:
             f"{cell(versions or 'not recorded')} | {cell(status(row, now))} |"
         )
         if row.get("headline"):
+            short = row.get("readme_value") or headline(row["value"])
             table.append(
-                f"| [{cell(row['what'])}](docs/figures.md#{row['id']}) | "
-                f"{cell(row['value'])}{met} | {cell(label)}, {row['date']} |"
+                f"| [{cell(row.get('short', row['what']))}](docs/figures.md#{row['id']}) | "
+                f"{cell(short)}{met} | {cell(label)}, {row['date']} |"
             )
     return "\n".join(page) + "\n", "\n".join(table)
 
@@ -469,7 +478,8 @@ def write_pages(store: dict, now: dict) -> None:
 
 
 def merge(store: dict, rows: list[dict], now: dict) -> None:
-    """Replace the stored rows with these ids (keeping their place and headline flag)."""
+    """Replace the stored rows with these ids (keeping their place, headline flag and README
+    label: what the row is does not change with its figure)."""
     by_id = {r["id"]: i for i, r in enumerate(store["rows"])}
     labels = store.setdefault("machines", {})
     if now["machine"] not in labels.values():
@@ -478,7 +488,8 @@ def merge(store: dict, rows: list[dict], now: dict) -> None:
         row = {**row, **{k: now[k] for k in ("machine", "versions", "default_config", "date")}}
         if row["id"] in by_id:
             old = store["rows"][by_id[row["id"]]]
-            store["rows"][by_id[row["id"]]] = {"headline": old.get("headline", False), **row}
+            kept = {k: old[k] for k in ("headline", "short") if k in old}
+            store["rows"][by_id[row["id"]]] = {"headline": False, **kept, **row}
         else:
             store["rows"].append({"headline": False, **row})
 

@@ -74,12 +74,28 @@ def test_pages_keep_every_row_and_readme_outside_its_markers(figures, tmp_path, 
 
 
 def test_a_run_replaces_its_rows_in_place_and_names_a_new_machine(figures):
-    store = {"machines": {"CPU A": "a"}, "rows": [_row("default", headline=True), _row("x")]}
+    store = {
+        "machines": {"CPU A": "a"},
+        "rows": [_row("default", headline=True, short="README's label"), _row("x")],
+    }
     figures.merge(store, [_row("default", value="2 %"), _row("new")], NOW)
+    assert store["rows"][0]["short"] == "README's label"  # what the row is outlives its figure
     assert [r["id"] for r in store["rows"]] == ["default", "x", "new"]
     assert store["rows"][0]["value"] == "2 %" and store["rows"][0]["headline"] is True
     assert store["rows"][0]["machine"] == NOW["machine"] and store["rows"][2]["headline"] is False
     assert store["machines"]["machine 2"] == NOW["machine"]
+
+
+def test_readme_shows_the_figure_without_its_detail(figures):
+    """README's table is short: ranges and notes in brackets stay in docs/figures.md, and a
+    row's own README label and value win."""
+    value = "93.13 ± 0.01 (93.12–93.14) %; 143 s (best val 93.65 (93.24–94.20) %; 32-true)"
+    assert figures.headline(value) == "93.13 ± 0.01 %; 143 s"
+    rows = [_row("a", headline=True, value=value, **NOW)]
+    rows.append(_row("b", headline=True, short="b, short", readme_value="as written (kept)", **NOW))
+    _, table = figures.render({"machines": {}, "rows": rows}, NOW)
+    assert "| 93.13 ± 0.01 %; 143 s |" in table and "93.12" not in table
+    assert "[b, short](docs/figures.md#b) | as written (kept) |" in table
 
 
 def test_the_stored_figures_render(figures):
