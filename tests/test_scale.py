@@ -54,7 +54,7 @@ def test_torchrun_on_two_nodes_trains_one_run_on_disjoint_shards(tmp_path, idx_s
             ],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=open(tmp_path / f"node{rank}.out", "w"),  # noqa: SIM115 (closed with it)
             stderr=open(tmp_path / f"node{rank}.err", "w"),  # noqa: SIM115 (closed with the process)
             text=True,
         )
@@ -78,6 +78,9 @@ def test_torchrun_on_two_nodes_trains_one_run_on_disjoint_shards(tmp_path, idx_s
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("image_classifier").experiment_id])
     assert len(runs) == 1  # rank 0 logs; the other node does not open a run
+    said = (tmp_path / "node0.out").read_text()
+    assert "1 epoch(s) of 5 step(s) in batches of 16" in said  # each node's shard: 80 images
+    assert "sync_dist" not in errs[0]  # epoch values are reduced across the nodes, unwarned
 
 
 def _wait_all(procs, timeout: float) -> None:

@@ -233,10 +233,13 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
                 why,
             )
             return datasets
-        print(
-            f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
-            f"({needed / 1e6:.0f} MB); later runs on the same data read it"
-        )
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # one line for all processes of a DDP run
+            print(
+                f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
+                f"({needed / 1e6:.0f} MB); later runs on the same data read it"
+            )
         describe = {
             "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
             "classes": info.classes,

@@ -135,24 +135,27 @@ class ClassifierModule(L.LightningModule):
             return {}
         return {"train/loss_epoch": self.train_loss.compute(), **self.train_metrics.compute()}
 
+    # Epoch values are reduced across processes (DDP): torchmetrics' compute() already agrees on
+    # every rank, and the loss means become the whole split's rather than rank 0's shard's.
     def on_train_epoch_end(self):
-        self.log_dict(self.epoch_train_metrics())
+        self.log_dict(self.epoch_train_metrics(), sync_dist=True)
         self.train_metrics.reset()
         self.train_loss.reset()
 
     def validation_step(self, batch, batch_idx):
         logits, y = self._step(batch)
         loss = self._loss(logits, y, training=False)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self._track(self.val_metrics, logits, y)
         if self.multi_label:
             self.val_map.update(self.probabilities(logits), y.int())
 
     def on_validation_epoch_end(self):
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         if self.multi_label:
-            self.log("val/mAP", multilabel.compute_quietly(self.val_map), prog_bar=True)
+            mean_ap = multilabel.compute_quietly(self.val_map)
+            self.log("val/mAP", mean_ap, prog_bar=True, sync_dist=True)
             self.val_map.reset()
 
     def on_test_epoch_start(self):
@@ -161,7 +164,7 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         logits, y = self._step(batch)
         loss = self._loss(logits, y, training=False)
-        self.log("test/loss", loss, on_epoch=True, batch_size=len(y))
+        self.log("test/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         if self.multi_label:
             probs = self.probabilities(logits)
             self._track(self.test_metrics, logits, y)

@@ -40,7 +40,7 @@ def summarise(cfg, trainer, checkpoint, last, history, dm, out: Path, started: f
         "best_score": float(score) if score is not None else None,
         "best_val_loss": tie_loss if math.isfinite(tie_loss) else None,
         "monitor": cfg.train.monitor,
-        "at_chance": at_chance(cfg, dm, score, trainer.current_epoch),
+        "at_chance": at_chance(cfg, dm, score, trainer),
         "class_weights": bool(cfg.train.get("class_weights")),
         "objective": float(score) if score is not None else None,
         "metrics": {
@@ -107,6 +107,12 @@ def log_run(logger, result: dict, data_meta: dict) -> None:
     tracking.log_artifacts(logger, [result["checkpoint"], *result["plots"], path])
 
 
+def shard_steps(trainer, train_images: int, batch: int) -> int:
+    """Optimizer steps an epoch in each process: with DDP each of trainer.world_size processes
+    takes its shard of the train split (2 processes, 120 images in batches of 32: 2 steps)."""
+    return steps_per_epoch(train_images, batch * trainer.world_size)
+
+
 def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     """What is about to train and from which weights, in one line (in place of Lightning's table
     of layers), printed by the first process of a distributed run only."""
@@ -137,10 +143,10 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
     )
 
 
-def at_chance(cfg, dm, score, epochs: int) -> dict | None:
+def at_chance(cfg, dm, score, trainer) -> dict | None:
     """metrics.at_chance for the best val/acc (single-label data, validated, monitored on
     val/acc; not model=baseline, which is that rule), with the optimizer steps taken in `epochs`
-    and those a network of this kind wants."""
+    and those a network of this kind wants (the epochs trained: early stopping may end sooner)."""
     info = dm.info
     if info.multi_label or cfg.train.monitor != "val/acc" or score is None or not validates(cfg):
         return None
@@ -150,9 +156,12 @@ def at_chance(cfg, dm, score, epochs: int) -> dict | None:
     if not (found := metrics.at_chance(float(score), counts, info.classes)):
         return None
     kind = "pretrained" if fine_tunes(cfg.model) else "scratch"
-    per_epoch = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
-    # epochs trained (early stopping: fewer than planned)
-    return found | {"steps": per_epoch * epochs, "steps_wanted": MIN_STEPS[kind], "kind": kind}
+    steps = shard_steps(trainer, info.split_sizes["train"], int(cfg.train.batch_size))
+    return found | {
+        "steps": steps * trainer.current_epoch,
+        "steps_wanted": MIN_STEPS[kind],
+        "kind": kind,
+    }
 
 
 def chance_line(r: dict) -> str:

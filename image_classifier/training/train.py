@@ -58,6 +58,7 @@ from image_classifier.training.summary import (
     calibrate_best,
     log_run,
     print_summary,
+    shard_steps,
     summarise,
     thresholds_for_best,
 )
@@ -131,20 +132,13 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     if resume_from is not None:
         epochs = max(asked or 0, epochs)
         check_resumed_data(resume_from, info)
-    steps = steps_per_epoch(info.split_sizes["train"], int(cfg.train.batch_size))
-    check_schedule_fits(cfg, steps, epochs)  # before an MLflow run is opened
+    check_schedule_fits(cfg, steps_per_epoch(n, int(cfg.train.batch_size)), epochs)  # pre-MLflow
     module = build_module(cfg, model_spec, info)
     start_note = start_from(module.net.net, start, info.classes) if start else ""
     logger = create_logger(cfg, model_spec["name"], info, resume_from)
     module.mlflow_run_id = logger.run_id if logger is not None else None
     checkpoint, last, cbs = build_callbacks(cfg, out / "checkpoints", logger, callbacks)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        callbacks=cbs,
-        logger=logger or False,
-        default_root_dir=out,
-        **trainer_kwargs(cfg, steps_per_epoch=steps),
-    )
+    trainer, steps = build_trainer(cfg, epochs, cbs, logger, out, n)
     spec = model_spec | {"resumed": str(resume_from or "")}  # what the announcement says
     announce(trainer, module, spec, info, int(cfg.train.batch_size), steps)
     if start_note and trainer.is_global_zero:
@@ -161,6 +155,18 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
         log_run(logger, result, module.hparams.data)
         print_summary(result, info)
     return result
+
+
+def build_trainer(cfg, epochs: int, callbacks, logger, out, train_images: int):
+    """(the Trainer, optimizer steps an epoch in each of its processes: with DDP each takes its
+    shard of the train split); the logging interval is kept within one such epoch."""
+    batch = int(cfg.train.batch_size)
+    kwargs = trainer_kwargs(cfg, steps_per_epoch=steps_per_epoch(train_images, batch))
+    kwargs |= {"max_epochs": epochs, "callbacks": callbacks, "logger": logger or False}
+    trainer = L.Trainer(default_root_dir=out, **kwargs)
+    steps = shard_steps(trainer, train_images, batch)
+    trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, steps))
+    return trainer, steps
 
 
 def set_up_process(cfg) -> None:
