@@ -1186,3 +1186,15 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     )
     enough["at_chance"]["kind"] = "pretrained"  # it is one already: the labels are what is left
     assert chance_line(enough).endswith("; check the labels (command=audit)")
+    # 2 validation images of 2 classes: even both right is within chance; the split is the cause
+    from image_classifier.models.metrics import at_chance
+
+    assert at_chance(1.0, [5, 5], ["a", "b"]) is None  # 10 images all right: clearly above
+    few = at_chance(1.0, [1, 1], ["a", "b"])
+    assert few["too_few"] is True and few["images"] == 2
+    line = chance_line({"best_score": 1.0, "at_chance": few | {"steps": 70, "steps_wanted": 300}})
+    assert line.endswith(
+        "; 2 validation images cannot show it even when every one is right: give the validation "
+        "split more images (data.split, or more files in its folder)"
+    )
+    assert "optimizer steps" not in line

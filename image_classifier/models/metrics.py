@@ -77,21 +77,30 @@ def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:
 def at_chance(accuracy: float, counts, classes: list[str]) -> dict | None:
     """When `accuracy`, measured on images of these class `counts`, is not clearly better than
     always answering the largest class (its rate inside the accuracy's 95 % interval): that
-    rate, the class and the number of images; None otherwise."""
+    rate, the class, the number of images and whether they are `too_few` to tell even when
+    every one is right (3 images of two classes: 1.0's interval holds 0.67); None otherwise."""
     n = sum(counts)
-    if not n or wilson_interval(accuracy, n)[0] > max(counts) / n:
+    rate = max(counts) / n if n else 0.0
+    if not n or wilson_interval(accuracy, n)[0] > rate:
         return None
     largest = max(range(len(counts)), key=counts.__getitem__)
-    return {"rate": max(counts) / n, "class": classes[largest], "images": n}
+    too_few = wilson_interval(1.0, n)[0] <= rate
+    return {"rate": rate, "class": classes[largest], "images": n, "too_few": too_few}
 
 
 def chance_text(score: str, c: dict, split: str) -> str:
     """at_chance's finding in words."""
-    return (
+    text = (
         f"{score} is not clearly better than always answering {c['class']!r} ({c['rate']:.4f} "
         f"of the {c['images']} {split} images): the network has not shown that it tells the "
         "classes apart"
     )
+    if c.get("too_few"):
+        text += (
+            f"; {c['images']} {split} images cannot show it even when every one is right: "
+            f"give the {split} split more images (data.split, or more files in its folder)"
+        )
+    return text
 
 
 # the confidence floors `test` reports accuracy above, for choosing infer.min_confidence

@@ -168,6 +168,9 @@ def chance_line(r: dict) -> str:
     """at_chance's finding as a warning line with its likely cause and the fix."""
     if not (c := r.get("at_chance")):
         return ""
+    score = f"best val/acc {r['best_score']:.4f}"
+    if c.get("too_few"):  # the split is the cause: the steps or labels may be fine
+        return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}"
     why = (
         f"it took {c['steps']} optimizer steps, where a network like this wants about "
         f"{c['steps_wanted']}: train.epochs=auto chooses enough for the data"
@@ -179,7 +182,6 @@ def chance_line(r: dict) -> str:
             else "; a pretrained model (model=efficientnet_lite0) learns from fewer images"
         )
     )
-    score = f"best val/acc {r['best_score']:.4f}"
     return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}; {why}"
 
 
