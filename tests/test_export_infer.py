@@ -881,3 +881,26 @@ def test_sort_into_gives_classes_that_would_share_a_folder_one_each(tmp_path):
     assert sort_into(rows, tmp_path / "out", "copy", classes) == 7
     made = sorted(p.parent.name for p in (tmp_path / "out").rglob("x.png"))
     assert made == sorted([*dirs.values(), "_uncertain"])
+
+
+def test_the_python_use_docs_show_runs_as_written(trained, exported, tmp_path, capsys):
+    """docs/commands.md's "From Python" block, run with this session's model and two images in
+    place of its names (a cat that is a PNG of the first class, a dog that is not an image)."""
+    import re
+
+    text = (ROOT / "docs" / "commands.md").read_text()
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", text, re.S).group(1)
+    model, (_, _, images) = exported[0], trained
+    cat = next((images / sorted(p.name for p in images.iterdir())[0]).iterdir())
+    (tmp_path / "dog.png").write_text("not an image")
+    code = block.replace('"best.onnx"', repr(str(model)))
+    code = code.replace('"cat.jpg"', repr(str(cat))).replace(
+        '"dog.png"', repr(str(tmp_path / "dog.png"))
+    )
+    exec(compile(code, "docs/commands.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    classes = load_predictor(model).meta.classes
+    assert out[0].startswith(str(classes))
+    assert out[1].split()[1] in classes and out[1].endswith("None")  # the cat: a prediction
+    assert " None None " in out[2] and "dog.png" in out[2]  # the dog: its reason instead
+    assert out[3] == out[1].split()[1]  # the same image from memory, the same answer
