@@ -25,6 +25,15 @@ def test_class_folders_split_is_stratified_and_deterministic(folder_data):
     assert len(everything) == len(set(everything)) == 30
 
 
+def test_classes_named_by_numbers_are_in_numeric_order(tmp_path):
+    """Folders 1 to 12 (months, ratings) were ordered 1, 10, 11, 12, 2, ...: the confusion matrix
+    and the probability columns read out of order. Names that are not all numbers sort as text."""
+    make_class_folders(tmp_path / "n", classes=("10", "2", "1"), per_class=3)
+    assert discover(tmp_path / "n").classes == ["1", "2", "10"]
+    (tmp_path / "n" / "10").rename(tmp_path / "n" / "10b")
+    assert discover(tmp_path / "n").classes == ["1", "10b", "2"]
+
+
 def test_a_class_of_one_image_is_trained_on_not_tested(tmp_path):
     """The floor of the cumulative cuts put a class's only image in test: train had none."""
     make_class_folders(tmp_path / "d", per_class=5)

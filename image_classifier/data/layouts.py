@@ -229,10 +229,13 @@ def _report_skipped(root: Path, skipped: dict[str, str], strict: bool) -> None:
 
 
 def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -> list[str]:
-    """The sorted class names found, or `given` (data.classes: discover kept only its classes)."""
+    """The class names found, sorted (numbers as numbers: 1, 2, 10, not 1, 10, 2), or `given`
+    (data.classes: discover kept only its classes)."""
     if given:
         return list(given)
-    classes = sorted({x for _, label in labelled for x in label_parts(label)})
+    names = {x for _, label in labelled for x in label_parts(label)}
+    numbers = all(n.isascii() and n.isdigit() for n in names)
+    classes = sorted(names, key=lambda n: (int(n), n) if numbers else (0, n))
     if not classes:
         raise UserError(f"No readable images found under {str(root)!r} (layout: {layout}).")
     if len(classes) < 2:
