@@ -622,11 +622,16 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     info = SimpleNamespace(name="folder", data_hash="h")
     report = build_report(Path("m.ckpt"), module, info, m, None, "")
     per = report["per_class"]
-    assert per["c"] == {"precision": None, "recall": None, "support": 0}
-    assert per["b"] == {"precision": 1.0, "recall": 0.5, "support": 2}
+    assert per["c"] == {"precision": None, "recall": None, "support": 0, "mistaken_for": None}
+    assert per["b"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "support": 2,
+        "mistaken_for": {"class": "a", "images": 1},  # where its miss went
+    }
     assert per["a"]["recall"] == 1.0 and per["a"]["precision"] == pytest.approx(2 / 3)
     lines = _metric_lines(report)
-    assert lines[1] == "  lowest recall: b 0.500 (1 of 2), a 1.000 (2 of 2)"
+    assert lines[1] == "  lowest recall: b 0.500 (1 of 2; 1 as a), a 1.000 (2 of 2)"
     assert lines[2] == "  no test images of c: their recall is not measured"
     full = {"precision": 1.0, "recall": 1.0, "support": 2}  # not "lowest recall: a 1.000, b 1.000"
     perfect = {**report, "per_class": {"a": full, "b": full}}

@@ -69,6 +69,22 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mistaken_for(cm, i: int, classes: list[str]) -> dict | None:
+    """The class that row `i` of a confusion matrix (rows true, columns predicted) is most often
+    predicted as, other than itself, with how many images; None when it never is."""
+    row = [(int(n), j) for j, n in enumerate(cm[i]) if j != i]
+    n, j = max(row, default=(0, i))
+    return {"class": classes[j], "images": n} if n else None
+
+
+def recall_text(row: dict) -> str:
+    """A class's recall with its count, and where most of the rest went: "0.784 (784 of 1,000;
+    97 as T-shirt/top)" (a recall of 0 on 1 image is not one on 100)."""
+    n, m = row["support"], row.get("mistaken_for")
+    wrong = f"; {m['images']:,} as {m['class']}" if m else ""
+    return f"{row['recall']:.3f} ({round(row['recall'] * n):,} of {n:,}{wrong})"
+
+
 def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:
     """'95 % interval 0.4093-0.9285 on 8 images': how the test report states it."""
     return f"95 % interval {interval[0]:.4f}-{interval[1]:.4f} on {n:,} images"

@@ -30,6 +30,8 @@ from image_classifier.models.metrics import (
     chance_text,
     confidence_text,
     interval_text,
+    mistaken_for,
+    recall_text,
     wilson_interval,
 )
 from image_classifier.models.multilabel import compute_quietly
@@ -227,6 +229,7 @@ def build_report(path: Path, module, info, m: dict, loss: float | None, hash_not
                 "precision": defined(m["precision"][i], predicted[i]),
                 "recall": defined(m["recall"][i], support[i]),
                 "support": int(support[i]),
+                "mistaken_for": mistaken_for(cm, i, module.classes),
             }
             for i, c in enumerate(module.classes)
         },
@@ -296,10 +299,6 @@ def log_run(logger, report: dict, files: list, train_run: str | None) -> None:
         tracking.set_tags(logger, {"train_run_id": train_run})
 
 
-def _of(row) -> str:  # "0.774 (774 of 1,000)": a recall of 0 on 1 image is not one on 100
-    return f"{row['recall']:.3f} ({round(row['recall'] * row['support']):,} of {row['support']:,})"
-
-
 def _metric_lines(report) -> list[str]:
     if report.get("multi_label"):
         from image_classifier.training.multilabel_report import summary_lines
@@ -315,7 +314,7 @@ def _metric_lines(report) -> list[str]:
         + f")   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}"
         + (f"; without it {raw:.4f})" if (raw := report["ece_uncalibrated"]) is not None else ")"),
-        "  lowest recall: " + ", ".join(f"{c} {_of(per[c])}" for c in worst)
+        "  lowest recall: " + ", ".join(f"{c} {recall_text(per[c])}" for c in worst)
         if worst and per[worst[0]]["recall"] < 1
         else f"  recall 1.000 for every class tested ({len(per) - len(absent)})",
     ]
