@@ -1200,6 +1200,7 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     line = chance_line({"best_score": 1.0, "at_chance": few | {"steps": 70, "steps_wanted": 300}})
     assert line.endswith(
         "; 2 validation images cannot show it even when every one is right: give the validation "
-        "split more images (data.split, or more files in its folder)"
+        "split more images (a larger share in data.split, or more files in its folder when the "
+        "data is pre-split)"
     )
     assert "optimizer steps" not in line

@@ -114,7 +114,8 @@ def chance_text(score: str, c: dict, split: str) -> str:
     if c.get("too_few"):
         text += (
             f"; {c['images']} {split} images cannot show it even when every one is right: "
-            f"give the {split} split more images (data.split, or more files in its folder)"
+            f"give the {split} split more images (a larger share in data.split, or more files "
+            "in its folder when the data is pre-split)"
         )
     return text
 
