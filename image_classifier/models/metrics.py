@@ -71,9 +71,9 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def mistaken_for(cm, i: int, classes: list[str]) -> dict | None:
     """The class that row `i` of a confusion matrix (rows true, columns predicted) is most often
-    predicted as, other than itself, with how many images; None when it never is."""
-    row = [(int(n), j) for j, n in enumerate(cm[i]) if j != i]
-    n, j = max(row, default=(0, i))
+    predicted as, other than itself, with how many images (a tie: the first); None when never."""
+    j = max((j for j in range(len(classes)) if j != i), key=lambda j: cm[i][j], default=i)
+    n = int(cm[i][j]) if j != i else 0
     return {"class": classes[j], "images": n} if n else None
 
 

@@ -145,8 +145,9 @@ def announce(trainer, module, spec, info, batch: int, steps: int) -> None:
 
 def at_chance(cfg, dm, score, trainer) -> dict | None:
     """metrics.at_chance for the best val/acc (single-label data, validated, monitored on
-    val/acc; not model=baseline, which is that rule), with the optimizer steps taken in `epochs`
-    and those a network of this kind wants (the epochs trained: early stopping may end sooner)."""
+    val/acc; not model=baseline, which is that rule), with the optimizer steps each process took
+    over the epochs trained (early stopping may end sooner) and those a network of this kind
+    wants."""
     info = dm.info
     if info.multi_label or cfg.train.monitor != "val/acc" or score is None or not validates(cfg):
         return None
