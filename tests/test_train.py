@@ -62,7 +62,12 @@ def test_end_to_end_download_train_test_reload(make_cfg, idx_source, tmp_path):
     report = json.loads(Path(t["report"]).read_text())
     assert report["classes"] == FMNIST_CLASSES
     assert sum(map(sum, report["confusion_matrix"])) == 60
-    assert set(report["per_class"]["Bag"]) == {"precision", "recall", "support"}
+    assert set(report["per_class"]["Bag"]) == {"precision", "recall", "support", "mistaken_for"}
+    for i, c in enumerate(FMNIST_CLASSES):  # where most of each class's misses went
+        row, wrong = report["confusion_matrix"][i], report["per_class"][c]["mistaken_for"]
+        most = max(n for j, n in enumerate(row) if j != i)
+        assert (wrong is None) if not most else (wrong["images"] == most)
+        assert wrong is None or row[FMNIST_CLASSES.index(wrong["class"])] == most
     assert 0.0 <= report["f1_macro"] <= 1.0 + 1e-6  # float32 rounding at a perfect score
     for name in ("confusion_matrix.png", "curves.png", "test_report.json"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
