@@ -96,7 +96,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     for png in ("exact_duplicates.png", "near_duplicates.png", "label_errors.png", "outliers.png"):
         assert (out / png).stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "unusable files: 3" in printed and "exact duplicates: 1 groups" in printed
+    assert "unusable files: 3" in printed and "exact duplicates: 1 group(s)" in printed
     assert "1 leak train into val/test" in printed and "label issues: 1 ranked" in printed
     pairs = (out / "near_duplicates.csv").read_text().splitlines()
     assert len(pairs) == 2 and ",train-test,True," in pairs[1] and "near_001.jpg" in pairs[1]

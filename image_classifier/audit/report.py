@@ -173,9 +173,9 @@ def summary(r: dict, out: Path, run_id: str | None) -> None:
         *([line] if (line := left_out_line(r["data"]["left_out"])) else []),
         f"  unusable files: {len(r['unusable_files'])}"
         + "".join(f"\n    {Path(u['path']).name}: {u['reason']}" for u in r["unusable_files"][:5]),
-        f"  exact duplicates: {ex['groups']} groups ({ex['extra_copies']} extra copies), "
+        f"  exact duplicates: {ex['groups']} group(s) ({ex['extra_copies']} extra file(s)), "
         f"{ex['across_splits']} across splits, {ex['conflicting_labels']} with conflicting labels",
-        f"  near-duplicates: {near['pairs']} pairs in near_duplicates.csv, "
+        f"  near-duplicates: {near['pairs']} pair(s) in near_duplicates.csv, "
         f"{near['leaks_train_to_eval']} leak train into val/test",
         _label_line(r["label_errors"]),
         _outlier_line(r["outliers"]),
