@@ -130,7 +130,10 @@ def _quote(given: str) -> str:
         return f" If it is a list of names, quote each: {shell_word(f'{key}=[{items}]')}."
     if not sep or hydra_quoted(value) == value:
         return ""
-    return f" If it is one value (a path, a name), quote it: {override(key, value)}."
+    home = f", or {key}=$HOME{value[1:]} (the shell leaves ~ after = as it is)" * (
+        value[:2] == "~/"
+    )
+    return f" If it is one value (a path, a name), quote it: {override(key, value)}{home}."
 
 
 def _variants(parsed, config_dir: Path) -> list[list[str]]:

@@ -267,3 +267,25 @@ def test_a_list_that_hydra_cannot_read_gets_each_item_quoted_and_stays_a_list():
     assert fix == "\"data.classes=[chat noir,'café']\""
     (word,) = shlex.split(fix)
     assert OverridesParser.create().parse_override(word).value() == ["chat noir", "café"]
+
+
+def test_a_home_folder_written_with_a_tilde_gets_both_forms_that_work(tmp_path, monkeypatch):
+    """`data.root=~/photos` (bash expands no ~ after `=` in such a word) stopped at Hydra's
+    lexer; the message gives the quoted form and $HOME's, and each reads the folder."""
+    import shlex
+
+    from image_classifier.config import check_command_line, compose_config
+    from image_classifier.data.layouts import data_folder
+    from image_classifier.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        check_command_line(["command=audit", "data=folder", "data.root=~/photos"], CONFIG_DIR)
+    assert str(e.value).endswith(
+        """quote it: "data.root='~/photos'", or data.root=$HOME/photos (the shell leaves ~ """
+        "after = as it is)."
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for word in ("\"data.root='~/photos'\"", "data.root=$HOME/photos"):
+        (override,) = shlex.split(word.replace("$HOME", str(tmp_path)))
+        root = compose_config("data=folder", override).data.root
+        assert data_folder(root) == tmp_path / "photos"  # the folder the data is read from
