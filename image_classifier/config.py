@@ -130,9 +130,9 @@ def _quote(given: str) -> str:
         return f" If it is a list of names, quote each: {shell_word(f'{key}=[{items}]')}."
     if not sep or hydra_quoted(value) == value:
         return ""
-    home = f", or {key}=$HOME{value[1:]} (the shell leaves ~ after = as it is)" * (
-        value[:2] == "~/"
-    )
+    home = ""
+    if value.startswith("~/"):  # bash expands no ~ after `=` in such a word
+        home = f", or {key}=$HOME{value[1:]} (the shell leaves ~ after = as it is)"
     return f" If it is one value (a path, a name), quote it: {override(key, value)}{home}."
 
 

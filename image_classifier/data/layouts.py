@@ -161,8 +161,7 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
         raise UserError(
             f"{str(root)!r} holds split folders ({names}) but no train/. To test a model on "
             f"them: {override('data.root', sorted(presplit.values())[0])} data.split=[0,0,1] "
-            "(every image "
-            "tested); to train, add a train/ folder of class folders."
+            "(every image tested); to train, add a train/ folder of class folders."
         )
     if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve
         labelled, given_splits = [], []

@@ -142,8 +142,7 @@ def file_state(path: str) -> dict:
         raise UserError(
             f"model.pretrained={path!r} is a checkpoint this tool trained: start a new run from it "
             f"with {override('train.init_from', path)} (its network, input size and classifier "
-            "rows by class "
-            "name), without model.pretrained."
+            "rows by class name), without model.pretrained."
         )
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

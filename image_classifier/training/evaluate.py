@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf, open_dict
 
@@ -250,7 +251,7 @@ def write_outputs(cfg, report: dict, path: Path, out: Path):
 
         plots = [plot_per_class(report, out / "plots" / "per_class.png")]
     else:
-        cm = torch.tensor(report["confusion_matrix"]).numpy()
+        cm = np.asarray(report["confusion_matrix"])
         plots = [plot_confusion(cm, report["classes"], out / "plots" / "confusion_matrix.png")]
     history = ckpt_file.history(path) if path.suffix == ".ckpt" else []  # an export has none
     if curves := plot_curves(history, out / "plots" / "curves.png"):
