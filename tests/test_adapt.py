@@ -12,6 +12,7 @@ from image_classifier.data.splits import preprocessing_for
 from image_classifier.training.adapt import (
     FROZEN_STAGES,
     MAX_EPOCHS,
+    MIN_EPOCHS,
     MIN_STEPS,
     annealed_runs_whole,
     choose_batch_size,
@@ -160,13 +161,20 @@ def test_small_grey_folder_gets_the_cnn_and_explicit_values_win(tmp_path):
     assert list(cfg.data.size) == [24, 24]
 
 
-def test_fashion_mnist_default_job_keeps_the_cnn_and_three_epochs(tmp_path):
+def test_fashion_mnist_default_job_keeps_the_cnn_and_gets_four_epochs(tmp_path):
     cfg = compose_cfg(tmp_path, "train.epochs=auto", "train.batch_size=128", "model=auto")
     cfg, notes = choose_model_and_size(cfg)
     assert cfg.model.name == "cnn" and list(cfg.data.size) == [28, 28]
     assert (cfg.train.augment.hflip, cfg.train.augment.shift, notes[1:]) == (False, 0, [])
-    cfg, notes = choose_epochs(cfg, 55000)
-    assert cfg.train.epochs == 3 and notes[0].startswith("train.epochs=3 (1290 steps")
+    cfg, notes = choose_epochs(cfg, 55000)  # 430 steps an epoch: the epochs' floor binds
+    assert cfg.train.epochs == MIN_EPOCHS["scratch"] == 4
+    assert notes[0].startswith("train.epochs=4 (1720 steps: at least 1000 and 4 epochs for a from")
+    tuned = colour_folder_cfg(
+        tmp_path, 8, "model=efficientnet_lite0", "train.batch_size=32", "train.epochs=auto"
+    )
+    big, notes = choose_epochs(tuned, 9600)
+    assert big.train.epochs == MIN_EPOCHS["pretrained"] == 3  # 300 steps an epoch at batch 32
+    assert notes[0].startswith("train.epochs=3 (900 steps: at least 300 and 3 epochs for a pre")
 
 
 def test_epochs_give_a_small_folder_enough_steps(tmp_path):

@@ -636,11 +636,18 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
     }
     assert per["a"]["recall"] == 1.0 and per["a"]["precision"] == pytest.approx(2 / 3)
     lines = _metric_lines(report)
-    assert lines[1] == "  lowest recall: b 0.500 (1 of 2; 1 as a), a 1.000 (2 of 2)"
+    assert lines[1] == "  lowest recall: b 0.500 (1 of 2; 1 as a)"  # classes at 1.000 unlisted
     assert lines[2] == "  no test images of c: their recall is not measured"
     full = {"precision": 1.0, "recall": 1.0, "support": 2}  # not "lowest recall: a 1.000, b 1.000"
     perfect = {**report, "per_class": {"a": full, "b": full}}
     assert _metric_lines(perfect)[1] == "  recall 1.000 for every class tested (2)"
+    # 100 classes of 2 test images: a dozen at 0.500, of which three are named and the rest counted
+    half = {"precision": 1.0, "recall": 0.5, "support": 2, "mistaken_for": None}
+    many = {f"k{i:02d}": half if i % 8 == 0 else full for i in range(100)}
+    assert _metric_lines({**report, "per_class": many})[1] == (
+        "  lowest recall: k00 0.500 (1 of 2), k08 0.500 (1 of 2), k16 0.500 (1 of 2)"
+        " (and 10 more class(es) at 0.500)"
+    )
 
 
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):

@@ -85,6 +85,21 @@ def recall_text(row: dict) -> str:
     return f"{row['recall']:.3f} ({round(row['recall'] * n):,} of {n:,}{wrong})"
 
 
+def lowest_recall_text(per_class: dict) -> str:
+    """The three lowest recalls of the classes tested, each with recall_text, and how many more
+    tie with the third (100 classes of 2 test images: a dozen at 0.500); or that every one is 1."""
+    tested = [c for c in per_class if per_class[c]["support"]]
+    missed = sorted(
+        (c for c in tested if per_class[c]["recall"] < 1), key=lambda c: per_class[c]["recall"]
+    )
+    if not missed:
+        return f"recall 1.000 for every class tested ({len(tested)})"
+    worst, third = missed[:3], per_class[missed[:3][-1]]["recall"]
+    tied = sum(per_class[c]["recall"] == third for c in missed[3:])
+    more = f" (and {tied} more class(es) at {third:.3f})" if tied else ""
+    return "lowest recall: " + ", ".join(f"{c} {recall_text(per_class[c])}" for c in worst) + more
+
+
 def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:
     """'95 % interval 0.4093-0.9285 on 8 images': how the test report states it."""
     return f"95 % interval {interval[0]:.4f}-{interval[1]:.4f} on {n:,} images"

@@ -31,8 +31,8 @@ from image_classifier.models.metrics import (
     chance_text,
     confidence_text,
     interval_text,
+    lowest_recall_text,
     mistaken_for,
-    recall_text,
     wilson_interval,
 )
 from image_classifier.models.multilabel import compute_quietly
@@ -307,7 +307,6 @@ def _metric_lines(report) -> list[str]:
         return summary_lines(report)
     per = report["per_class"]
     absent = [c for c in per if not per[c]["support"]]
-    worst = sorted((c for c in per if c not in absent), key=lambda c: per[c]["recall"])[:3]
     lines = [
         f"  accuracy {report['accuracy']:.4f} ("
         + interval_text(report["accuracy_interval"], report["data"]["test_images"])
@@ -315,9 +314,7 @@ def _metric_lines(report) -> list[str]:
         + f")   macro F1 {report['f1_macro']:.4f}   "
         f"ECE {report['ece']:.4f} (temperature {report['temperature']:.3f}"
         + (f"; without it {raw:.4f})" if (raw := report["ece_uncalibrated"]) is not None else ")"),
-        "  lowest recall: " + ", ".join(f"{c} {recall_text(per[c])}" for c in worst)
-        if worst and per[worst[0]]["recall"] < 1
-        else f"  recall 1.000 for every class tested ({len(per) - len(absent)})",
+        "  " + lowest_recall_text(per),
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall is not measured")
