@@ -1181,6 +1181,7 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     r = run_train(compose_cfg(tmp_path / "a", *common, "train.lr=1e-9"))
     out = capsys.readouterr().out
     assert r["at_chance"]["steps"] == 6 and r["at_chance"]["steps_wanted"] == 1000
+    assert r["at_chance"]["steps_per_epoch"] == 6  # one epoch
     assert r["at_chance"]["rate"] < 0.5 and r["at_chance"]["images"] == 6
     assert "is not clearly better than always answering" in out
     assert "it took 6 optimizer steps, where a network like this wants about 1000" in out
@@ -1203,6 +1204,20 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
     )
     enough["at_chance"]["kind"] = "pretrained"  # it is one already: the labels are what is left
     assert chance_line(enough).endswith("; check the labels (command=audit)")
+    # under a time budget "train.epochs=auto chooses enough" was no fix: the budget set the epochs
+    short = {**enough, "at_chance": enough["at_chance"] | {"steps": 15, "steps_per_epoch": 3}}
+    short["time_budget"] = {
+        "budget_seconds": 20,
+        "epochs": 5,
+        "epoch_seconds": 2.1,
+        "probe_seconds": 5.5,
+    }
+    assert chance_line(short).endswith(  # 1000 steps: 334 epochs of 2.1 s / 0.95, after 5.5 s
+        "it took 15 optimizer steps, where a network like this wants about 1000: "
+        "train.time_budget=20 fitted 5 epoch(s) of 3 step(s); about train.time_budget=744 fits "
+        "them on this machine (or train.time_budget=null: train.epochs=auto chooses enough for "
+        "the data)"
+    )
     # 2 validation images of 2 classes: even both right is within chance; the split is the cause
     from image_classifier.models.metrics import at_chance
 

@@ -172,11 +172,15 @@ def fit_to_budget(cfg, make_module, make_callbacks, dm, started: float, trainer_
     sanity = int(trainer_kwargs.get("num_sanity_val_steps", 2))  # Lightning's default: 2
     result = plan(budget, time.perf_counter() - started, timer, validations, sanity)
     if result["epochs"] < 1:
-        need = result["probe_seconds"] + result["epoch_seconds"] / MARGIN
         raise UserError(
             f"train.time_budget={budget:g}: one epoch takes about {result['epoch_seconds']:.0f} s "
             f"on this machine, after {result['probe_seconds']:.0f} s of setup and probing, so "
-            f"not one fits. Raise train.time_budget above {need:.0f}, or set "
+            f"not one fits. Raise train.time_budget above {budget_for(result, 1):.0f}, or set "
             "train.time_budget=null and train.epochs."
         )
     return result
+
+
+def budget_for(planned: dict, epochs: int) -> float:
+    """The train.time_budget in seconds that fits `epochs` epochs, by what `plan` measured."""
+    return planned["probe_seconds"] + epochs * planned["epoch_seconds"] / MARGIN

@@ -19,6 +19,7 @@ from image_classifier.models import metrics
 from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
 from image_classifier.rules import fine_tunes
 from image_classifier.training.adapt import MIN_STEPS, steps_per_epoch, validates
+from image_classifier.training.budget import budget_for
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
 from image_classifier.training.plots import plot_curves
 
@@ -160,6 +161,7 @@ def at_chance(cfg, dm, score, trainer) -> dict | None:
     steps = shard_steps(trainer, info.split_sizes["train"], int(cfg.train.batch_size))
     return found | {
         "steps": steps * trainer.current_epoch,
+        "steps_per_epoch": steps,
         "steps_wanted": MIN_STEPS[kind],
         "kind": kind,
     }
@@ -174,7 +176,7 @@ def chance_line(r: dict) -> str:
         return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}"
     why = (
         f"it took {c['steps']} optimizer steps, where a network like this wants about "
-        f"{c['steps_wanted']}: train.epochs=auto chooses enough for the data"
+        f"{c['steps_wanted']}: " + steps_fix(c, r.get("time_budget"))
         if c["steps"] < c["steps_wanted"]
         else "check the labels (command=audit)"
         + (
@@ -184,6 +186,20 @@ def chance_line(r: dict) -> str:
         )
     )
     return f"  WARNING:    {metrics.chance_text(score, c, 'validation')}; {why}"
+
+
+def steps_fix(c: dict, budget: dict | None) -> str:
+    """How to get at_chance's `c` the steps it wants: train.epochs=auto, or under a time budget
+    (`budget`: budget.plan's result) the budget that fits them (20 s gave 15 steps of 300)."""
+    if not budget:
+        return "train.epochs=auto chooses enough for the data"
+    per = max(1, int(c.get("steps_per_epoch") or 1))
+    need = budget_for(budget, math.ceil(c["steps_wanted"] / per))
+    return (
+        f"train.time_budget={budget['budget_seconds']:g} fitted {budget['epochs']} epoch(s) of "
+        f"{per} step(s); about train.time_budget={math.ceil(need)} fits them on this machine "
+        "(or train.time_budget=null: train.epochs=auto chooses enough for the data)"
+    )
 
 
 def best_line(r: dict, n_val: int) -> str:
