@@ -597,3 +597,23 @@ def test_a_multi_label_suggestion_is_never_empty():
     assert suggested(np.array([0.7, 0.6, 0.1]), names, []) == "circle;round"
     assert suggested(np.array([0.3, 0.2, 0.4]), names, []) == "square"
     assert suggested(np.array([0.3, 0.2, 0.4]), names, ["photo"]) == "photo;square"
+
+
+def test_the_audit_grids_show_16_bit_greys_and_transparency_as_a_viewer_does(tmp_path):
+    """The grids read files with PIL's convert("RGB"), which clips 16-bit greys to white (a
+    folder of 16-bit scans showed blank squares) and turns transparent pixels black."""
+    from types import SimpleNamespace
+
+    from image_classifier.audit.report import _image
+
+    scan = np.full((40, 40), 12000, np.uint16)  # 47 of 255 once scaled to 8 bits
+    scan[10:20, 10:20] = 60000
+    Image.fromarray(scan).save(tmp_path / "scan.png")
+    logo = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # transparent, a viewer shows white
+    logo.paste((200, 0, 0, 255), (10, 10, 20, 20))
+    logo.save(tmp_path / "logo.png")
+    d = SimpleNamespace(pixels=None, names=[str(tmp_path / "scan.png"), str(tmp_path / "logo.png")])
+    grey, rgba = _image(d, 0), _image(d, 1)
+    assert grey.shape == (40, 40, 3) and grey[0, 0].tolist() == [47, 47, 47]
+    assert grey[15, 15].tolist() == [233, 233, 233]  # the bright square, not all 255
+    assert rgba[0, 0].tolist() == [255, 255, 255] and rgba[15, 15].tolist() == [200, 0, 0]

@@ -15,11 +15,11 @@ def _image(d, i: int) -> np.ndarray:
     if d.pixels is not None:
         p = d.pixels[i]
         return p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)
-    from image_classifier.data.images import open_image
+    from image_classifier.data.images import open_image, to_model_mode
 
-    im = open_image(d.names[i])
+    im = to_model_mode(open_image(d.names[i]), 3)  # 16-bit greys scaled, not clipped to white
     im.thumbnail((128, 128))
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im)
 
 
 def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
