@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -134,7 +135,11 @@ def test_infer_without_a_model_names_the_newest_it_found(trained, exported, caps
     cfg = compose_cfg(root, f"infer.input={images / 'dog' / '001.png'}", "paths.search=[out]")
     model, registered = runs.model_location(cfg, cfg.infer.model, "infer.model")
     run_infer(cfg, model, registered)
-    assert f"(the newest, {model})" in capsys.readouterr().err and model.suffix == ".onnx"
+    err = capsys.readouterr().err
+    assert f"(the newest, {model})" in err and model.suffix == ".onnx"
+    # the rate is the images' own, the model's loading said apart (3 images: "0.3 img/s" was 9 s
+    # of loading a checkpoint)
+    assert re.search(r"in \d+\.\d\ds \(\d+\.\d s loading the model, then [\d,.]+ img/s\)", err)
 
 
 def test_the_infer_summary_counts_each_label_of_multi_label_rows(capsys):
