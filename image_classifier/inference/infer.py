@@ -250,9 +250,9 @@ def _saved(rows: list[dict], n: int, output: str | None, classes: list[str]) -> 
 
 
 def _summary(c, rows: list[dict] | None, n: int, backend: str, times: tuple, sorted_n: int):
-    """One line on stderr: how many, with what, how fast (`times`: the whole command's seconds
-    and those it took to load the model: 3 images at 0.3 img/s were 10 s of loading, then 7 img/s
-    ), where the outputs went."""
+    """One line on stderr: how many, with what, how fast, where the outputs went. `times`: the
+    whole command's seconds and those of loading the model, said apart (3 images had read
+    "0.3 img/s": 10 s of loading a checkpoint, then 7 img/s)."""
     errors = [r for r in rows or [] if r.get("error")]
     done = f"{n - len(errors)} of {n}" if rows is not None else f"{n}"
     floor = c.get("min_confidence") is not None and rows is not None
