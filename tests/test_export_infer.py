@@ -152,7 +152,7 @@ def test_the_infer_summary_counts_each_label_of_multi_label_rows(capsys):
         {"path": "b.png", "predicted_class": "y", "predicted_labels": ["y"]},
         {"path": "c.png", "error": "empty (0 bytes)"},
     ]
-    _summary(OmegaConf.create({"output": None, "sort_into": None}), rows, 3, "m", 1.0, 0)
+    _summary(OmegaConf.create({"output": None, "sort_into": None}), rows, 3, "m", (1.0, 0.0), 0)
     err = capsys.readouterr().err
     assert "Predicted 2 of 3 image(s)" in err and "  predicted labels: y 2, x 1\n" in err
 
