@@ -194,8 +194,9 @@ def run_infer(cfg, model: Path | None = None, registered: dict | None = None) ->
         rows, backend = predict_on_ray(cfg, paths, model)
         loading = 0.0  # the workers load it as they start: part of their time
     else:
+        before = time.perf_counter()  # the inputs' listing is not the model's loading
         predictor = load_predictor(model, device=c.device)
-        loading = time.perf_counter() - started
+        loading = time.perf_counter() - before
         check_floor(meta := predictor.meta, c)
         try:
             rows = predict_paths(
