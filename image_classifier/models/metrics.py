@@ -87,7 +87,7 @@ def recall_text(row: dict) -> str:
 
 def lowest_recall_text(per_class: dict) -> str:
     """The three lowest recalls of the classes tested, each with recall_text, and how many more
-    tie with the third (100 classes of 2 test images: a dozen at 0.500); or that every one is 1."""
+    tie with the third (100 classes of 2 test images: 11 at 0.500); or that every one is 1."""
     tested = [c for c in per_class if per_class[c]["support"]]
     missed = sorted(
         (c for c in tested if per_class[c]["recall"] < 1), key=lambda c: per_class[c]["recall"]
