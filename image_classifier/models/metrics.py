@@ -94,7 +94,8 @@ def lowest_recall_text(per_class: dict) -> str:
     )
     if not missed:
         return f"recall 1.000 for every class tested ({len(tested)})"
-    worst, third = missed[:3], per_class[missed[:3][-1]]["recall"]
+    worst = missed[:3]
+    third = per_class[worst[-1]]["recall"]
     tied = sum(per_class[c]["recall"] == third for c in missed[3:])
     more = f" (and {tied} more class(es) at {third:.3f})" if tied else ""
     return "lowest recall: " + ", ".join(f"{c} {recall_text(per_class[c])}" for c in worst) + more

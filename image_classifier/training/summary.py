@@ -193,7 +193,7 @@ def steps_fix(c: dict, budget: dict | None) -> str:
     (`budget`: budget.plan's result) the budget that fits them (20 s gave 15 steps of 300)."""
     if not budget:
         return "train.epochs=auto chooses enough for the data"
-    per = max(1, int(c.get("steps_per_epoch") or 1))
+    per = max(1, c["steps_per_epoch"])  # 0 only when no step ran (then a budget stops first)
     need = budget_for(budget, math.ceil(c["steps_wanted"] / per))
     return (
         f"train.time_budget={budget['budget_seconds']:g} fitted {budget['epochs']} epoch(s) of "
