@@ -720,6 +720,22 @@ def test_infer_says_how_often_folder_names_agree_only_where_they_name_classes(tm
     )
     flat = rows(("photos", "cat"), ("photos", "dog"), ("cat", "cat"))  # one image in "cat"
     assert folder_agreement(flat, ["cat", "dog"], "in", model) == ""
+    nested = rows(("cat/2024", "cat"), ("cat/2024", "dog"), ("dog/dog", "dog"), ("dog/cat", "dog"))
+    assert folder_agreement(nested, ["cat", "dog"], "in", model) == (  # as train reads them
+        "  in folders named after a class: 4 images, 3 (75.0 %) predicted as their folder"
+    )
+    one = [{"path": f"in/x{i}.png", "predicted_class": "cat"} for i in range(2)]  # infer.input=in
+    assert folder_agreement(one, ["cat", "in"], "in", model).startswith("  in folders named")
+    (tmp_path / "cat" / "2024").mkdir(parents=True)  # a real folder: the test command is offered
+    cats = [
+        {"path": str(tmp_path / "cat" / "2024" / f"{i}.png"), "predicted_class": "cat"}
+        for i in range(2)
+    ]
+    assert "data.root=" in folder_agreement(cats, ["cat", "dog"], str(tmp_path), model)
+    # ... but not for one class's folder, whose subfolders a test would read as classes
+    assert folder_agreement(cats, ["cat", "dog"], str(tmp_path / "cat"), model) == (
+        "  in folders named after a class: 2 images, 2 (100.0 %) predicted as their folder"
+    )
     many = [{**r, "predicted_labels": ["cat"]} for r in some]
     assert folder_agreement(many, ["cat", "dog"], "in", model) == ""  # multi-label
 

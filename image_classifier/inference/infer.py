@@ -298,23 +298,36 @@ def colour_note(paths: list[Path], meta) -> str:
     )
 
 
+def folder_class(path: str, classes: list[str], given: str) -> str | None:
+    """The class a file's folder names, read as train reads class folders: the first folder from
+    infer.input down that is a class name (cat/batch2/x.jpg is a cat), else None."""
+    folder = os.path.abspath(Path(path).parent)
+    root = os.path.abspath(Path(given).expanduser())
+    rel = os.path.relpath(folder, root) if folder.startswith(root + os.sep) else ""
+    parts = (Path(root).name, *Path(rel).parts) if rel else (Path(folder).name,)
+    return next((part for part in parts if part in classes), None)
+
+
 def folder_agreement(rows: list[dict], classes: list[str], given: str, model: Path) -> str:
     """When most images sit in folders named after the model's classes (a labelled folder run
     through infer), how often the prediction is the folder's name, and the command that tests
     the model on them properly; '' otherwise (and for multi-label models)."""
     answered = [r for r in rows if not r.get("error")]
-    named = [r for r in answered if Path(r["path"]).parent.name in classes]
+    folder = {r["path"]: folder_class(r["path"], classes, given) for r in answered}
+    named = [r for r in answered if folder[r["path"]]]
     if len(named) < 2 or 2 * len(named) < len(rows) or "predicted_labels" in named[0]:
         return ""
-    same = sum(Path(r["path"]).parent.name == r["predicted_class"] for r in named)
-    other = sorted({Path(r["path"]).parent.name for r in answered} - set(classes))
+    same = sum(folder[r["path"]] == r["predicted_class"] for r in named)
+    other = sorted({Path(r["path"]).parent.name for r in answered if not folder[r["path"]]})
     line = (
         f"  in folders named after a class: {len(named):,} images, {same:,} "
         f"({100 * same / len(named):.1f} %) predicted as their folder"
     )
     if other:
         line += f"; {len(answered) - len(named):,} in folders of no class ({listed(other)})"
-    elif Path(given).expanduser().is_dir():
+    elif (root := Path(given).expanduser()).name not in classes and any(
+        (root / name).is_dir() for name in classes
+    ):  # given holds the class folders, as data.root would
         line += (
             "; the full report on them: uv run python commands.py command=test "
             f"{override('test.checkpoint', model)} data=folder {override('data.root', given)} "
