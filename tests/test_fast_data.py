@@ -63,6 +63,34 @@ def test_decoded_cache_builds_once_matches_decoding_and_keeps_file_names(tmp_pat
     assert torch.equal(again.dataset("train").images, train.images)
 
 
+def test_a_second_process_waits_for_the_cache_being_built_and_reads_it(tmp_path, capsys):
+    """Two processes on one cache (torchrun's ranks, a parallel sweep's jobs) decoded everything
+    twice. One holds the build (here the test); the other waits, then reads what it wrote."""
+    import shutil
+    import threading
+    import time
+
+    from image_classifier.data.cachedir import one_builder
+
+    make_class_folders(tmp_path / "images", size=20)
+    _datamodule(tmp_path, "data.size=[16,16]").prepare()
+    [folder] = _cache_dirs(tmp_path)
+    shutil.move(folder, tmp_path / "built")
+    capsys.readouterr()
+    second = _datamodule(tmp_path, "data.size=[16,16]")
+    with one_builder(folder, "the test builds"):
+        waiter = threading.Thread(target=second.prepare)
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while "Waiting for another process" not in capsys.readouterr().err:
+            assert waiter.is_alive() and time.monotonic() < deadline, "it did not wait"
+            time.sleep(0.05)
+        shutil.move(tmp_path / "built", folder)  # the first process's build lands
+    waiter.join(60)
+    assert "Decoding" not in capsys.readouterr().out  # read, not decoded again
+    assert second.info.cache == str(folder) and _cache_dirs(tmp_path) == [folder]
+
+
 def test_decoded_cache_is_rebuilt_when_data_or_preprocessing_change(tmp_path):
     make_class_folders(tmp_path / "images", size=20)
     _datamodule(tmp_path, "data.size=[16,16]").prepare()
@@ -107,6 +135,7 @@ def test_interrupted_build_leaves_nothing_that_reads_as_a_cache(tmp_path, monkey
     assert calls == ["train", "val", "test"]
     assert _cache_dirs(tmp_path) == []
     left = [p.name for p in (tmp_path / "cache" / "decoded").iterdir()]
+    left = [name for name in left if not name.endswith(".lock")]  # one_builder's empty lock
     assert left == [".checked"]  # the scan's memo; no partial folder left
     monkeypatch.setattr(decoded, "_write_split", real)
     dm = _datamodule(tmp_path, "data.size=[16,16]")

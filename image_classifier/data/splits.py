@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from image_classifier.data.cachedir import one_builder
 from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
     DIGEST,
@@ -225,28 +226,8 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
     folder = Path(c.cache_dir).expanduser() / key
     arrays = decoded.load(folder, key)
     if arrays is None and build:
-        needed = decoded.size_bytes(info.split_sizes, info.preprocessing)
-        if why := decoded.fits(folder, needed, float(c.get("cache_max_gb", 20))):
-            log.warning(
-                "Not building the decoded-image cache: %s. Images are decoded every "
-                "epoch instead (data.cache=none silences this).",
-                why,
-            )
-            return datasets
-        from lightning.pytorch.utilities import rank_zero_only
-
-        if getattr(rank_zero_only, "rank", 0) == 0:  # one line for all processes of a DDP run
-            print(
-                f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
-                f"({needed / 1e6:.0f} MB); later runs on the same data read it"
-            )
-        describe = {
-            "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
-            "classes": info.classes,
-            "preprocessing": info.preprocessing.to_dict(),
-        }
-        decoded.build(folder, key, datasets, describe, workers)
-        arrays = decoded.load(folder, key)
+        with one_builder(folder, f"Waiting for another process decoding into {folder}"):
+            arrays = _decoded_arrays(c, folder, key, datasets, info, workers)
     if arrays is None:
         return datasets
     info.cache = str(folder)
@@ -254,3 +235,31 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
         s: ArrayDataset(x, y, items=getattr(datasets[s], "items", None))
         for s, (x, y) in arrays.items()
     }
+
+
+def _decoded_arrays(c, folder: Path, key: str, datasets: dict, info: DataInfo, workers: int):
+    """The decoded cache's arrays, built first unless another process has built them meanwhile
+    (or they do not fit: None)."""
+    from image_classifier.data import decoded
+
+    if (arrays := decoded.load(folder, key)) is None:
+        needed = decoded.size_bytes(info.split_sizes, info.preprocessing)
+        if why := decoded.fits(folder, needed, float(c.get("cache_max_gb", 20))):
+            log.warning(
+                "Not building the decoded-image cache: %s. Images are decoded every "
+                "epoch instead (data.cache=none silences this).",
+                why,
+            )
+            return None
+        print(  # by the one process that decodes: the others wait for it (one_builder)
+            f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
+            f"({needed / 1e6:.0f} MB); later runs on the same data read it"
+        )
+        describe = {
+            "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
+            "classes": info.classes,
+            "preprocessing": info.preprocessing.to_dict(),
+        }
+        decoded.build(folder, key, datasets, describe, workers)
+        arrays = decoded.load(folder, key)
+    return arrays

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from image_classifier.data.cachedir import building, read_manifest, write_manifest
+from image_classifier.data.cachedir import building, one_builder, read_manifest, write_manifest
 from image_classifier.data.datamodule import build_datamodule
 from image_classifier.data.features import (
     FORMAT_VERSION,
@@ -39,6 +39,12 @@ def build_cache(cfg, quiet: bool = False) -> dict:
     dm = _datamodule(cfg)
     info = dm.prepare()
     folder, key = cache_folder(cfg, info.data_hash, weights_id(cfg.features), info.classes)
+    with one_builder(folder, f"Waiting for another process computing features into {folder}"):
+        return _read_or_build(cfg, dm, info, (folder, key), started, quiet)
+
+
+def _read_or_build(cfg, dm, info, where: tuple[Path, str], started: float, quiet: bool) -> dict:
+    folder, key = where
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("key") == key:
         if not quiet:
