@@ -252,3 +252,29 @@ def test_an_unreadable_per_image_store_is_computed_again_and_replaced(tmp_path):
     assert found == [] and got.size == 0
     add_image_features(store, ["c"], np.zeros((1, 4), np.float32))
     assert read_image_features(store, ["a", "c"])[0] == [1]
+
+
+def test_a_second_process_waits_for_the_features_being_computed_and_reads_them(tmp_path, capsys):
+    """As the decoded cache: one process computes, one waiting on the same folder reads it."""
+    import shutil
+    import threading
+    import time
+
+    from image_classifier.data.cachedir import one_builder
+
+    images = make_class_folders(tmp_path / "images", per_class=4)
+    cfg = compose_cfg(tmp_path, *_overrides(tmp_path, images))
+    folder = Path(build_cache(cfg, quiet=True)["dir"])
+    shutil.move(folder, tmp_path / "computed")
+    capsys.readouterr()
+    got = {}
+    with one_builder(folder, "the test computes"):
+        waiter = threading.Thread(target=lambda: got.update(build_cache(cfg, quiet=True)))
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while "Waiting for another process computing features" not in capsys.readouterr().err:
+            assert waiter.is_alive() and time.monotonic() < deadline, "it did not wait"
+            time.sleep(0.05)
+        shutil.move(tmp_path / "computed", folder)
+    waiter.join(60)
+    assert got["built"] is False and got["dir"] == str(folder)  # read, not computed again
