@@ -32,7 +32,6 @@ from image_classifier.data.images import Preprocessing
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: JPEGs decoded at a reduced scale (images.open_image's fit)
-SPLIT_NAMES = ("train", "val", "test")
 
 
 def cache_key(data_hash: str, pre: Preprocessing, classes: list[str]) -> str:
