@@ -7,6 +7,7 @@ that asked, so the user knows which `key=PATH` to set.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,16 @@ def _distributed() -> bool:
     return (
         any(v in os.environ for v in RANK_VARIABLES) or int(os.environ.get("SLURM_NTASKS") or 1) > 1
     )
+
+
+class RankZeroConsole(logging.Filter):
+    """The console's warnings from the first process of a distributed run only (errors from
+    every one): each rank scans the same data, and a torchrun or Lightning DDP run printed every
+    data warning once per process. Hydra's job_logging puts it on the console handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = all(os.environ.get(v, "0") == "0" for v in RANK_VARIABLES)
+        return first or record.levelno >= logging.ERROR
 
 
 def claim_run_dir(path: str) -> str:

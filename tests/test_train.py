@@ -887,6 +887,34 @@ def test_commands_started_in_the_same_second_get_their_own_run_folders(tmp_path,
     assert runs.claim_run_dir(base) == base
 
 
+def test_only_the_first_process_of_a_distributed_run_prints_warnings(monkeypatch):
+    """Each rank of a torchrun or Lightning DDP run scans the same data: every data warning came
+    once per process. The console handler of Hydra's job logging keeps rank 0's (and errors)."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from image_classifier import runs
+
+    plain = OmegaConf.load(ROOT / "configs" / "hydra" / "job_logging" / "plain.yaml")
+    assert plain.filters.rank_zero["()"] == "image_classifier.runs.RankZeroConsole"
+    assert list(plain.handlers.console.filters) == ["rank_zero"]
+    console = runs.RankZeroConsole()
+
+    def shown(level: int) -> bool:
+        return console.filter(logging.LogRecord("x", level, __file__, 1, "m", None, None))
+
+    for v in runs.RANK_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    assert shown(logging.WARNING) and shown(logging.INFO)  # one process: everything
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert shown(logging.WARNING)
+    for v, rank in (("LOCAL_RANK", "1"), ("RANK", "2")):  # Lightning's second, torchrun's third
+        monkeypatch.setenv(v, rank)
+        assert not shown(logging.WARNING) and shown(logging.ERROR)
+
+
 def test_best_checkpoint_breaks_ties_on_the_monitor_by_the_lower_val_loss(tmp_path):
     """A 16-image validation split ties on accuracy from early on; Lightning kept the first of
     equals, so 100- and 250-epoch runs shipped their epoch 6. Ties now go to the lower loss, and
