@@ -91,6 +91,25 @@ def test_a_second_process_waits_for_the_cache_being_built_and_reads_it(tmp_path,
     assert second.info.cache == str(folder) and _cache_dirs(tmp_path) == [folder]
 
 
+def test_evaluation_under_ddp_reads_each_image_once_and_calibration_reads_all(tmp_path):
+    """Lightning's DistributedSampler padded 9 validation images to 10 on 2 processes (val/acc
+    0.3000 "on 9 images"). Each process now evaluates its share, each image once; a loader
+    asked for without `shard` (calibration, thresholds on rank 0) still reads the whole split."""
+    from types import SimpleNamespace
+
+    make_class_folders(tmp_path / "images", per_class=10)  # 30 images, 9 of them val
+    dm = _datamodule(tmp_path, "data.size=[16,16]", "data.split=[0.4,0.3,0.3]")
+    n = len(dm.dataset("val"))
+    assert n % 2 == 1, n  # an odd split: padding would repeat one image
+    shares = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        assert dm.device_batches("val") is None  # several processes: through a DataLoader
+        shares.append(list(dm.val_dataloader().sampler))
+        assert list(dm.loader("val").sampler) == list(range(n))  # unsharded: the whole split
+    assert sorted(shares[0] + shares[1]) == list(range(n)) and len(shares[0]) == n // 2 + 1
+
+
 def test_decoded_cache_is_rebuilt_when_data_or_preprocessing_change(tmp_path):
     make_class_folders(tmp_path / "images", size=20)
     _datamodule(tmp_path, "data.size=[16,16]").prepare()
