@@ -32,7 +32,7 @@ class RankZeroConsole(logging.Filter):
     data warning once per process. Hydra's job_logging puts it on the console handler."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        first = all(os.environ.get(v, "0") == "0" for v in RANK_VARIABLES)
+        first = all(os.environ.get(v, "0") == "0" for v in (*RANK_VARIABLES, "SLURM_PROCID"))
         return first or record.levelno >= logging.ERROR
 
 

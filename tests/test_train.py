@@ -904,9 +904,12 @@ def test_only_the_first_process_of_a_distributed_run_prints_warnings(monkeypatch
     def shown(level: int) -> bool:
         return console.filter(logging.LogRecord("x", level, __file__, 1, "m", None, None))
 
-    for v in runs.RANK_VARIABLES:
+    for v in (*runs.RANK_VARIABLES, "SLURM_PROCID"):
         monkeypatch.delenv(v, raising=False)
     assert shown(logging.WARNING) and shown(logging.INFO)  # one process: everything
+    monkeypatch.setenv("SLURM_PROCID", "1")  # the second task of a Slurm run
+    assert not shown(logging.WARNING)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a job array's task (each is the first of its own)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert shown(logging.WARNING)
