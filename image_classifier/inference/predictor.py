@@ -90,20 +90,20 @@ class TorchPredictor:
     def __init__(self, path: Path, device: str = "auto"):
         import torch
 
-        from image_classifier.models.checkpoint import load_module
+        from image_classifier.models.checkpoint import open_network
         from image_classifier.models.description import model_description
 
         self.torch = torch
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-        module = load_module(path, map_location=self.device)
-        self.module = module.eval()
-        self.meta = ModelMeta.from_dict({**model_description(module, path), "source": str(path)})
+        network = open_network(path, map_location=self.device)
+        self.network = network.eval()
+        self.meta = ModelMeta.from_dict({**model_description(network, path), "source": str(path)})
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            return self.module.probabilities(self.module.net(x)).cpu().numpy()
+            return self.network(x).cpu().numpy()
 
 
 def load_predictor(path: str | Path, device: str = "auto", threads: int | None = None):

@@ -109,6 +109,36 @@ def open_module(path: str | Path, map_location: str = "cpu") -> tuple:
     fits a value and stores it back (`store_buffers`) uses, so the file is read and written once."""
     from image_classifier.models.module import ClassifierModule
 
+    ckpt, hp = _read_ours(path, map_location)
+    module = ClassifierModule(**hp)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    module.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
+    return module.to(map_location), ckpt
+
+
+def open_network(path: str | Path, map_location: str = "cpu"):
+    """The trained network alone (`factory.TrainedNetwork`: weights, temperature, thresholds),
+    for predicting: without Lightning and torchmetrics, whose imports were most of a .ckpt
+    `infer`'s start (4.2 s against 1.2 s for the network's own, CPU B)."""
+    import torch
+
+    from image_classifier.models.factory import TrainedNetwork
+
+    ckpt, hp = _read_ours(path, map_location)
+    network = TrainedNetwork(hp)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.split(".")[0] in PREDICTING}
+    state.setdefault("temperature", torch.ones(()))  # written before calibration existed
+    network.load_state_dict(state)
+    network.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
+    return network.to(map_location)
+
+
+PREDICTING = ("net", "temperature", "thresholds")  # the state a prediction uses
+
+
+def _read_ours(path: str | Path, map_location: str) -> tuple[dict, dict]:
+    """(the checkpoint, its hyperparameters as the module takes them), read once."""
     key = _key(path)
     ckpt = read(path, map_location)
     _remember(key, ckpt)
@@ -116,12 +146,7 @@ def open_module(path: str | Path, map_location: str = "cpu") -> tuple:
     if not hp or "classes" not in hp or "state_dict" not in ckpt:
         raise UserError(f"{str(path)!r} is a checkpoint, but not one written by image_classifier.")
     # the weights come from the checkpoint: never fetch pretrained ones again
-    hp = {**hp, "model": {**hp["model"], "pretrained": False}}
-    module = ClassifierModule(**hp)
-    module.on_load_checkpoint(ckpt)
-    module.load_state_dict(ckpt["state_dict"])
-    module.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
-    return module.to(map_location), ckpt
+    return ckpt, {**hp, "model": {**hp["model"], "pretrained": False}}
 
 
 def store_buffers(path: str | Path, ckpt: dict, **values) -> None:

@@ -149,6 +149,51 @@ class Normalized(nn.Module):
         return f, net.get_classifier()(f)
 
 
+# model config keys that steer training, not the architecture
+TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std", "init_from")
+
+
+def build_network(model: dict, classes: list[str], preprocessing: dict) -> Normalized:
+    """The network `model` names, for these classes and preprocessing, normalising inside: what
+    training builds and what a checkpoint's weights load into."""
+    spec = {k: v for k, v in model.items() if k not in TRAINING_KEYS}
+    name = spec.pop("name")
+    net = create_model(name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec)
+    return Normalized(net, preprocessing["mean"], preprocessing["std"])
+
+
+def probabilities(logits: torch.Tensor, temperature, multi_label: bool) -> torch.Tensor:
+    """What every backend returns: softmax(logits / temperature), or for multi-label data one
+    sigmoid per label."""
+    if multi_label:
+        return torch.sigmoid(logits.float() / temperature)
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
+class TrainedNetwork(nn.Module):
+    """A checkpoint's network with what predicting needs and nothing of training: the PyTorch
+    predictor's model, without Lightning or torchmetrics to import. It answers what
+    `model_description` asks of the LightningModule (hparams, classes, temperature, ...)."""
+
+    def __init__(self, hparams: dict):
+        super().__init__()
+        self.hparams = hparams
+        self.classes = list(hparams["classes"])
+        self.multi_label = bool(hparams.get("multi_label", False))
+        self.net = build_network(hparams["model"], self.classes, hparams["preprocessing"])
+        self.register_buffer("temperature", torch.ones(()))
+        if self.multi_label:  # the tuned per-class thresholds come with the weights
+            self.register_buffer("thresholds", torch.zeros(len(self.classes)))
+        self.tta = None  # the LightningModule's too, until `test.tta` sets it
+        self.mlflow_run_id = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return probabilities(logits, self.temperature, self.multi_label)
+
+    def forward(self, x):
+        return self.probabilities(self.net(x))
+
+
 def create_model(
     name: str,
     *,

@@ -8,15 +8,12 @@ import torch
 
 from image_classifier.data.augment import augment_batch
 from image_classifier.models import multilabel
-from image_classifier.models.factory import Normalized, create_model
+from image_classifier.models.factory import build_network, probabilities
 from image_classifier.models.losses import forward_loss, task_loss
 from image_classifier.models.metrics import metric_set
 from image_classifier.models.optim import create_optimizer, create_scheduler
 from image_classifier.models.tta import tta_views
 from image_classifier.rules import fine_tunes
-
-# model config keys that steer training, not the architecture
-TRAINING_KEYS = ("freeze_backbone", "unfreeze_at_epoch", "mean", "std", "init_from")
 
 
 class ClassifierModule(L.LightningModule):
@@ -34,20 +31,14 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.multi_label = bool(multi_label)
-        spec = {k: v for k, v in model.items() if k not in TRAINING_KEYS}
-        name = spec.pop("name")
-        self.net = Normalized(
-            create_model(
-                name, num_classes=len(classes), in_chans=preprocessing["channels"], **spec
-            ),
-            preprocessing["mean"],
-            preprocessing["std"],
-        )
+        self.net = build_network(model, classes, preprocessing)
         self.classes = list(classes)
         n = len(classes)
         for attribute, metric in metric_set(n, self.multi_label).items():
             setattr(self, attribute, metric)  # registered as submodules: they move with the module
-        self.feature_input = name == "head"  # trained on cached features, deployed on images
+        self.feature_input = (
+            model["name"] == "head"
+        )  # trained on cached features, deployed on images
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
         self.channels_last = bool(optim.get("channels_last", False)) and not self.feature_input
@@ -178,11 +169,8 @@ class ClassifierModule(L.LightningModule):
         self.test_outputs.append((torch.softmax(calibrated, 1).cpu(), y.cpu()))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """What every backend returns: softmax(logits / temperature), or for multi-label data
-        one sigmoid per label."""
-        if self.multi_label:
-            return torch.sigmoid(logits.float() / self.temperature)
-        return torch.softmax(logits.float() / self.temperature, dim=1)
+        """What every backend returns (`factory.probabilities`)."""
+        return probabilities(logits, self.temperature, self.multi_label)
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
