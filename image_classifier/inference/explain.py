@@ -87,8 +87,8 @@ class Explainer:
 
         self.module = module.eval().to(device)
         self.device = device
-        self.size = tuple(module.hparams.preprocessing["size"])
-        name = module.hparams.model.get("name", "model")
+        self.size = tuple(module.hparams["preprocessing"]["size"])
+        name = module.hparams["model"].get("name", "model")
         self.split = Split(self.module.net, self.size, name).eval()
         self.cam = LayerGradCam(self.split, self.split.map)
 
@@ -156,7 +156,7 @@ def explain_paths(explainer, paths, out: Path, root: str, target, batch_size: in
     ETA. Ctrl-C raises `Interrupted` holding the rows finished before it."""
     from tqdm.auto import tqdm
 
-    pre = Preprocessing.from_dict(explainer.module.hparams.preprocessing)
+    pre = Preprocessing.from_dict(explainer.module.hparams["preprocessing"])
     classes = explainer.module.classes
     rows: list[dict] = []
     with tqdm(total=len(paths), desc="explain", unit="img", disable=len(paths) <= 8) as bar:
@@ -252,7 +252,7 @@ def run_explain(cfg, checkpoint: Path | None = None) -> dict:
     a run folder, an export's checkpoint, the newest); a library caller may leave it to
     explain.model when that is a .ckpt's path."""
     from image_classifier.inference.infer import collect_inputs, none_read
-    from image_classifier.models.checkpoint import load_module
+    from image_classifier.models.checkpoint import open_network
 
     started = time.perf_counter()
     c = cfg.explain
@@ -263,7 +263,7 @@ def run_explain(cfg, checkpoint: Path | None = None) -> dict:
     device = "cuda" if c.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if c.device == "cuda" and device != "cuda":
         raise UserError("explain.device=cuda was asked for, but torch sees no GPU here: use cpu.")
-    explainer = Explainer(load_module(ckpt, map_location=device), device)
+    explainer = Explainer(open_network(ckpt, map_location=device), device)
     target = target_index(str(c.target), explainer.module.classes)
     out.mkdir(parents=True, exist_ok=True)
     root = os.path.commonpath([os.path.abspath(p.parent) for p in paths])  # mirrored in out
