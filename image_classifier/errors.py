@@ -82,11 +82,14 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         key = m.group(1) or m.group(2)
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             base = compose(config_name="config")
-        hint = (
-            closest_keys(key, flat_keys(OmegaConf.to_container(base)))
-            + " `uv run python commands.py --help` lists the settings."
-        )
         group, _, rest = key.partition(".")
+        tree = OmegaConf.to_container(base)
+        close = closest_keys(key, flat_keys(tree))
+        hint = (
+            close
+            + _group_keys(tree, group, close)
+            + (" `uv run python commands.py --help` lists the settings.")
+        )
         named = any(o.lstrip("+~").startswith(f"{group}=") for o in overrides)
         having = [] if named else _group_options_with(config_dir, group, rest)
         if group == "model" and base.model.name == "auto" and not named:
@@ -104,6 +107,15 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         hint = " " + " ".join(str(e).split())
         msg = ""
     return f"Bad override: {msg}{hint}".replace(": .", ".").strip()
+
+
+def _group_keys(tree: dict, group: str, close: str) -> str:
+    """When no close match lies in the key's own section (register.checkpoint: 'test.checkpoint'
+    ...), the settings that section has: register's are model, name, alias, ..."""
+    section = tree.get(group)
+    if not isinstance(section, dict) or f"'{group}." in close or len(section) > 12:
+        return ""
+    return f" {group}.* takes: {', '.join(section)}."
 
 
 def _group_options_with(config_dir, group: str, key: str) -> list[str]:

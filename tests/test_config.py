@@ -225,6 +225,11 @@ def test_switches_paths_and_lists_are_checked_too(override, message):
         ("+trainer.max_epochs=5", "train sets Lightning's max_epochs itself; for the length of "),
         ("+trainer.gradient_clip_vall=1", "Did you mean 'trainer.gradient_clip_val'"),
         ("epochs=5", "Could not override 'epochs'. Did you mean 'train.epochs'?"),
+        (  # no close name in its own section: that section's settings follow
+            "register.checkpoint=x",
+            "Did you mean 'test.checkpoint' or 'export.checkpoint' or 'calibrate.checkpoint'? "
+            "register.* takes: model, name, alias, version, new_classes.",
+        ),
     ],
 )
 def test_a_key_nothing_reads_is_refused_with_the_closest(tmp_path, override, message):
