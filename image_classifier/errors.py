@@ -85,11 +85,8 @@ def override_error(e: Exception, config_dir, overrides: list[str]) -> str:
         group, _, rest = key.partition(".")
         tree = OmegaConf.to_container(base)
         close = closest_keys(key, flat_keys(tree))
-        hint = (
-            close
-            + _group_keys(tree, group, close)
-            + (" `uv run python commands.py --help` lists the settings.")
-        )
+        help_line = " `uv run python commands.py --help` lists the settings."
+        hint = close + _group_keys(tree, group, close) + help_line
         named = any(o.lstrip("+~").startswith(f"{group}=") for o in overrides)
         having = [] if named else _group_options_with(config_dir, group, rest)
         if group == "model" and base.model.name == "auto" and not named:
