@@ -91,6 +91,20 @@ def test_a_second_process_waits_for_the_cache_being_built_and_reads_it(tmp_path,
     assert second.info.cache == str(folder) and _cache_dirs(tmp_path) == [folder]
 
 
+def test_a_cache_is_built_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some NFS mounts: the cache is built as before, unlocked."""
+    import errno
+
+    from image_classifier.data import cachedir
+
+    def no_locks(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cachedir.fcntl, "flock", no_locks)
+    make_class_folders(tmp_path / "images")
+    assert _datamodule(tmp_path, "data.size=[16,16]").prepare().cache
+
+
 def test_evaluation_under_ddp_reads_each_image_once_and_calibration_reads_all(tmp_path):
     """Lightning's DistributedSampler padded 9 validation images to 10 on 2 processes (val/acc
     0.3000 "on 9 images"). Each process now evaluates its share, each image once; a loader
