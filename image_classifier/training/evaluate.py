@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from image_classifier import lineage, rules, runs, tracking
-from image_classifier.data.datamodule import build_datamodule
+from image_classifier.data.datamodule import ImageDataModule, build_datamodule
 from image_classifier.data.identity import (
     check_classes,
     check_test_split,
@@ -180,7 +180,7 @@ def test_data(cfg, module, path: Path):
             pass  # read as it is below: a class the model does not know, or the same error again
     dm = datamodule_for(cfg, module.hparams)
     info = dm.prepare()
-    if given and set(given) <= set(module.classes) and hasattr(dm, "use_classes"):
+    if given and set(given) <= set(module.classes) and isinstance(dm, ImageDataModule):
         info = dm.use_classes(list(module.classes))  # not a feature cache's fixed labels
     check_classes(path, module.classes, info)
     return dm, info
