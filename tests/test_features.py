@@ -278,3 +278,20 @@ def test_a_second_process_waits_for_the_features_being_computed_and_reads_them(t
         shutil.move(tmp_path / "computed", folder)
     waiter.join(60)
     assert got["built"] is False and got["dir"] == str(folder)  # read, not computed again
+
+
+def test_a_head_under_ddp_evaluates_each_cached_image_once(project):
+    """As the image datamodule: Lightning's padded sampler would count an image twice."""
+    from types import SimpleNamespace
+
+    from image_classifier.data.datamodule import FeatureDataModule
+
+    root, images = project
+    folder = build_cache(compose_cfg(root, *_overrides(root, images)), quiet=True)["dir"]
+    dm = FeatureDataModule(folder, batch_size=4)
+    for split, loader in (("val", dm.val_dataloader), ("test", dm.test_dataloader)):
+        n, shares = len(dm.dataset(split)), []
+        for rank in (0, 1):
+            dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+            shares.append(list(loader().sampler))
+        assert sorted(shares[0] + shares[1]) == list(range(n)), (split, shares)

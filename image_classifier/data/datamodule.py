@@ -119,7 +119,7 @@ class ImageDataModule(L.LightningDataModule):
         """A DataLoader over the split. Shuffled in the EpochPermutation order (the same as
         DeviceBatches); under DDP Lightning swaps in its DistributedSampler for training, and
         `shard` (its evaluation loops) gives this process its share of the split, each image
-        once (`_unrepeated`). Without `shard` every process reads the whole split
+        once (`unrepeated`). Without `shard` every process reads the whole split
         (calibration, thresholds)."""
         ds = self.dataset(split)
         sampler = None
@@ -127,22 +127,10 @@ class ImageDataModule(L.LightningDataModule):
             sampler = EpochPermutation(len(ds), self.seed)
         if shuffle and self.balanced_sampler:
             sampler = balanced_sampler(labels_of(ds), self.info.multi_label)
-        if shard and len(ds) >= self._world() > 1:  # Lightning's evaluation loops
-            sampler = self._unrepeated(ds)
+        if shard and (share := unrepeated(ds, self.trainer)) is not None:  # Lightning's eval
+            sampler = share
         workers = self.num_workers if isinstance(ds, FileDataset | AugmentedDataset) else 0
         return batch_loader(ds, self.batch_size, shuffle, sampler, workers)
-
-    def _unrepeated(self, ds):
-        """Evaluation under several processes, each image once: Lightning's DistributedSampler
-        pads the split to a multiple of the processes, so 9 validation images on 2 read as 10
-        (val/acc 0.3000 "on 9 images"). Ranks may differ by one batch; evaluation is safe with
-        that (DDP syncs buffers on the first batch only), and every rank gets one."""
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-        rank = self.trainer.global_rank
-        return UnrepeatedDistributedSampler(
-            ds, num_replicas=self._world(), rank=rank, shuffle=False
-        )
 
     def device_batches(self, split: str, shuffle: bool = False) -> DeviceBatches | None:
         """The split as DeviceBatches on the trainer's device, or None when it must go through
@@ -215,20 +203,38 @@ class FeatureDataModule(L.LightningDataModule):
     def dataset(self, split: str):
         return self.datasets[split]
 
-    def loader(self, split: str, shuffle: bool = False):
+    def loader(self, split: str, shuffle: bool = False, shard: bool = False):
         ds, sampler = self.datasets[split], None
         if shuffle and self.balanced_sampler:
             sampler = balanced_sampler(labels_of(ds), ds.labels.ndim > 1)
+        if shard:
+            sampler = unrepeated(ds, self.trainer)
         return batch_loader(ds, self.batch_size, shuffle, sampler)
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
 
     def val_dataloader(self):
-        return self.loader("val")
+        return self.loader("val", shard=True)
 
     def test_dataloader(self):
-        return self.loader("test")
+        return self.loader("test", shard=True)
+
+
+def unrepeated(ds, trainer):
+    """Evaluation under several processes, each image once; None for one process (or fewer
+    images than processes: Lightning's padded sampler then). Lightning's DistributedSampler pads
+    the split to a multiple of the processes, so 9 validation images on 2 read as 10 (val/acc
+    0.3000 "on 9 images"). Ranks may differ by one batch; evaluation is safe with that (DDP
+    syncs buffers on the first batch only), and every rank gets one."""
+    world = trainer.world_size if trainer is not None else 1
+    if not len(ds) >= world > 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(
+        ds, num_replicas=world, rank=trainer.global_rank, shuffle=False
+    )
 
 
 def train_batch_size(cfg) -> int:
