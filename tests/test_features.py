@@ -232,13 +232,29 @@ def test_the_per_image_store_keeps_features_by_content_and_survives_an_interrupt
     found, got = read_image_features(store, ["c", "d"])
     assert np.array_equal(got, np.stack([feats[2], np.full(4, 7)]))
 
+    # two audits at once take turns: the later write no longer drops the earlier's images
+    import threading
+    import time
+
+    from image_classifier.data.cachedir import one_builder
+
+    with one_builder(store, "another audit writes"):
+        other = threading.Thread(
+            target=add_image_features, args=(store, ["z"], np.zeros((1, 4), np.float32))
+        )
+        other.start()
+        time.sleep(0.5)
+        assert other.is_alive() and read_manifest(store)["images"] == 4  # it waits its turn
+    other.join(60)
+    assert read_manifest(store)["images"] == 5
+
     def fail(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(features, "write_manifest", fail)  # an interrupted write ...
     with pytest.raises(OSError, match="disk full"):
         add_image_features(store, ["e"], np.ones((1, 4), np.float32))
-    assert read_manifest(store)["images"] == 4  # ... leaves the store as it was
+    assert read_manifest(store)["images"] == 5  # ... leaves the store as it was
     assert read_image_features(store, ["e", "d"])[0] == [1]
 
 

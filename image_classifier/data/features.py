@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.data.cachedir import building, read_manifest, write_manifest
+from image_classifier.data.cachedir import building, one_builder, read_manifest, write_manifest
 from image_classifier.data.images import Preprocessing
 
 # 2: JPEGs decoded at a reduced scale (images.open_image's fit); 3: the audit's decoded so too
@@ -110,13 +110,16 @@ def read_image_features(folder: Path, digests: list[str]) -> tuple[list[int], np
 
 def add_image_features(folder: Path, digests: list[str], features: np.ndarray) -> None:
     """Add these images' features to the store (written whole into a temporary folder, then
-    renamed into place: an interrupted write leaves the previous store)."""
-    store = _load_store(folder)
-    if store is None or store[1].shape[1:] != features.shape[1:]:  # none, or another dim
-        store = (np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32))
-    known = set(store[0].tolist())
-    new = {d: i for i, d in enumerate(digests) if d not in known}
-    with building(folder) as tmp:
-        np.save(tmp / "digests.npy", np.concatenate([store[0], np.array(list(new), "U32")]))
-        np.save(tmp / "features.npy", np.concatenate([store[1], features[list(new.values())]]))
-        write_manifest(tmp, {"images": len(store[0]) + len(new), "dim": features.shape[1]})
+    renamed into place: an interrupted write leaves the previous store). Two audits at once
+    take turns (`one_builder`): each had read the store, added its own and written it whole,
+    and the later write dropped the earlier one's images."""
+    with one_builder(folder, f"Waiting for another process adding features to {folder}"):
+        store = _load_store(folder)
+        if store is None or store[1].shape[1:] != features.shape[1:]:  # none, or another dim
+            store = (np.zeros(0, "U32"), np.zeros((0, features.shape[1]), np.float32))
+        known = set(store[0].tolist())
+        new = {d: i for i, d in enumerate(digests) if d not in known}
+        with building(folder) as tmp:
+            np.save(tmp / "digests.npy", np.concatenate([store[0], np.array(list(new), "U32")]))
+            np.save(tmp / "features.npy", np.concatenate([store[1], features[list(new.values())]]))
+            write_manifest(tmp, {"images": len(store[0]) + len(new), "dim": features.shape[1]})
