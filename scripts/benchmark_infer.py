@@ -5,7 +5,8 @@
                                                             # PyTorch eager on the GPU
 
 1. Cold start through the exact command lines README gives (`uv run python commands.py
-   command=infer ...` on one image with an .onnx model, and a bad config value that exits 2),
+   command=infer ...` on one image with an .onnx model and with the same network's .ckpt, and a
+   bad config value that exits 2),
    beside `uv run --no-sync python -c pass` and the same infer without uv, alternating, median
    of 5 rounds.
 2. Throughput (images/s) of ONNX Runtime vs PyTorch eager (inference_mode) at batch 1 and 32, for
@@ -68,7 +69,16 @@ def uv_binary() -> str:
     return found
 
 
-def cold_start(model: Path, tmp: Path, rounds: int = 5) -> None:
+def checkpoint_of(module, path: Path) -> Path:
+    """A .ckpt of `module` as `train` writes the parts a predictor reads (weights and
+    hyperparameters), for the cold start of `infer` on a checkpoint."""
+    import torch
+
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def cold_start(model: Path, tmp: Path, rounds: int = 5, ckpt: Path | None = None) -> None:
     """The exact command lines README gives, each a new process, alternating in every round so
     they share the machine's state; PYTHONDONTWRITEBYTECODE is unset as on a user's machine (the
     first start after an install writes the bytecode; the warm-up round pays it)."""
@@ -78,9 +88,14 @@ def cold_start(model: Path, tmp: Path, rounds: int = 5) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(img)
     uv = uv_binary()
     infer = ["command=infer", f"infer.model={model}", f"infer.input={img}"]
+    on_ckpt = [*infer[:1], f"infer.model={ckpt}", *infer[2:]]
     lines = {
         "uv run python commands.py command=infer (one image)": (
             [uv, "run", "python", "commands.py", *infer],
+            0,
+        ),
+        "the same infer on the network's .ckpt": (
+            [uv, "run", "python", "commands.py", *on_ckpt],
             0,
         ),
         "uv run python commands.py command=train train.optimizer=adamx": (
@@ -178,7 +193,7 @@ def main():
     if args.skip_cold:
         table(rows, f"{dev}, {threads} CPU threads")
         return
-    cold_start(models["cnn"][1], tmp)
+    cold_start(models["cnn"][1], tmp, ckpt=checkpoint_of(models["cnn"][0], tmp / "cnn.ckpt"))
     if rows:
         table(rows, f"{dev}, {threads} threads")
 
