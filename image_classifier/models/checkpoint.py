@@ -117,10 +117,13 @@ def open_module(path: str | Path, map_location: str = "cpu") -> tuple:
     return module.to(map_location), ckpt
 
 
+PREDICTING = ("net", "temperature", "thresholds")  # the state a prediction uses
+
+
 def open_network(path: str | Path, map_location: str = "cpu"):
     """The trained network alone (`factory.TrainedNetwork`: weights, temperature, thresholds),
     for predicting: without Lightning and torchmetrics, whose imports were most of a .ckpt
-    `infer`'s start (4.2 s against 1.2 s for the network's own, CPU B)."""
+    `infer`'s start (importing the module took 4.2 s, the network's own 1.2 s, CPU B)."""
     import torch
 
     from image_classifier.models.factory import TrainedNetwork
@@ -132,9 +135,6 @@ def open_network(path: str | Path, map_location: str = "cpu"):
     network.load_state_dict(state)
     network.mlflow_run_id = ckpt.get("image_classifier", {}).get("mlflow_run_id")
     return network.to(map_location)
-
-
-PREDICTING = ("net", "temperature", "thresholds")  # the state a prediction uses
 
 
 def _read_ours(path: str | Path, map_location: str) -> tuple[dict, dict]:

@@ -36,9 +36,8 @@ class ClassifierModule(L.LightningModule):
         n = len(classes)
         for attribute, metric in metric_set(n, self.multi_label).items():
             setattr(self, attribute, metric)  # registered as submodules: they move with the module
-        self.feature_input = (
-            model["name"] == "head"
-        )  # trained on cached features, deployed on images
+        # a head is trained on cached features and deployed on images
+        self.feature_input = model["name"] == "head"
         if self.feature_input:
             self.net.net.backbone.requires_grad_(False)
         self.channels_last = bool(optim.get("channels_last", False)) and not self.feature_input
