@@ -78,7 +78,7 @@ def checkpoint_of(module, path: Path) -> Path:
     return path
 
 
-def cold_start(model: Path, tmp: Path, rounds: int = 5, ckpt: Path | None = None) -> None:
+def cold_start(model: Path, ckpt: Path, tmp: Path, rounds: int = 5) -> None:
     """The exact command lines README gives, each a new process, alternating in every round so
     they share the machine's state; PYTHONDONTWRITEBYTECODE is unset as on a user's machine (the
     first start after an install writes the bytecode; the warm-up round pays it)."""
@@ -88,13 +88,13 @@ def cold_start(model: Path, tmp: Path, rounds: int = 5, ckpt: Path | None = None
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(img)
     uv = uv_binary()
     infer = ["command=infer", f"infer.model={model}", f"infer.input={img}"]
-    on_ckpt = [*infer[:1], f"infer.model={ckpt}", *infer[2:]]
+    on_ckpt = ["command=infer", f"infer.model={ckpt}", f"infer.input={img}"]
     lines = {
         "uv run python commands.py command=infer (one image)": (
             [uv, "run", "python", "commands.py", *infer],
             0,
         ),
-        "the same infer on the network's .ckpt": (
+        "uv run python commands.py command=infer (one image, the same network's .ckpt)": (
             [uv, "run", "python", "commands.py", *on_ckpt],
             0,
         ),
@@ -193,7 +193,7 @@ def main():
     if args.skip_cold:
         table(rows, f"{dev}, {threads} CPU threads")
         return
-    cold_start(models["cnn"][1], tmp, ckpt=checkpoint_of(models["cnn"][0], tmp / "cnn.ckpt"))
+    cold_start(models["cnn"][1], checkpoint_of(models["cnn"][0], tmp / "cnn.ckpt"), tmp)
     if rows:
         table(rows, f"{dev}, {threads} threads")
 

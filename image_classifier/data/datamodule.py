@@ -112,8 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _world(self) -> int:
-        trainer = self.trainer
-        return trainer.world_size if trainer is not None else 1
+        return world_size(self.trainer)
 
     def loader(self, split: str, shuffle: bool = False, shard: bool = False) -> DataLoader:
         """A DataLoader over the split. Shuffled in the EpochPermutation order (the same as
@@ -221,13 +220,18 @@ class FeatureDataModule(L.LightningDataModule):
         return self.loader("test", shard=True)
 
 
+def world_size(trainer) -> int:
+    """How many processes train (1 before a trainer is attached)."""
+    return trainer.world_size if trainer is not None else 1
+
+
 def unrepeated(ds, trainer):
     """Evaluation under several processes, each image once; None for one process (or fewer
     images than processes: Lightning's padded sampler then). Lightning's DistributedSampler pads
     the split to a multiple of the processes, so 9 validation images on 2 read as 10 (val/acc
     0.3000 "on 9 images"). Ranks may differ by one batch; evaluation is safe with that (DDP
     syncs buffers on the first batch only), and every rank gets one."""
-    world = trainer.world_size if trainer is not None else 1
+    world = world_size(trainer)
     if not len(ds) >= world > 1:
         return None
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
