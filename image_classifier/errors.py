@@ -18,6 +18,17 @@ def listed(names: list[str], most: int = 10) -> str:
     return ", ".join(names[:most]) + more
 
 
+def shown(name) -> str:
+    """A class name as a line prints it beside a count or a score: in quotes when it reads as a
+    number ('10'), as it is otherwise (a manifest labelled 1, 2, 10 printed "10 2, 2 1")."""
+    text = str(name)
+    try:
+        float(text)
+    except ValueError:
+        return text
+    return repr(text)
+
+
 def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:
     """' Did you mean 'a' or 'b'?' for the options closest to `value`, or ''."""
     close = difflib.get_close_matches(str(value), list(options), n=n, cutoff=0.6)

@@ -648,6 +648,11 @@ def test_a_class_without_test_images_has_no_recall_rather_than_zero():
         "  lowest recall: k00 0.500 (1 of 2), k08 0.500 (1 of 2), k16 0.500 (1 of 2)"
         " (and 10 more class(es) at 0.500)"
     )
+    # a manifest labelled with numbers: "10 0.500 (1 of 2; 1 as 2)" read as four numbers
+    numbered = {"2": full, "10": half | {"mistaken_for": {"class": "2", "images": 1}}}
+    assert _metric_lines({**report, "per_class": numbered})[1] == (
+        "  lowest recall: '10' 0.500 (1 of 2; 1 as '2')"
+    )
 
 
 def test_calibrate_command_fits_a_checkpoint_after_the_fact(trained, tmp_path, capsys):

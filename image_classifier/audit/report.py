@@ -9,6 +9,7 @@ import numpy as np
 from image_classifier import lineage, tracking
 from image_classifier.data.identity import SPLITS, left_out_line
 from image_classifier.data.splits import data_name
+from image_classifier.errors import shown
 
 
 def _image(d, i: int) -> np.ndarray:
@@ -126,7 +127,7 @@ def log_mlflow(cfg, report: dict, out: Path, data_hash: str) -> str | None:
 def _too_few(classes: dict, most: int = 10) -> str:
     if not classes:
         return ""
-    named = ", ".join(f"{c} ({n})" for c, n in list(classes.items())[:most])
+    named = ", ".join(f"{shown(c)} ({n})" for c, n in list(classes.items())[:most])
     if len(classes) > most:  # a folder of many small classes named each on one line
         named += f" and {len(classes) - most:,} more (report.json: too_few_to_rank)"
     return f"\n    not ranked, too few images to learn: {named}; look at them yourself"

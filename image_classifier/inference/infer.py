@@ -20,7 +20,7 @@ from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, i
 from image_classifier.data.manifest import listed_files, listed_path
 from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
-from image_classifier.errors import Interrupted, UserError, listed, override
+from image_classifier.errors import Interrupted, UserError, listed, override, shown
 from image_classifier.inference.predictor import given_model, load_predictor
 from image_classifier.inference.rows import predict_paths
 from image_classifier.inference.sorting import sort_into
@@ -276,7 +276,7 @@ def _summary(c, rows: list[dict] | None, n: int, backend: str, times: tuple, sor
         counts = Counter(
             c for r in answered for c in r.get("predicted_labels", [r["predicted_class"]])
         )
-        top = ", ".join(f"{c} {k:,}" for c, k in counts.most_common(10))
+        top = ", ".join(f"{shown(c)} {k:,}" for c, k in counts.most_common(10))
         more = f", and {len(counts) - 10} more classes" if len(counts) > 10 else ""
         what = "labels" if "predicted_labels" in answered[0] else "classes"
         print(f"  predicted {what}: {top}{more}", file=sys.stderr)

@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from image_classifier.errors import shown
 from image_classifier.models import multilabel
 
 TOP_K = 5  # the test report's top-5 accuracy, for more than 5 classes
@@ -81,7 +82,7 @@ def recall_text(row: dict) -> str:
     """A class's recall with its count, and where most of the rest went: "0.784 (784 of 1,000;
     97 as T-shirt/top)" (a recall of 0 on 1 image is not one on 100)."""
     n, m = row["support"], row.get("mistaken_for")
-    wrong = f"; {m['images']:,} as {m['class']}" if m else ""
+    wrong = f"; {m['images']:,} as {shown(m['class'])}" if m else ""
     return f"{row['recall']:.3f} ({round(row['recall'] * n):,} of {n:,}{wrong})"
 
 
@@ -98,7 +99,8 @@ def lowest_recall_text(per_class: dict) -> str:
     third = per_class[worst[-1]]["recall"]
     tied = sum(per_class[c]["recall"] == third for c in missed[3:])
     more = f" (and {tied} more class(es) at {third:.3f})" if tied else ""
-    return "lowest recall: " + ", ".join(f"{c} {recall_text(per_class[c])}" for c in worst) + more
+    each = ", ".join(f"{shown(c)} {recall_text(per_class[c])}" for c in worst)
+    return f"lowest recall: {each}{more}"
 
 
 def interval_text(interval: list[float] | tuple[float, float], n: int) -> str:

@@ -23,7 +23,7 @@ from image_classifier.data.identity import (
 )
 from image_classifier.data.images import Preprocessing
 from image_classifier.data.layouts import write_unusable
-from image_classifier.errors import UserError, listed
+from image_classifier.errors import UserError, listed, shown
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.metrics import (
     at_chance,
@@ -128,7 +128,7 @@ def run_calibrate(cfg) -> dict:
     if module.multi_label:
         result = {"thresholds": thresholds_for_best(str(path), dm, cfg.train)}
         tuned = zip(module.classes, result["thresholds"], strict=True)
-        each = ", ".join(f"{c} {t:.2f}" for c, t in tuned)
+        each = ", ".join(f"{shown(c)} {t:.2f}" for c, t in tuned)
         done = f"thresholds tuned on {len(dm.dataset('val'))} validation images ({each})"
     else:
         result = calibrate_best(str(path), dm)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from image_classifier.errors import listed
+from image_classifier.errors import listed, shown
 from image_classifier.models.metrics import interval_text, wilson_interval
 from image_classifier.plotting import gallery
 from image_classifier.training.plots import plt, save_figure
@@ -136,12 +136,12 @@ def summary_lines(report: dict) -> list[str]:
         f"{report['f1_micro']:.4f}   exact match {report['accuracy']:.4f} ("
         + interval_text(report["accuracy_interval"], report["data"]["test_images"])
         + ")",
-        "  lowest AP: " + ", ".join(f"{c} {ap:.3f}" for c, ap in worst),
+        "  lowest AP: " + ", ".join(f"{shown(c)} {ap:.3f}" for c, ap in worst),
     ]
     if absent:
         lines.append(f"  no test images of {listed(absent)}: their recall and AP are not measured")
     thresholds = zip(report["classes"], report["thresholds"], strict=True)
     return [
         *lines,
-        "  thresholds (tuned on val): " + ", ".join(f"{c} {t:.2f}" for c, t in thresholds),
+        "  thresholds (tuned on val): " + ", ".join(f"{shown(c)} {t:.2f}" for c, t in thresholds),
     ]

@@ -14,6 +14,7 @@ from image_classifier import lineage, runs, tracking
 from image_classifier.data.datamodule import labels_of
 from image_classifier.data.identity import IMBALANCED, imbalance_ratio, left_out_line
 from image_classifier.data.layouts import write_unusable
+from image_classifier.errors import shown
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models import metrics
 from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
@@ -238,7 +239,7 @@ def print_summary(r: dict, info) -> None:
         imbalance_line(info, r.get("class_weights", False)),
         left_out_line(info.left_out),
         "  thresholds: "
-        + ", ".join(f"{c} {x:.2f}" for c, x in zip(info.classes, th, strict=True))
+        + ", ".join(f"{shown(c)} {x:.2f}" for c, x in zip(info.classes, th, strict=True))
         + " (per class, tuned on val)"
         if (th := r.get("thresholds"))
         else "",
