@@ -484,6 +484,7 @@ def test_ctrl_c_in_training_says_what_was_kept_and_how_to_go_on(make_cfg, folder
     import lightning as L
 
     from image_classifier.errors import Interrupted
+    from image_classifier.training.summary import trained_text
 
     class CtrlC(L.Callback):
         def on_train_epoch_start(self, trainer, module):
@@ -500,6 +501,10 @@ def test_ctrl_c_in_training_says_what_was_kept_and_how_to_go_on(make_cfg, folder
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
     done = run_train(make_cfg(f"train.resume={last}"))
     assert torch.load(done["last_checkpoint"], weights_only=True)["epoch"] == 3
+    # its summary said "Trained 4 epoch(s) in 2s": the 2 s were for the last 2
+    assert (done["resumed_after"], done["epochs"]) == (2, 4)
+    assert trained_text(done) == "2 more epoch(s) (4 in all)"
+    assert trained_text({"epochs": 4, "resumed_after": 0}) == "4 epoch(s)"
 
 
 def test_a_requeued_slurm_job_continues_from_its_own_last_checkpoint(

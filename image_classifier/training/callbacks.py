@@ -42,6 +42,7 @@ class History(Callback):
     def __init__(self):
         self.epochs: list[dict] = []
         self.started: float | None = None
+        self.first_epoch = 0  # a resumed run: the epochs its checkpoint had finished
 
     def on_train_start(self, trainer, pl_module):
         import time
@@ -49,6 +50,7 @@ class History(Callback):
         # wall seconds of training so far (resumed runs continue the count): time-to-accuracy
         done = self.epochs[-1].get("seconds", 0.0) if self.epochs else 0.0
         self.started = time.perf_counter() - done
+        self.first_epoch = trainer.current_epoch
 
     def _record(self, trainer, pl_module, with_val: bool):
         import time

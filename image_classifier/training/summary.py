@@ -49,6 +49,7 @@ def summarise(cfg, trainer, checkpoint, last, history, dm, out: Path, started: f
             k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")
         },
         "epochs": trainer.current_epoch,
+        "resumed_after": history.first_epoch,
         "output_dir": str(out),
         "plots": [str(curves)] if curves else [],
         "skipped_files": len(info.skipped),
@@ -214,6 +215,14 @@ def best_line(r: dict, n_val: int) -> str:
     return line
 
 
+def trained_text(r: dict) -> str:
+    """'6 epoch(s)'; resumed: '1 more epoch(s) (6 in all)' (the time is this run's)."""
+    more = r["epochs"] - r.get("resumed_after", 0)
+    if more == r["epochs"]:
+        return f"{more} epoch(s)"
+    return f"{more} more epoch(s) ({r['epochs']} in all)"
+
+
 def print_summary(r: dict, info) -> None:
     m = r["metrics"]
     notes = [f"{len(info.classes)} classes", f"{info.split_sizes['train']} train images"]
@@ -225,7 +234,7 @@ def print_summary(r: dict, info) -> None:
         f"{k.split('/')[1]} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("val/")
     )
     lines = [
-        f"Trained {r['epochs']} epoch(s) in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
+        f"Trained {trained_text(r)} in {r['seconds']:.0f}s on {info.name} ({info.layout}, "
         + ", ".join(notes)
         + ")",
         best_line(r, info.split_sizes.get("val", 0)),
