@@ -78,7 +78,10 @@ def bad_kinds(rng) -> dict[str, tuple[bytes | None, str]]:
         "huge.jpg": (_with_dims(jpg, "jpeg", 20000, 20000), "20000x20000 exceeds the pixel limit"),
         "truncated.png": (png[: len(png) // 2], "truncated"),
         "empty.png": (b"", "empty"),
-        "text.jpg": (b"this is not an image\n" * 20, "not an image"),
+        "text.jpg": (b"this is not an image\n" * 20, "not an image PIL can read: a text file"),
+        # a scraped folder's failed download, and a document: each named for what it is
+        "page.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "an HTML page"),
+        "scan.png": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "a PDF document"),
         "loop.png": (None, "symlink"),
         NON_UTF8: (png, "UTF-8"),
     }

@@ -112,6 +112,32 @@ def test_not_an_image(tmp_path):
         open_image(p)
 
 
+def test_a_file_that_is_not_an_image_is_named_for_what_it_is(tmp_path):
+    """ "not an image PIL can read" said nothing of what the file was: a scraped folder's web
+    pages saved as .jpg, a PDF scan, a phone's video. The first bytes name it, on disk and in an
+    upload; an HEIC or AVIF (ISO media, as MP4 is) is not called a video."""
+    from image_classifier.data.images import Preprocessing, decode_bytes
+    from image_classifier.data.not_images import kind_of
+
+    page = b"\xef\xbb\xbf\n<!DOCTYPE HTML>\n<html><head><title>404</title>"
+    (tmp_path / "x.jpg").write_bytes(page)
+    with pytest.raises(ImageError, match=r"x.jpg: not an image PIL can read: an HTML page"):
+        open_image(tmp_path / "x.jpg")
+    with pytest.raises(ImageError, match="upload: not an image PIL can read: a PDF document"):
+        decode_bytes(b"%PDF-1.4\n%\xc7\xec", Preprocessing(), name="upload")
+    mp4 = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2mp41"
+    assert kind_of(mp4) == "a video (MP4 or QuickTime)"
+    assert kind_of(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00") == ""  # an image
+    assert kind_of(b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg">').startswith(
+        "an SVG drawing"
+    )
+    assert kind_of(b"RIFF\x00\x00\x00\x00AVI LIST") == "a video (AVI)"
+    assert kind_of(b"\x89\x00\xff\x10binary") == ""  # unknown: the plain reason
+    (tmp_path / "y.png").write_bytes(b"\x89\x00\xff\x10binary")
+    with pytest.raises(ImageError, match=r"y.png: not an image PIL can read$"):
+        open_image(tmp_path / "y.png")
+
+
 def test_truncated_image(tmp_path):
     p = _save(
         tmp_path,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import io
 import re
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from image_classifier.data.not_images import kind_of
 
 # PIL modes of grey images (the others are colour, or palettes that may be colour)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -166,7 +167,8 @@ def _open(source, name: str, max_pixels: int, fit: int = 0) -> Image.Image:
     except PermissionError:
         raise ImageError(name, "permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image PIL can read") from None
+        kind = kind_of(_head(source))
+        raise ImageError(name, f"not an image PIL can read: {kind}" if kind else NOT_READ) from None
     except _BOMB as e:
         raise _bomb(name, e) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -181,6 +183,21 @@ def _open(source, name: str, max_pixels: int, fit: int = 0) -> Image.Image:
         im.close()
         raise _refused(name, size, max_pixels, im.size)
     return im
+
+
+NOT_READ = "not an image PIL can read"
+
+
+def _head(source, n: int = 512) -> bytes:
+    """A file's (or an open stream's) first `n` bytes, b'' when they cannot be read."""
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+            return source.read(n)
+        with open(source, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def _decode(im: Image.Image, name: str) -> Image.Image:
@@ -315,24 +332,6 @@ def path_problem(path: str | Path) -> str | None:
     if path.exists() and not path.is_file():
         return "not a regular file"
     return None
-
-
-URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, gs://, file://...
-URL_FIX = "download the images first and list their local paths (this tool reads local files)"
-TAR = "mkdir FOLDER && tar xf {} -C FOLDER"  # each archive's unpacking command, for its hint
-ARCHIVES = {".zip": "unzip {} -d FOLDER", ".7z": "7z x {} -oFOLDER", ".rar": "7z x {} -oFOLDER"}
-ARCHIVES |= dict.fromkeys((".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2"), TAR)
-
-
-def is_url(name: str) -> bool:
-    return bool(URL_PATTERN.match(name.strip()))
-
-
-def archive_hint(path: str | Path) -> str:
-    """ " It is an archive: unpack it (e.g. `its command`) ..." for a path ending like one."""
-    how = next((v for k, v in ARCHIVES.items() if str(path).lower().endswith(k)), "")
-    how = how.format(shlex.quote(str(path)))
-    return f" It is an archive: unpack it (e.g. `{how}`) and give the folder." if how else ""
 
 
 def is_image_name(path: str | Path) -> bool:

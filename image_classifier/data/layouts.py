@@ -15,14 +15,10 @@ from pathlib import Path
 
 from image_classifier.data import scan
 from image_classifier.data.identity import label_parts, only_listed, split_items
-from image_classifier.data.images import (
-    archive_hint,
-    display_name,
-    is_image_name,
-    is_system,
-)
+from image_classifier.data.images import display_name, is_image_name, is_system
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.data.named_files import name_hint, read_named
+from image_classifier.data.not_images import archive_hint
 from image_classifier.errors import UserError, override
 
 log = logging.getLogger(__name__)

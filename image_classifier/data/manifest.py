@@ -18,7 +18,8 @@ import logging
 import os
 from pathlib import Path
 
-from image_classifier.data.images import IMAGE_EXTENSIONS, URL_FIX, is_url
+from image_classifier.data.images import IMAGE_EXTENSIONS
+from image_classifier.data.not_images import URL_FIX, is_url
 from image_classifier.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from image_classifier.data.images import URL_FIX, archive_hint, is_image_name, is_url
+from image_classifier.data.images import is_image_name
 from image_classifier.data.manifest import listed_files, listed_path
+from image_classifier.data.not_images import URL_FIX, archive_hint, is_url
 from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
 from image_classifier.errors import Interrupted, UserError, listed, override, shown
