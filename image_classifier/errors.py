@@ -1,6 +1,7 @@
 """Errors that reach the user as one clear paragraph and an exit code (see docs/commands.md)."""
 
 import difflib
+import errno
 import re
 import shlex
 from collections.abc import Iterable
@@ -27,6 +28,32 @@ def shown(name) -> str:
     except ValueError:
         return text
     return repr(text)
+
+
+def disk_full(e: BaseException | None) -> str | None:
+    """The file a full disk (or quota) refused, from anywhere in an exception's chain: '' when
+    SQLite only says "database or disk is full" (the MLflow store); None when no disk was full.
+    A checkpoint that cannot be written fails in Lightning, whose clean-up then fails to mark
+    the MLflow run: the OSError is two exceptions down."""
+    full, seen = None, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(e.filename2 or e.filename or "")
+        if "database or disk is full" in str(e):
+            full = ""
+        e = e.__cause__ or e.__context__
+    return full
+
+
+def disk_full_message(where: str, command: str) -> str:
+    """What a full disk stopped, where, and the ways out."""
+    where = where or "the MLflow store (mlruns/mlflow.db under paths.root)"
+    return (
+        f"No space left on the disk while {command} wrote {where}: it stopped there. Free space "
+        "on that disk, or write elsewhere: run folders with hydra.run.dir=DIR, the decoded-image "
+        "cache with data.cache_dir=DIR, MLflow with logger.tracking_uri=sqlite:///DIR/mlflow.db."
+    )
 
 
 def did_you_mean(value: str, options: Iterable[str], n: int = 3) -> str:

@@ -20,7 +20,9 @@ from pathlib import Path
 from image_classifier.errors import UserError, override
 from image_classifier.rules import safe_name
 
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ..."
+# its INFO is "Creating initial ..."; its ERROR, a traceback of an SQLite error it then raises
+# as MlflowException (a full disk printed 150 lines before the one that says so)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def resolve_uri(logger_cfg, root: str | Path) -> tuple[str, str | None]:

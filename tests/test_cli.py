@@ -1,7 +1,7 @@
 """The command line itself: exit codes, messages without tracebacks, sweeps."""
 
 import pytest
-from conftest import idx_overrides, make_class_folders, run_cli
+from conftest import ROOT, idx_overrides, make_class_folders, run_cli
 
 
 def test_unknown_command_lists_the_valid_ones(tmp_path):
@@ -242,3 +242,48 @@ def test_the_test_command_infer_suggests_runs_as_pasted_on_a_folder_with_a_space
     p = run_cli(*words[4:], "logger.enabled=false", cwd=root)
     assert p.returncode == 0, p.stderr
     assert f"Tested {ckpt} on 24 my_photos__2 test images" in p.stdout, p.stdout
+
+
+def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, exported):
+    """A disk filling up while train wrote best.ckpt printed 350 lines: Lightning's traceback,
+    then MLflow's, whose store could not mark the run failed on the same disk. The ENOSPC is
+    found down the exception chain and said with the file and the ways out (exit 1: the
+    machine's state, not bad usage). Here the disk is full when infer writes its rows."""
+    from image_classifier.errors import disk_full
+
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(
+        "import errno, runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import image_classifier.inference.infer as infer\n"
+        "def full(rows, output, classes):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', output)\n"
+        "infer.write_rows = full\n"
+        f"sys.argv[0] = {str(ROOT / 'commands.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    root, _, images = trained
+    out = tmp_path / "rows.json"
+    p = run_cli(
+        "command=infer",
+        f"infer.model={exported[0]}",
+        f"infer.input={images}",
+        f"infer.output={out}",
+        f"paths.root={root}",
+        script=wrapper,
+    )
+    assert p.returncode == 1, p.stderr
+    assert f"error: No space left on the disk while infer wrote {out}: it stopped there." in (
+        p.stderr
+    )
+    assert "hydra.run.dir=DIR" in p.stderr and "Traceback" not in p.stderr
+    # Lightning's shape: the OSError is the context of the store's error raised while cleaning up
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/tmp/a", None, "/run/best.ckpt")
+        except OSError:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full")  # noqa: B904
+    except RuntimeError as e:
+        assert disk_full(e) == "/run/best.ckpt"
+    assert disk_full(RuntimeError("(sqlite3.OperationalError) database or disk is full")) == ""
+    assert disk_full(ValueError("bad")) is None

@@ -182,6 +182,11 @@ def test_cache_over_the_budget_falls_back_to_decoding_with_a_warning(tmp_path, c
     assert isinstance(dm.dataset("train"), FileDataset) and not info.cache
     assert "over data.cache_max_gb=1e-06" in caplog.text
     assert "decoded every epoch" in caplog.text
+    # a small cache on a nearly full disk said "it would take 0.0 GB and ... has 0.0 GB free"
+    assert "it would take 0.0" not in caplog.text and " kB, over data.cache_max_gb" in caplog.text
+    from image_classifier.data.decoded import size_text
+
+    assert [size_text(n) for n in (2.6e9, 14.2e6, 2.4e5)] == ["2.6 GB", "14 MB", "240 kB"]
 
 
 def test_device_batches_are_the_loader_batches_for_the_same_seed_and_epoch(tmp_path):

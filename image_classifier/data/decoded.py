@@ -69,14 +69,21 @@ def load(folder: Path, key: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 def fits(folder: Path, needed: int, max_gb: float) -> str | None:
     """Why a cache of `needed` bytes should not be built here, or None when it fits."""
     if needed > max_gb * 1e9:
-        return f"it would take {needed / 1e9:.1f} GB, over data.cache_max_gb={max_gb:g}"
+        return f"it would take {size_text(needed)}, over data.cache_max_gb={max_gb:g}"
     probe = folder.parent
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed * 1.1 > free:
-        return f"it would take {needed / 1e9:.1f} GB and {probe} has {free / 1e9:.1f} GB free"
+        return f"it would take {size_text(needed)} and {probe} has {size_text(free)} free"
     return None
+
+
+def size_text(n: float) -> str:
+    """'1.2 GB', '14 MB', '240 kB': a small cache on a full disk read "0.0 GB and 0.0 GB free"."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def build(folder: Path, key: str, datasets: dict, describe: dict, workers: int) -> None:
