@@ -138,12 +138,12 @@ def main(cfg: DictConfig):
         _fail(str(e), 2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt as e:  # Interrupted says what was kept; a bare Ctrl-C, the command
         _fail(str(e) or f"{cfg.command} interrupted.", 130)
-    except Exception as e:  # a full disk is the machine's state, not a bug: said, not traced
-        from image_classifier.errors import disk_full, disk_full_message
+    except Exception as e:  # a full or read-only disk is the machine's state: said, not traced
+        from image_classifier.errors import write_refused, write_refused_message
 
-        if (where := disk_full(e)) is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if (refused := write_refused(e)) is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _fail(disk_full_message(where, cfg.command), 1)
+        _fail(write_refused_message(refused, cfg.command), 1)
 
 
 def _rewrite_model(args: list[str]) -> list[str]:

@@ -30,29 +30,40 @@ def shown(name) -> str:
     return repr(text)
 
 
-def disk_full(e: BaseException | None) -> str | None:
-    """The file a full disk (or quota) refused, from anywhere in an exception's chain: '' when
-    SQLite only says "database or disk is full" (the MLflow store); None when no disk was full.
-    A checkpoint that cannot be written fails in Lightning, whose clean-up then fails to mark
-    the MLflow run: the OSError is two exceptions down."""
-    full, seen = None, set()
+# a disk that will not take what a command writes: the machine's state, said in one line
+WRITE_REFUSED = {
+    errno.ENOSPC: "No space left on the disk",
+    errno.EDQUOT: "The disk quota is used up",
+    errno.EROFS: "The file system is read-only",
+}
+
+
+def write_refused(e: BaseException | None) -> tuple[str, str] | None:
+    """(why, the file) for a write a full, over-quota or read-only disk refused, from anywhere
+    in an exception's chain; the file is '' when SQLite only says "database or disk is full"
+    (the MLflow store); None for any other error. A checkpoint that cannot be written fails in
+    Lightning, whose clean-up then fails to mark the MLflow run: the OSError is two down."""
+    found, seen = None, set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return str(e.filename2 or e.filename or "")
+        if isinstance(e, OSError) and e.errno in WRITE_REFUSED:
+            return WRITE_REFUSED[e.errno], str(e.filename2 or e.filename or "")
         if "database or disk is full" in str(e):
-            full = ""
+            found = (WRITE_REFUSED[errno.ENOSPC], "")
         e = e.__cause__ or e.__context__
-    return full
+    return found
 
 
-def disk_full_message(where: str, command: str) -> str:
-    """What a full disk stopped, where, and the ways out."""
+def write_refused_message(refused: tuple[str, str], command: str) -> str:
+    """What a refused write stopped, where, and the ways out."""
+    why, where = refused
     where = where or "the MLflow store (mlruns/mlflow.db under paths.root)"
+    free = "Free space on that disk, or write" if "read-only" not in why else "Write"
     return (
-        f"No space left on the disk while {command} wrote {where}: it stopped there. Free space "
-        "on that disk, or write elsewhere: run folders with hydra.run.dir=DIR, the decoded-image "
-        "cache with data.cache_dir=DIR, MLflow with logger.tracking_uri=sqlite:///DIR/mlflow.db."
+        f"{why} where {command} wrote {where}: it stopped there. {free} elsewhere, with the "
+        "setting that names the folder (run folders: hydra.run.dir=DIR; the decoded-image cache: "
+        "data.cache_dir=DIR; features: features.dir=DIR; MLflow: "
+        "logger.tracking_uri=sqlite:///DIR/mlflow.db)."
     )
 
 

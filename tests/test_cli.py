@@ -249,7 +249,7 @@ def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, 
     then MLflow's, whose store could not mark the run failed on the same disk. The ENOSPC is
     found down the exception chain and said with the file and the ways out (exit 1: the
     machine's state, not bad usage). Here the disk is full when infer writes its rows."""
-    from image_classifier.errors import disk_full
+    from image_classifier.errors import write_refused
 
     wrapper = tmp_path / "full_disk.py"
     wrapper.write_text(
@@ -273,10 +273,10 @@ def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, 
         script=wrapper,
     )
     assert p.returncode == 1, p.stderr
-    assert f"error: No space left on the disk while infer wrote {out}: it stopped there." in (
+    assert f"error: No space left on the disk where infer wrote {out}: it stopped there." in (
         p.stderr
     )
-    assert "hydra.run.dir=DIR" in p.stderr and "Traceback" not in p.stderr
+    assert "(run folders: hydra.run.dir=DIR;" in p.stderr and "Traceback" not in p.stderr
     # Lightning's shape: the OSError is the context of the store's error raised while cleaning up
     try:
         try:
@@ -284,6 +284,7 @@ def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, 
         except OSError:
             raise RuntimeError("(sqlite3.OperationalError) database or disk is full")  # noqa: B904
     except RuntimeError as e:
-        assert disk_full(e) == "/run/best.ckpt"
-    assert disk_full(RuntimeError("(sqlite3.OperationalError) database or disk is full")) == ""
-    assert disk_full(ValueError("bad")) is None
+        assert write_refused(e) == ("No space left on the disk", "/run/best.ckpt")
+    store_full = RuntimeError("(sqlite3.OperationalError) database or disk is full")
+    assert write_refused(store_full) == ("No space left on the disk", "")
+    assert write_refused(ValueError("bad")) is None

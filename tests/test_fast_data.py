@@ -175,6 +175,20 @@ def test_interrupted_build_leaves_nothing_that_reads_as_a_cache(tmp_path, monkey
     assert dm.prepare().cache  # the next run builds it whole
 
 
+def test_a_cache_folder_that_cannot_be_written_falls_back_to_decoding(tmp_path, caplog):
+    """data.cache_dir on a read-only mount (or, here, under a file) ended training in an
+    OSError traceback from the scan's memo: a cache is worth having, not worth stopping for."""
+    make_class_folders(tmp_path / "images")
+    (tmp_path / "afile").write_text("in the way")
+    dm = _datamodule(tmp_path, f"data.cache_dir={tmp_path / 'afile' / 'cache'}")
+    info = dm.prepare()
+    assert isinstance(dm.dataset("train"), FileDataset) and not info.cache
+    assert len(dm.dataset("train")) == info.split_sizes["train"] > 0
+    said = f"Not building the decoded-image cache: {tmp_path / 'afile' / 'cache'} cannot be written"
+    assert said in caplog.text and "(Not a directory)" in caplog.text
+    assert "data.cache_dir=DIR names a folder that can be" in caplog.text
+
+
 def test_cache_over_the_budget_falls_back_to_decoding_with_a_warning(tmp_path, caplog):
     make_class_folders(tmp_path / "images")
     dm = _datamodule(tmp_path, "data.cache_max_gb=0.000001")

@@ -5,6 +5,7 @@ unchanged since are not decoded again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -74,10 +75,15 @@ def _read_checked(path: Path | None) -> dict:
 
 
 def _write_checked(path: Path, known: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The scan's memo: not written when its folder cannot be (the next scan checks again)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from image_classifier.data.cachedir import one_builder
+from image_classifier.data.cachedir import one_builder, unwritable
 from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
     DIGEST,
@@ -225,7 +225,15 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
     key = decoded.cache_key(info.data_hash, info.preprocessing, info.classes)
     folder = Path(c.cache_dir).expanduser() / key
     arrays = decoded.load(folder, key)
-    if arrays is None and build:
+    if arrays is None and build and (why := unwritable(folder.parent)):
+        log.warning(
+            "Not building the decoded-image cache: %s cannot be written (%s). Images are decoded "
+            "every epoch instead (data.cache_dir=DIR names a folder that can be; data.cache=none "
+            "silences this).",
+            folder.parent,
+            why,
+        )
+    elif arrays is None and build:
         with one_builder(folder, f"Waiting for another process decoding into {folder}"):
             arrays = _decoded_arrays(c, folder, key, datasets, info, workers)
     if arrays is None:
