@@ -14,9 +14,10 @@ For each target it starts the service itself on 127.0.0.1 (free ports), waits fo
 with `--client`; one keep-alive connection each, one encoded image per request: a multipart upload
 on /predict, the protocol's binary tensor extension with a BYTES input on the v2 routes, built by
 tritonclient), stops the service with SIGTERM and checks it exits cleanly. Bounded: each level
-warms up on a quarter of --requests, then stops after --requests or --max-seconds. In process: the same images through ONNX Runtime (decode +
-preprocess + one image per call, as one request is). It prints throughput, p50/p99 latency and
-errors per target and level, and each service's throughput over the in-process rate.
+warms up on a quarter of --requests, then stops after --requests or --max-seconds. In process:
+the same images through ONNX Runtime (decode + preprocess + one image per call, as one request
+is). It prints throughput, p50/p99 latency and errors per target and level, and each service's
+throughput over the in-process rate.
 
 Images: Fashion-MNIST test images (data/, as PNG at their native 28x28), or for a 224-px model the
 same images enlarged to 224x224 JPEGs, so decoding costs what it would for real photos.
