@@ -20,8 +20,7 @@ from pathlib import Path
 from image_classifier.errors import UserError, override
 from image_classifier.rules import safe_name
 
-# its INFO is "Creating initial ..."; its ERROR, a traceback of an SQLite error it then raises
-# as MlflowException (a full disk printed 150 lines before the one that says so)
+# INFO "Creating initial ..."; ERROR, 150 lines of an SQLite error it then raises anyway
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
