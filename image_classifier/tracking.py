@@ -20,8 +20,7 @@ from pathlib import Path
 from image_classifier.errors import UserError, override
 from image_classifier.rules import safe_name
 
-# INFO "Creating initial ..."; ERROR, 150 lines of an SQLite error it then raises anyway
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its errors, raised too
 
 
 def resolve_uri(logger_cfg, root: str | Path) -> tuple[str, str | None]:
