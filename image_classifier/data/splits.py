@@ -261,7 +261,7 @@ def _decoded_arrays(c, folder: Path, key: str, datasets: dict, info: DataInfo, w
             return None
         print(  # by the one process that decodes: the others wait for it (one_builder)
             f"Decoding {sum(info.split_sizes.values())} images once into {folder} "
-            f"({needed / 1e6:.0f} MB); later runs on the same data read it"
+            f"({decoded.size_text(needed)}); later runs on the same data read it"
         )
         describe = {
             "data": {"name": info.name, "hash": info.data_hash, "layout": info.layout},
