@@ -169,6 +169,24 @@ def _check_overrides(args: list[str]) -> None:
         _fail(str(e))
 
 
+def _check_run_folder(args: list[str]) -> None:
+    """Hydra makes the run folder before any of this tool's code runs: one that cannot be
+    written (a read-only checkout, a file in the way) ended in Hydra's traceback. The part of
+    its path before the first interpolation (the date and time) is checked first."""
+    from image_classifier import runs
+
+    sweep = bool({"-m", "--multirun"} & set(args))
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    root = given.get("paths.root", ".")
+    value = given.get(key, f"{root}/{'multirun' if sweep else 'outputs'}/")
+    fixed = value.replace("${paths.root}", root).split("${", 1)[0] or "."
+    try:
+        runs.check_writable(fixed, key, folder=True)
+    except UserError as e:
+        _fail(str(e))
+
+
 # infer answers on stdout and should start fast: no run folder, no log files, Hydra's logging off
 QUIET = (
     "hydra.output_subdir=null",
@@ -188,4 +206,6 @@ if __name__ == "__main__":
         for a in sys.argv[1:]
     ):
         _check_overrides(sys.argv[1:])
+        if "hydra.run.dir=." not in sys.argv:  # infer (QUIET) writes no run folder
+            _check_run_folder(sys.argv[1:])
     main()

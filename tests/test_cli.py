@@ -288,3 +288,17 @@ def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, 
     store_full = RuntimeError("(sqlite3.OperationalError) database or disk is full")
     assert write_refused(store_full) == ("No space left on the disk", "")
     assert write_refused(ValueError("bad")) is None
+
+
+def test_a_run_folder_that_cannot_be_made_is_said_before_hydra_makes_it(tmp_path):
+    """Hydra makes the run folder before any of the tool's code runs: a file in its way (or a
+    read-only checkout) ended in Hydra's traceback, exit 1."""
+    (tmp_path / "afile").write_text("in the way")
+    p = run_cli("command=train", f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
+    assert p.returncode == 2, p.stderr
+    assert f"error: hydra.run.dir='{tmp_path / 'afile' / 'run'}' cannot be written: a file is " in (
+        p.stderr
+    )
+    assert "Traceback" not in p.stderr
+    p = run_cli("-m", "command=train", f"paths.root={tmp_path / 'afile'}")  # the default, under it
+    assert p.returncode == 2 and f"hydra.sweep.dir='{tmp_path / 'afile'}/multirun/'" in p.stderr
