@@ -41,15 +41,16 @@ WRITE_REFUSED = {
 def write_refused(e: BaseException | None) -> tuple[str, str] | None:
     """(why, the file) for a write a full, over-quota or read-only disk refused, from anywhere
     in an exception's chain; the file is '' when SQLite only says "database or disk is full"
-    (the MLflow store); None for any other error. A checkpoint that cannot be written fails in
-    Lightning, whose clean-up then fails to mark the MLflow run: the OSError is two down."""
+    or "attempt to write a readonly database" (the MLflow store); None for any other error. A
+    checkpoint that cannot be written fails in Lightning, whose clean-up then fails to mark the
+    MLflow run: the OSError is two down."""
     found, seen = None, set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in WRITE_REFUSED:
             return WRITE_REFUSED[e.errno], str(e.filename2 or e.filename or "")
-        if "database or disk is full" in str(e):
-            found = (WRITE_REFUSED[errno.ENOSPC], "")
+        if "database or disk is full" in str(e) or "readonly database" in str(e):
+            found = (WRITE_REFUSED[errno.ENOSPC if "full" in str(e) else errno.EROFS], "")
         e = e.__cause__ or e.__context__
     return found
 

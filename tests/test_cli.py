@@ -287,6 +287,10 @@ def test_a_full_disk_is_said_in_one_line_without_a_traceback(tmp_path, trained, 
         assert write_refused(e) == ("No space left on the disk", "/run/best.ckpt")
     store_full = RuntimeError("(sqlite3.OperationalError) database or disk is full")
     assert write_refused(store_full) == ("No space left on the disk", "")
+    store_read_only = RuntimeError(
+        "(sqlite3.OperationalError) attempt to write a readonly database"
+    )
+    assert write_refused(store_read_only) == ("The file system is read-only", "")
     assert write_refused(ValueError("bad")) is None
 
 
