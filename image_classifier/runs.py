@@ -217,22 +217,29 @@ def model_location(cfg, given, setting: str) -> tuple[Path, dict | None]:
     return model_file(cfg, given, setting, exported=False), None
 
 
-def check_writable(path: str, setting: str, folder: bool = False) -> None:
-    """A UserError, before any work is done, when `path` (a file, or a folder when `folder`)
-    cannot be written: its folder is made and a scratch file is written in it and removed."""
+def write_problem(folder: Path) -> str | None:
+    """Why nothing can be written in `folder`, "<reason> (<path>)", or None: the folder is made
+    and a scratch file is written in it and removed (a file in the way is named as such)."""
     import tempfile
 
-    where = Path(path).expanduser()
-    where = where if folder else where.parent
-    existing = next(p for p in [where, *where.parents] if p.exists())
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
     try:
         if not existing.is_dir():
             raise NotADirectoryError(0, "a file is in the way", str(existing))
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=where, prefix=".write-check-"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as e:
+        return f"{e.strerror} ({e.filename or folder})"
+    return None
+
+
+def check_writable(path: str, setting: str, folder: bool = False) -> None:
+    """A UserError, before any work is done, when `path` (a file, or a folder when `folder`)
+    cannot be written (`write_problem`)."""
+    where = Path(path).expanduser()
+    if why := write_problem(where if folder else where.parent):
         raise UserError(
-            f"{setting}={str(path)!r} cannot be written: {e.strerror} ({e.filename or where}). "
+            f"{setting}={str(path)!r} cannot be written: {why}. "
             "Give a path in a folder you can write to."
-        ) from None
+        )

@@ -17,19 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def unwritable(folder: Path) -> str | None:
-    """Why nothing can be written in `folder` (created if missing), or None: a cache is worth
-    having, not worth stopping for (a read-only mount, another user's folder)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
-
-
 def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((Path(folder) / "manifest.json").read_text())

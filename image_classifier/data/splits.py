@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from image_classifier.data.cachedir import one_builder, unwritable
+from image_classifier.data.cachedir import one_builder
 from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
     DIGEST,
@@ -27,6 +27,7 @@ from image_classifier.data.profile import auto_size, detect_channels, profile_fo
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError, listed
 from image_classifier.rules import is_auto, items
+from image_classifier.runs import write_problem
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +226,10 @@ def _through_decoded_cache(c, datasets: dict, info: DataInfo, build: bool, worke
     key = decoded.cache_key(info.data_hash, info.preprocessing, info.classes)
     folder = Path(c.cache_dir).expanduser() / key
     arrays = decoded.load(folder, key)
-    if arrays is None and build and (why := unwritable(folder.parent)):
+    if arrays is None and build and (why := write_problem(folder.parent)):
+        # a cache is worth having, not worth stopping for (a read-only mount, a shared folder)
         log.warning(
-            "Not building the decoded-image cache: %s cannot be written (%s). Images are decoded "
+            "Not building the decoded-image cache: %s cannot be written: %s. Images are decoded "
             "every epoch instead (data.cache_dir=DIR names a folder that can be; data.cache=none "
             "silences this).",
             folder.parent,
