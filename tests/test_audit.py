@@ -90,6 +90,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     assert labels["items"][0]["label"] == "cat" and labels["items"][0]["suggested"] == "fox"
     assert "tf_efficientnet_lite0's last 2 stages at 64x64" in labels["features"]
     assert labels["recommended_cut"] == 1 and labels["cleanlab_estimate"] >= 1
+    assert labels["chance"] == round(1 / 3, 4) and 0.5 < labels["agreement"] <= 1
 
     out = Path(result["dir"])
     assert json.loads((out / "report.json").read_text())["exact_duplicates"]["groups"] == 1
@@ -98,6 +99,7 @@ def test_audit_finds_each_planted_problem(planted, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "unusable files: 3" in printed and "exact duplicates: 1 group(s)" in printed
     assert "1 leak train into val/test" in printed and "label issues: 1 ranked" in printed
+    assert f"name the given label of {labels['agreement'] * 100:.0f} % of the images" in printed
     pairs = (out / "near_duplicates.csv").read_text().splitlines()
     assert len(pairs) == 2 and ",train-test,True," in pairs[1] and "near_001.jpg" in pairs[1]
     ranked = (out / "label_issues.csv").read_text().splitlines()
@@ -525,6 +527,25 @@ def test_an_audit_without_label_suspects_says_none():
     )
     errors |= {"suspects": 3, "recommended_cut": 2, "cleanlab_estimate": 1}
     assert _label_line(errors).startswith("  label issues: 3 ranked in label_issues.csv")
+
+
+def test_cleanlab_estimate_is_printed_beside_how_often_the_classifiers_are_right():
+    """A folder of 100 classes of 15 images: the audit's classifiers named 15 % of the given
+    labels out of sample, and the summary said "cleanlab estimates 1,244 wrong" of 1,500 (15
+    planted flips: 1,222). The estimate counts the classifiers' own mistakes; the line now says
+    how often they are right, and that the estimate includes their mistakes."""
+    from image_classifier.audit.report import _label_line
+
+    errors = {"suspects": 825, "recommended_cut": 3, "cut_rule": "0.45 x chance"}
+    errors |= {"cleanlab_estimate": 1244, "features": "pixels", "too_few_to_rank": {}}
+    errors |= {"agreement": 0.1507, "chance": 0.01}
+    line = _label_line(errors)
+    assert "cleanlab estimates 1,244 wrong)" not in line
+    assert line.endswith(
+        "\n    out of sample they name the given label of 15 % of the images (chance 1 %); "
+        "cleanlab's estimate of wrong labels, their confident mistakes included: 1,244"
+    )
+    assert "(chance 0.1 %)" in _label_line(errors | {"chance": 0.001})
 
 
 def test_multi_label_data_is_audited_with_each_label_set_as_a_class(tmp_path, capsys):

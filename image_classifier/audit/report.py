@@ -145,13 +145,28 @@ def _label_line(e: dict) -> str:
         return f"  label issues: {found}\n    probabilities per label from {views}"
     found = (
         f"{e['suspects']:,} ranked in label_issues.csv, most suspicious first; review the first "
-        f"{e['recommended_cut']:,} (their given label is less likely than {e['cut_rule']}; "
-        f"cleanlab estimates {e['cleanlab_estimate']:,} wrong)"
+        f"{e['recommended_cut']:,} (their given label is less likely than {e['cut_rule']})"
         if e["suspects"]
         else "none (no given label is less likely than chance, and cleanlab flags none)"
     )
-    return f"  label issues: {found}\n    probabilities from {e['features']}" + _too_few(
-        e["too_few_to_rank"]
+    return (
+        f"  label issues: {found}\n    probabilities from {e['features']}"
+        + _agreement(e)
+        + _too_few(e["too_few_to_rank"])
+    )
+
+
+def _agreement(e: dict) -> str:
+    """How often the out-of-sample probabilities name the given label, and cleanlab's estimate
+    beside it: the estimate counts every image they confidently put in another class, so it
+    includes their own mistakes (fmnist-2000 at 1 % planted flips: 193 for 32 planted; a folder
+    of 100 classes of 15 images whose classifiers named 15 % of the labels: 1,222 for 15)."""
+    if (agree := e.get("agreement")) is None:
+        return ""
+    return (
+        f"\n    out of sample they name the given label of {agree * 100:.0f} % of the images "
+        f"(chance {e['chance'] * 100:.2g} %); cleanlab's estimate of wrong labels, their "
+        f"confident mistakes included: {e['cleanlab_estimate']:,}"
     )
 
 

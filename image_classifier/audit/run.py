@@ -43,7 +43,7 @@ def run_audit(cfg) -> dict:
             d.colour,
         )
     with _timed(timings, "labels"):
-        x, suspects, cut, estimate, source = _label_checks(d, cfg)
+        x, suspects, found, source = _label_checks(d, cfg)
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, _ = neighbours.knn(
@@ -55,11 +55,7 @@ def run_audit(cfg) -> dict:
     with _timed(timings, "quality"):
         flags = quality.find(d.thumbs, d.sizes, d.labels, d.grey, d.colour_data, dict(a.quality))
     report = build_report(cfg, d, groups, near, suspects, (outliers, scores), flags, source)
-    report["label_errors"]["recommended_cut"] = cut
-    report["label_errors"]["cut_rule"] = (
-        f"{float(a.label_cut):g} x chance" if cut is not None else None
-    )
-    report["label_errors"]["cleanlab_estimate"] = estimate
+    report["label_errors"] |= found
     out = Path(cfg.paths.output_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
     write_label_csv(report, out / "label_issues.csv")
@@ -78,8 +74,9 @@ def run_audit(cfg) -> dict:
 
 
 def _label_checks(d: AuditData, cfg) -> tuple:
-    """(features for the outliers, suspects, recommended cut (None for multi-label data),
-    cleanlab's estimate, where the probabilities came from)."""
+    """(features for the outliers, suspects, the report's figures: the recommended cut and its
+    rule (None for multi-label data), cleanlab's estimate and, single-label, how often the
+    out-of-sample probabilities name the given label; where the probabilities came from)."""
     a = cfg.audit
     views, x, names = label_checks.features(d, cfg, str(a.features))
     if d.multi_label:
@@ -87,10 +84,18 @@ def _label_checks(d: AuditData, cfg) -> tuple:
             views, d.label_sets, d.multi_label, int(a.folds), cfg.seed
         )
         views_named = " and ".join(names) + (", averaged" if len(names) > 1 else "")
-        return x, suspects, None, estimate, f"multi-label: {views_named}"
+        found = {"recommended_cut": None, "cut_rule": None, "cleanlab_estimate": estimate}
+        return x, suspects, found, f"multi-label: {views_named}"
     probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
     suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
-    return x, suspects, cut, estimate, label_checks.describe_views(names, which)
+    found = {
+        "recommended_cut": cut,
+        "cut_rule": f"{float(a.label_cut):g} x chance",
+        "cleanlab_estimate": estimate,
+        "agreement": round(float((probs.argmax(1) == d.labels).mean()), 4),
+        "chance": round(1 / len(np.unique(d.labels)), 4),
+    }
+    return x, suspects, found, label_checks.describe_views(names, which)
 
 
 @contextlib.contextmanager
