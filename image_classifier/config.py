@@ -105,6 +105,7 @@ def check_command_line(args: list[str], config_dir: Path) -> None:
 
 # what a model file fixes: the commands that read images with it do not read these settings
 MODEL_PREPROCESSING = ("data.size", "data.channels", "data.resize", "data.mean", "data.std")
+MODEL_PREPROCESSING += ("data.grey_white",)
 WITH_A_MODEL = ("test", "calibrate", "export-onnx", "infer", "serve")
 
 
@@ -115,7 +116,8 @@ def _note_unused_preprocessing(parsed) -> None:
     if command in WITH_A_MODEL and (unused := [k for k in MODEL_PREPROCESSING if k in given]):
         print(
             f"note: {', '.join(unused)} not used: {command} reads images with the model's own "
-            "preprocessing (the size, channels, resize, mean and std its file records).",
+            "preprocessing (the size, channels, resize, mean, std and grey white its file "
+            "records).",
             file=sys.stderr,
         )
 

@@ -145,6 +145,7 @@ def _data_rules() -> dict:
             "auto", Each(POSITIVE_INT, 2, "height, width", "[128,128]", one_for_all=True)
         ),
         "data.channels": Choice((1, 3, "auto")),
+        "data.grey_white": Either("auto", Number(1, integer=True, optional=True)),
         "data.resize": Choice(RESIZE_MODES),
         "data.split": Each(Number(0), 3, "train, val, test shares", "[0.8,0.1,0.1]"),
         "data.split_order": Choice(SPLIT_ORDERS),

@@ -57,6 +57,18 @@ def make_class_folders(
     return root
 
 
+def twelve_bit_folder(root, per_class: int = 6, top: int = 3000):
+    """Two classes of 16-bit PNGs holding 12-bit values (a sensor's scans): a dark and a bright
+    square, both within 0..`top`."""
+    for c, level in (("dark", top // 3), ("bright", top)):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            a = np.full((16, 16), top // 6 + i, np.uint16)
+            a[4:12, 4:12] = level
+            Image.fromarray(a).save(root / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def folder_data(tmp_path) -> Path:
     return make_class_folders(tmp_path / "images")

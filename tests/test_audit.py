@@ -633,8 +633,26 @@ def test_the_audit_grids_show_16_bit_greys_and_transparency_as_a_viewer_does(tmp
     logo = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # transparent, a viewer shows white
     logo.paste((200, 0, 0, 255), (10, 10, 20, 20))
     logo.save(tmp_path / "logo.png")
-    d = SimpleNamespace(pixels=None, names=[str(tmp_path / "scan.png"), str(tmp_path / "logo.png")])
+    names = [str(tmp_path / "scan.png"), str(tmp_path / "logo.png")]
+    d = SimpleNamespace(pixels=None, names=names, grey_white=None)
     grey, rgba = _image(d, 0), _image(d, 1)
     assert grey.shape == (40, 40, 3) and grey[0, 0].tolist() == [47, 47, 47]
     assert grey[15, 15].tolist() == [233, 233, 233]  # the bright square, not all 255
+    d.grey_white = 65535 // 2  # 15-bit data (data.grey_white): the square is white
+    assert _image(d, 0)[15, 15].tolist() == [255, 255, 255]
     assert rgba[0, 0].tolist() == [255, 255, 255] and rgba[15, 15].tolist() == [200, 0, 0]
+
+
+def test_the_audit_reads_12_bit_scans_by_their_bit_depth(tmp_path):
+    """A folder of 12-bit scans (16-bit PNGs up to 3,000) was read by 65535: every image
+    "dark" and the label check at chance (48 % of labels named out of sample, chance 50 %);
+    the audit reads them as training does, data.grey_white's white (4095) shown as 255."""
+    from conftest import twelve_bit_folder
+
+    from image_classifier.audit.load import load
+    from image_classifier.config import compose_config
+
+    root = twelve_bit_folder(tmp_path / "scans", per_class=10)
+    d = load(compose_config("data=folder", f"data.root={root}", root=tmp_path))
+    assert d.grey_white == 4095
+    assert d.thumbs.max() == pytest.approx(3000 * 255 / 4095, abs=1)  # by 65535: 12

@@ -45,7 +45,8 @@ def backbone_features(d, cfg):
     if fcfg.pretrained is False or str(fcfg.pretrained).lower() == "false":
         raise UserError("features.pretrained=false: an untrained backbone says nothing of labels")
     side, n = backbone_side(d.sizes), len(d.labels)
-    store = image_store_folder(fcfg, weights_id(fcfg), side, view=f"last {STAGES} stages")
+    white = f", {d.grey_white} as white" if d.grey_white else ""  # 16-bit greys read so
+    store = image_store_folder(fcfg, weights_id(fcfg), side, view=f"last {STAGES} stages{white}")
     found, stored = read_image_features(store, d.digests)
     todo = sorted(set(range(n)) - set(found))
     if todo:
@@ -106,7 +107,9 @@ def _images(d, rows: list[int], side: int, channels: int):
 
     def read(i):
         im = open_bytes(Path(d.names[i]).read_bytes(), d.names[i], fit=side)
-        im = to_model_mode(im, channels).resize((side, side), Image.Resampling.BILINEAR)
+        im = to_model_mode(im, channels, d.grey_white).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
         a = np.asarray(im, dtype=np.float32)
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 

@@ -42,6 +42,7 @@ class AuditData:
     left_out: dict[str, int] = field(default_factory=dict)  # images of classes not in data.classes
     multi_label: list[str] | None = None  # multi-label data: its labels (classes: their sets)
     label_sets: list[tuple] | None = None  # multi-label data: each image's labels, by index
+    grey_white: int | None = None  # 16-bit greys: the level shown as white (Preprocessing's)
 
 
 def _digest(b: bytes) -> str:
@@ -65,9 +66,9 @@ def _thumbs_from_arrays(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | 
     return shrink(grey, THUMB)[:, 0].numpy(), colour
 
 
-def _file_entry(path: str, colour_data: bool = True):
+def _file_entry(path: str, colour_data: bool = True, white: int | None = None):
     """(hash, grey thumbnail, colour thumbnail (None for grey data), (w, h), grey, None), or
-    Nones and why."""
+    Nones and why. `white`: 16-bit greys' white (Preprocessing.grey_white)."""
     from PIL import Image
 
     from image_classifier.data.images import (
@@ -83,10 +84,12 @@ def _file_entry(path: str, colour_data: bool = True):
         mode, size = header(path, data=data)
         im = open_bytes(data, path, fit=THUMB)  # a JPEG decoded at up to 1/8 scale
         grey = mode in GREY_MODES
-        thumb = to_model_mode(im, 1).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+        thumb = to_model_mode(im, 1, white).resize((THUMB, THUMB), Image.Resampling.BILINEAR)
         side = (COLOUR_THUMB, COLOUR_THUMB)
         colour = (
-            to_model_mode(im, 3).resize(side, Image.Resampling.BILINEAR) if colour_data else None
+            to_model_mode(im, 3, white).resize(side, Image.Resampling.BILINEAR)
+            if colour_data
+            else None
         )
     except OSError as e:  # gone or unreadable since the scan
         return None, None, None, None, None, f"{path}: cannot read ({e.strerror or e})"
@@ -132,6 +135,7 @@ def load(cfg) -> AuditData:
         left_out=info.left_out,
         multi_label=list(info.classes) if info.multi_label else None,
         label_sets=merged["labels"] if info.multi_label else None,
+        grey_white=info.preprocessing.grey_white,
     )
 
 
@@ -167,7 +171,10 @@ def _split_entries(ds, split: str, s: int, skipped: dict, colour_data: bool) -> 
         raise UserError(f"audit cannot read a {type(ds).__name__} dataset.")
     with ThreadPoolExecutor(max_workers=4) as pool:
         entries = list(
-            pool.map(partial(_file_entry, colour_data=colour_data), [p for p, _ in ds.items])
+            pool.map(
+                partial(_file_entry, colour_data=colour_data, white=ds.pre.grey_white),
+                [p for p, _ in ds.items],
+            )
         )
     keep = []
     for (path, y), (digest, thumb, colour, size, grey, why) in zip(ds.items, entries, strict=True):

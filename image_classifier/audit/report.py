@@ -18,7 +18,7 @@ def _image(d, i: int) -> np.ndarray:
         return p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)
     from image_classifier.data.images import open_image, to_model_mode
 
-    im = to_model_mode(open_image(d.names[i]), 3)  # 16-bit greys scaled, not clipped to white
+    im = to_model_mode(open_image(d.names[i]), 3, d.grey_white)  # 16-bit greys scaled
     im.thumbnail((128, 128))
     return np.asarray(im)
 

@@ -19,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from image_classifier.data.not_images import kind_of
 
 # PIL modes of grey images (the others are colour, or palettes that may be colour)
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # integer greys past 8 bits
+GREY_MODES = ("1", "L", "LA", *WIDE_GREY_MODES, "F")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 IMAGE_EXTENSIONS += (".pgm", ".pbm", ".heic", ".heif")  # HEIC/HEIF (iPhone): pillow-heif (_open)
 IMAGE_EXTENSIONS += (".jfif", ".jpe", ".avif", ".jp2")  # a browser's saved JPEG; AVIF, JPEG 2000
@@ -57,6 +58,8 @@ class Preprocessing:
     resize: str = "stretch"
     input_range: str = "0-255 float32 NCHW; mean/std are applied inside the model"
     extra: dict = field(default_factory=dict)
+    # the 16- or 32-bit grey level shown as white (data.grey_white); None: 65535 (full 16 bits)
+    grey_white: int | None = None
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -67,19 +70,15 @@ class Preprocessing:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["size"] = list(self.size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
+        d = asdict(self) | {"size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
+        if self.grey_white is None:  # as before it existed: the same cache keys and model files
+            del d["grey_white"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        d = dict(d)
-        d["size"] = tuple(int(s) for s in d["size"])
-        d["mean"] = tuple(float(m) for m in d["mean"])
-        d["std"] = tuple(float(s) for s in d["std"])
-        return cls(**d)
+        floats = {k: tuple(float(x) for x in d[k]) for k in ("mean", "std")}
+        return cls(**{**d, **floats, "size": tuple(int(x) for x in d["size"])})
 
 
 def normalisation(mean, std, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -137,10 +136,9 @@ def _bomb(name: str, e: Exception) -> ImageTooLarge:
     )
 
 
-# PIL's bomb guard (Image._decompression_bomb_check) raises DecompressionBombError, or *warns* with
-# DecompressionBombWarning, which any warnings filter in the process can turn into an exception.
-# Every PIL call below catches both; none of this module touches the warnings filters (a filter is
-# process-wide state and the callers decode in threads).
+# PIL's bomb guard raises DecompressionBombError, or *warns* with DecompressionBombWarning, which
+# any warnings filter can make an exception. Every PIL call below catches both; none of this module
+# touches the warnings filters (process-wide state, and the callers decode in threads).
 _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
@@ -227,13 +225,14 @@ def header(
         return im.mode, im.size[::-1] if turned else im.size
 
 
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer greys scaled to 8 bits by their full range, float greys by 0..1."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(im, dtype=np.uint16).astype(np.float32) / 257.0
-    elif im.mode == "I":
+def _to_8bit(im: Image.Image, white: int | None = None) -> Image.Image:
+    """16-bit and 32-bit integer greys scaled to 8 bits, `white` (Preprocessing.grey_white: the
+    data's bit depth) shown as 255, by default 65535 (32-bit: when a value passes 255); float
+    greys by 0..1. 12-bit scans by 65535 kept 16 grey levels: 67.5 % against 97.5 % (docs)."""
+    if im.mode in WIDE_GREY_MODES:
         arr = np.asarray(im, dtype=np.int64).astype(np.float32)
-        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        if white or im.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr * (255.0 / (white or 65535))
     elif im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
@@ -253,9 +252,10 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
     return im
 
 
-def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode (L, RGB, RGBA, P, CMYK, 1, I;16, I, F, YCbCr...) to L or RGB."""
-    im = _to_8bit(im)
+def to_model_mode(im: Image.Image, channels: int, grey_white: int | None = None) -> Image.Image:
+    """Any PIL mode (L, RGB, RGBA, P, CMYK, 1, I;16, I, F, YCbCr...) to L or RGB (`grey_white`:
+    _to_8bit's white)."""
+    im = _to_8bit(im, grey_white)
     im = _flatten_alpha(im)
     target = "L" if channels == 1 else "RGB"
     return im if im.mode == target else im.convert(target)
@@ -280,7 +280,7 @@ def resize(im: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
 
 def to_array(im: Image.Image, pre: Preprocessing) -> np.ndarray:
     """A decoded image to the model's uint8 CHW array (before the model's own normalisation)."""
-    im = resize(to_model_mode(im, pre.channels), pre.size, pre.resize)
+    im = resize(to_model_mode(im, pre.channels, pre.grey_white), pre.size, pre.resize)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 

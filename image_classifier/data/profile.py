@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import open_dict
 
 from image_classifier.data.images import (
     GREY_MODES,
+    WIDE_GREY_MODES,
     ImageError,
     header,
     is_image_name,
@@ -61,21 +63,25 @@ def _folder_manifest(folder: Path, file_column: str | None) -> Path | None:
     return csvs[0] if len(csvs) == 1 else None
 
 
-def profile_folder(
-    root: str | Path, sample: int = SAMPLE, file_column: str | None = None
-) -> ImageProfile:
-    """An evenly spaced sample of the image files under root (any layout), or of those the CSV
-    manifest named as data.root lists in `file_column` (data.csv_file_column; None: guessed), not
-    the unlabelled test images beside them; unreadable ones are left to the data scan, which
-    reports them."""
+def image_files(root: str | Path, file_column: str | None = None) -> list[Path]:
+    """The image files under root (any layout), or those the CSV manifest named as data.root
+    lists in `file_column` (data.csv_file_column; None: guessed), not the unlabelled test images
+    beside them."""
     from image_classifier.data.manifest import listed_files
 
     named, folder = Path(root).expanduser(), data_folder(root)
     if manifest := named if named != folder else _folder_manifest(folder, file_column):
         listed = listed_files(manifest, file_column, "data.csv_file_column")
-        paths = [p for p in dict.fromkeys(listed) if p.is_file()]  # a repeated row is one image
-    else:
-        paths = [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
+        return [p for p in dict.fromkeys(listed) if p.is_file()]  # a repeated row is one image
+    return [p for p in files_under(folder) if is_image_name(p) and p.is_file()]
+
+
+def profile_folder(
+    root: str | Path, sample: int = SAMPLE, file_column: str | None = None
+) -> ImageProfile:
+    """An evenly spaced sample of the image files (image_files); unreadable ones are left to the
+    data scan, which reports them."""
+    paths = image_files(root, file_column)
     seen = sampled_headers(paths, sample)
     if not seen:
         return ImageProfile(len(paths), False, (28, 28))
@@ -145,3 +151,46 @@ def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
         return min(limits["largest"], max(step, math.ceil(x * scale / step) * step))
 
     return [side(h), side(w)]
+
+
+# data.grey_white=auto rounds the brightest sampled value up to one of these bit depths (a 12-bit
+# sensor's scan stored as 16-bit PNG: 4095 is white); above 16 bits, to the next bit
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def grey_white(c) -> tuple[int | None, str]:
+    """(the grey level of 16- and 32-bit grey images shown as white, why) for the data settings
+    `c`: data.grey_white as given, or for `auto` from the brightest pixel of up to
+    GREY_CONTENT_SAMPLE such images in an evenly spaced sample, rounded up to a bit depth
+    (BIT_DEPTHS); (None, "") where there are none (8-bit images, packaged data)."""
+    given = c.get("grey_white")
+    if given != "auto" or not c.get("root"):
+        return (None if given == "auto" else given), ""
+    seen = sampled_headers(image_files(c.root, c.get("csv_file_column")))
+    wide = [p for p, mode, _ in seen if mode in WIDE_GREY_MODES]
+    levels = []
+    for p in wide[:: max(1, len(wide) // GREY_CONTENT_SAMPLE)][:GREY_CONTENT_SAMPLE]:
+        try:
+            levels.append(int(np.asarray(open_image(p)).max(initial=0)))
+        except (ImageError, ValueError, OSError):
+            continue  # the data scan reports it
+    if not levels:
+        return None, ""
+    brightest = max(levels)
+    bits = next((b for b in BIT_DEPTHS if brightest < 2**b), brightest.bit_length())
+    return 2**bits - 1, (
+        f"{len(wide)} of {len(seen)} sampled images 16- or 32-bit grey, the brightest of "
+        f"{len(levels)} read at {brightest:,}: {bits}-bit values, {2**bits - 1:,} shown as white"
+    )
+
+
+def choose_grey_white(cfg) -> tuple[object, list[str]]:
+    """(config with data.grey_white resolved, its note for the run summary) for auto; model=head
+    reads its images as the feature cache's backbone does (features.*), and is left as it is."""
+    if cfg.data.get("grey_white") != "auto" or cfg.model.get("name") == "head":
+        return cfg, []
+    white, why = grey_white(cfg.data)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.grey_white = white
+    return cfg, [f"data.grey_white={white} ({why})"] if why else []

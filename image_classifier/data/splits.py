@@ -23,7 +23,7 @@ from image_classifier.data.identity import (
     stratified_indices,
 )
 from image_classifier.data.images import Preprocessing, normalisation
-from image_classifier.data.profile import auto_size, detect_channels, profile_folder
+from image_classifier.data.profile import auto_size, detect_channels, grey_white, profile_folder
 from image_classifier.data.sources import sha256_file
 from image_classifier.errors import UserError, listed
 from image_classifier.rules import is_auto, items
@@ -49,7 +49,8 @@ def load_splits(
 
 def preprocessing_for(c, channels: int) -> Preprocessing:
     """The preprocessing the data settings ask for: data.size (`auto`: from the images' median
-    size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize."""
+    size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize,
+    data.grey_white (`auto`: from the images, profile.grey_white)."""
     size = (
         auto_size(
             profile_folder(c.root, file_column=c.get("csv_file_column")).median_size,
@@ -59,7 +60,8 @@ def preprocessing_for(c, channels: int) -> Preprocessing:
         else items(c.size, 2)
     )
     mean, std = normalisation(c.get("mean"), c.get("std"), channels)
-    return Preprocessing(size=tuple(size), channels=channels, mean=mean, std=std, resize=c.resize)
+    white = grey_white(c)[0]
+    return Preprocessing(tuple(size), channels, mean, std, c.resize, grey_white=white)
 
 
 def _idx(c, fixed: Preprocessing | None, project_root: Path) -> tuple[dict, DataInfo]:

@@ -1,9 +1,9 @@
 """Defaults that follow the data: `model=auto`, `data.size=auto` and `train.epochs=auto` become a
 model, a size and a number of epochs chosen from the images, before anything is built; a
 pretrained model chosen so is fine-tuned with random flips and shifts. Every choice is printed
-in one line of the run summary with its reason; any explicit value wins, and the run stores
-the concrete values (so `train.resume`, `test` and `export-onnx` never see `auto`). The rules
-were chosen on the validation splits of scripts/benchmark_datasets.py (docs/benchmarks.md)."""
+in one line of the run summary with its reason; any explicit value wins, and the run stores the
+concrete values (`train.resume`, `test` and `export-onnx` never see `auto`). The rules were
+chosen on the validation splits of scripts/benchmark_datasets.py (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from image_classifier.data.profile import (
     PRETRAINED_SIZES,
     ImageProfile,
     auto_size,
+    choose_grey_white,
     median_text,
     profile_folder,
 )
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 # (300, 1,000 and 2,000 images) and photos-7, in less time. MAX_EPOCHS bounds the per-epoch cost
 # (validation, checkpoints) on a tiny folder: 500 images at batch 128 still get their 1,000 steps.
 MIN_STEPS = {"scratch": 1000, "pretrained": 300}
-# From scratch, Fashion-MNIST (430 steps an epoch) gets 4 epochs: 4 against 3 gained 0.22 points
-# of validation accuracy (7 of 8 seeds, CPU B) in 1.3x the time; the default job's lowest test
-# accuracy 92.88 % (under its 93 % target) -> 93.26 % (docs/benchmarks.md, 27th session).
+# From scratch, Fashion-MNIST (430 steps an epoch) gets 4 epochs: 4 against 3 gained 0.22 points of
+# val accuracy (7 of 8 seeds, CPU B) in 1.3x the time; lowest test accuracy 92.88 -> 93.26 %.
 MIN_EPOCHS, MAX_EPOCHS = {"scratch": 4, "pretrained": 3}, 250
 # Too few train images for MAX_EPOCHS epochs to make MIN_STEPS (under about 385 at batch 128):
 # train.batch_size=auto is halved, not below MIN_AUTO_BATCH, until they do. Chosen on validation
@@ -51,9 +51,9 @@ MIN_AUTO_BATCH = 16
 # 400 steps, on a lucky epoch of a 100-image validation split (docs/benchmarks.md).
 ANNEALED = ("onecycle", "cosine")
 # Fine-tuning keeps the stem and this many of the first stages at their pretrained weights: no
-# backward pass through the largest activations. EfficientNet-Lite0 at 160 px on 2 CPU cores:
-# 0.6x the step time; colour-96 0.87x the training time at the same validation accuracy (79.6 %,
-# two seeds), photos-7 0.70x at 100 % against 99.05 % (docs/benchmarks.md, tenth session)
+# backward pass through the largest activations. EfficientNet-Lite0 at 160 px on 2 CPU cores: 0.6x
+# the step time; colour-96 0.87x the training time at the same validation accuracy (79.6 %, two
+# seeds), photos-7 0.70x at 100 % against 99.05 % (docs/benchmarks.md, tenth session)
 FROZEN_STAGES = 2
 # model=auto fine-tuning a pretrained backbone: random horizontal flips and shifts of up to this
 # fraction of the side, per batch (train.augment.hflip, .shift), unless augmentation is given
@@ -164,11 +164,11 @@ def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
 
 
 def choose_before_data(cfg, chosen: list[str]) -> tuple[object, list[str]]:
-    """(config, `chosen` and more notes) with every `auto` that the images' headers decide
-    resolved: model, data.size, the fine-tuning augmentation, batch size and frozen stages."""
+    """(config, `chosen` and more notes) with every `auto` the images decide before the data is
+    built: model, data.size, fine-tuning's augmentation, batch, frozen stages, data.grey_white."""
     cfg, notes = choose_model_and_size(cfg)
     chosen = [*chosen, *notes]
-    for choose in (choose_batch_size, choose_frozen_stages):
+    for choose in (choose_batch_size, choose_frozen_stages, choose_grey_white):
         cfg, notes = choose(cfg)
         chosen += notes
     return cfg, chosen
