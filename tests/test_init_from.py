@@ -207,3 +207,24 @@ def test_model_pretrained_given_a_checkpoint_of_this_tool_names_train_init_from(
         UserError, match=rf"is a checkpoint this tool trained: .* train.init_from={ckpt} "
     ):
         file_state(str(ckpt))
+
+
+def test_a_12_bit_model_keeps_its_grey_white_and_hands_it_to_a_run_started_from_it(tmp_path):
+    """train on 12-bit scans records data.grey_white=4095 in the model's preprocessing; a run
+    started from that model (train.init_from) reads its images the same way."""
+    from conftest import twelve_bit_folder
+
+    from image_classifier.models.checkpoint import read
+    from image_classifier.training.train import run_train
+
+    scans = twelve_bit_folder(tmp_path / "scans", per_class=10)
+    quick = ("data.size=16", "logger.enabled=false")
+    first = run_train(compose_cfg(tmp_path, "data=folder", f"data.root={scans}", *quick))
+    assert any(c.startswith("data.grey_white=4095 (20 of 20 sampled") for c in first["chosen"])
+    assert read(first["checkpoint"])["hyper_parameters"]["preprocessing"]["grey_white"] == 4095
+    more = twelve_bit_folder(tmp_path / "more", per_class=10, top=1000)  # its own depth: 1023
+    start = f"train.init_from={first['checkpoint']}"
+    again = ("logger.enabled=false", f"paths.output_dir={tmp_path}/again")
+    r = run_train(compose_cfg(tmp_path, "data=folder", f"data.root={more}", start, *again))
+    assert "data.grey_white=4095 (what it was trained with)" in r["chosen"]
+    assert read(r["checkpoint"])["hyper_parameters"]["preprocessing"]["grey_white"] == 4095

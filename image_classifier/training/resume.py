@@ -106,8 +106,8 @@ def init_point(cfg):
         for key, value in mine.items():  # model.drop_rate=0.3...: the command line's, on top
             OmegaConf.update(cfg, key, value, force_add=True)
         notes = [f"model={model['name']} (train.init_from: the network of {start.path})"]
-        for key in ("size", "channels"):
-            if is_auto(cfg.data.get(key)):
+        for key in ("size", "channels", "grey_white"):  # grey_white: 16-bit models only
+            if is_auto(cfg.data.get(key)) and key in pre:
                 cfg.data[key] = pre[key]
                 notes.append(f"data.{key}={pre[key]} (what it was trained with)")
         if cfg.data.channels == pre["channels"]:
