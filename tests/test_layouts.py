@@ -632,3 +632,31 @@ def test_a_flat_folder_of_labelled_names_is_told_the_pattern_and_a_bad_one_why(t
         UserError, match=r"gives no label from the names of the 8 image\(s\) under "
     ):
         discover(flat, manifest=ManifestOptions(label_pattern=r"^x(\d)"))
+
+
+def test_class_folders_holding_their_images_in_subfolders_say_which_are_the_classes(
+    tmp_path, caplog
+):
+    """animals/cat, animals/dog, vehicles/bus, vehicles/car trained as 2 classes without a word;
+    the subfolders may be the classes meant. A class folder with its images in one subfolder, or
+    beside its subfolders, is a class as it stands and says nothing."""
+    import logging
+
+    root = tmp_path / "d"
+    for top, leaves in (("animals", ("cat", "dog")), ("vehicles", ("bus", "car", "tram"))):
+        for leaf in leaves:
+            make_class_folders(root / top, classes=(leaf,), per_class=4)
+    make_class_folders(root / "plants" / "2024", classes=("fern",), per_class=4)
+    with caplog.at_level(logging.INFO):
+        assert discover(root).classes == ["animals", "plants", "vehicles"]
+    assert (
+        f"The classes are the folders directly in {root}; 2 of them hold their images in "
+        "subfolders (animals: cat, dog; vehicles: bus, car, tram), read as part of their class. "
+        "To train on the subfolders as classes, move them up into that folder"
+    ) in caplog.text
+    caplog.clear()
+    make_class_folders(tmp_path / "flat", per_class=4)
+    make_class_folders(tmp_path / "flat" / "cat", classes=("older",), per_class=2)
+    with caplog.at_level(logging.INFO):
+        discover(tmp_path / "flat")
+    assert "subfolders" not in caplog.text

@@ -295,7 +295,7 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
 
 
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
-    out = []
+    out, nested = [], {}
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
     if not class_dirs:
         unlabelled = ""
@@ -328,4 +328,23 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
                 "to it or remove the folder."
             )
         out += [(str(p), d.name) for p in images]
+        inside = [p.relative_to(d).parts for p in images]
+        if all(len(x) > 1 for x in inside) and len(subs := sorted({x[0] for x in inside})) > 1:
+            nested[d.name] = subs
+    if nested:
+        _note_nested(folder, nested)
     return out
+
+
+def _note_nested(folder: Path, nested: dict[str, list[str]]) -> None:
+    """Class folders that hold their images in several subfolders each (animals/cat, animals/dog):
+    the subfolders may be the classes meant, so a line says which were taken."""
+    held = [f"{c}: {', '.join(s[:4])}{', ...' * (len(s) > 4)}" for c, s in nested.items()]
+    log.info(
+        "The classes are the folders directly in %s; %d of them hold their images in subfolders "
+        "(%s), read as part of their class. To train on the subfolders as classes, move them up "
+        "into that folder, or list the images with their labels in a CSV manifest (docs/data.md).",
+        display_name(folder),
+        len(nested),
+        "; ".join(held[:3]) + ("; ..." if len(held) > 3 else ""),
+    )
