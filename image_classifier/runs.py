@@ -15,6 +15,8 @@ from pathlib import Path
 from image_classifier.errors import UserError, override
 from image_classifier.rules import REGISTRY_PREFIX
 
+log = logging.getLogger(__name__)
+
 _CLAIMED: dict[str, str] = {}
 RANK_VARIABLES = ("RANK", "LOCAL_RANK")  # torchrun and Lightning set them in each rank's process
 
@@ -126,7 +128,16 @@ def checkpoint(cfg, given, setting: str) -> Path:
                 )
             )
         return path
-    return newest_best(cfg.paths.root, cfg.paths.search, setting)
+    found = newest_best(cfg.paths.root, cfg.paths.search, setting)
+    if not (found.parent.parent / "train_summary.json").is_file():  # written when a run ends
+        log.warning(
+            "The newest best checkpoint, %s, is from a run that has not finished (no "
+            "train_summary.json beside its checkpoints/: still training, or stopped early): its "
+            "best epoch so far, not calibrated. Name another with %s=PATH.",
+            found,
+            setting,
+        )
+    return found
 
 
 def network_checkpoint(cfg, given, setting: str) -> Path:

@@ -1267,3 +1267,33 @@ def test_a_run_no_better_than_its_largest_class_says_so_and_why(tmp_path, capsys
         "data is pre-split)"
     )
     assert "optimizer steps" not in line
+
+
+def test_the_newest_checkpoint_of_a_run_not_finished_is_named_as_such(tmp_path, caplog):
+    """`command=test` with no checkpoint took the newest best.ckpt, which may be a run still
+    training in another terminal (or one stopped with Ctrl-C): its best epoch so far, not
+    calibrated, tested without a word. A run folder without train_summary.json is named so."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from image_classifier import runs
+
+    cfg = OmegaConf.create({"paths": {"root": str(tmp_path), "search": ["outputs"]}})
+    done, going = (tmp_path / "outputs" / d for d in ("done", "going"))
+    for run in (done, going):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "best.ckpt").write_bytes(b"")
+    (done / "train_summary.json").write_text("{}")
+    os.utime(done / "checkpoints" / "best.ckpt", (1, 1))  # older: going's is the newest
+    assert runs.checkpoint(cfg, None, "test.checkpoint") == going / "checkpoints" / "best.ckpt"
+    assert (
+        f"The newest best checkpoint, {going / 'checkpoints' / 'best.ckpt'}, is from a run that "
+        "has not finished (no train_summary.json beside its checkpoints/: still training, or "
+        "stopped early): its best epoch so far, not calibrated. Name another with "
+        "test.checkpoint=PATH."
+    ) in caplog.text
+    caplog.clear()
+    (going / "train_summary.json").write_text("{}")
+    runs.checkpoint(cfg, None, "test.checkpoint")
+    assert "has not finished" not in caplog.text
