@@ -660,3 +660,23 @@ def test_class_folders_holding_their_images_in_subfolders_say_which_are_the_clas
     with caplog.at_level(logging.INFO):
         discover(tmp_path / "flat")
     assert "subfolders" not in caplog.text
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "utf-16"])
+def test_a_manifest_excel_saved_in_windows_1252_or_utf_16_is_read(tmp_path, caplog, encoding):
+    """Excel's "CSV (Comma delimited)" on a Western Windows writes Windows-1252: a label "café"
+    stopped every command with a UnicodeDecodeError traceback. It is read so, with a warning
+    naming the file and the fix; UTF-16 with its byte-order mark is read as such, silently."""
+    make_class_folders(tmp_path / "imgs", classes=("cat", "dog"), per_class=4)
+    rows = ["file;label"] + [
+        f"imgs/{c}/{i:03d}.png;{'café' if c == 'cat' else 'thé'}"
+        for c in ("cat", "dog")
+        for i in range(4)
+    ]
+    (tmp_path / "labels.csv").write_bytes("\r\n".join(rows).encode(encoding))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert s.classes == ["café", "thé"] and not s.skipped
+    warned = "is not UTF-8 (byte 0xe9 at 32): read as Windows-1252" in caplog.text
+    assert warned == (encoding == "cp1252")
+    if warned:
+        assert 'If names in it read wrong, save it as "CSV UTF-8".' in caplog.text

@@ -12,8 +12,10 @@ columns, or forced with `data.multi_label=true|false`. A bad row (empty label, u
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
+import io
 import logging
 import os
 from pathlib import Path
@@ -118,14 +120,41 @@ def read_manifest(
 def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
     """(rows, columns, {column_key(column): column}); columns apart by the first of DELIMITERS the
     header holds (Excel in many locales: ";")."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = f.readline()
-        f.seek(0)
-        rows = list(csv.DictReader(f, delimiter=next((d for d in DELIMITERS if d in header), ",")))
+    text = read_text(path)
+    header = text.split("\n", 1)[0]
+    delimiter = next((d for d in DELIMITERS if d in header), ",")
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
     if not rows:
         raise UserError(f"CSV manifest {str(path)!r} has no rows.")
     columns = list(rows[0].keys())
     return rows, columns, {column_key(c): c for c in columns}
+
+
+_WARNED: set[str] = set()
+
+
+def read_text(path: Path) -> str:
+    """A list or manifest as an editor or Excel saved it: UTF-8 (with or without its BOM), UTF-16
+    with its BOM, else Windows-1252, what Excel's "CSV (Comma delimited)" writes on a Western
+    Windows (a label "café" in it stopped the command with a UnicodeDecodeError traceback),
+    with a warning: in another encoding the names read wrong and their files are not found."""
+    raw = Path(path).read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        if str(path) in _WARNED:  # the scan and the size profile both read a manifest
+            return raw.decode("cp1252", errors="replace")
+        _WARNED.add(str(path))
+        log.warning(
+            "%s is not UTF-8 (byte 0x%02x at %d): read as Windows-1252, which Excel's \"CSV "
+            '(Comma delimited)" writes. If names in it read wrong, save it as "CSV UTF-8".',
+            path,
+            raw[e.start],
+            e.start,
+        )
+        return raw.decode("cp1252", errors="replace")
 
 
 def column_key(name: str) -> str:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from image_classifier.data.images import is_image_name
-from image_classifier.data.manifest import listed_files, listed_path
+from image_classifier.data.manifest import listed_files, listed_path, read_text
 from image_classifier.data.not_images import URL_FIX, archive_hint, is_url
 from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
@@ -56,7 +56,7 @@ def collect_inputs(
             )
     elif p.is_file() and p.suffix.lower() == ".txt":
         base = p.parent
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in read_text(p).splitlines()]
         listed = [ln for ln in lines if ln and not ln.startswith("#")]
         if urls := [ln for ln in listed if is_url(ln)]:
             raise UserError(
