@@ -84,6 +84,26 @@ def test_an_archive_as_data_root_says_to_unpack_it(tmp_path, name, how):
     assert how.format(tmp_path / name) in str(e.value)  # its own tool: tar is not unzipped
 
 
+@pytest.mark.parametrize(
+    "name, fix",
+    [
+        ("labels.xlsx", "It is a spreadsheet: save it as CSV beside the images (Excel: File >"),
+        ("labels.tsv", "A manifest is read from a .csv (columns apart by , ; or a tab): rename"),
+    ],
+)
+def test_a_spreadsheet_or_tsv_as_data_root_says_how_to_make_it_a_manifest(tmp_path, name, fix):
+    """data.root=labels.xlsx said only "is a file, not a folder"."""
+    (tmp_path / name).write_bytes(b"PK\x03\x04" if name.endswith("x") else b"file\tlabel\n")
+    with pytest.raises(UserError) as e:
+        discover(tmp_path / name)
+    assert (
+        str(e.value)
+        == f"data.root={str(tmp_path / name)!r} is a file, not a folder. "
+        + (str(e.value).split("folder. ", 1)[1])
+    )
+    assert fix in str(e.value)
+
+
 def test_presplit_folders(tmp_path):
     for split in ("train", "validation", "test"):
         make_class_folders(tmp_path / "d" / split, per_class=3)

@@ -18,7 +18,7 @@ from image_classifier.data.identity import label_parts, only_listed, split_items
 from image_classifier.data.images import display_name, is_image_name, is_system
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.data.named_files import name_hint, read_named
-from image_classifier.data.not_images import archive_hint
+from image_classifier.data.not_images import archive_hint, table_hint
 from image_classifier.errors import UserError, override
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ def discover(
 
 
 def data_folder(root: str | Path) -> Path:
-    """data.root's folder: itself, or the folder of the CSV manifest it names (a folder holding
-    train.csv and test.csv: data.root=FOLDER/train.csv)."""
+    """data.root's folder: itself, or the folder of the CSV it names (data.root=F/train.csv)."""
     root = Path(root).expanduser()
     return root.parent if root.suffix.lower() == ".csv" and root.is_file() else root
 
@@ -117,7 +116,8 @@ def _entries(root: Path) -> list[Path]:
             "subfolders, of train/val/test folders, or with a CSV manifest."
         )
     if not root.is_dir():
-        raise UserError(f"data.root={str(root)!r} is a file, not a folder.{archive_hint(root)}")
+        hint = archive_hint(root) or table_hint(root)  # a zip; a spreadsheet, .tsv or .txt
+        raise UserError(f"data.root={str(root)!r} is a file, not a folder.{hint}")
     entries = [p for p in root.iterdir() if not is_system(p, root)]
     if not entries:
         raise UserError(

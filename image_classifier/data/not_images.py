@@ -46,6 +46,22 @@ def archive_hint(path: str | Path) -> str:
     return f" It is an archive: unpack it (e.g. `{how}`) and give the folder." if how else ""
 
 
+SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
+
+
+def table_hint(path: str | Path) -> str:
+    """For data.root naming a table a manifest is not read from: a spreadsheet, or a .tsv/.txt."""
+    suffix = Path(path).suffix.lower()
+    if suffix in SPREADSHEETS:
+        return (
+            " It is a spreadsheet: save it as CSV beside the images (Excel: File > Save As > CSV "
+            "UTF-8) and give that .csv, or its folder."
+        )
+    if suffix in (".tsv", ".txt"):
+        return " A manifest is read from a .csv (columns apart by , ; or a tab): rename it so."
+    return ""
+
+
 def kind_of(head: bytes) -> str:
     """What a file PIL cannot read is, from its first bytes ('a PDF document'), or ''."""
     for magic, kind in SIGNATURES:
