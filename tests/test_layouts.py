@@ -233,6 +233,30 @@ def test_class_folder_without_images(folder_data):
         discover(folder_data)
 
 
+def test_dicom_and_camera_raw_files_are_named_for_what_they_are(folder_data):
+    """A class folder of DICOM scans said only "has no images (3 other file(s))"; a camera's
+    raw files beside its JPEGs were "not an image file name". Each reason now says what the file
+    is and the fix."""
+    (folder_data / "scans").mkdir()
+    for i in range(3):
+        (folder_data / "scans" / f"img{i}.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(UserError) as e:
+        discover(folder_data)
+    assert str(e.value) == (
+        f"Class folder {str(folder_data / 'scans')!r} has no images (3 other file(s); img0.dcm: "
+        "not an image file name (a DICOM file: convert it to PNG; 16-bit greys keep their bit "
+        "depth, docs/data.md)). Add images to it or remove the folder."
+    )
+    shutil.rmtree(folder_data / "scans")
+    (folder_data / "cat" / "IMG_1.CR2").write_bytes(b"II*\0")
+    (folder_data / "cat" / "notes.txt").write_text("x")
+    skipped = discover(folder_data).skipped
+    assert skipped[str(folder_data / "cat" / "IMG_1.CR2")] == (
+        "not an image file name (a camera raw file: export it as JPEG or PNG)"
+    )
+    assert skipped[str(folder_data / "cat" / "notes.txt")] == "not an image file name"
+
+
 def test_single_class(folder_data):
     shutil.rmtree(folder_data / "dog")
     shutil.rmtree(folder_data / "fox")

@@ -323,9 +323,10 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
             )
         files = scan.files_under(d)
         if not (images := scan.image_files(files, skipped)):
+            one = f"; {files[0].name}: {skipped.get(str(files[0]))}" if files else ""
             raise UserError(
-                f"Class folder {str(d)!r} has no images ({len(files)} other file(s)). Add images "
-                "to it or remove the folder."
+                f"Class folder {str(d)!r} has no images ({len(files)} other file(s){one}). Add "
+                "images to it or remove the folder."
             )
         out += [(str(p), d.name) for p in images]
         inside = [p.relative_to(d).parts for p in images]
@@ -337,8 +338,7 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
 
 
 def _note_nested(folder: Path, nested: dict[str, list[str]]) -> None:
-    """Class folders that hold their images in several subfolders each (animals/cat, animals/dog):
-    the subfolders may be the classes meant, so a line says which were taken."""
+    """Class folders holding their images in subfolders (animals/cat): say which are classes."""
     held = [f"{c}: {', '.join(s[:4])}{', ...' * (len(s) > 4)}" for c, s in nested.items()]
     log.info(
         "The classes are the folders directly in %s; %d of them hold their images in subfolders "

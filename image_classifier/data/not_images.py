@@ -46,7 +46,19 @@ def archive_hint(path: str | Path) -> str:
     return f" It is an archive: unpack it (e.g. `{how}`) and give the folder." if how else ""
 
 
+# files that hold pictures the tool does not read, by extension, with the fix for their reason
+RAW = "a camera raw file: export it as JPEG or PNG"
+DICOM = "a DICOM file: convert it to PNG; 16-bit greys keep their bit depth, docs/data.md"
+FOREIGN = {".dcm": DICOM, ".dicom": DICOM, ".psd": "a Photoshop file: export it as PNG"}
+FOREIGN |= dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2", ".raf"), RAW)
 SPREADSHEETS = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
+
+
+def stray_reason(path: str | Path) -> str:
+    """Why a file under the data is not read: not an image file name, and what it is when its
+    extension says (a DICOM file, a camera raw file...)."""
+    kind = FOREIGN.get(Path(path).suffix.lower())
+    return f"not an image file name ({kind})" if kind else "not an image file name"
 
 
 def table_hint(path: str | Path) -> str:

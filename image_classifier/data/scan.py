@@ -19,6 +19,7 @@ from image_classifier.data.images import (
     open_image,
     path_problem,
 )
+from image_classifier.data.not_images import stray_reason
 
 
 def _check_one(path: str) -> str | None:
@@ -109,7 +110,7 @@ def image_files(files: list[Path], skipped: dict[str, str]) -> list[Path]:
         if problem := path_problem(p):
             skipped[display_name(p)] = problem
         elif not is_image_name(p):
-            skipped[str(p)] = "not an image file name"
+            skipped[str(p)] = stray_reason(p)
         else:
             images.append(p)
     return images
