@@ -696,7 +696,7 @@ def test_class_folders_holding_their_images_in_subfolders_say_which_are_the_clas
     assert (
         f"The classes are the folders directly in {root}; 2 of them hold their images in "
         "subfolders (animals: cat, dog; vehicles: bus, car, tram), read as part of their class. "
-        "To train on the subfolders as classes, move them up into that folder"
+        "For the subfolders as classes, move them up into that folder"
     ) in caplog.text
     caplog.clear()
     make_class_folders(tmp_path / "flat", per_class=4)
@@ -724,3 +724,18 @@ def test_a_manifest_excel_saved_in_windows_1252_or_utf_16_is_read(tmp_path, capl
     assert warned == (encoding == "cp1252")
     if warned:
         assert 'If names in it read wrong, save it as "CSV UTF-8".' in caplog.text
+
+
+def test_split_folders_inside_class_folders_get_their_warning_not_the_subfolder_note(
+    tmp_path, caplog
+):
+    """cat/train, cat/test: _warn_splits_inside's warning names them; the note on class folders
+    holding their images in subfolders does not repeat it."""
+    import logging
+
+    for c in ("cat", "dog"):
+        for split in ("train", "test"):
+            make_class_folders(tmp_path / "d" / c, classes=(split,), per_class=3)
+    with caplog.at_level(logging.INFO):
+        discover(tmp_path / "d")
+    assert "holds test/train folders" in caplog.text and "The classes are" not in caplog.text

@@ -1,9 +1,8 @@
 """Users' own data: class folders, pre-split folders or a CSV manifest, detected automatically
-(or labels in file names, when data.label_pattern says how).
-Every layout ends as the same `Samples`: sorted class names and, per split, (path, class index)
-pairs. Files that are not readable images are skipped and counted (or refused with strict=True).
-A multi-label CSV manifest (`shirt;bag` in one column, or one 0/1 column per class) gives each
-item a tuple of class indices (possibly empty)."""
+(or labels in file names, when data.label_pattern says how). Every layout ends as the same
+`Samples`: sorted class names and, per split, (path, class index) pairs. Files that are not
+readable images are skipped and counted (or refused with strict=True). A multi-label CSV
+manifest (`shirt;bag`, or one 0/1 column per class) gives each item a tuple of class indices."""
 
 from __future__ import annotations
 
@@ -179,8 +178,8 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
 
 
 def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
-    """The CSVs among a folder's entries that are read as its manifest: beside several folders
-    (class folders), only those naming files (`is_manifest`); the others go into `skipped`."""
+    """The CSVs among a folder's entries read as its manifest: beside class folders, only those
+    naming files (`is_manifest`), the others into `skipped`."""
     from image_classifier.data.manifest import FILE_COLUMNS, is_manifest
 
     csvs = sorted(p for p in entries if p.suffix.lower() == ".csv")
@@ -195,8 +194,7 @@ def manifest_csvs(entries: list, manifest, skipped: dict) -> list[Path]:
 
 
 def _warn_splits_inside(root: Path, class_dirs: list[Path]) -> None:
-    """ROOT/<class>/train|test/...: the images are used, but the split folders inside the classes
-    are not read as splits; say so, with the layout that keeps them."""
+    """ROOT/<class>/train|test/...: read as part of each class, not as splits; say so and how."""
     inside = {c.name for d in class_dirs for c in d.iterdir() if c.is_dir()}
     named = sorted(n for n in inside if n.lower() in SPLIT_ALIASES)
     if named and all(any((d / n).is_dir() for n in named) for d in class_dirs):
@@ -243,8 +241,7 @@ def _classes(root: Path, layout: str, labelled: list, given: list[str] | None) -
 
 
 def _one_level_down(root: Path) -> str:
-    """' It holds one folder, ...: point data.root at it' when the data sits a level deeper (an
-    archive unpacked into a folder of its own name), else ''."""
+    """' It holds one folder, ...: point data.root at it' (an archive unpacked in its name)."""
     dirs = [p for p in root.iterdir() if p.is_dir() and not is_system(p, root)]
     inner = [p for p in dirs[0].iterdir() if p.is_dir() and not is_system(p, root)] if dirs else []
     if len(dirs) != 1 or not (
@@ -295,7 +292,7 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
 
 
 def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
-    out, nested = [], {}
+    out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
     if not class_dirs:
         unlabelled = ""
@@ -329,22 +326,25 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
                 "images to it or remove the folder."
             )
         out += [(str(p), d.name) for p in images]
-        inside = [p.relative_to(d).parts for p in images]
-        if all(len(x) > 1 for x in inside) and len(subs := sorted({x[0] for x in inside})) > 1:
-            nested[d.name] = subs
-    if nested:
-        _note_nested(folder, nested)
+    _note_nested(folder, out)
     return out
 
 
-def _note_nested(folder: Path, nested: dict[str, list[str]]) -> None:
-    """Class folders holding their images in subfolders (animals/cat): say which are classes."""
+def _note_nested(folder: Path, labelled: list[tuple[str, str]]) -> None:
+    """Class folders with their images in several subfolders (animals/cat; split names are
+    _warn_splits_inside's): say that the top folders are the classes."""
+    subs: dict[str, set] = {}
+    for path, c in labelled:
+        parts = Path(path).relative_to(folder / c).parts
+        subs.setdefault(c, set()).add(parts[0] if len(parts) > 1 else "")
+    nested = {c: sorted(s) for c, s in subs.items() if len(s) > 1 and "" not in s}
     held = [f"{c}: {', '.join(s[:4])}{', ...' * (len(s) > 4)}" for c, s in nested.items()]
-    log.info(
-        "The classes are the folders directly in %s; %d of them hold their images in subfolders "
-        "(%s), read as part of their class. To train on the subfolders as classes, move them up "
-        "into that folder, or list the images with their labels in a CSV manifest (docs/data.md).",
-        display_name(folder),
-        len(nested),
-        "; ".join(held[:3]) + ("; ..." if len(held) > 3 else ""),
-    )
+    if held and SPLIT_ALIASES.keys().isdisjoint(x.lower() for s in nested.values() for x in s):
+        log.info(
+            "The classes are the folders directly in %s; %d of them hold their images in "
+            "subfolders (%s), read as part of their class. For the subfolders as classes, move "
+            "them up into that folder, or list the images and labels in a CSV (docs/data.md).",
+            display_name(folder),
+            len(nested),
+            "; ".join(held[:3]) + ("; ..." if len(held) > 3 else ""),
+        )
