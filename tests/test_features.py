@@ -311,3 +311,20 @@ def test_a_head_under_ddp_evaluates_each_cached_image_once(project):
             dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
             shares.append(list(loader().sampler))
         assert sorted(shares[0] + shares[1]) == list(range(n)), (split, shares)
+
+
+def test_the_feature_cache_reads_12_bit_scans_by_their_depth_as_training_does(tmp_path):
+    """cache-features and model=head read 16-bit greys by 65535 while training read them by the
+    data's bit depth: the cache's preprocessing (and so its key, its manifest and the head
+    model's file) now holds the data's grey white; 8-bit data's is unchanged."""
+    from conftest import twelve_bit_folder
+
+    from image_classifier.data.features import backbone_preprocessing
+
+    scans = twelve_bit_folder(tmp_path / "scans")
+    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={scans}")
+    assert backbone_preprocessing(cfg.features, cfg.data).grey_white == 4095
+    assert backbone_preprocessing(cfg.features).grey_white is None  # no data: as before
+    eight = make_class_folders(tmp_path / "eight", per_class=2)
+    cfg8 = compose_cfg(tmp_path, "data=folder", f"data.root={eight}")
+    assert backbone_preprocessing(cfg8.features, cfg8.data) == backbone_preprocessing(cfg8.features)

@@ -30,7 +30,11 @@ FORMAT_VERSION = 3
 PARITY_FILE = "parity_images.npy"  # absent from caches built before 2026-12-04
 
 
-def backbone_preprocessing(fcfg) -> Preprocessing:
+def backbone_preprocessing(fcfg, data=None) -> Preprocessing:
+    """cfg.features' preprocessing; with `data` (cfg.data), 16-bit greys read by its grey white
+    (profile.grey_white), as training reads them."""
+    from image_classifier.data.profile import grey_white
+
     ch = int(fcfg.channels)
     return Preprocessing(
         size=tuple(fcfg.size),
@@ -38,6 +42,7 @@ def backbone_preprocessing(fcfg) -> Preprocessing:
         mean=tuple(fcfg.mean),
         std=tuple(fcfg.std),
         resize=fcfg.get("resize", "stretch"),
+        grey_white=grey_white(data)[0] if data is not None else None,
     )
 
 
@@ -58,7 +63,7 @@ def cache_key(data_hash: str, fcfg, pre: Preprocessing, weights: str, classes: l
 def cache_folder(cfg, data_hash: str, weights: str, classes: list) -> tuple[Path, str]:
     """(folder, key) where the cache for this data and cfg.features lives (built or not)."""
     fcfg = cfg.features
-    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg), weights, classes)
+    key = cache_key(data_hash, fcfg, backbone_preprocessing(fcfg, cfg.data), weights, classes)
     return Path(fcfg.dir) / key, key
 
 

@@ -185,9 +185,8 @@ def grey_white(c) -> tuple[int | None, str]:
 
 
 def choose_grey_white(cfg) -> tuple[object, list[str]]:
-    """(config with data.grey_white resolved, its note for the run summary) for auto; model=head
-    reads its images as the feature cache's backbone does (features.*), and is left as it is."""
-    if cfg.data.get("grey_white") != "auto" or cfg.model.get("name") == "head":
+    """(config with data.grey_white resolved, its note for the run summary) for auto."""
+    if cfg.data.get("grey_white") != "auto":
         return cfg, []
     white, why = grey_white(cfg.data)
     cfg = cfg.copy()

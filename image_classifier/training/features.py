@@ -91,7 +91,7 @@ def _datamodule(cfg):
     c = cfg.copy()
     OmegaConf.set_struct(c, False)
     c.train.batch_size = int(cfg.features.batch_size)
-    return build_datamodule(c, preprocessing=backbone_preprocessing(cfg.features))
+    return build_datamodule(c, preprocessing=backbone_preprocessing(cfg.features, cfg.data))
 
 
 def _manifest(cfg, key: str, info, counts: dict, dim: int, seconds: float) -> dict:
@@ -108,7 +108,7 @@ def _manifest(cfg, key: str, info, counts: dict, dim: int, seconds: float) -> di
         "classes": info.classes,
         "backbone": fcfg.backbone,
         "weights": weights_id(fcfg),
-        "preprocessing": backbone_preprocessing(fcfg).to_dict(),
+        "preprocessing": backbone_preprocessing(fcfg, cfg.data).to_dict(),
         "dim": dim,
         "dtype": "float16",
         "counts": counts,
