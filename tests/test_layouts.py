@@ -739,3 +739,27 @@ def test_split_folders_inside_class_folders_get_their_warning_not_the_subfolder_
     with caplog.at_level(logging.INFO):
         discover(tmp_path / "d")
     assert "holds test/train folders" in caplog.text and "The classes are" not in caplog.text
+
+
+@pytest.mark.parametrize("prefix", ["C:\\Users\\ann\\data\\", "/home/ann/data/"])
+def test_a_manifest_of_another_machines_absolute_paths_finds_its_files_beside_it(
+    tmp_path, caplog, prefix
+):
+    """A CSV written on a colleague's Windows machine (C:\\Users\\ann\\data\\imgs\\cat\\000.png),
+    copied here with its images: every row was "no such file" and the command stopped with "No
+    readable images found". Each path is read as the longest end of it found beside the CSV."""
+    make_class_folders(tmp_path / "imgs", classes=("cat", "dog"), per_class=4)
+    sep = "\\" if prefix.startswith("C:") else "/"
+    rows = ["file,label"] + [
+        f"{prefix}imgs{sep}{c}{sep}{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(4)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path, split=(0.5, 0.25, 0.25))
+    assert s.classes == ["cat", "dog"] and not s.skipped
+    assert all(p.startswith(str(tmp_path / "imgs")) for v in s.splits.values() for p, _ in v)
+    assert f"A list or manifest in {tmp_path} names its files by another machine's paths" in (
+        caplog.text
+    )
+    assert "read as the longest end of its path found in that folder (imgs/cat/000.png)" in (
+        caplog.text
+    )

@@ -12,15 +12,13 @@ columns, or forced with `data.multi_label=true|false`. A bad row (empty label, u
 
 from __future__ import annotations
 
-import codecs
 import csv
-import functools
 import io
 import logging
 import os
 from pathlib import Path
 
-from image_classifier.data.images import IMAGE_EXTENSIONS
+from image_classifier.data.listed import listed_path, read_text
 from image_classifier.data.not_images import URL_FIX, is_url
 from image_classifier.errors import UserError, did_you_mean
 
@@ -55,30 +53,6 @@ SPLIT_ALIASES = {
 DELIMITERS = ",;\t|"
 BINARY = {"0", "1", "0.0", "1.0"}
 MULTI_LABEL = ("auto", True, False)  # data.multi_label
-
-
-def listed_path(base: Path, name: str) -> Path:
-    """A file as a manifest or a list names it: absolute, or relative to `base`, with `\\` as
-    the separator when written on Windows (imgs\\a.jpg), and an image's id without its extension
-    (Kaggle's `id` column: images/0a1b.jpg listed as images/0a1b), and its name in another case."""
-    p = Path(name) if Path(name).is_absolute() else base / name
-    if "\\" in name and not p.exists():
-        p = base / name.replace("\\", "/")
-    if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.exists():
-        cased = [e for x in IMAGE_EXTENSIONS for e in (x, x.upper())]
-        p = next((q for e in cased if (q := Path(f"{p}{e}")).is_file()), p)
-    if not p.exists() and (found := _names_by_case(str(p.parent)).get(p.name.casefold())):
-        p = p.parent / found  # IMG_1.JPG listed as img_1.jpg by a case-blind Windows or macOS
-    return p
-
-
-@functools.lru_cache(maxsize=1024)
-def _names_by_case(folder: str) -> dict[str, str]:
-    """{casefolded name: name} of a folder's files, read once per folder."""
-    try:
-        return {n.casefold(): n for n in os.listdir(folder)}
-    except OSError:
-        return {}
 
 
 def read_manifest(
@@ -128,33 +102,6 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str], dict[str, str]]:
         raise UserError(f"CSV manifest {str(path)!r} has no rows.")
     columns = list(rows[0].keys())
     return rows, columns, {column_key(c): c for c in columns}
-
-
-_WARNED: set[str] = set()
-
-
-def read_text(path: Path) -> str:
-    """A list or manifest as an editor or Excel saved it: UTF-8 (with or without its BOM), UTF-16
-    with its BOM, else Windows-1252, what Excel's "CSV (Comma delimited)" writes on a Western
-    Windows (a label "café" in it stopped the command with a UnicodeDecodeError traceback),
-    with a warning: in another encoding the names read wrong and their files are not found."""
-    raw = Path(path).read_bytes()
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return raw.decode("utf-16")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        if str(path) in _WARNED:  # the scan and the size profile both read a manifest
-            return raw.decode("cp1252", errors="replace")
-        _WARNED.add(str(path))
-        log.warning(
-            "%s is not UTF-8 (byte 0x%02x at %d): read as Windows-1252, which Excel's \"CSV "
-            '(Comma delimited)" writes. If names in it read wrong, save it as "CSV UTF-8".',
-            path,
-            raw[e.start],
-            e.start,
-        )
-        return raw.decode("cp1252", errors="replace")
 
 
 def column_key(name: str) -> str:

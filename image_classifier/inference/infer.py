@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 from image_classifier.data.images import is_image_name
-from image_classifier.data.manifest import listed_files, listed_path, read_text
+from image_classifier.data.listed import listed_path, read_text
+from image_classifier.data.manifest import listed_files
 from image_classifier.data.not_images import URL_FIX, archive_hint, is_url
 from image_classifier.data.profile import colour_sample
 from image_classifier.data.scan import files_under
