@@ -42,6 +42,8 @@ class ImageProfile:
     images: int
     colour: bool
     median_size: tuple[int, int]  # (height, width), as data.size
+    wide: tuple[Path, ...] = ()  # the sampled 16- and 32-bit grey files (grey_white reads them)
+    sampled: int = 0  # headers read
 
     def describe(self) -> str:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, {median_text(self)}"
@@ -87,7 +89,8 @@ def profile_folder(
         return ImageProfile(len(paths), False, (28, 28))
     heights, widths = sorted(h for _, _, (_, h) in seen), sorted(w for _, _, (w, _) in seen)
     median = (int(heights[len(heights) // 2]), int(widths[len(widths) // 2]))
-    return ImageProfile(len(paths), is_colour(seen), median)
+    wide = tuple(p for p, mode, _ in seen if mode in WIDE_GREY_MODES)
+    return ImageProfile(len(paths), is_colour(seen), median, wide, len(seen))
 
 
 def detect_channels(paths: list, sample: int = SAMPLE) -> int:
@@ -158,17 +161,17 @@ def auto_size(median: tuple[int, int], pretrained: bool) -> list[int]:
 BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
-def grey_white(c) -> tuple[int | None, str]:
+def grey_white(c, profile: ImageProfile | None = None) -> tuple[int | None, str]:
     """(the grey level of 16- and 32-bit grey images shown as white, why) for the data settings
     `c`: data.grey_white as given, or for `auto` from the brightest pixel of up to
-    GREY_CONTENT_SAMPLE such images in an evenly spaced sample, rounded up to a bit depth
-    (BIT_DEPTHS); (None, "") where there are none (8-bit images, packaged data)."""
+    GREY_CONTENT_SAMPLE such images among the profile's sample (`profile`: the folder's, when
+    the caller has read it already), rounded up to a bit depth (BIT_DEPTHS); (None, "") where
+    there are none (8-bit images, packaged data)."""
     given = c.get("grey_white")
     if given != "auto" or not c.get("root"):
         return (None if given == "auto" else given), ""
-    seen = sampled_headers(image_files(c.root, c.get("csv_file_column")))
-    wide = [p for p, mode, _ in seen if mode in WIDE_GREY_MODES]
-    levels = []
+    profile = profile or profile_folder(c.root, file_column=c.get("csv_file_column"))
+    wide, levels = profile.wide, []
     for p in wide[:: max(1, len(wide) // GREY_CONTENT_SAMPLE)][:GREY_CONTENT_SAMPLE]:
         try:
             levels.append(int(np.asarray(open_image(p)).max(initial=0)))
@@ -179,16 +182,17 @@ def grey_white(c) -> tuple[int | None, str]:
     brightest = max(levels)
     bits = next((b for b in BIT_DEPTHS if brightest < 2**b), brightest.bit_length())
     return 2**bits - 1, (
-        f"{len(wide)} of {len(seen)} sampled images 16- or 32-bit grey, the brightest of "
+        f"{len(wide)} of {profile.sampled} sampled images 16- or 32-bit grey, the brightest of "
         f"{len(levels)} read at {brightest:,}: {bits}-bit values, {2**bits - 1:,} shown as white"
     )
 
 
-def choose_grey_white(cfg) -> tuple[object, list[str]]:
-    """(config with data.grey_white resolved, its note for the run summary) for auto."""
+def choose_grey_white(cfg, profile: ImageProfile | None = None) -> tuple[object, list[str]]:
+    """(config with data.grey_white resolved, its note for the run summary) for auto
+    (`profile`: grey_white's)."""
     if cfg.data.get("grey_white") != "auto":
         return cfg, []
-    white, why = grey_white(cfg.data)
+    white, why = grey_white(cfg.data, profile)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.data.grey_white = white

@@ -51,16 +51,11 @@ def preprocessing_for(c, channels: int) -> Preprocessing:
     """The preprocessing the data settings ask for: data.size (`auto`: from the images' median
     size; `train` chooses it with the model in training/adapt.py), data.mean/std, data.resize,
     data.grey_white (`auto`: from the images, profile.grey_white)."""
-    size = (
-        auto_size(
-            profile_folder(c.root, file_column=c.get("csv_file_column")).median_size,
-            pretrained=False,
-        )
-        if is_auto(c.size)
-        else items(c.size, 2)
-    )
+    profiled = is_auto(c.size) or c.get("grey_white") == "auto"  # one read of the headers
+    profile = profile_folder(c.root, file_column=c.get("csv_file_column")) if profiled else None
+    size = auto_size(profile.median_size, pretrained=False) if is_auto(c.size) else items(c.size, 2)
     mean, std = normalisation(c.get("mean"), c.get("std"), channels)
-    white = grey_white(c)[0]
+    white = grey_white(c, profile)[0]
     return Preprocessing(tuple(size), channels, mean, std, c.resize, grey_white=white)
 
 

@@ -40,10 +40,9 @@ MIN_STEPS = {"scratch": 1000, "pretrained": 300}
 # From scratch, Fashion-MNIST (430 steps an epoch) gets 4 epochs: 4 against 3 gained 0.22 points of
 # val accuracy (7 of 8 seeds, CPU B) in 1.3x the time; lowest test accuracy 92.88 -> 93.26 %.
 MIN_EPOCHS, MAX_EPOCHS = {"scratch": 4, "pretrained": 3}, 250
-# Too few train images for MAX_EPOCHS epochs to make MIN_STEPS (under about 385 at batch 128):
-# train.batch_size=auto is halved, not below MIN_AUTO_BATCH, until they do. Chosen on validation
-# (docs/benchmarks.md, twelfth session): 80 train images from scratch, three-seed mean best val
-# accuracy at batch 128 (250 steps) / 16 (1,000): digits 92.5 / 96.3 %, Fashion-MNIST 69.5 / 76.0 %.
+# Too few train images for MAX_EPOCHS epochs to make MIN_STEPS (under ~385 at batch 128): batch=auto
+# is halved, not below MIN_AUTO_BATCH, until they do. Chosen on validation (12th session, 80 images
+# from scratch, 3-seed mean best val at batch 128 / 16): digits 92.5 / 96.3 %, FMNIST 69.5 / 76.0 %.
 MIN_AUTO_BATCH = 16
 # Schedules whose rate anneals to the end of the run: early stopping would cut them in their
 # high-rate middle, so under train.epochs=auto they run whole and the best epoch on validation is
@@ -69,8 +68,9 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
     needs_size = is_auto(cfg.data.get("size"))
     column = cfg.data.get("csv_file_column")
     profile = profile_folder(cfg.data.root, file_column=column) if cfg.data.get("root") else None
+    cfg, white = choose_grey_white(cfg, profile)  # the same profile: headers read once
     if not (needs_model or needs_size):
-        return _note_enlarged(_square_size(cfg), profile), []
+        return _note_enlarged(_square_size(cfg), profile), white
     cfg = _square_size(cfg.copy())
     notes = []
     with open_dict(cfg):
@@ -92,7 +92,7 @@ def choose_model_and_size(cfg) -> tuple[object, list[str]]:
             )
         if needs_model and cfg.model.get("pretrained"):
             notes += fine_tuning_augment(cfg)
-    return (cfg if needs_size else _note_enlarged(cfg, profile)), notes
+    return (cfg if needs_size else _note_enlarged(cfg, profile)), notes + white
 
 
 # a given data.size this many times the pixels of what data.size=auto would take gets a warning
@@ -165,10 +165,10 @@ def model_for(profile: ImageProfile | None, auto) -> tuple[str, str]:
 
 def choose_before_data(cfg, chosen: list[str]) -> tuple[object, list[str]]:
     """(config, `chosen` and more notes) with every `auto` the images decide before the data is
-    built: model, data.size, fine-tuning's augmentation, batch, frozen stages, data.grey_white."""
+    built: model, data.size, data.grey_white, fine-tuning's augmentation, batch, frozen stages."""
     cfg, notes = choose_model_and_size(cfg)
     chosen = [*chosen, *notes]
-    for choose in (choose_batch_size, choose_frozen_stages, choose_grey_white):
+    for choose in (choose_batch_size, choose_frozen_stages):
         cfg, notes = choose(cfg)
         chosen += notes
     return cfg, chosen

@@ -26,6 +26,7 @@ from image_classifier.data.features import (
 )
 from image_classifier.data.identity import SPLITS, left_out_line
 from image_classifier.data.layouts import write_unusable
+from image_classifier.data.profile import choose_grey_white
 from image_classifier.errors import shell_word
 from image_classifier.models.factory import create_backbone
 from image_classifier.models.pretrained import weights_id
@@ -36,6 +37,7 @@ from image_classifier.training.resume import given_overrides
 def build_cache(cfg, quiet: bool = False) -> dict:
     """Build (or find) the cache for cfg.data and cfg.features; returns its manifest and folder."""
     started = time.perf_counter()
+    cfg, _ = choose_grey_white(cfg)  # once: the data module, the key and the manifest use it
     dm = _datamodule(cfg)
     info = dm.prepare()
     folder, key = cache_folder(cfg, info.data_hash, weights_id(cfg.features), info.classes)
