@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import open_dict
 
 from image_classifier.data.images import (
     GREY_MODES,
@@ -190,6 +189,8 @@ def grey_white(c, profile: ImageProfile | None = None) -> tuple[int | None, str]
 def choose_grey_white(cfg, profile: ImageProfile | None = None) -> tuple[object, list[str]]:
     """(config with data.grey_white resolved, its note for the run summary) for auto
     (`profile`: grey_white's)."""
+    from omegaconf import open_dict  # not on infer's path, which imports this module
+
     if cfg.data.get("grey_white") != "auto":
         return cfg, []
     white, why = grey_white(cfg.data, profile)
