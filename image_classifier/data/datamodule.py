@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from image_classifier.data.cachedir import read_manifest
 from image_classifier.data.datasets import ArrayDataset, AugmentedDataset, FileDataset
+from image_classifier.data.decoded import size_text
 from image_classifier.data.device import DeviceBatches, EpochPermutation, collate
 from image_classifier.data.features import PARITY_FILE
 from image_classifier.data.identity import SPLITS, DataInfo
@@ -153,7 +154,7 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self):
         batches = self.device_batches("train", shuffle=True)
         if batches is not None:
-            self.batching = f"on the device ({batches.device}, {batches.nbytes() / 1e6:.0f} MB)"
+            self.batching = f"on the device ({batches.device}, {size_text(batches.nbytes())})"
             return batches
         return self.loader("train", shuffle=True)
 
