@@ -20,6 +20,9 @@ built from what installs offline:
 - shapes-10 (only with --only: it is for choosing data.resize, not part of the suite): the items
   of colour-96 on photo crops of mixed shapes, width / height from 1/2 to 2, 96-160 px (1,000
   train, 300 val, 500 test; JPEG).
+- spectrograms-4 and digits-colour (only with --only: for train.augment.hflip=auto, images a
+  mirror makes another class): spectrograms of four kinds of sound saved by matplotlib (RGBA PNG,
+  247x129 px, 400 images), and scikit-learn's digits in colour at 64x64 (JPEG, 1,797 images).
 
 For each: the default job exactly as a user runs it (`uv run python commands.py command=train
 data=folder data.root=D`, then `command=test`), its training time and test accuracy (reported
@@ -50,7 +53,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
 SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96", "photos-7")
-EXTRA = ("shapes-10",)  # built and run only when named with --only
+EXTRA = ("shapes-10", "spectrograms-4", "digits-colour")  # built and run only when named (--only)
 QUICK = ("digits", "fmnist-500")
 CUTS = (1, 0.7, 0.5, 0.45, 0.4, 0.3, 0.25)  # audit.label_cut's candidates (x chance)
 PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
@@ -237,19 +240,68 @@ def build_shapes(dest: Path) -> None:
     build_composites(dest, shaped, (1000, 300, 500), 7, test_seed=8)
 
 
+def build_spectrograms(dest: Path, per_class: int = 100, seed: int = 0) -> None:
+    """spectrograms-4: 2 s of noisy audio at 8 kHz as a matplotlib user saves its spectrogram
+    (`plt.imsave`, viridis, RGBA PNG, 247x129 px): a rising chirp, a falling one, beeps of one
+    tone, a chord of three; each at a random pitch, start, length, loudness and noise level.
+    Mirrored, a rising chirp is a falling one."""
+    import matplotlib.pyplot as plt
+    from scipy import signal
+
+    rng, fs = np.random.default_rng(seed), 8000
+    t = np.arange(0, 2.0, 1 / fs)
+
+    def sound(kind: str) -> np.ndarray:
+        low, high = rng.uniform(300, 900), rng.uniform(1800, 3200)
+        if kind in ("rising", "falling"):
+            x = signal.chirp(t, *((low, t[-1], high) if kind == "rising" else (high, t[-1], low)))
+        elif kind == "beeps":
+            x = np.sin(2 * np.pi * rng.uniform(500, 3000) * t) * ((t * rng.uniform(2, 5)) % 1 < 0.5)
+        else:
+            x = sum(np.sin(2 * np.pi * rng.uniform(300, 3500) * t) for _ in range(3))
+        start = rng.uniform(0, 0.8)
+        on = (t > start) & (t < start + rng.uniform(0.6, 1.2))
+        return x * on * rng.uniform(0.2, 1) + rng.normal(0, rng.uniform(0.3, 1.0), t.size)
+
+    for kind in ("rising", "falling", "beeps", "chord"):
+        (dest / kind).mkdir(parents=True)
+        for i in range(per_class):
+            _, _, power = signal.spectrogram(sound(kind), fs, nperseg=256, noverlap=192)
+            plt.imsave(dest / kind / f"{i:03d}.png", 10 * np.log10(power + 1e-10)[::-1])
+
+
+def build_colour_digits(dest: Path, seed: int = 0) -> None:
+    """digits-colour: scikit-learn's digits enlarged to 64x64, in a random colour on another
+    (JPEG): colour scans of handwriting, which is not mirror-symmetric."""
+    from sklearn.datasets import load_digits
+
+    d, rng = load_digits(), np.random.default_rng(seed)
+    images = []
+    for im in d.images:
+        ink = Image.fromarray((im / 16 * 255).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+        m = np.asarray(ink, np.float32)[..., None] / 255
+        rgb = rng.uniform(0, 255, 3) * (1 - m) + rng.uniform(0, 255, 3) * m
+        images.append((rgb + rng.normal(0, 8, rgb.shape)).clip(0, 255).astype(np.uint8))
+    write(dest, images, d.target, [str(k) for k in range(10)], "jpg")
+
+
+BUILDERS = {
+    "digits": build_digits,
+    "colour-96": build_colour,
+    "photos-7": build_photos,
+    "shapes-10": build_shapes,
+    "spectrograms-4": build_spectrograms,
+    "digits-colour": build_colour_digits,
+}
+
+
 def build(name: str, dest: Path) -> Path:
     if dest.exists():
         return dest
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if name == "digits":
-        build_digits(tmp)
-    elif name == "colour-96":
-        build_colour(tmp)
-    elif name == "photos-7":
-        build_photos(tmp)
-    elif name == "shapes-10":
-        build_shapes(tmp)
+    if name in BUILDERS:
+        BUILDERS[name](tmp)
     else:
         build_fmnist(tmp, int(name.split("-")[1]))
     tmp.rename(dest)

@@ -112,8 +112,9 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     assert list(cfg.model.mean) == [0.5, 0.5, 0.5]  # the model config's interpolations resolve
     assert notes[0].startswith("model=efficientnet_lite0 (12 colour images, median 80 px wide")
     assert notes[1].startswith("data.size=[160, 160] (median 80 px wide, 80 high; pretrained")
-    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (True, 13)  # 1/12 of 160 px
-    assert notes[2].startswith("train.augment.hflip=true train.augment.shift=13 (fine-tuning")
+    # 1/12 of 160 px; flips once the data is read (training/mirror.py)
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift) == ("auto", 13)
+    assert notes[2].startswith("train.augment.shift=13 (fine-tuning: random shifts")
     assert auto.train.augment.hflip is False  # the given config is not changed
 
 

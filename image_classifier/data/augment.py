@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     import torch
 
 
-HFLIP = (False, True)  # train.augment.hflip
+HFLIP = (False, True, "auto")  # train.augment.hflip; auto: training/mirror.py decides
 
 
 def augment_batch(

@@ -145,10 +145,10 @@ def fine_tuning_augment(cfg) -> list[str]:
     given = {k for k in command_line_overrides() if k.startswith(("train.augment", "experiment"))}
     if given or a.get("hflip") or int(a.get("shift") or 0):
         return []
-    a.hflip, a.shift = True, max(1, round(min(cfg.data.size) * FINE_TUNE_SHIFT))
+    a.hflip, a.shift = "auto", max(1, round(min(cfg.data.size) * FINE_TUNE_SHIFT))
     return [
-        f"train.augment.hflip=true train.augment.shift={a.shift} (fine-tuning: random flips "
-        f"and shifts of up to 1/{round(1 / FINE_TUNE_SHIFT)} of the side)"
+        f"train.augment.shift={a.shift} (fine-tuning: random shifts of up to "
+        f"1/{round(1 / FINE_TUNE_SHIFT)} of the side)"
     ]
 
 

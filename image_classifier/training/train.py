@@ -45,6 +45,7 @@ from image_classifier.training.callbacks import (
     progress_bar,
 )
 from image_classifier.training.memory import keep_freed_memory
+from image_classifier.training.mirror import choose_flips
 from image_classifier.training.resume import (
     asked_epochs,
     check_resumed_data,
@@ -118,6 +119,7 @@ def run_train(cfg, callbacks: list | None = None) -> dict:
     dm, model_spec = datamodule_for(cfg, model_spec)
     info = dm.prepare()
     check_splits(cfg, info.split_sizes)
+    cfg, chosen = choose_flips(cfg, dm, info, chosen)
     budget, n = None, info.split_sizes["train"]
     cfg, chosen = small_folder_batch(cfg, n, auto_batch, chosen)
     dm.batch_size = int(cfg.train.batch_size)
