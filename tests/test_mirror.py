@@ -62,3 +62,15 @@ def test_given_flips_and_tiny_classes_are_not_checked(tmp_path):
     for given in ("true", "false"):
         cfg, notes = flips_for(tmp_path, root, f"train.augment.hflip={given}")
         assert (cfg.train.augment.hflip, notes) == (given == "true", [])
+
+
+def test_the_sample_keeps_every_class_share_and_its_size():
+    from image_classifier.training.mirror import PROBE_IMAGES, _sample
+
+    labels = np.repeat(np.arange(4), [1000, 500, 60, 2])  # most of the images in one class
+    rows = _sample(labels, 0)
+    assert abs(len(rows) - PROBE_IMAGES) <= 4 and len(set(rows)) == len(rows)
+    assert np.bincount(labels[rows]).tolist() == [256, 128, 15, 2]  # the smallest keeps 2
+    many = _sample(np.repeat(np.arange(1000), 3), 0)  # 1,000 classes: 200 of them, 2 each
+    assert len(many) == PROBE_IMAGES and len(set(np.repeat(np.arange(1000), 3)[many])) == 200
+    assert _sample(np.array([0, 0, 1]), 0) is None  # a class of one image: not checked

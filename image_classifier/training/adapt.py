@@ -1,9 +1,9 @@
 """Defaults that follow the data: `model=auto`, `data.size=auto` and `train.epochs=auto` become a
 model, a size and a number of epochs chosen from the images, before anything is built; a
-pretrained model chosen so is fine-tuned with random flips and shifts. Every choice is printed
-in one line of the run summary with its reason; any explicit value wins, and the run stores the
-concrete values (`train.resume`, `test` and `export-onnx` never see `auto`). The rules were
-chosen on the validation splits of scripts/benchmark_datasets.py (docs/benchmarks.md)."""
+pretrained model chosen so is fine-tuned with random shifts and flips (`hflip=auto`, mirror.py).
+Every choice is printed in one line of the run summary with its reason; any explicit value
+wins, and the run stores the concrete values (`train.resume`, `test`, `export-onnx` never see
+`auto`). Rules chosen on the validation splits of scripts/benchmark_datasets.py (benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -63,14 +63,18 @@ def _verdict(cfg, dm, info) -> tuple[bool, str]:
 
 
 def _sample(labels: np.ndarray, seed: int) -> np.ndarray | None:
-    """At most PROBE_IMAGES rows, each class in its share; None when a class has one image."""
+    """About PROBE_IMAGES rows, each class in its share and at least 2 (of PROBE_IMAGES / 2
+    classes drawn at random when there are more); None when a class has one image."""
     counts = np.bincount(labels)
     if len(counts[counts > 0]) < 2 or counts[counts > 0].min() < 2:
         return None
     rng = np.random.default_rng(seed)
-    share = min(1.0, PROBE_IMAGES / len(labels))
+    classes = np.flatnonzero(counts)
+    if len(classes) > PROBE_IMAGES // 2:
+        classes = np.sort(rng.choice(classes, PROBE_IMAGES // 2, replace=False))
+    share = min(1.0, PROBE_IMAGES / counts[classes].sum())
     rows = []
-    for c in np.flatnonzero(counts):
+    for c in classes:
         members = np.flatnonzero(labels == c)
         rows += list(rng.choice(members, max(2, round(share * len(members))), replace=False))
     return np.sort(np.asarray(rows))
