@@ -74,3 +74,21 @@ def test_the_sample_keeps_every_class_share_and_its_size():
     many = _sample(np.repeat(np.arange(1000), 3), 0)  # 1,000 classes: 200 of them, 2 each
     assert len(many) == PROBE_IMAGES and len(set(np.repeat(np.arange(1000), 3)[many])) == 200
     assert _sample(np.array([0, 0, 1]), 0) is None  # a class of one image: not checked
+
+
+def test_train_settles_auto_before_the_model_is_built(tmp_path):
+    """Through `train`: the note is on the summary's chosen line, and the run stores the verdict
+    (the model file never holds `auto`, which augmentation would read as true)."""
+    from image_classifier.models import checkpoint as ckpt_file
+    from image_classifier.training.train import run_train
+
+    root = stripes(tmp_path / "img", {"rising": 45, "falling": -45}, per_class=40)
+    cfg = compose_cfg(
+        tmp_path, "data=folder", f"data.root={root}", "data.size=[64,64]", "model=cnn",
+        "train.augment.hflip=auto", "train.calibrate=false",
+    )  # fmt: skip
+    r = run_train(cfg)
+    assert any(n.startswith("train.augment.hflip=false (no flips") for n in r["chosen"])
+    stored = ckpt_file.read(r["checkpoint"])["hyper_parameters"]
+    assert stored["augment"]["hflip"] is False
+    assert stored["config"]["train"]["augment"]["hflip"] is False
