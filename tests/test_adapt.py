@@ -535,6 +535,44 @@ def test_twelve_bit_greys_are_scaled_by_their_own_depth_and_the_model_keeps_it(t
     assert "grey_white" not in preprocessing_for(cfg8.data, 1).to_dict()  # cache keys as before
 
 
+def png_16bit_rgb(path, rgb) -> None:
+    """A 16-bit-a-channel colour PNG (PIL writes none), rows unfiltered."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    head = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    ihdr, idat = chunk(b"IHDR", head), chunk(b"IDAT", zlib.compress(rows))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + idat + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("top", "warned"), [(4095, True), (65535, False)])
+def test_12_bit_colour_is_named_before_it_trains_nearly_black(tmp_path, caplog, top, warned):
+    """A 12-bit colour camera's 16-bit PNGs read (top 8 bits) as 0-15: a warning names them and
+    the conversion; full 16-bit colour reads fine and says nothing."""
+    import numpy as np
+
+    from image_classifier.data.profile import choose_grey_white
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(3):
+            rgb = rng.integers(0, top + 1, (20, 24, 3)).astype(np.uint16)
+            png_16bit_rgb(tmp_path / "img" / name / f"{i}.png", rgb)
+    cfg = compose_cfg(tmp_path, "data=folder", f"data.root={tmp_path / 'img'}")
+    choose_grey_white(cfg, profile_folder(cfg.data.root))
+    said = "6 of 6 sampled images are 16-bit colour (e.g. "
+    assert (said in caplog.text) is warned, caplog.text
+    assert ("mogrify -evaluate multiply 16 -depth 8" in caplog.text) is warned
+
+
 def test_a_bad_grey_white_is_refused_with_its_options():
     from image_classifier import CONFIG_DIR
     from image_classifier.config import check_command_line

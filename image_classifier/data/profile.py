@@ -5,6 +5,7 @@ few, small (GREY_CONTENT_SAMPLE)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from image_classifier.data.images import (
 )
 from image_classifier.data.layouts import ManifestOptions, data_folder, manifest_csvs
 from image_classifier.data.scan import files_under
+
+log = logging.getLogger(__name__)
 
 GREY_CONTENT_SAMPLE = 24  # colour-mode images decoded (JPEG at 1/8 scale) to look for colour
 GREY_TOLERANCE = 12  # a pixel is grey when its channels are this close (JPEG's chroma noise)
@@ -43,6 +46,7 @@ class ImageProfile:
     median_size: tuple[int, int]  # (height, width), as data.size
     wide: tuple[Path, ...] = ()  # the sampled 16- and 32-bit grey files (grey_white reads them)
     sampled: int = 0  # headers read
+    deep_colour: tuple[Path, ...] = ()  # the sampled 16-bit colour PNG and TIFF files
 
     def describe(self) -> str:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, {median_text(self)}"
@@ -89,7 +93,44 @@ def profile_folder(
     heights, widths = sorted(h for _, _, (_, h) in seen), sorted(w for _, _, (w, _) in seen)
     median = (int(heights[len(heights) // 2]), int(widths[len(widths) // 2]))
     wide = tuple(p for p, mode, _ in seen if mode in WIDE_GREY_MODES)
-    return ImageProfile(len(paths), is_colour(seen), median, wide, len(seen))
+    deep = tuple(p for p, mode, _ in seen if mode in ("RGB", "RGBA") and _sixteen_bit(p))
+    return ImageProfile(len(paths), is_colour(seen), median, wide, len(seen), deep)
+
+
+def _sixteen_bit(path: Path) -> bool:
+    """A PNG or TIFF storing 16 bits a colour channel (PIL reads its top 8: mode RGB)."""
+    if path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return bool(im.tile) and ";16" in str(im.tile[0][3])
+    except Exception:  # the data scan reports what does not open
+        return False
+
+
+def warn_dim_colour(profile: ImageProfile) -> None:
+    """16-bit colour images are read from their top 8 bits (PIL has no deeper colour mode): a
+    12-bit camera's values (up to 4095) read as 0-15, nearly black, and trained so without a
+    word. A warning with the conversion when the sampled ones are all that dim."""
+    levels = []
+    for p in profile.deep_colour[:GREY_CONTENT_SAMPLE]:
+        try:
+            levels.append(int(np.asarray(open_image(p)).max(initial=0)))
+        except (ImageError, ValueError, OSError):
+            continue
+    if levels and max(levels) < 16:
+        log.warning(
+            "%d of %d sampled images are 16-bit colour (e.g. %s) holding at most 12-bit values: "
+            "colour is read from the top 8 bits, so they read as nearly black (brightest %d of "
+            "255). Convert them to 8 bits scaled to their depth first (ImageMagick, 12-bit: "
+            "mogrify -evaluate multiply 16 -depth 8 *.png).",
+            len(profile.deep_colour),
+            profile.sampled,
+            profile.deep_colour[0],
+            max(levels),
+        )
 
 
 def detect_channels(paths: list, sample: int = SAMPLE) -> int:
@@ -188,9 +229,11 @@ def grey_white(c, profile: ImageProfile | None = None) -> tuple[int | None, str]
 
 def choose_grey_white(cfg, profile: ImageProfile | None = None) -> tuple[object, list[str]]:
     """(config with data.grey_white resolved, its note for the run summary) for auto
-    (`profile`: grey_white's)."""
+    (`profile`: grey_white's); the warning for dim 16-bit colour images (warn_dim_colour)."""
     from omegaconf import open_dict  # not on infer's path, which imports this module
 
+    if profile is not None:
+        warn_dim_colour(profile)
     if cfg.data.get("grey_white") != "auto":
         return cfg, []
     white, why = grey_white(cfg.data, profile)
