@@ -213,16 +213,17 @@ def _decode(im: Image.Image, name: str) -> Image.Image:
 def header(
     path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None
 ) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (width, height) as shown: EXIF orientation applied) from the header alone (of
-    `data` when the file was read already); ImageError as open_image would raise. A phone's
-    portrait photo is stored landscape."""
+    """(PIL mode, "RGB;16" for a 16-bit colour file PIL reads from its top 8 bits; (width,
+    height) as shown: EXIF orientation applied) from the header alone (of `data` when the file was
+    read already); ImageError as open_image would raise. Phones store portraits landscape."""
     name = display_name(path)
     with _open(Path(path) if data is None else io.BytesIO(data), name, max_pixels) as im:
+        deep = im.mode in ("RGB", "RGBA") and im.tile and ";16" in str(im.tile[0][3])  # pre-load
         try:
             turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn to show
         except Exception:  # unreadable EXIF: open_image's exif_transpose leaves it as stored
             turned = False
-        return im.mode, im.size[::-1] if turned else im.size
+        return im.mode + (";16" if deep else ""), im.size[::-1] if turned else im.size
 
 
 def _to_8bit(im: Image.Image, white: int | None = None) -> Image.Image:

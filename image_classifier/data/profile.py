@@ -46,7 +46,7 @@ class ImageProfile:
     median_size: tuple[int, int]  # (height, width), as data.size
     wide: tuple[Path, ...] = ()  # the sampled 16- and 32-bit grey files (grey_white reads them)
     sampled: int = 0  # headers read
-    deep_colour: tuple[Path, ...] = ()  # the sampled 16-bit colour PNG and TIFF files
+    deep_colour: tuple[Path, ...] = ()  # the sampled 16-bit colour files (header: RGB;16)
 
     def describe(self) -> str:
         return f"{self.images} {'colour' if self.colour else 'grey'} images, {median_text(self)}"
@@ -93,21 +93,8 @@ def profile_folder(
     heights, widths = sorted(h for _, _, (_, h) in seen), sorted(w for _, _, (w, _) in seen)
     median = (int(heights[len(heights) // 2]), int(widths[len(widths) // 2]))
     wide = tuple(p for p, mode, _ in seen if mode in WIDE_GREY_MODES)
-    deep = tuple(p for p, mode, _ in seen if mode in ("RGB", "RGBA") and _sixteen_bit(p))
+    deep = tuple(p for p, mode, _ in seen if mode.endswith(("RGB;16", "RGBA;16")))
     return ImageProfile(len(paths), is_colour(seen), median, wide, len(seen), deep)
-
-
-def _sixteen_bit(path: Path) -> bool:
-    """A PNG or TIFF storing 16 bits a colour channel (PIL reads its top 8: mode RGB)."""
-    if path.suffix.lower() not in (".png", ".tif", ".tiff"):
-        return False
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return bool(im.tile) and ";16" in str(im.tile[0][3])
-    except Exception:  # the data scan reports what does not open
-        return False
 
 
 def warn_dim_colour(profile: ImageProfile) -> None:
