@@ -501,8 +501,14 @@ def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
             root, f"test.checkpoint={ckpt}", "test.tta=true", f"paths.output_dir={tmp_path}/b"
         )
     )
-    assert "with hflip TTA (each image and its mirror" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "with hflip TTA (each image and its mirror" in said
+    # the tiny CNN trained without flips: mirror TTA on it is named as untried
+    assert (
+        "WARNING: test.tta=hflip averages each image with its mirror, but this model never" in said
+    )
     assert json.loads(Path(tta["report"]).read_text())["tta"] == "hflip"
+    assert "train.augment.hflip=false" in json.loads(Path(tta["report"]).read_text())["tta_warning"]
     assert json.loads(Path(plain["report"]).read_text())["tta"] is None
     rows = list(csv.DictReader(Path(tta["predictions"]).read_text().splitlines()))
     assert abs(np.mean([int(r["correct"]) for r in rows]) - tta["accuracy"]) < 1e-6
@@ -523,6 +529,34 @@ def test_flip_tta_in_test_and_in_the_exported_graph(trained, tmp_path, capsys):
         without = module.probabilities(logits).numpy()
     got = load_predictor(out).predict(x.numpy())
     assert np.abs(got - want).max() < 1e-5 and np.abs(got - without).max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "hparams, mode, warned",
+    [
+        (
+            {"model": {"name": "cnn"}, "config": {"train": {"augment": {"hflip": False}}}},
+            "hflip",
+            1,
+        ),
+        ({"model": {"name": "cnn"}, "config": {"train": {"augment": {"hflip": True}}}}, "hflip", 0),
+        ({"model": {"name": "cnn"}, "config": {"train": {"augment": {"hflip": False}}}}, None, 0),
+        (
+            {"model": {"name": "head"}, "config": {"train": {"augment": {"hflip": True}}}},
+            "hflip",
+            1,
+        ),
+        ({"model": {"name": "export"}, "config": {}}, "hflip+shift", 0),  # nothing to go by
+    ],
+)
+def test_mirror_tta_is_named_when_the_model_never_saw_a_mirror(hparams, mode, warned):
+    from image_classifier.models.tta import mirror_warning
+
+    said = mirror_warning(hparams, mode, "export.tta")
+    assert bool(said) == bool(warned)
+    if warned:
+        assert said.startswith(f"export.tta={mode} averages each image with its mirror")
+        assert f"test.tta=false and test.tta={mode}" in said
 
 
 def test_flip_and_shift_tta_averages_six_views_in_test_and_in_the_graph(trained, tmp_path, capsys):

@@ -22,7 +22,7 @@ from image_classifier.errors import ExportError, UserError, override
 from image_classifier.inference.predictor import METADATA_KEY, OnnxPredictor
 from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models.description import model_description
-from image_classifier.models.tta import chosen_tta, describe
+from image_classifier.models.tta import chosen_tta, describe, mirror_warning
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
     diffs, n_real = write_checked(module, checkpoint, output, cfg, ckpt.get("parity_images"))
     run_id, model_uri = _log_to_mlflow(cfg, checkpoint, output)
     parity = ", ".join(f"{k} images {v:.1e}" for k, v in diffs.items())
+    warning = mirror_warning(module.hparams, module.tta, "export.tta")
     print(
         "\n".join(
             line
@@ -145,6 +146,7 @@ def run_export_onnx(cfg, use_checkpoint_tta: bool = False) -> dict:
                 f"  metadata: {len(module.classes)} classes, preprocessing "
                 f"{dict(module.hparams.preprocessing)}"
                 + (f"; {describe(module.tta)} in the graph" if module.tta else ""),
+                f"  WARNING: {warning}" if warning else "",
                 "  mlflow: "
                 + (f"artifact of run {run_id}" if run_id else "not logged (no training run)"),
                 f"  mlflow model (takes image bytes): {model_uri}; serve it with "

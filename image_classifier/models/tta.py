@@ -40,6 +40,27 @@ def chosen_tta(module, section: str, given, from_checkpoint: bool) -> str | None
     return tta_mode(given, f"{section}.tta")
 
 
+def mirror_warning(hparams, mode: str | None, key: str) -> str:
+    """A warning when `mode` averages mirrored views for a model that never trained on mirrors
+    (random flips off, e.g. where train.augment.hflip=auto found mirrored images to look like
+    other classes, or a head fitted on cached features): on spectrograms whose mirror is another
+    class, hflip TTA took such a model from 100 % to 85 % test accuracy (docs/benchmarks.md)."""
+    if not mode:
+        return ""
+    train = (hparams.get("config") or {}).get("train") or {}
+    if (hparams.get("model") or {}).get("name") == "head":
+        why = "a head fitted on cached features of the images as they are"
+    elif (train.get("augment") or {}).get("hflip") is False:  # an export holds no train config
+        why = "it trained with train.augment.hflip=false"
+    else:
+        return ""
+    return (
+        f"{key}={mode} averages each image with its mirror, but this model never saw mirrored "
+        f"images ({why}); where a mirror is another class (text, arrows, spectrograms) that "
+        f"costs accuracy. Compare command=test test.tta=false and test.tta={mode} first."
+    )
+
+
 def describe(mode: str) -> str:
     what = "each image and its mirror"
     if mode == "hflip+shift":

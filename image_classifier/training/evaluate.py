@@ -36,7 +36,7 @@ from image_classifier.models.metrics import (
     wilson_interval,
 )
 from image_classifier.models.multilabel import compute_quietly
-from image_classifier.models.tta import chosen_tta, describe
+from image_classifier.models.tta import chosen_tta, describe, mirror_warning
 from image_classifier.training.callbacks import interruptible, progress_bar
 from image_classifier.training.plots import plot_confusion, plot_curves
 from image_classifier.training.train import trainer_kwargs
@@ -88,6 +88,8 @@ def finish(cfg, path: Path, module, dm, info, out: Path, run: dict) -> dict:
     hash_note, loss = run["hash_note"], run["loss"]
     report = report_for(path, module, info, loss, hash_note)
     report["tta"] = module.tta
+    if warning := mirror_warning(module.hparams, module.tta, "test.tta"):
+        report["tta_warning"] = warning
     report_path, plots, shared = write_outputs(cfg, report, path, out)
     per_image = write_per_image(out, dm, module, report)
     result = {
@@ -331,6 +333,7 @@ def _print_summary(report, result, info, hash_note, plots, shared) -> None:
         f"images in {result['seconds']:.0f}s"
         + (f" with {describe(report['tta'])}" if report.get("tta") else ""),
         *_metric_lines(report),
+        f"  WARNING: {warning}" if (warning := report.get("tta_warning")) else "",
         f"  WARNING: {hash_note}" if hash_note else "",
         left_out_line(info.left_out),
         f"  unusable: {len(info.skipped)} file(s) skipped, each with its reason in "
