@@ -67,6 +67,9 @@ OmegaConf.register_new_resolver(
 # line and means nothing to a user of this tool
 warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
+# commands handed another command's function: the audit trains for audit.probabilities=trained,
+# and its package does not import the training code (pyproject.toml's import contracts)
+HANDED = {"audit": {"train": "train"}}  # command: {keyword: the command whose function it gets}
 # commands whose test-time augmentation defaults to the checkpoint's recipe unless these are set
 CHECKPOINT_TTA = {"test": ("test.tta", "experiment"), "export-onnx": ("export.tta", "experiment")}
 # commands that take a model file, by the setting that names it
@@ -99,8 +102,11 @@ def _run(cfg: DictConfig):
         )
     import importlib
 
-    module, func = COMMANDS[name][0].split(":")
-    fn = getattr(importlib.import_module(module), func)
+    def function(command: str):
+        module, func = COMMANDS[command][0].split(":")
+        return getattr(importlib.import_module(module), func)
+
+    fn = function(name)
     with open_dict(cfg):
         if cfg.paths.output_dir is None:
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
@@ -123,7 +129,7 @@ def _run(cfg: DictConfig):
         if name == "test":
             kwargs["use_checkpoint_data"] = not any(o.startswith("data") for o in given)
         return fn(cfg, **kwargs)
-    return fn(cfg)
+    return fn(cfg, **{k: function(other) for k, other in HANDED.get(name, {}).items()})
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

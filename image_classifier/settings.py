@@ -223,13 +223,14 @@ def _export_rules() -> dict:
 
 
 def _audit_rules() -> dict:
-    from image_classifier.audit.labels import FEATURE_SOURCES
+    from image_classifier.audit.labels import FEATURE_SOURCES, PROBABILITY_SOURCES
 
     return {
         "audit.features": Choice(FEATURE_SOURCES),
+        "audit.probabilities": Choice(PROBABILITY_SOURCES),
         "audit.feature_dims": POSITIVE_INT,
         "audit.folds": Number(2, integer=True),
-        "audit.label_cut": POSITIVE,
+        "audit.label_cut": Either("auto", POSITIVE),
         "audit.near_candidates": POSITIVE,
         "audit.near_threshold": POSITIVE,
         "audit.neighbours": POSITIVE_INT,

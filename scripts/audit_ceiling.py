@@ -63,15 +63,13 @@ def one_draw(probs, truth, frac: float, seed: int, cut: float) -> list[float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("rows", type=Path, help="infer's JSON output for a labelled folder")
-    ap.add_argument("--cut", type=float, help="audit.label_cut (default: configs/audit's)")
+    ap.add_argument("--cut", type=float, help="audit.label_cut (default: the features' cut)")
     ap.add_argument("--draws", type=int, default=10)
     args = ap.parse_args()
     if args.cut is None:
-        from omegaconf import OmegaConf
+        from image_classifier.audit.labels import LABEL_CUTS
 
-        from image_classifier import CONFIG_DIR
-
-        args.cut = float(OmegaConf.load(CONFIG_DIR / "audit" / "default.yaml").label_cut)
+        args.cut = LABEL_CUTS["features"]
     probs, truth = read(args.rows)
     print(f"{len(truth)} images, accuracy {(probs.argmax(1) == truth).mean():.1%}")
     for frac in (0.01, 0.05):

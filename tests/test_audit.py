@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -14,6 +15,7 @@ from PIL import Image
 
 from image_classifier.audit.run import run_audit
 from image_classifier.errors import UserError
+from image_classifier.training.train import run_train
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def planted(tmp_path) -> Path:
     return root
 
 
-def audit(root: Path, tmp_path: Path, *extra: str) -> dict:
+def audit(root: Path, tmp_path: Path, *extra: str, train=None) -> dict:
     cfg = compose_cfg(
         tmp_path,
         "data=folder",
@@ -51,7 +53,7 @@ def audit(root: Path, tmp_path: Path, *extra: str) -> dict:
         f"paths.output_dir={tmp_path}/run",
         *extra,
     )
-    return run_audit(cfg)
+    return run_audit(cfg, train)
 
 
 @pytest.mark.slow
@@ -656,3 +658,58 @@ def test_the_audit_reads_12_bit_scans_by_their_bit_depth(tmp_path):
     d = load(compose_config("data=folder", f"data.root={root}", root=tmp_path))
     assert d.grey_white == 4095
     assert d.thumbs.max() == pytest.approx(3000 * 255 / 4095, abs=1)  # by 65535: 12
+
+
+@pytest.mark.slow
+def test_trained_probabilities_come_from_fits_that_never_saw_the_image(planted, tmp_path, capsys):
+    """audit.probabilities=trained: the training job on all folds but one predicts that one;
+    every image is predicted by exactly one fit that did not train on it."""
+    result = audit(
+        planted,
+        tmp_path,
+        *("audit.probabilities=trained", "audit.folds=2", "model=cnn", "train.epochs=20"),
+        train=run_train,
+    )
+    labels = result["report"]["label_errors"]
+    assert labels["features"].startswith("the training job (cnn), fitted 2 times, each fit")
+    assert ", averaged with tf_efficientnet_lite0's last 2 stages" in labels["features"]
+    assert labels["cut_rule"] == "0.8 x chance"  # audit.label_cut=auto: the trained fits' cut
+    assert Path(labels["items"][0]["name"]).name == "flipped_fox.png"
+    assert labels["items"][0]["suggested"] == "fox"
+    folds = Path(result["dir"]) / "folds"
+    trained_on = [
+        {r["path"] for r in csv.DictReader((folds / str(k) / "images.csv").open())} for k in (0, 1)
+    ]
+    assert not trained_on[0] & trained_on[1]  # two folds: each trained on what the other held
+    assert len(trained_on[0] | trained_on[1]) == 14 * 3 + 4 * 3 + 1 + 1 + 1  # usable images
+    for k in (0, 1):
+        assert "Trained" in (folds / str(k) / "train.log").read_text()
+        assert not (folds / str(k) / "checkpoints").exists()  # removed once it has predicted
+    assert "probabilities from the training job (cnn)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_fit_at_chance_is_named_in_the_audits_summary(planted, tmp_path, capsys):
+    """One epoch of 4 steps leaves each fold's network at chance: its own warning is in a log
+    the user does not read, so the audit's label line says it."""
+    trained = ("audit.probabilities=trained", "audit.folds=2", "model=cnn")
+    result = audit(planted, tmp_path, *trained, train=run_train)
+    said = result["report"]["label_errors"]["features"]
+    assert re.search(r"; WARNING: fit (0|1|0, 1) did no better than chance on its validation", said)
+    assert said in capsys.readouterr().out
+
+
+def test_trained_probabilities_need_single_label_image_files():
+    from types import SimpleNamespace
+
+    from image_classifier.audit.crossfit import check_trainable
+
+    arrays = SimpleNamespace(pixels=np.zeros((2, 1, 4, 4), np.uint8), layout="", multi_label=None)
+    with pytest.raises(UserError, match="trains on image files, and this data is arrays"):
+        check_trainable(arrays, run_train)
+    multi = SimpleNamespace(pixels=None, layout="csv manifest", multi_label=["a", "b"])
+    with pytest.raises(UserError, match="is for single-label data; multi-label data is audited"):
+        check_trainable(multi, run_train)
+    files = SimpleNamespace(pixels=None, layout="class folders", multi_label=None)
+    with pytest.raises(UserError, match=r"needs the training job: call run_audit\(cfg, train="):
+        check_trainable(files, None)

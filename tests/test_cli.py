@@ -306,3 +306,18 @@ def test_a_run_folder_that_cannot_be_made_is_said_before_hydra_makes_it(tmp_path
     assert "Traceback" not in p.stderr
     p = run_cli("-m", "command=train", f"paths.root={tmp_path / 'afile'}")  # the default, under it
     assert p.returncode == 2 and f"hydra.sweep.dir='{tmp_path / 'afile'}/multirun/'" in p.stderr
+
+
+@pytest.mark.slow
+def test_the_audit_is_handed_the_training_job(tmp_path):
+    """audit.probabilities=trained from the command line: commands.py hands the audit the train
+    command's function (the audit package does not import training)."""
+    folder = make_class_folders(tmp_path / "images", per_class=8)
+    p = run_cli(
+        *("command=audit", "data=folder", f"data.root={folder}", "data.size=[16,16]"),
+        *("audit.probabilities=trained", "audit.folds=2", "model=cnn", "train.epochs=2"),
+        *(f"paths.root={tmp_path}", "logger.enabled=false", f"hydra.run.dir={tmp_path}/run"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "probabilities from the training job (cnn), fitted 2 times" in p.stdout
+    assert (tmp_path / "run" / "audit" / "folds" / "1" / "train.log").exists()

@@ -27,6 +27,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FEATURE_SOURCES = ("auto", "cache", "backbone", "pixels")  # audit.features
+PROBABILITY_SOURCES = ("features", "trained")  # audit.probabilities (trained: audit/crossfit.py)
+# audit.label_cut=auto, by audit.probabilities: x chance. Chosen on planted flips (colour-96,
+# plant seeds 0 and 2 at 5 %: the smallest cut with recall >= 80 % at precision >= 50 % on
+# both; docs/benchmarks.md): the features' classifiers 0.45; the trained fits averaged with them
+# 0.8, since an average of two views is less sure of a wrong label than either alone
+LABEL_CUTS = {"features": 0.45, "trained": 0.8}
 # One view alone replaces the views' average only when its log loss is this much lower: on the
 # Fashion-MNIST sets the backbone alone fit 1-2 % better, and its cut lost about 20 points of
 # precision at 1 % planted flips (docs/benchmarks.md)

@@ -19,9 +19,12 @@ from image_classifier.audit.report import grids, log_mlflow, summary
 from image_classifier.data.identity import SPLITS, imbalance_ratio
 from image_classifier.data.splits import data_name
 from image_classifier.errors import UserError
+from image_classifier.rules import is_auto
 
 
-def run_audit(cfg) -> dict:
+def run_audit(cfg, train=None) -> dict:
+    """`train`: the train command's function, for audit.probabilities=trained (commands.py hands
+    it over; the audit does not import the training code)."""
     started = time.perf_counter()
     a = cfg.audit
     d = load(cfg)
@@ -43,7 +46,7 @@ def run_audit(cfg) -> dict:
             d.colour,
         )
     with _timed(timings, "labels"):
-        x, suspects, found, source = _label_checks(d, cfg)
+        x, suspects, found, source = _label_checks(d, cfg, train)
     with _timed(timings, "outliers"):
         # x is already principal components (labels.features): only L2-normalise for cosine
         fdist, _ = neighbours.knn(
@@ -73,11 +76,16 @@ def run_audit(cfg) -> dict:
     return {"report": report, "dir": str(out), "mlflow_run_id": run_id, "grids": made}
 
 
-def _label_checks(d: AuditData, cfg) -> tuple:
+def _label_checks(d: AuditData, cfg, train) -> tuple:
     """(features for the outliers, suspects, the report's figures: the recommended cut and its
     rule (None for multi-label data), cleanlab's estimate and, single-label, how often the
     out-of-sample probabilities name the given label; where the probabilities came from)."""
     a = cfg.audit
+    trained = a.get("probabilities") == "trained"
+    if trained:  # before the features: arrays and multi-label data stop here
+        from image_classifier.audit.crossfit import check_trainable, trained_probs
+
+        check_trainable(d, train)
     views, x, names = label_checks.features(d, cfg, str(a.features))
     if d.multi_label:
         suspects, estimate = label_checks.multi_label_issues(
@@ -87,15 +95,23 @@ def _label_checks(d: AuditData, cfg) -> tuple:
         found = {"recommended_cut": None, "cut_rule": None, "cleanlab_estimate": estimate}
         return x, suspects, found, f"multi-label: {views_named}"
     probs, which, _ = label_checks.out_of_sample_probs(views, d.labels, int(a.folds), cfg.seed)
-    suspects, cut, estimate = label_checks.label_issues(d.labels, probs, float(a.label_cut))
+    source = label_checks.describe_views(names, which)
+    if trained:  # averaged with the features' view: it ranks planted flips better than either
+        fitted, what, warning = trained_probs(d, cfg, Path(cfg.paths.output_dir) / "audit", train)
+        probs, source = (fitted + probs) / 2, f"{what}, averaged with {source}"
+        source += f"; WARNING: {warning}" if warning else ""
+    given_cut = a.get("label_cut", "auto")
+    label_cut = label_checks.LABEL_CUTS[a.get("probabilities", "features")]
+    label_cut = label_cut if is_auto(given_cut) else float(given_cut)
+    suspects, cut, estimate = label_checks.label_issues(d.labels, probs, label_cut)
     found = {
         "recommended_cut": cut,
-        "cut_rule": f"{float(a.label_cut):g} x chance",
+        "cut_rule": f"{label_cut:g} x chance",
         "cleanlab_estimate": estimate,
         "agreement": round(float((probs.argmax(1) == d.labels).mean()), 4),
         "chance": round(1 / len(np.unique(d.labels)), 4),
     }
-    return x, suspects, found, label_checks.describe_views(names, which)
+    return x, suspects, found, source
 
 
 @contextlib.contextmanager
