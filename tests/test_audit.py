@@ -550,6 +550,22 @@ def test_cleanlab_estimate_is_printed_beside_how_often_the_classifiers_are_right
     assert "(chance 0.1 %)" in _label_line(errors | {"chance": 0.001})
 
 
+@pytest.mark.parametrize(
+    "probabilities, agreement, hinted",
+    [("features", 0.63, True), ("features", 0.99, False), ("trained", 0.63, False)],
+)
+def test_few_labels_named_by_the_features_point_to_trained_probabilities(
+    probabilities, agreement, hinted
+):
+    from image_classifier.audit.report import _label_line
+
+    errors = {"suspects": 40, "recommended_cut": 12, "cut_rule": "0.45 x chance", "chance": 0.1}
+    errors |= {"cleanlab_estimate": 300, "features": "pixels", "too_few_to_rank": {}}
+    errors |= {"agreement": agreement, "probabilities": probabilities}
+    said = "audit.probabilities=trained ranks with the model itself" in _label_line(errors)
+    assert said == hinted
+
+
 def test_multi_label_data_is_audited_with_each_label_set_as_a_class(tmp_path, capsys):
     """A multi-label manifest stopped the audit with numpy's "inhomogeneous shape" traceback.
     Each combination of labels is now audited as a class (the label powerset): a picture

@@ -30,9 +30,9 @@ VAL_SHARE = 0.1  # of each fold's training images, for its early stopping and be
 
 def trained_probs(d, cfg, out: Path, train) -> tuple[np.ndarray, str, str]:
     """((N, C) out-of-sample probabilities of d's images, what they came from, a warning when a
-    fit stayed at chance, else ""). `train`: the
-    train command's function (run_train), handed over by commands.py: the audit package does not
-    import the training code (pyproject.toml's import contracts)."""
+    fit stayed at chance, else ""). `train`: the train command's function (run_train), handed
+    over by commands.py: the audit package does not import the training code (pyproject.toml's
+    import contracts)."""
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 

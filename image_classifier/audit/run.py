@@ -109,6 +109,7 @@ def _label_checks(d: AuditData, cfg, train) -> tuple:
         "cut_rule": f"{label_cut:g} x chance",
         "cleanlab_estimate": estimate,
         "agreement": round(float((probs.argmax(1) == d.labels).mean()), 4),
+        "probabilities": "trained" if trained else "features",
         "chance": round(1 / len(np.unique(d.labels)), 4),
     }
     return x, suspects, found, source
