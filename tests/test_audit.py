@@ -715,6 +715,18 @@ def test_a_fit_at_chance_is_named_in_the_audits_summary(planted, tmp_path, capsy
     assert said in capsys.readouterr().out
 
 
+def test_ctrl_c_in_the_cross_fitted_training_says_where_the_audit_stopped(planted, tmp_path):
+    from image_classifier.errors import Interrupted
+
+    def pressed_ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    trained = ("audit.probabilities=trained", "audit.folds=2", "logger.enabled=false")
+    with pytest.raises(Interrupted, match=r"cross-fitted training \(fit 1 of 2\); no report"):
+        audit(planted, tmp_path, *trained, train=pressed_ctrl_c)
+    assert not (tmp_path / "run" / "audit" / "report.json").exists()
+
+
 def test_trained_probabilities_need_single_label_image_files():
     from types import SimpleNamespace
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import open_dict
 
-from image_classifier.errors import UserError
+from image_classifier.errors import Interrupted, UserError
 
 VAL_SHARE = 0.1  # of each fold's training images, for its early stopping and best checkpoint
 
@@ -44,7 +44,13 @@ def trained_probs(d, cfg, out: Path, train) -> tuple[np.ndarray, str, str]:
     bar = tqdm(total=folds, desc="audit: cross-fitted training", unit="fit")
     for k, (rows, held) in enumerate(cv.split(np.zeros((len(d.labels), 1)), d.labels)):
         where = out / "folds" / str(k)
-        result = _fit(d, cfg, rows, where, train)
+        try:
+            result = _fit(d, cfg, rows, where, train)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"audit interrupted in its cross-fitted training (fit {k + 1} of {folds}); no "
+                "report was written. Run it again, or without audit.probabilities=trained."
+            ) from None
         probs[held], model = _predict(result["checkpoint"], [d.names[i] for i in held], d.classes)
         models.add(model)
         if result.get("at_chance"):  # its own summary says so, in a log no one reads
