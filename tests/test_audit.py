@@ -715,6 +715,19 @@ def test_a_fit_at_chance_is_named_in_the_audits_summary(planted, tmp_path, capsy
     assert said in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_trained_probabilities_from_a_manifest_with_its_own_column_names(tmp_path):
+    """The folds' manifests name their own columns: a user's data.csv_file_column and
+    data.csv_label_column (for their CSV) must not be read into them."""
+    images = make_class_folders(tmp_path / "images", per_class=6)
+    rows = [f"{p.relative_to(images)},{p.parent.name}" for p in sorted(images.rglob("*.png"))]
+    (images / "labels.csv").write_text("img,kind\n" + "\n".join(rows) + "\n")
+    own = ("data.csv_file_column=img", "data.csv_label_column=kind", "logger.enabled=false")
+    trained = ("audit.probabilities=trained", "audit.folds=2", "model=cnn")
+    r = audit(images / "labels.csv", tmp_path, *own, *trained, train=run_train)["report"]
+    assert r["label_errors"]["features"].startswith("the training job (cnn), fitted 2 times")
+
+
 def test_ctrl_c_in_the_cross_fitted_training_says_where_the_audit_stopped(planted, tmp_path):
     from image_classifier.errors import Interrupted
 
