@@ -376,7 +376,9 @@ def context() -> dict:
     from image_classifier.config import compose_config
 
     cfg = OmegaConf.to_container(compose_config("command=train", root=ROOT), resolve=False)
-    for volatile in ("paths", "hydra", "command", "seed", "logger"):
+    # what no figure here reads (the audit's settings: its rows are measured by
+    # benchmark_datasets.py and say so)
+    for volatile in ("paths", "hydra", "command", "seed", "logger", "audit"):
         cfg.pop(volatile, None)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     return {
