@@ -101,7 +101,7 @@ def line(name: str, p, truth, given, planted: set) -> str:
     for cut in CUTS:
         listed, n, _ = label_issues(given, p, cut)
         hit = len(planted & {i for i, _, _ in listed[:n]})
-        cells.append(f"{cut:g}: {hit / len(planted):.0%} / {hit / max(1, n):.0%}")
+        cells.append(f"{hit / len(planted):.0%} / {hit / max(1, n):.0%}")
     first = len(planted & set(ranked[: 2 * len(planted)]))
     return (
         f"| {name} | {np.mean(p.argmax(1) == truth):.1%} | "
