@@ -110,6 +110,7 @@ def test_every_value_of_a_sweep_is_checked(tmp_path):
         (["audit.near_threshold=0"], "audit.near_threshold=0 must be a number > 0."),
         (["audit.near_candidates=0"], "audit.near_candidates=0 must be a number > 0."),
         (["audit.label_cut=-1"], "audit.label_cut=-1 must be a number > 0, or 'auto'."),
+        (["audit.probabilities=model"], "audit.probabilities='model' is not one of features,"),
         (["train.epochs=1.5"], "train.epochs=1.5 must be an integer >= 1, or 'auto'."),
         (["train.time_budget=0"], "train.time_budget=0 must be a number > 0."),
         (["train.threads=true"], "train.threads=True must be an integer >= 1."),
