@@ -516,6 +516,54 @@ def test_files_added_later_move_no_training_image_into_test(tmp_path):
     ]
 
 
+def _small_classes(per_class: dict[str, int]) -> tuple[list, list[str]]:
+    names = sorted(per_class)
+    pairs = [(f"/r/{c}/{i}.png", k) for k, c in enumerate(names) for i in range(per_class[c])]
+    return pairs, names
+
+
+@pytest.mark.parametrize(
+    "order, val, test", [("balanced", (135, 165), (135, 165)), ("hash", 100, 200)]
+)
+def test_many_small_classes_get_their_val_and_test_shares(order, val, test):
+    """Each class's cuts were rounded down: 100 classes of 15 images gave val 100 and test 200
+    images for [0.8, 0.1, 0.1]. Rounded from a per-class offset they get about 150 each; `hash`
+    keeps the old cuts for the checkpoints trained with them."""
+    from image_classifier.data.identity import split_items
+
+    pairs, names = _small_classes({f"c{k:03d}": 15 for k in range(100)})
+    got = split_items(pairs, None, (0.8, 0.1, 0.1), 42, False, "/r", (order, names))
+    sizes = {s: len(v) for s, v in got.items()}
+    assert sizes["train"] == 1200
+    if order == "hash":
+        assert (sizes["val"], sizes["test"]) == (val, test)
+    else:
+        assert val[0] <= sizes["val"] <= val[1] and test[0] <= sizes["test"] <= test[1]
+    for k in range(100):  # stratified: every class 12 / 1-2 / 1-2
+        assert sum(y == k for _, y in got["train"]) == 12
+
+
+def test_an_image_added_to_one_class_leaves_the_others_split_as_they_were():
+    """The offset is the class's own (a hash of its name), so one class growing cannot move
+    another class's images, and its own move forward only: none from train to test."""
+    from image_classifier.data.identity import split_items
+
+    sizes = {f"c{k}": 10 + k for k in range(12)}
+    pairs, names = _small_classes(sizes)
+    rule, grown = ("balanced", names), names.index("c5")
+    before = split_items(pairs, None, (0.8, 0.1, 0.1), 1, False, "/r", rule)
+    for extra in range(1, 4):
+        sizes["c5"] += 1
+        pairs, _ = _small_classes(sizes)
+        after = split_items(pairs, None, (0.8, 0.1, 0.1), 1, False, "/r", rule)
+        others = {s: [x for x in v if x[1] != grown] for s, v in after.items()}
+        assert others == {s: [x for x in v if x[1] != grown] for s, v in before.items()}, extra
+        where = {p: s for s, v in after.items() for p, _ in v}
+        assert all(where[p] != "test" for p, _ in before["train"])
+        assert all(where[p] != "train" for p, _ in before["test"])
+        before = after
+
+
 def test_a_checkpoint_from_before_the_hash_order_is_split_as_it_was(tmp_path):
     """A stored data config without data.split_order (a checkpoint trained before it) is split by
     the seeded shuffle it was trained beside, so `test` still tests its own test split."""

@@ -144,41 +144,64 @@ def check_test_split(info: DataInfo, split) -> None:
 SPLITS = ("train", "val", "test")
 
 
-SPLIT_ORDERS = ("hash", "shuffle")  # data.split_order; a checkpoint with none was shuffled
+# data.split_order, the rule that cut a run's splits (a checkpoint keeps its own): balanced (since
+# 2026-12-05), hash (2026-12-03 on: its cuts rounded down, val short and test long on small
+# classes), shuffle (before; a checkpoint with none)
+SPLIT_ORDERS = ("balanced", "hash", "shuffle")
 
 
-def split_items(pairs, given_splits, split, seed: int, multi: bool, root: str, order: str):
+def split_items(pairs, given_splits, split, seed: int, multi: bool, root: str, rule: tuple):
     """{split: items}: the given splits (missing val/test carved out of train, stratified), else
-    `split` ratios. Multi-label items are not stratified (their label sets are too many)."""
+    `split` ratios. Multi-label items are not stratified (their label sets are too many).
+    `rule`: (data.split_order, the class names the labels index)."""
     cut = _unstratified_split if multi else _stratified_split
-    ordered = _orderer(seed, root, order)
+    ordered, offset = _orderer(seed, root, *rule)
     if given_splits is None or "train" not in given_splits:
-        train, val, test = cut(pairs, split, ordered)
+        train, val, test = cut(pairs, split, ordered, offset)
         return {"train": train, "val": val, "test": test}
     splits = {s: [pr for pr, g in zip(pairs, given_splits, strict=True) if g == s] for s in SPLITS}
     missing = [s for s in ("val", "test") if not splits[s]]
     if missing:
         ratios = {"val": split[1], "test": split[2]}
-        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), ordered)
+        carved = cut(splits["train"], (split[0], *[ratios[s] for s in missing]), ordered, offset)
         splits["train"] = carved[0]
         for s, part in zip(missing, carved[1:], strict=True):
             splits[s] = part
     return splits
 
 
-def _orderer(seed: int, root: str, order: str):
-    """items -> the order they are cut in: `hash` (stable_order), or `shuffle`, a seeded
-    permutation per call, what checkpoints from before 2026-12-03 were split by (kept so that
-    `test` of such a checkpoint tests the split it was trained beside)."""
-    if order == "hash":
-        return lambda items: stable_order(items, seed, root)
-    rng = np.random.default_rng(seed)
-    return lambda items: rng.permutation(len(items))
+def _orderer(seed: int, root: str, order: str, classes: list[str]):
+    """(items -> the order they are cut in, label -> the offset its cuts are rounded down from).
+    `balanced`: stable_order, each class's cuts floor(share x n + u), u in [0, 1) a seeded hash of
+    its name: unbiased on average over classes and unchanged by other classes' files (rounding
+    down gave 100 classes of 15 images 100 val and 200 test images for [0.8, 0.1, 0.1]). `hash`:
+    the same order, rounded down. `shuffle`: a seeded permutation per call, what checkpoints from
+    before 2026-12-03 were split by. The old rules stay so that `test` of such a checkpoint
+    tests the split it was trained beside."""
+    if order == "shuffle":
+        rng = np.random.default_rng(seed)
+        return (lambda items: rng.permutation(len(items))), (lambda label: 1e-9)
+
+    def offset(label) -> float:
+        if order != "balanced":
+            return 1e-9
+        name = "/".join(classes[x] for x in label_parts(label)) if classes else str(label)
+        digest = hashlib.blake2b(f"{seed}/class/{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    return (lambda items: stable_order(items, seed, root)), offset
 
 
-def _stratified_split(pairs: list[tuple[str, int]], ratios, ordered) -> list[list]:
-    """Per class: in `ordered`'s order, cut by ratios; each split gets >= 1 image when it can,
-    and train first (the floor of the cuts gave a class's only image to test)."""
+def _cuts(ratios: np.ndarray, n: int, u: float) -> np.ndarray:
+    """Where `n` items in order are cut: floor(cumulative share x n + u), the last at n."""
+    cuts = np.floor(np.cumsum(ratios) * n + u).astype(int)
+    cuts[-1] = n
+    return np.minimum(cuts, n)
+
+
+def _stratified_split(pairs: list[tuple[str, int]], ratios, ordered, offset) -> list[list]:
+    """Per class: in `ordered`'s order, cut by ratios (`offset`: _orderer's); each split gets
+    >= 1 image when it can, and train first (rounding down gave a class's only image to test)."""
     ratios = _ratios(ratios)
     by_class: dict[int, list[tuple[str, int]]] = {}
     for pr in sorted(pairs):
@@ -188,7 +211,7 @@ def _stratified_split(pairs: list[tuple[str, int]], ratios, ordered) -> list[lis
         items = by_class[label]
         order = ordered(items)
         n = len(items)
-        cuts = np.floor(np.cumsum(ratios) * n + 1e-9).astype(int)
+        cuts = _cuts(ratios, n, offset(label))
         # a split with a positive ratio takes one image from train when rounding left it none
         sizes = np.diff(np.concatenate([[0], cuts]))
         for k in range(1, len(sizes)):
@@ -204,12 +227,12 @@ def _stratified_split(pairs: list[tuple[str, int]], ratios, ordered) -> list[lis
     return parts
 
 
-def _unstratified_split(pairs: list, ratios, ordered) -> list[list]:
-    """All items in `ordered`'s order, cut by ratios."""
+def _unstratified_split(pairs: list, ratios, ordered, offset) -> list[list]:
+    """All items in `ordered`'s order, cut by ratios (rounded as a class named "" would be)."""
     ratios = _ratios(ratios)
     items = sorted(pairs)
     order = ordered(items)
-    cuts = np.floor(np.cumsum(ratios) * len(items) + 1e-9).astype(int)
+    cuts = _cuts(ratios, len(items), offset(()))
     starts = np.concatenate([[0], cuts[:-1]])
     return [[items[i] for i in order[a:b]] for a, b in zip(starts, cuts, strict=True)]
 

@@ -58,7 +58,7 @@ def discover(
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 42,
     strict: bool = False,
-    split_order: str = "hash",
+    split_order: str = "balanced",
     manifest: ManifestOptions | None = None,
     check_images: bool = True,
     checked: Path | None = None,
@@ -92,7 +92,7 @@ def discover(
         (p, tuple(sorted(index[x] for x in label)) if multi else index[label])
         for p, label in labelled
     ]
-    splits = split_items(pairs, given_splits, split, seed, multi, str(root), split_order)
+    splits = split_items(pairs, given_splits, split, seed, multi, str(root), (split_order, classes))
     for s, ratio in zip(("train", "val"), split[:2], strict=True):
         if not splits[s] and (ratio or given_splits is not None):  # ratio 0: asked for (test)
             raise UserError(
