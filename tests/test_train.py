@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,10 @@ def test_folder_data_colour_and_baseline(make_cfg, tmp_path):
     assert module.hparams.preprocessing["channels"] == 3  # detected from the colour images
     assert module.classes == ["a", "b", "c"]
 
-    b = run_train(make_cfg(*common, "model=baseline", f"paths.output_dir={tmp_path}/base"))
+    with warnings.catch_warnings(record=True) as seen:  # Lightning's "returned None" notes
+        warnings.simplefilter("always")
+        b = run_train(make_cfg(*common, "model=baseline", f"paths.output_dir={tmp_path}/base"))
+    assert not [w for w in seen if "returned `None`" in str(w.message)]
     # no data overrides: test reads the data config stored in the checkpoint (not Fashion-MNIST)
     t = run_test(
         make_cfg(

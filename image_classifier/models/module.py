@@ -3,6 +3,9 @@ checkpoint alone: model spec, class names, preprocessing, optimisation and the r
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import lightning as L
 import torch
 
@@ -178,7 +181,9 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams.optim
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        if not params:  # the baseline learns nothing, on purpose: Lightning's notes of it go
+            for note in ("`LightningModule.configure_optimizers` returned", "`training_step` re"):
+                warnings.filterwarnings("ignore", re.escape(note))
             return None
         # Muon suits weights trained from scratch; pretrained ones are fine-tuned with AdamW
         scratch = None if fine_tunes(self.hparams.model) else self.net.net
