@@ -71,6 +71,47 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert arr[:10].mean() > 200 and arr[10:].mean() < 50  # white half now on top
 
 
+def _chunks(data: bytes) -> list[bytes]:
+    """A PNG's chunks, each whole (length, type, data, CRC)."""
+    out, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        out.append(data[at : at + 12 + length])
+        at += 12 + length
+    return out
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels", "none"])
+def test_a_pngs_orientation_is_read_without_decoding_one_that_has_none(
+    tmp_path, monkeypatch, where
+):
+    """PIL's getexif() decoded every PNG in search of an eXIf chunk after its pixels: as long as
+    reading the image, twice per file in an audit. A PNG without one is no longer decoded, one with
+    it, before or after the pixels, is turned as open_image turns it."""
+    from PIL import PngImagePlugin
+
+    from image_classifier.data.images import header
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown a quarter turn round: 10 wide, 20 tall
+    p = tmp_path / "x.png"
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(p, exif=exif if where != "none" else None)
+    parts = _chunks(p.read_bytes())
+    kinds = [c[4:8] for c in parts]
+    assert (b"eXIf" in kinds) == (where != "none")
+    if where == "after the pixels":  # moved just before IEND, as PNG allows
+        ex = parts.pop(kinds.index(b"eXIf"))
+        parts.insert(len(parts) - 1, ex)
+        p.write_bytes(p.read_bytes()[:8] + b"".join(parts))
+    shown = open_image(p).size
+    assert shown == ((20, 10) if where == "none" else (10, 20))
+    loads, load = [], PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda im: loads.append(1) or load(im))
+    for data in (None, p.read_bytes()):
+        assert header(p, data=data) == ("RGB", shown)
+    assert len(loads) == {"none": 0, "before the pixels": 0, "after the pixels": 2}[where]
+
+
 def test_a_large_jpeg_is_decoded_at_the_scale_the_model_needs(tmp_path):
     """A 12 MP photo was decoded whole twice (scan, cache) to become 160 px: libjpeg's DCT scaling
     now decodes it at 1/2..1/8, never below the model's side, the same for a file and an upload."""

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from image_classifier.data.not_images import kind_of
+from image_classifier.data.png import may_hold_exif
 
 # PIL modes of grey images (the others are colour, or palettes that may be colour)
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # integer greys past 8 bits
@@ -28,9 +29,8 @@ RESIZE_MODES = ("stretch", "crop", "pad")
 # Refuse, without decoding, anything larger than this many pixels (a 16k x 16k image). The
 # check is ours, made on the header's size right after Image.open, and names the size it refused.
 MAX_PIXELS = 16384 * 16384
-# PIL's own guard stays on for all code in the process, but above our limit, so that for the
-# images we refuse it does not warn first (its warning is process-wide `warnings` business and
-# turns into an exception wherever a filter says "error"); it still catches anything absurd.
+# PIL's own guard stays on, above our limit, so that it does not warn first about the images we
+# refuse (a process-wide warning, an exception where a filter says "error"); it catches the absurd
 Image.MAX_IMAGE_PIXELS = 4 * MAX_PIXELS
 
 
@@ -214,13 +214,13 @@ def header(
     path: str | Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None
 ) -> tuple[str, tuple[int, int]]:
     """(PIL mode, "RGB;16" for a 16-bit colour file PIL reads from its top 8 bits; (width,
-    height) as shown: EXIF orientation applied) from the header alone (of `data` when the file was
-    read already); ImageError as open_image would raise. Phones store portraits landscape."""
+    height) as shown: EXIF orientation applied, phones store portraits landscape) from the header
+    alone (of `data`, the file read already); ImageError as open_image would raise."""
     name = display_name(path)
     with _open(Path(path) if data is None else io.BytesIO(data), name, max_pixels) as im:
         deep = im.mode in ("RGB", "RGBA") and im.tile and ";16" in str(im.tile[0][3])  # pre-load
-        try:
-            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # a quarter turn to show
+        try:  # a quarter turn to show; a PNG without EXIF is not decoded to find none (png.py)
+            turned = may_hold_exif(im, path, data) and im.getexif().get(0x0112) in (5, 6, 7, 8)
         except Exception:  # unreadable EXIF: open_image's exif_transpose leaves it as stored
             turned = False
         return im.mode + (";16" if deep else ""), im.size[::-1] if turned else im.size
