@@ -4,91 +4,53 @@ audit/run.py's average and audit/labels.py's LABEL_CUTS["trained"].
     uv run python scripts/audit_trained_views.py /tmp/suite/colour-96 --frac 0.05 --seed 0
 
 Labels of `frac` of the folder's images (class folders at any depth; every split) are moved to
-another class; the images are cut into 5 stratified folds, and for each `train` runs as a user
-runs it (`uv run python commands.py command=train data=folder data.root=FOLD.csv`, the default
-job) on the other four, and `infer` gives the held-out fold's probabilities (T). The audit's own
-features and classifiers give theirs (F, `out_of_sample_probs`, the view it would choose). For
-F, T and their average: out-of-sample accuracy against the true labels, the precision of the
-ranking at 80 % recall, planted flips in the first 2x rows, and the recall / precision of the
-audit's `label_issues` cut at several multiples of chance. About 11 minutes for colour-96 on two
-CPU cores (five trainings).
+another class. The audit's own code then gives two sets of out-of-sample probabilities for them:
+T, `audit/crossfit.py`'s (what `audit.probabilities=trained` runs: the default job trained
+audit.folds times, each fit predicting the images it did not train on), and F, its features'
+classifiers (`out_of_sample_probs`, the view it would choose). For F, T and their average:
+out-of-sample accuracy against the true labels, the precision of the ranking at 80 % recall,
+planted flips in the first 2x rows, and the recall / precision of the audit's `label_issues` cut
+at several multiples of chance. About 11 minutes for colour-96 on two CPU cores (five
+trainings). The figures in docs/benchmarks.md came from its first form, which ran the same
+default job through `uv run python commands.py command=train` and `command=infer` per fold.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 CUTS = (0.3, 0.45, 0.6, 0.8, 1.0)
 
 
-def command(work: Path, *args: str) -> str:
-    from benchmark_datasets import command as run  # uv run python commands.py, outputs in work
-
-    return run(work, *args)
-
-
-def trained(files, classes, given, seed: int, work: Path) -> np.ndarray:
-    """(N, C) probabilities, each image's from the default job trained without its fold."""
-    from sklearn.model_selection import StratifiedKFold
-
-    probs = np.zeros((len(files), len(classes)))
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed).split(files, given)
-    for k, (rows, held) in enumerate(folds):
-        manifest, listed, rows_out = (
-            work / f"fold{k}.csv",
-            work / f"fold{k}.txt",
-            work / f"{k}.json",
-        )
-        with open(manifest, "w", newline="") as f:
-            csv.writer(f).writerows(
-                [("path", "label")] + [(files[i], classes[given[i]]) for i in rows]
-            )
-        out = command(work, "command=train", "data=folder", f"data.root={manifest}")
-        ckpt = re.search(r"checkpoint: (\S+best\.ckpt)", out).group(1)
-        print(
-            f"fold {k}: " + next(x for x in out.splitlines() if "best val" in x).strip(), flush=True
-        )
-        listed.write_text("\n".join(str(files[i]) for i in held) + "\n")
-        command(
-            work,
-            "command=infer",
-            f"infer.model={ckpt}",
-            f"infer.input={listed}",
-            f"infer.output={rows_out}",
-        )
-        by_path = {r["path"]: r["all_predictions"] for r in json.loads(rows_out.read_text())}
-        for i in held:
-            probs[i] = [by_path[str(files[i])][c] for c in classes]
-    return probs
-
-
-def features(files, classes, given, work: Path) -> np.ndarray:
-    """(N, C) the audit's own out-of-sample probabilities from its features."""
+def probabilities(files, classes, given, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(T, F): (N, C) out-of-sample probabilities in `files`' order, from the audit's code."""
+    from image_classifier.audit.crossfit import trained_probs
     from image_classifier.audit.labels import choose_view, features, out_of_sample_probs
     from image_classifier.audit.load import load
     from image_classifier.config import compose_config
+    from image_classifier.training.train import run_train
 
     manifest = work / "all.csv"
     with open(manifest, "w", newline="") as f:
         csv.writer(f).writerows(
             [("path", "label")] + [(p, classes[g]) for p, g in zip(files, given, strict=True)]
         )
-    cfg = compose_config("command=audit", "data=folder", f"data.root={manifest}")
+    cfg = compose_config(
+        "command=audit", "data=folder", f"data.root={manifest}", f"paths.output_dir={work}"
+    )
     d = load(cfg)
     at = {str(p): i for i, p in enumerate(files)}
     rows = np.array([at[str(Path(n).resolve())] for n in d.names])
     views, _, _ = features(d, cfg, "auto")
-    _, _, each = out_of_sample_probs(views, d.labels, 5, 42)
-    probs = np.zeros((len(files), len(classes)))
-    probs[rows] = choose_view(each, d.labels)[0]
-    return probs
+    _, _, each = out_of_sample_probs(views, d.labels, int(cfg.audit.folds), cfg.seed)
+    t, f = np.zeros((len(files), len(classes))), np.zeros((len(files), len(classes)))
+    f[rows] = choose_view(each, d.labels)[0]
+    t[rows] = trained_probs(d, cfg, work / "audit", run_train)[0]
+    return t, f
 
 
 def line(name: str, p, truth, given, planted: set) -> str:
@@ -115,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--frac", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0, help="the planting's and the folds' seed")
+    ap.add_argument("--seed", type=int, default=0, help="the planting's seed")
     ap.add_argument("--work", type=Path, default=Path("/tmp/audit_trained_views"))
     args = ap.parse_args()
     files = sorted(p.resolve() for p in args.folder.rglob("*") if p.suffix in (".png", ".jpg"))
@@ -127,7 +89,7 @@ def main() -> None:
     given[moved] = (given[moved] + rng.integers(1, len(classes), len(moved))) % len(classes)
     work = args.work / f"{args.folder.name}-{args.frac}-{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
-    t, f = trained(files, classes, given, args.seed, work), features(files, classes, given, work)
+    t, f = probabilities(files, classes, given, work)
     planted = set(moved.tolist())
     print(
         "| probabilities | accuracy | precision at 80 % recall | first 2x rows | "
