@@ -253,9 +253,12 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
 
 def test_register_refuses_what_is_not_an_onnx_file(trained):
     root, ckpt, _ = trained
-    p = run_cli("command=register", f"register.model={ckpt}", cwd=root)
+    p = run_cli("command=register", f"register.model={ckpt}", "register.alias=prod", cwd=root)
     assert p.returncode == 2 and "must be an existing .onnx file" in p.stderr, p.stderr
-    fix = f"export it first: uv run python commands.py command=export-onnx export.checkpoint={ckpt}"
+    fix = (  # the one command that does both, with the alias asked for
+        "export and register it in one step: uv run python commands.py command=export-onnx "
+        f"export.checkpoint={ckpt} export.register=true register.alias=prod."
+    )
     assert fix in " ".join(p.stderr.split()), p.stderr  # the message is folded to the terminal
 
 

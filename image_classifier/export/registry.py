@@ -241,10 +241,12 @@ def run_register(cfg) -> dict:
         return result
     onnx_path = runs.model_file(cfg, r.get("model"), "register.model")
     if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
+        name, alias = r.get("name"), r.get("alias")
         fix = (
-            f"export it first: uv run python commands.py command=export-onnx "
-            f"{override('export.checkpoint', onnx_path)}, then "
-            f"{override('register.model', onnx_path.with_suffix('.onnx'))}"
+            "export and register it in one step: uv run python commands.py "
+            f"command=export-onnx {override('export.checkpoint', onnx_path)} "
+            + (override("export.register", name) if name else "export.register=true")
+            + (f" {override('register.alias', alias)}" if alias else "")
             if onnx_path.suffix.lower() == ".ckpt" and onnx_path.is_file()
             else "give one, or a run folder holding one"
         )
