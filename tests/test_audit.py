@@ -679,11 +679,13 @@ def test_the_audit_reads_12_bit_scans_by_their_bit_depth(tmp_path):
 @pytest.mark.slow
 def test_trained_probabilities_come_from_fits_that_never_saw_the_image(planted, tmp_path, capsys):
     """audit.probabilities=trained: the training job on all folds but one predicts that one;
-    every image is predicted by exactly one fit that did not train on it."""
+    every image is predicted by exactly one fit that did not train on it. The mirror check of
+    train.augment.hflip=auto runs in the first fit only; the second takes its verdict."""
     result = audit(
         planted,
         tmp_path,
         *("audit.probabilities=trained", "audit.folds=2", "model=cnn", "train.epochs=20"),
+        "train.augment.hflip=auto",
         train=run_train,
     )
     labels = result["report"]["label_errors"]
@@ -701,6 +703,8 @@ def test_trained_probabilities_come_from_fits_that_never_saw_the_image(planted, 
     for k in (0, 1):
         assert "Trained" in (folds / str(k) / "train.log").read_text()
         assert not (folds / str(k) / "checkpoints").exists()  # removed once it has predicted
+    logs = [(folds / str(k) / "train.log").read_text() for k in (0, 1)]
+    assert "train.augment.hflip=" in logs[0] and "train.augment.hflip=" not in logs[1]
     assert "probabilities from the training job (cnn)" in capsys.readouterr().out
 
 
@@ -713,6 +717,20 @@ def test_a_fit_at_chance_is_named_in_the_audits_summary(planted, tmp_path, capsy
     said = result["report"]["label_errors"]["features"]
     assert re.search(r"; WARNING: fit (0|1|0, 1) did no better than chance on its validation", said)
     assert said in capsys.readouterr().out
+
+
+def test_a_fit_right_on_too_few_validation_images_is_not_called_at_chance():
+    """A fold's validation tenth of a small uneven folder (17 images, 16 of one class) cannot
+    show a fit better than chance even at 100 %: the audit named such fits "no better than
+    chance"."""
+    from image_classifier.audit.crossfit import stayed_at_chance
+
+    few = {"rate": 16 / 17, "class": "good", "images": 17, "too_few": True}
+    assert not stayed_at_chance({"at_chance": few, "best_score": 1.0})
+    assert stayed_at_chance({"at_chance": few, "best_score": 16 / 17})  # the largest class only
+    enough = {"rate": 0.5, "class": "good", "images": 40, "too_few": False}
+    assert stayed_at_chance({"at_chance": enough, "best_score": 0.6})
+    assert not stayed_at_chance({"at_chance": None, "best_score": 0.3})
 
 
 @pytest.mark.slow
