@@ -104,7 +104,8 @@ def check_trainable(d, train) -> None:
 
 def _augment_of(checkpoint: str) -> dict:
     """The flips and shifts a fit trained with. The later fits take the first one's rather than
-    run train.augment.hflip=auto's mirror check again (about 9 s a fit on 2 cores)."""
+    run train.augment.hflip=auto's mirror check again (9-12 s a fit on 2 cores for its
+    400-image sample, training/mirror.py; 4-7 s for 176 images)."""
     from image_classifier.models.checkpoint import stored_config
 
     a = ((stored_config(checkpoint) or {}).get("train") or {}).get("augment") or {}
