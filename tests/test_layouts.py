@@ -752,6 +752,15 @@ def test_class_folders_holding_their_images_in_subfolders_say_which_are_the_clas
     with caplog.at_level(logging.INFO):
         discover(tmp_path / "flat")
     assert "subfolders" not in caplog.text
+    caplog.clear()  # pre-split: said once, of train/, not once a split folder
+    for split in ("train", "val", "test"):
+        for top, leaves in (("animals", ("cat", "dog")), ("vehicles", ("bus", "car"))):
+            for leaf in leaves:
+                make_class_folders(tmp_path / "split" / split / top, classes=(leaf,), per_class=2)
+    with caplog.at_level(logging.INFO):
+        discover(tmp_path / "split")
+    assert caplog.text.count("The classes are the folders directly in") == 1
+    assert f"directly in {tmp_path / 'split' / 'train'};" in caplog.text
 
 
 @pytest.mark.parametrize("encoding", ["cp1252", "utf-16"])

@@ -161,7 +161,7 @@ def _read_layout(root: Path, entries: list, skipped: dict, manifest, csv_named: 
     if "train" in presplit and (len(presplit) >= 2 or len(dirs) == 1):  # train/ alone: carve
         labelled, given_splits = [], []
         for name, folder in sorted(presplit.items()):
-            items = _scan_class_folders(folder, skipped)
+            items = _scan_class_folders(folder, skipped, note=name == "train")
             labelled += items
             given_splits += [name] * len(items)
         for p in [p for p in dirs.values() if p.name.lower() not in SPLIT_ALIASES]:
@@ -291,7 +291,7 @@ def write_unusable(skipped: dict[str, str], folder: str | Path) -> Path | None:
     return path
 
 
-def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str, str]]:
+def _scan_class_folders(folder: Path, skipped: dict, note: bool = True) -> list[tuple[str, str]]:
     out = []
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not is_system(p, folder))
     if not class_dirs:
@@ -326,13 +326,13 @@ def _scan_class_folders(folder: Path, skipped: dict[str, str]) -> list[tuple[str
                 "images to it or remove the folder."
             )
         out += [(str(p), d.name) for p in images]
-    _note_nested(folder, out)
+    if note:  # pre-split data: for train/ only (its note once, not once a split folder)
+        _note_nested(folder, out)
     return out
 
 
 def _note_nested(folder: Path, labelled: list[tuple[str, str]]) -> None:
-    """Class folders with their images in several subfolders (animals/cat; split names are
-    _warn_splits_inside's): say that the top folders are the classes."""
+    """Say that the classes are the top folders when they hold their images in subfolders."""
     subs: dict[str, set] = {}
     for path, c in labelled:
         parts = Path(path).relative_to(folder / c).parts
