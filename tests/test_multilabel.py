@@ -77,7 +77,13 @@ def test_single_label_manifest_is_unchanged(tmp_path):
 @pytest.mark.parametrize(
     ("content", "options", "expected"),
     [
-        ("file,labels\n000.png,left;top\n001.png,\n", {}, "Row 3 of labels.csv has an empty label"),
+        (
+            "file,labels\n000.png,left;top\n001.png,\n",
+            {},
+            "Row 3 of labels.csv has an empty label; fill it in or remove the row (multi-label: "
+            "name every label, separated by ';'; for images that carry none of the labels, write "
+            "one 0/1 column per class, where a row of zeros is allowed: docs/data.md).",
+        ),
         ("file,labels\n000.png,left;;top\n", {}, "has an empty label between the ';' separators"),
         (
             "file,labels\n000.png,left;tpo\n",

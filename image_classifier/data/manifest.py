@@ -256,7 +256,9 @@ def _labels(value: str | None, line: int, path: Path, options, multi: bool):
         raise UserError(
             f"Row {line} of {path.name} has an empty label; fill it in or remove the row"
             + (
-                f" (multi-label: name every label, separated by {options.separator!r})"
+                f" (multi-label: name every label, separated by {options.separator!r}; for "
+                "images that carry none of the labels, write one 0/1 column per class, where "
+                "a row of zeros is allowed: docs/data.md)"
                 if multi
                 else ""
             )
