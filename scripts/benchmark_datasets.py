@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
@@ -403,16 +403,20 @@ def default_job(root: Path, work: Path, extra: list[str]) -> dict:
     }
 
 
-def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> dict[str, set]:
+def plant_noise(
+    root: Path, dest: Path, frac: float, seed: int = 0, blur: bool = False
+) -> dict[str, set]:
     """A copy of root with `frac` of its labels moved to another class, plus PLANTED_EXTRA
     near-duplicates (an image brightened by 10 grey levels and saved as JPEG beside the original)
     and PLANTED_EXTRA outliers (images of another source: photo crops in digits, digits
-    elsewhere). The planted files' relative paths, by kind."""
+    elsewhere); with `blur`, PLANTED_EXTRA more images blurred in place (after every other
+    draw: the rest are planted as without it). The planted files' relative paths, by kind."""
     rows = files(root)
     classes = sorted({c for _, _, c in rows})
     rng = np.random.default_rng(seed)
     moved = set(rng.choice(len(rows), int(round(frac * len(rows))), replace=False).tolist())
     planted = {"labels": set(), "near": set(), "near_pairs": set(), "outliers": set()}
+    planted["blurry"] = set()
     for i, (p, split, c) in enumerate(rows):
         if i in moved:
             c = classes[(classes.index(c) + int(rng.integers(1, len(classes)))) % len(classes)]
@@ -424,7 +428,8 @@ def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> dict[str,
         if i in moved:
             planted["labels"].add(str(rel))
     others = [i for i in range(len(rows)) if i not in moved]
-    for k, i in enumerate(rng.choice(others, PLANTED_EXTRA, replace=False)):
+    near = rng.choice(others, PLANTED_EXTRA, replace=False)
+    for k, i in enumerate(near):
         p, split, c = rows[i]
         im = Image.open(p)
         rel = Path(split, c, f"near_{k}.jpg") if split else Path(c, f"near_{k}.jpg")
@@ -440,6 +445,13 @@ def plant_noise(root: Path, dest: Path, frac: float, seed: int = 0) -> dict[str,
         rel = Path(split, c, f"outlier_{k}.png") if split else Path(c, f"outlier_{k}.png")
         Image.fromarray(img).convert(like.mode).resize(like.size).save(dest / rel)
         planted["outliers"].add(str(rel))
+    pool = [i for i in others if i not in set(near.tolist())] if blur else []
+    for i in rng.choice(pool, PLANTED_EXTRA, replace=False) if pool else []:
+        p, split, c = rows[i]  # its label and file kept: only its sharpness changes
+        rel = Path(split, c, p.name) if split else Path(c, p.name)
+        im = Image.open(dest / rel)
+        im.filter(ImageFilter.GaussianBlur(max(1.0, min(im.size) / 24))).save(dest / rel)
+        planted["blurry"].add(str(rel))
     return planted
 
 
@@ -474,10 +486,12 @@ def precision_at_recall(ranked: list[str], planted: set[str], recall: float) -> 
     return 0.0
 
 
-def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ()) -> dict:
+def audit(
+    root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = (), blur: bool = False
+) -> dict:
     noisy = work / f"noisy-{frac}"
     shutil.rmtree(noisy, ignore_errors=True)
-    planted = plant_noise(root, noisy, frac, seed)
+    planted = plant_noise(root, noisy, frac, seed, blur)
     t0 = time.perf_counter()
     out = command(work, "command=audit", "data=folder", f"data.root={noisy}", *extra)
     seconds = time.perf_counter() - t0
@@ -505,6 +519,8 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
     # other crops too: counted as pairs holding a planted copy, they read "16/5 found")
     near_found = sum(1 for a, b in planted["near_pairs"] if {a, b} in pairs)
     outliers = {rel(e["name"]) for e in report["outliers"]["items"]}
+    blurry = report["image_quality"]["blurry"]
+    blurry_found = len(planted["blurry"] & {rel(n) for n in blurry["items"]})
     with open(folder / "outliers.csv") as f:
         order = [rel(r["image"]) for r in csv.DictReader(f)]
     last = max((order.index(o) + 1 for o in planted["outliers"] if o in order), default=0)
@@ -529,6 +545,8 @@ def audit(root: Path, work: Path, frac: float, seed: int = 0, extra: tuple = ())
         "outliers_found": len(outliers & planted["outliers"]),
         "outliers_other": len(outliers - planted["outliers"]),
         "outliers_last_row": last,  # the planted outliers' lowest row in outliers.csv
+        "blurry_found": blurry_found,
+        "blurry_other": blurry["count"] - blurry_found,
     }
 
 
@@ -549,6 +567,12 @@ def main():
         default=0,
         help="which images get the audit's planted problems (the audit's defaults were chosen on "
         "seed 0's copies: report another)",
+    )
+    ap.add_argument(
+        "--plant-blur",
+        action="store_true",
+        help=f"also blur {PLANTED_EXTRA} images in place (Gaussian, radius 1/24 of the shorter "
+        "side), for the audit's blurry check; off for the label figures, which are without them",
     )
     args = ap.parse_args()
     names = args.only or (QUICK if args.quick else SUITE)
@@ -574,7 +598,7 @@ def main():
             )
         if not args.no_audit:
             for frac in (0.01, 0.05):
-                a = audit(root, work, frac, args.plant_seed, args.audit)
+                a = audit(root, work, frac, args.plant_seed, args.audit, args.plant_blur)
                 row[f"audit_{frac}"] = a
                 print(
                     f"    audit at {frac:.0%} noise: {a['planted']} planted, {a['flagged']} "
@@ -586,7 +610,14 @@ def main():
                     f"near-duplicates {a['near_found']}/{PLANTED_EXTRA} found, {a['near_other']} "
                     f"other pairs; outliers {a['outliers_found']}/{PLANTED_EXTRA} found, "
                     f"{a['outliers_other']} others, all planted in the first "
-                    f"{a['outliers_last_row']} rows of outliers.csv; {a['seconds']:.0f} s",
+                    f"{a['outliers_last_row']} rows of outliers.csv; "
+                    + (
+                        f"blurry {a['blurry_found']}/{PLANTED_EXTRA} found, "
+                        f"{a['blurry_other']} others; "
+                        if args.plant_blur
+                        else ""
+                    )
+                    + f"{a['seconds']:.0f} s",
                     flush=True,
                 )
         shutil.rmtree(work, ignore_errors=True)
