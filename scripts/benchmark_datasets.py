@@ -415,12 +415,12 @@ def plant_noise(
     classes = sorted({c for _, _, c in rows})
     rng = np.random.default_rng(seed)
     moved = set(rng.choice(len(rows), int(round(frac * len(rows))), replace=False).tolist())
-    planted = {"labels": set(), "near": set(), "near_pairs": set(), "outliers": set()}
-    planted["blurry"] = set()
+    # near: (planted copy, its original) pairs; the others: planted files
+    planted = {"labels": set(), "near": set(), "outliers": set(), "blurry": set()}
     for i, (p, split, c) in enumerate(rows):
         if i in moved:
             c = classes[(classes.index(c) + int(rng.integers(1, len(classes)))) % len(classes)]
-        rel = Path(split, c, p.name) if split else Path(c, p.name)
+        rel = Path(split or "", c, p.name)
         if (dest / rel).exists():  # a moved image must not overwrite, or be overwritten by, another
             raise SystemExit(f"{root}: two images would share {rel}; name files uniquely")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -432,23 +432,20 @@ def plant_noise(
     for k, i in enumerate(near):
         p, split, c = rows[i]
         im = Image.open(p)
-        rel = Path(split, c, f"near_{k}.jpg") if split else Path(c, f"near_{k}.jpg")
+        rel = Path(split or "", c, f"near_{k}.jpg")
         bright = np.clip(np.asarray(im, np.float32) + 10, 0, 255).astype(np.uint8)
         Image.fromarray(bright).save(dest / rel, quality=90)
-        planted["near"].add(str(rel))
-        planted["near_pairs"].add(
-            (str(rel), str(Path(split, c, p.name) if split else Path(c, p.name)))
-        )
+        planted["near"].add((str(rel), str(Path(split or "", c, p.name))))
     like = Image.open(rows[0][0])
     for k, img in enumerate(foreign_images(root, PLANTED_EXTRA, rng)):
         p, split, c = rows[int(rng.integers(len(rows)))]
-        rel = Path(split, c, f"outlier_{k}.png") if split else Path(c, f"outlier_{k}.png")
+        rel = Path(split or "", c, f"outlier_{k}.png")
         Image.fromarray(img).convert(like.mode).resize(like.size).save(dest / rel)
         planted["outliers"].add(str(rel))
     pool = [i for i in others if i not in set(near.tolist())] if blur else []
     for i in rng.choice(pool, PLANTED_EXTRA, replace=False) if pool else []:
         p, split, c = rows[i]  # its label and file kept: only its sharpness changes
-        rel = Path(split, c, p.name) if split else Path(c, p.name)
+        rel = Path(split or "", c, p.name)
         im = Image.open(dest / rel)
         im.filter(ImageFilter.GaussianBlur(max(1.0, min(im.size) / 24))).save(dest / rel)
         planted["blurry"].add(str(rel))
@@ -517,9 +514,9 @@ def audit(
     pairs = [{rel(e["a"]["name"]), rel(e["b"]["name"])} for e in report["near_duplicates"]["items"]]
     # a planted copy paired with its original (photos-7's near-uniform crops pair a copy with
     # other crops too: counted as pairs holding a planted copy, they read "16/5 found")
-    near_found = sum(1 for a, b in planted["near_pairs"] if {a, b} in pairs)
+    near_found = sum(1 for a, b in planted["near"] if {a, b} in pairs)
     outliers = {rel(e["name"]) for e in report["outliers"]["items"]}
-    blurry = report["image_quality"]["blurry"]
+    blurry = report["image_quality"]["blurry"]  # its items: the worst 100 names
     blurry_found = len(planted["blurry"] & {rel(n) for n in blurry["items"]})
     with open(folder / "outliers.csv") as f:
         order = [rel(r["image"]) for r in csv.DictReader(f)]
