@@ -241,6 +241,7 @@ def _audit_rules() -> dict:
         "audit.quality.light": FRACTION,
         "audit.quality.low_information": FRACTION,
         "audit.quality.blurry": Number(0),
+        "audit.quality.blurry_contrast": Number(0),
         "audit.quality.odd_size": Number(1),
         "audit.quality.odd_aspect_ratio": FRACTION,
     }

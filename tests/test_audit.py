@@ -511,10 +511,32 @@ def test_a_class_smooth_by_nature_is_not_blurry_but_a_blurred_image_is():
     thumbs = np.stack([*sharp[:19], smooth[19], *smooth[:12], smooth[19]]).astype(np.float32)
     labels = np.array([0] * 20 + [1] * 12 + [2])  # class 2: one image, judged against all
     sizes = np.full((len(thumbs), 2), 32)
-    limits = {"dark": 0, "light": 1, "low_information": 0, "blurry": 0.05}
-    limits |= {"odd_size": 10, "odd_aspect_ratio": 0.5}
-    flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, limits)
+    flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, QUALITY_LIMITS)
     assert flags["blurry"] == [19, 32]  # not the 12 smooth images of class 1
+
+
+QUALITY_LIMITS = {"dark": 0, "light": 1, "low_information": 0, "blurry": 0.15}
+QUALITY_LIMITS |= {"blurry_contrast": 0.3, "odd_size": 10, "odd_aspect_ratio": 0.5}
+
+
+def test_a_sharp_image_of_low_contrast_is_not_blurry():
+    """A dim item on a dark ground has a small part of its classmates' Laplacian variance and was
+    called blurry (14 sharp composites of the suite's colour-96); its detail per unit of contrast
+    is its classmates', and a blurred image's is not."""
+    from PIL import ImageFilter
+
+    from image_classifier.audit.quality import find
+
+    rng = np.random.default_rng(1)
+    sharp = rng.integers(0, 256, (20, 32, 32)).astype(np.float32)
+    dim = 100 + (sharp[0] - 128) / 5  # a 25th of the variance, every edge kept
+    blurred = np.asarray(
+        Image.fromarray(sharp[1].astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
+    )
+    thumbs = np.stack([*sharp[2:], dim, blurred.astype(np.float32)])
+    labels, sizes = np.zeros(len(thumbs), int), np.full((len(thumbs), 2), 32)
+    flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, QUALITY_LIMITS)
+    assert flags["blurry"] == [19]  # the blurred image, not the dim one (18)
 
 
 def test_an_audit_without_label_suspects_says_none():

@@ -6,9 +6,11 @@ for 70,000 images), so the same measures run here on the thumbnails the audit al
   light           the darkest pixels are bright: 5th-percentile brightness / 255 above `light`
   low_information the grey-level histogram's entropy / 8 bits below `low_information`
   blurry          the variance of the Laplacian below `blurry` x the median of the image's class
-                  (of the data, for a class of fewer than MIN_CLASS images): a class that is smooth
-                  by nature (a moon's surface, sky) is not blurry, an image blurrier than its
-                  classmates is
+                  (of the data, for a class of fewer than MIN_CLASS images), and that variance per
+                  unit of the grey-level variance below `blurry_contrast` x its class's median: a
+                  class that is smooth by nature (a moon's surface, sky) is not blurry, an image
+                  blurrier than its classmates is, and a sharp image of low contrast (a dim item on
+                  a dark ground) keeps its detail in proportion to its contrast, so is not
   odd_size        sqrt(width x height) more than `odd_size` times off the data's median
   odd_aspect_ratio min(w/h, h/w) below `odd_aspect_ratio`
   grey_in_colour  a grey file in a colour data set
@@ -43,12 +45,14 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[st
         + thumbs[:, 1:-1, 2:]
     )
     sharp = lap.reshape(len(thumbs), -1).var(1)
+    contrast = flat.var(1)
     side = np.sqrt(sizes[:, 0].astype(float) * sizes[:, 1])
     return {
         "dark": np.percentile(flat, 99, axis=1) / 255.0,
         "light": np.percentile(flat, 5, axis=1) / 255.0,
         "low_information": entropy,
         "blurry": _relative(sharp, labels),
+        "blurry_contrast": _relative(sharp / np.maximum(contrast, 1e-6), labels),
         "odd_size": np.maximum(side / np.median(side), np.median(side) / np.maximum(side, 1)),
         "odd_aspect_ratio": np.minimum(sizes[:, 0] / sizes[:, 1], sizes[:, 1] / sizes[:, 0]),
     }
@@ -61,7 +65,9 @@ def find(thumbs, sizes, labels, grey, colour_data: bool, limits: dict) -> dict[s
         "dark": np.flatnonzero(s["dark"] < limits["dark"]),
         "light": np.flatnonzero(s["light"] > limits["light"]),
         "low_information": np.flatnonzero(s["low_information"] < limits["low_information"]),
-        "blurry": np.flatnonzero(s["blurry"] < limits["blurry"]),
+        "blurry": np.flatnonzero(
+            (s["blurry"] < limits["blurry"]) & (s["blurry_contrast"] < limits["blurry_contrast"])
+        ),
         "odd_size": np.flatnonzero(s["odd_size"] > limits["odd_size"]),
         "odd_aspect_ratio": np.flatnonzero(s["odd_aspect_ratio"] < limits["odd_aspect_ratio"]),
         "grey_in_colour": np.flatnonzero(grey) if colour_data else np.array([], int),
