@@ -699,10 +699,19 @@ def test_the_audit_reads_12_bit_scans_by_their_bit_depth(tmp_path):
 
 
 @pytest.mark.slow
-def test_trained_probabilities_come_from_fits_that_never_saw_the_image(planted, tmp_path, capsys):
+def test_trained_probabilities_come_from_fits_that_never_saw_the_image(
+    planted, tmp_path, capsys, monkeypatch
+):
     """audit.probabilities=trained: the training job on all folds but one predicts that one;
     every image is predicted by exactly one fit that did not train on it. The mirror check of
-    train.augment.hflip=auto runs in the first fit only; the second takes its verdict."""
+    train.augment.hflip=auto runs in the first fit only; the second takes its verdict, from the
+    read the first fit's prediction made (its checkpoint was read twice)."""
+    from image_classifier.models import checkpoint
+
+    reads, read = [], checkpoint.read
+    monkeypatch.setattr(
+        checkpoint, "read", lambda path, *a: reads.append(Path(path)) or read(path, *a)
+    )
     result = audit(
         planted,
         tmp_path,
@@ -727,6 +736,8 @@ def test_trained_probabilities_come_from_fits_that_never_saw_the_image(planted, 
         assert not (folds / str(k) / "checkpoints").exists()  # removed once it has predicted
     logs = [(folds / str(k) / "train.log").read_text() for k in (0, 1)]
     assert "train.augment.hflip=" in logs[0] and "train.augment.hflip=" not in logs[1]
+    fits = [sum(p.is_relative_to(folds / str(k)) for p in reads) for k in (0, 1)]
+    assert fits[0] == fits[1] > 0  # the same reads for both fits (calibration's, the prediction's)
     assert "probabilities from the training job (cnn)" in capsys.readouterr().out
 
 

@@ -54,8 +54,8 @@ def trained_probs(d, cfg, out: Path, train) -> tuple[np.ndarray, str, str]:
                 f"audit interrupted in its cross-fitted training (fit {k + 1} of {folds}); no "
                 "report was written. Run it again, or without audit.probabilities=trained."
             ) from None
-        augment = augment or _augment_of(result["checkpoint"])
         probs[held], model = _predict(result["checkpoint"], [d.names[i] for i in held], d.classes)
+        augment = augment or _augment_of(result["checkpoint"])  # kept from _predict's one read
         models.add(model)
         if stayed_at_chance(result):  # its own summary says so, in a log no one reads
             weak.append(str(k))
