@@ -240,6 +240,7 @@ def _audit_rules() -> dict:
         "audit.quality.dark": FRACTION,
         "audit.quality.light": FRACTION,
         "audit.quality.low_information": FRACTION,
+        "audit.quality.class_share": Number(0),
         "audit.quality.blurry": Number(0),
         "audit.quality.blurry_contrast": Number(0),
         "audit.quality.odd_size": Number(1),

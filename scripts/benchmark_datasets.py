@@ -23,6 +23,9 @@ built from what installs offline:
 - spectrograms-4 and digits-colour (only with --only: for train.augment.hflip=auto, images a
   mirror makes another class): spectrograms of four kinds of sound saved by matplotlib (RGBA PNG,
   247x129 px, 400 images), and scikit-learn's digits in colour at 64x64 (JPEG, 1,797 images).
+- documents and cells (only with --only: for the audit's image-quality checks, data light or
+  dark by nature): 180 page scans of three layouts, 240 fluorescence-like micrographs of three
+  cell shapes (grey PNG).
 
 For each: the default job exactly as a user runs it (`uv run python commands.py command=train
 data=folder data.root=D`, then `command=test`), its training time and test accuracy (reported
@@ -53,7 +56,8 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = ROOT / "data" / "fashion_mnist"
 SUITE = ("digits", "fmnist-500", "fmnist-2000", "fmnist-10000", "colour-96", "photos-7")
-EXTRA = ("shapes-10", "spectrograms-4", "digits-colour")  # built and run only when named (--only)
+# built and run only when named (--only)
+EXTRA = ("shapes-10", "spectrograms-4", "digits-colour", "documents", "cells")
 QUICK = ("digits", "fmnist-500")
 CUTS = (1, 0.7, 0.5, 0.45, 0.4, 0.3, 0.25)  # audit.label_cut's candidates (x chance)
 PLANTED_EXTRA = 5  # near-duplicates and outliers planted beside the label errors
@@ -285,6 +289,64 @@ def build_colour_digits(dest: Path, seed: int = 0) -> None:
     write(dest, images, d.target, [str(k) for k in range(10)], "jpg")
 
 
+def build_documents(dest: Path, per_class: int = 60, seed: int = 0) -> None:
+    """documents: page scans (grey PNG, about 600x800 px, off-white paper, dark print): letters
+    (lines of text), invoices (ruled rows of figures), forms (labelled boxes). Mostly white by
+    nature: for the audit's `light` check, not a problem of these images."""
+    from PIL import ImageDraw, ImageFont
+
+    rng, font = np.random.default_rng(seed), ImageFont.load_default()
+    words = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with"]
+    for kind in ("letter", "invoice", "form"):
+        (dest / kind).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(560, 640)), int(rng.integers(760, 840))
+            page = Image.new("L", (w, h), int(rng.integers(235, 256)))
+            draw, y = ImageDraw.Draw(page), 80
+            if kind == "letter":
+                while y < h - 80:
+                    text = " ".join(rng.choice(words, int(rng.integers(6, 12))))
+                    draw.text((60, y), text, fill=int(rng.integers(0, 60)), font=font)
+                    y += 16 + 16 * (rng.random() < 0.15)
+            for r in range(int(rng.integers(8, 20)) if kind == "invoice" else 0):
+                draw.line((50, 120 + r * 22, w - 50, 120 + r * 22), fill=80)
+                for c in range(4):
+                    draw.text(
+                        (60 + c * (w - 100) // 4, 125 + r * 22), str(rng.integers(999)), 0, font
+                    )
+            for r in range(int(rng.integers(6, 12)) if kind == "form" else 0):
+                draw.text((60, 100 + r * 50), " ".join(rng.choice(words, 2)) + ":", 0, font)
+                draw.rectangle((200, 96 + r * 50, w - 60, 120 + r * 50), outline=60)
+            page.save(dest / kind / f"page_{i:03d}.png")
+
+
+def build_cells(dest: Path, per_class: int = 80, seed: int = 0) -> None:
+    """cells: fluorescence-like micrographs (grey PNG, 256 px): a few small bright cells on a
+    black ground, round, long or dividing. Dark and of few grey levels by nature: for the audit's
+    `dark` and `low_information` checks, not a problem of these images."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for kind in ("round", "long", "dividing"):
+        (dest / kind).mkdir(parents=True)
+        for i in range(per_class):
+            im = Image.new("L", (256, 256), 0)
+            draw = ImageDraw.Draw(im)
+            for _ in range(int(rng.integers(2, 6))):
+                (x, y), r, v = (
+                    rng.integers(20, 236, 2),
+                    int(rng.integers(3, 7)),
+                    rng.integers(90, 255),
+                )
+                wide = 3 * r if kind == "long" else r
+                draw.ellipse((x - wide, y - r, x + wide, y + r), fill=int(v))
+                if kind == "dividing":
+                    draw.ellipse((x + r, y - r, x + 3 * r, y + r), fill=int(v))
+            glow = np.asarray(im.filter(ImageFilter.GaussianBlur(1.5)), np.float32)
+            noisy = glow + rng.normal(6, 3, glow.shape)
+            Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(dest / kind / f"{i:03d}.png")
+
+
 BUILDERS = {
     "digits": build_digits,
     "colour-96": build_colour,
@@ -292,6 +354,8 @@ BUILDERS = {
     "shapes-10": build_shapes,
     "spectrograms-4": build_spectrograms,
     "digits-colour": build_colour_digits,
+    "documents": build_documents,
+    "cells": build_cells,
 }
 
 

@@ -5,6 +5,12 @@ for 70,000 images), so the same measures run here on the thumbnails the audit al
   dark            the brightest pixels are dim: 99th-percentile brightness / 255 below `dark`
   light           the darkest pixels are bright: 5th-percentile brightness / 255 above `light`
   low_information the grey-level histogram's entropy / 8 bits below `low_information`
+                  each of these three also standing out from the image's class: its brightest
+                  pixels' brightness, its darkest pixels' distance from white, or its entropy at
+                  most `class_share` x the class's median. Page scans are light, fluorescence
+                  micrographs dark and of few grey levels by nature (38 % of a folder of pages
+                  was "light", 35 % of one of micrographs "dark"); an underexposed photo among
+                  photos, a blank page among pages, still stand out
   blurry          the variance of the Laplacian below `blurry` x the median of the image's class
                   (of the data, for a class of fewer than MIN_CLASS images), and that variance per
                   unit of the grey-level variance below `blurry_contrast` x its class's median: a
@@ -21,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 MIN_CLASS = 10
+CLASS_SHARE_CHECKS = ("dark", "light", "low_information")  # also judged against the class
 
 
 def _relative(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -47,10 +54,15 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[st
     sharp = lap.reshape(len(thumbs), -1).var(1)
     contrast = flat.var(1)
     side = np.sqrt(sizes[:, 0].astype(float) * sizes[:, 1])
+    dark, light = np.percentile(flat, 99, axis=1) / 255.0, np.percentile(flat, 5, axis=1) / 255.0
     return {
-        "dark": np.percentile(flat, 99, axis=1) / 255.0,
-        "light": np.percentile(flat, 5, axis=1) / 255.0,
+        "dark": dark,
+        "light": light,
         "low_information": entropy,
+        # the same three against the image's class: brightness, distance from white, entropy
+        "dark_of_class": _relative(dark, labels),
+        "light_of_class": _relative(1 - light, labels),
+        "low_information_of_class": _relative(entropy, labels),
         "blurry": _relative(sharp, labels),
         "blurry_contrast": _relative(sharp / np.maximum(contrast, 1e-6), labels),
         "odd_size": np.maximum(side / np.median(side), np.median(side) / np.maximum(side, 1)),
@@ -61,10 +73,13 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[st
 def find(thumbs, sizes, labels, grey, colour_data: bool, limits: dict) -> dict[str, list[int]]:
     """Check name -> indices of the images it flags (each list sorted, worst first)."""
     s = scores(thumbs, sizes, labels)
+    share = {k: s[f"{k}_of_class"] < limits["class_share"] for k in CLASS_SHARE_CHECKS}
     flagged = {
-        "dark": np.flatnonzero(s["dark"] < limits["dark"]),
-        "light": np.flatnonzero(s["light"] > limits["light"]),
-        "low_information": np.flatnonzero(s["low_information"] < limits["low_information"]),
+        "dark": np.flatnonzero((s["dark"] < limits["dark"]) & share["dark"]),
+        "light": np.flatnonzero((s["light"] > limits["light"]) & share["light"]),
+        "low_information": np.flatnonzero(
+            (s["low_information"] < limits["low_information"]) & share["low_information"]
+        ),
         "blurry": np.flatnonzero(
             (s["blurry"] < limits["blurry"]) & (s["blurry_contrast"] < limits["blurry_contrast"])
         ),
