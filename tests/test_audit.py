@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import class_image, compose_cfg, make_class_folders
 from PIL import Image
 
@@ -497,6 +498,13 @@ def test_a_large_photo_is_read_at_a_reduced_scale_with_its_own_size(tmp_path):
     assert np.abs(thumb - want).mean() < 3  # of 255: the same thumbnail, from 1/64 of the pixels
 
 
+# the shipped audit.quality limits, dark, light and low_information off where a test is about
+# another check
+QUALITY = Path(__file__).parents[1] / "configs" / "audit" / "default.yaml"
+QUALITY_LIMITS = yaml.safe_load(QUALITY.read_text())["quality"]
+QUALITY_LIMITS |= {"dark": 0, "light": 1, "low_information": 0}
+
+
 def test_a_class_smooth_by_nature_is_not_blurry_but_a_blurred_image_is():
     """Sharpness was measured against the whole data's median: crops of a moon's surface were
     24 of 30 "blurry" images in a 300-image folder. Each image is now measured against its own
@@ -515,11 +523,6 @@ def test_a_class_smooth_by_nature_is_not_blurry_but_a_blurred_image_is():
     assert flags["blurry"] == [19, 32]  # not the 12 smooth images of class 1
 
 
-QUALITY_LIMITS = {"dark": 0, "light": 1, "low_information": 0, "blurry": 0.15}
-QUALITY_LIMITS |= {"blurry_contrast": 0.3, "odd_size": 10, "odd_aspect_ratio": 0.5}
-QUALITY_LIMITS |= {"class_share": 0.5}
-
-
 def test_pages_are_light_and_micrographs_dark_by_nature_but_a_misexposed_one_stands_out():
     """Page scans' darkest pixels are light grey once the text is shrunk into a thumbnail, and a
     fluorescence micrograph's brightest are dark where its few cells cover under 1 %: 38 % of a
@@ -536,7 +539,7 @@ def test_pages_are_light_and_micrographs_dark_by_nature_but_a_misexposed_one_sta
     cells[19] *= 0.12  # underexposed
     thumbs, labels = np.concatenate([pages, cells]), np.repeat([0, 1], 20)
     sizes = np.full((len(thumbs), 2), 32)
-    limits = QUALITY_LIMITS | {"dark": 0.15, "light": 0.9}
+    limits = yaml.safe_load(QUALITY.read_text())["quality"]  # all of them shipped
     flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, limits)
     assert flags["light"] == [19] and flags["dark"] == [39]
 
