@@ -544,6 +544,18 @@ def test_pages_are_light_and_micrographs_dark_by_nature_but_a_misexposed_one_sta
     assert flags["light"] == [19] and flags["dark"] == [39]
 
 
+def test_in_a_folder_of_strips_the_square_image_is_the_odd_shape():
+    """Text lines, spectrograms, receipts are strips by nature: every one of them was an "odd
+    aspect ratio" (its w/h against 1:1). The shape is now judged against the data's median."""
+    from image_classifier.audit.quality import find
+
+    thumbs = np.random.default_rng(0).integers(0, 256, (21, 32, 32)).astype(np.float32)
+    sizes = np.array([[400, 50]] * 19 + [[360, 60], [120, 120]])  # 8:1, 6:1 and one square
+    labels = np.zeros(len(thumbs), int)
+    flags = find(thumbs, sizes, labels, np.zeros(len(thumbs), bool), False, QUALITY_LIMITS)
+    assert flags["odd_aspect_ratio"] == [20]
+
+
 def test_a_sharp_image_of_low_contrast_is_not_blurry():
     """A dim item on a dark ground has a small part of its classmates' Laplacian variance and was
     called blurry (14 sharp composites of the suite's colour-96); its detail per unit of contrast

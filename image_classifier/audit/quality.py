@@ -18,7 +18,8 @@ for 70,000 images), so the same measures run here on the thumbnails the audit al
                   blurrier than its classmates is, and a sharp image of low contrast (a dim item on
                   a dark ground) keeps its detail in proportion to its contrast, so is not
   odd_size        sqrt(width x height) more than `odd_size` times off the data's median
-  odd_aspect_ratio min(w/h, h/w) below `odd_aspect_ratio`
+  odd_aspect_ratio w/h more than 1 / `odd_aspect_ratio` times off the data's median w/h (in a
+                  folder of wide strips, a text line or a spectrogram each, the square image is odd)
   grey_in_colour  a grey file in a colour data set
 """
 
@@ -54,6 +55,7 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[st
     sharp = lap.reshape(len(thumbs), -1).var(1)
     contrast = flat.var(1)
     side = np.sqrt(sizes[:, 0].astype(float) * sizes[:, 1])
+    aspect = sizes[:, 0] / np.maximum(sizes[:, 1], 1)
     dark, light = np.percentile(flat, 99, axis=1) / 255.0, np.percentile(flat, 5, axis=1) / 255.0
     return {
         "dark": dark,
@@ -66,7 +68,7 @@ def scores(thumbs: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> dict[st
         "blurry": _relative(sharp, labels),
         "blurry_contrast": _relative(sharp / np.maximum(contrast, 1e-6), labels),
         "odd_size": np.maximum(side / np.median(side), np.median(side) / np.maximum(side, 1)),
-        "odd_aspect_ratio": np.minimum(sizes[:, 0] / sizes[:, 1], sizes[:, 1] / sizes[:, 0]),
+        "odd_aspect_ratio": np.minimum(aspect / np.median(aspect), np.median(aspect) / aspect),
     }
 
 
