@@ -190,6 +190,8 @@ def test_image_quality_and_outliers_are_found(tmp_path):
     assert beyond == [Path(i["name"]).name for i in r["outliers"]["items"]]
     assert {Path(x["image"]).name for x in rows[: len(beyond)]} == set(beyond)
     assert r["outliers"]["beyond_fence"] == len(beyond)
+    # the flagged images shown, a row a check (there was no grid of them)
+    assert str(Path(result["dir"]) / "image_quality.png") in result["grids"]
 
 
 def test_the_outlier_line_says_when_the_report_lists_only_the_first():

@@ -23,8 +23,9 @@ def _image(d, i: int) -> np.ndarray:
     return np.asarray(im)
 
 
-def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
-    """PNG grids: one row per example; the titles say what each image is."""
+def grids(d, groups, near, suspects, outliers, flags, out: Path, n: int) -> list[str]:
+    """PNG grids: one row per example (per image-quality check, its worst first); the titles
+    say what each image is."""
 
     def short(i):
         split, label = SPLITS[int(d.splits[i])], d.classes[int(d.labels[i])]
@@ -69,6 +70,12 @@ def grids(d, groups, near, suspects, outliers, out: Path, n: int) -> list[str]:
             _chunks([(i, short(i) + "\nbeyond the fence" * (k < beyond)) for k, i in unusual], 4),
             f"Most unusual first ({beyond:,} beyond the outlier fence)",
             out / "outliers.png",
+        ),
+        _grid(
+            d,
+            [[(i, f"{check}: {short(i)}") for i in idx[:4]] for check, idx in flags.items() if idx],
+            "Image quality: each check's flagged images, worst first",
+            out / "image_quality.png",
         ),
     ]
     return [m for m in made if m]

@@ -67,7 +67,7 @@ def run_audit(cfg, train=None) -> dict:
     ranked = np.argsort(scores, kind="stable")  # every image, most unusual first
     write_outlier_csv(d, scores, ranked, set(beyond), out / "outliers.csv")
     with _timed(timings, "grids"):
-        made = grids(d, groups, near, suspects, (ranked, len(beyond)), out, int(a.examples))
+        made = grids(d, groups, near, suspects, (ranked, len(beyond)), flags, out, int(a.examples))
     timings["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
