@@ -820,3 +820,46 @@ def test_a_manifest_of_another_machines_absolute_paths_finds_its_files_beside_it
     assert "read as the longest end of its path found in that folder (imgs/cat/000.png)" in (
         caplog.text
     )
+
+
+def _split_of_each_file(root, *overrides):
+    """{file name: split} as load_splits leaves them (log lines in caplog)."""
+    from conftest import compose_cfg
+
+    from image_classifier.data.images import Preprocessing
+    from image_classifier.data.splits import load_splits
+
+    cfg = compose_cfg(
+        root.parent, "data=folder", f"data.root={root}", "data.cache=none", *overrides
+    )
+    pre = Preprocessing(size=(16, 16), channels=1, mean=(0.5,), std=(0.5,))
+    datasets, info = load_splits(cfg.data, pre, build_cache=False)
+    where = {str(Path(p).relative_to(root)): s for s, ds in datasets.items() for p, _ in ds.items}
+    return where, info
+
+
+def test_exact_copies_drawn_into_two_splits_are_kept_in_one(tmp_path, caplog):
+    """A folder holding the same image under two names had the two cut into train and test by
+    their names' order: test then measured what training saw. Drawn splits now keep every copy
+    in the first split that holds one (train, then val)."""
+    root = make_class_folders(tmp_path / "d", classes=("cat", "dog"), per_class=30)
+    for i in range(8):  # a copy of 8 cats, under another name
+        shutil.copy(root / "cat" / f"{i:03d}.png", root / "cat" / f"copy_{i}.png")
+    caplog.set_level("INFO")
+    where, info = _split_of_each_file(root)
+    pairs = [(where[f"cat/{i:03d}.png"], where[f"cat/copy_{i}.png"]) for i in range(8)]
+    assert all(a == b for a, b in pairs), pairs
+    assert "moved into it, so that no copy tests what training saw" in caplog.text
+    assert sum(info.split_sizes.values()) == 68  # nothing lost
+
+
+def test_exact_copies_across_the_datas_own_split_folders_stay_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "p"
+    make_class_folders(root / "train", classes=("cat", "dog"), per_class=8)
+    make_class_folders(root / "test", classes=("cat", "dog"), per_class=3, seed=1)
+    shutil.copy(root / "train" / "dog" / "000.png", root / "test" / "dog" / "again.png")
+    where, _ = _split_of_each_file(root)
+    assert where["test/dog/again.png"] == "test"  # the data's own split: kept
+    assert "1 test image(s), of splits the data gives (split folders, a split column)" in (
+        caplog.text
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from image_classifier.data import scan
-from image_classifier.data.identity import label_parts, only_listed, split_items
+from image_classifier.data.identity import SPLITS, label_parts, only_listed, split_items
 from image_classifier.data.images import display_name, is_image_name, is_system
 from image_classifier.data.manifest import SPLIT_ALIASES
 from image_classifier.data.named_files import name_hint, read_named
@@ -33,6 +33,7 @@ class Samples:
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
     multi_label: bool = False
     left_out: dict[str, int] = field(default_factory=dict)  # class not in data.classes -> images
+    drawn: tuple[str, ...] = SPLITS  # the splits cut by data.split, not given by the data
 
     def counts(self, split: str) -> list[int]:
         """Images per class (multi-label: images that carry the label)."""
@@ -99,7 +100,8 @@ def discover(
                 f"The {s} split is empty ({layout} under {str(root)!r}); add images or change "
                 "data.split."
             )
-    return Samples(classes, splits, layout, skipped, multi_label=multi, left_out=left_out)
+    drawn = tuple(s for s in SPLITS if given_splits is None or s not in given_splits)
+    return Samples(classes, splits, layout, skipped, multi, left_out, drawn)
 
 
 def data_folder(root: str | Path) -> Path:
@@ -244,15 +246,13 @@ def _one_level_down(root: Path) -> str:
     """' It holds one folder, ...: point data.root at it' (an archive unpacked in its name)."""
     dirs = [p for p in root.iterdir() if p.is_dir() and not is_system(p, root)]
     inner = [p for p in dirs[0].iterdir() if p.is_dir() and not is_system(p, root)] if dirs else []
-    if len(dirs) != 1 or not (
-        len(inner) > 1 or any(p.name.lower() in SPLIT_ALIASES for p in inner)
-    ):
+    looks = len(inner) > 1 or any(p.name.lower() in SPLIT_ALIASES for p in inner)
+    if len(dirs) != 1 or not looks:
         return ""
     names = sorted(p.name for p in inner)
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return f" It holds one folder, whose subfolders ({shown}) look like the data: " + override(
-        "data.root", dirs[0]
-    )
+    point = override("data.root", dirs[0])
+    return f" It holds one folder, whose subfolders ({shown}) look like the data: {point}"
 
 
 def _warn_near_names(classes: list[str], layout: str) -> None:

@@ -7,6 +7,7 @@ datamodule.py's.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from image_classifier.data.cachedir import one_builder
 from image_classifier.data.datasets import ArrayDataset, FileDataset
 from image_classifier.data.identity import (
     DIGEST,
+    SPLITS,
     DataInfo,
     content_hash,
     label_parts,
@@ -130,6 +132,8 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         ),
         checked=_checked_file(c),
     )
+    shas = {s: [sha256_file(p) for p, _ in items] for s, items in samples.splits.items()}
+    copies_together(samples, shas)
     for line in class_gaps(samples):
         log.warning(line)
     pre = fixed
@@ -145,7 +149,6 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
     def names(y) -> str:
         return ";".join(samples.classes[i] for i in label_parts(y))
 
-    shas = {s: [sha256_file(p) for p, _ in items] for s, items in samples.splits.items()}
     parts = sorted(
         f"{s}:{relative_name(p, root)}:{names(y)}:{sha}"
         for s, items in samples.splits.items()
@@ -164,6 +167,46 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
         digests={s: [h[:DIGEST] for h in v] for s, v in shas.items()},
         left_out=samples.left_out,
     )
+
+
+def copies_together(samples, shas: dict[str, list[str]]) -> None:
+    """Exact copies (one content under two names) in one split: an image of a split data.split
+    drew whose content an earlier split (train, then val) holds moves into that split, so that no
+    copy tests what training saw; copies across the splits the data gives stay, with a warning.
+    `samples.splits` and `shas` (each file's SHA-256, per split) change in place."""
+    home: dict[str, str] = {}
+    moved, given = Counter(), Counter()
+    for s in SPLITS:
+        kept = []
+        for item, sha in zip(samples.splits[s], shas[s], strict=True):
+            first = home.setdefault(sha, s)
+            if first != s and s in samples.drawn:
+                samples.splits[first].append(item)
+                shas[first].append(sha)
+                moved[s] += 1
+            else:
+                given[s] += first != s
+                kept.append((item, sha))
+        samples.splits[s], shas[s] = [i for i, _ in kept], [h for _, h in kept]
+    if moved:
+        log.info(
+            "%s had the same content as an image of an earlier split (a copy under another "
+            "name): moved into it, so that no copy tests what training saw (command=audit lists "
+            "the copies).",
+            _counted(moved),
+        )
+    if given := +given:
+        log.warning(
+            "%s, of splits the data gives (split folders, a split column), have the same content "
+            "as an image of an earlier split: they test what training saw. command=audit lists "
+            "them; delete one of each.",
+            _counted(given),
+        )
+
+
+def _counted(by_split: Counter) -> str:
+    """'3 val and 1 test image(s)'."""
+    return " and ".join(f"{n} {s}" for s, n in by_split.items()) + " image(s)"
 
 
 def data_name(c) -> str:
