@@ -578,6 +578,21 @@ def test_a_sharp_image_of_low_contrast_is_not_blurry():
     assert flags["blurry"] == [19]  # the blurred image, not the dim one (18)
 
 
+def test_the_audit_reads_a_folder_whose_decoded_cache_training_built(tmp_path):
+    """`train`, then `audit` of the same folder: the audit read its splits from the decoded
+    cache training had left, whose datasets keep no preprocessing of their own, and stopped
+    with an AttributeError on it."""
+    from image_classifier.audit.load import load
+    from image_classifier.data.splits import load_splits
+
+    root = make_class_folders(tmp_path / "d", per_class=12)
+    cfg = compose_cfg(tmp_path, "command=audit", "data=folder", f"data.root={root}")
+    _, info = load_splits(cfg.data, project_root=tmp_path, build_cache=True)  # as train does
+    assert info.cache  # the splits came through the cache
+    d = load(cfg)
+    assert len(d.names) == 36 and d.thumbs.shape == (36, 32, 32)
+
+
 def test_an_audit_without_label_suspects_says_none():
     """0 suspects read "0 ranked in label_issues.csv, most suspicious first; review the first 0"."""
     from image_classifier.audit.report import _label_line

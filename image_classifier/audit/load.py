@@ -109,7 +109,7 @@ def load(cfg) -> AuditData:
     for s, split in enumerate(SPLITS):
         ds = datasets[split]
         if len(ds):
-            parts.append(_split_entries(ds, split, s, skipped, info.preprocessing.channels == 3))
+            parts.append(_split_entries(ds, split, s, skipped, info.preprocessing))
     merged = {k: [x for p in parts for x in p[k]] for k in ("names", "digests", "labels")}
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("splits", "thumbs")}
     cat |= {k: np.concatenate([p[k] for p in parts]) for k in ("sizes", "grey")}
@@ -149,8 +149,12 @@ def label_sets(classes: list[str], labels: list[tuple]) -> tuple[list[str], np.n
     return combos, np.array([index[n] for n in names], dtype=np.int64)
 
 
-def _split_entries(ds, split: str, s: int, skipped: dict, colour_data: bool) -> dict:
+def _split_entries(ds, split: str, s: int, skipped: dict, pre) -> dict:
+    """`pre`: the data's Preprocessing (a dataset read from the decoded cache has none of its
+    own: after `train` had built one, the audit stopped on it)."""
     from image_classifier.data.datasets import ArrayDataset, FileDataset
+
+    colour_data = pre.channels == 3
 
     if isinstance(ds, ArrayDataset) and ds.items is None:  # arrays, not decoded files
         arr = ds.images.numpy()
@@ -172,7 +176,7 @@ def _split_entries(ds, split: str, s: int, skipped: dict, colour_data: bool) -> 
     with ThreadPoolExecutor(max_workers=4) as pool:
         entries = list(
             pool.map(
-                partial(_file_entry, colour_data=colour_data, white=ds.pre.grey_white),
+                partial(_file_entry, colour_data=colour_data, white=pre.grey_white),
                 [p for p, _ in ds.items],
             )
         )
