@@ -365,7 +365,10 @@ def test_unreachable_tracking_server_fails_fast(make_cfg, folder_data):
 @pytest.mark.slow
 def test_test_warns_when_the_data_changed_since_training(make_cfg, folder_data, tmp_path, capsys):
     r = run_train(make_cfg("data=folder", f"data.root={folder_data}", "logger.enabled=false"))
-    (folder_data / "cat" / "000.png").write_bytes((folder_data / "dog" / "000.png").read_bytes())
+    from PIL import Image, ImageOps
+
+    changed = folder_data / "cat" / "000.png"  # its content changed, not a copy of another file
+    ImageOps.invert(Image.open(changed).convert("L")).save(changed)
     t = run_test(
         make_cfg(
             "logger.enabled=false",
