@@ -860,6 +860,17 @@ def test_exact_copies_across_the_datas_own_split_folders_stay_with_a_warning(tmp
     shutil.copy(root / "train" / "dog" / "000.png", root / "test" / "dog" / "again.png")
     where, _ = _split_of_each_file(root)
     assert where["test/dog/again.png"] == "test"  # the data's own split: kept
-    assert "1 test image(s), of splits the data gives (split folders, a split column)" in (
-        caplog.text
-    )
+    said = "1 test image(s) have the same content as an image of an earlier split and stay"
+    assert f"{said} (a split the data gives" in caplog.text
+
+
+def test_copies_that_would_leave_val_empty_stay_in_it_with_a_warning(tmp_path, caplog):
+    """An image a class, each also under a second name, cut half and half: every val image is a
+    copy of a train one, and moving them emptied val (training then said data.split gave val
+    none). They stay, and the warning says why."""
+    root = make_class_folders(tmp_path / "d", classes=("cat", "dog"), per_class=1)
+    for p in list(root.glob("*/*.png")):
+        shutil.copy(p, p.with_name(f"copy_{p.name}"))
+    where, info = _split_of_each_file(root, "data.split=[0.5,0.5,0]")
+    assert info.split_sizes["val"] > 0
+    assert "or val, which would be left empty" in caplog.text

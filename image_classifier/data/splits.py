@@ -172,21 +172,27 @@ def _folder(c, fixed: Preprocessing | None) -> tuple[dict, DataInfo]:
 def copies_together(samples, shas: dict[str, list[str]]) -> None:
     """Exact copies (one content under two names) in one split: an image of a split data.split
     drew whose content an earlier split (train, then val) holds moves into that split, so that no
-    copy tests what training saw; copies across the splits the data gives stay, with a warning.
-    `samples.splits` and `shas` (each file's SHA-256, per split) change in place."""
+    copy tests what training saw. Copies across the splits the data gives stay, with a warning,
+    and so do val's when moving them would leave val empty. `samples.splits` and `shas` (each
+    file's SHA-256, per split) change in place."""
     home: dict[str, str] = {}
-    moved, given = Counter(), Counter()
+    moved, stayed = Counter(), Counter()
     for s in SPLITS:
-        kept = []
+        kept, out = [], []
         for item, sha in zip(samples.splits[s], shas[s], strict=True):
             first = home.setdefault(sha, s)
             if first != s and s in samples.drawn:
-                samples.splits[first].append(item)
-                shas[first].append(sha)
-                moved[s] += 1
+                out.append((item, sha, first))
             else:
-                given[s] += first != s
+                stayed[s] += first != s
                 kept.append((item, sha))
+        if out and not kept and s == "val":  # nothing would be left to validate on
+            stayed[s] += len(out)
+            kept, out = [(item, sha) for item, sha, _ in out], []
+        for item, sha, first in out:
+            samples.splits[first].append(item)
+            shas[first].append(sha)
+            moved[s] += 1
         samples.splits[s], shas[s] = [i for i, _ in kept], [h for _, h in kept]
     if moved:
         log.info(
@@ -195,12 +201,12 @@ def copies_together(samples, shas: dict[str, list[str]]) -> None:
             "the copies).",
             _counted(moved),
         )
-    if given := +given:
+    if stayed := +stayed:
         log.warning(
-            "%s, of splits the data gives (split folders, a split column), have the same content "
-            "as an image of an earlier split: they test what training saw. command=audit lists "
-            "them; delete one of each.",
-            _counted(given),
+            "%s have the same content as an image of an earlier split and stay (a split the data "
+            "gives, or val, which would be left empty): they test what training saw. "
+            "command=audit lists them; delete one of each.",
+            _counted(stayed),
         )
 
 
