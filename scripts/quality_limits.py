@@ -2,7 +2,7 @@
 
 Each data set of the suite (scripts/benchmark_datasets.py builds them) gets `--plants` images
 made into the problem `--check` looks for, then every image is thumbnailed as the audit does
-(`audit.load._file_entry`) and judged by `audit.quality.find` with configs/audit/default.yaml's
+(`audit.load._file_entry`) and judged by `audit.quality.find` with the shipped `audit.quality`
 limits, the ones in the grid replaced: the package's own rule, counted set by set.
   blurry           Gaussian blur, radius max(1, the shorter side / `--divisor`)
   dark             every level x `--strength` (an underexposed image)
@@ -22,10 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image, ImageFilter
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARES = (0.2, 0.3, 0.5, 9)  # class_share: 9 is not judging against the class
 GRIDS = {
     "blurry": [
@@ -84,6 +82,7 @@ def main() -> None:
     from benchmark_datasets import EXTRA, SUITE, build  # beside this script: on sys.path
 
     from image_classifier.audit.quality import find
+    from image_classifier.config import compose_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keep", type=Path, required=True, help="the suite's folder (built if absent)")
@@ -95,7 +94,7 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=0.12, help="dark, light: the levels' scale")
     ap.add_argument("--only", nargs="+", help="one set of limits, as key=value")
     args = ap.parse_args()
-    defaults = yaml.safe_load((ROOT / "configs" / "audit" / "default.yaml").read_text())["quality"]
+    defaults = dict(compose_config("command=audit").audit.quality)  # the shipped limits
     grid = [{k: float(v) for k, v in (kv.split("=") for kv in args.only)}] if args.only else None
     sets = {n: judged(build(n, args.keep / n), args.check, args) for n in args.names}
     print(
