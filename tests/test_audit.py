@@ -558,6 +558,19 @@ def test_in_a_folder_of_strips_the_square_image_is_the_odd_shape():
     assert flags["odd_aspect_ratio"] == [20]
 
 
+def test_a_blank_frame_is_low_information_not_also_blurry():
+    """A uniform crop was flagged twice, `low_information` and `blurry` (9 of photos-7's 58
+    blurry): it has no detail to lose, and one flag says what it is."""
+    from image_classifier.audit.quality import find
+
+    thumbs = np.random.default_rng(2).integers(0, 256, (20, 32, 32)).astype(np.float32)
+    thumbs[19] = 128
+    labels, sizes = np.zeros(20, int), np.full((20, 2), 32)
+    limits = yaml.safe_load(QUALITY.read_text())["quality"]
+    flags = find(thumbs, sizes, labels, np.zeros(20, bool), False, limits)
+    assert flags["low_information"] == [19] and flags["blurry"] == []
+
+
 def test_a_sharp_image_of_low_contrast_is_not_blurry():
     """A dim item on a dark ground has a small part of its classmates' Laplacian variance and was
     called blurry (14 sharp composites of the suite's colour-96); its detail per unit of contrast

@@ -16,7 +16,8 @@ for 70,000 images), so the same measures run here on the thumbnails the audit al
                   unit of the grey-level variance below `blurry_contrast` x its class's median: a
                   class that is smooth by nature (a moon's surface, sky) is not blurry, an image
                   blurrier than its classmates is, and a sharp image of low contrast (a dim item on
-                  a dark ground) keeps its detail in proportion to its contrast, so is not
+                  a dark ground) keeps its detail in proportion to its contrast, so is not; an
+                  image low_information flags is not also called blurry
   odd_size        sqrt(width x height) more than `odd_size` times off the data's median
   odd_aspect_ratio w/h more than 1 / `odd_aspect_ratio` times off the data's median w/h (in a
                   folder of wide strips, a text line or a spectrogram each, the square image is odd)
@@ -76,15 +77,13 @@ def find(thumbs, sizes, labels, grey, colour_data: bool, limits: dict) -> dict[s
     """Check name -> indices of the images it flags (each list sorted, worst first)."""
     s = scores(thumbs, sizes, labels)
     share = {k: s[f"{k}_of_class"] < limits["class_share"] for k in CLASS_SHARE_CHECKS}
+    blank = (s["low_information"] < limits["low_information"]) & share["low_information"]
+    blurred = (s["blurry"] < limits["blurry"]) & (s["blurry_contrast"] < limits["blurry_contrast"])
     flagged = {
         "dark": np.flatnonzero((s["dark"] < limits["dark"]) & share["dark"]),
         "light": np.flatnonzero((s["light"] > limits["light"]) & share["light"]),
-        "low_information": np.flatnonzero(
-            (s["low_information"] < limits["low_information"]) & share["low_information"]
-        ),
-        "blurry": np.flatnonzero(
-            (s["blurry"] < limits["blurry"]) & (s["blurry_contrast"] < limits["blurry_contrast"])
-        ),
+        "low_information": np.flatnonzero(blank),
+        "blurry": np.flatnonzero(blurred & ~blank),  # a blank frame has no detail to lose
         "odd_size": np.flatnonzero(s["odd_size"] > limits["odd_size"]),
         "odd_aspect_ratio": np.flatnonzero(s["odd_aspect_ratio"] < limits["odd_aspect_ratio"]),
         "grey_in_colour": np.flatnonzero(grey) if colour_data else np.array([], int),
