@@ -511,9 +511,14 @@ def plant_noise(
         p, split, c = rows[i]  # its label and file kept: only its sharpness changes
         rel = Path(split or "", c, p.name)
         im = Image.open(dest / rel)
-        im.filter(ImageFilter.GaussianBlur(max(1.0, min(im.size) / 24))).save(dest / rel)
+        blurred(im).save(dest / rel)
         planted["blurry"].add(str(rel))
     return planted
+
+
+def blurred(im: Image.Image, divisor: float = 24) -> Image.Image:
+    """The planted blur: Gaussian, radius max(1, the shorter side / divisor)."""
+    return im.filter(ImageFilter.GaussianBlur(max(1.0, min(im.size) / divisor)))
 
 
 def foreign_images(root: Path, n: int, rng) -> list[np.ndarray]:
