@@ -115,7 +115,11 @@ def test_colour_folder_gets_the_pretrained_backbone_at_its_own_size(tmp_path):
     # 1/12 of 160 px; flips once the data is read (training/mirror.py)
     assert (cfg.train.augment.hflip, cfg.train.augment.shift) == ("auto", 13)
     assert notes[2].startswith("train.augment.shift=13 (fine-tuning: random shifts")
-    assert auto.train.augment.hflip is False  # the given config is not changed
+    assert (cfg.train.lr, notes[3]) == (
+        6e-3,
+        "train.lr=0.006 (fine-tuning: twice the from-scratch rate)",
+    )
+    assert auto.train.augment.hflip is False and auto.train.lr == 3e-3  # the given config is kept
 
 
 def test_fine_tuning_flips_and_shifts_yield_to_any_given_augment(tmp_path, monkeypatch):
@@ -126,11 +130,31 @@ def test_fine_tuning_flips_and_shifts_yield_to_any_given_augment(tmp_path, monke
     root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
     common = (tmp_path, "data=folder", f"data.root={root}", "model=auto")
     cfg, notes = choose_model_and_size(compose_cfg(*common, "train.augment.shift=3"))
-    assert (cfg.train.augment.hflip, cfg.train.augment.shift, len(notes)) == (False, 3, 2)
+    assert (cfg.train.augment.hflip, cfg.train.augment.shift, len(notes)) == (False, 3, 3)
     for given in (["train.augment.hflip"], ["experiment"]):
         monkeypatch.setattr(adapt, "command_line_overrides", lambda given=given: given)
         cfg, notes = choose_model_and_size(compose_cfg(*common))
-        assert (cfg.train.augment.hflip, cfg.train.augment.shift, len(notes)) == (False, 0, 2)
+        assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (False, 0)
+        assert notes[2:] == ([] if given == ["experiment"] else [notes[2]])
+
+
+def test_fine_tuning_rate_yields_to_a_given_rate_and_a_model_named(tmp_path, monkeypatch):
+    """model=auto's fine-tuning takes FINE_TUNE_LR unless the command line names train.lr (even
+    at its default) or an experiment; a model named, or trained from scratch, keeps train.lr."""
+    from image_classifier.training import adapt
+
+    root = make_class_folders(tmp_path / "img", per_class=4, size=80, mode="RGB")
+    common = (tmp_path, "data=folder", f"data.root={root}")
+    assert choose_model_and_size(compose_cfg(*common, "model=auto"))[0].train.lr == 6e-3
+    named = choose_model_and_size(compose_cfg(*common, "model=efficientnet_lite0"))
+    assert named[0].train.lr == 3e-3 and not any("train.lr" in n for n in named[1])
+    grey = make_class_folders(tmp_path / "grey", per_class=4, size=12)
+    scratch = compose_cfg(tmp_path, "data=folder", f"data.root={grey}", "model=auto")
+    assert choose_model_and_size(scratch)[0].train.lr == 3e-3
+    for given in (["train.lr"], ["experiment"]):
+        monkeypatch.setattr(adapt, "command_line_overrides", lambda given=given: given)
+        cfg, notes = choose_model_and_size(compose_cfg(*common, "model=auto", "train.lr=3e-3"))
+        assert cfg.train.lr == 3e-3 and not any("train.lr" in n for n in notes)
 
 
 def test_head_takes_the_size_its_backbone_sees(tmp_path):
@@ -429,7 +453,7 @@ def test_a_time_budget_checks_the_trainer_settings_before_its_probe(tmp_path):
 
 def test_train_refuses_a_split_that_gives_train_or_validation_no_images():
     from image_classifier.errors import UserError
-    from image_classifier.training.adapt import check_splits
+    from image_classifier.training.checks import check_splits
 
     cfg = OmegaConf.create({"data": {"split": [0, 0, 1]}, "trainer": {}})
     with pytest.raises(UserError, match=r"No training images: data.split=\[0, 0, 1\] gives"):

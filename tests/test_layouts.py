@@ -351,7 +351,7 @@ def test_data_classes_fixes_the_order_and_chooses_the_classes(folder_data, tmp_p
 
 def test_a_zero_ratio_leaves_its_split_empty_when_asked(folder_data):
     """data.split=[0,0,1]: every image in test, for testing a model on a whole folder; train
-    refuses it itself (training/adapt.check_splits)."""
+    refuses it itself (training/checks.check_splits)."""
     s = discover(folder_data, split=(0, 0, 1))
     assert not s.splits["train"] and not s.splits["val"] and len(s.splits["test"]) == 30
     one_each = make_class_folders(folder_data.parent / "one", per_class=1)

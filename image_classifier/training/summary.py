@@ -19,9 +19,10 @@ from image_classifier.models import checkpoint as ckpt_file
 from image_classifier.models import metrics
 from image_classifier.models.metrics import confidence_text, interval_text, wilson_interval
 from image_classifier.rules import fine_tunes
-from image_classifier.training.adapt import MIN_STEPS, steps_per_epoch, validates
+from image_classifier.training.adapt import MIN_STEPS, steps_per_epoch
 from image_classifier.training.budget import budget_for
 from image_classifier.training.calibrate import calibrate, fitted_line, validation_logits
+from image_classifier.training.checks import validates
 from image_classifier.training.plots import plot_curves
 
 

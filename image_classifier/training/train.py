@@ -26,14 +26,11 @@ from image_classifier.models.pretrained import freeze_stages, start_from
 from image_classifier.rules import is_auto
 from image_classifier.training.adapt import (
     annealed_runs_whole,
-    check_schedule_fits,
-    check_splits,
     choose_before_data,
     choose_epochs,
     choose_frozen_stages,
     small_folder_batch,
     steps_per_epoch,
-    validates,
 )
 from image_classifier.training.budget import fit_to_budget
 from image_classifier.training.callbacks import (
@@ -44,6 +41,7 @@ from image_classifier.training.callbacks import (
     ema_averaging,
     progress_bar,
 )
+from image_classifier.training.checks import check_schedule_fits, check_splits, validates
 from image_classifier.training.memory import keep_freed_memory
 from image_classifier.training.mirror import choose_flips
 from image_classifier.training.resume import (
