@@ -135,7 +135,8 @@ def test_fine_tuning_flips_and_shifts_yield_to_any_given_augment(tmp_path, monke
         monkeypatch.setattr(adapt, "command_line_overrides", lambda given=given: given)
         cfg, notes = choose_model_and_size(compose_cfg(*common))
         assert (cfg.train.augment.hflip, cfg.train.augment.shift) == (False, 0)
-        assert notes[2:] == ([] if given == ["experiment"] else [notes[2]])
+        rate = [n.split(" (")[0] for n in notes[2:]]  # an experiment keeps its own rate too
+        assert rate == ([] if given == ["experiment"] else ["train.lr=0.006"])
 
 
 def test_fine_tuning_rate_yields_to_a_given_rate_and_a_model_named(tmp_path, monkeypatch):
